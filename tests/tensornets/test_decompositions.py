@@ -1,0 +1,113 @@
+"""Decompositions: error bounds, agreement with tensorly, randomized vs full SVD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import tensor_train_matrix, tucker
+
+import tensornets
+from tensornets.decompositions import hooi, hosvd, rank_for_tolerance, truncated_svd, tt_svd
+from format_cases import low_rank_plus_noise
+
+
+@pytest.fixture(autouse=True)
+def _tensorly_torch_backend():
+    tl.set_backend("pytorch")
+    yield
+    tl.set_backend("numpy")
+
+
+def test_truncated_svd_eckart_young():
+    M = low_rank_plus_noise(40, 70, 8, 0.2)
+    U, S, Vh = truncated_svd(M, rank=5)
+    full = torch.linalg.svdvals(M)
+    err = (M - U @ torch.diag(S) @ Vh).norm()
+    torch.testing.assert_close(err, full[5:].norm())
+
+
+def test_rank_for_tolerance_is_smallest_rank_meeting_the_tail():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    assert rank_for_tolerance(s, tol=math.sqrt(1.25) + 1e-9) == 2
+    assert rank_for_tolerance(s, tol=math.sqrt(1.25) - 1e-9) == 3
+    assert rank_for_tolerance(s, tol=0.0) == 4
+
+
+def test_randomized_svd_is_seeded_and_close_to_full():
+    M = low_rank_plus_noise(300, 500, 20, 0.05, dtype=torch.float32)
+    U1, S1, V1 = truncated_svd(M, rank=16, method="randomized", seed=3)
+    U2, S2, V2 = truncated_svd(M, rank=16, method="randomized", seed=3)
+    assert torch.equal(S1, S2) and torch.equal(U1, U2)
+    Uf, Sf, Vf = truncated_svd(M, rank=16)
+    err_r = float((M - U1 @ torch.diag(S1) @ V1).norm() / M.norm())
+    err_f = float((M - Uf @ torch.diag(Sf) @ Vf).norm() / M.norm())
+    assert err_f <= err_r <= err_f * 1.01
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.1, 0.3])
+def test_tt_svd_error_bound_holds_nearly_tight(eps):
+    T = low_rank_plus_noise(64, 81, 10, 0.3).reshape(4, 16, 9, 9)
+    cores = tt_svd(T, eps=eps)
+    approx = cores[0]
+    for c in cores[1:]:
+        approx = torch.tensordot(approx, c, dims=([approx.dim() - 1], [0]))
+    err = float((approx.reshape(T.shape) - T).norm() / T.norm())
+    assert err <= eps
+    # near equality: dropping one more rank anywhere would not be allowed, so the error is not tiny
+    assert err > eps / 4
+
+
+@pytest.mark.parametrize("rank", [2, 6, 12])
+def test_mpo_error_equals_tensorly_tensor_train_matrix(rank):
+    W = low_rank_plus_noise(64, 36, 10, 0.3)
+    ours = tensornets.decompose(W, "mpo", rank=rank, modes=((4, 4, 4), (3, 3, 4)))
+    tt = tensor_train_matrix(W.reshape(4, 4, 4, 3, 3, 4), rank=[1] + list(ours.ranks) + [1])
+    ref = tl.tt_matrix_to_tensor(tt).reshape(64, 36)
+    err_ours = float((ours.to_dense().detach() - W).norm())
+    err_ref = float((ref - W).norm())
+    assert err_ours == pytest.approx(err_ref, rel=1e-7)
+
+
+@pytest.mark.parametrize("ranks", [(3, 4), (8, 8), (12, 5)])
+def test_tucker_hooi_error_equals_tensorly_tucker(ranks):
+    W = low_rank_plus_noise(48, 60, 12, 0.3)
+    T = W.reshape(6, 8, 6, 10)
+    full_ranks = [ranks[0], ranks[0] // 2 or 1, ranks[1], ranks[1] // 2 or 1]
+    full_ranks = [min(r, n) for r, n in zip(full_ranks, T.shape)]
+    core, factors = hooi(T, rank=full_ranks, n_iter=100, tol=1e-12)
+    ours = tl.tucker_to_tensor((core, factors))
+    ref = tl.tucker_to_tensor(tucker(T, rank=full_ranks, init="svd", n_iter_max=100, tol=1e-12))
+    assert float((ours - T).norm()) == pytest.approx(float((ref - T).norm()), rel=1e-4)
+    fact = tensornets.decompose(W, "tucker", rank=full_ranks, modes=((6, 8), (6, 10)), algorithm="hooi")
+    assert float((fact.to_dense().detach() - W).norm()) == pytest.approx(float((ref - T).norm()), rel=1e-4)
+
+
+def test_hooi_never_worse_than_hosvd():
+    T = low_rank_plus_noise(48, 60, 12, 0.5).reshape(6, 8, 6, 10)
+    rank = [3, 4, 3, 5]
+    e_hosvd = (tl.tucker_to_tensor(hosvd(T, rank=rank)) - T).norm()
+    e_hooi = (tl.tucker_to_tensor(hooi(T, rank=rank)) - T).norm()
+    assert e_hooi <= e_hosvd + 1e-12
+
+
+def test_randomized_mpo_close_to_full():
+    W = low_rank_plus_noise(256, 256, 32, 0.05, dtype=torch.float32)
+    full = tensornets.decompose(W, "mpo", rank=16, num_cores=4)
+    rand = tensornets.decompose(W, "mpo", rank=16, num_cores=4, svd="randomized", seed=0)
+    e_full = float((full.to_dense().detach() - W).norm() / W.norm())
+    e_rand = float((rand.to_dense().detach() - W).norm() / W.norm())
+    assert e_full <= e_rand * (1 + 1e-6) and e_rand <= e_full * 1.01
+
+
+def test_btt_projection_is_blockwise_optimal():
+    """Each (o0, a1) block of the BTT projection is that block's best rank-r approximation."""
+    W = low_rank_plus_noise(48, 60, 12, 0.5)
+    btt = tensornets.decompose(W, "btt", rank=2)
+    (m1, m0), (n0, n1) = btt.in_modes, btt.out_modes
+    blocks = W.reshape(n0, n1, m1, m0).permute(0, 2, 1, 3)
+    approx = btt.to_dense().detach().reshape(n0, n1, m1, m0).permute(0, 2, 1, 3)
+    s = torch.linalg.svdvals(blocks)
+    torch.testing.assert_close((blocks - approx).pow(2).sum(dim=(-2, -1)), s[..., 2:].pow(2).sum(-1))

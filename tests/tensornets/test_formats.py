@@ -1,0 +1,189 @@
+"""Conformance suite: every format satisfies the Factorization contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tensornets
+from tensornets.formats.base import budget_limit
+from format_cases import CASE_IDS, FORMAT_CASES, IN, OUT, full_rank, low_rank_plus_noise
+
+
+def test_registry_lists_every_format_and_alias():
+    assert tensornets.available_formats() == ["btt", "lowrank", "mpo", "tt", "tucker"]
+    assert tensornets.get_format("ttm") is tensornets.MPO
+    with pytest.raises(ValueError, match="unknown format 'blocktt'"):
+        tensornets.get_format("blocktt")
+
+
+def test_full_rank_round_trip_is_exact(format_case):
+    fmt, kw = format_case
+    W = low_rank_plus_noise(OUT, IN, 6, 0.5)
+    fact = tensornets.decompose(W, fmt, rank=full_rank(fmt, kw), **kw)
+    torch.testing.assert_close(fact.to_dense(), W, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 257])
+def test_forward_equals_dense_matmul(format_case, dtype, batch):
+    fmt, kw = format_case
+    W = low_rank_plus_noise(OUT, IN, 6, 0.5, dtype=dtype)
+    fact = tensornets.decompose(W, fmt, rank=4, **kw)
+    x = torch.randn(batch, IN, dtype=dtype)
+    expected = x @ fact.to_dense().T
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(fact(x), expected, rtol=tol, atol=tol)
+    # leading dimensions are kept, as in nn.Linear
+    torch.testing.assert_close(fact(x.reshape(batch, 1, IN)), expected.reshape(batch, 1, OUT), rtol=tol, atol=tol)
+
+
+def test_both_strategies_agree_and_gradcheck(format_case):
+    fmt, kw = format_case
+    W = low_rank_plus_noise(OUT, IN, 6, 0.5)
+    fact = tensornets.decompose(W, fmt, rank=3, **kw)
+    x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
+    contracted = fact._contract(x, None)
+    rebuilt = x @ fact._dense().T
+    torch.testing.assert_close(contracted, rebuilt)
+    params = tuple(fact.parameters())
+    assert torch.autograd.gradcheck(lambda x, *p: fact(x), (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_gradients_match_dense_autograd(format_case):
+    fmt, kw = format_case
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.5), fmt, rank=3, **kw)
+    x = torch.randn(16, IN, dtype=torch.float64)
+    target = torch.randn(16, OUT, dtype=torch.float64)
+    loss = ((fact(x) - target) ** 2).sum()
+    grads = torch.autograd.grad(loss, list(fact.parameters()))
+    dense_loss = ((x @ fact.to_dense().T - target) ** 2).sum()
+    dense_grads = torch.autograd.grad(dense_loss, list(fact.parameters()))
+    for g, d in zip(grads, dense_grads):
+        torch.testing.assert_close(g, d)
+
+
+def test_error_decreases_monotonically_with_rank(format_case):
+    fmt, kw = format_case
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    errors = []
+    for r in range(1, full_rank(fmt, kw) + 1, max(1, full_rank(fmt, kw) // 8)):
+        fact = tensornets.decompose(W, fmt, rank=r, **kw)
+        errors.append(float((fact.to_dense().detach() - W).norm() / W.norm()))
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0]
+
+
+def test_eps_meets_error_target(format_case):
+    fmt, kw = format_case
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    for eps in (0.05, 0.2, 0.5):
+        fact = tensornets.decompose(W, fmt, eps=eps, **kw)
+        err = float((fact.to_dense().detach() - W).norm() / W.norm())
+        assert err <= eps * (1 + 1e-9), (eps, err, fact.ranks)
+    # energy=e is eps=sqrt(1-e)
+    a = tensornets.decompose(W, fmt, energy=0.96, **kw)
+    b = tensornets.decompose(W, fmt, eps=0.2, **kw)
+    assert a.ranks == b.ranks
+
+
+def test_budget_is_respected_and_tight(format_case):
+    fmt, kw = format_case
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    cls = tensornets.get_format(fmt)
+    for budget in (0.3, 0.5):
+        fact = tensornets.decompose(W, fmt, budget=budget, **kw)
+        limit = budget_limit(budget, IN, OUT)
+        assert fact.num_parameters <= limit
+        assert fact.num_parameters == sum(p.numel() for p in fact.parameters())
+        # one more rank would not fit (unless already at the full rank)
+        r = max(fact.ranks)
+        if r < full_rank(fmt, kw):
+            ranks = cls.resolve_ranks(r + 1, fact.in_modes, fact.out_modes)
+            assert cls.parameter_count(fact.in_modes, fact.out_modes, ranks) > limit
+
+
+def test_flops_match_path_and_pick_the_cheaper_strategy(format_case):
+    fmt, kw = format_case
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), fmt, rank=2, **kw)
+    for batch in (1, 8, 4096):
+        contract = fact._contract_flops(batch)
+        rebuild = fact._rebuild_flops() + 2 * batch * OUT * IN
+        assert fact.flops(batch) == min(contract, rebuild)
+        assert fact.uses_rebuild(batch) == (fact._rebuild_flops() + 2 * tensornets.batch_bucket(batch) * OUT * IN < fact._contract_flops(tensornets.batch_bucket(batch)))
+
+
+def test_padding_handles_prime_sizes():
+    W = low_rank_plus_noise(53, 61, 4, 0.1)  # both prime
+    with pytest.raises(ValueError, match="in_features=61"):
+        tensornets.decompose(W, "mpo", rank=4, num_cores=2)
+    fact = tensornets.decompose(W, "mpo", rank=10**3 // 100, num_cores=2, pad=True)
+    assert fact.padded_in > 61 and fact.padded_out > 53
+    x = torch.randn(3, 61, dtype=torch.float64)
+    torch.testing.assert_close(fact(x), x @ fact.to_dense().T)
+    full = tensornets.decompose(W, "mpo", rank=max(tensornets.MPO.full_ranks(fact.in_modes, fact.out_modes)), num_cores=2, pad=True)
+    torch.testing.assert_close(full.to_dense(), W)
+
+
+def test_explicit_modes():
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    fact = tensornets.decompose(W, "mpo", rank=5, modes=((4, 12), (6, 10)))
+    assert fact.out_modes == (4, 12) and fact.in_modes == (6, 10)
+    assert [tuple(c.shape) for c in fact.cores] == [(1, 4, 6, 5), (5, 12, 10, 1)]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda W: tensornets.decompose(W, "lowrank", rank=49), r"rank=49 does not fit"),
+        (lambda W: tensornets.decompose(W, "mpo", rank=[2, 2], num_cores=2), r"needs 1 entries"),
+        (lambda W: tensornets.decompose(W, "lowrank", budget=1.5), r"budget=1.5 must be in \(0, 1\]"),
+        (lambda W: tensornets.decompose(W, "mpo", rank=2, modes=((4, 12), (5, 11))), r"multiply to 55"),
+        (lambda W: tensornets.decompose(W, "mpo", rank=2, modes=((48,), (6, 10))), r"as many out modes as in modes"),
+        (lambda W: tensornets.decompose(W, "btt", rank=2, num_cores=3), r"exactly 2 modes"),
+        (lambda W: tensornets.decompose(W, "tt"), r"needs rank=, eps=, energy= or budget="),
+        (lambda W: tensornets.decompose(W, "tt", rank=2, budget=0.5), r"not both"),
+        (lambda W: tensornets.decompose(W, "tt", eps=1.5), r"eps=1.5 must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(low_rank_plus_noise(OUT, IN, 6, 0.3))
+
+
+@pytest.mark.parametrize("fmt", ["lowrank", "tucker", "tt", "mpo", "btt"])
+def test_bad_weights_raise_clear_errors(fmt):
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    bad = W.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        tensornets.decompose(bad, fmt, rank=2)
+    bad[3, 4] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        tensornets.decompose(bad, fmt, rank=2)
+    with pytest.raises(TypeError, match="floating"):
+        tensornets.decompose(torch.ones(OUT, IN, dtype=torch.int64), fmt, rank=2)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        tensornets.decompose(torch.ones(IN), fmt, rank=2)
+    fact = tensornets.decompose(W, fmt, rank=2)
+    with pytest.raises(TypeError, match="dtype torch.float32"):
+        fact(torch.randn(2, IN))
+    with pytest.raises(ValueError, match="in_features=60"):
+        fact(torch.randn(2, IN + 1, dtype=torch.float64))
+
+
+def test_low_precision_weight_keeps_its_dtype():
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32).to(torch.bfloat16)
+    fact = tensornets.decompose(W, "mpo", rank=4, num_cores=2)
+    assert all(p.dtype == torch.bfloat16 for p in fact.parameters())
+    assert fact(torch.randn(2, IN, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["tucker", "btt"])
+def test_randomized_svd_is_refused_where_it_does_nothing(fmt):
+    with pytest.raises(ValueError, match="svd='randomized' does not apply"):
+        tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), fmt, rank=2, svd="randomized")
+    with pytest.raises(ValueError, match="svd='qr'"):
+        tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), fmt, rank=2, svd="qr")

@@ -1,0 +1,52 @@
+"""Initialization for training from scratch: the dense weight gets the target std."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tensornets
+from tensornets import FactorizedLinear, init_factorization_, mup_param_groups
+
+CASES = [
+    ("lowrank", 32, {}),
+    ("tucker", 16, {"num_cores": 2}),
+    ("tt", 16, {"num_cores": 2}),
+    ("mpo", 8, {"num_cores": 3}),
+    ("mpo", 16, {"num_cores": 4}),
+    ("btt", 4, {}),
+]
+
+
+@pytest.mark.parametrize("fmt, rank, kw", CASES, ids=[f"{c[0]}-{c[2].get('num_cores', '')}" for c in CASES])
+@pytest.mark.parametrize("std", [None, 0.02])
+def test_realized_std_within_15_percent(fmt, rank, kw, std):
+    gen = torch.Generator().manual_seed(0)
+    layer = FactorizedLinear.create(1024, 768, fmt, rank=rank, generator=gen, **kw)
+    target = 1024**-0.5 if std is None else std
+    if std is not None:
+        init_factorization_(layer.factorization, std=std, generator=gen)
+    realized = float(layer.factorization.to_dense().detach().std())
+    assert abs(realized / target - 1) < 0.15, (realized, target)
+    assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_btt_mup_init_and_learning_rates():
+    gen = torch.Generator().manual_seed(0)
+    layer = FactorizedLinear.create(1024, 1024, "btt", rank=2, init="mup", generator=gen)
+    btt = layer.factorization
+    fans = btt.fan_in_out()
+    for name, (fan_in, fan_out) in fans.items():
+        expected = fan_in**-0.5 * min(1.0, (fan_out / fan_in) ** 0.5)
+        assert float(getattr(btt, name).detach().std()) == pytest.approx(expected, rel=0.05)
+    groups = mup_param_groups(layer, lr=1e-3, base_fan_in=32)
+    lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lrs[id(btt.W1)] == pytest.approx(1e-3 * 32 / fans["W1"][0])
+    assert lrs[id(btt.W2)] == pytest.approx(1e-3 * 32 / fans["W2"][0])
+    assert lrs[id(layer.bias)] == 1e-3
+    assert sum(len(g["params"]) for g in groups) == len(list(layer.parameters()))
+
+
+def test_mup_is_refused_for_other_formats():
+    with pytest.raises(ValueError, match="scheme='mup' is defined for the btt format"):
+        FactorizedLinear.create(64, 64, "mpo", rank=4, num_cores=2, init="mup")

@@ -1,0 +1,66 @@
+"""save -> load round trips every tensor bitwise and rebuilds the structure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import tensornets
+from tensornets import FactorizedConv2d, FactorizedLinear
+from format_cases import IN, OUT, low_rank_plus_noise
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factorization_round_trip(tmp_path, format_case, dtype):
+    fmt, kw = format_case
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32).to(dtype), fmt, rank=3, **kw)
+    tensornets.save(fact, tmp_path / "f.safetensors")
+    loaded = tensornets.load(tmp_path / "f.safetensors")
+    assert type(loaded) is type(fact) and loaded.spec() == fact.spec()
+    _assert_same_state(fact, loaded)
+    x = torch.randn(4, IN, dtype=dtype)
+    assert torch.equal(loaded(x), fact(x))
+
+
+def test_linear_and_conv_round_trip(tmp_path):
+    torch.manual_seed(0)
+    linear = FactorizedLinear.from_linear(nn.Linear(IN, OUT), "mpo", rank=3, num_cores=2, pad=False)
+    conv = FactorizedConv2d.from_conv(nn.Conv2d(4, 8, 3, stride=2, padding=1), rank=(3, 2))
+    for name, module in (("lin", linear), ("conv", conv)):
+        path = tmp_path / f"{name}.safetensors"
+        tensornets.save(module, path)
+        loaded = tensornets.load(path)
+        _assert_same_state(module, loaded)
+        assert loaded.spec() == module.spec()
+
+
+def test_manifest_is_json_and_no_pickle(tmp_path):
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "btt", rank=2)
+    path = tmp_path / "b.safetensors"
+    tensornets.save(fact, path)
+    with safe_open(str(path), framework="pt") as f:
+        manifest = json.loads(f.metadata()["tensornets"])
+    assert manifest["kind"] == "factorization" and manifest["spec"]["format"] == "btt"
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="no tensornets manifest"):
+        tensornets.load(tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tensornets.load(tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError, match="cannot save a Linear"):
+        tensornets.save(nn.Linear(2, 2), tmp_path / "y.safetensors")

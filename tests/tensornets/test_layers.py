@@ -1,0 +1,105 @@
+"""FactorizedLinear and FactorizedConv2d as drop-in replacements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tensornets
+from tensornets import FactorizedConv2d, FactorizedLinear
+from format_cases import IN, OUT, full_rank
+
+
+def test_from_linear_full_rank_matches_the_linear(format_case):
+    fmt, kw = format_case
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT).double()
+    layer = FactorizedLinear.from_linear(linear, fmt, rank=full_rank(fmt, kw), **kw)
+    x = torch.randn(7, 3, IN, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), linear(x))
+    back = layer.to_linear()
+    torch.testing.assert_close(back.weight, linear.weight)
+    torch.testing.assert_close(back.bias, linear.bias)
+    assert layer.num_parameters == sum(p.numel() for p in layer.parameters())
+
+
+def test_from_linear_keeps_no_bias_and_rejects_non_linear():
+    layer = FactorizedLinear.from_linear(nn.Linear(IN, OUT, bias=False), "lowrank", rank=4)
+    assert layer.bias is None
+    with pytest.raises(TypeError, match="nn.Linear"):
+        FactorizedLinear.from_linear(nn.Conv2d(3, 3, 1), "lowrank", rank=1)
+
+
+def test_factorized_linear_trains():
+    torch.manual_seed(0)
+    layer = FactorizedLinear.create(64, 32, "mpo", rank=4, num_cores=2)
+    teacher = torch.randn(32, 64) / 8
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(256, 64)
+    first = None
+    for _ in range(50):
+        loss = ((layer(x) - x @ teacher.T) ** 2).mean()
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+
+
+@pytest.mark.parametrize("fmt", ["tucker", "lowrank"])
+@pytest.mark.parametrize("geometry", [dict(stride=1, padding=1), dict(stride=2, padding=0, dilation=2)])
+def test_conv_full_rank_equals_the_conv(fmt, geometry):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, **geometry).double()
+    full = (10, 6) if fmt == "tucker" else 10
+    layer = FactorizedConv2d.from_conv(conv, fmt, rank=full)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x))
+    torch.testing.assert_close(layer.to_conv().weight, conv.weight)
+
+
+@pytest.mark.parametrize("fmt, rank", [("tucker", (4, 3)), ("lowrank", 4)])
+def test_truncated_conv_forward_equals_its_dense_kernel(fmt, rank):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1).double()
+    layer = FactorizedConv2d.from_conv(conv, fmt, rank=rank)
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer.to_conv()(x))
+    kernel_params = sum(p.numel() for n, p in layer.named_parameters() if n != "bias")
+    assert layer.num_parameters - 10 == kernel_params
+
+
+def test_conv_tucker_errors_decrease_with_rank_and_budget_fits():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3).double()
+    errs = [float((FactorizedConv2d.from_conv(conv, rank=r).weight_dense() - conv.weight).norm()) for r in (2, 4, 8, 16)]
+    assert errs == sorted(errs, reverse=True)
+    layer = FactorizedConv2d.from_conv(conv, budget=0.3)
+    assert layer.num_parameters - 24 <= 0.3 * conv.weight.numel()
+
+
+def test_conv_random_init_std():
+    layer = FactorizedConv2d.create(64, 128, 3, rank=16, generator=torch.Generator().manual_seed(0))
+    assert float(layer.weight_dense().detach().std()) == pytest.approx((64 * 9) ** -0.5, rel=0.15)
+
+
+@pytest.mark.parametrize(
+    "conv, match",
+    [
+        (nn.Conv2d(8, 8, 3, groups=8), "groups=8"),
+        (nn.Conv2d(8, 16, 3, groups=2), "groups=2"),
+        (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+    ],
+)
+def test_conv_refuses_grouped_and_non_zero_padding(conv, match):
+    with pytest.raises(ValueError, match=match):
+        FactorizedConv2d.from_conv(conv, rank=2)
+
+
+def test_conv_bad_ranks():
+    conv = nn.Conv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        FactorizedConv2d.from_conv(conv, rank=(7, 4))
+    with pytest.raises(ValueError, match="format='mpo'"):
+        FactorizedConv2d.from_conv(conv, "mpo", rank=2)
