@@ -1,0 +1,43 @@
+"""Tensor adapters for PEFT: LoTR, FLoRA, LoRETTA (rep, adp) and MoS.
+
+Importing this package registers every method with PEFT (see :mod:`adapters._registry`), so
+``peft.get_peft_model(model, LoTRConfig(...))``, ``save_pretrained`` and
+``PeftModel.from_pretrained`` work as for PEFT's own methods. The import name is shared with
+the AdapterHub library: the two cannot be installed side by side.
+
+Adding a method: a package ``adapters/<method>/`` (config, layer, model; the layer subclasses
+:class:`adapters._delta.DeltaLayer`, the tuner :class:`adapters._delta.DeltaTuner`), one line
+in ``_METHODS`` below, and rows in ``tests/adapters/conformance.py``'s case table.
+"""
+
+from adapters import _registry, flora, loretta, lotr, mos
+from adapters.flora import FloraConfig, FloraModel
+from adapters.loretta import LoRETTAAdpConfig, LoRETTAAdpModel, LoRETTARepConfig, LoRETTARepModel
+from adapters.lotr import LoTRConfig, LoTRModel
+from adapters.mos import MoSConfig, MoSModel
+
+__all__ = [
+    "FloraConfig",
+    "FloraModel",
+    "LoRETTAAdpConfig",
+    "LoRETTAAdpModel",
+    "LoRETTARepConfig",
+    "LoRETTARepModel",
+    "LoTRConfig",
+    "LoTRModel",
+    "MoSConfig",
+    "MoSModel",
+]
+
+#: (peft type, config class, tuner class) of every method; the tuner carries the prefix.
+_METHODS = (
+    (lotr.PEFT_TYPE, LoTRConfig, LoTRModel),
+    (flora.PEFT_TYPE, FloraConfig, FloraModel),
+    (loretta.PEFT_TYPE_REP, LoRETTARepConfig, LoRETTARepModel),
+    (loretta.PEFT_TYPE_ADP, LoRETTAAdpConfig, LoRETTAAdpModel),
+    (mos.PEFT_TYPE, MoSConfig, MoSModel),
+)
+
+_registry.check_peft_version()
+for _peft_type, _config_cls, _model_cls in _METHODS:
+    _registry.register(_peft_type, prefix=_model_cls.prefix, config_cls=_config_cls, model_cls=_model_cls)

@@ -1,0 +1,183 @@
+"""FLoRA layer: a frozen Linear / Embedding / Conv{1,2,3}d plus a Tucker-format update.
+
+``ΔW = s · G ×_1 U_1 ... ×_K U_K`` over the modes of the base weight. The forward never
+builds ``ΔW``: per layer kind (a registry keyed by the base module type) the input goes
+through the factors one mode at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters._delta import ADAPTER_DTYPE, DeltaLayer
+from adapters.flora.config import FloraConfig
+
+__all__ = ["FloraLayer", "SUPPORTED_LAYERS", "delta_forward_for", "mode_product", "resolve_ranks", "tucker_to_tensor"]
+
+
+def mode_product(tensor: torch.Tensor, factor: torch.Tensor, mode: int) -> torch.Tensor:
+    """``tensor ×_mode factor``: contract ``tensor``'s axis ``mode`` (size ``r``) with ``factor: (d, r)``.
+
+    The result has size ``d`` on axis ``mode``; cost ``O(numel(tensor) · d)``.
+    """
+    return torch.movedim(torch.tensordot(tensor, factor, dims=([mode], [1])), -1, mode)
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Full tensor ``core ×_1 U_1 ... ×_K U_K`` of shape ``(d_1, ..., d_K)``.
+
+    Parameters
+    ----------
+    core : Tensor
+        ``(r_1, ..., r_K)``.
+    factors : sequence of Tensor
+        ``U_k: (d_k, r_k)``, one per mode of ``core``.
+    """
+    for mode, factor in enumerate(factors):
+        core = mode_product(core, factor, mode)
+    return core
+
+
+def resolve_ranks(r: int | list[int], modes: Sequence[int], layer_name: str) -> tuple[int, ...]:
+    """Explicit per-mode Tucker ranks for a weight with mode sizes ``modes``.
+
+    An int ``r`` gives ``min(r, d_k)`` for every mode (a Tucker rank cannot exceed its mode);
+    a list must have one entry per mode, each at most that mode's size.
+
+    Raises
+    ------
+    ValueError
+        If a list has the wrong length or an entry above its mode size.
+    """
+    if isinstance(r, int):
+        return tuple(min(r, d) for d in modes)
+    if len(r) != len(modes):
+        raise ValueError(
+            f"r={r} gives {len(r)} ranks but layer {layer_name!r} has {len(modes)} weight modes {tuple(modes)}; "
+            f"pass {len(modes)} ranks or an int"
+        )
+    for k, (rank, d) in enumerate(zip(r, modes)):
+        if rank > d:
+            raise ValueError(
+                f"r[{k}]={rank} exceeds mode {k} of size {d} for layer {layer_name!r} (weight modes "
+                f"{tuple(modes)}); pass r[{k}]<={d}"
+            )
+    return tuple(r)
+
+
+def _linear_delta(layer: FloraLayer, x: torch.Tensor, core: torch.Tensor, factors: list[torch.Tensor]):
+    # ΔW = U_out (sG) U_inᵀ: x U_in (sG)ᵀ U_outᵀ, O(N (d_in r_in + r_in r_out + r_out d_out)).
+    u_out, u_in = factors
+    return ((x.to(core.dtype) @ u_in) @ core.T) @ u_out.T
+
+
+def _embedding_delta(layer: FloraLayer, x: torch.Tensor, core: torch.Tensor, factors: list[torch.Tensor]):
+    # Row i of ΔW = U_0[i] (sG) U_1ᵀ: a lookup in U_0, then O(N (r_0 r_1 + r_1 d)).
+    u_rows, u_dim = factors
+    out = (F.embedding(x, u_rows) @ core) @ u_dim.T
+    embed_scale = layer._get_embed_scale()
+    return out if embed_scale is None else out * embed_scale.to(out.dtype)
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_delta(layer: FloraLayer, x: torch.Tensor, core: torch.Tensor, factors: list[torch.Tensor]):
+    """Grouped conv ``Δ * x`` as three convs: 1x1 (``U_in``), k×k (folded core), 1x1 (``U_out``).
+
+    With ``g`` groups, ``ΔW[o, c, κ] = Σ_ab U_out[o, a] U_in[c, b] K[a, b, κ]`` where the folded
+    core ``K = sG ×_3 U_k1 ...: (r_out, r_in, k_1, ...)``. Every group shares ``U_in`` and ``K``,
+    so steps 1-2 are grouped convs with those weights repeated ``g`` times and step 3 is a
+    grouped 1x1 conv with ``U_out``. Cost per output pixel: ``C_in r_in`` (at input pixels) +
+    ``g r_out r_in ∏k`` + ``C_out r_out``, versus ``C_out (C_in / g) ∏k`` for the base conv.
+    Stride, padding (any padding mode: it commutes with the 1x1 convs) and dilation are the
+    base conv's.
+    """
+    base = layer.get_base_layer()
+    u_out, u_in, *u_space = factors
+    n, g = len(u_space), base.groups
+    conv = _CONV_FN[n]
+    ones = (1,) * n
+    kernel = core
+    for j, u in enumerate(u_space):
+        kernel = mode_product(kernel, u, 2 + j)
+    r_out, r_in = kernel.shape[:2]
+    z = conv(x.to(core.dtype), u_in.T.repeat(g, 1).reshape(g * r_in, -1, *ones), groups=g)
+    padding = base.padding
+    if base.padding_mode != "zeros":
+        z = F.pad(z, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        padding = 0
+    kernel = kernel.repeat(g, *(1,) * (n + 1))
+    z = conv(z, kernel, stride=base.stride, padding=padding, dilation=base.dilation, groups=g)
+    return conv(z, u_out.reshape(-1, r_out, *ones), groups=g)
+
+
+DeltaForward = Callable[["FloraLayer", torch.Tensor, torch.Tensor, list], torch.Tensor]
+
+#: Base layer types FLoRA adapts, each with its factorized forward (the registry the layer dispatches on).
+SUPPORTED_LAYERS: dict[type[nn.Module], DeltaForward] = {
+    nn.Linear: _linear_delta,
+    nn.Embedding: _embedding_delta,
+    nn.Conv1d: _conv_delta,
+    nn.Conv2d: _conv_delta,
+    nn.Conv3d: _conv_delta,
+}
+
+
+def delta_forward_for(base_layer: nn.Module) -> DeltaForward | None:
+    """The factorized forward for ``base_layer``'s type or its nearest registered base class."""
+    return next((SUPPORTED_LAYERS[cls] for cls in type(base_layer).__mro__ if cls in SUPPORTED_LAYERS), None)
+
+
+class FloraLayer(DeltaLayer):
+    """A frozen Linear / Embedding / Conv{1,2,3}d plus ``s · G ×_1 U_1 ... ×_K U_K``.
+
+    Holds ``flr_core[adapter]: (r_1, ..., r_K)`` and ``flr_factors[adapter][k]: (d_k, r_k)``.
+    Forward cost of the update for ``N`` rows (pixels for convs): linear
+    ``O(N (d_in r_in + r_in r_out + r_out d_out))``; embedding ``O(N (r_0 r_1 + r_1 d))``;
+    conv see :func:`_conv_delta`.
+    """
+
+    adapter_layer_names = ("flr_core", "flr_factors")
+    other_param_names = ("delta_dropout", "flr_scale")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FloraConfig, *, current_key: str) -> None:
+        super().__init__()
+        self._init_delta_layer(base_layer)
+        self.flr_core = nn.ParameterDict()
+        self.flr_factors = nn.ModuleDict()
+        self.flr_scale: dict[str, float] = {}
+        self._delta_forward = delta_forward_for(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, current_key=current_key)
+
+    def update_layer(self, adapter_name: str, config: FloraConfig, *, current_key: str, **_: object) -> None:
+        """Add adapter ``adapter_name``: zero core, factors ``U_k ~ N(0, 1/d_k)``."""
+        weight = self.get_base_layer().weight
+        modes = tuple(weight.shape)
+        ranks = resolve_ranks(config.r, modes, current_key)
+        device = weight.device
+        self.flr_core[adapter_name] = nn.Parameter(torch.zeros(ranks, dtype=ADAPTER_DTYPE, device=device))
+        self.flr_factors[adapter_name] = nn.ParameterList(
+            nn.Parameter(torch.randn(d, r, dtype=ADAPTER_DTYPE, device=device) / d**0.5) for d, r in zip(modes, ranks)
+        )
+        scale = config.scale if config.scale is not None else config.alpha / config.reference_rank
+        self.flr_scale[adapter_name] = scale
+        self._set_dropout(adapter_name, config.dropout)
+        self.set_adapter(self.active_adapters)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``ΔW = s · G ×_1 U_1 ... ×_K U_K``, the base weight's shape, in the adapter's dtype."""
+        core = self.flr_scale[adapter_name] * self.flr_core[adapter_name]
+        return tucker_to_tensor(core, list(self.flr_factors[adapter_name]))
+
+    def delta_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        core = self.flr_scale[adapter_name] * self.flr_core[adapter_name]
+        return self._delta_forward(self, x, core, list(self.flr_factors[adapter_name]))
+
+    def __repr__(self) -> str:
+        return "flora." + super().__repr__()

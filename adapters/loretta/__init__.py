@@ -1,0 +1,39 @@
+"""LoRETTA: tensor-train adapters, as TT-factored LoRA (rep) or TT bottlenecks (adp) (Yang et al., 2024)."""
+
+from adapters.loretta.config import (
+    PEFT_TYPE_ADP,
+    PEFT_TYPE_REP,
+    LoRETTAAdpConfig,
+    LoRETTABaseConfig,
+    LoRETTARepConfig,
+)
+from adapters.loretta.layer import (
+    NOT_MERGEABLE,
+    LoRETTAAdpLayer,
+    LoRETTARepLayer,
+    factor_modes,
+    factor_parameter_count,
+    paper_init_,
+    tt_factor,
+)
+from adapters.loretta.model import ADP_TARGET_MODULES, LoRETTAAdpModel, LoRETTARepModel, is_norm_layer, norm_layer_names
+
+__all__ = [
+    "ADP_TARGET_MODULES",
+    "NOT_MERGEABLE",
+    "PEFT_TYPE_ADP",
+    "PEFT_TYPE_REP",
+    "LoRETTAAdpConfig",
+    "LoRETTAAdpLayer",
+    "LoRETTAAdpModel",
+    "LoRETTABaseConfig",
+    "LoRETTARepConfig",
+    "LoRETTARepLayer",
+    "LoRETTARepModel",
+    "factor_modes",
+    "factor_parameter_count",
+    "is_norm_layer",
+    "norm_layer_names",
+    "paper_init_",
+    "tt_factor",
+]

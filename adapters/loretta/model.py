@@ -1,0 +1,142 @@
+"""LoRETTA tuners: inject :class:`LoRETTARepLayer` or :class:`LoRETTAAdpLayer` into ``nn.Linear`` targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from adapters._delta import DeltaTuner
+from adapters.loretta.config import LoRETTAAdpConfig, LoRETTABaseConfig, LoRETTARepConfig
+from adapters.loretta.layer import NOT_MERGEABLE, LoRETTAAdpLayer, LoRETTARepLayer
+
+__all__ = ["ADP_TARGET_MODULES", "LoRETTAAdpModel", "LoRETTARepModel", "is_norm_layer", "norm_layer_names"]
+
+_BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2")
+
+#: Default LoRETTA-adp placement per ``model_type``: the attention output projection and the FFN
+#: output projection (BERT family: ``attention.output.dense`` and ``output.dense``, both matched
+#: by the suffix ``output.dense``; Llama family: ``o_proj`` and ``down_proj``).
+ADP_TARGET_MODULES: dict[str, list[str]] = {
+    **{model_type: ["output.dense"] for model_type in _BERT_FAMILY},
+    **{model_type: ["o_proj", "down_proj"] for model_type in _LLAMA_FAMILY},
+    "distilbert": ["attention.out_lin", "ffn.lin2"],
+}
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``LlamaRMSNorm`` ...)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
+        return True
+    return type(module).__name__.endswith("Norm")
+
+
+def norm_layer_names(model: nn.Module) -> list[str]:
+    """Names of the normalization layers of ``model``, counting those already in a ``modules_to_save`` wrapper."""
+    names = []
+    for name, module in model.named_modules():
+        if any(part in ("modules_to_save", "original_module") for part in name.split(".")):
+            continue  # the copies inside a wrapper: the wrapper itself stands for them
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        if is_norm_layer(original):
+            names.append(name)
+    return names
+
+
+class _LoRETTATuner(DeltaTuner):
+    """What both variants share: ``nn.Linear`` targets, ``train_norms`` and the parameter report."""
+
+    def _prepare_model(self, peft_config: LoRETTABaseConfig, model: nn.Module) -> None:
+        super()._prepare_model(peft_config, model)
+        if not peft_config.train_norms:
+            return
+        norms = norm_layer_names(model)
+        saved = list(peft_config.modules_to_save or [])
+        peft_config.modules_to_save = saved + [name for name in norms if name not in saved]
+
+    def _check_target(self, target: nn.Module, current_key: str, method: str) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"{method} adapts nn.Linear layers only; target {current_key!r} is {type(base).__name__}. "
+                "Leave it out of target_modules"
+            )
+
+    def parameter_counts(self, adapter_name: str = "default") -> dict[str, int]:
+        """Trainable parameters of one adapter, by kind.
+
+        Returns
+        -------
+        dict
+            ``"adapter"``: the TT cores (and biases, scales) of the adapter layers;
+            ``"norms"``: normalization layers trained through ``train_norms`` (their
+            ``modules_to_save`` copies); ``"other_modules"``: every other ``modules_to_save``
+            copy, e.g. a sequence-classification head.
+        """
+        counts = {"adapter": 0, "norms": 0, "other_modules": 0}
+        for module in self.model.modules():
+            if isinstance(module, self.tuner_layer_cls) and module._has_adapter(adapter_name):
+                counts["adapter"] += sum(p.numel() for p in module.adapter_parameters(adapter_name))
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                copy = module.modules_to_save[adapter_name]
+                kind = "norms" if is_norm_layer(copy) else "other_modules"
+                counts[kind] += sum(p.numel() for p in copy.parameters())
+        return counts
+
+
+class LoRETTARepModel(_LoRETTATuner):
+    """PEFT tuner for LoRETTA_rep (use through ``peft.get_peft_model(model, LoRETTARepConfig(...))``).
+
+    Every adapted ``nn.Linear`` owns its two trains (no shared state). Default targets: PEFT's
+    LoRA targets per architecture.
+
+    Examples
+    --------
+    >>> import adapters  # registers LoRETTA with PEFT
+    >>> from peft import get_peft_model
+    >>> model = get_peft_model(bert, adapters.LoRETTARepConfig(r=8, tt_rank=5, target_modules=["query", "value"]))
+    >>> model.base_model.parameter_counts()
+    {'adapter': ..., 'norms': 0, 'other_modules': 0}
+    """
+
+    prefix = "loretta_rep_"
+    tuner_layer_cls = LoRETTARepLayer
+
+    def _create_new_module(self, config: LoRETTARepConfig, adapter_name: str, target: nn.Module, current_key: str):
+        self._check_target(target, current_key, "LoRETTA-rep")
+        return LoRETTARepLayer(target, adapter_name, config, current_key=current_key)
+
+
+class LoRETTAAdpModel(_LoRETTATuner):
+    """PEFT tuner for LoRETTA_adp (use through ``peft.get_peft_model(model, LoRETTAAdpConfig(...))``).
+
+    Wraps each target ``nn.Linear`` (an output projection) with a bottleneck on its output.
+    Default targets per architecture: :data:`ADP_TARGET_MODULES`. Merging raises
+    (:data:`~adapters.loretta.layer.NOT_MERGEABLE`); ``unload()`` works.
+
+    Examples
+    --------
+    >>> model = get_peft_model(bert, adapters.LoRETTAAdpConfig(bottleneck=64, train_norms=True))
+    """
+
+    prefix = "loretta_adp_"
+    tuner_layer_cls = LoRETTAAdpLayer
+    target_module_mapping = ADP_TARGET_MODULES
+
+    def _create_new_module(self, config: LoRETTAAdpConfig, adapter_name: str, target: nn.Module, current_key: str):
+        self._check_target(target, current_key, "LoRETTA-adp")
+        return LoRETTAAdpLayer(target, adapter_name, config, current_key=current_key)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(NOT_MERGEABLE)
+
+    def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
+        if peft_config.target_modules is None and model_config.get("model_type") not in ADP_TARGET_MODULES:
+            raise ValueError(
+                f"LoRETTA-adp has no default placement for model_type={model_config.get('model_type')!r}; pass "
+                "target_modules= naming the attention output and FFN output projections, e.g. ['o_proj', 'down_proj']"
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)

@@ -1,0 +1,7 @@
+"""LoTR: low tensor rank adaptation with factors shared across layers (Bershatsky et al., 2024)."""
+
+from adapters.lotr.config import PEFT_TYPE, LoTRConfig
+from adapters.lotr.layer import LoTRLayer, group_key, random_factors, tucker2_factors
+from adapters.lotr.model import LoTRModel
+
+__all__ = ["PEFT_TYPE", "LoTRConfig", "LoTRLayer", "LoTRModel", "group_key", "random_factors", "tucker2_factors"]

