@@ -12,6 +12,7 @@ two), see :func:`batch_bucket`, so a stream of ragged batch sizes reuses a handf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -40,12 +41,16 @@ class ContractionPlan:
         The pairwise path flattened as ATen's einsum expects it (``((0, 1), (0, 1)) -> (0, 1, 0, 1)``).
     flops : int
         opt_einsum's cost of the path (multiply-adds counted as 2), for ``shapes``.
+    traffic : int
+        Elements read and written by the pairwise steps (each step's two inputs and its output):
+        the memory side of the cost, which dominates when intermediates are large.
     """
 
     equation: str
     shapes: tuple[tuple[int, ...], ...]
     path: tuple[int, ...]
     flops: int
+    traffic: int
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         """Contract ``operands`` along the planned path (one C++ call, no path search)."""
@@ -60,7 +65,12 @@ def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan
     optimize = "optimal" if len(shapes) <= _OPTIMAL_MAX_OPERANDS else "dp"
     path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
     flat = tuple(i for pair in path for i in pair)
-    return ContractionPlan(equation=equation, shapes=shapes, path=flat, flops=int(info.opt_cost))
+    sizes = {c: d for term, shape in zip(equation.split("->")[0].split(","), shapes) for c, d in zip(term, shape)}
+    traffic = 0
+    for step in info.contraction_list:
+        inputs, output = step[2].split("->")
+        traffic += sum(math.prod(sizes[c] for c in term) for term in (*inputs.split(","), output))
+    return ContractionPlan(equation=equation, shapes=shapes, path=flat, flops=int(info.opt_cost), traffic=traffic)
 
 
 def plan_contraction(equation: str, shapes: Sequence[Sequence[int]]) -> ContractionPlan:

@@ -23,9 +23,24 @@ from ..contraction import ContractionPlan, batch_bucket, plan_contraction
 from ..decompositions import resolve_eps
 from ..shapes import check_weight, factorize, padded_size, validate_modes
 
-__all__ = ["Factorization", "EinsumFactorization", "RankSpec", "budget_limit"]
+__all__ = ["Factorization", "EinsumFactorization", "RankSpec", "budget_limit", "traffic_weight", "TRAFFIC_WEIGHT"]
 
 RankSpec = int | Sequence[int] | None
+
+
+#: FLOPs that moving one element costs, per device type: the cost of a strategy is
+#: ``flops + weight * traffic``. FLOPs alone pick the contraction for MPO 4096^2 (r = 16, 32) at
+#: B = 512, which measured 1.2-2.7x slower than rebuild + GEMM on CPU: its intermediates
+#: (B x 64 x 64 x r elements) outweigh W and every pairwise step permutes them. The CPU value
+#: fits the spec's quiet-machine table (GEMM at ~160 GFLOP/s, 1.8-3.3 ns per element moved, so
+#: 300-530 FLOPs per element) and benchmarks/bench_layers.py; the CUDA value is the ratio of
+#: fp32 FLOP rate to memory bandwidth of current data-centre GPUs, not yet measured here.
+TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 64}
+
+
+def traffic_weight(device_type: str) -> int:
+    """FLOP-equivalent cost of one element of memory traffic on ``device_type`` (default: the CUDA value)."""
+    return TRAFFIC_WEIGHT.get(device_type, TRAFFIC_WEIGHT["cuda"])
 
 
 def budget_limit(budget: float, in_features: int, out_features: int) -> int:
@@ -72,7 +87,7 @@ class Factorization(nn.Module, ABC):
         self.in_modes = validate_modes(in_modes, self.in_features, "in_modes")
         self.out_modes = validate_modes(out_modes, self.out_features, "out_modes")
         self._ranks = tuple(int(r) for r in ranks)
-        self._strategies: dict[int, tuple[bool, ContractionPlan | None]] = {}
+        self._strategies: dict[tuple[int, str], tuple[bool, ContractionPlan | None]] = {}
 
     # ------------------------------------------------------------------ format hooks
     @classmethod
@@ -105,16 +120,16 @@ class Factorization(nn.Module, ABC):
         """``(B, padded_in) -> (B, padded_out)`` through the factors."""
 
     @abstractmethod
-    def _contract_flops(self, batch: int) -> int:
-        """FLOPs of :meth:`_contract` for ``batch`` rows."""
+    def _contract_cost(self, batch: int) -> tuple[int, int]:
+        """``(flops, traffic)`` of :meth:`_contract` for ``batch`` rows (traffic in elements moved)."""
 
     @abstractmethod
     def _dense(self) -> torch.Tensor:
         """The padded matrix ``(padded_out, padded_in)``."""
 
     @abstractmethod
-    def _rebuild_flops(self) -> int:
-        """FLOPs of :meth:`_dense`."""
+    def _rebuild_cost(self) -> tuple[int, int]:
+        """``(flops, traffic)`` of :meth:`_dense`."""
 
     @abstractmethod
     def init_chain(self) -> tuple[list[nn.Parameter], int]:
@@ -150,15 +165,30 @@ class Factorization(nn.Module, ABC):
     def num_parameters(self) -> int:
         return self.parameter_count(self.in_modes, self.out_modes, self.ranks)
 
+    def _strategy_costs(self, batch: int) -> dict[str, tuple[int, int]]:
+        """``(flops, traffic)`` of both strategies for ``batch`` rows."""
+        flops, traffic = self._rebuild_cost()
+        dense = self.padded_in * self.padded_out
+        rebuild = (flops + 2 * batch * dense, traffic + dense + batch * (self.padded_in + self.padded_out))
+        return {"contract": self._contract_cost(batch), "rebuild": rebuild}
+
     def flops(self, batch: int) -> int:
-        """FLOPs of ``forward`` on ``batch`` rows: the cheaper of contracting and rebuild + GEMM."""
-        contract = self._contract_flops(batch)
-        rebuild = self._rebuild_flops() + 2 * batch * self.padded_in * self.padded_out
-        return min(contract, rebuild)
+        """FLOPs of ``forward`` on ``batch`` rows, for the strategy it uses (see :meth:`uses_rebuild`)."""
+        costs = self._strategy_costs(batch)
+        return costs["rebuild" if self._pick_rebuild(costs) else "contract"][0]
 
     def uses_rebuild(self, batch: int) -> bool:
         """Whether ``forward`` on ``batch`` rows rebuilds ``W`` and runs one GEMM."""
         return self._strategy(batch_bucket(batch))[0]
+
+    def _pick_rebuild(self, costs: dict[str, tuple[int, int]]) -> bool:
+        weight = traffic_weight(self._device_type())
+        contract, rebuild = (costs[k][0] + weight * costs[k][1] for k in ("contract", "rebuild"))
+        # Ties go to the rebuild: F.linear runs one large GEMM at the best rate there is.
+        return rebuild <= contract
+
+    def _device_type(self) -> str:
+        return next(self.parameters()).device.type
 
     def spec(self) -> dict[str, Any]:
         """Everything needed to rebuild this module's structure (see :mod:`tensornets.io`)."""
@@ -180,14 +210,12 @@ class Factorization(nn.Module, ABC):
 
     # ------------------------------------------------------------------ apply
     def _strategy(self, bucket: int) -> tuple[bool, ContractionPlan | None]:
-        cached = self._strategies.get(bucket)
+        key = (bucket, self._device_type())
+        cached = self._strategies.get(key)
         if cached is None:
-            rebuild = self._rebuild_flops() + 2 * bucket * self.padded_in * self.padded_out
-            # Ties go to the rebuild: for einsum formats the optimal path at large batch *is*
-            # "contract the cores, then one GEMM", and F.linear runs that GEMM best.
-            use_rebuild = rebuild <= self._contract_flops(bucket)
+            use_rebuild = self._pick_rebuild(self._strategy_costs(bucket))
             cached = (use_rebuild, None if use_rebuild else self._contract_plan(bucket))
-            self._strategies[bucket] = cached
+            self._strategies[key] = cached
         return cached
 
     def to_dense(self) -> torch.Tensor:
@@ -423,11 +451,13 @@ class EinsumFactorization(Factorization):
         y = plan(x.reshape(x.shape[0], *self.in_modes), *self._cores())
         return y.reshape(x.shape[0], self.padded_out)
 
-    def _contract_flops(self, batch: int) -> int:
-        return plan_contraction(self._equations()[0], [(batch, *self.in_modes), *self._core_shapes()]).flops
+    def _contract_cost(self, batch: int) -> tuple[int, int]:
+        plan = plan_contraction(self._equations()[0], [(batch, *self.in_modes), *self._core_shapes()])
+        return plan.flops, plan.traffic
 
     def _dense(self) -> torch.Tensor:
         return self._dense_plan()(*self._cores()).reshape(self.padded_out, self.padded_in)
 
-    def _rebuild_flops(self) -> int:
-        return self._dense_plan().flops
+    def _rebuild_cost(self) -> tuple[int, int]:
+        plan = self._dense_plan()
+        return plan.flops, plan.traffic

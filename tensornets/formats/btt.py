@@ -96,8 +96,12 @@ class BTT(Factorization):
         y = torch.bmm(h, self.W2)  # (n0, B, n1)
         return y.transpose(0, 1).reshape(B, n0 * n1)
 
-    def _contract_flops(self, batch: int) -> int:
-        return 2 * batch * self.num_parameters
+    def _contract_cost(self, batch: int) -> tuple[int, int]:
+        (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
+        hidden = batch * m1 * n0 * r
+        # x read, hidden written + regrouped (read, write) + read, output written + transposed
+        traffic = batch * m1 * m0 + 4 * hidden + 3 * batch * n0 * n1 + self.num_parameters
+        return 2 * batch * self.num_parameters, traffic
 
     def _dense(self) -> torch.Tensor:
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
@@ -105,9 +109,9 @@ class BTT(Factorization):
         w2 = self.W2.reshape(n0, m1, r, n1)
         return torch.einsum("xaor,oxrp->opxa", w1, w2).reshape(n0 * n1, m1 * m0)
 
-    def _rebuild_flops(self) -> int:
+    def _rebuild_cost(self) -> tuple[int, int]:
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
-        return 2 * n0 * n1 * m1 * m0 * r
+        return 2 * n0 * n1 * m1 * m0 * r, self.num_parameters + 2 * n0 * n1 * m1 * m0
 
     def init_chain(self):
         return [self.W1, self.W2], self.ranks[0]

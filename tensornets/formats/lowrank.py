@@ -62,14 +62,16 @@ class LowRank(Factorization):
     def _contract(self, x: torch.Tensor, plan: ContractionPlan | None) -> torch.Tensor:
         return F.linear(F.linear(x, self.V), self.U)
 
-    def _contract_flops(self, batch: int) -> int:
-        return 2 * batch * self.ranks[0] * (self.padded_in + self.padded_out)
+    def _contract_cost(self, batch: int) -> tuple[int, int]:
+        r, n_in, n_out = self.ranks[0], self.padded_in, self.padded_out
+        return 2 * batch * r * (n_in + n_out), batch * (n_in + 2 * r + n_out) + r * (n_in + n_out)
 
     def _dense(self) -> torch.Tensor:
         return self.U @ self.V
 
-    def _rebuild_flops(self) -> int:
-        return 2 * self.padded_out * self.ranks[0] * self.padded_in
+    def _rebuild_cost(self) -> tuple[int, int]:
+        r, n_in, n_out = self.ranks[0], self.padded_in, self.padded_out
+        return 2 * n_out * r * n_in, r * (n_in + n_out) + n_in * n_out
 
     def init_chain(self):
         return [self.U, self.V], self.ranks[0]

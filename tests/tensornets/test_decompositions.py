@@ -111,3 +111,19 @@ def test_btt_projection_is_blockwise_optimal():
     approx = btt.to_dense().detach().reshape(n0, n1, m1, m0).permute(0, 2, 1, 3)
     s = torch.linalg.svdvals(blocks)
     torch.testing.assert_close((blocks - approx).pow(2).sum(dim=(-2, -1)), s[..., 2:].pow(2).sum(-1))
+
+
+@pytest.mark.parametrize("shape", [(12, 700), (700, 12)])
+def test_thin_and_gram_svd_match_lapack(shape):
+    from tensornets.decompositions import gram_svd, thin_svd
+
+    M = low_rank_plus_noise(*shape, 6, 0.1)
+    U, S, Vh = thin_svd(M)
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, M)
+    torch.testing.assert_close(S, torch.linalg.svdvals(M))
+    Ug, Sg, Vg = gram_svd(M, 5)
+    torch.testing.assert_close(Sg, S[:5])
+    torch.testing.assert_close(Ug @ torch.diag(Sg) @ Vg, U[:, :5] @ torch.diag(S[:5]) @ Vh[:5])
+    # the randomized SVD takes this exact route when the sketch would be nearly as large as the short side
+    Ur, Sr, Vr = truncated_svd(M, rank=5, method="randomized")
+    torch.testing.assert_close(Sr, S[:5])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tensornets
-from tensornets.formats.base import budget_limit
+from tensornets.formats.base import budget_limit, traffic_weight
 from format_cases import CASE_IDS, FORMAT_CASES, IN, OUT, full_rank, low_rank_plus_noise
 
 
@@ -105,14 +105,17 @@ def test_budget_is_respected_and_tight(format_case):
             assert cls.parameter_count(fact.in_modes, fact.out_modes, ranks) > limit
 
 
-def test_flops_match_path_and_pick_the_cheaper_strategy(format_case):
+def test_flops_and_strategy_follow_the_cost_model(format_case):
     fmt, kw = format_case
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), fmt, rank=2, **kw)
+    weight = traffic_weight("cpu")
     for batch in (1, 8, 4096):
-        contract = fact._contract_flops(batch)
-        rebuild = fact._rebuild_flops() + 2 * batch * OUT * IN
-        assert fact.flops(batch) == min(contract, rebuild)
-        assert fact.uses_rebuild(batch) == (fact._rebuild_flops() + 2 * tensornets.batch_bucket(batch) * OUT * IN < fact._contract_flops(tensornets.batch_bucket(batch)))
+        costs = fact._strategy_costs(batch)
+        assert costs["rebuild"][0] == fact._rebuild_cost()[0] + 2 * batch * OUT * IN
+        total = {k: flops + weight * traffic for k, (flops, traffic) in costs.items()}
+        assert fact.flops(batch) == costs["rebuild" if total["rebuild"] <= total["contract"] else "contract"][0]
+        bucket = {k: f + weight * t for k, (f, t) in fact._strategy_costs(tensornets.batch_bucket(batch)).items()}
+        assert fact.uses_rebuild(batch) == (bucket["rebuild"] <= bucket["contract"])
 
 
 def test_padding_handles_prime_sizes():
