@@ -1,0 +1,52 @@
+"""Model compression with activation-aware low-rank / tensor factorizations, and EoRA compensation.
+
+>>> from compress import CompressionConfig, compress_model, collect_activation_stats, eora_compensate
+>>> stats = collect_activation_stats(model, calib_batches, target_modules=["gate_proj", "up_proj", "down_proj"])
+>>> report = compress_model(model, CompressionConfig(method="whitened_svd", keep=0.8,
+...                                                  target_modules=["gate_proj", "up_proj", "down_proj"]), stats)
+>>> print(report)                      # per-layer params before/after, ranks, weight and output errors
+>>> eora = eora_compensate(model, report.model, stats, rank=32)
+>>> eora.save_pretrained("eora-adapter")   # PeftModel.from_pretrained(report.model, "eora-adapter")
+
+``keep`` is always the fraction of parameters kept.
+"""
+
+from compress.budget import allocate_ranks
+from compress.calibration import ActivationStats, LayerStats, collect_activation_stats
+from compress.config import METHODS, CompressionConfig
+from compress.eora import CompensatedLayer, EoraAdapter, eora_compensate, eora_factors
+from compress.lowrank import lowrank_factors, rank_for_keep, relative_output_error
+from compress.sources import prune_2_4, prune_magnitude, rtn_quantize
+from compress.surgery import (
+    CompressionReport,
+    LayerReport,
+    compress_model,
+    find_targets,
+    load_compressed,
+    save_compressed,
+)
+
+__all__ = [
+    "ActivationStats",
+    "LayerStats",
+    "collect_activation_stats",
+    "CompressionConfig",
+    "METHODS",
+    "compress_model",
+    "CompressionReport",
+    "LayerReport",
+    "find_targets",
+    "save_compressed",
+    "load_compressed",
+    "eora_compensate",
+    "eora_factors",
+    "EoraAdapter",
+    "CompensatedLayer",
+    "lowrank_factors",
+    "rank_for_keep",
+    "relative_output_error",
+    "allocate_ranks",
+    "rtn_quantize",
+    "prune_2_4",
+    "prune_magnitude",
+]

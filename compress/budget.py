@@ -1,0 +1,86 @@
+"""Rank allocation across layers under one global parameter budget.
+
+Layer ``l`` of shape ``(m_l, n_l)`` truncated to rank ``k`` costs ``k (m_l + n_l)`` parameters and leaves the
+relative squared output error
+
+.. math::
+
+    e_l(k) = \\frac{\\sum_{i > k} \\sigma_{l,i}^2}{\\sum_i \\sigma_{l,i}^2},
+
+where ``σ_{l,i}`` are the singular values of the *weighted* weight ``W_l S_l`` (whitened for SVD-LLM, so
+``e_l`` is exactly the calibration output error). Raising ``k`` by one lowers ``e_l`` by ``σ²_{l,k+1} / Σσ²`` for
+``m_l + n_l`` parameters; these gains are non-increasing in ``k``, so taking increments greedily by gain per
+parameter (all layers at once) until the budget is spent minimizes ``Σ_l e_l`` among allocations on the same
+spent budget, up to the one increment that no longer fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+def allocate_ranks(
+    sq_spectra: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    budget: int,
+    *,
+    floors: Mapping[str, int] | None = None,
+    caps: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Greedy ranks maximizing the total relative error reduction per parameter.
+
+    Parameters
+    ----------
+    sq_spectra : Mapping[str, torch.Tensor]
+        Layer name -> squared singular values ``σ²`` (non-increasing) of its weighted weight.
+    shapes : Mapping[str, tuple[int, int]]
+        Layer name -> ``(out, in)``.
+    budget : int
+        Total parameters of all factorized layers (``Σ_l k_l (m_l + n_l) <= budget``).
+    floors : Mapping[str, int], optional
+        Minimum rank per layer (default 1).
+    caps : Mapping[str, int], optional
+        Maximum rank per layer (default ``len(σ)``).
+
+    Returns
+    -------
+    dict[str, int]
+        Layer name -> rank.
+
+    Raises
+    ------
+    ValueError
+        If the floors alone exceed the budget.
+    """
+    floors = floors or {}
+    caps = caps or {}
+    ranks = {n: max(1, floors.get(n, 1)) for n in sq_spectra}
+    cost = {n: sum(shapes[n]) for n in sq_spectra}
+    spent = sum(ranks[n] * cost[n] for n in ranks)
+    if spent > budget:
+        raise ValueError(
+            f"the per-layer rank floors need {spent} parameters but the budget is {budget}; "
+            "lower min_rank / min_keep or raise keep"
+        )
+    names, gains, costs = [], [], []
+    for n, sq in sq_spectra.items():
+        sq = sq.double().cpu()
+        total = float(sq.sum())
+        cap = min(caps.get(n, sq.numel()), sq.numel())
+        if total <= 0 or cap <= ranks[n]:
+            continue
+        inc = sq[ranks[n]:cap] / (total * cost[n])
+        names += [n] * inc.numel()
+        gains.append(inc)
+        costs += [cost[n]] * inc.numel()
+    if not gains:
+        return ranks
+    order = torch.argsort(torch.cat(gains), descending=True, stable=True).tolist()
+    for i in order:
+        if spent + costs[i] > budget:
+            break
+        ranks[names[i]] += 1
+        spent += costs[i]
+    return ranks

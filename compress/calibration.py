@@ -1,0 +1,316 @@
+"""Activation statistics of target layers, collected with forward hooks in one streaming pass.
+
+For every target layer the pass accumulates, over all calibration rows ``x`` (one row per token, or per
+unfolded patch for ``nn.Conv2d``),
+
+.. math::
+
+    C = \\sum_t x_t x_t^\\top \\in \\mathbb{R}^{n \\times n}, \\qquad
+    a = \\sum_t |x_t| \\in \\mathbb{R}^{n}, \\qquad N = \\#\\{t\\},
+
+with ``n`` the layer's input size (``in_features``, or ``in_channels * kh * kw`` for a convolution). ``C`` is all
+that whitened SVD (SVD-LLM) and EoRA need, since ``||M X||_F^2 = tr(M C M^T)``; ``a / N`` is ASVD's channel scale.
+The accumulation is a plain fp32 sum, so statistics gathered on several devices or runs merge by addition
+(:meth:`ActivationStats.merge`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.surgery import TargetSpec, find_targets
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer.
+
+    Attributes
+    ----------
+    gram : torch.Tensor
+        ``(n, n)`` fp32, ``C = Σ_t x_t x_tᵀ`` (a sum, not a mean: its scale does not change any factorization).
+    abs_sum : torch.Tensor
+        ``(n,)`` fp32, ``Σ_t |x_t|`` (ASVD's channel magnitudes are ``abs_sum / count``).
+    count : int
+        Number of rows ``N`` accumulated.
+    """
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    count: int
+
+    @property
+    def in_features(self) -> int:
+        """Input size ``n`` of the layer."""
+        return self.gram.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """``(n,)`` mean absolute activation per input channel, ``a / N``."""
+        return self.abs_sum / self.count
+
+    def merge(self, other: LayerStats) -> LayerStats:
+        """Sum of two statistics of the same layer (e.g. gathered on two devices)."""
+        if other.gram.shape != self.gram.shape:
+            raise ValueError(
+                f"cannot merge statistics of input size {other.in_features} into {self.in_features}; "
+                "merge statistics of the same layer only"
+            )
+        return LayerStats(
+            self.gram + other.gram.to(self.gram.device),
+            self.abs_sum + other.abs_sum.to(self.abs_sum.device),
+            self.count + other.count,
+        )
+
+    def to(self, device: torch.device | str) -> LayerStats:
+        """Copy of the statistics on ``device``."""
+        return LayerStats(self.gram.to(device), self.abs_sum.to(device), self.count)
+
+
+class ActivationStats(Mapping[str, LayerStats]):
+    """Per-layer :class:`LayerStats`, keyed by module path, in the order the layers first ran.
+
+    Behaves as a read-only mapping ``name -> LayerStats``; ``order`` is the execution order seen during
+    calibration (sequential EoRA relies on it).
+    """
+
+    def __init__(self, layers: Mapping[str, LayerStats]):
+        self._layers = dict(layers)
+
+    def __getitem__(self, name: str) -> LayerStats:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(
+                f"no activation statistics for layer {name!r}; statistics exist for {self.order[:8]}"
+                f"{' ...' if len(self) > 8 else ''}; collect them with target_modules covering {name!r}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    @property
+    def order(self) -> list[str]:
+        """Layer names in execution order."""
+        return list(self._layers)
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Layer-wise sum with ``other`` (layers present in only one side are kept as they are)."""
+        merged = dict(self._layers)
+        for name, st in other.items():
+            merged[name] = merged[name].merge(st) if name in merged else st
+        return ActivationStats(merged)
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics to one safetensors file (layer order and counts in its metadata)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, st in self._layers.items():
+            tensors[f"{name}.gram"] = st.gram.contiguous().cpu()
+            tensors[f"{name}.abs_sum"] = st.abs_sum.contiguous().cpu()
+        meta = {"order": self.order, "count": {n: st.count for n, st in self._layers.items()}}
+        save_file(tensors, str(path), metadata={"activation_stats": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStats:
+        """Read statistics written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if "activation_stats" not in header:
+            raise ValueError(f"{path} is not an activation statistics file (no 'activation_stats' metadata)")
+        meta = json.loads(header["activation_stats"])
+        tensors = load_file(str(path))
+        return cls(
+            {
+                n: LayerStats(tensors[f"{n}.gram"], tensors[f"{n}.abs_sum"], int(meta["count"][n]))
+                for n in meta["order"]
+            }
+        )
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a calibration forward pass early (all wanted inputs are captured)."""
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows ``(N, n)`` that ``module``'s weight matrix multiplies, from the module's input ``x``.
+
+    Linear layers (``nn.Linear``, transformers' ``Conv1D``, factorized linears) see the last axis; an
+    ``nn.Conv2d`` sees its unfolded patches ``(in_channels * kh * kw)``, matching ``weight.reshape(out, -1)``.
+    """
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
+    """Forward one calibration batch: a tensor (``model(x)``), a tuple/list (``model(*b)``) or a dict (``model(**b)``)."""
+    if isinstance(batch, torch.Tensor):
+        model(batch.to(device))
+    elif isinstance(batch, Mapping):
+        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    elif isinstance(batch, (tuple, list)):
+        model(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in batch])
+    else:
+        raise TypeError(
+            f"calibration batch of type {type(batch).__name__} is not supported; pass tensors, tuples or dicts "
+            "of model inputs"
+        )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless model)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def accumulate_stats(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    stats_device: torch.device | str | None = None,
+    stop_after_all: bool = False,
+    progress: bool | None = None,
+    desc: str = "calibration",
+) -> ActivationStats:
+    """Accumulate :class:`LayerStats` for the given module objects while ``batches`` run through ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Model the batches are fed to (in ``eval`` mode, without gradients).
+    modules : Mapping[str, nn.Module]
+        Name -> module whose inputs are recorded (the names key the result).
+    batches : Iterable
+        Calibration batches, see :func:`run_batch`.
+    stats_device : torch.device or str, optional
+        Where the sums live; default: the device the activations are on.
+    stop_after_all : bool
+        End each forward pass once every module has seen its input (sequential calibration of early layers).
+    progress : bool, optional
+        Show a tqdm bar; ``None`` shows it only on a terminal.
+    desc : str
+        Progress-bar label.
+
+    Returns
+    -------
+    ActivationStats
+        In execution order.
+
+    Raises
+    ------
+    ValueError
+        If ``batches`` is empty, a module never received input, or an activation was NaN or infinite.
+    """
+    sums: dict[str, list] = {}
+    seen: set[str] = set()
+
+    def make_hook(name: str, module: nn.Module):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = layer_inputs(module, args[0].detach())
+            x = x.to(stats_device if stats_device is not None else x.device, torch.float32)
+            if name not in sums:
+                n = x.shape[1]
+                sums[name] = [torch.zeros(n, n, dtype=torch.float32, device=x.device),
+                              torch.zeros(n, dtype=torch.float32, device=x.device), 0]
+            acc = sums[name]
+            acc[0].addmm_(x.T, x)
+            acc[1].add_(x.abs().sum(0))
+            acc[2] += x.shape[0]
+            seen.add(name)
+            if stop_after_all and len(seen) == len(modules):
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in modules.items()]
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=None if progress is None else not progress, leave=False):
+                seen.clear()
+                try:
+                    run_batch(model, batch, device)
+                except StopForward:
+                    pass
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("calibration batches are empty; pass at least one batch (e.g. 64-256 sequences)")
+    missing = [n for n in modules if n not in sums]
+    if missing:
+        raise ValueError(
+            f"layers {missing[:5]} received no input during calibration; check that they are used in the "
+            "forward pass, or exclude them with exclude_modules"
+        )
+    for name, (gram, abs_sum, _) in sums.items():
+        if not (torch.isfinite(gram).all() and torch.isfinite(abs_sum).all()):
+            raise ValueError(
+                f"calibration activations entering layer {name!r} contain NaN or inf (it is the first such layer "
+                "in execution order); check the calibration inputs and the model's dtype (fp16 overflow), or "
+                "run in float32"
+            )
+    return ActivationStats({n: LayerStats(g, a, c) for n, (g, a, c) in sums.items()})
+
+
+def collect_activation_stats(
+    model: nn.Module,
+    calib_batches: Iterable[Any],
+    target_modules: TargetSpec = "all-linear",
+    exclude_modules: TargetSpec = None,
+    *,
+    stats_device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> ActivationStats:
+    """One calibration pass: input second moments of every target layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (dense) model; it is run in ``eval`` mode under ``torch.no_grad`` and is not modified.
+    calib_batches : Iterable
+        Batches of model inputs: tensors (``model(x)``, e.g. ``input_ids`` of shape ``(B, T)``), tuples
+        (``model(*b)``) or dicts (``model(**b)``). Tensors are moved to the model's device.
+    target_modules, exclude_modules : str or list of str, optional
+        PEFT-style selection (see :func:`compress.surgery.find_targets`).
+    stats_device : torch.device or str, optional
+        Device holding the ``(n, n)`` sums (default: where the activations are). ``"cpu"`` keeps accelerator
+        memory free for large models.
+    progress : bool, optional
+        tqdm bar over batches (default: only on a terminal).
+
+    Returns
+    -------
+    ActivationStats
+        ``name -> LayerStats`` with ``C = Σ x xᵀ`` of shape ``(n, n)``, ``n`` = layer input size.
+
+    Examples
+    --------
+    >>> stats = collect_activation_stats(model, [ids[i:i + 8] for i in range(0, 64, 8)],
+    ...                                  target_modules=["gate_proj", "up_proj", "down_proj"])
+    >>> stats["model.layers.0.mlp.up_proj"].gram.shape
+    torch.Size([576, 576])
+    """
+    targets = find_targets(model, target_modules, exclude_modules)
+    return accumulate_stats(model, targets, calib_batches, stats_device=stats_device, progress=progress)

@@ -1,0 +1,456 @@
+"""EoRA: a low-rank residual that compensates the error of a compressor, exported as a PEFT LoRA adapter.
+
+For a layer with original weight ``W`` and compressed weight ``W_c`` (quantized, pruned, factorized, ...), EoRA
+(Liu et al. 2024, "EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank Approximation")
+finds
+
+.. math::
+
+    \\min_{\\operatorname{rank}(BA) \\le r} \\| (\\Delta W - BA) X \\|_F, \\qquad \\Delta W = W - W_c,
+
+exactly: with ``C = Σ x xᵀ = Q Λ Qᵀ`` (float64 ``eigh``) and the SVD ``ΔW Q Λ^{1/2} = U Σ Vᵀ``,
+
+.. math::
+
+    B = U_r Σ_r^{1/2} \\in \\mathbb{R}^{out \\times r}, \\qquad
+    A = Σ_r^{1/2} V_r^\\top Λ^{-1/2} Q^\\top \\in \\mathbb{R}^{r \\times in},
+
+where ``Λ^{-1/2}`` is a truncated pseudo-inverse (eigenvalues below ``max(λ_max · eps_fp32, 2 |λ_min|)`` dropped,
+see :func:`compress.lowrank.eigenvalue_cutoff`; optional ridge ``C + ridge · mean(diag C) I``), so input channels that are never active
+give finite (zero) columns of ``A``. The compensated layer computes ``W_c x + B (A x)``.
+
+Baselines for comparison (``method=``): ``"svd"`` — plain truncated SVD of ``ΔW`` (LoRC), ``"asvd"`` — SVD of
+``ΔW diag(mean|x|)^α``. The residual is exported as a standard PEFT LoRA adapter (``lora_A.weight = A``,
+``lora_B.weight = B``, ``lora_alpha = r`` so the scaling is 1) that ``PeftModel.from_pretrained`` loads without
+this package.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress import lowrank as lr
+from compress.calibration import ActivationStats, LayerStats, accumulate_stats
+from compress.surgery import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
+from tensornets import FactorizedLinear, get_format
+
+#: EoRA and its baselines -> the weighting of :mod:`compress.lowrank`
+EORA_METHODS = {"eora": "whitened", "svd": "svd", "asvd": "asvd"}
+
+
+@dataclass
+class EoraLayerReport:
+    """Relative output error on the calibration inputs before / after compensation, ``‖(W − Ŵ) X‖_F / ‖W X‖_F``."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    error_before: float
+    error_after: float
+
+
+class CompensatedLayer(nn.Module):
+    """``base_layer(x) + lora_B(lora_A(x))``: a layer plus its in-memory EoRA residual.
+
+    ``lora_A`` / ``lora_B`` are ``nn.Linear(in, r)`` / ``nn.Linear(r, out)`` without bias, or for a convolution a
+    ``kh × kw`` conv to ``r`` channels and a 1×1 conv — the modules (and the float32 dtype) PEFT's LoRA uses, so
+    outputs match the exported adapter.
+    """
+
+    def __init__(self, base_layer: nn.Module, B: torch.Tensor, A: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        r = A.shape[0]
+        ref = next(base_layer.parameters())
+        if isinstance(base_layer, nn.Conv2d):
+            self.lora_A = nn.Conv2d(base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride,
+                                    base_layer.padding, base_layer.dilation, bias=False)
+            self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False)
+        else:
+            self.lora_A = nn.Linear(A.shape[1], r, bias=False)
+            self.lora_B = nn.Linear(r, B.shape[0], bias=False)
+        self.lora_A.to(ref.device)
+        self.lora_B.to(ref.device)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A.reshape(self.lora_A.weight.shape))
+            self.lora_B.weight.copy_(B.reshape(self.lora_B.weight.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(y.dtype)
+
+
+@dataclass
+class EoraAdapter:
+    """Residual factors per layer (``B: (out, r)``, ``A: (r, in)``, float32, CPU) and their report.
+
+    Use :meth:`apply` (wrap layers in memory), :meth:`merge` (fold ``BA`` into dense or low-rank layers) or
+    :meth:`save_pretrained` (a PEFT LoRA adapter directory).
+    """
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    kinds: dict[str, str]
+    rank: int
+    method: str
+    layers: list[EoraLayerReport]
+    conv_kernels: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def _check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        modules = {}
+        for name, (B, A) in self.factors.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"model has no layer {name!r}; pass the compressed model the adapter was computed for") from None
+            W = dense_weight(module)
+            if tuple(W.shape) != (B.shape[0], A.shape[1]):
+                raise ValueError(f"layer {name!r} has weight shape {tuple(W.shape)}, the residual is "
+                                 f"({B.shape[0]}, {A.shape[1]}); pass the model the adapter was computed for")
+            modules[name] = module
+        return modules
+
+    def apply(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
+        """``model`` with every compensated layer wrapped in a :class:`CompensatedLayer` (a copy unless ``inplace``)."""
+        work = model if inplace else copy.deepcopy(model)
+        for name, module in self._check_model(work).items():
+            B, A = self.factors[name]
+            replace_module(work, name, CompensatedLayer(module, B, A))
+        return work
+
+    def merge(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
+        """Fold the residual into the layers: dense ``W_c + BA``, or a low-rank ``[U B] [V; A]`` (rank ``r_c + r``).
+
+        Merged dense weights leave the quantization grid / sparsity pattern of the compressor. Tensor-format layers
+        other than low rank cannot absorb ``BA`` exactly: use :meth:`apply` for them.
+        """
+        work = model if inplace else copy.deepcopy(model)
+        for name, module in self._check_model(work).items():
+            B, A = self.factors[name]
+            kind = layer_kind(module)
+            if kind == "factorized_linear" and module.factorization.format_name == "lowrank":
+                fact = module.factorization
+                U = torch.cat([fact.U.detach(), B.to(fact.U)], 1)
+                V = torch.cat([fact.V.detach(), A.to(fact.V)], 0)
+                new = get_format("lowrank").empty(fact.in_features, fact.out_features, in_modes=fact.in_modes,
+                                                  out_modes=fact.out_modes, ranks=(U.shape[1],),
+                                                  dtype=U.dtype, device=U.device)
+                with torch.no_grad():
+                    new.U.copy_(U)
+                    new.V.copy_(V)
+                replace_module(work, name, FactorizedLinear(new, module.bias))
+            elif kind in ("linear", "conv1d", "conv2d"):
+                W = dense_weight(module)
+                with torch.no_grad():
+                    delta = (B.double() @ A.double()).to(W)
+                    if kind == "conv1d":
+                        module.weight.add_(delta.T)
+                    else:
+                        module.weight.add_(delta.reshape(module.weight.shape))
+            else:
+                raise ValueError(f"layer {name!r} ({kind}, {getattr(getattr(module, 'factorization', None), 'format_name', '')}) "
+                                 "cannot absorb a low-rank residual exactly; use apply() to add it as a side branch")
+        return work
+
+    def lora_config(self, base_model_name_or_path: str | None = None) -> LoraConfig:
+        """The ``peft.LoraConfig`` of the exported adapter (``r = lora_alpha = rank``, no dropout, no bias)."""
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none", target_modules=sorted(self.factors),
+            fan_in_fan_out=any(k == "conv1d" for k in self.kinds.values()), init_lora_weights=True,
+            base_model_name_or_path=base_model_name_or_path,
+        )
+
+    def save_pretrained(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        Tensors are ``base_model.model.<layer>.lora_A.weight = A`` ``(r, in)`` (``(r, C_in, kh, kw)`` for a conv) and
+        ``...lora_B.weight = B`` ``(out, r)`` (``(out, r, 1, 1)``); load with
+        ``PeftModel.from_pretrained(compressed_model, path)`` — no import of this package needed.
+
+        PEFT's LoRA wraps ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` only: residuals of factorized layers cannot be
+        exported (use :meth:`merge` for low-rank layers or :meth:`apply`).
+        """
+        bad = {n: k for n, k in self.kinds.items() if k not in ("linear", "conv1d", "conv2d")}
+        if bad:
+            raise ValueError(f"layers {sorted(bad)[:4]} are {sorted(set(bad.values()))}: PEFT LoRA wraps dense "
+                             "nn.Linear / Conv1D / Conv2d (undilated) only; use adapter.merge(model) or adapter.apply(model)")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.lora_config(base_model_name_or_path).save_pretrained(str(path))
+        tensors = {}
+        for name, (B, A) in self.factors.items():
+            if self.kinds[name] == "conv2d":
+                kh_kw = self.conv_kernels[name]
+                A = A.reshape(A.shape[0], -1, *kh_kw)
+                B = B[:, :, None, None]
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable report."""
+        return {"method": self.method, "rank": self.rank, "layers": [asdict(r) for r in self.layers]}
+
+    def table(self) -> str:
+        """One row per layer: relative calibration output error before and after compensation."""
+        head = ("layer", "shape", "rank", "rel out err before", "after")
+        rows = [(r.name, f"{r.shape[0]}x{r.shape[1]}", str(r.rank), f"{r.error_before:.4f}", f"{r.error_after:.4f}")
+                for r in self.layers]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+                         for row in [head, tuple("-" * w for w in widths), *rows])
+
+    def __str__(self) -> str:
+        return f"EoRA ({self.method}, r={self.rank})\n{self.table()}"
+
+
+def eora_factors(
+    delta: torch.Tensor,
+    stats: LayerStats | None,
+    rank: int,
+    *,
+    method: str = "eora",
+    alpha: float = 0.5,
+    ridge: float = 0.0,
+    eps: float | None = None,
+    device: torch.device | str | None = None,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual factors ``B (out, r)``, ``A (r, in)`` (float64) for one layer's error ``ΔW = W − W_c``.
+
+    Parameters
+    ----------
+    delta : torch.Tensor
+        ``(out, in)`` compression error.
+    stats : LayerStats or None
+        Calibration statistics of the layer's input (not needed for ``method="svd"``).
+    rank : int
+        ``1 <= rank <= min(out, in)``.
+    method : {"eora", "svd", "asvd"}
+        EoRA (whitened, the exact optimum of ``‖(ΔW − BA) X‖_F``) or a baseline.
+    alpha, ridge, eps : float
+        ASVD exponent, whitening ridge, relative pseudo-inverse cutoff.
+    """
+    if method not in EORA_METHODS:
+        raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
+    lr.check_rank(rank, delta.shape[0], delta.shape[1], name)
+    return lr.lowrank_factors(delta, rank, EORA_METHODS[method], stats, alpha=alpha, ridge=ridge, eps=eps, device=device)
+
+
+def _block_of(name: str) -> str:
+    """Group key for sequential compensation: the path up to the first numeric component (``model.layers.3``)."""
+    m = re.match(r"(.*?\.\d+)(\.|$)", name)
+    return m.group(1) if m else name
+
+
+def _pairs_mode(original, compressed, stats) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, LayerStats | None]]:
+    if compressed is not None:
+        raise ValueError("pass either two models (original, compressed) or (W, W_c) pairs with compressed=None")
+    pairs = dict(original) if isinstance(original, Mapping) else {str(i): p for i, p in enumerate(original)}
+    if stats is None:
+        layer_stats = {n: None for n in pairs}
+    elif isinstance(stats, Mapping):
+        layer_stats = {n: stats[n] for n in pairs}
+    else:
+        stats = list(stats)
+        if len(stats) != len(pairs):
+            raise ValueError(f"got {len(pairs)} (W, W_c) pairs but {len(stats)} statistics; pass one LayerStats per pair")
+        layer_stats = dict(zip(pairs, stats))
+    for n, (W, Wc) in pairs.items():
+        if W.shape != Wc.shape or W.dim() != 2:
+            raise ValueError(f"pair {n!r}: W {tuple(W.shape)} and W_c {tuple(Wc.shape)} must be equal (out, in) matrices")
+    return pairs, layer_stats
+
+
+def eora_compensate(
+    original: nn.Module | Mapping[str, tuple[torch.Tensor, torch.Tensor]] | Sequence[tuple[torch.Tensor, torch.Tensor]],
+    compressed: nn.Module | None = None,
+    stats: ActivationStats | Mapping[str, LayerStats] | Sequence[LayerStats] | None = None,
+    *,
+    rank: int = 32,
+    method: str = "eora",
+    alpha: float = 0.5,
+    ridge: float = 0.0,
+    eps: float | None = None,
+    target_modules: TargetSpec = None,
+    exclude_modules: TargetSpec = None,
+    sequential: bool = False,
+    calib_batches: Iterable[Any] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> EoraAdapter:
+    """Low-rank residuals ``BA ≈ W − W_c`` for every compressed layer (EoRA or a baseline).
+
+    Parameters
+    ----------
+    original : nn.Module, or mapping / sequence of ``(W, W_c)`` pairs
+        The uncompressed model (with ``compressed``), or the weight pairs themselves (``(out, in)`` each; then
+        ``stats`` is a matching mapping or sequence of :class:`LayerStats`).
+    compressed : nn.Module, optional
+        The compressed model (same module paths; dense, fake-quantized, pruned or factorized layers).
+    stats : ActivationStats, optional
+        Input statistics of the target layers, usually collected on ``original``. Not needed with
+        ``sequential=True`` (collected on the fly) or ``method="svd"`` (then no output errors are reported).
+    rank : int
+        Residual rank ``r`` of every layer (the adapter's ``r`` and ``lora_alpha``).
+    method : {"eora", "svd", "asvd"}
+        EoRA, or plain SVD / ASVD of ``ΔW`` for comparison.
+    alpha, ridge, eps : float
+        ASVD exponent; ridge ``C + ridge · mean(diag C) I``; relative eigenvalue cutoff of the pseudo-inverse.
+    target_modules, exclude_modules : str or list of str, optional
+        Layers to compensate (default: the layers in ``stats``, or ``"all-linear"`` without stats, whose weight the
+        compressor changed).
+    sequential : bool
+        Block-sequential compensation: blocks (paths up to the first numeric component, e.g. ``model.layers.3``)
+        are handled in execution order, and each block's statistics are collected on ``compressed`` with the
+        residuals of all earlier blocks applied — a layer's compensated output feeds the next layers' statistics.
+        Needs ``calib_batches`` (a re-iterable collection, run once per block up to that block).
+    calib_batches : Iterable, optional
+        Calibration batches for ``sequential=True``.
+    device : torch.device or str, optional
+        Where each layer is processed (default: the layer's device).
+    progress : bool, optional
+        tqdm bar over layers (default: only on a terminal).
+
+    Returns
+    -------
+    EoraAdapter
+        ``.factors[name] = (B, A)``; ``.apply(compressed)`` for in-memory outputs, ``.save_pretrained(dir)`` for PEFT.
+        Neither model is modified.
+
+    Examples
+    --------
+    >>> stats = collect_activation_stats(model, batches, target_modules=["q_proj", "v_proj"])
+    >>> quant = compress_model(model, CompressionConfig(method="rtn", bits=3, group_size=64,
+    ...                                                 target_modules=["q_proj", "v_proj"])).model
+    >>> eora = eora_compensate(model, quant, stats, rank=32)
+    >>> eora.save_pretrained("eora-adapter")  # PeftModel.from_pretrained(quant, "eora-adapter")
+    """
+    if method not in EORA_METHODS:
+        raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be a positive int")
+    bar = lambda it, total, desc: tqdm(it, total=total, desc=desc, disable=None if progress is None else not progress)
+
+    if not isinstance(original, nn.Module):
+        pairs, layer_stats = _pairs_mode(original, compressed, stats)
+        if method != "svd" and any(s is None for s in layer_stats.values()):
+            raise ValueError(f"method={method!r} needs one LayerStats per pair (stats=...)")
+        factors, reports = {}, []
+        for name, (W, Wc) in bar(pairs.items(), len(pairs), f"eora ({method})"):
+            B, A, rep = _layer(name, W, Wc, layer_stats[name], rank, method, alpha, ridge, eps, device)
+            factors[name] = (B, A)
+            reports.append(rep)
+        return EoraAdapter(factors, {n: "linear" for n in pairs}, rank, method, reports)
+
+    if compressed is None:
+        raise ValueError("pass the compressed model: eora_compensate(original, compressed, stats, rank=...)")
+    chosen = target_modules is not None
+    if not chosen and stats is not None:
+        target_modules = list(stats)
+    targets = find_targets(compressed, target_modules, exclude_modules, types=ANY_TYPES)
+    originals = {}
+    for name in targets:
+        try:
+            originals[name] = original.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the original model has no layer {name!r}; pass the model {name!r} was compressed from") from None
+    if not chosen:  # by default only layers the compressor changed
+        targets = {n: m for n, m in targets.items() if not _same_weight(originals[n], m)}
+        if not targets:
+            raise ValueError("the compressed model's layers equal the original's; nothing to compensate")
+
+    for name, module in targets.items():  # fail before any work is done
+        lr.check_rank(rank, *dense_weight(module).shape, name)
+    if sequential:
+        if calib_batches is None:
+            raise ValueError("sequential=True collects statistics on the compensated model: pass calib_batches=")
+        if iter(calib_batches) is calib_batches:
+            raise ValueError("sequential=True runs calib_batches once per block: pass a list, not an iterator")
+        layer_iter = _sequential_layers(originals, compressed, targets, calib_batches, stats)
+    else:
+        if stats is None and method != "svd":
+            raise ValueError(f"method={method!r} needs activation statistics: stats = collect_activation_stats(original, "
+                             "calib_batches, target_modules=...), or pass sequential=True with calib_batches")
+        layer_iter = ((n, stats.get(n) if stats is not None else None, None) for n in targets)
+
+    factors, reports, kinds, conv_kernels = {}, [], {}, {}
+    for name, layer_stats, on_done in bar(layer_iter, len(targets), f"eora ({method})"):
+        module = targets[name]
+        W, Wc = dense_weight(originals[name]), dense_weight(module)
+        if W.shape != Wc.shape:
+            raise ValueError(f"layer {name!r}: original weight {tuple(W.shape)} and compressed {tuple(Wc.shape)} differ")
+        if method != "svd" and layer_stats is None:
+            raise ValueError(f"no activation statistics for layer {name!r}; collect them with target_modules covering it")
+        B, A, rep = _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device)
+        factors[name] = (B, A)
+        reports.append(rep)
+        kinds[name] = layer_kind(module)
+        if isinstance(module, nn.Conv2d):
+            if module.dilation != (1, 1):
+                kinds[name] = "conv2d_dilated"
+            conv_kernels[name] = tuple(module.kernel_size)
+        if on_done is not None:
+            on_done(name, B, A)
+    return EoraAdapter(factors, kinds, rank, method, reports, conv_kernels)
+
+
+def _same_weight(a: nn.Module, b: nn.Module) -> bool:
+    wa, wb = dense_weight(a), dense_weight(b)
+    return wa.shape == wb.shape and torch.equal(wa, wb.to(wa))
+
+
+def _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device):
+    """Factors of one layer (float32, CPU) and its report row."""
+    dev = W.device if device is None else torch.device(device)
+    W64, Wc64 = W.to(dev, torch.float64), Wc.to(dev, torch.float64)
+    B, A = eora_factors(W64 - Wc64, layer_stats, rank, method=method, alpha=alpha, ridge=ridge, eps=eps, device=dev,
+                        name=name)
+    if layer_stats is not None:
+        before = lr.relative_output_error(W64, Wc64, layer_stats)
+        after = lr.relative_output_error(W64, Wc64 + B @ A, layer_stats)
+    else:
+        before = after = float("nan")
+    rep = EoraLayerReport(name, tuple(W.shape), rank, before, after)
+    return B.float().cpu(), A.float().cpu(), rep
+
+
+def _sequential_layers(
+    originals: Mapping[str, nn.Module],
+    compressed: nn.Module,
+    targets: Mapping[str, nn.Module],
+    calib_batches: Iterable[Any],
+    stats: ActivationStats | None,
+) -> Iterator[tuple[str, LayerStats, Any]]:
+    """Yield ``(name, stats, on_done)`` block by block; ``on_done`` installs the layer's residual in a working copy."""
+    work = copy.deepcopy(compressed)
+    if stats is not None:
+        order = [n for n in stats.order if n in targets] + [n for n in targets if n not in stats]
+    else:
+        probe = accumulate_stats(work, {n: work.get_submodule(n) for n in targets}, calib_batches[:1]
+                                 if isinstance(calib_batches, Sequence) else list(calib_batches)[:1], progress=False)
+        order = probe.order
+    blocks: dict[str, list[str]] = {}
+    for name in order:
+        blocks.setdefault(_block_of(name), []).append(name)
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    on_done = lambda name, B, A: pending.append((name, B, A))
+    for names in blocks.values():
+        for name, B, A in pending:
+            replace_module(work, name, CompensatedLayer(work.get_submodule(name), B, A))
+        pending.clear()
+        block_stats = accumulate_stats(work, {n: work.get_submodule(n) for n in names}, calib_batches,
+                                       stop_after_all=True, progress=False, desc="sequential calibration")
+        for name in names:
+            yield name, block_stats[name], on_done

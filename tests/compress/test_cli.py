@@ -1,0 +1,174 @@
+"""``tensornets compress`` (compress.main_job through compress.cli) on a tiny random Llama saved to disk.
+
+The full default run on SmolLM2 is the README's main command, not a test: here a 2-layer Llama with a word-level
+tokenizer over the pydoc text stands in for it (``--model-path``), with a few hundred tokens of calibration and
+evaluation, so every stage (load, slices, calibration, compression, EoRA, evaluation, saving) runs in seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from compress import load_compressed
+from compress.cli import main as cli_main
+from compress.evaluation import perplexity
+from compress.main_job import build_parser, parse_args
+from compress.models import pydoc_text, token_slices
+
+SMALL = ["--calib-tokens", "256", "--eval-tokens", "128", "--seq-len", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init 2-layer Llama (hidden 32, MLP 64) with a 200-word WordLevel tokenizer, saved with save_pretrained."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = collections.Counter(re.findall(r"\w+|[^\w\s]", pydoc_text()[:200_000]))
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, (w, _) in enumerate(words.most_common(199))}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _fresh(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["compress", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in text, flag
+        assert action.help, f"{action.option_strings} has no help"
+    assert "fraction of the targeted layers' parameters KEPT" in text
+
+
+def test_top_level_help_lists_compress(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--help"])
+    assert exc.value.code == 0
+    assert "compress" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "whitened_svd", "--keep", "0"], "outside (0, 1]"),
+        (["--method", "svd", "--keep", "1.5"], "outside (0, 1]"),
+        (["--keep", "abc"], "not a number"),
+        (["--method", "quantum"], "unknown method 'quantum'"),
+        (["--method", "rtn", "--keep", "0.5"], "keeps dense weights"),
+        (["--eval-tokens", "100", "--seq-len", "32"], "not a multiple of --seq-len"),
+        (["--eora-rank", "-1"], "must be >= 0"),
+        (["--threads", "0"], "must be a positive integer"),
+        (["--sequential", "--eora-rank", "0"], "needs --eora-rank > 0"),
+    ],
+)
+def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["compress", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        cli_main(["compress", "--model-path", str(tmp_path), *SMALL])
+
+
+def test_defaults_and_aliases():
+    args = parse_args([])
+    assert (args.method, args.bits, args.group_size, args.eora_rank, args.target_spec) == (
+        "rtn", 3, 64, 64, "all-linear")
+    args = parse_args(["--method", "prune24"])
+    assert args.method == "2:4" and args.keep is None
+    args = parse_args(["--method", "whitened_svd"])
+    assert args.keep == 0.8 and args.target_spec == ["gate_proj", "up_proj", "down_proj"]
+    assert parse_args(["--targets", "q_proj,v_proj"]).target_spec == ["q_proj", "v_proj"]
+    assert parse_args(["--targets", r".*\.mlp\..*"]).target_spec == r".*\.mlp\..*"
+    assert parse_args(["--threads", "3"]).threads == 3 and parse_args([]).threads >= 1
+
+
+def test_rtn_eora_end_to_end_writes_loadable_model_and_adapter(tiny_model_dir, tmp_path, capsys):
+    from peft import PeftModel
+
+    out, report = tmp_path / "out", tmp_path / "summary.json"
+    cli_main(["compress", "--model-path", str(tiny_model_dir), "--eora-rank", "4", "--output-dir", str(out),
+              "--json", str(report), *SMALL])
+    text = capsys.readouterr().out
+    for section in ("perplexity (held-out)", "dense", "compressed", "+ EoRA r=4", "parameters", "targeted layers",
+                    "whole model", "+ EoRA adapter", "storage of the targeted layers", "time per stage",
+                    "calibration", "compensation (eora)", "total", "saved"):
+        assert section in text, section
+    summary = json.loads(report.read_text())
+    ppl = summary["perplexity"]
+    assert all(math.isfinite(v) and v > 1 for v in ppl.values())
+    assert summary["targets"]["layers"] == 14  # 7 block linears x 2 layers, not the LM head
+    assert summary["params"]["adapter"] == 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+    assert summary["rel_output_error"]["compensated_eora_mean"] < summary["rel_output_error"]["compressed_mean"]
+
+    # the saved artifacts reproduce the printed perplexities
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    _, held_out = token_slices(tok, 256, 128, 32)
+    compressed = load_compressed(_fresh(tiny_model_dir), out / "compressed")
+    assert perplexity(compressed, held_out) == pytest.approx(ppl["compressed"], rel=1e-5)
+    peft_model = PeftModel.from_pretrained(compressed, str(out / "eora-adapter")).eval()
+    assert perplexity(peft_model, held_out) == pytest.approx(ppl["compensated_eora"], rel=1e-4)
+    assert json.loads((out / "report.json").read_text())["method"] == "rtn"
+
+
+def test_factorized_method_with_baselines_merges_the_residual(tiny_model_dir, tmp_path, capsys):
+    out, report = tmp_path / "out", tmp_path / "summary.json"
+    cli_main(["compress", "--model-path", str(tiny_model_dir), "--method", "whitened_svd", "--keep", "0.5",
+              "--eora-rank", "2", "--compare", "--output-dir", str(out), "--json", str(report), *SMALL])
+    text = capsys.readouterr().out
+    for label in ("+ EoRA r=2", "+ plain SVD (LoRC) r=2", "+ ASVD r=2"):
+        assert label in text, label
+    summary = json.loads(report.read_text())
+    assert summary["params"]["keep_targets"] <= 0.5
+    assert summary["params"]["model_after"] < summary["params"]["model_before"]
+    # PEFT's LoRA cannot wrap a FactorizedLinear: the residual is merged into the low-rank layers instead
+    assert "adapter" not in summary["saved"] and "compensated_merged" in summary["saved"]
+    merged = load_compressed(_fresh(tiny_model_dir), out / "compensated-merged")
+    from transformers import AutoTokenizer
+
+    _, held_out = token_slices(AutoTokenizer.from_pretrained(tiny_model_dir), 256, 128, 32)
+    assert perplexity(merged, held_out) == pytest.approx(summary["perplexity"]["compensated_eora"], rel=1e-4)
+
+
+def test_prune24_without_compensation(tiny_model_dir, capsys):
+    summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "prune24", "--eora-rank", "0",
+                                *SMALL])
+    assert summary["params"]["keep_targets"] == pytest.approx(0.5)
+    assert set(summary["perplexity"]) == {"dense", "compressed"}
+    assert "compensation (eora)" not in capsys.readouterr().out
+
+
+def cli_main_summary(argv):
+    from compress.main_job import main
+
+    return main(argv)

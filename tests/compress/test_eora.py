@@ -1,0 +1,221 @@
+"""EoRA on models: PEFT export, baselines, sequential mode, merging, bad input."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import tensornets
+from compress import (
+    CompressionConfig,
+    EoraAdapter,
+    collect_activation_stats,
+    compress_model,
+    eora_compensate,
+    eora_factors,
+)
+from compress.calibration import accumulate_stats
+from compress.surgery import dense_weight
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def anisotropic_mlp(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    scale = torch.logspace(0, -2, 32)
+    scale[:2] = 10.0
+    draw = lambda n: [torch.randn(64, 32) * scale for _ in range(n)]
+    return model, draw(8), draw(8)
+
+
+@pytest.fixture(scope="module")
+def llama_rtn():
+    model = tiny_llama()
+    batches = [torch.randint(0, 96, (4, 16)) for _ in range(4)]
+    stats = collect_activation_stats(model, batches, progress=False)
+    quant = compress_model(model, CompressionConfig(method="rtn", bits=3, group_size=32), stats, progress=False).model
+    return model, quant, stats, batches
+
+
+def test_peft_adapter_reproduces_in_memory_outputs_without_our_packages(tmp_path, llama_rtn):
+    model, quant, stats, _ = llama_rtn
+    eora = eora_compensate(model, quant, stats, rank=8, progress=False)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        compensated = eora.apply(quant)(ids).logits
+        assert not torch.equal(compensated, quant(ids).logits)
+
+    eora.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].shape == (8, 64)
+    assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].shape == (128, 8)
+
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(quant), tmp_path / "adapter")
+        torch.testing.assert_close(peft_model(ids).logits, compensated, rtol=1e-6, atol=1e-6)
+
+    # a fresh interpreter with only transformers + peft loads the same thing
+    quant.save_pretrained(tmp_path / "base")
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from peft import PeftModel
+        from transformers import LlamaForCausalLM
+        base = LlamaForCausalLM.from_pretrained({str(tmp_path / 'base')!r}).eval()
+        model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r})
+        ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save(model(ids).logits, {str(tmp_path / 'logits.pt')!r})
+        assert not any(m.split('.')[0] in ('compress', 'tensornets', 'adapters') for m in sys.modules)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), compensated,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_eora_beats_plain_svd_and_asvd_on_held_out_model_outputs():
+    model, calib, held_out = anisotropic_mlp()
+    stats = collect_activation_stats(model, calib, progress=False)
+    quant = compress_model(model, CompressionConfig(method="rtn", bits=2, group_size=16), stats, progress=False).model
+    x = torch.cat(held_out)
+    with torch.no_grad():
+        ref = model(x)
+        err = {}
+        for method in ("eora", "svd", "asvd"):
+            out = eora_compensate(model, quant, stats, rank=6, method=method, progress=False).apply(quant)(x)
+            err[method] = float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref))
+        err["none"] = float(torch.linalg.norm(quant(x) - ref) / torch.linalg.norm(ref))
+    assert err["eora"] < err["asvd"] and err["eora"] < err["svd"] and err["eora"] < err["none"], err
+
+
+def test_pairs_give_the_same_factors_as_models():
+    model, calib, _ = anisotropic_mlp()
+    stats = collect_activation_stats(model, calib, progress=False)
+    quant = compress_model(model, CompressionConfig(method="2:4"), stats, progress=False).model
+    by_model = eora_compensate(model, quant, stats, rank=4, progress=False)
+    names = ["0", "2", "4"]
+    pairs = [(dense_weight(model.get_submodule(n)), dense_weight(quant.get_submodule(n))) for n in names]
+    by_pairs = eora_compensate(pairs, stats=[stats[n] for n in names], rank=4, progress=False)
+    for i, n in enumerate(names):
+        for a, b in zip(by_model.factors[n], by_pairs.factors[str(i)]):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one LayerStats per pair"):
+        eora_compensate(pairs, rank=4)
+
+
+def test_sequential_statistics_come_from_the_compensated_model():
+    model, calib, _ = anisotropic_mlp()
+    stats = collect_activation_stats(model, calib, progress=False)
+    quant = compress_model(model, CompressionConfig(method="rtn", bits=2, group_size=16), stats, progress=False).model
+    seq = eora_compensate(model, quant, rank=4, sequential=True, calib_batches=calib, progress=False)
+    plain = eora_compensate(model, quant, stats, rank=4, progress=False)
+    # first layer: both see the same (uncompressed) inputs
+    for a, b in zip(seq.factors["0"], plain.factors["0"]):
+        torch.testing.assert_close(a, b)
+    # second layer: statistics of the quantized model with layer 0 compensated
+    partial = EoraAdapter({"0": seq.factors["0"]}, {"0": "linear"}, 4, "eora", []).apply(quant)
+    st = accumulate_stats(partial, {"2": partial[2]}, calib, progress=False)["2"]
+    delta = (dense_weight(model[2]) - dense_weight(quant[2])).double()
+    B, A = eora_factors(delta, st, 4)
+    torch.testing.assert_close(seq.factors["2"][0] @ seq.factors["2"][1], (B @ A).float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seq.factors["2"][0] @ seq.factors["2"][1], plain.factors["2"][0] @ plain.factors["2"][1])
+    with pytest.raises(ValueError, match="pass a list, not an iterator"):
+        eora_compensate(model, quant, rank=4, sequential=True, calib_batches=iter(calib))
+
+
+def test_sequential_groups_transformer_blocks(llama_rtn):
+    model, quant, stats, batches = llama_rtn
+    seq = eora_compensate(model, quant, stats, rank=4, sequential=True, calib_batches=batches, progress=False)
+    assert list(seq.factors) == stats.order
+    assert all(torch.isfinite(B).all() and torch.isfinite(A).all() for B, A in seq.factors.values())
+
+
+def test_residual_of_low_rank_compression_merges_exactly():
+    model, calib, held_out = anisotropic_mlp()
+    stats = collect_activation_stats(model, calib, progress=False)
+    small = compress_model(model, CompressionConfig(method="whitened_svd", keep=0.3), stats, progress=False).model
+    eora = eora_compensate(model, small, stats, rank=3, progress=False)
+    x = held_out[0]
+    with torch.no_grad():
+        merged = eora.merge(small)
+        assert isinstance(merged[0], tensornets.FactorizedLinear)
+        assert merged[0].factorization.ranks[0] == small[0].factorization.ranks[0] + 3
+        torch.testing.assert_close(merged(x), eora.apply(small)(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="PEFT LoRA wraps dense"):
+        eora.save_pretrained("unused")
+    mpo = compress_model(model, CompressionConfig(method="mpo", keep=0.5), stats, progress=False).model
+    with pytest.raises(ValueError, match="cannot absorb a low-rank residual exactly"):
+        eora_compensate(model, mpo, stats, rank=2, progress=False).merge(mpo)
+
+
+def test_dense_merge_equals_side_branch():
+    model, calib, held_out = anisotropic_mlp()
+    stats = collect_activation_stats(model, calib, progress=False)
+    quant = compress_model(model, CompressionConfig(method="magnitude", sparsity=0.5), stats, progress=False).model
+    eora = eora_compensate(model, quant, stats, rank=4, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(eora.merge(quant)(held_out[0]), eora.apply(quant)(held_out[0]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
+def test_conv_layers_export_to_peft(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "conv2d":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)).eval()
+        batches = [torch.randn(2, 3, 9, 9) for _ in range(3)]
+        targets = ["0", "2"]
+    else:
+        model = nn.Sequential(Conv1D(24, 16), nn.ReLU(), Conv1D(16, 24)).eval()
+        batches = [torch.randn(16, 16) for _ in range(3)]
+        targets = ["0", "2"]
+    stats = collect_activation_stats(model, batches, target_modules=targets, progress=False)
+    quant = compress_model(model, CompressionConfig(method="rtn", bits=2, group_size=8, target_modules=targets), stats,
+                           progress=False).model
+    eora = eora_compensate(model, quant, stats, rank=3, progress=False)
+    eora.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        want = eora.apply(quant)(batches[0])
+        got = PeftModel.from_pretrained(copy.deepcopy(quant), tmp_path / "a")(batches[0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.linalg.norm(want - model(batches[0])) < torch.linalg.norm(quant(batches[0]) - model(batches[0]))
+
+
+def test_bad_eora_calls(llama_rtn):
+    model, quant, stats, _ = llama_rtn
+    with pytest.raises(ValueError, match=r"rank=40 for layer 'model.layers.0.self_attn.k_proj' of shape \(32, 64\)"):
+        eora_compensate(model, quant, stats, rank=40, progress=False)
+    with pytest.raises(ValueError, match="method='gptq' must be one of"):
+        eora_compensate(model, quant, stats, rank=4, method="gptq")
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        eora_compensate(model, quant, rank=4)
+    with pytest.raises(ValueError, match="'nope': it matched no module"):
+        eora_compensate(model, quant, stats, rank=4, target_modules=["nope"])
+    with pytest.raises(ValueError, match="pass the compressed model"):
+        eora_compensate(model, None, stats, rank=4)
+
+
+def test_default_targets_are_the_changed_layers(llama_rtn):
+    model, _, stats, _ = llama_rtn
+    mlp_only = compress_model(model, CompressionConfig(method="rtn", bits=3, group_size=32, target_modules=["up_proj"]),
+                              progress=False).model
+    eora = eora_compensate(model, mlp_only, stats, rank=4, progress=False)
+    assert sorted(eora.factors) == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    with pytest.raises(ValueError, match="nothing to compensate"):
+        eora_compensate(model, copy.deepcopy(model), stats, rank=4)

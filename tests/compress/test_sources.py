@@ -1,0 +1,77 @@
+"""RTN fake quantization and magnitude pruning."""
+
+import pytest
+import torch
+
+from compress.sources import prune_2_4, prune_magnitude, rtn_quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_groups_use_at_most_2_to_the_bits_levels(bits, symmetric):
+    torch.manual_seed(0)
+    W = torch.randn(8, 128)
+    Q = rtn_quantize(W, bits, 32, symmetric=symmetric)
+    assert Q.shape == W.shape and Q.dtype == W.dtype
+    for group in Q.reshape(-1, 32):
+        assert group.unique().numel() <= 2**bits
+    # round to nearest: each weight moves by at most half a step (+ clamping of the symmetric grid's extreme)
+    step = (W.reshape(-1, 32).amax(1) - W.reshape(-1, 32).amin(1)) / (2**bits - 1)
+    if not symmetric:
+        err = (Q - W).reshape(-1, 32).abs().amax(1)
+        assert (err <= step / 2 + 1e-6).all()
+
+
+def test_rtn_error_shrinks_with_bits_and_group_size():
+    torch.manual_seed(0)
+    W = torch.randn(64, 256)
+    err = lambda **kw: float((rtn_quantize(W, **kw) - W).norm())
+    assert err(bits=2, group_size=64) > err(bits=3, group_size=64) > err(bits=4, group_size=64)
+    assert err(bits=3, group_size=None) > err(bits=3, group_size=128) > err(bits=3, group_size=32)
+
+
+def test_rtn_ragged_last_group_gets_its_own_scale():
+    """576 = 4 * 128 + 64: the last 64 weights of each row form their own group."""
+    torch.manual_seed(0)
+    W = torch.randn(4, 576)
+    W[:, 512:] *= 100.0  # a separate scale is needed to keep the first groups accurate
+    Q = rtn_quantize(W, 3, 128)
+    torch.testing.assert_close(Q[:, :512], rtn_quantize(W[:, :512], 3, 128))
+    torch.testing.assert_close(Q[:, 512:], rtn_quantize(W[:, 512:], 3, None))
+
+
+def test_rtn_keeps_constant_groups_exact_and_dtype():
+    W = torch.ones(2, 8, dtype=torch.bfloat16) * 0.3
+    Q = rtn_quantize(W, 2, 4)
+    assert Q.dtype == torch.bfloat16 and torch.equal(Q, W)
+
+
+@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=17), dict(bits=3, group_size=0), dict(bits=1, symmetric=True)])
+def test_rtn_bad_arguments(bad):
+    with pytest.raises(ValueError, match="bits|group_size|symmetric"):
+        rtn_quantize(torch.randn(4, 8), **bad)
+
+
+def test_prune_2_4_pattern_keeps_the_two_largest():
+    torch.manual_seed(0)
+    W = torch.randn(16, 64)
+    P = prune_2_4(W)
+    groups, orig = P.reshape(16, 16, 4), W.reshape(16, 16, 4)
+    assert ((groups != 0).sum(-1) == 2).all()
+    kept_min = torch.where(groups != 0, orig.abs(), torch.inf).amin(-1)
+    dropped_max = torch.where(groups == 0, orig.abs(), -torch.inf).amax(-1)
+    assert (kept_min >= dropped_max).all()
+    assert torch.equal(P[P != 0], W[P != 0])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        prune_2_4(torch.randn(4, 10))
+
+
+def test_prune_magnitude_exact_sparsity():
+    torch.manual_seed(0)
+    W = torch.randn(10, 30)
+    P = prune_magnitude(W, 0.4)
+    assert int((P == 0).sum()) == 120
+    assert P[P != 0].abs().min() >= W[P == 0].abs().max()
+    assert torch.equal(prune_magnitude(W, 0.0), W)
+    with pytest.raises(ValueError, match="sparsity=1.0"):
+        prune_magnitude(W, 1.0)

@@ -1,0 +1,238 @@
+"""Target selection, every compression method on small models, reports, save/load, bad input."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import tensornets
+from compress import (
+    CompressionConfig,
+    collect_activation_stats,
+    compress_model,
+    find_targets,
+    load_compressed,
+    save_compressed,
+)
+from compress.surgery import dense_weight
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def anisotropic_mlp(seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A 3-layer MLP fed inputs with a few outlier channels (as LLM activations have)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    scale = torch.logspace(0, -2, 32)
+    scale[:2] = 10.0
+    batches = [torch.randn(64, 32) * scale for _ in range(6)]
+    return model, batches
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+    model, batches = anisotropic_mlp()
+    return model, batches, collect_activation_stats(model, batches, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def test_all_linear_leaves_out_the_lm_head():
+    names = set(find_targets(tiny_llama(), "all-linear"))
+    assert "lm_head" not in names and len(names) == 14
+    assert "model.layers.1.mlp.down_proj" in names
+
+
+def test_target_lists_regex_and_exclusion():
+    model = tiny_llama()
+    assert set(find_targets(model, ["up_proj", "layers.0.mlp.down_proj"])) == {
+        "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.layers.0.mlp.down_proj"}
+    assert set(find_targets(model, r".*\.mlp\..*", exclude_modules=["gate_proj"])) == {
+        f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("up_proj", "down_proj")}
+    assert set(find_targets(model, "all-linear", exclude_modules=r".*self_attn.*")) == {
+        f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_bad_targets_name_the_problem():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"'mlp': it matched only unsupported modules \['model.layers.0.mlp \(LlamaMLP\)'"):
+        find_targets(model, ["mlp"])
+    with pytest.raises(ValueError, match=r"'nope': it matched no module"):
+        find_targets(model, ["up_proj", "nope"])
+    with pytest.raises(ValueError, match="no target layers left"):
+        find_targets(model, ["up_proj"], exclude_modules=["up_proj"])
+    depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
+    with pytest.raises(ValueError, match="unsupported modules"):
+        find_targets(depthwise, ["0"])
+
+
+# ---------------------------------------------------------------------------------------------- methods
+METHOD_CASES = [
+    ("svd", dict(keep=0.5)),
+    ("asvd", dict(keep=0.5)),
+    ("whitened_svd", dict(keep=0.5)),
+    ("whitened_svd", dict(rank=7)),
+    ("whitened_svd", dict(energy=0.9)),
+    ("whitened_svd", dict(keep=0.5, allocation="global", min_rank=2)),
+    ("tucker", dict(keep=0.5)),
+    ("tucker", dict(keep=0.5, whiten=True)),
+    ("tt", dict(keep=0.5)),
+    ("mpo", dict(keep=0.5)),
+    ("btt", dict(keep=0.5)),
+    ("rtn", dict(bits=3, group_size=20)),
+    ("2:4", dict()),
+    ("magnitude", dict(sparsity=0.3)),
+]
+
+
+@pytest.mark.parametrize("method,kw", METHOD_CASES, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in METHOD_CASES])
+def test_every_method_compresses_and_reports(mlp_setup, method, kw):
+    model, batches, stats = mlp_setup
+    report = compress_model(model, CompressionConfig(method=method, **kw), stats, progress=False)
+    out = report.model
+    x = batches[0]
+    assert out(x).shape == model(x).shape
+    assert len(report.layers) == 3
+    with torch.no_grad():
+        X = {"0": torch.cat(batches)}
+        X["2"] = model[1](model[0](X["0"]))
+        X["4"] = model[3](model[2](X["2"]))
+    for row in report.layers:
+        layer = out.get_submodule(row.name)
+        W, W_hat = dense_weight(model.get_submodule(row.name)), dense_weight(layer)
+        # the reported output error is the actual one on the calibration inputs
+        direct = float(torch.linalg.norm((W - W_hat) @ X[row.name].T) / torch.linalg.norm(W @ X[row.name].T))
+        assert row.rel_output_error == pytest.approx(direct, rel=1e-3, abs=1e-6)
+        if method in ("rtn", "2:4", "magnitude"):
+            assert isinstance(layer, nn.Linear) and row.rel_weight_error > 0
+        else:
+            assert isinstance(layer, tensornets.FactorizedLinear)
+            assert row.params_after == layer.factorization.num_parameters
+    if kw.get("keep"):
+        # per-layer keep never exceeds the ask; a global budget holds in total
+        assert report.keep <= kw["keep"] + 1e-9
+        if kw.get("allocation") != "global":
+            assert all(r.keep <= kw["keep"] + 1e-9 for r in report.layers)
+    assert "total" in report.table() and json.loads(json.dumps(report.to_dict()))["method"] == method
+
+
+def test_activation_aware_methods_beat_plain_svd_on_calibration_outputs(mlp_setup):
+    model, _, stats = mlp_setup
+    err = {m: sum(r.rel_output_error for r in compress_model(
+        model, CompressionConfig(method=m, keep=0.4), stats, progress=False).layers) for m in ("svd", "asvd", "whitened_svd")}
+    assert err["whitened_svd"] < err["asvd"] < err["svd"]
+
+
+def test_global_allocation_beats_uniform_ranks_at_the_same_budget(mlp_setup):
+    model, _, stats = mlp_setup
+    rows = {a: compress_model(model, CompressionConfig(method="whitened_svd", keep=0.4, allocation=a), stats,
+                              progress=False) for a in ("layer", "global")}
+    sq_err = {a: sum(r.rel_output_error**2 for r in rep.layers) for a, rep in rows.items()}
+    assert rows["global"].keep <= 0.4
+    assert sq_err["global"] <= sq_err["layer"]
+
+
+def test_conv1d_and_conv2d_layers():
+    torch.manual_seed(0)
+    gpt_style = nn.Sequential(Conv1D(24, 16), nn.ReLU(), Conv1D(16, 24)).eval()
+    batches = [torch.randn(8, 16) for _ in range(4)]
+    stats = collect_activation_stats(gpt_style, batches, progress=False)
+    rep = compress_model(gpt_style, CompressionConfig(method="whitened_svd", rank=16), stats, progress=False)
+    # full rank of the 24x16 weight: the factorization is exact
+    torch.testing.assert_close(rep.model(batches[0]), gpt_style(batches[0]), rtol=1e-4, atol=1e-4)
+
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)).eval()
+    images = [torch.randn(2, 3, 10, 10) for _ in range(3)]
+    stats = collect_activation_stats(cnn, images, target_modules=["0", "2"], progress=False)
+    for cfg in (CompressionConfig(method="whitened_svd", keep=0.5, target_modules=["0", "2"]),
+                CompressionConfig(method="tucker", keep=0.6, target_modules=["2"])):
+        rep = compress_model(cnn, cfg, stats, progress=False)
+        assert isinstance(rep.model[2], tensornets.FactorizedConv2d)
+        assert rep.model(images[0]).shape == cnn(images[0]).shape
+    full = compress_model(cnn, CompressionConfig(method="whitened_svd", rank=6, target_modules=["2"]), stats,
+                          progress=False)
+    torch.testing.assert_close(full.model(images[0]), cnn(images[0]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="Conv2d: method='mpo' applies to linear layers"):
+        compress_model(cnn, CompressionConfig(method="mpo", keep=0.5, target_modules=["2"]), stats, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- copies and files
+@pytest.mark.parametrize("method,kw", [("whitened_svd", dict(keep=0.5)), ("mpo", dict(keep=0.5)),
+                                       ("tucker", dict(keep=0.5, whiten=True)), ("btt", dict(keep=0.5)),
+                                       ("rtn", dict(bits=3, group_size=32))])
+def test_compress_save_load_round_trip_is_exact_and_original_untouched(tmp_path, method, kw):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randint(0, 96, (2, 16)) for _ in range(3)]
+    stats = collect_activation_stats(model, batches, progress=False)
+    report = compress_model(model, CompressionConfig(method=method, **kw), stats, progress=False)
+
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    assert all(type(m) in (nn.Linear,) for m in find_targets(model, "all-linear").values())
+
+    save_compressed(report.model, tmp_path / "c")
+    loaded = load_compressed(tiny_llama(seed=1), tmp_path / "c")
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, report.model(ids).logits)
+    got, want = loaded.state_dict(), report.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_inplace_modifies_the_given_model(mlp_setup):
+    model, _, stats = anisotropic_mlp()[0], None, mlp_setup[2]
+    report = compress_model(model, CompressionConfig(method="whitened_svd", keep=0.5), stats, inplace=True,
+                            progress=False)
+    assert report.model is model and isinstance(model[0], tensornets.FactorizedLinear)
+
+
+def test_load_compressed_refuses_a_different_architecture(tmp_path, mlp_setup):
+    model, _, stats = mlp_setup
+    save_compressed(compress_model(model, CompressionConfig(method="svd", keep=0.5), stats, progress=False).model,
+                    tmp_path / "c")
+    with pytest.raises(ValueError, match="does not fit base_model|which base_model does not have"):
+        load_compressed(nn.Sequential(nn.Linear(32, 64)), tmp_path / "c")
+    with pytest.raises(FileNotFoundError):
+        load_compressed(model, tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw,match", [
+    (dict(keep=0.0), r"keep=0.0 must be in \(0, 1\]"),
+    (dict(keep=1.2), r"keep=1.2 must be in \(0, 1\]"),
+    (dict(keep=-0.5), r"keep=-0.5 must be in \(0, 1\]"),
+    (dict(keep=0.5, rank=4), "exactly one of keep=, rank=, energy="),
+    (dict(), "exactly one of keep=, rank=, energy="),
+    (dict(method="magic", keep=0.5), "method='magic' is not one of"),
+    (dict(method="rtn", keep=0.5), "keeps dense weights"),
+    (dict(method="mpo", keep=0.5, allocation="global"), "allocation='global'"),
+    (dict(method="mpo", keep=0.5, whiten=True), "whiten=True applies to method='tucker'"),
+    (dict(rank=0), "rank=0 must be a positive int"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**{"method": "whitened_svd", **kw})
+
+
+def test_bad_compression_calls(mlp_setup):
+    model, _, stats = mlp_setup
+    with pytest.raises(ValueError, match=r"rank=20 for layer '4' of shape \(16, 48\).*\[1, 16\]"):
+        compress_model(model, CompressionConfig(method="whitened_svd", rank=20), stats, progress=False)
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        compress_model(model, CompressionConfig(method="whitened_svd", keep=0.5), progress=False)
+    with pytest.raises(ValueError, match="'up_proj': it matched no module"):
+        compress_model(model, CompressionConfig(method="svd", keep=0.5, target_modules=["up_proj"]), progress=False)
+    with pytest.raises(ValueError, match="keep=0.01 leaves rank 0 for layer"):
+        compress_model(model, CompressionConfig(method="svd", keep=0.01), progress=False)
+    partial = collect_activation_stats(model, mlp_setup[1], target_modules=["0"], progress=False)
+    with pytest.raises(ValueError, match=r"no activation statistics for target layers \['2', '4'\]"):
+        compress_model(model, CompressionConfig(method="asvd", keep=0.5), partial, progress=False)
