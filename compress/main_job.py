@@ -204,10 +204,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value % args.seq_len:
             parser.error(f"argument --{flag.replace('_', '-')}: {value} is not a multiple of --seq-len {args.seq_len}")
-    needs_calib = args.eora_rank > 0 or args.method in ("asvd", "whitened_svd")
-    if needs_calib and args.calib_tokens == 0 and not (args.eora_rank > 0 and args.eora_method == "svd"
-                                                        and args.method not in ("asvd", "whitened_svd")):
-        parser.error("argument --calib-tokens: 0 calibration tokens, but the method / EoRA needs activation statistics")
+    if args.calib_tokens == 0:
+        users = [f"--method {args.method}"] if args.method in ("asvd", "whitened_svd") else []
+        if args.eora_rank > 0 and (args.eora_method != "svd" or args.compare or args.sequential):
+            users.append("EoRA / ASVD compensation" if args.eora_method != "svd" else "--compare / --sequential")
+        if users:
+            parser.error(f"argument --calib-tokens: 0 calibration tokens, but {' and '.join(users)} needs activation "
+                         "statistics; pass e.g. --calib-tokens 4096 (or --eora-method svd, which needs none)")
     if args.sequential and args.eora_rank == 0:
         parser.error("argument --sequential: needs --eora-rank > 0")
     if args.compare and args.eora_rank == 0:

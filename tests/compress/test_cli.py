@@ -83,6 +83,7 @@ def test_top_level_help_lists_compress(capsys):
         (["--eval-tokens", "100", "--seq-len", "32"], "not a multiple of --seq-len"),
         (["--eora-rank", "-1"], "must be >= 0"),
         (["--threads", "0"], "must be a positive integer"),
+        (["--calib-tokens", "0"], "needs activation statistics"),
         (["--sequential", "--eora-rank", "0"], "needs --eora-rank > 0"),
     ],
 )
@@ -172,3 +173,17 @@ def cli_main_summary(argv):
     from compress.main_job import main
 
     return main(argv)
+
+
+def test_sequential_eora_and_demo_routing(tiny_model_dir, capsys, monkeypatch):
+    summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--eora-rank", "2", "--sequential", *SMALL])
+    assert "(sequential)" in capsys.readouterr().out
+    err = summary["rel_output_error"]
+    assert err["compensated_eora_mean"] < err["compressed_mean"]
+
+    import tensornets.demo
+
+    calls = []
+    monkeypatch.setattr(tensornets.demo, "main", lambda argv: calls.append(argv))
+    cli_main(["demo", "--quick"])
+    assert calls == [["--quick"]]
