@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: install
-	$(BIN)/tensornets demo
+	$(BIN)/tensornets compress
 
 test: install
 	$(BIN)/python -m pytest

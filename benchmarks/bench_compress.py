@@ -51,6 +51,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -299,8 +300,6 @@ def findings(res: dict) -> list[str]:
     for c in res["compressors"]:
         r = max(ranks)
         none, e, s, a = (comp[(c, "none", 0)], comp[(c, "eora", r)], comp[(c, "svd", r)], comp[(c, "asvd", r)])
-        import math
-
         gap = math.log(none) - math.log(dense)
         rec = (math.log(none) - math.log(e)) / gap if gap > 0 else float("nan")
         lines.append(f"{c}: {_p(none)} -> EoRA r={r} {_p(e)} (recovers {100 * rec:.0f} % of the log-ppl gap to "
