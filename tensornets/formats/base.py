@@ -181,6 +181,15 @@ class Factorization(nn.Module, ABC):
         """Whether ``forward`` on ``batch`` rows rebuilds ``W`` and runs one GEMM."""
         return self._strategy(batch_bucket(batch))[0]
 
+    def strategy(self, batch: int) -> str:
+        """How ``forward`` runs on ``batch`` rows: ``"rebuild"`` (``W``, then one GEMM) or the format's
+        contraction (``"contract"``; an MPO says ``"einsum"`` or ``"split"``, see :class:`~tensornets.MPO`)."""
+        use_rebuild, plan = self._strategy(batch_bucket(batch))
+        return "rebuild" if use_rebuild else self._contraction_name(plan)
+
+    def _contraction_name(self, plan: Any) -> str:
+        return "contract"
+
     def _pick_rebuild(self, costs: dict[str, tuple[int, int]]) -> bool:
         weight = traffic_weight(self._device_type())
         contract, rebuild = (costs[k][0] + weight * costs[k][1] for k in ("contract", "rebuild"))

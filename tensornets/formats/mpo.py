@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..contraction import ContractionPlan, plan_contraction
 from ..decompositions import tt_svd
-from .base import EinsumFactorization
+from .base import EinsumFactorization, traffic_weight
 from .symbols import letters
 
-__all__ = ["MPO"]
+__all__ = ["MPO", "SplitPlan"]
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The MPO applied as two GEMMs around bond ``m`` (see :meth:`MPO._split_contract`).
+
+    ``left`` contracts cores ``1..m`` to ``L: (o_L, i_L, r_m)``, ``right`` contracts cores ``m+1..d``
+    to ``R: (i_R, r_m, o_R)``; ``flops`` and ``traffic`` cover both rebuilds and both GEMMs for
+    ``batch`` rows.
+    """
+
+    split: int
+    batch: int
+    left: ContractionPlan
+    right: ContractionPlan
+    flops: int
+    traffic: int
 
 
 class MPO(EinsumFactorization):
@@ -88,6 +107,76 @@ class MPO(EinsumFactorization):
         forward = f"{b}{''.join(I)},{','.join(cores)}->{b}{''.join(O)}"
         dense = f"{','.join(cores)}->{''.join(O + I)}"
         return forward, dense
+
+    # ------------------------------------------------------------------ contraction
+    # Two ways to apply the cores to x: one planned einsum over x and every core (opt_einsum's
+    # path), or the split: contract the cores left and right of a bond m into L and R, then
+    #     T = x.reshape(B i_L, i_R) @ R.reshape(i_R, r_m o_R)        (B i_L, r_m o_R)
+    #     y = L.reshape(o_L, i_L r_m) @ T.reshape(B, i_L r_m, o_R)   (B, o_L, o_R)
+    # opt_einsum often finds the same pairing for small B, but ATen's einsum then permutes every
+    # intermediate; the split's layouts make both products plain GEMMs with no copy in between.
+    # Measured on 4096^2, modes 8^4, r = 16 (2 CPU threads): B = 1 0.21 vs 0.31 ms, B = 512 63 vs
+    # 103 ms (einsum) and 92 ms (rebuild + GEMM). Which plan runs is decided by the cost model.
+    def _split_equations(self, m: int) -> tuple[str, str]:
+        d = len(self.out_modes)
+        sym = iter(letters(3 * d + 1))
+        O = [next(sym) for _ in range(d)]
+        I = [next(sym) for _ in range(d)]
+        A = [next(sym) for _ in range(d + 1)]
+        cores = [A[k] + O[k] + I[k] + A[k + 1] for k in range(d)]
+        left = f"{','.join(cores[:m])}->{''.join(O[:m])}{''.join(I[:m])}{A[m]}"
+        right = f"{','.join(cores[m:])}->{''.join(I[m:])}{A[m]}{''.join(O[m:])}"
+        return left, right
+
+    def _split_plan(self, m: int, batch: int) -> SplitPlan:
+        shapes = self._core_shapes()
+        eq_left, eq_right = self._split_equations(m)
+        left, right = plan_contraction(eq_left, shapes[:m]), plan_contraction(eq_right, shapes[m:])
+        o_l, i_l = math.prod(self.out_modes[:m]), math.prod(self.in_modes[:m])
+        o_r, i_r = math.prod(self.out_modes[m:]), math.prod(self.in_modes[m:])
+        r = self.ranks[m - 1]
+        hidden = batch * i_l * r * o_r
+        flops = left.flops + right.flops + 2 * hidden * (i_r + o_l)
+        # x, R, L and y move once; the hidden product once too: the second GEMM streams it in its
+        # own layout, whereas the einsum plan's traffic stands for intermediates that ATen
+        # permutes between steps (the cost the traffic weight was fitted to). Counting it once
+        # matches the measured order of split / einsum / rebuild on 1024^2 and 4096^2, r = 8-32.
+        traffic = left.traffic + right.traffic + batch * i_l * i_r + i_r * r * o_r + hidden + o_l * i_l * r + batch * o_l * o_r
+        return SplitPlan(split=m, batch=batch, left=left, right=right, flops=flops, traffic=traffic)
+
+    def _best_plan(self, batch: int) -> ContractionPlan | SplitPlan:
+        """The cheapest of the einsum plan and the split at each bond, by ``flops + weight * traffic``."""
+        candidates: list[ContractionPlan | SplitPlan] = [self._split_plan(m, batch) for m in range(1, len(self.out_modes))]
+        candidates.append(super()._contract_plan(batch))
+        weight = traffic_weight(self._device_type())
+        # Ties go to a split: the same pairing without ATen's permute copies.
+        return min(candidates, key=lambda p: p.flops + weight * p.traffic)
+
+    def _contract_plan(self, bucket: int) -> ContractionPlan | SplitPlan:  # type: ignore[override]
+        return self._best_plan(bucket)
+
+    def _contraction_name(self, plan: ContractionPlan | SplitPlan) -> str:
+        return "split" if isinstance(plan, SplitPlan) else "einsum"
+
+    def _contract_cost(self, batch: int) -> tuple[int, int]:
+        plan = self._best_plan(batch)
+        return plan.flops, plan.traffic
+
+    def _contract(self, x: torch.Tensor, plan: ContractionPlan | SplitPlan | None) -> torch.Tensor:  # type: ignore[override]
+        plan = plan or self._contract_plan(x.shape[0])
+        if isinstance(plan, SplitPlan):
+            return self._split_contract(x, plan)
+        return super()._contract(x, plan)
+
+    def _split_contract(self, x: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
+        m, cores, B = plan.split, self._cores(), x.shape[0]
+        o_l, i_l = math.prod(self.out_modes[:m]), math.prod(self.in_modes[:m])
+        o_r, i_r = math.prod(self.out_modes[m:]), math.prod(self.in_modes[m:])
+        r = self.ranks[m - 1]
+        left = plan.left(*cores[:m]).reshape(o_l, i_l * r)
+        right = plan.right(*cores[m:]).reshape(i_r, r * o_r)
+        hidden = (x.reshape(B * i_l, i_r) @ right).reshape(B, i_l * r, o_r)
+        return torch.matmul(left, hidden).reshape(B, o_l * o_r)
 
     def init_chain(self):
         return self._cores(), math.prod(self.ranks)
