@@ -137,3 +137,21 @@ def test_forward_and_backward_need_no_host_sync(format_case, batch):
     assert y.shape == (batch, OUT) and y.device.type == "meta"
     y.sum().backward()
     assert x.grad.shape == x.shape and all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("modes, ranks", [(((8, 8, 9), (8,)), (5, 5, 5)), (((4, 6), (3, 5)), (3, 7, 4)), (((2, 3, 4), (4, 3)), (2, 5, 6, 3))])
+def test_tt_rebuild_at_every_bond_equals_the_einsum_over_all_cores(modes, ranks):
+    out_modes, in_modes = modes
+    tt = tensornets.TensorTrain.empty(math.prod(in_modes), math.prod(out_modes), in_modes=in_modes, out_modes=out_modes, ranks=ranks).double()
+    for core in tt.parameters():
+        torch.nn.init.normal_(core)
+    plan = plan_contraction(tt._equations()[1], tt._core_shapes())
+    expected = plan(*tt._cores()).reshape(tt.padded_out, tt.padded_in)
+    chosen = tt._rebuild_split()
+    costs = {}
+    for split in range(1, len(ranks) + 1):
+        tt._rebuild_splits["cpu"] = split
+        torch.testing.assert_close(tt._dense(), expected)
+        costs[split] = tt._rebuild_cost()
+    weight = tensornets.formats.base.traffic_weight("cpu")
+    assert chosen == min(costs, key=lambda s: costs[s][0] + weight * costs[s][1])
