@@ -304,11 +304,12 @@ def write_report(results: dict, args: argparse.Namespace, out: Path, suffix: str
             *_table(conv["rows"]),
             "",
         ]
+    loads = [f"{part} {results[part]['loadavg_1min'][0]:.1f} -> {results[part]['loadavg_1min'][1]:.1f}"
+             for part in ("text", "conv") if results.get(part, {}).get("loadavg_1min")]
     lines += [
-        "Note: measured on a 2-core machine shared with other jobs (load average ≈ 8, varying during the run)"
+        "Note: load average (1 min) at the start and end of each part: " + (", ".join(loads) or "not recorded")
         + (f" ({meta['note']})" if meta.get("note") else "")
-        + ": seconds per epoch are inflated and drift with the load "
-        "(runs are sequential, not interleaved), so they show orders of magnitude only; "
+        + ". Runs are sequential, not interleaved, so seconds per epoch drift with any other load on the machine; "
         "`benchmarks/results/adapters.md` has interleaved step times. "
         + (f"One test example is {100 / text['n_test']:.2f} points of accuracy on the text task." if text else ""),
         "",
@@ -402,10 +403,11 @@ def main() -> None:
         return
 
     results: dict = {}
-    if args.only in (None, "text"):
-        results["text"] = run_text(args, log)
-    if args.only in (None, "conv"):
-        results["conv"] = run_conv(args, log)
+    for part, run in (("text", run_text), ("conv", run_conv)):
+        if args.only in (None, part):
+            load_start = os.getloadavg()[0]
+            results[part] = run(args, log)
+            results[part]["loadavg_1min"] = [load_start, os.getloadavg()[0]]
     command = "python " + " ".join(sys.argv)
     results["meta"] = {
         "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
