@@ -9,6 +9,7 @@ is also that subprocess's entry point (``python conformance.py load|ddp ...``).
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import json
 import os
@@ -396,6 +397,11 @@ def _ddp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: i
                 optimizer.zero_grad(set_to_none=True)
             state = {k: v.contiguous() for k, v in trainable(model).items()}
             save_file(state, os.path.join(outdir, f"{case_id}.rank{rank}.safetensors"))
+            # Free the DDP reducer while its process group is alive: a reducer destroyed after
+            # destroy_process_group() (at function exit) hung one rank in about 1 run of 3.
+            del ddp, optimizer, model
+            gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
