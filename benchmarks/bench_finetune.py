@@ -151,27 +151,18 @@ def run_text(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             name: torch.cat([probe.pool(**{k: v[i : i + 64] for k, v in x.items()}) for i in range(0, len(labels), 64)])
             for name, x, labels in (("train", x_train, train.labels), ("test", x_test, test.labels))
         }
-    runs = []
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        head = nn.Sequential()
-        head.add_module("head", nn.Linear(base.config.hidden_size, classes))
-        runs.append(fit(head, ({"input": feats["train"]}, train.labels), ({"input": feats["test"]}, test.labels),
-                        epochs=args.epochs, lr=0.0, head_lr=args.head_lr, head_names=("head",), seed=seed))
-    rows.append({"method": "linear probe (head only)", "size": f"{args.epochs} epochs", "adapter_params": 0,
-                 "head_params": classes * (base.config.hidden_size + 1), **_summary(runs)})
-    log(f"text | linear probe: {rows[-1]['acc_mean']:.3f} ± {rows[-1]['acc_std']:.3f}")
-    # The same probe trained to convergence (cheap on cached features): the frozen features' ceiling.
-    runs = []
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        head = nn.Sequential()
-        head.add_module("head", nn.Linear(base.config.hidden_size, classes))
-        runs.append(fit(head, ({"input": feats["train"]}, train.labels), ({"input": feats["test"]}, test.labels),
-                        epochs=PROBE_EPOCHS, lr=0.0, head_lr=args.head_lr, head_names=("head",), seed=seed))
-    rows.append({"method": "linear probe (head only)", "size": f"{PROBE_EPOCHS} epochs", "adapter_params": 0,
-                 "head_params": classes * (base.config.hidden_size + 1), **_summary(runs)})
-    log(f"text | linear probe, {PROBE_EPOCHS} epochs: {rows[-1]['acc_mean']:.3f} ± {rows[-1]['acc_std']:.3f}")
+    # Trained for the run's epochs, then to convergence (cheap on cached features): the frozen features' ceiling.
+    for epochs in (args.epochs, PROBE_EPOCHS):
+        runs = []
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            head = nn.Sequential()
+            head.add_module("head", nn.Linear(base.config.hidden_size, classes))
+            runs.append(fit(head, ({"input": feats["train"]}, train.labels), ({"input": feats["test"]}, test.labels),
+                            epochs=epochs, lr=0.0, head_lr=args.head_lr, head_names=("head",), seed=seed))
+        rows.append({"method": "linear probe (head only)", "size": f"{epochs} epochs", "adapter_params": 0,
+                     "head_params": classes * (base.config.hidden_size + 1), **_summary(runs)})
+        log(f"text | linear probe, {epochs} epochs: {rows[-1]['acc_mean']:.3f} ± {rows[-1]['acc_std']:.3f}")
 
     for variant in text_variants(args.quick):
         runs = []
