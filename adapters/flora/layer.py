@@ -96,24 +96,21 @@ def _conv_delta(layer: FloraLayer, x: torch.Tensor, core: torch.Tensor, factors:
       ``C_out (C_in / g) ∏k`` per output pixel.
 
     Pointwise and ordinary convs take the factorized form; depthwise convs (``C_in / g = 1``) the
-    dense one, which there is ~``r_out r_in`` times cheaper (the three-conv form measured 4-8x
-    slower than the base conv plus a dense ``ΔW`` on MobileNetV2's depthwise 3x3 convs).
+    dense one, which there is ~``r_out r_in`` times cheaper (forward + backward of a depthwise
+    3x3, batch 32, r = 8, measured 362 -> 60 ms at 144 channels of 32x32 and 77 -> 4.6 ms at 384
+    channels of 8x8).
     """
     base = layer.get_base_layer()
     c_out, c_in_group, *kernel_size = base.weight.shape
     g, k = base.groups, math.prod(kernel_size)
     r_out, r_in = core.shape[:2]
     pixels_in = x.numel() // (c_in_group * g)  # batched (N, C, ...) or unbatched (C, ...)
-    pixels_out = max(1, pixels_in // math.prod(_ntuple(base.stride, len(kernel_size))))
+    pixels_out = max(1, pixels_in // math.prod(base.stride))  # ConvNd stores stride as a tuple
     factorized = pixels_in * c_in_group * g * r_in + pixels_out * (g * r_out * r_in * k + c_out * r_out)
     dense = c_out * c_in_group * k * r_out + pixels_out * c_out * c_in_group * k
     if dense < factorized:
         return _conv_delta_dense(layer, x, core, factors)
     return _conv_delta_factorized(layer, x, core, factors)
-
-
-def _ntuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
 def _conv_delta_dense(layer: FloraLayer, x: torch.Tensor, core: torch.Tensor, factors: list[torch.Tensor]):

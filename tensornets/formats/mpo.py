@@ -23,11 +23,10 @@ class SplitPlan:
 
     ``left`` contracts cores ``1..m`` to ``L: (o_L, i_L, r_m)``, ``right`` contracts cores ``m+1..d``
     to ``R: (i_R, r_m, o_R)``; ``flops`` and ``traffic`` cover both rebuilds and both GEMMs for
-    ``batch`` rows.
+    the batch the plan was made for (any batch runs on it).
     """
 
     split: int
-    batch: int
     left: ContractionPlan
     right: ContractionPlan
     flops: int
@@ -141,7 +140,7 @@ class MPO(EinsumFactorization):
         # permutes between steps (the cost the traffic weight was fitted to). Counting it once
         # matches the measured order of split / einsum / rebuild on 1024^2 and 4096^2, r = 8-32.
         traffic = left.traffic + right.traffic + batch * i_l * i_r + i_r * r * o_r + hidden + o_l * i_l * r + batch * o_l * o_r
-        return SplitPlan(split=m, batch=batch, left=left, right=right, flops=flops, traffic=traffic)
+        return SplitPlan(split=m, left=left, right=right, flops=flops, traffic=traffic)
 
     def _best_plan(self, batch: int) -> ContractionPlan | SplitPlan:
         """The cheapest of the einsum plan and the split at each bond, by ``flops + weight * traffic``."""
