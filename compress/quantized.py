@@ -1,0 +1,77 @@
+"""Group-wise integer weights: the one representation every quantizer returns and every exporter packs.
+
+A quantized ``(out, in)`` weight is stored as integer codes ``q``, one scale ``s`` and one zero point ``z`` per
+``(row, group)``, groups being ``group_size`` consecutive columns (``in`` a multiple of ``group_size``):
+
+.. math::
+
+    \\hat W[o, j] = s[o, g(j)] \\, (q[o, j] - z[o, g(j)]), \\qquad g(j) = \\lfloor j / \\text{group\\_size} \\rfloor,
+
+with codes and zero points in the **signed** range ``[-2^{b-1}, 2^{b-1} - 1]``, the convention of
+compressed-tensors (what llm-compressor writes and transformers / vLLM read), so export is a bit-packing and
+nothing is re-rounded. Symmetric quantization has ``z = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes, per-group scales and zero points of one ``(out, in)`` weight.
+
+    Attributes:
+        codes: ``(out, in)`` int8, each in ``[-2^{b-1}, 2^{b-1} - 1]``.
+        scale: ``(out, in // group_size)`` floating point, ``> 0`` (a constant group gets any positive scale).
+        zero_point: ``(out, in // group_size)`` int8 in the code range; all zero when ``symmetric``.
+        bits: bits per code, 2..8.
+        group_size: columns per group; ``in`` is a multiple of it.
+        symmetric: whether ``zero_point`` is identically zero.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} must be an int in [2, 8]")
+        if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
+            raise TypeError(f"codes must be a (out, in) int8 tensor, got {self.codes.dtype} {tuple(self.codes.shape)}")
+        out_f, in_f = self.codes.shape
+        if self.group_size < 1 or in_f % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide in_features={in_f}")
+        groups = (out_f, in_f // self.group_size)
+        if tuple(self.scale.shape) != groups or tuple(self.zero_point.shape) != groups:
+            raise ValueError(
+                f"scale {tuple(self.scale.shape)} and zero_point {tuple(self.zero_point.shape)} must be {groups}"
+            )
+        if self.zero_point.dtype != torch.int8:
+            raise TypeError(f"zero_point must be int8, got {self.zero_point.dtype}")
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(out, in)``."""
+        return self.codes.shape
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(out, in)`` weight ``s (q - z)``, computed in float32 and cast to ``dtype``."""
+        out_f, in_f = self.codes.shape
+        q = self.codes.to(torch.float32).reshape(out_f, -1, self.group_size)
+        z = self.zero_point.to(torch.float32).unsqueeze(-1)
+        s = self.scale.to(torch.float32).unsqueeze(-1)
+        return ((q - z) * s).reshape(out_f, in_f).to(dtype)
