@@ -41,10 +41,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.extend(tests)
 
 
-@pytest.fixture(autouse=True)
-def _seeded(request: pytest.FixtureRequest) -> None:
-    """Seed torch, numpy and ``random`` before each test so its data never depends on test order."""
-    seed = request.config.getoption("--seed")
+def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seeded_module(request: pytest.FixtureRequest) -> None:
+    """Seed before a module's fixtures run: autouse fixtures are set up before the module-scoped ones a test uses."""
+    _seed_all(request.config.getoption("--seed"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request: pytest.FixtureRequest) -> None:
+    """Seed torch, numpy and ``random`` before each test so its data never depends on test order."""
+    _seed_all(request.config.getoption("--seed"))

@@ -11,6 +11,7 @@ from torch import nn
 
 import adapters
 from adapters.mos import MoSLayer, index_tables
+from tolerance import assert_close
 
 
 class Stack(nn.Module):
@@ -100,7 +101,7 @@ def test_assembly_and_scatter_add_gradient_match_explicit_formulas():
         a = torch.stack([torch.cat([pool_a[idx_a[j * c + i]] for i in range(c)]) for j in range(r)])  # (r, d_in)
         b = torch.stack([torch.cat([pool_b[idx_b[j * c + i]] for i in range(c)]) for j in range(r)], dim=1)  # (d_out, r)
         delta = layer.get_delta_weight("default")
-        torch.testing.assert_close(delta, scale * b @ a)
+        assert_close(delta, scale * b @ a)
         residual = torch.randn_like(delta)
         loss = loss + (residual * delta).sum()
         # d loss / d A_l = s B_lᵀ R_l, scattered shard by shard into the rows idx_A points at.
@@ -108,7 +109,7 @@ def test_assembly_and_scatter_add_gradient_match_explicit_formulas():
         expected_grad_a.setdefault(group, torch.zeros_like(pool_a)).index_add_(0, idx_a, grad_a)
     loss.backward()
     for group, expected in expected_grad_a.items():
-        torch.testing.assert_close(model.base_model.mos_A["default"][group].grad, expected)
+        assert_close(model.base_model.mos_A["default"][group].grad, expected)
 
 
 def test_feasibility_is_checked_before_the_model_changes():

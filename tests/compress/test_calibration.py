@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from compress import ActivationStats, collect_activation_stats
+from tolerance import assert_close
 
 
 def mlp() -> nn.Sequential:
@@ -26,8 +27,8 @@ def test_second_moments_equal_direct_computation():
     for name, X in (("0", X0), ("2", X2)):
         st = stats[name]
         assert st.count == 60
-        torch.testing.assert_close(st.gram, X.T @ X, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(st.mean_abs, X.abs().mean(0))
+        assert_close(st.gram, X.T @ X)
+        assert_close(st.mean_abs, X.abs().mean(0))
 
 
 def test_conv2d_statistics_are_those_of_unfolded_patches():
@@ -37,10 +38,10 @@ def test_conv2d_statistics_are_those_of_unfolded_patches():
     x = torch.randn(2, 3, 7, 7)
     st = collect_activation_stats(model, [x], target_modules=["0"], progress=False)["0"]
     cols = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
-    torch.testing.assert_close(st.gram, cols.T @ cols, rtol=1e-5, atol=1e-5)
+    assert_close(st.gram, cols.T @ cols)
     # the unfolded rows reproduce the conv: weight.reshape(out, -1) is the matrix the stats belong to
     y = (cols @ conv.weight.reshape(5, -1).T + conv.bias).reshape(2, 16, 5).transpose(1, 2).reshape(2, 5, 4, 4)
-    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    assert_close(y, conv(x))
 
 
 def test_conv1d_and_dict_batches():
@@ -54,7 +55,7 @@ def test_conv1d_and_dict_batches():
 
     x = torch.randn(4, 6)
     st = collect_activation_stats(Block(), [{"input_ids": x, "scale": 2.0}], progress=False)["c_fc"]
-    torch.testing.assert_close(st.gram, 4 * x.T @ x, rtol=1e-5, atol=1e-5)
+    assert_close(st.gram, 4 * x.T @ x)
 
 
 def test_merge_equals_one_pass_and_save_load_round_trip(tmp_path):
@@ -64,7 +65,7 @@ def test_merge_equals_one_pass_and_save_load_round_trip(tmp_path):
     merged = collect_activation_stats(model, batches[:2], progress=False).merge(
         collect_activation_stats(model, batches[2:], progress=False))
     for name in whole:
-        torch.testing.assert_close(merged[name].gram, whole[name].gram)
+        assert_close(merged[name].gram, whole[name].gram)
         assert merged[name].count == whole[name].count
     whole.save(tmp_path / "stats.safetensors")
     back = ActivationStats.load(tmp_path / "stats.safetensors")

@@ -25,6 +25,7 @@ from compress import (
 )
 from compress.calibration import accumulate_stats
 from compress.surgery import dense_weight
+from tolerance import assert_close
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -69,7 +70,7 @@ def test_peft_adapter_reproduces_in_memory_outputs_without_our_packages(tmp_path
 
     with torch.no_grad():
         peft_model = PeftModel.from_pretrained(copy.deepcopy(quant), tmp_path / "adapter")
-        torch.testing.assert_close(peft_model(ids).logits, compensated, rtol=1e-6, atol=1e-6)
+        assert_close(peft_model(ids).logits, compensated)
 
     # a fresh interpreter with only transformers + peft loads the same thing
     quant.save_pretrained(tmp_path / "base")
@@ -86,8 +87,7 @@ def test_peft_adapter_reproduces_in_memory_outputs_without_our_packages(tmp_path
         assert not any(m.split('.')[0] in ('compress', 'tensornets', 'adapters') for m in sys.modules)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), compensated,
-                               rtol=1e-5, atol=1e-5)
+    assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), compensated)
 
 
 def test_eora_beats_plain_svd_and_asvd_on_held_out_model_outputs():
@@ -128,13 +128,13 @@ def test_sequential_statistics_come_from_the_compensated_model():
     plain = eora_compensate(model, quant, stats, rank=4, progress=False)
     # first layer: both see the same (uncompressed) inputs
     for a, b in zip(seq.factors["0"], plain.factors["0"]):
-        torch.testing.assert_close(a, b)
+        assert_close(a, b)
     # second layer: statistics of the quantized model with layer 0 compensated
     partial = EoraAdapter({"0": seq.factors["0"]}, {"0": "linear"}, 4, "eora", []).apply(quant)
     st = accumulate_stats(partial, {"2": partial[2]}, calib, progress=False)["2"]
     delta = (dense_weight(model[2]) - dense_weight(quant[2])).double()
     B, A = eora_factors(delta, st, 4)
-    torch.testing.assert_close(seq.factors["2"][0] @ seq.factors["2"][1], (B @ A).float(), rtol=1e-4, atol=1e-5)
+    assert_close(seq.factors["2"][0] @ seq.factors["2"][1], (B @ A).float())
     assert not torch.allclose(seq.factors["2"][0] @ seq.factors["2"][1], plain.factors["2"][0] @ plain.factors["2"][1])
     with pytest.raises(ValueError, match="pass a list, not an iterator"):
         eora_compensate(model, quant, rank=4, sequential=True, calib_batches=iter(calib))
@@ -157,7 +157,7 @@ def test_residual_of_low_rank_compression_merges_exactly():
         merged = eora.merge(small)
         assert isinstance(merged[0], tensornets.FactorizedLinear)
         assert merged[0].factorization.ranks[0] == small[0].factorization.ranks[0] + 3
-        torch.testing.assert_close(merged(x), eora.apply(small)(x), rtol=1e-4, atol=1e-5)
+        assert_close(merged(x), eora.apply(small)(x))
     with pytest.raises(ValueError, match="PEFT LoRA wraps dense"):
         eora.save_pretrained("unused")
     mpo = compress_model(model, CompressionConfig(method="mpo", keep=0.5), stats, progress=False).model
@@ -171,7 +171,7 @@ def test_dense_merge_equals_side_branch():
     quant = compress_model(model, CompressionConfig(method="magnitude", sparsity=0.5), stats, progress=False).model
     eora = eora_compensate(model, quant, stats, rank=4, progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(eora.merge(quant)(held_out[0]), eora.apply(quant)(held_out[0]), rtol=1e-4, atol=1e-5)
+        assert_close(eora.merge(quant)(held_out[0]), eora.apply(quant)(held_out[0]))
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
@@ -193,7 +193,7 @@ def test_conv_layers_export_to_peft(tmp_path, kind):
     with torch.no_grad():
         want = eora.apply(quant)(batches[0])
         got = PeftModel.from_pretrained(copy.deepcopy(quant), tmp_path / "a")(batches[0])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(got, want)
         assert torch.linalg.norm(want - model(batches[0])) < torch.linalg.norm(quant(batches[0]) - model(batches[0]))
 
 

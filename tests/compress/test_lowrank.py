@@ -7,6 +7,7 @@ from compress.calibration import LayerStats
 from compress.eora import eora_factors
 from compress.lowrank import lowrank_factors, rank_for_energy, rank_for_keep, relative_output_error
 from compress.sources import rtn_quantize
+from tolerance import assert_close
 
 
 def stats_of(X: torch.Tensor) -> LayerStats:
@@ -47,7 +48,7 @@ def test_eora_equals_brute_force_dense_optimum(rank, seed):
     obj_best = torch.linalg.norm((delta - best) @ X.T)
     # X holds float32 sums: the optimum is reached to float32 accuracy
     assert abs(float(obj - obj_best)) <= 1e-5 * float(obj_best)
-    torch.testing.assert_close(B @ A, best, rtol=1e-4, atol=1e-4 * float(best.abs().max()))
+    assert_close(B @ A, best, tol=1e-4)
 
 
 def test_eora_beats_svd_and_asvd_on_held_out_inputs():
@@ -105,7 +106,8 @@ def test_ridge_interpolates_towards_plain_svd():
     st = stats_of(X)
     B0, A0 = eora_factors(delta, st, 3, method="svd")
     Bh, Ah = eora_factors(delta, st, 3, ridge=1e6)
-    torch.testing.assert_close(Bh @ Ah, B0 @ A0, rtol=0, atol=1e-3 * float(delta.abs().max()))
+    # a huge ridge whitens nothing: plain SVD up to O(1/ridge), relative to ||delta||
+    assert_close(Bh @ Ah, B0 @ A0, tol=1e-3, floor=float(delta.abs().max()))
 
 
 def test_whitened_svd_of_a_weight_minimizes_calibration_output_error():

@@ -18,6 +18,7 @@ from compress import (
     save_compressed,
 )
 from compress.surgery import dense_weight
+from tolerance import assert_close
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -147,7 +148,7 @@ def test_conv1d_and_conv2d_layers():
     stats = collect_activation_stats(gpt_style, batches, progress=False)
     rep = compress_model(gpt_style, CompressionConfig(method="whitened_svd", rank=16), stats, progress=False)
     # full rank of the 24x16 weight: the factorization is exact
-    torch.testing.assert_close(rep.model(batches[0]), gpt_style(batches[0]), rtol=1e-4, atol=1e-4)
+    assert_close(rep.model(batches[0]), gpt_style(batches[0]))
 
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)).eval()
     images = [torch.randn(2, 3, 10, 10) for _ in range(3)]
@@ -159,7 +160,7 @@ def test_conv1d_and_conv2d_layers():
         assert rep.model(images[0]).shape == cnn(images[0]).shape
     full = compress_model(cnn, CompressionConfig(method="whitened_svd", rank=6, target_modules=["2"]), stats,
                           progress=False)
-    torch.testing.assert_close(full.model(images[0]), cnn(images[0]), rtol=1e-4, atol=1e-4)
+    assert_close(full.model(images[0]), cnn(images[0]))
     with pytest.raises(ValueError, match="Conv2d: method='mpo' applies to linear layers"):
         compress_model(cnn, CompressionConfig(method="mpo", keep=0.5, target_modules=["2"]), stats, progress=False)
 

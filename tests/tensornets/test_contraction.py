@@ -11,6 +11,7 @@ import torch
 import tensornets
 from tensornets.contraction import batch_bucket, clear_plan_cache, plan_cache_info, plan_contraction
 from format_cases import IN, OUT, low_rank_plus_noise
+from tolerance import assert_close
 
 
 def _fresh_mpo(rank: int = 4, size: int = 256, num_cores: int = 4):
@@ -43,7 +44,7 @@ def test_forward_never_searches_a_path(monkeypatch, format_case):
 
     monkeypatch.setattr(opt_einsum, "contract_path", no_search)
     monkeypatch.setattr(torch.backends.opt_einsum, "enabled", False)  # torch.einsum would otherwise search
-    torch.testing.assert_close(fact(x), expected)
+    assert_close(fact(x), expected)
     fact(x[:4] if batch_bucket(4) == batch_bucket(5) else x).sum().backward()  # backward searches nothing either
 
 
@@ -80,7 +81,7 @@ def test_switching_batch_size_picks_the_cheaper_strategy(monkeypatch):
     assert calls == {"dense": 1, "contract": 0}
     y_small = fact(x[:1])
     assert calls == {"dense": 1, "contract": 1}
-    torch.testing.assert_close(y_small, y_large[:1], rtol=1e-4, atol=1e-4)
+    assert_close(y_small, y_large[:1])
 
 
 def test_mpo_strategy_follows_the_measured_order():
@@ -110,7 +111,7 @@ def test_mpo_split_at_every_bond_equals_dense_and_gradcheck(modes):
     expected = x @ fact.to_dense().T
     for m in range(1, len(out_modes)):
         plan = fact._split_plan(m, 8)  # a plan made for the bucket runs any batch up to it
-        torch.testing.assert_close(fact._contract(x, plan), expected)
+        assert_close(fact._contract(x, plan), expected)
         params = tuple(fact.parameters())
         assert torch.autograd.gradcheck(lambda x, *p: fact._contract(x, plan), (x, *params), eps=1e-6, atol=1e-5)
 
@@ -122,7 +123,7 @@ def test_plan_flops_match_opt_einsum():
     # path (ab,bc)->ac then (ac,cd)->ad: reads 128 + 64, writes 32; reads 32 + 128, writes 256
     assert plan.path == (0, 1, 0, 1) and plan.traffic == 640
     a, b, c = torch.randn(8, 16), torch.randn(16, 4), torch.randn(4, 32)
-    torch.testing.assert_close(plan(a, b, c), a @ b @ c)
+    assert_close(plan(a, b, c), a @ b @ c)
 
 
 @pytest.mark.parametrize("batch", [1, 512])
@@ -151,7 +152,7 @@ def test_tt_rebuild_at_every_bond_equals_the_einsum_over_all_cores(modes, ranks)
     costs = {}
     for split in range(1, len(ranks) + 1):
         tt._rebuild_splits["cpu"] = split
-        torch.testing.assert_close(tt._dense(), expected)
+        assert_close(tt._dense(), expected)
         costs[split] = tt._rebuild_cost()
     weight = tensornets.formats.base.traffic_weight("cpu")
     assert chosen == min(costs, key=lambda s: costs[s][0] + weight * costs[s][1])

@@ -10,6 +10,7 @@ import torch
 import tensornets
 from tensornets.formats.base import budget_limit, traffic_weight
 from format_cases import CASE_IDS, FORMAT_CASES, IN, OUT, full_rank, low_rank_plus_noise
+from tolerance import assert_close
 
 
 def test_registry_lists_every_format_and_alias():
@@ -23,7 +24,7 @@ def test_full_rank_round_trip_is_exact(format_case):
     fmt, kw = format_case
     W = low_rank_plus_noise(OUT, IN, 6, 0.5)
     fact = tensornets.decompose(W, fmt, rank=full_rank(fmt, kw), **kw)
-    torch.testing.assert_close(fact.to_dense(), W, rtol=0, atol=1e-10)
+    assert_close(fact.to_dense(), W)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -35,9 +36,9 @@ def test_forward_equals_dense_matmul(format_case, dtype, batch):
     x = torch.randn(batch, IN, dtype=dtype)
     expected = x @ fact.to_dense().T
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(fact(x), expected, rtol=tol, atol=tol)
+    assert_close(fact(x), expected)
     # leading dimensions are kept, as in nn.Linear
-    torch.testing.assert_close(fact(x.reshape(batch, 1, IN)), expected.reshape(batch, 1, OUT), rtol=tol, atol=tol)
+    assert_close(fact(x.reshape(batch, 1, IN)), expected.reshape(batch, 1, OUT))
 
 
 def test_both_strategies_agree_and_gradcheck(format_case):
@@ -47,7 +48,7 @@ def test_both_strategies_agree_and_gradcheck(format_case):
     x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
     contracted = fact._contract(x, None)
     rebuilt = x @ fact._dense().T
-    torch.testing.assert_close(contracted, rebuilt)
+    assert_close(contracted, rebuilt)
     params = tuple(fact.parameters())
     assert torch.autograd.gradcheck(lambda x, *p: fact(x), (x, *params), eps=1e-6, atol=1e-5)
 
@@ -62,7 +63,7 @@ def test_gradients_match_dense_autograd(format_case):
     dense_loss = ((x @ fact.to_dense().T - target) ** 2).sum()
     dense_grads = torch.autograd.grad(dense_loss, list(fact.parameters()))
     for g, d in zip(grads, dense_grads):
-        torch.testing.assert_close(g, d)
+        assert_close(g, d)
 
 
 def test_error_decreases_monotonically_with_rank(format_case):
@@ -125,9 +126,9 @@ def test_padding_handles_prime_sizes():
     fact = tensornets.decompose(W, "mpo", rank=10**3 // 100, num_cores=2, pad=True)
     assert fact.padded_in > 61 and fact.padded_out > 53
     x = torch.randn(3, 61, dtype=torch.float64)
-    torch.testing.assert_close(fact(x), x @ fact.to_dense().T)
+    assert_close(fact(x), x @ fact.to_dense().T)
     full = tensornets.decompose(W, "mpo", rank=max(tensornets.MPO.full_ranks(fact.in_modes, fact.out_modes)), num_cores=2, pad=True)
-    torch.testing.assert_close(full.to_dense(), W)
+    assert_close(full.to_dense(), W)
 
 
 def test_explicit_modes():

@@ -9,6 +9,7 @@ from torch import nn
 import tensornets
 from tensornets import FactorizedConv2d, FactorizedLinear
 from format_cases import IN, OUT, full_rank
+from tolerance import assert_close
 
 
 def test_from_linear_full_rank_matches_the_linear(format_case):
@@ -17,10 +18,10 @@ def test_from_linear_full_rank_matches_the_linear(format_case):
     linear = nn.Linear(IN, OUT).double()
     layer = FactorizedLinear.from_linear(linear, fmt, rank=full_rank(fmt, kw), **kw)
     x = torch.randn(7, 3, IN, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), linear(x))
+    assert_close(layer(x), linear(x))
     back = layer.to_linear()
-    torch.testing.assert_close(back.weight, linear.weight)
-    torch.testing.assert_close(back.bias, linear.bias)
+    assert_close(back.weight, linear.weight)
+    assert_close(back.bias, linear.bias)
     assert layer.num_parameters == sum(p.numel() for p in layer.parameters())
 
 
@@ -55,8 +56,8 @@ def test_conv_full_rank_equals_the_conv(fmt, geometry):
     full = (10, 6) if fmt == "tucker" else 10
     layer = FactorizedConv2d.from_conv(conv, fmt, rank=full)
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), conv(x))
-    torch.testing.assert_close(layer.to_conv().weight, conv.weight)
+    assert_close(layer(x), conv(x))
+    assert_close(layer.to_conv().weight, conv.weight)
 
 
 @pytest.mark.parametrize("fmt, rank", [("tucker", (4, 3)), ("lowrank", 4)])
@@ -65,7 +66,7 @@ def test_truncated_conv_forward_equals_its_dense_kernel(fmt, rank):
     conv = nn.Conv2d(6, 10, 3, padding=1).double()
     layer = FactorizedConv2d.from_conv(conv, fmt, rank=rank)
     x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), layer.to_conv()(x))
+    assert_close(layer(x), layer.to_conv()(x))
     kernel_params = sum(p.numel() for n, p in layer.named_parameters() if n != "bias")
     assert layer.num_parameters - 10 == kernel_params
 
