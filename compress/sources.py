@@ -1,85 +1,157 @@
 """Compressors whose error EoRA compensates: round-to-nearest quantization and magnitude pruning.
 
 All act on one weight matrix ``W: (out, in)`` (``in`` = the reduction axis: ``in_features``, or
-``in_channels · kh · kw`` for a convolution) and return a dense matrix of the same shape and dtype: quantization is
-*fake* (quantize then dequantize), pruning writes zeros. The compression error ``ΔW = W − W_c`` is what
-:func:`compress.eora.eora_compensate` approximates with a low-rank residual.
+``in_channels · kh · kw`` for a convolution). Quantizers return a :class:`~compress.quantized.QuantizedWeight`
+(integer codes, per-group scales and zero points, what exporters pack) and a dense form of it (fake quantization);
+pruning writes zeros. The compression error ``ΔW = W − W_c`` is what :func:`compress.eora.eora_compensate`
+approximates with a low-rank residual.
+
+The quantization grid is the one of compressed-tensors (llm-compressor's writer) and of GPTQ's reference
+quantizer, shared by RTN, GPTQ and SparseGPT (:func:`quantization_grid`): per group, with ``[lo, hi]`` the range of
+its weights **widened to contain 0** (so 0 is exactly representable and the zero point fits the code range),
+
+- asymmetric: ``s = (hi − lo) / (2^b − 1)``, ``z = round(−2^{b−1} − lo / s)``;
+- symmetric: ``s = max(|lo|, |hi|) / ((2^b − 1) / 2)``, ``z = 0`` (all ``2^b`` codes used; the largest positive
+  weight clips to ``(2^{b−1} − 1) s``);
+
+codes ``q = clamp(round(w / s) + z, −2^{b−1}, 2^{b−1} − 1)`` and ``ŵ = s (q − z)``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from compress.quantized import QuantizedWeight
 
-def _rtn_groups(W: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Fake-quantize each row of ``W: (rows, g)`` as one group (float32 math)."""
-    levels = 2**bits - 1
+
+def check_bits(bits: int) -> None:
+    """Raise ``ValueError`` unless ``bits`` is an int in ``[2, 8]`` (the codes are int8)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits!r} must be an int in [2, 8] (codes are stored as int8); pass e.g. bits=4")
+
+
+def resolve_group_size(group_size: int | None, in_features: int, name: str = "") -> int:
+    """Columns per group for a weight with ``in_features`` columns.
+
+    ``None`` (or any ``group_size >= in_features``) is one group per row (per-channel); otherwise ``group_size``
+    must divide ``in_features``, since packed formats (compressed-tensors) store whole groups only.
+    """
+    if isinstance(group_size, bool) or not (group_size is None or isinstance(group_size, int)) or (
+            group_size is not None and group_size < 1):
+        raise ValueError(f"group_size={group_size!r} must be a positive int or None (one group per row)")
+    if group_size is None or group_size >= in_features:
+        return in_features
+    if in_features % group_size:
+        divisors = [d for d in range(min(group_size, in_features), 0, -1) if in_features % d == 0][:3]
+        layer = f" of layer {name!r}" if name else ""
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features}{layer}: packed formats store whole "
+            f"groups only; pass a divisor (e.g. {divisors}) or group_size=None (one group per row)"
+        )
+    return group_size
+
+
+def quantization_grid(
+    W: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each row of ``W: (rows, g)``, the row being one group (see the module docstring).
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        ``(rows, g)`` floating point; the grid is computed in its dtype.
+    bits : int
+        Bits per code, 2..8.
+    symmetric : bool
+        Symmetric grid (``z = 0``).
+    scale_dtype : torch.dtype
+        The scale is rounded to this dtype (the one it is stored in) before the zero point and the codes are
+        derived from it, so that storing it re-rounds nothing.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        ``scale (rows,)`` ``> 0`` and ``zero (rows,)`` integer-valued, both in ``W``'s dtype. An all-zero row gets
+        scale 1 (any positive scale represents it exactly).
+    """
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo = W.amin(1).clamp(max=0)
+    hi = W.amax(1).clamp(min=0)
+    scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2) if symmetric else (hi - lo) / (qmax - qmin)
+    scale = scale.to(scale_dtype).to(W.dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if symmetric:
-        # levels 2^{b-1} - 1 on either side of 0, as GPTQ's symmetric quantizer (one code left unused)
-        qmax = 2 ** (bits - 1) - 1
-        scale = W.abs().amax(1, keepdim=True) / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        deq = torch.clamp(torch.round(W / safe), -qmax - 1, qmax) * safe
-    else:
-        lo = W.amin(1, keepdim=True)
-        hi = W.amax(1, keepdim=True)
-        scale = (hi - lo) / levels
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / safe)
-        deq = (torch.clamp(torch.round(W / safe) + zero, 0, levels) - zero) * safe
-    # a constant group is represented exactly (zero range): keep it
-    return torch.where(scale > 0, deq, W)
+        return scale, torch.zeros_like(scale)
+    return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
 
 
-def rtn_quantize(W: torch.Tensor, bits: int = 4, group_size: int | None = 128, *, symmetric: bool = False) -> torch.Tensor:
-    """Group-wise round-to-nearest fake quantization.
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer-valued codes ``clamp(round(w / s) + z, −2^{b−1}, 2^{b−1} − 1)`` (broadcasting, ``w``'s dtype)."""
+    return torch.clamp(torch.round(w / scale) + zero, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def rtn_quantize_weight(
+    W: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    *,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """Group-wise round-to-nearest quantization to integer codes.
 
     Each row of ``W`` is cut along ``in`` into groups of ``group_size`` consecutive weights; each group gets its
-    own scale ``s`` (and zero point ``z`` when asymmetric):
-
-    .. math::
-
-        s = \\frac{\\max w - \\min w}{2^b - 1}, \\quad z = \\operatorname{round}(-\\min w / s), \\quad
-        \\hat w = s \\, (\\operatorname{clamp}(\\operatorname{round}(w / s) + z, 0, 2^b - 1) - z).
+    own scale ``s`` and zero point ``z`` (:func:`quantization_grid`) and every weight its nearest code
+    ``q = clamp(round(w / s) + z)``, so ``Ŵ = s (q − z)``. Computed in float32.
 
     Parameters
     ----------
     W : torch.Tensor
         ``(out, in)`` weight.
     bits : int
-        Bits per weight, 1..16.
+        Bits per weight, 2..8.
     group_size : int or None
-        Weights per group along ``in``; ``None`` = one group per row (per-channel). When ``in`` is not a multiple
-        of ``group_size`` the **last group of each row is shorter** (``in mod group_size`` weights) and gets its
-        own scale, as if stored with a ragged tail (e.g. SmolLM2's 576 with groups of 128: four groups of 128 and
-        one of 64). Packed kernels that need whole groups should use a divisor (64 for 576).
+        Weights per group along ``in``; must divide ``in``. ``None`` or ``>= in``: one group per row
+        (per-channel).
     symmetric : bool
-        Symmetric grid ``s = max|w| / (2^{b-1} − 1)`` without zero point.
+        Symmetric grid without zero point.
+    scale_dtype : torch.dtype
+        Dtype the scales are stored in (they are rounded to it before the codes are chosen).
+
+    Returns
+    -------
+    QuantizedWeight
+        Codes ``(out, in)`` int8, scales and zero points ``(out, in // group_size)``.
+    """
+    check_bits(bits)
+    if W.dim() != 2:
+        raise ValueError(f"W must be a (out, in) matrix, got shape {tuple(W.shape)}")
+    out_f, in_f = W.shape
+    g = resolve_group_size(group_size, in_f)
+    groups = W.float().reshape(-1, g)
+    scale, zero = quantization_grid(groups, bits, symmetric, scale_dtype)
+    codes = quantize_to_grid(groups, scale[:, None], zero[:, None], bits)
+    return QuantizedWeight(
+        codes=codes.reshape(out_f, in_f).to(torch.int8), scale=scale.reshape(out_f, -1).to(scale_dtype),
+        zero_point=zero.reshape(out_f, -1).to(torch.int8), bits=bits, group_size=g, symmetric=symmetric,
+    )
+
+
+def rtn_quantize(W: torch.Tensor, bits: int = 4, group_size: int | None = 128, *, symmetric: bool = False) -> torch.Tensor:
+    """Group-wise round-to-nearest fake quantization: :func:`rtn_quantize_weight` dequantized.
+
+    .. math::
+
+        \\hat W[o, j] = s\\,(\\operatorname{clamp}(\\operatorname{round}(W[o, j] / s) + z) - z)
+
+    per group (grid: :func:`quantization_grid`). Arguments as :func:`rtn_quantize_weight`.
 
     Returns
     -------
     torch.Tensor
         The dequantized ``(out, in)`` weight, same dtype and device as ``W``.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits={bits!r} must be an int in [1, 16]")
-    if symmetric and bits < 2:
-        raise ValueError("symmetric RTN needs bits >= 2 (one bit is the sign); pass symmetric=False")
-    if W.dim() != 2:
-        raise ValueError(f"W must be a (out, in) matrix, got shape {tuple(W.shape)}")
-    out_f, in_f = W.shape
-    g = in_f if group_size is None else group_size
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-        raise ValueError(f"group_size={group_size!r} must be a positive int or None (per-channel)")
-    g = min(g, in_f)
-    Wf = W.float()
-    full = (in_f // g) * g
-    parts = []
-    if full:
-        parts.append(_rtn_groups(Wf[:, :full].reshape(-1, g), bits, symmetric).reshape(out_f, full))
-    if full < in_f:
-        parts.append(_rtn_groups(Wf[:, full:], bits, symmetric))
-    return torch.cat(parts, 1).to(W.dtype)
+    return rtn_quantize_weight(W, bits, group_size, symmetric=symmetric).dequantize(W.dtype)
 
 
 def prune_2_4(W: torch.Tensor) -> torch.Tensor:

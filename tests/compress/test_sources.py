@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.sources import prune_2_4, prune_magnitude, rtn_quantize
+from compress.sources import prune_2_4, prune_magnitude, rtn_quantize, rtn_quantize_weight
 from tolerance import assert_close
 
 
@@ -31,14 +31,30 @@ def test_rtn_error_shrinks_with_bits_and_group_size():
     assert err(bits=3, group_size=None) > err(bits=3, group_size=128) > err(bits=3, group_size=32)
 
 
-def test_rtn_ragged_last_group_gets_its_own_scale():
-    """576 = 4 * 128 + 64: the last 64 weights of each row form their own group."""
-    torch.manual_seed(0)
+def test_rtn_group_size_must_divide_the_input_width():
+    """576 = 4 * 128 + 64: packed formats store whole groups, so 128 is refused and named; >= in is per-row."""
     W = torch.randn(4, 576)
-    W[:, 512:] *= 100.0  # a separate scale is needed to keep the first groups accurate
-    Q = rtn_quantize(W, 3, 128)
-    assert_close(Q[:, :512], rtn_quantize(W[:, :512], 3, 128))
-    assert_close(Q[:, 512:], rtn_quantize(W[:, 512:], 3, None))
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide in_features=576.*\[96, 72, 64\]"):
+        rtn_quantize(W, 3, 128)
+    assert torch.equal(rtn_quantize(W, 3, 1024), rtn_quantize(W, 3, None))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_weight_is_the_reference_grid_and_dequantizes_to_rtn_quantize(bits, symmetric):
+    """Codes and zero points in the signed range, 0 inside every group's range (compressed-tensors' convention)."""
+    from obs_reference import grid
+
+    torch.manual_seed(0)
+    W = torch.randn(8, 96) + 0.8  # groups with positive minima: the grid must still contain 0
+    qw = rtn_quantize_weight(W, bits, 32, symmetric=symmetric)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert qw.codes.dtype == torch.int8 and qmin <= int(qw.codes.min()) and int(qw.codes.max()) <= qmax
+    assert qmin <= int(qw.zero_point.min()) and int(qw.zero_point.max()) <= qmax
+    scale, zero = grid(W.double().reshape(-1, 32), bits, symmetric)
+    assert_close(qw.scale.double().flatten(), scale, tol=1e-7)
+    assert torch.equal(qw.zero_point.double().flatten(), zero)
+    assert torch.equal(rtn_quantize(W, bits, 32, symmetric=symmetric), qw.dequantize())
 
 
 def test_rtn_keeps_constant_groups_exact_and_dtype():
@@ -47,7 +63,7 @@ def test_rtn_keeps_constant_groups_exact_and_dtype():
     assert Q.dtype == torch.bfloat16 and torch.equal(Q, W)
 
 
-@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=17), dict(bits=3, group_size=0), dict(bits=1, symmetric=True)])
+@pytest.mark.parametrize("bad", [dict(bits=1), dict(bits=9), dict(bits=3, group_size=0), dict(bits=1, symmetric=True)])
 def test_rtn_bad_arguments(bad):
     with pytest.raises(ValueError, match="bits|group_size|symmetric"):
         rtn_quantize(torch.randn(4, 8), **bad)

@@ -1,0 +1,99 @@
+"""GPTQ (Frantar et al. 2022): group-wise quantization with second-order error feedback.
+
+Columns of ``W: (out, in)`` are rounded one at a time to the grid of :func:`compress.sources.quantization_grid`;
+each rounding error is spread over the columns not yet rounded by the OBS update of :mod:`compress.obs`, which
+minimises the output error ``‖(W − Ŵ) X‖_F`` on the calibration inputs (``H = 2 Σ x xᵀ``, damped by
+``percdamp · mean(diag H)``, lazy updates in blocks of ``block_size`` columns).
+
+Group grids, the two conventions of the reference implementation:
+
+- ``act_order=False``: groups of ``group_size`` consecutive columns; a group's grid is computed when the sweep
+  reaches its first column, from the weights as updated by the columns before it (the reference's default).
+- ``act_order=True`` (``desc_act``): columns are swept in order of decreasing ``H_ii`` (the most active inputs
+  first), with **static groups**: every group's grid is computed up front from the original weights, groups being
+  consecutive *original* columns. The result is an ordinary group-wise :class:`~compress.quantized.QuantizedWeight`
+  with no ``g_idx``: what compressed-tensors stores as ``actorder="weight"`` (alias ``"static"``, llm-compressor's
+  default), readable by every kernel. The other convention (``actorder="group"``: groups of consecutive *swept*
+  columns, needing a ``g_idx`` permutation at inference) is not offered.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.obs import QuantGrid, inverse_hessian_factor, obs_sweep, prepare_hessian
+from compress.quantized import QuantizedWeight
+from compress.sources import check_bits, quantization_grid, resolve_group_size
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    *,
+    symmetric: bool = False,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """Quantize one layer with GPTQ.
+
+    Minimises, column by column, ``‖(W − Ŵ) X‖_F² = ½ tr((W − Ŵ) H (W − Ŵ)ᵀ)`` with ``H = 2 C``: after
+    rounding column ``j`` to ``ŵ_j = s (q_j − z)``, ``q_j = clamp(round(w_j / s) + z)``, the later columns absorb the
+    error, ``W[:, j:] −= (w_j − ŵ_j) / U_jj · U_{j, j:}`` (``U``: upper Cholesky factor of the damped ``H^{-1}``).
+    Computed in float64 on ``W``'s device.
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        ``(out, in)`` weight.
+    gram : torch.Tensor
+        ``(in, in)`` calibration second moment ``C = Σ_t x_t x_tᵀ`` of the layer's inputs (``LayerStats.gram``).
+        Inputs that were always zero (``C_ii = 0``) get a zero weight column.
+    bits : int
+        Bits per weight, 2..8.
+    group_size : int or None
+        Columns per group; must divide ``in``. ``None`` or ``>= in``: one group per row.
+    symmetric : bool
+        Symmetric grid (zero point 0).
+    act_order : bool
+        Sweep columns by decreasing ``H_ii`` with static groups (see the module docstring).
+    percdamp : float
+        Damping ``λ = percdamp · mean(diag H)`` added to the diagonal (reference: 0.01).
+    block_size : int
+        Columns per lazy-update block (reference: 128); does not change the result beyond rounding.
+    scale_dtype : torch.dtype
+        Dtype the scales are stored in (rounded to it before any code is chosen).
+
+    Returns
+    -------
+    QuantizedWeight
+        Codes ``(out, in)`` int8 in the original column order, scales and zero points ``(out, in // group_size)``.
+
+    Examples
+    --------
+    >>> qw = gptq_quantize(layer.weight, stats["model.layers.0.mlp.up_proj"].gram, bits=3, group_size=64)
+    >>> layer.weight.data = qw.dequantize(layer.weight.dtype)
+    """
+    check_bits(bits)
+    Wd, H = prepare_hessian(W, gram)
+    out_f, in_f = Wd.shape
+    g = resolve_group_size(group_size, in_f)
+    grid = QuantGrid(bits, g, symmetric, scale_dtype)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        scale, zero = quantization_grid(Wd.reshape(-1, g), bits, symmetric, scale_dtype)
+        grid.scale, grid.zero = scale.reshape(out_f, -1), zero.reshape(out_f, -1)
+        grid.group_of = perm // g
+        Wd, H = Wd[:, perm], H[perm][:, perm]
+    result = obs_sweep(Wd, inverse_hessian_factor(H, percdamp), grid=grid, block_size=block_size)
+    codes = result.codes
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantizedWeight(
+        codes=codes.to(torch.int8), scale=result.scale.to(scale_dtype), zero_point=result.zero.to(torch.int8),
+        bits=bits, group_size=g, symmetric=symmetric,
+    )

@@ -1,0 +1,203 @@
+"""The Optimal Brain Surgeon column sweep shared by GPTQ and SparseGPT.
+
+Both compress ``W: (out, in)`` one input column at a time, in a fixed order, minimising the layer's output error
+on the calibration inputs ``X``,
+
+.. math::
+
+    \\| (W - \\hat W) X \\|_F^2 = \\tfrac12 \\operatorname{tr}\\big((W - \\hat W) H (W - \\hat W)^\\top\\big),
+    \\qquad H = 2 C = 2 \\sum_t x_t x_t^\\top,
+
+and after fixing column ``j`` to ``ŵ_j`` (rounded to a grid and / or set to zero) move every later column by the
+OBS update ``W[:, j:] -= (w_j − ŵ_j) / [H_j^{-1}]_{jj} · [H_j^{-1}]_{j, j:}``, ``H_j^{-1}`` being the inverse
+Hessian of the columns not yet fixed. Those rows are the rows of the upper Cholesky factor ``U`` of
+``(H + λ I)^{-1}`` (Frantar et al. 2022, GPTQ, "Cholesky reformulation"): ``[H_j^{-1}]_{j, j:} / [H_j^{-1}]_{jj}
+= U_{j, j:} / U_{jj}``, so one factorization serves all columns. Updates inside a block of ``block_size`` columns
+are applied eagerly and to the rest of the matrix once per block ("lazy batch updates"): the result is the same as
+the column-by-column sweep up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compress.sources import quantization_grid, quantize_to_grid
+
+
+def prepare_hessian(W: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, H)`` in float64 with ``H = 2 C`` and dead inputs handled as GPTQ's reference does.
+
+    An input channel that was exactly zero on all calibration tokens (``H_ii = 0``) carries no information: its
+    weight column is set to zero (it never contributed to the outputs) and ``H_ii`` to 1 so ``H`` stays invertible.
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        ``(out, in)`` weight (copied).
+    gram : torch.Tensor
+        ``(in, in)`` calibration second moment ``C = Σ_t x_t x_tᵀ`` (:class:`compress.calibration.LayerStats`).
+    """
+    if W.dim() != 2 or tuple(gram.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(
+            f"gram of shape {tuple(gram.shape)} does not match W of shape {tuple(W.shape)}: it must be (in, in) = "
+            f"({W.shape[-1]}, {W.shape[-1]}), the statistics of this layer's inputs"
+        )
+    if not torch.isfinite(gram).all():
+        raise ValueError("gram contains NaN or inf; recollect the calibration statistics (float32 model inputs)")
+    W = W.detach().to(torch.float64).clone()
+    H = 2 * gram.detach().to(W.device, torch.float64)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` (``Uᵀ U = (H + λ I)^{-1}``) with damping ``λ = percdamp · mean(diag H)``, float64.
+
+    Raises ``ValueError`` naming ``percdamp`` when the damped ``H`` is not positive definite.
+    """
+    if not percdamp >= 0.0:
+        raise ValueError(f"percdamp={percdamp} must be >= 0 (fraction of mean(diag H) added to the diagonal, e.g. 0.01)")
+    H = H.to(torch.float64).clone()
+    H.diagonal().add_(percdamp * torch.diagonal(H).mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise ValueError(
+            f"the damped Hessian is not positive definite (percdamp={percdamp}); raise percdamp (e.g. 0.1) or "
+            "collect more calibration tokens"
+        )
+    return U
+
+
+@dataclass
+class QuantGrid:
+    """How the sweep rounds each column: ``bits``-bit codes on per-(row, group) grids.
+
+    ``static`` grids are given up front as ``scale, zero: (out, n_groups)`` with ``group_of[j]`` the group of the
+    ``j``-th swept column (GPTQ with act-order: groups of the original columns, computed from the original
+    weights). Otherwise the grid of a group is computed when the sweep reaches its first column, from the group's
+    columns as updated so far (GPTQ's reference), groups being ``group_size`` consecutive swept columns.
+    """
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    scale_dtype: torch.dtype = torch.float32
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    group_of: torch.Tensor | None = None
+
+    @property
+    def static(self) -> bool:
+        return self.scale is not None
+
+
+@dataclass
+class SweepResult:
+    """``weight``: ``(out, in)`` float64 result in swept order; ``codes`` (integer-valued float64) and the grids
+    ``scale, zero: (out, n_groups)`` when quantizing; ``pruned``: ``(out, in)`` bool, True where set to zero."""
+
+    weight: torch.Tensor
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    pruned: torch.Tensor
+
+
+#: chooses the pruned entries of a block ``W1: (out, b)`` given the squared OBS denominators ``d2: (b,)``
+BlockMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def obs_sweep(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    *,
+    grid: QuantGrid | None = None,
+    block_mask: BlockMask | None = None,
+    n_of_m: tuple[int, int] | None = None,
+    block_size: int = 128,
+) -> SweepResult:
+    """Fix the columns of ``W`` left to right with OBS error feedback (see the module docstring).
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        ``(out, in)`` float64, columns already in sweep order (e.g. permuted by act-order).
+    U : torch.Tensor
+        ``(in, in)`` upper Cholesky factor of the damped inverse Hessian, same order (:func:`inverse_hessian_factor`).
+    grid : QuantGrid, optional
+        Round the kept weights to this grid.
+    block_mask : callable, optional
+        Unstructured pruning: at the start of each block, ``block_mask(W1, d2)`` returns the ``(out, b)`` bool mask
+        of entries to prune, from the block's current weights ``W1`` and ``d2 = diag(U)²`` of its columns
+        (SparseGPT's adaptive mask selection scores ``w² / d²``).
+    n_of_m : (n, m), optional
+        Semi-structured pruning: at every ``m``-th column, prune the ``n`` entries of each row with the lowest
+        ``w² / d²`` among the next ``m`` columns (``(2, 4)`` is 2:4).
+    block_size : int
+        Columns per lazy-update block.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1 (128 is the reference)")
+    out_f, n = W.shape
+    W = W.clone()
+    d2_all = torch.diagonal(U).square()
+    pruned = torch.zeros(out_f, n, dtype=torch.bool, device=W.device)
+    codes = torch.zeros_like(W) if grid is not None else None
+    scale = zero = None
+    if grid is not None:
+        if grid.static:
+            scale, zero = grid.scale, grid.zero
+        else:
+            groups = n // grid.group_size
+            scale, zero = W.new_ones(out_f, groups), W.new_zeros(out_f, groups)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        mask1 = block_mask(W1, d2_all[i1:i2]) if block_mask is not None else torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if n_of_m is not None and i % n_of_m[1] == 0:
+                score = W1[:, i:i + n_of_m[1]].square() / d2_all[j:j + n_of_m[1]]
+                drop = torch.topk(score, n_of_m[0], dim=1, largest=False).indices
+                mask1[:, i:i + n_of_m[1]].scatter_(1, drop, True)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            if grid is not None:
+                if grid.static:
+                    g = int(grid.group_of[j])
+                else:
+                    g = j // grid.group_size
+                    if j % grid.group_size == 0:
+                        scale[:, g], zero[:, g] = quantization_grid(
+                            _current_columns(W, W1, Err1, U, i1, i, j + grid.group_size), grid.bits, grid.symmetric,
+                            grid.scale_dtype)
+                c = quantize_to_grid(q, scale[:, g], zero[:, g], grid.bits)
+                codes[:, j] = c
+                q = scale[:, g] * (c - zero[:, g])
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return SweepResult(W, codes, scale, zero, pruned)
+
+
+def _current_columns(W, W1, Err1, U, i1: int, i: int, stop: int) -> torch.Tensor:
+    """Columns ``i1 + i .. stop`` as updated by every column fixed so far, including this block's pending updates."""
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i:min(stop, i2) - i1]
+    if stop <= i2:
+        return inside
+    beyond = W[:, i2:stop] - Err1[:, :i] @ U[i1:i1 + i, i2:stop]
+    return torch.cat([inside, beyond], 1)

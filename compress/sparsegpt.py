@@ -1,0 +1,142 @@
+"""SparseGPT (Frantar & Alistarh 2023): one-shot pruning with second-order error feedback, optionally quantized.
+
+The same OBS column sweep as GPTQ (:mod:`compress.obs`): columns of ``W: (out, in)`` are fixed left to right, and
+the error of each (the pruned weights, and the rounding of the kept ones when quantizing) is spread over the
+columns not yet fixed. Which weights to prune is decided on the fly, by the OBS saliency ``w² / [H^{-1}]_jj``
+(``= w² / U_jj²``) of the weights *as updated so far*:
+
+- unstructured (``pattern="unstructured"``): at the start of each block of ``block_size`` columns, the
+  ``round(sparsity · out · block_size)`` entries of the block with the lowest saliency, over all rows of the block
+  at once (the reference's "adaptive mask selection");
+- ``N:M`` (``pattern="2:4"``): at every ``M``-th column, the ``M − N`` entries of each row with the lowest saliency
+  among the next ``M`` columns, so every row keeps ``N`` of every ``M`` consecutive weights.
+
+With ``bits`` set, kept weights are also rounded to the grid of :func:`compress.sources.quantization_grid` (grids
+as GPTQ's without act-order: a group's grid is computed when the sweep reaches it); pruned weights are exact zeros
+(0 is always on the grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.obs import QuantGrid, inverse_hessian_factor, obs_sweep, prepare_hessian
+from compress.quantized import QuantizedWeight
+from compress.sources import check_bits, resolve_group_size
+
+
+@dataclass(frozen=True)
+class SparseWeight:
+    """Result of :func:`sparsegpt_prune`.
+
+    Attributes:
+        weight: ``(out, in)`` dense weight in the input's dtype, exactly zero where pruned.
+        mask: ``(out, in)`` bool, True where the weight is kept.
+        quantized: the kept weights' codes when ``bits`` was given (pruned entries hold the zero point's code).
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    quantized: QuantizedWeight | None
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> ``None``; ``"N:M"`` (keep ``N`` of every ``M``, ``0 < N < M``) -> ``(N, M)``."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(p) for p in pattern.split(":"))
+    except (AttributeError, ValueError):
+        n = m = 0
+    if not 0 < n < m:
+        raise ValueError(f"pattern={pattern!r} must be 'unstructured' or 'N:M' with 0 < N < M (keep N of every M), "
+                         "e.g. '2:4'")
+    return n, m
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float | None = None,
+    *,
+    pattern: str = "unstructured",
+    bits: int | None = None,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+) -> SparseWeight:
+    """Prune (and optionally quantize) one layer with SparseGPT.
+
+    Minimises ``‖(W − Ŵ) X‖_F² = ½ tr((W − Ŵ) H (W − Ŵ)ᵀ)``, ``H = 2 C``, under the sparsity pattern: column
+    ``j``'s pruned (and rounded) entries give the error ``e = w_j − ŵ_j``, and ``W[:, j:] −= e / U_jj · U_{j, j:}``
+    (``U``: upper Cholesky factor of the damped ``H^{-1}``). Masks are chosen as in the module docstring. Float64.
+
+    Parameters
+    ----------
+    W : torch.Tensor
+        ``(out, in)`` weight.
+    gram : torch.Tensor
+        ``(in, in)`` calibration second moment ``C = Σ_t x_t x_tᵀ`` (``LayerStats.gram``).
+    sparsity : float, optional
+        Unstructured: fraction of weights pruned, in ``[0, 1)`` (default 0.5). An ``N:M`` pattern fixes it to
+        ``1 − N/M``; passing another value raises.
+    pattern : str
+        ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``; ``in`` and ``block_size`` must be multiples of ``M``).
+    bits : int, optional
+        Also quantize the kept weights to ``bits`` (2..8); ``None`` keeps them in full precision.
+    group_size, symmetric, scale_dtype
+        Quantization grid, as :func:`compress.gptq.gptq_quantize` (``group_size`` must divide ``in``).
+    percdamp : float
+        Damping ``λ = percdamp · mean(diag H)`` (reference: 0.01).
+    block_size : int
+        Columns per block: the unit of unstructured mask selection and of lazy updates (reference: 128).
+
+    Returns
+    -------
+    SparseWeight
+        Dense pruned weight, keep-mask and (with ``bits``) the :class:`~compress.quantized.QuantizedWeight`.
+    """
+    n_of_m = parse_pattern(pattern)
+    if n_of_m is None:
+        sparsity = 0.5 if sparsity is None else sparsity
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity={sparsity} must be in [0, 1): the fraction of weights set to zero")
+    else:
+        n, m = n_of_m
+        if sparsity is not None and abs(sparsity - (1 - n / m)) > 1e-12:
+            raise ValueError(f"sparsity={sparsity} contradicts pattern={pattern!r} (which prunes {1 - n / m:g}); "
+                             "pass one of them")
+        if W.shape[-1] % m or block_size % m:
+            raise ValueError(f"pattern={pattern!r} needs in_features ({W.shape[-1]}) and block_size ({block_size}) "
+                             f"to be multiples of {m}; exclude this layer or use pattern='unstructured'")
+    grid = None
+    if bits is not None:
+        check_bits(bits)
+        grid = QuantGrid(bits, resolve_group_size(group_size, W.shape[-1]), symmetric, scale_dtype)
+    Wd, H = prepare_hessian(W, gram)
+
+    def block_mask(W1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        score = (W1.square() / d2).flatten()
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        mask[torch.argsort(score, stable=True)[:round(sparsity * score.numel())]] = True
+        return mask.reshape(W1.shape)
+
+    result = obs_sweep(
+        Wd, inverse_hessian_factor(H, percdamp), grid=grid, block_size=block_size,
+        block_mask=block_mask if n_of_m is None else None,
+        n_of_m=None if n_of_m is None else (n_of_m[1] - n_of_m[0], n_of_m[1]),
+    )
+    quantized = None
+    if grid is not None:
+        quantized = QuantizedWeight(
+            codes=result.codes.to(torch.int8), scale=result.scale.to(scale_dtype),
+            zero_point=result.zero.to(torch.int8), bits=bits, group_size=grid.group_size, symmetric=symmetric,
+        )
+        weight = quantized.dequantize(W.dtype)
+    else:
+        weight = result.weight.to(W.dtype)
+    return SparseWeight(weight=weight, mask=~result.pruned, quantized=quantized)

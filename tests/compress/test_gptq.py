@@ -1,0 +1,66 @@
+"""GPTQ against the slow column-by-column reference, and its guarantees."""
+
+import pytest
+import torch
+from obs_reference import reference_sweep
+
+from compress.gptq import gptq_quantize
+from compress.sources import rtn_quantize_weight
+from tolerance import assert_close
+
+
+def _layer(out_f=12, in_f=48, tokens=100, dead=()):
+    """A weight and the Gram matrix of correlated calibration inputs (some input channels always zero)."""
+    torch.manual_seed(0)
+    W = torch.randn(out_f, in_f)
+    X = torch.randn(tokens, in_f) @ torch.randn(in_f, in_f) + 0.5 * torch.randn(in_f)
+    X[:, list(dead)] = 0.0
+    return W, X.T @ X
+
+
+def _output_error(W, W_hat, C):
+    D = (W - W_hat).double()
+    return float(torch.trace(D @ C.double() @ D.T)) ** 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(("group_size", "block_size"), [(16, 128), (16, 12), (None, 10), (24, 32)])
+def test_gptq_equals_the_slow_reference(bits, symmetric, act_order, group_size, block_size):
+    W, C = _layer(dead=(5,))
+    qw = gptq_quantize(W, C, bits, group_size, symmetric=symmetric, act_order=act_order, block_size=block_size)
+    ref = reference_sweep(W, C, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order)
+    assert torch.equal(qw.codes.double(), ref["codes"])
+    assert_close(qw.scale.double(), ref["scale"], tol=1e-12)
+    assert torch.equal(qw.zero_point.double(), ref["zero"])
+    assert_close(qw.dequantize().double(), ref["weight"], tol=1e-6)
+    assert (qw.group_size, qw.bits, qw.symmetric) == (group_size or 48, bits, symmetric)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_codes_fit_the_signed_range_and_beat_rtn(act_order):
+    W, C = _layer(out_f=32, in_f=64, tokens=300)
+    qw = gptq_quantize(W, C, 3, 16, act_order=act_order)
+    assert qw.codes.dtype == torch.int8 and int(qw.codes.min()) >= -4 and int(qw.codes.max()) <= 3
+    assert int(qw.zero_point.min()) >= -4 and int(qw.zero_point.max()) <= 3
+    assert _output_error(W, qw.dequantize(), C) < 0.8 * _output_error(W, rtn_quantize_weight(W, 3, 16).dequantize(), C)
+
+
+def test_dead_inputs_get_zero_columns():
+    W, C = _layer(dead=(0, 7))
+    qw = gptq_quantize(W, C, 4, 16)
+    W_hat = qw.dequantize()
+    assert torch.isfinite(W_hat).all() and not W_hat[:, [0, 7]].any()
+
+
+def test_bad_arguments_name_the_fix():
+    W, C = _layer(in_f=48)
+    with pytest.raises(ValueError, match="group_size=32 does not divide in_features=48"):
+        gptq_quantize(W, C, 4, 32)
+    with pytest.raises(ValueError, match="bits=9"):
+        gptq_quantize(W, C, 9, 16)
+    with pytest.raises(ValueError, match="gram of shape"):
+        gptq_quantize(W, C[:4, :4], 4, 16)
+    with pytest.raises(ValueError, match="percdamp"):
+        gptq_quantize(W, -C, 4, 16)

@@ -1,0 +1,88 @@
+"""SparseGPT against the slow column-by-column reference, and its sparsity patterns."""
+
+import pytest
+import torch
+from obs_reference import reference_sweep
+
+from compress.sources import prune_2_4, prune_magnitude
+from compress.sparsegpt import parse_pattern, sparsegpt_prune
+from tolerance import assert_close
+
+
+def _layer(out_f=12, in_f=48, tokens=100, dead=()):
+    torch.manual_seed(0)
+    W = torch.randn(out_f, in_f)
+    X = torch.randn(tokens, in_f) @ torch.randn(in_f, in_f) + 0.5 * torch.randn(in_f)
+    X[:, list(dead)] = 0.0
+    return W, X.T @ X
+
+
+def _output_error(W, W_hat, C):
+    D = (W - W_hat).double()
+    return float(torch.trace(D @ C.double() @ D.T)) ** 0.5
+
+
+@pytest.mark.parametrize("bits", [None, 3, 8])
+@pytest.mark.parametrize(("sparsity", "block_size"), [(0.5, 128), (0.5, 16), (0.3, 20)])
+def test_unstructured_equals_the_slow_reference(bits, sparsity, block_size):
+    W, C = _layer(dead=(3,))
+    res = sparsegpt_prune(W, C, sparsity, bits=bits, group_size=16, block_size=block_size)
+    ref = reference_sweep(W, C, sparsity=sparsity, mask_block=block_size, bits=bits, group_size=16)
+    assert torch.equal(res.mask, ref["kept"])
+    assert_close(res.weight.double(), ref["weight"], tol=1e-6)
+    if bits is not None:
+        assert torch.equal(res.quantized.codes.double(), ref["codes"])
+        assert torch.equal(res.quantized.zero_point.double(), ref["zero"])
+    # the threshold is per block of columns, over all rows: each block prunes exactly round(sparsity * size)
+    for start in range(0, 48, block_size):
+        block = ~res.mask[:, start:start + block_size]
+        assert int(block.sum()) == round(sparsity * block.numel())
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize(("pattern", "block_size"), [("2:4", 128), ("2:4", 8), ("1:4", 12), ("4:8", 16)])
+def test_n_of_m_equals_the_slow_reference(bits, pattern, block_size):
+    W, C = _layer(dead=(9,))
+    res = sparsegpt_prune(W, C, pattern=pattern, bits=bits, group_size=None, block_size=block_size)
+    n, m = parse_pattern(pattern)
+    ref = reference_sweep(W, C, n_of_m=(n, m), bits=bits)
+    assert torch.equal(res.mask, ref["kept"])
+    assert_close(res.weight.double(), ref["weight"], tol=1e-6)
+    assert (res.mask.reshape(12, -1, m).sum(-1) == n).all()
+    assert not res.weight[~res.mask].any()
+
+
+def test_sparsegpt_beats_magnitude_pruning_on_the_output_error():
+    # LLM-like inputs: channels of very different scales, mildly correlated. (On strongly correlated inputs the
+    # reference's block-wide mask selection can prune whole early columns and lose to magnitude pruning.)
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    X = torch.randn(300, 64) * torch.exp(torch.randn(64)) + 0.3 * torch.randn(300, 64) @ torch.randn(64, 64)
+    C = X.T @ X
+    assert _output_error(W, sparsegpt_prune(W, C, pattern="2:4").weight, C) < 0.8 * _output_error(W, prune_2_4(W), C)
+    assert _output_error(W, sparsegpt_prune(W, C, 0.5).weight, C) < 0.8 * _output_error(W, prune_magnitude(W, 0.5), C)
+
+
+def test_quantized_sparse_weight_is_exactly_zero_where_pruned():
+    W, C = _layer()
+    res = sparsegpt_prune(W, C, pattern="2:4", bits=3, group_size=16)
+    assert res.quantized is not None and res.weight.dtype == W.dtype
+    assert torch.equal(res.weight, res.quantized.dequantize())
+    assert not res.weight[~res.mask].any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(pattern="2:5:1"), "pattern='2:5:1'"),
+        (dict(pattern="4:4"), "0 < N < M"),
+        (dict(pattern="2:4", sparsity=0.3), "contradicts pattern"),
+        (dict(sparsity=1.0), "sparsity=1.0"),
+        (dict(pattern="2:4", block_size=6), "multiples of 4"),
+        (dict(bits=3, group_size=20), "group_size=20 does not divide"),
+    ],
+)
+def test_bad_arguments_name_the_fix(kwargs, message):
+    W, C = _layer()
+    with pytest.raises(ValueError, match=message):
+        sparsegpt_prune(W, C, **kwargs)
