@@ -14,7 +14,14 @@
 from compress.budget import allocate_ranks
 from compress.calibration import ActivationStats, LayerStats, collect_activation_stats
 from compress.config import METHODS, CompressionConfig
-from compress.eora import CompensatedLayer, EoraAdapter, eora_compensate, eora_factors
+from compress.eora import (
+    CompensatedLayer,
+    EoraAdapter,
+    eora_compensate,
+    eora_compensate_pairs,
+    eora_factors,
+    sequential_eora_factors,
+)
 from compress.lowrank import lowrank_factors, rank_for_keep, relative_output_error
 from compress.sources import prune_2_4, prune_magnitude, rtn_quantize
 from compress.surgery import (
@@ -39,7 +46,9 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "eora_compensate",
+    "eora_compensate_pairs",
     "eora_factors",
+    "sequential_eora_factors",
     "EoraAdapter",
     "CompensatedLayer",
     "lowrank_factors",

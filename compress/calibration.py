@@ -274,6 +274,130 @@ def accumulate_stats(
     return ActivationStats({n: LayerStats(g, a, c) for n, (g, a, c) in sums.items()})
 
 
+@dataclass
+class CrossStats:
+    """Statistics of one layer's inputs in two models fed the same calibration data, row for row.
+
+    ``X`` are the layer's inputs in a *reference* model (the dense original), ``X̃`` its inputs in the model being
+    compensated (compressed, with earlier residuals applied). Sequential EoRA needs all three second moments:
+
+    Attributes
+    ----------
+    reference : LayerStats
+        ``Xᵀ X`` (``(n, n)``), for the reference output energy ``‖W X‖²``.
+    current : LayerStats
+        ``X̃ᵀ X̃``, the metric the residual is fitted in.
+    cross : torch.Tensor
+        ``(n, n)`` fp32, ``X̃ᵀ X = Σ_t x̃_t x_tᵀ``.
+    """
+
+    reference: LayerStats
+    current: LayerStats
+    cross: torch.Tensor
+
+
+def _capture_inputs(
+    model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, on_input, stop_after_all: bool
+) -> None:
+    """Run ``batch`` through ``model`` and call ``on_input(name, rows)`` with each module's input rows (fp32)."""
+    seen: set[str] = set()
+
+    def make_hook(name: str, module: nn.Module):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            on_input(name, layer_inputs(module, args[0].detach()).to(torch.float32))
+            seen.add(name)
+            if stop_after_all and len(seen) == len(modules):
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in modules.items()]
+    try:
+        run_batch(model, batch, model_device(model))
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def accumulate_cross_stats(
+    reference: nn.Module,
+    model: nn.Module,
+    names: Iterable[str],
+    batches: Iterable[Any],
+    *,
+    stop_after_all: bool = True,
+    progress: bool | None = None,
+    desc: str = "cross calibration",
+) -> dict[str, CrossStats]:
+    """:class:`CrossStats` of the layers ``names`` (same paths in both models), in one pass over ``batches``.
+
+    Each batch runs through ``reference`` (its layer inputs ``X`` are held for that batch only) and then through
+    ``model``, whose layer inputs ``X̃`` are paired with them row for row. Memory: one batch's inputs of the named
+    layers. A layer called several times per forward pairs its calls in order.
+
+    Raises
+    ------
+    ValueError
+        If ``batches`` is empty, a layer received no input, the two models gave different row counts for a layer, or
+        an activation was NaN or infinite.
+    """
+    names = list(names)
+    ref_modules = {n: reference.get_submodule(n) for n in names}
+    modules = {n: model.get_submodule(n) for n in names}
+    sums: dict[str, list] = {}
+    was_training = (reference.training, model.training)
+    reference.eval()
+    model.eval()
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, disable=None if progress is None else not progress, leave=False):
+                held: dict[str, list[torch.Tensor]] = {}
+                _capture_inputs(reference, ref_modules, batch, lambda n, x: held.setdefault(n, []).append(x),
+                                stop_after_all)
+
+                def pair(name: str, xt: torch.Tensor) -> None:
+                    if not held.get(name):
+                        raise ValueError(f"layer {name!r} ran more often in the compensated model than in the reference")
+                    x = held[name].pop(0).to(xt.device)
+                    if x.shape != xt.shape:
+                        raise ValueError(f"layer {name!r}: reference inputs {tuple(x.shape)} and compensated inputs "
+                                         f"{tuple(xt.shape)} differ; both models must see the same batches")
+                    if name not in sums:
+                        n = x.shape[1]
+                        sums[name] = [x.new_zeros(n, n), x.new_zeros(n), x.new_zeros(n, n), x.new_zeros(n),
+                                      x.new_zeros(n, n), 0]
+                    acc = sums[name]
+                    acc[0].addmm_(x.T, x)
+                    acc[1].add_(x.abs().sum(0))
+                    acc[2].addmm_(xt.T, xt)
+                    acc[3].add_(xt.abs().sum(0))
+                    acc[4].addmm_(xt.T, x)
+                    acc[5] += x.shape[0]
+
+                _capture_inputs(model, modules, batch, pair, stop_after_all)
+                n_batches += 1
+    finally:
+        reference.train(was_training[0])
+        model.train(was_training[1])
+    if n_batches == 0:
+        raise ValueError("calibration batches are empty; pass at least one batch (e.g. 64-256 sequences)")
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} received no input during calibration; check that they are used in "
+                         "the forward pass, or exclude them with exclude_modules")
+    out = {}
+    for name in names:
+        g, a, gt, at, cross, count = sums[name]
+        if not all(torch.isfinite(t).all() for t in (g, gt, cross)):
+            raise ValueError(f"calibration activations entering layer {name!r} contain NaN or inf; check the "
+                             "calibration inputs and the model's dtype (fp16 overflow), or run in float32")
+        out[name] = CrossStats(LayerStats(g, a, count), LayerStats(gt, at, count), cross)
+    return out
+
+
 def collect_activation_stats(
     model: nn.Module,
     calib_batches: Iterable[Any],

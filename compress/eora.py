@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress import lowrank as lr
-from compress.calibration import ActivationStats, LayerStats, accumulate_stats
+from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
 from compress.surgery import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
 from tensornets import FactorizedLinear, get_format
 
@@ -170,8 +171,12 @@ class EoraAdapter:
             base_model_name_or_path=base_model_name_or_path,
         )
 
-    def save_pretrained(self, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, base_model_name_or_path: str | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
         """Write a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        ``dtype``: storage dtype of the factors (default: as computed); pass the base model's storage dtype
+        (e.g. ``torch.bfloat16`` beside a :func:`compress.export.save_hf_directory` checkpoint).
 
         Tensors are ``base_model.model.<layer>.lora_A.weight = A`` ``(r, in)`` (``(r, C_in, kh, kw)`` for a conv) and
         ``...lora_B.weight = B`` ``(out, r)`` (``(out, r, 1, 1)``); load with
@@ -193,6 +198,8 @@ class EoraAdapter:
                 kh_kw = self.conv_kernels[name]
                 A = A.reshape(A.shape[0], -1, *kh_kw)
                 B = B[:, :, None, None]
+            if dtype is not None:
+                A, B = A.to(dtype), B.to(dtype)
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -248,16 +255,91 @@ def eora_factors(
     return lr.lowrank_factors(delta, rank, EORA_METHODS[method], stats, alpha=alpha, ridge=ridge, eps=eps, device=device)
 
 
+def sequential_eora_factors(
+    W: torch.Tensor,
+    Wc: torch.Tensor,
+    cross: CrossStats,
+    rank: int,
+    *,
+    ridge: float = 0.0,
+    eps: float | None = None,
+    device: torch.device | str | None = None,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual factors ``B (out, r)``, ``A (r, in)`` (float64) minimizing ``‖W X − (W_c + BA) X̃‖_F``.
+
+    ``X: (in, N)`` are the layer's inputs in the dense model and ``X̃`` its inputs in the compressed model with the
+    residuals of earlier layers applied (columns paired on the same calibration tokens). Minimizing
+    ``‖ΔW X̃‖`` instead, with ``X̃`` in both places, fits the compressor's error but ignores the drift of the inputs,
+    which is what the next layers see. With ``C̃ = X̃ X̃ᵀ = Q Λ Qᵀ``, ``S = Q_k Λ_k^{1/2}``, ``S⁺ = Λ_k^{-1/2} Q_kᵀ``
+    (the truncated whitening of :func:`compress.lowrank.whitening`) and ``K = X̃ Xᵀ`` (``cross.cross``),
+
+    .. math::
+
+        \\| W X - (W_c + BA) \\tilde X \\|_F^2 = \\text{const} + \\| (N - BA) S \\|_F^2, \\qquad
+        N = W K^\\top \\tilde C^{+} - W_c, \\qquad N S = W K^\\top S^{+\\top} - W_c S,
+
+    so the optimum is the truncated SVD ``N S = U Σ Vᵀ``: ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ S⁺``. When the
+    inputs did not drift (``X̃ = X``), ``N = W − W_c`` and this is EoRA.
+    """
+    lr.check_rank(rank, W.shape[0], W.shape[1], name)
+    dev = W.device if device is None else torch.device(device)
+    scaling = lr.whitening(cross.current.to(dev), ridge=ridge, eps=eps)
+    K = cross.cross.to(dev, torch.float64)
+    W64, Wc64 = W.to(dev, torch.float64), Wc.to(dev, torch.float64)
+    NS = W64 @ K.T @ scaling.pinv.T - scaling.scale(Wc64)
+    U, s, Vh = torch.linalg.svd(NS, full_matrices=False)
+    return lr.factors_from_svd(U, s, Vh, rank, scaling)
+
+
+def drifted_output_error(W: torch.Tensor, W_hat: torch.Tensor, cross: CrossStats) -> float:
+    """``‖W X − Ŵ X̃‖_F / ‖W X‖_F`` from the three second moments (see :class:`CrossStats`)."""
+    W = W.to(torch.float64)
+    W_hat = W_hat.to(W.device, torch.float64)
+    G = cross.reference.gram.to(W.device, torch.float64)
+    Ct = cross.current.gram.to(W.device, torch.float64)
+    K = cross.cross.to(W.device, torch.float64)
+    ref = ((W @ G) * W).sum()
+    err = ref - 2 * ((W_hat @ K) * W).sum() + ((W_hat @ Ct) * W_hat).sum()
+    return float((err.clamp_min(0) / ref).sqrt()) if ref > 0 else float("nan")
+
+
 def _block_of(name: str) -> str:
     """Group key for sequential compensation: the path up to the first numeric component (``model.layers.3``)."""
     m = re.match(r"(.*?\.\d+)(\.|$)", name)
     return m.group(1) if m else name
 
 
-def _pairs_mode(original, compressed, stats) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, LayerStats | None]]:
-    if compressed is not None:
-        raise ValueError("pass either two models (original, compressed) or (W, W_c) pairs with compressed=None")
-    pairs = dict(original) if isinstance(original, Mapping) else {str(i): p for i, p in enumerate(original)}
+def eora_compensate_pairs(
+    pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stats: Mapping[str, LayerStats] | Sequence[LayerStats] | None = None,
+    *,
+    rank: int = 32,
+    method: str = "eora",
+    alpha: float = 0.5,
+    ridge: float = 0.0,
+    eps: float | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> EoraAdapter:
+    """Low-rank residuals ``BA ≈ W − W_c`` for weight pairs, without models (EoRA or a baseline).
+
+    Parameters
+    ----------
+    pairs : mapping or sequence of ``(W, W_c)``
+        ``(out, in)`` original and compressed weights, keyed by name (a sequence is keyed ``"0"``, ``"1"``, ...).
+    stats : mapping or sequence of LayerStats, optional
+        One per pair, in the same keys or order (not needed for ``method="svd"``).
+    rank, method, alpha, ridge, eps, device, progress
+        As in :func:`eora_compensate`.
+
+    Returns
+    -------
+    EoraAdapter
+        With every layer of kind ``"linear"``.
+    """
+    _check_method_and_rank(method, rank)
+    pairs = dict(pairs) if isinstance(pairs, Mapping) else {str(i): p for i, p in enumerate(pairs)}
     if stats is None:
         layer_stats = {n: None for n in pairs}
     elif isinstance(stats, Mapping):
@@ -270,13 +352,31 @@ def _pairs_mode(original, compressed, stats) -> tuple[dict[str, tuple[torch.Tens
     for n, (W, Wc) in pairs.items():
         if W.shape != Wc.shape or W.dim() != 2:
             raise ValueError(f"pair {n!r}: W {tuple(W.shape)} and W_c {tuple(Wc.shape)} must be equal (out, in) matrices")
-    return pairs, layer_stats
+    if method != "svd" and any(st is None for st in layer_stats.values()):
+        raise ValueError(f"method={method!r} needs one LayerStats per pair (stats=...)")
+    factors, reports = {}, []
+    for name, (W, Wc) in _bar(pairs.items(), len(pairs), f"eora ({method})", progress):
+        B, A, rep = _layer(name, W, Wc, layer_stats[name], rank, method, alpha, ridge, eps, device)
+        factors[name] = (B, A)
+        reports.append(rep)
+    return EoraAdapter(factors, {n: "linear" for n in pairs}, rank, method, reports)
+
+
+def _check_method_and_rank(method: str, rank: int) -> None:
+    if method not in EORA_METHODS:
+        raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be a positive int")
+
+
+def _bar(it, total: int, desc: str, progress: bool | None):
+    return tqdm(it, total=total, desc=desc, disable=None if progress is None else not progress)
 
 
 def eora_compensate(
-    original: nn.Module | Mapping[str, tuple[torch.Tensor, torch.Tensor]] | Sequence[tuple[torch.Tensor, torch.Tensor]],
+    original: nn.Module,
     compressed: nn.Module | None = None,
-    stats: ActivationStats | Mapping[str, LayerStats] | Sequence[LayerStats] | None = None,
+    stats: ActivationStats | Mapping[str, LayerStats] | None = None,
     *,
     rank: int = 32,
     method: str = "eora",
@@ -290,18 +390,17 @@ def eora_compensate(
     device: torch.device | str | None = None,
     progress: bool | None = None,
 ) -> EoraAdapter:
-    """Low-rank residuals ``BA ≈ W − W_c`` for every compressed layer (EoRA or a baseline).
+    """Low-rank residuals ``BA ≈ W − W_c`` for every compressed layer of a model (EoRA or a baseline).
 
     Parameters
     ----------
-    original : nn.Module, or mapping / sequence of ``(W, W_c)`` pairs
-        The uncompressed model (with ``compressed``), or the weight pairs themselves (``(out, in)`` each; then
-        ``stats`` is a matching mapping or sequence of :class:`LayerStats`).
-    compressed : nn.Module, optional
+    original : nn.Module
+        The uncompressed model. (Weight pairs without models: :func:`eora_compensate_pairs`.)
+    compressed : nn.Module
         The compressed model (same module paths; dense, fake-quantized, pruned or factorized layers).
     stats : ActivationStats, optional
-        Input statistics of the target layers, usually collected on ``original``. Not needed with
-        ``sequential=True`` (collected on the fly) or ``method="svd"`` (then no output errors are reported).
+        Input statistics of the target layers, collected on ``original``. Not needed with ``sequential=True``
+        (collected on the fly) or ``method="svd"`` (then no output errors are reported).
     rank : int
         Residual rank ``r`` of every layer (the adapter's ``r`` and ``lora_alpha``).
     method : {"eora", "svd", "asvd"}
@@ -312,12 +411,14 @@ def eora_compensate(
         Layers to compensate (default: the layers in ``stats``, or ``"all-linear"`` without stats, whose weight the
         compressor changed).
     sequential : bool
-        Block-sequential compensation: blocks (paths up to the first numeric component, e.g. ``model.layers.3``)
-        are handled in execution order, and each block's statistics are collected on ``compressed`` with the
-        residuals of all earlier blocks applied — a layer's compensated output feeds the next layers' statistics.
-        Needs ``calib_batches`` (a re-iterable collection, run once per block up to that block).
+        Sequential EoRA (``method="eora"`` only): blocks (paths up to the first numeric component, e.g.
+        ``model.layers.3``) are handled in execution order; for each block one pass over ``calib_batches`` feeds
+        ``original`` and the compressed model with the residuals of all earlier blocks applied, and every layer's
+        residual minimizes ``‖W X − (W_c + BA) X̃‖_F`` (``X`` dense inputs, ``X̃`` compensated-model inputs; see
+        :func:`sequential_eora_factors`), so each residual also corrects the drift its inputs accumulated.
+        The reported errors are then ``‖W X − Ŵ X̃‖ / ‖W X‖``.
     calib_batches : Iterable, optional
-        Calibration batches for ``sequential=True``.
+        Calibration batches for ``sequential=True`` (a re-iterable collection, run once per block up to that block).
     device : torch.device or str, optional
         Where each layer is processed (default: the layer's device).
     progress : bool, optional
@@ -337,23 +438,14 @@ def eora_compensate(
     >>> eora = eora_compensate(model, quant, stats, rank=32)
     >>> eora.save_pretrained("eora-adapter")  # PeftModel.from_pretrained(quant, "eora-adapter")
     """
-    if method not in EORA_METHODS:
-        raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be a positive int")
-    bar = lambda it, total, desc: tqdm(it, total=total, desc=desc, disable=None if progress is None else not progress)
-
     if not isinstance(original, nn.Module):
-        pairs, layer_stats = _pairs_mode(original, compressed, stats)
-        if method != "svd" and any(s is None for s in layer_stats.values()):
-            raise ValueError(f"method={method!r} needs one LayerStats per pair (stats=...)")
-        factors, reports = {}, []
-        for name, (W, Wc) in bar(pairs.items(), len(pairs), f"eora ({method})"):
-            B, A, rep = _layer(name, W, Wc, layer_stats[name], rank, method, alpha, ridge, eps, device)
-            factors[name] = (B, A)
-            reports.append(rep)
-        return EoraAdapter(factors, {n: "linear" for n in pairs}, rank, method, reports)
-
+        warnings.warn("eora_compensate(pairs, ...) is deprecated and will be removed in the next release; call "
+                      "eora_compensate_pairs(pairs, stats, ...)", DeprecationWarning, stacklevel=2)
+        if compressed is not None:
+            raise ValueError("pass either two models (original, compressed) or (W, W_c) pairs with compressed=None")
+        return eora_compensate_pairs(original, stats, rank=rank, method=method, alpha=alpha, ridge=ridge, eps=eps,
+                                     device=device, progress=progress)
+    _check_method_and_rank(method, rank)
     if compressed is None:
         raise ValueError("pass the compressed model: eora_compensate(original, compressed, stats, rank=...)")
     chosen = target_modules is not None
@@ -374,11 +466,14 @@ def eora_compensate(
     for name, module in targets.items():  # fail before any work is done
         lr.check_rank(rank, *dense_weight(module).shape, name)
     if sequential:
+        if method != "eora":
+            raise ValueError(f"sequential=True fits the drifted inputs in EoRA's eigenspace; method={method!r} has no "
+                             "sequential form: pass method='eora' or sequential=False")
         if calib_batches is None:
             raise ValueError("sequential=True collects statistics on the compensated model: pass calib_batches=")
         if iter(calib_batches) is calib_batches:
             raise ValueError("sequential=True runs calib_batches once per block: pass a list, not an iterator")
-        layer_iter = _sequential_layers(originals, compressed, targets, calib_batches, stats)
+        layer_iter = _sequential_layers(original, compressed, targets, calib_batches, stats)
     else:
         if stats is None and method != "svd":
             raise ValueError(f"method={method!r} needs activation statistics: stats = collect_activation_stats(original, "
@@ -386,14 +481,17 @@ def eora_compensate(
         layer_iter = ((n, stats.get(n) if stats is not None else None, None) for n in targets)
 
     factors, reports, kinds, conv_kernels = {}, [], {}, {}
-    for name, layer_stats, on_done in bar(layer_iter, len(targets), f"eora ({method})"):
+    for name, layer_stats, on_done in _bar(layer_iter, len(targets), f"eora ({method})", progress):
         module = targets[name]
         W, Wc = dense_weight(originals[name]), dense_weight(module)
         if W.shape != Wc.shape:
             raise ValueError(f"layer {name!r}: original weight {tuple(W.shape)} and compressed {tuple(Wc.shape)} differ")
         if method != "svd" and layer_stats is None:
             raise ValueError(f"no activation statistics for layer {name!r}; collect them with target_modules covering it")
-        B, A, rep = _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device)
+        if isinstance(layer_stats, CrossStats):
+            B, A, rep = _sequential_layer(name, W, Wc, layer_stats, rank, ridge, eps, device)
+        else:
+            B, A, rep = _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device)
         factors[name] = (B, A)
         reports.append(rep)
         kinds[name] = layer_kind(module)
@@ -403,7 +501,7 @@ def eora_compensate(
             conv_kernels[name] = tuple(module.kernel_size)
         if on_done is not None:
             on_done(name, B, A)
-    return EoraAdapter(factors, kinds, rank, method, reports, conv_kernels)
+    return EoraAdapter(factors, kinds, rank, method + ("-sequential" if sequential else ""), reports, conv_kernels)
 
 
 def _same_weight(a: nn.Module, b: nn.Module) -> bool:
@@ -426,14 +524,24 @@ def _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device):
     return B.float().cpu(), A.float().cpu(), rep
 
 
+def _sequential_layer(name, W, Wc, cross, rank, ridge, eps, device):
+    """Sequential factors of one layer (float32, CPU) and its report row (errors against the dense outputs)."""
+    dev = W.device if device is None else torch.device(device)
+    B, A = sequential_eora_factors(W, Wc, cross, rank, ridge=ridge, eps=eps, device=dev, name=name)
+    W64, Wc64 = W.to(dev, torch.float64), Wc.to(dev, torch.float64)
+    rep = EoraLayerReport(name, tuple(W.shape), rank, drifted_output_error(W64, Wc64, cross),
+                          drifted_output_error(W64, Wc64 + B @ A, cross))
+    return B.float().cpu(), A.float().cpu(), rep
+
+
 def _sequential_layers(
-    originals: Mapping[str, nn.Module],
+    original: nn.Module,
     compressed: nn.Module,
     targets: Mapping[str, nn.Module],
     calib_batches: Iterable[Any],
     stats: ActivationStats | None,
-) -> Iterator[tuple[str, LayerStats, Any]]:
-    """Yield ``(name, stats, on_done)`` block by block; ``on_done`` installs the layer's residual in a working copy."""
+) -> Iterator[tuple[str, CrossStats, Any]]:
+    """Yield ``(name, cross_stats, on_done)`` block by block; ``on_done`` installs the layer's residual in a working copy."""
     work = copy.deepcopy(compressed)
     if stats is not None:
         order = [n for n in stats.order if n in targets] + [n for n in targets if n not in stats]
@@ -450,7 +558,7 @@ def _sequential_layers(
         for name, B, A in pending:
             replace_module(work, name, CompensatedLayer(work.get_submodule(name), B, A))
         pending.clear()
-        block_stats = accumulate_stats(work, {n: work.get_submodule(n) for n in names}, calib_batches,
-                                       stop_after_all=True, progress=False, desc="sequential calibration")
+        block_stats = accumulate_cross_stats(original, work, names, calib_batches, progress=False,
+                                             desc="sequential calibration")
         for name in names:
             yield name, block_stats[name], on_done
