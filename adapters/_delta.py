@@ -3,8 +3,9 @@
 Each method here adapts a frozen layer by an additive weight update,
 ``W = W0 + ΔW``, and computes ``ΔW x`` in factorized form. What differs between methods is
 only how ``ΔW`` is parametrized; merging, unmerging, NaN-safe merging, enabling / disabling,
-several named adapters, dtype handling and state shared across layers (kept on the tuner in
-containers keyed by adapter name, PEFT's ``uses_shared_state`` convention) are written once
+several named adapters, dtype handling, state shared across layers (kept on the tuner in
+containers keyed by adapter name, PEFT's ``uses_shared_state`` convention) and the checkpoint
+key layout (adapter name stripped on save, restored on load, at any depth) are written once
 here.
 
 A method subclasses :class:`DeltaLayer` (implementing ``update_layer``, ``get_delta_weight``
@@ -14,19 +15,36 @@ listing its shared containers in ``shared_state_names``).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    check_adapters_to_merge,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-__all__ = ["ADAPTER_DTYPE", "DeltaConfig", "DeltaLayer", "DeltaTuner"]
+__all__ = [
+    "ADAPTER_DTYPE",
+    "DeltaConfig",
+    "DeltaLayer",
+    "DeltaTuner",
+    "expected_checkpoint_keys",
+    "legacy_checkpoint_keys",
+]
 
 #: Adapters are created in float32 whatever the base dtype (PEFT's ``autocast_adapter_dtype``).
 ADAPTER_DTYPE = torch.float32
+
+#: What a ``PeftModel`` puts before the base model's keys (and a checkpoint keeps).
+_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -182,6 +200,12 @@ class DeltaTuner(BaseTuner):
     ``set_adapter`` / ``delete_adapter`` and the dtype policy like the layers' own
     parameters). Subclasses implement :meth:`_create_new_module` and may override
     :meth:`_init_shared_state` (called after all layers of an adapter are created).
+
+    Checkpoint keys never contain the adapter name, however deep the adapter's parameters
+    nest: the segment right after a container name (:meth:`adapter_container_names`) is
+    the adapter name, and it is removed on save and put back on load (PEFT 0.21 on its own
+    only removes it as the last or second-to-last segment of a key, so a tensor train's
+    ``loretta_rep_A.<name>.cores.0`` kept it and loaded into the wrong adapter).
     """
 
     shared_state_names: tuple[str, ...] = ()
@@ -269,6 +293,107 @@ class DeltaTuner(BaseTuner):
         if base_dtype is not None:
             for param in self.shared_parameters(adapter_name):
                 param.data = param.data.to(base_dtype)
+
+    # -- checkpoint keys: PEFT 0.21 calls these classmethods from get_peft_model_state_dict and
+    # set_peft_model_state_dict (its tuner-level state-dict hooks, see adapters._registry).
+
+    @classmethod
+    def adapter_container_names(cls) -> frozenset[str]:
+        """Attribute names of the containers keyed by adapter name: layers' and the tuner's.
+
+        A model state-dict key of an adapter reads ``<module path>.<container>.<adapter>.<rest>``
+        with ``<rest>`` of any depth (empty for a ``ParameterDict`` entry, ``weight`` for a
+        module, ``cores.0`` for a tensor train).
+        """
+        layer = cls.tuner_layer_cls
+        return frozenset((*layer.adapter_layer_names, *layer.other_param_names, *cls.shared_state_names))
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: ``<path>.<container>.<adapter>.<rest>`` -> ``<path>.<container>.<rest>``.
+
+        E.g. ``layers.0.query.loretta_rep_A.default.cores.0`` -> ``layers.0.query.loretta_rep_A.cores.0``.
+        The last container segment followed by ``adapter_name`` decides (a base module path
+        comes before the adapter layer's own attributes). Keys without one (e.g.
+        ``modules_to_save`` copies, already renamed by their wrapper) go through PEFT's rule.
+        Loading inverts this mapping (PEFT builds the inverse from the model's keys), so save
+        and load agree for every layout.
+        """
+        parts = key.split(".")
+        containers = cls.adapter_container_names()
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i] == adapter_name and parts[i - 1] in containers:
+                return ".".join(parts[:i] + parts[i + 1 :])
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Checkpoint keys -> model keys (PEFT's inverse of :meth:`_remove_adapter_name_from_key`).
+
+        Checkpoints written before the adapter name was stripped at every depth still load:
+        a key that matches no expected checkpoint key, but does once the segment after one of
+        its containers is dropped (``...loretta_rep_A.<saved name>.cores.0``, any saved name),
+        is read as that key.
+        """
+        legacy = legacy_checkpoint_keys(cls, model, adapter_name, state_dict)
+        if legacy:
+            state_dict = {legacy.get(key, key): value for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def expected_checkpoint_keys(tuner_cls: type[DeltaTuner], model: nn.Module, adapter_name: str) -> set[str]:
+    """Checkpoint keys the adapter ``adapter_name`` of ``model`` saves (and loads) its tensors under.
+
+    Both spellings: with the ``base_model.model.`` prefix of a ``PeftModel`` and, for layers
+    injected straight into a model (no such prefix in its keys), without it.
+    """
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    expected = set()
+    for model_key in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes):
+        checkpoint_key = tuner_cls._remove_adapter_name_from_key(model_key, adapter_name)
+        expected.add(checkpoint_key)
+        if not checkpoint_key.startswith(_PEFT_PREFIX):
+            expected.add(_PEFT_PREFIX + checkpoint_key)
+    return expected
+
+
+def legacy_checkpoint_keys(
+    tuner_cls: type[DeltaTuner], model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """``{old key: current key}`` for the checkpoint keys that still hold a saved adapter name.
+
+    An old key is ``<path>.<container>.<saved name>.<rest>`` where the current layout expects
+    ``<path>.<container>.<rest>`` (:func:`expected_checkpoint_keys`); keys already in the
+    current layout map to nothing.
+
+    Raises
+    ------
+    ValueError
+        If an old key and a current key (or two old keys) name the same tensor.
+    """
+    expected = expected_checkpoint_keys(tuner_cls, model, adapter_name)
+    containers = tuner_cls.adapter_container_names()
+    renamed: dict[str, str] = {}
+    for key in state_dict:
+        if key in expected:
+            continue
+        parts = key.split(".")
+        for i in range(len(parts) - 2, 0, -1):
+            if parts[i - 1] in containers:
+                candidate = ".".join(parts[:i] + parts[i + 1 :])
+                if candidate in expected:
+                    renamed[key] = candidate
+                    break
+    counts = Counter(renamed.get(key, key) for key in state_dict)
+    clashes = sorted(key for key, count in counts.items() if count > 1)
+    if clashes:
+        raise ValueError(
+            f"the checkpoint holds {clashes[:3]} both in the old layout (with the saved adapter name inside the key) "
+            "and in the current one; keep one copy of each tensor in the adapter_model.safetensors"
+        )
+    return renamed
 
 
 def _parameters_of(entry: nn.Parameter | nn.Module) -> list[nn.Parameter]:

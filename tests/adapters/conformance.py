@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -274,8 +275,10 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
     return case.spec.inputs(torch.Generator().manual_seed(seed))
 
 
-def build(case: Case, dtype: torch.dtype | None = None, adapter_seed: int = 1):
-    """``(peft_model, inputs)`` with the adapter initialized from ``adapter_seed``."""
+def build(
+    case: Case, dtype: torch.dtype | None = None, adapter_seed: int = 1, adapter_name: str = "default"
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """``(peft_model, inputs)`` with the adapter ``adapter_name`` initialized from ``adapter_seed``."""
     base = case.spec.build()
     if dtype is not None:
         base = base.to(dtype)
@@ -284,7 +287,7 @@ def build(case: Case, dtype: torch.dtype | None = None, adapter_seed: int = 1):
     inputs = make_inputs(case)
     if dtype is not None:
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    return get_peft_model(base, case.config()), inputs
+    return get_peft_model(base, case.config(), adapter_name=adapter_name), inputs
 
 
 def output(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -328,6 +331,55 @@ def save_trained(case: Case, directory: Path) -> tuple[torch.Tensor, dict[str, t
     model.save_pretrained(str(directory))
     with torch.no_grad():
         return output(case, model, inputs), trainable(model)
+
+
+@torch.no_grad()
+def perturb_(model: nn.Module, seed: int, std: float = 0.1) -> None:
+    """Add seeded ``N(0, std²)`` noise to every trainable parameter.
+
+    A non-zero adapter in which every tensor moves the output: a tensor a load leaves at its
+    initial value, or writes into another adapter, then shows in the output (a freshly
+    initialized adapter would hide both, its zero parts and seeded parts being reproducible).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for _, param in sorted((name, p) for name, p in model.named_parameters() if p.requires_grad):
+        param.add_(std * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))
+
+
+def save_perturbed(
+    case: Case, directory: Path, seed: int, adapter_name: str = "default"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Save a perturbed (:func:`perturb_`) adapter to ``directory``; return its output and state."""
+    model, inputs = build(case, adapter_name=adapter_name)
+    perturb_(model, seed)
+    model.save_pretrained(str(directory))
+    with torch.no_grad():
+        return output(case, model, inputs), adapter_state(model, adapter_name)
+
+
+#: Parameter-name prefixes of our methods (``lotr_``, ``flr_``, ...).
+PREFIXES = tuple(method.prefix for method in adapters._registry.registered_methods().values())
+
+
+def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one adapter (layers' and shared), keyed with the name replaced by ``<adapter>``."""
+    state = {}
+    for key, tensor in model.state_dict().items():
+        parts = key.split(".")
+        if adapter_name in parts[1:] and any(part.startswith(PREFIXES) for part in parts):
+            generic = ".".join("<adapter>" if part == adapter_name else part for part in parts)
+            state[generic] = tensor.detach().clone()
+    return state
+
+
+def load_strict(case: Case, directory: Path, adapter_name: str) -> nn.Module:
+    """``PeftModel.from_pretrained`` onto a fresh base, PEFT's "missing adapter keys" warning an error."""
+    base = case.spec.build()
+    base.eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys")
+        model = PeftModel.from_pretrained(base, str(directory), adapter_name=adapter_name)
+    return model.eval()
 
 
 def subprocess_env() -> dict[str, str]:

@@ -10,6 +10,8 @@ import adapter_conformance as conf
 import pytest
 import torch
 from peft import get_peft_model
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file
 
 CASES = [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.spec.slow else []) for case in conf.CASES]
@@ -273,3 +275,47 @@ def test_ddp_two_gloo_ranks_keep_parameters_identical(case, ddp_states):
 def test_bad_config_raises_clear_error(bad):
     with pytest.raises(bad.error, match=bad.match):
         get_peft_model(conf.MODELS[bad.model].build(), bad.config())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_under_other_names_beside_each_other(case, tmp_path):
+    out_one, state_one = conf.save_perturbed(case, tmp_path / "one", seed=11)
+    out_two, state_two = conf.save_perturbed(case, tmp_path / "two", seed=12)
+    assert not torch.equal(out_one, out_two)
+    inputs = conf.make_inputs(case)
+
+    for first_name in ("first", "default"):
+        model = conf.load_strict(case, tmp_path / "one", adapter_name=first_name)
+        first = conf.adapter_state(model, first_name)
+        assert first.keys() == state_one.keys() and all(torch.equal(first[k], v) for k, v in state_one.items())
+        with torch.no_grad():
+            assert torch.equal(conf.output(case, model, inputs), out_one)
+
+        result = model.load_adapter(str(tmp_path / "two"), adapter_name="second")
+        assert not result.missing_keys and not result.unexpected_keys
+        second = conf.adapter_state(model, "second")
+        assert second.keys() == state_two.keys() and all(torch.equal(second[k], v) for k, v in state_two.items())
+        assert all(torch.equal(t, first[k]) for k, t in conf.adapter_state(model, first_name).items())
+        with torch.no_grad():
+            model.set_adapter("second")
+            assert torch.equal(conf.output(case, model, inputs), out_two)
+            model.set_adapter(first_name)
+            assert torch.equal(conf.output(case, model, inputs), out_one)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_with_adapter_name_inside_keys_still_loads(case, tmp_path, monkeypatch):
+    # The layout of the previous version: PEFT's own rule strips the adapter name only as the
+    # last or second-to-last segment, so deeper keys kept it ("...loretta_rep_A.trained.cores.0").
+    with monkeypatch.context() as patch:
+        tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[case.config().peft_type]
+        patch.setattr(tuner_cls, "_remove_adapter_name_from_key", BaseTuner._remove_adapter_name_from_key)
+        out, state = conf.save_perturbed(case, tmp_path / "old", seed=13, adapter_name="trained")
+    inputs = conf.make_inputs(case)
+    for name in ("default", "trained", "other"):
+        # save_pretrained puts an adapter not named "default" into a subdirectory of that name.
+        model = conf.load_strict(case, tmp_path / "old" / "trained", adapter_name=name)
+        loaded = conf.adapter_state(model, name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+        with torch.no_grad():
+            assert torch.equal(conf.output(case, model, inputs), out)
