@@ -2,16 +2,21 @@
 
 Importing this package registers every method with PEFT (see :mod:`adapters._registry`), so
 ``peft.get_peft_model(model, LoTRConfig(...))``, ``save_pretrained`` and
-``PeftModel.from_pretrained`` work as for PEFT's own methods. The import name is shared with
-the AdapterHub library: the two cannot be installed side by side.
+``PeftModel.from_pretrained`` work as for PEFT's own methods. :func:`to_lora` and
+:func:`export_lora` turn a LoTR, LoRETTA-rep, MoS or FLoRA adapter into an exactly equivalent
+plain LoRA, which vLLM, TGI and Diffusers serve without this package. The import name is
+shared with the AdapterHub library: the two cannot be installed side by side.
 
 Adding a method: a package ``adapters/<method>/`` (config, layer, model; the layer subclasses
 :class:`adapters._delta.DeltaLayer`, the tuner :class:`adapters._delta.DeltaTuner`), one line
-in ``_METHODS`` below, and rows in ``tests/adapters/conformance.py``'s case table.
+in ``_METHODS`` below, and rows in ``tests/adapters/conformance.py``'s case table. A method
+whose update is ``ΔW = B A`` also gives its layer ``lora_factors`` and
+``supports_lora_conversion`` (see :mod:`adapters.lora_export`).
 """
 
 from adapters import _registry, flora, loretta, lotr, mos
 from adapters.flora import FloraConfig, FloraModel
+from adapters.lora_export import export_lora, to_lora
 from adapters.loretta import LoRETTAAdpConfig, LoRETTAAdpModel, LoRETTARepConfig, LoRETTARepModel
 from adapters.lotr import LoTRConfig, LoTRModel
 from adapters.mos import MoSConfig, MoSModel
@@ -27,6 +32,8 @@ __all__ = [
     "LoTRModel",
     "MoSConfig",
     "MoSModel",
+    "export_lora",
+    "to_lora",
 ]
 
 #: (peft type, config class, tuner class) of every method; the tuner carries the prefix.

@@ -212,5 +212,40 @@ class FloraLayer(DeltaLayer):
         core = self.flr_scale[adapter_name] * self.flr_core[adapter_name]
         return self._delta_forward(self, x, core, list(self.flr_factors[adapter_name]))
 
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact rank-``R`` factors of ``ΔW`` unfolded along its first mode, in float64.
+
+        Returns ``(A, B)`` with ``A: (R, d_2, ..., d_K)``, ``B: (d_1, R)`` and
+        ``ΔW = tensordot(B, A, 1)``, i.e. ``ΔW_(1) = B A_(1)`` for the mode-1 unfoldings. The
+        unfolding of a Tucker tensor is ``U_1 (sG)_(1) (U_K ⊗ ... ⊗ U_2)ᵀ``, of rank at most
+        ``R = min(r_1, r_2 ⋯ r_K)``:
+
+        - ``r_1 <= r_2 ⋯ r_K``: ``B = U_1`` and ``A = sG ×_2 U_2 ... ×_K U_K``
+          (a linear layer: ``A = sG U_2ᵀ``);
+        - otherwise ``B = U_1 (sG)_(1)`` and ``A = I ×_2 U_2 ... ×_K U_K`` with ``I`` the identity
+          of size ``r_2 ⋯ r_K`` reshaped to ``(R, r_2, ..., r_K)``.
+        """
+        core = self.flr_scale[adapter_name] * self.flr_core[adapter_name].detach().double()
+        u_first, *u_rest = (u.detach().double() for u in self.flr_factors[adapter_name])
+        r_first, rest = core.shape[0], core.shape[1:]
+        rest_size = math.prod(rest)
+        if r_first <= rest_size:
+            b, mixer = u_first, core
+        else:
+            b = u_first @ core.reshape(r_first, rest_size)
+            mixer = torch.eye(rest_size, dtype=core.dtype, device=core.device).reshape(rest_size, *rest)
+        eye = torch.eye(mixer.shape[0], dtype=core.dtype, device=core.device)
+        return tucker_to_tensor(mixer, [eye, *u_rest]), b
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` contract, met on linear layers only.
+
+        ``convert_to_lora`` takes the SVD of ``get_delta_weight`` as a matrix and writes
+        ``lora_A.weight`` / ``lora_B.weight``: right for an ``nn.Linear``, wrong for an embedding
+        (PEFT's embedding LoRA keys differ) and a conv (a 4-d ``ΔW``). :func:`adapters.to_lora`
+        exports all three exactly.
+        """
+        return isinstance(self.get_base_layer(), nn.Linear)
+
     def __repr__(self) -> str:
         return "flora." + super().__repr__()

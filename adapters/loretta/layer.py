@@ -177,6 +177,19 @@ class LoRETTARepLayer(DeltaLayer):
         m_a, m_b = self.factors(adapter_name)
         return (x.to(m_a.dtype) @ m_a) @ (self.loretta_rep_scale[adapter_name] * m_b.T)
 
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact LoRA factors of ``ΔW``: the contracted trains ``(M_Aᵀ, s · M_B)``, in float64.
+
+        Shapes ``(r, d_in)`` and ``(d_out, r)``; their product is ``ΔW``, rank ``r``. The trains
+        are contracted in the adapter's dtype, as the forward contracts them.
+        """
+        m_a, m_b = (t.detach().double() for t in self.factors(adapter_name))
+        return m_a.T.contiguous(), self.loretta_rep_scale[adapter_name] * m_b
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` contract: ``ΔW`` is an additive ``(d_out, d_in)`` update of a linear layer."""
+        return True
+
     def __repr__(self) -> str:
         return "loretta_rep." + super().__repr__()
 

@@ -179,6 +179,18 @@ class LoTRLayer(DeltaLayer):
         h = x.to(g.dtype) @ b.T
         return (h @ (self.lotr_scale[adapter_name] * g.T)) @ a.T
 
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact LoRA factors of ``ΔW_m``: ``(A_lora, B_lora) = (B, s · A G_m)``, in float64.
+
+        Shapes ``(r, d_in)`` and ``(d_out, r)``; ``B_lora A_lora = s · A G_m B = ΔW_m``, rank ``r``.
+        """
+        a, g, b = (t.detach().double() for t in self.factors(adapter_name))
+        return b.clone(), self.lotr_scale[adapter_name] * (a @ g)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` contract: ``ΔW`` is an additive ``(d_out, d_in)`` update of a linear layer."""
+        return True
+
     def __repr__(self) -> str:
         return "lotr." + super().__repr__()
 

@@ -138,6 +138,18 @@ class MoSLayer(DeltaLayer):
         a, b_t = self.factors(adapter_name)
         return (x.to(a.dtype) @ a.T) @ (self.mos_scale[adapter_name] * b_t)
 
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact LoRA factors of ``ΔW_l``: the assembled ``(A_l, s · B_l)``, in float64.
+
+        Shapes ``(r, d_in)`` and ``(d_out, r)``; their product is ``ΔW_l``, rank ``r``.
+        """
+        a, b_t = (t.detach().double() for t in self.factors(adapter_name))
+        return a, self.mos_scale[adapter_name] * b_t.T
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's ``convert_to_lora`` contract: ``ΔW`` is an additive ``(d_out, d_in)`` update of a linear layer."""
+        return True
+
     def __repr__(self) -> str:
         return "mos." + super().__repr__()
 
