@@ -1,0 +1,339 @@
+"""Write a compressed model as a Hugging Face model directory that transformers and vLLM load without this package.
+
+:func:`save_hf_directory` writes ``config.json``, ``generation_config.json``, the tokenizer files and the weights
+(``model.safetensors``, or shards with an index). Quantized linears (:class:`compress.quantized.QuantizedWeight`)
+are stored in the **compressed-tensors** ``pack-quantized`` format -- the layout llm-compressor writes -- with a
+``quantization_config`` in ``config.json``. Per quantized ``nn.Linear`` ``name``, with ``b`` bits, ``G = in / g``
+groups:
+
+================================  ====================================  =========================================
+tensor                            shape, dtype                          content
+================================  ====================================  =========================================
+``name.weight_packed``            ``(out, ceil(in b / 32))`` int32      codes ``q + 2^{b-1}``, ``b`` bits each, packed
+                                                                        densely along ``in`` (``pack_to_int32``)
+``name.weight_scale``             ``(out, G)`` storage dtype            per-group scale ``s``
+``name.weight_zero_point``        ``(ceil(out b / 32), G)`` int32       zero points packed along ``out``
+                                                                        (asymmetric only)
+``name.weight_shape``             ``(2,)`` int64                        ``(out, in)``
+================================  ====================================  =========================================
+
+and the loader rebuilds ``Ŵ = s (q − z)`` (compressed-tensors ``dequantize``), the same formula as
+:meth:`QuantizedWeight.dequantize`: the codes are bit-packed, never re-rounded. Bytes per weight are
+``b / 8 + (scale bytes + b / 8) / g``: 3-bit g64 with 16-bit scales is 0.206 of the 16-bit weight.
+
+Everything else (embeddings, norms, the LM head, dense layers) is stored in the storage ``dtype`` (default
+bfloat16, as llm-compressor's outputs of bf16 models); tied embeddings are stored once and stay tied.
+
+Decisions where the formats leave a choice:
+
+- ``quantization_config["dequantize"] = true`` is written by default: transformers then unpacks the weights while
+  loading instead of on the first forward pass (the memory after the first forward is the same). Two reasons: PEFT
+  cannot wrap still-packed linears (``'Linear' object has no attribute 'weight'``), and with the installed
+  compressed-tensors 0.20.1 + transformers 5 the packed-load path builds the asymmetric zero point unpacked on the
+  meta device and rejects the checkpoint's packed one (size mismatch). vLLM reads the packed tensors and ignores
+  the key. ``dequantize_on_load=False`` leaves it out.
+- Layers quantized with several ``(bits, group_size, symmetric)`` schemes get one config group each; transformers
+  5's load-time dequantization applies the first group's scheme to every layer, so such a mix is written without
+  the key (loaded packed) and must be symmetric.
+- Sparse weights (2:4, magnitude pruning) are stored dense: compressed-tensors 0.20 has no sparse compressor any
+  more (``sparse-24-bitmask`` / ``sparse-bitmask`` survive only as legacy config names; ``ModelCompressor`` writes
+  ``sparsity_config: {}``).
+- Factorized layers (low rank, tensor formats) are not a transformers layer type: use
+  :func:`compress.save_compressed` for them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.quantized import QuantizedWeight
+
+__all__ = ["EXPORT_DTYPES", "ExportReport", "PackedLayer", "pack_quantized_weight", "quantization_config",
+           "save_hf_directory"]
+
+#: storage dtypes :func:`save_hf_directory` writes, by the name the CLI's ``--export-dtype`` takes
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+_PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """Bytes of one quantized layer on disk (codes, scales, zero points and shape) and of its 16-bit weight."""
+
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    symmetric: bool
+    packed_bytes: int
+
+    @property
+    def bf16_bytes(self) -> int:
+        """``2 · out · in``: the layer's weight at 16 bits."""
+        return 2 * self.shape[0] * self.shape[1]
+
+    @property
+    def ratio(self) -> float:
+        """``packed_bytes / bf16_bytes``; at most ``(bits + 1) / 16`` for groups of 32 or more."""
+        return self.packed_bytes / self.bf16_bytes
+
+
+@dataclass
+class ExportReport:
+    """What :func:`save_hf_directory` wrote.
+
+    Attributes:
+        path: the model directory.
+        dtype: storage dtype of the non-quantized tensors and of the scales.
+        packed: one :class:`PackedLayer` per quantized linear, in module order.
+        files: name -> bytes of every file written into ``path``.
+        not_packed: quantized layers stored dense, with the reason (compressed-tensors packs ``nn.Linear`` only).
+    """
+
+    path: Path
+    dtype: torch.dtype
+    packed: list[PackedLayer] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+    not_packed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole directory (weights, config, tokenizer)."""
+        return sum(self.files.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the ``*.safetensors`` files."""
+        return sum(b for n, b in self.files.items() if n.endswith(".safetensors"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable summary (bytes per file, per packed layer, totals)."""
+        return {
+            "path": str(self.path), "dtype": str(self.dtype).removeprefix("torch."),
+            "total_bytes": self.total_bytes, "weight_bytes": self.weight_bytes, "files": dict(self.files),
+            "packed_layers": len(self.packed),
+            "packed_bytes": sum(p.packed_bytes for p in self.packed),
+            "packed_bf16_bytes": sum(p.bf16_bytes for p in self.packed),
+            "not_packed": dict(self.not_packed),
+        }
+
+
+def pack_quantized_weight(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The compressed-tensors ``pack-quantized`` tensors of one quantized linear (local names).
+
+    Codes ``q ∈ [−2^{b−1}, 2^{b−1} − 1]`` ``(out, in)`` are packed by compressed-tensors' ``pack_to_int32`` into
+    ``(out, ceil(in b / 32))`` int32 words, ``b`` bits per code with no padding between codes; zero points
+    ``(out, G)`` likewise along ``out`` into ``(ceil(out b / 32), G)`` (asymmetric only, as compressed-tensors);
+    scales ``(out, G)`` are cast to ``scale_dtype``.
+
+    Returns:
+        ``{"weight_packed", "weight_scale", ["weight_zero_point",] "weight_shape"}``.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a compress.quantized.QuantizedWeight, got {type(qw).__name__}")
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise TypeError(f"scale_dtype={scale_dtype!r} must be a floating torch dtype, e.g. torch.bfloat16")
+    tensors = {
+        "weight_packed": pack_to_int32(qw.codes.cpu(), qw.bits),
+        "weight_scale": qw.scale.detach().cpu().to(scale_dtype).contiguous(),
+    }
+    if not qw.symmetric:
+        tensors["weight_zero_point"] = pack_to_int32(qw.zero_point.cpu(), qw.bits, packed_dim=0)
+    tensors["weight_shape"] = torch.tensor(tuple(qw.shape), dtype=torch.int64)
+    return tensors
+
+
+def _scheme_key(qw: QuantizedWeight) -> tuple[int, int, bool]:
+    return qw.bits, qw.group_size, qw.symmetric
+
+
+def quantization_config(quantized: Mapping[str, QuantizedWeight], linear_names: list[str]):
+    """The compressed-tensors ``QuantizationConfig`` describing ``quantized`` among the model's linears.
+
+    One config group per distinct ``(bits, group_size, symmetric)``. When a single scheme covers the layers, the
+    group targets the class ``"Linear"`` and ``ignore`` lists every other linear (the LM head, layers left dense),
+    as llm-compressor writes it; with several schemes each group lists its layers by exact name.
+
+    Parameters:
+        quantized: layer name -> its quantized weight (``nn.Linear`` layers only).
+        linear_names: names of every ``nn.Linear`` of the model.
+    """
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    if not quantized:
+        raise ValueError("quantized is empty: there is no quantized layer to describe")
+    groups: dict[tuple[int, int, bool], list[str]] = {}
+    for name, qw in quantized.items():
+        groups.setdefault(_scheme_key(qw), []).append(name)
+    single = len(groups) == 1
+    config_groups = {}
+    for i, ((bits, group_size, symmetric), names) in enumerate(groups.items()):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if single else sorted(names), weights=args)
+    ignore = sorted(n for n in linear_names if n not in quantized) if single else []
+    return QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
+                              ignore=ignore)
+
+
+def _check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> dict[str, str]:
+    """Validate names and shapes; return the layers that cannot be packed (not ``nn.Linear``) with the reason."""
+    not_packed = {}
+    for name, qw in quantized.items():
+        if not isinstance(qw, QuantizedWeight):
+            raise TypeError(f"quantized[{name!r}] must be a QuantizedWeight, got {type(qw).__name__}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantized names layer {name!r}, which the model does not have; pass the model the "
+                             "weights were quantized from") from None
+        if type(module) is not nn.Linear:
+            not_packed[name] = (f"{type(module).__name__} is not nn.Linear (compressed-tensors packs linears only); "
+                                "stored dense")
+            continue
+        if tuple(module.weight.shape) != tuple(qw.shape):
+            raise ValueError(f"quantized[{name!r}] has shape {tuple(qw.shape)}, the layer's weight is "
+                             f"{tuple(module.weight.shape)}; pass the model the weights were quantized from")
+    return not_packed
+
+
+def _storage_state_dict(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dtype: torch.dtype,
+                        ) -> tuple[dict[str, torch.Tensor], list[PackedLayer]]:
+    """The checkpoint tensors: packed tensors for ``quantized``, every other float tensor cast to ``dtype``.
+
+    Tensors shared in memory (tied embeddings) stay shared, so that ``save_pretrained`` stores them once.
+    """
+    cast: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    packed = []
+    for key, tensor in model.state_dict().items():
+        module_name, _, local = key.rpartition(".")
+        if local == "weight" and module_name in quantized:
+            qw = quantized[module_name]
+            tensors = pack_quantized_weight(qw, dtype)
+            state.update({f"{module_name}.{k}": v for k, v in tensors.items()})
+            packed.append(PackedLayer(module_name, tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric,
+                                      sum(t.numel() * t.element_size() for t in tensors.values())))
+            continue
+        if tensor.is_floating_point():
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr not in cast or cast[ptr].shape != tensor.shape:
+                cast[ptr] = tensor.detach().to("cpu", dtype)
+            tensor = cast[ptr]
+        state[key] = tensor
+    return state, packed
+
+
+def save_hf_directory(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    quantized: Mapping[str, QuantizedWeight] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    dequantize_on_load: bool = True,
+    max_shard_size: int | str = "5GB",
+) -> ExportReport:
+    """Write ``model`` as a Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` loads alone.
+
+    Parameters:
+        model: a transformers ``PreTrainedModel`` whose quantized linears hold their dequantized weights
+            ``s (q − z)`` (what :func:`compress.compress_model` returns).
+        path: directory to write (created; existing weight files in it are replaced).
+        tokenizer: saved beside the model when given (``tokenizer.save_pretrained``).
+        quantized: layer name -> :class:`QuantizedWeight`; these ``nn.Linear`` layers are written packed
+            (compressed-tensors ``pack-quantized``), any other quantized layer type dense (listed in
+            ``ExportReport.not_packed``).
+        dtype: storage dtype of every floating tensor that is not packed, and of the scales (bfloat16, float16 or
+            float32); ``config.json`` records it, so ``from_pretrained`` loads in it by default.
+        dequantize_on_load: write ``"dequantize": true`` into ``quantization_config`` (see the module docstring;
+            ignored when the layers mix several schemes).
+        max_shard_size: larger checkpoints are split into shards with an index (``save_pretrained``'s rule).
+
+    Returns:
+        An :class:`ExportReport` (bytes per file and per packed layer).
+
+    Example::
+
+        report = save_hf_directory(compressed, "out", tokenizer=tok, quantized=qweights)
+        # in any Python with transformers + compressed-tensors, without this package:
+        model = AutoModelForCausalLM.from_pretrained("out")
+    """
+    from transformers import PreTrainedModel
+
+    from tensornets import Factorization, FactorizedConv2d, FactorizedLinear
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel (it needs a config to write), got "
+                        f"{type(model).__name__}; save other modules with compress.save_compressed")
+    if dtype not in EXPORT_DTYPES.values():
+        raise ValueError(f"dtype={dtype!r} is not a storage dtype; pass one of "
+                         f"{', '.join('torch.' + k for k in EXPORT_DTYPES)}")
+    factorized = [n for n, m in model.named_modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d,
+                                                                        Factorization))]
+    if factorized:
+        raise ValueError(f"model has factorized layers ({factorized[:3]}), which transformers cannot build from a "
+                         "config; save it with compress.save_compressed")
+    quantized = dict(quantized or {})
+    not_packed = _check_quantized(model, quantized)
+    packable = {n: q for n, q in quantized.items() if n not in not_packed}
+    schemes = {_scheme_key(q) for q in packable.values()}
+    if len(schemes) > 1:
+        # transformers 5 dequantizes every layer with the first group's scheme, and its packed path cannot take
+        # asymmetric zero points (see the module docstring): only symmetric mixes load, packed.
+        if any(not symmetric for _, _, symmetric in schemes):
+            raise ValueError(f"quantized mixes {len(schemes)} (bits, group_size, symmetric) schemes "
+                             f"{sorted(schemes)} with asymmetric ones, which transformers cannot load; quantize "
+                             "every layer with one scheme, or use symmetric schemes only")
+        dequantize_on_load = False
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state, packed = _storage_state_dict(model, packable, dtype)
+    # save_pretrained records the in-memory dtype and fills in `architectures` on the model's own config:
+    # give it a copy so the caller's model is left as it was.
+    original_config = model.config
+    model.config = copy.deepcopy(original_config)
+    try:
+        if hasattr(model.config, "quantization_config"):  # e.g. a GGUF-loaded model's: not what is written here
+            del model.config.quantization_config
+        model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
+    finally:
+        model.config = original_config
+    _write_config(out, dtype, packable, [n for n, m in model.named_modules() if type(m) is nn.Linear],
+                  dequantize_on_load)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    return ExportReport(out, dtype, packed, files, not_packed)
+
+
+def _write_config(out: Path, dtype: torch.dtype, packable: Mapping[str, QuantizedWeight], linear_names: list[str],
+                  dequantize_on_load: bool) -> None:
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not packable:
+        return
+    from compressed_tensors.compressors import ModelCompressor
+
+    # ModelCompressor.update_config writes the block exactly as llm-compressor does (format, version, groups)
+    ModelCompressor(quantization_config=quantization_config(packable, linear_names)).update_config(str(out))
+    if dequantize_on_load:
+        config = json.loads(config_file.read_text())
+        config["quantization_config"]["dequantize"] = True
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
