@@ -1,0 +1,488 @@
+"""Block-sequential compression: one decoder block in float32 and one block's statistics at a time.
+
+A transformers decoder model is a stack of blocks ``h_{i+1} = f_i(h_i)``. :func:`compress_blocks` captures the inputs
+of block 0 once (hidden states ``h_0`` and the keyword arguments the model passes every block: attention mask,
+position embeddings / ids, cache disabled) and then, for ``i = 0, 1, ...``:
+
+1. upcasts block ``i`` alone to float32 on ``device`` (the other blocks stay in their storage dtype and place);
+2. collects the statistics ``C̃ = Σ x̃ x̃ᵀ`` of its target linears on the *compressed stream* ``h̃_i``, the inputs that
+   the already compressed and compensated blocks ``< i`` produce (and, with EoRA, ``C = Σ x xᵀ`` on the *dense
+   stream* ``h_i`` that the original blocks produce, or the cross moments ``X̃ᵀX`` for sequential EoRA);
+3. compresses its target linears with :func:`compress.compress_model` (statistics ``C̃``);
+4. compensates them with EoRA: independent EoRA minimises ``‖(W − W_c − BA) X‖`` on the dense stream (exactly the
+   whole-model :func:`compress.eora_compensate`), sequential EoRA ``‖W X − (W_c + BA) X̃‖``
+   (:func:`compress.sequential_eora_factors`);
+5. runs the compressed + compensated block (rounded to its storage dtype) on ``h̃_i`` for ``h̃_{i+1}``, and the
+   original block on ``h_i`` for ``h_{i+1}`` (in the pass of step 2), casts the block back to its storage dtype and
+   device and frees the float32 copy and the statistics.
+
+Cost: each block runs once over the calibration data on the dense stream (with EoRA) and twice on the compressed
+stream (statistics, then output): never once per layer. Memory: the storage-dtype model, one float32 block (two with
+EoRA: the original is kept for ``W``), one block's statistics, and the hidden states of the calibration data (one or
+two streams, float32, on ``device``).
+
+Within a block the statistics of every layer are collected in one pass of the *uncompressed* block on ``h̃_i``
+(as llm-compressor's sequential pipeline does), so the drift that the compression of ``q_proj`` causes at
+``down_proj`` of the same block is not seen until the next block.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compress.calibration import (
+    ActivationStats,
+    CrossStats,
+    StopForward,
+    accumulate_cross_stats,
+    accumulate_stats,
+    collect_activation_stats,
+    model_device,
+    run_batch,
+)
+from compress.config import CompressionConfig
+from compress.eora import (
+    EORA_METHODS,
+    CompensatedLayer,
+    EoraAdapter,
+    EoraLayerReport,
+    drifted_output_error,
+    eora_compensate,
+    sequential_eora_factors,
+)
+from compress.surgery import (
+    CompressionReport,
+    compress_model,
+    dense_weight,
+    find_targets,
+    layer_kind,
+    replace_module,
+)
+
+#: keyword arguments of a block that hold a KV cache: dropped from the captured inputs (every pass starts afresh)
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`compress_blocks` returns.
+
+    Attributes
+    ----------
+    report : CompressionReport
+        ``report.model`` is the compressed model (in its storage dtype, without the EoRA residual); one
+        :class:`compress.LayerReport` per target layer, errors measured on the compressed stream.
+    eora : EoraAdapter or None
+        The residuals (``None`` without ``eora_rank``); ``eora.apply(report.model)`` gives the compensated model.
+    block_path : str or None
+        Path of the block list that was processed block by block (``"model.layers"``); ``None`` when the model had no
+        decoder blocks and the whole-model path ran.
+    """
+
+    report: CompressionReport
+    eora: EoraAdapter | None
+    block_path: str | None
+
+    @property
+    def model(self) -> nn.Module:
+        """The compressed model (``report.model``)."""
+        return self.report.model
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's stack of blocks: the ``nn.ModuleList`` of one block class holding the most parameters.
+
+    Returns
+    -------
+    (str, nn.ModuleList) or None
+        Its path (``"model.layers"`` for Llama-style models) and the list; ``None`` if no ``ModuleList`` of identical,
+        parameterised modules exists. The pipeline assumes the model runs these blocks in list order, each once per
+        forward, feeding each block's output to the next (true of transformers decoder models).
+    """
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = (name, module), params
+    return best
+
+
+def compress_blocks(
+    model: nn.Module,
+    config: CompressionConfig,
+    calib_batches: Iterable[Any],
+    *,
+    eora_rank: int = 0,
+    eora_method: str = "eora",
+    eora_sequential: bool = False,
+    eora_ridge: float = 0.0,
+    device: torch.device | str | None = None,
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> PipelineResult:
+    """Compress (and EoRA-compensate) a decoder model block by block; other models take the whole-model path.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers decoder model (``LlamaForCausalLM``, ...) in its storage dtype (e.g. bfloat16), on CPU.
+        Blocks are found by :func:`find_decoder_blocks`.
+    config : CompressionConfig
+        Method, size and targets, as for :func:`compress.compress_model` (its ``target_modules`` are matched on the
+        whole model's paths; each block is compressed with the targets inside it).
+    calib_batches : Iterable
+        Calibration batches of model inputs (tensors of ``input_ids`` ``(B, T)``, tuples or dicts, see
+        :func:`compress.calibration.run_batch`). Iterated once on the block path; a list is needed for the
+        whole-model fallback with ``eora_sequential``.
+    eora_rank : int
+        Rank ``r`` of the EoRA residual of every target layer; ``0``: no compensation.
+    eora_method : {"eora", "svd", "asvd"}
+        EoRA or a baseline (see :func:`compress.eora_compensate`).
+    eora_sequential : bool
+        Fit each residual to the dense outputs from the compressed stream's inputs, ``‖W X − (W_c + BA) X̃‖_F``
+        (``eora_method="eora"`` only); otherwise each layer is compensated on the dense inputs alone, as the
+        whole-model path does.
+    eora_ridge : float
+        Whitening ridge ``C + ridge · mean(diag C) I``.
+    device : torch.device or str, optional
+        Where each block is processed (``"cuda"`` moves one block at a time to the GPU); default: where the block is
+        stored. The hidden states of the calibration data live there too.
+    inplace : bool
+        Compress ``model`` itself; otherwise a deep copy (peak memory then holds two models in their storage dtype).
+    progress : bool, optional
+        tqdm bar over blocks (default: only on a terminal).
+
+    Returns
+    -------
+    PipelineResult
+        ``.model`` (compressed, storage dtype, residual not applied), ``.report``, ``.eora``, ``.block_path``.
+
+    Raises
+    ------
+    ValueError
+        On a bad argument (naming it), empty calibration data, or statistics that are not finite.
+
+    Warns
+    -----
+    UserWarning
+        When the whole-model path runs instead: no decoder blocks, target layers outside the blocks, or
+        ``allocation="global"`` (which ranks all layers against each other and needs every layer's statistics).
+
+    Examples
+    --------
+    >>> cfg = CompressionConfig(method="rtn", bits=3, group_size=64)
+    >>> out = compress_blocks(model, cfg, calib, eora_rank=64, inplace=True)
+    >>> out.eora.apply(out.model)     # compensated model for evaluation
+    """
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if isinstance(eora_rank, bool) or not isinstance(eora_rank, int) or eora_rank < 0:
+        raise ValueError(f"eora_rank={eora_rank!r} must be an int >= 0 (0: no compensation)")
+    if eora_method not in EORA_METHODS:
+        raise ValueError(f"eora_method={eora_method!r} must be one of {tuple(EORA_METHODS)}")
+    if eora_sequential and eora_method != "eora":
+        raise ValueError(f"eora_sequential=True fits the drifted inputs in EoRA's eigenspace; eora_method="
+                         f"{eora_method!r} has no sequential form: pass eora_method='eora' or eora_sequential=False")
+    if eora_sequential and not eora_rank:
+        raise ValueError("eora_sequential=True needs eora_rank > 0")
+    try:
+        compute = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {err}") from None
+
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    found = find_decoder_blocks(model)
+    reason = None
+    if found is None:
+        reason = f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of identical modules)"
+    else:
+        path, blocks = found
+        outside = [n for n in targets if not n.startswith(path + ".")]
+        if outside:
+            reason = f"target layers {outside[:4]} lie outside the decoder blocks {path!r}"
+        elif config.allocation == "global":
+            reason = "allocation='global' ranks all layers against each other and needs every layer's statistics"
+    if reason is not None:
+        warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "
+                      "(float32 statistics of every layer in memory)", UserWarning, stacklevel=2)
+        return _whole_model(model, config, list(calib_batches), list(targets), eora_rank, eora_method,
+                            eora_sequential, eora_ridge, inplace, progress)
+
+    work = model if inplace else copy.deepcopy(model)
+    blocks = work.get_submodule(path)
+    work_targets = find_targets(work, list(targets))
+    per_block = [{n[len(f"{path}.{i}."):]: m for n, m in work_targets.items() if n.startswith(f"{path}.{i}.")}
+                 for i in range(len(blocks))]
+
+    hidden, kwargs = capture_block_inputs(work, blocks[0], calib_batches, compute)
+    comp_h = hidden
+    dense_h = list(hidden) if eora_rank else None  # both streams start equal
+    layers, factors, kinds, eora_rows, conv_kernels = [], {}, {}, [], {}
+    for i in tqdm(range(len(blocks)), desc=f"compress blocks ({config.method})",
+                  disable=None if progress is None else not progress):
+        prefix = f"{path}.{i}."
+        out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, config, eora_rank, eora_method,
+                             eora_sequential, eora_ridge, compute)
+        comp_h, dense_h = out.comp_h, out.dense_h
+        layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
+        if out.eora is not None:
+            factors.update({prefix + n: f for n, f in out.eora.factors.items()})
+            kinds.update({prefix + n: k for n, k in out.eora.kinds.items()})
+            conv_kernels.update({prefix + n: k for n, k in out.eora.conv_kernels.items()})
+            eora_rows += [dataclasses.replace(r, name=prefix + r.name) for r in out.eora.layers]
+    eora = None
+    if eora_rank:
+        eora = EoraAdapter(factors, kinds, eora_rank, eora_method + ("-sequential" if eora_sequential else ""),
+                           eora_rows, conv_kernels)
+    return PipelineResult(CompressionReport(work, layers, config), eora, path)
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    block: nn.Module,
+    calib_batches: Iterable[Any],
+    device: torch.device | None = None,
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of ``block`` for every calibration batch, captured by running ``model`` up to it.
+
+    A forward pre-hook (``with_kwargs=True``) on ``block`` records its hidden states ``(B, T, d)`` and keyword
+    arguments (attention mask, position embeddings / ids; cache arguments set to ``None``, ``use_cache=False``) and
+    raises :class:`compress.calibration.StopForward`, so nothing after the block runs. The model runs with its
+    ``config.use_cache`` off.
+
+    Returns
+    -------
+    (list of torch.Tensor, list of dict)
+        Per batch: the hidden states and the keyword arguments, floating-point tensors in float32, all on ``device``
+        (default: where the block is stored).
+    """
+    device = device if device is not None else model_device(block)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def hook(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+        kw = dict(kw)
+        h = args[0] if args else kw.pop("hidden_states")
+        if len(args) > 1:
+            raise ValueError(f"block {type(block).__name__} is called with {len(args)} positional arguments; the "
+                             "block pipeline supports (hidden_states, **kwargs) blocks: compress with compress_model")
+        for key in _CACHE_KWARGS:
+            if key in kw:
+                kw[key] = None
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        hidden.append(_to(h.detach(), device))
+        kwargs.append(_to(kw, device))
+        raise StopForward
+
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache is not None:
+            config.use_cache = False
+        with torch.no_grad():
+            for batch in calib_batches:
+                try:
+                    run_batch(model, batch, model_device(model))
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+        if use_cache is not None:
+            config.use_cache = use_cache
+    if not hidden:
+        raise ValueError("calib_batches is empty, or the model never ran its first block; pass at least one batch "
+                         "of model inputs (e.g. 64-256 sequences)")
+    return hidden, kwargs
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """``obj`` (tensor or nested tuple / list / dict) on ``device``, floating-point tensors in float32."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, torch.float32) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [_to(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _Feed(nn.Module):
+    """``forward(i) = block(hidden[i], **kwargs[i])``: a block fed from a recorded stream (outputs optionally kept).
+
+    Lets the calibration accumulators, which run batches through a model, run a block on the stream of its own
+    inputs (``batches = [tensor(0), tensor(1), ...]``).
+    """
+
+    def __init__(self, block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
+                 outputs: list[torch.Tensor | None] | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.hidden, self.kw, self.outputs = hidden, kwargs, outputs
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        i = int(i)
+        out = self.block(self.hidden[i], **self.kw[i])
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if self.outputs is not None:
+            self.outputs[i] = out.detach()
+        return out
+
+
+@dataclass
+class _BlockResult:
+    comp_h: list[torch.Tensor]
+    dense_h: list[torch.Tensor] | None
+    layers: list
+    eora: EoraAdapter | None
+
+
+def _process_block(
+    block: nn.Module,
+    targets: Mapping[str, nn.Module],
+    comp_h: list[torch.Tensor],
+    dense_h: list[torch.Tensor] | None,
+    kwargs: list[dict[str, Any]],
+    config: CompressionConfig,
+    eora_rank: int,
+    eora_method: str,
+    sequential: bool,
+    ridge: float,
+    device: torch.device | None,
+) -> _BlockResult:
+    """Statistics, compression, compensation and the next inputs of one block (module paths relative to it)."""
+    ref = next((p for p in block.parameters() if p.is_floating_point()), None)
+    storage_dtype = ref.dtype if ref is not None else torch.float32
+    storage_device = ref.device if ref is not None else torch.device("cpu")
+    device = device if device is not None else storage_device
+    _place(block, device, torch.float32)
+    batches = [torch.tensor(i) for i in range(len(comp_h))]
+    names = list(targets)
+    next_dense = [None] * len(batches) if dense_h is not None else None
+    dense = copy.deepcopy(block) if eora_rank else None  # float32 original: W of EoRA and the dense stream
+
+    layers, adapter = [], None
+    if names:
+        comp_modules = {n: block.get_submodule(n) for n in names}
+        cross = dense_stats = None
+        if sequential:
+            cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, next_dense), _Feed(block, comp_h, kwargs),
+                                           ["block." + n for n in names], batches, stop_after_all=False,
+                                           progress=False)
+            cross = {n[len("block."):]: c for n, c in cross.items()}
+            comp_stats = ActivationStats({n: cross[n].current for n in names})
+        else:
+            comp_stats = accumulate_stats(_Feed(block, comp_h, kwargs), comp_modules, batches, stop_after_all=True,
+                                          progress=False)
+            if dense is not None:
+                dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
+                                               {n: dense.get_submodule(n) for n in names}, batches, progress=False)
+        block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
+        layers = compress_model(block, block_config, comp_stats, inplace=True, progress=False).layers
+        del comp_stats
+        if eora_rank:
+            if sequential:
+                adapter = _sequential_adapter(dense, block, cross, names, eora_rank, ridge)
+            else:
+                adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
+                                          target_modules=names, progress=False)
+        del cross, dense_stats
+    elif dense is not None:
+        _run_stream(dense, dense_h, kwargs, next_dense)
+
+    # the next compressed-stream inputs come from the block as it will be stored: rounded to the storage dtype
+    _place(block, device, storage_dtype)
+    _place(block, device, torch.float32)
+    if adapter is not None:
+        adapter.apply(block, inplace=True)
+    next_comp: list[torch.Tensor | None] = [None] * len(batches)
+    _run_stream(block, comp_h, kwargs, next_comp)
+    if adapter is not None:
+        for name in adapter.factors:
+            wrapped = block.get_submodule(name)
+            if isinstance(wrapped, CompensatedLayer):
+                replace_module(block, name, wrapped.base_layer)
+    _place(block, storage_device, storage_dtype)
+    del dense
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _BlockResult(next_comp, next_dense, layers, adapter)
+
+
+def _place(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``block`` (in place) to ``device`` with floating-point parameters and buffers in ``dtype``."""
+    block.to(device=device, dtype=dtype)
+
+
+def _run_stream(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
+                outputs: list[torch.Tensor | None]) -> None:
+    """``outputs[i] = block(hidden[i], **kwargs[i])`` for every recorded batch."""
+    feed = _Feed(block, hidden, kwargs, outputs)
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            for i in range(len(hidden)):
+                feed(torch.tensor(i))
+    finally:
+        block.train(was_training)
+
+
+def _sequential_adapter(dense: nn.Module, block: nn.Module, cross: Mapping[str, CrossStats], names: list[str],
+                        rank: int, ridge: float) -> EoraAdapter:
+    """Sequential EoRA residuals of the block's layers (relative names) and their drifted-output errors."""
+    factors, kinds, rows, conv_kernels = {}, {}, [], {}
+    for name in names:
+        module = block.get_submodule(name)
+        W = dense_weight(dense.get_submodule(name)).to(torch.float64)
+        Wc = dense_weight(module).to(W.device, torch.float64)
+        B, A = sequential_eora_factors(W, Wc, cross[name], rank, ridge=ridge, name=name)
+        rows.append(EoraLayerReport(name, tuple(W.shape), rank, drifted_output_error(W, Wc, cross[name]),
+                                    drifted_output_error(W, Wc + B @ A, cross[name])))
+        factors[name] = (B.float().cpu(), A.float().cpu())
+        kinds[name] = layer_kind(module)
+        if isinstance(module, nn.Conv2d):
+            conv_kernels[name] = tuple(module.kernel_size)
+    return EoraAdapter(factors, kinds, rank, "eora-sequential", rows, conv_kernels)
+
+
+def _whole_model(
+    model: nn.Module,
+    config: CompressionConfig,
+    calib: list[Any],
+    targets: list[str],
+    eora_rank: int,
+    eora_method: str,
+    sequential: bool,
+    ridge: float,
+    inplace: bool,
+    progress: bool | None,
+) -> PipelineResult:
+    """Today's path: statistics of every target on the dense model, compress all layers, compensate all layers."""
+    stats = collect_activation_stats(model, calib, targets, progress=progress)
+    # EoRA needs the original weights: the model is then copied even with inplace=True
+    report = compress_model(model, config, stats, inplace=inplace and not eora_rank, progress=progress)
+    eora = None
+    if eora_rank:
+        eora = eora_compensate(model, report.model, stats, rank=eora_rank, method=eora_method, ridge=ridge,
+                               target_modules=targets, sequential=sequential, calib_batches=calib, progress=progress)
+    return PipelineResult(report, eora, None)

@@ -1,0 +1,204 @@
+"""Block-sequential pipeline: equal to the whole-model path where the order does not matter, one float32 block."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from tolerance import assert_close, assert_close_relative
+
+import compress.pipeline as pipeline
+from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, find_targets
+from compress.pipeline import compress_blocks, find_decoder_blocks
+
+VOCAB = 50
+
+
+def tiny_llama(layers: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A random ``LlamaForCausalLM`` (hidden 64, 4 heads / 2 KV heads), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def calib(n: int = 4, batch: int = 2, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+def logits(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(b).logits.float() for b in batches])
+
+
+def whole_model(model, config, batches, eora_rank=0, method="eora"):
+    """Today's path, as the CLI runs it: dense statistics, compress every layer, compensate every target."""
+    targets = list(find_targets(model, config.target_modules, config.exclude_modules))
+    stats = collect_activation_stats(model, batches, targets, progress=False)
+    report = compress_model(model, config, stats, progress=False)
+    eora = None
+    if eora_rank:
+        eora = eora_compensate(model, report.model, stats, rank=eora_rank, method=method, target_modules=targets,
+                               progress=False)
+    return report, eora
+
+
+def test_find_decoder_blocks():
+    model = tiny_llama(layers=2)
+    path, blocks = find_decoder_blocks(model)
+    assert path == "model.layers" and blocks is model.model.layers
+    assert find_decoder_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))) is None
+
+
+@pytest.mark.parametrize("config", [
+    CompressionConfig(method="rtn", bits=3, group_size=16),
+    CompressionConfig(method="svd", keep=0.5),
+], ids=["rtn", "svd"])
+def test_same_model_as_whole_model_path(config):
+    model = tiny_llama()
+    batches = calib()
+    expected, _ = whole_model(model, config, batches)
+    out = compress_blocks(model, config, batches, progress=False)
+    assert out.block_path == "model.layers"
+    got = out.model.state_dict()
+    for name, tensor in expected.model.state_dict().items():
+        assert_close(got[name], tensor, what=name)
+    assert [r.name for r in out.report.layers] == [r.name for r in expected.layers]
+    assert out.report.params_after == expected.params_after
+    assert_close(logits(out.model, batches), logits(expected.model, batches), tol=1e-4, what="logits")
+    # the dense model is left as it was
+    assert_close(logits(model, batches), logits(tiny_llama(), batches), tol=0.0, what="original")
+
+
+def test_independent_eora_same_as_whole_model_path():
+    model = tiny_llama()
+    batches = calib()
+    config = CompressionConfig(method="rtn", bits=3, group_size=16)
+    expected_report, expected = whole_model(model, config, batches, eora_rank=8)
+    out = compress_blocks(model, config, batches, eora_rank=8, progress=False)
+    assert sorted(out.eora.factors) == sorted(expected.factors)
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        # the residual BA is unique (up to rotations of the factors), B and A are not
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
+    for row, exp in zip(out.eora.layers, expected.layers):
+        assert row.name == exp.name
+        assert row.error_after == pytest.approx(exp.error_after, rel=1e-4)
+    compensated = logits(out.eora.apply(out.model), batches)
+    assert_close(compensated, logits(expected.apply(expected_report.model), batches), tol=1e-4, what="logits")
+
+
+def test_sequential_eora_lowers_the_output_error():
+    model = tiny_llama()
+    batches = calib()
+    config = CompressionConfig(method="rtn", bits=2, group_size=16)
+    out = compress_blocks(model, config, batches, eora_rank=8, eora_sequential=True, progress=False)
+    assert out.eora.method == "eora-sequential"
+    assert len(out.eora.factors) == len(out.report.layers) == 3 * 7
+    held_out = calib(seed=2)
+    dense = logits(model, held_out)
+    err = lambda m: float((logits(m, held_out) - dense).norm() / dense.norm())
+    assert err(out.eora.apply(out.model)) < err(out.model)
+    for row in out.eora.layers:
+        assert row.error_after < row.error_before
+
+
+def test_fallback_without_blocks_warns_and_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    batches = [torch.randn(8, 16) for _ in range(3)]
+    config = CompressionConfig(method="rtn", bits=3, group_size=8)
+    with pytest.warns(UserWarning, match="no decoder blocks"):
+        out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
+    assert out.block_path is None
+    expected, eora = whole_model(model, config, batches, eora_rank=4)
+    for name, tensor in expected.model.state_dict().items():
+        assert torch.equal(out.model.state_dict()[name], tensor), name
+    for name, (B, A) in eora.factors.items():
+        assert_close(out.eora.factors[name][0] @ out.eora.factors[name][1], B @ A, what=name)
+
+
+def test_fallback_for_targets_outside_the_blocks():
+    model = tiny_llama(layers=2)
+    config = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules=["lm_head", "up_proj"])
+    with pytest.warns(UserWarning, match="outside the decoder blocks"):
+        out = compress_blocks(model, config, calib(n=2), progress=False)
+    assert out.block_path is None and len(out.report.layers) == 3
+
+
+def test_one_float32_block_at_a_time():
+    model = tiny_llama(dtype=torch.bfloat16)
+    blocks = model.model.layers
+    seen: list[list[torch.dtype]] = []
+
+    def record(_module, _args):
+        seen.append([next(b.parameters()).dtype for b in blocks])
+
+    for b in blocks:
+        b.register_forward_pre_hook(record)
+    out = compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(), eora_rank=4,
+                          inplace=True, progress=False)
+    assert out.model is model
+    # the capture pass sees all blocks in bf16; every later block run sees exactly one float32 block
+    assert seen[0] == [torch.bfloat16] * 3
+    processing = seen[len(calib()):]
+    assert processing and all(d.count(torch.float32) == 1 for d in processing)
+    assert {d.index(torch.float32) for d in processing} == {0, 1, 2}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_device_moves_one_block_at_a_time(monkeypatch):
+    """``device="cuda"`` on a CPU machine: every move is recorded and then carried out on the CPU."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    blocks = list(model.model.layers)
+    where = {id(b): "cpu" for b in blocks}
+    moves: list[tuple[int, str, torch.dtype]] = []
+    place, to = pipeline._place, pipeline._to
+
+    def fake_place(block, device, dtype):
+        if id(block) in where:
+            where[id(block)] = torch.device(device).type
+            moves.append((blocks.index(block), torch.device(device).type, dtype))
+            assert sum(d != "cpu" for d in where.values()) <= 1, "two blocks on the accelerator"
+        place(block, torch.device("cpu"), dtype)
+
+    monkeypatch.setattr(pipeline, "_place", fake_place)
+    monkeypatch.setattr(pipeline, "_to", lambda obj, device: to(obj, torch.device("cpu")))
+    compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(n=2), device="cuda",
+                    inplace=True, progress=False)
+    per_block = [(torch.float32, "cuda"), (torch.bfloat16, "cuda"), (torch.float32, "cuda"), (torch.bfloat16, "cpu")]
+    assert moves == [(i, dev, dt) for i in range(3) for dt, dev in per_block]
+    assert all(d == "cpu" for d in where.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_equals_cpu():
+    config = CompressionConfig(method="rtn", bits=3, group_size=16)
+    batches = calib()
+    on_cpu = compress_blocks(tiny_llama(), config, batches, eora_rank=8, progress=False)
+    on_gpu = compress_blocks(tiny_llama(), config, batches, eora_rank=8, device="cuda", progress=False)
+    assert all(p.device.type == "cpu" for p in on_gpu.model.parameters())
+    assert_close(logits(on_gpu.eora.apply(on_gpu.model), batches), logits(on_cpu.eora.apply(on_cpu.model), batches),
+                 tol=1e-4, what="logits")
+
+
+def test_bad_arguments_name_the_argument():
+    model = tiny_llama(layers=1)
+    config = CompressionConfig(method="rtn", bits=4, group_size=16)
+    with pytest.raises(ValueError, match="eora_rank"):
+        compress_blocks(model, config, calib(n=1), eora_rank=-1)
+    with pytest.raises(ValueError, match="eora_method"):
+        compress_blocks(model, config, calib(n=1), eora_rank=4, eora_method="lora")
+    with pytest.raises(ValueError, match="eora_sequential"):
+        compress_blocks(model, config, calib(n=1), eora_rank=4, eora_method="svd", eora_sequential=True)
+    with pytest.raises(ValueError, match="device"):
+        compress_blocks(model, config, calib(n=1), device="gpu0")
+    with pytest.raises(TypeError, match="config"):
+        compress_blocks(model, {"method": "rtn"}, calib(n=1))
+    with pytest.raises(ValueError, match="calib_batches is empty"):
+        compress_blocks(model, config, [])
