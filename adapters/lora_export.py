@@ -164,7 +164,7 @@ def to_lora(
         ``modules_to_save``, ``task_type``, ``base_model_name_or_path`` and ``revision`` copied
         from the adapter's config.
     state_dict : dict of str to Tensor
-        PEFT's LoRA checkpoint layout, e.g. ``base_model.model.<module>.lora_A.weight: (R, d_in)``,
+        On CPU, in PEFT's LoRA checkpoint layout, e.g. ``base_model.model.<module>.lora_A.weight: (R, d_in)``,
         ``...lora_B.weight: (d_out, R)``, ``...lora_embedding_A: (R, num_embeddings)``, and the
         trained copies of ``modules_to_save`` under ``base_model.model.<module>.<param>``. Load
         with ``set_peft_model_state_dict(get_peft_model(base, config), state_dict)``, or write
@@ -201,14 +201,14 @@ def to_lora(
             )
         a, b = module.lora_factors(adapter_name)
         entries, rank = layout(key, base, a, b)
-        state_dict.update({name: tensor.to(dtype).contiguous().clone() for name, tensor in entries.items()})
+        state_dict.update({name: tensor.to("cpu", dtype).contiguous().clone() for name, tensor in entries.items()})
         ranks[key.removeprefix(_PEFT_PREFIX)] = rank
     if not ranks:
         raise ValueError(f"adapter {adapter_name!r} ({peft_type}) adapts no layer of this model; nothing to export")
     for key, module in peft_model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for name, param in module.modules_to_save[adapter_name].named_parameters():
-                state_dict[f"{key}.{name}"] = param.detach().to(dtype).contiguous().clone()
+                state_dict[f"{key}.{name}"] = param.detach().to("cpu", dtype).contiguous().clone()
     rank = collections.Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: r for name, r in ranks.items() if r != rank}
     config = LoraConfig(
@@ -239,6 +239,10 @@ def export_lora(
     The directory holds ``adapter_config.json`` (``peft_type: "LORA"``) and
     ``adapter_model.safetensors``: what ``PeftModel.from_pretrained(base, path)``,
     ``vllm serve <base> --enable-lora --lora-modules name=path``, TGI and Diffusers load.
+    vLLM's own limits apply: it adapts linear layers, refuses ``modules_to_save`` (a trained
+    head, LoRETTA's ``train_norms``), and needs ``--max-lora-rank`` at least the exported
+    ``r`` (every ``lora_alpha / r`` here is 1, so its single global scaling is right even where
+    ``rank_pattern`` gives some layers another rank).
 
     Parameters
     ----------
