@@ -1,4 +1,4 @@
-"""tensornets: factorized linear maps (low rank, Tucker, TT, MPO, BTT) for PyTorch.
+"""tensornets: factorized linear maps (low rank, Tucker, TT, MPO, BTT, CP) for PyTorch.
 
 >>> import torch, tensornets
 >>> W = torch.randn(256, 512)
@@ -8,9 +8,10 @@
 """
 
 from .contraction import ContractionPlan, batch_bucket, clear_plan_cache, plan_cache_info, plan_contraction
-from .decompositions import hooi, hosvd, randomized_svd, truncated_svd, tt_svd
+from .decompositions import cp_als, hooi, hosvd, randomized_svd, truncated_svd, tt_svd
 from .formats import (
     BTT,
+    CP,
     MPO,
     EinsumFactorization,
     Factorization,
@@ -24,6 +25,7 @@ from .formats import (
 from .init import factor_std, init_factorization_, mup_param_groups
 from .io import load, save
 from .layers import FactorizedConv2d, FactorizedLinear, decompose
+from .plans import get_strategy, set_strategy
 from .shapes import factorize, padded_size, prime_factors
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ __all__ = [
     "TensorTrain",
     "MPO",
     "BTT",
+    "CP",
     "register_format",
     "get_format",
     "available_formats",
@@ -47,6 +50,9 @@ __all__ = [
     "tt_svd",
     "hosvd",
     "hooi",
+    "cp_als",
+    "set_strategy",
+    "get_strategy",
     "ContractionPlan",
     "plan_contraction",
     "batch_bucket",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import EinsumFactorization, Factorization
 from .btt import BTT
+from .cp import CP
 from .lowrank import LowRank
 from .mpo import MPO
 from .tt import TensorTrain
@@ -21,6 +22,7 @@ __all__ = [
     "TensorTrain",
     "MPO",
     "BTT",
+    "CP",
     "register_format",
     "get_format",
     "available_formats",
@@ -41,7 +43,7 @@ def register_format(cls: type[Factorization], *aliases: str) -> type[Factorizati
 
 
 def get_format(name: str) -> type[Factorization]:
-    """The format class registered as ``name`` (``"lowrank"``, ``"tucker"``, ``"tt"``, ``"mpo"``/``"ttm"``, ``"btt"``)."""
+    """The format class registered as ``name`` (``"lowrank"``, ``"tucker"``, ``"tt"``, ``"mpo"``/``"ttm"``, ``"btt"``, ``"cp"``)."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -58,3 +60,4 @@ register_format(Tucker)
 register_format(TensorTrain)
 register_format(MPO, "ttm")
 register_format(BTT)
+register_format(CP)

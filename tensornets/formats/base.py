@@ -210,6 +210,22 @@ class Factorization(nn.Module, ABC):
             "ranks": list(self.ranks),
         }
 
+    def to_tensorly(self) -> Any:
+        """This factorization as tensorly's ``TuckerTensor``, ``TTTensor``, ``TTMatrix`` or ``CPTensor``
+        (detached tensors sharing storage); see :mod:`tensornets.tensorly_interop`."""
+        from ..tensorly_interop import to_tensorly  # tensorly loads only when interop is used
+
+        return to_tensorly(self)
+
+    @classmethod
+    def from_tensorly(cls, obj: Any, **kwargs: Any) -> "Factorization":
+        """A factorization copied from a tensorly factorized tensor; ``Factorization.from_tensorly`` picks
+        the format from ``type(obj)``, a subclass reads its own. ``kwargs``: ``num_out_modes``,
+        ``in_features``, ``out_features`` (see :func:`tensornets.tensorly_interop.from_tensorly`)."""
+        from ..tensorly_interop import from_tensorly
+
+        return from_tensorly(obj, None if cls is Factorization else cls, **kwargs)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -15,7 +15,12 @@ FORMAT_CASES = [
     ("mpo", {"num_cores": 2}),
     ("mpo", {"num_cores": 3}),
     ("btt", {}),
+    ("cp", {"num_cores": 1}),
+    ("cp", {"num_cores": 2}),
 ]
+#: formats fitted by ALS (no error bound): below this relative error their error is ALS's
+#: convergence noise, so it may rise by that much from one rank to the next
+ALS_ERROR_FLOOR = {"cp": 1e-6}
 CASE_IDS = [f"{f}-{kw.get('num_cores', 'default')}" for f, kw in FORMAT_CASES]
 OUT, IN = 48, 60
 

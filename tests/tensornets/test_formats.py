@@ -9,12 +9,12 @@ import torch
 
 import tensornets
 from tensornets.formats.base import budget_limit, traffic_weight
-from format_cases import CASE_IDS, FORMAT_CASES, IN, OUT, full_rank, low_rank_plus_noise
+from format_cases import ALS_ERROR_FLOOR, CASE_IDS, FORMAT_CASES, IN, OUT, full_rank, low_rank_plus_noise
 from tolerance import assert_close
 
 
 def test_registry_lists_every_format_and_alias():
-    assert tensornets.available_formats() == ["btt", "lowrank", "mpo", "tt", "tucker"]
+    assert tensornets.available_formats() == ["btt", "cp", "lowrank", "mpo", "tt", "tucker"]
     assert tensornets.get_format("ttm") is tensornets.MPO
     with pytest.raises(ValueError, match="unknown format 'blocktt'"):
         tensornets.get_format("blocktt")
@@ -73,7 +73,8 @@ def test_error_decreases_monotonically_with_rank(format_case):
     for r in range(1, full_rank(fmt, kw) + 1, max(1, full_rank(fmt, kw) // 8)):
         fact = tensornets.decompose(W, fmt, rank=r, **kw)
         errors.append(float((fact.to_dense().detach() - W).norm() / W.norm()))
-    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
+    slack = ALS_ERROR_FLOOR.get(fmt, 1e-12)
+    assert all(b <= a + slack for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0]
 
 

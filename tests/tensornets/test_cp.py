@@ -1,0 +1,119 @@
+"""CP format specifics beyond the conformance suite: exact recovery, ALS behaviour, options, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tensornets
+from tensornets import CP, FactorizedLinear
+from tensornets.decompositions import cp_als, cp_rank_bound, cp_slices
+from tensornets.formats.cp import fold_weights
+from format_cases import IN, OUT, low_rank_plus_noise
+from tolerance import assert_close, assert_close_relative, relative_error
+
+MODES = ((6, 8), (6, 10))  # (out_modes, in_modes) of the 48 x 60 test matrix
+
+
+def exact_cp_matrix(rank: int, seed: int = 0) -> torch.Tensor:
+    """A 48 x 60 matrix whose tensorization (6, 8, 6, 10) has CP rank ``rank`` exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(n, rank, generator=gen, dtype=torch.float64) for n in (*MODES[0], *MODES[1])]
+    return torch.einsum("ar,br,cr,dr->abcd", *factors).reshape(OUT, IN)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_als_recovers_an_exact_cp_tensor(rank):
+    W = exact_cp_matrix(rank)
+    fact = tensornets.decompose(W, "cp", rank=rank, modes=MODES, n_iter_max=2000, tol=1e-14)
+    assert fact.ranks == (rank,)
+    assert_close_relative(fact.to_dense().detach(), W, tol=1e-6)
+
+
+def test_error_falls_with_rank_on_a_random_matrix():
+    torch.manual_seed(0)
+    W = torch.randn(OUT, IN, dtype=torch.float64)
+    errors = [relative_error(tensornets.decompose(W, "cp", rank=r, modes=MODES).to_dense().detach(), W) for r in (1, 8, 32, 96, 200)]
+    assert errors == sorted(errors, reverse=True), errors
+    # the bound rank is exact by construction, whatever W is
+    assert_close(tensornets.decompose(W, "cp", rank=cp_rank_bound((6, 8, 6, 10)), modes=MODES).to_dense().detach(), W)
+
+
+def test_decomposition_is_deterministic_and_seeded():
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    a = tensornets.decompose(W, "cp", rank=12, modes=MODES)
+    b = tensornets.decompose(W, "cp", rank=12, modes=MODES)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    c = tensornets.decompose(W, "cp", rank=12, modes=MODES, init="random", seed=1)
+    d = tensornets.decompose(W, "cp", rank=12, modes=MODES, init="random", seed=2)
+    assert not torch.equal(c.out_factors[0], d.out_factors[0])
+
+
+def test_cp_slices_and_rank_bound():
+    torch.manual_seed(0)
+    T = torch.randn(3, 5, 2, 4, dtype=torch.float64)
+    factors = cp_slices(T)
+    assert cp_rank_bound(T.shape) == 3 * 2 * 4
+    assert [tuple(f.shape) for f in factors] == [(3, 24), (5, 24), (2, 24), (4, 24)]
+    assert torch.equal(torch.einsum("ar,br,cr,dr->abcd", *factors), T)
+
+
+def test_fold_weights_keeps_the_tensor_and_balances_scales():
+    torch.manual_seed(0)
+    w = torch.tensor([4.0, -9.0], dtype=torch.float64)
+    factors = [torch.randn(n, 2, dtype=torch.float64) for n in (3, 4)]
+    folded = fold_weights(w, factors)
+    assert_close(torch.einsum("ar,br->ab", *folded), torch.einsum("r,ar,br->ab", w, *factors))
+    assert_close(folded[1], factors[1] * w.abs().sqrt())
+
+
+def test_cp_als_weights_and_unit_columns():
+    W = exact_cp_matrix(3).reshape(6, 8, 6, 10)
+    weights, factors = cp_als(W, 3, n_iter_max=2000, tol=1e-14)
+    for f in factors:
+        assert_close(torch.linalg.vector_norm(f, dim=0), torch.ones(3, dtype=torch.float64))
+    assert_close_relative(torch.einsum("r,ar,br,cr,dr->abcd", weights, *factors), W, tol=1e-6)
+
+
+def test_eps_returns_the_smallest_bisected_rank_that_meets_it():
+    W = exact_cp_matrix(4)
+    fact = tensornets.decompose(W, "cp", eps=1e-3, modes=MODES, n_iter_max=2000)
+    assert relative_error(fact.to_dense().detach(), W) <= 1e-3
+    assert fact.ranks == (4,)  # every rank >= 4 fits W exactly, none below does
+    # rank= caps eps: the smaller rank wins
+    assert tensornets.decompose(W, "cp", eps=1e-3, rank=2, modes=MODES).ranks == (2,)
+
+
+def test_forward_cost_is_linear_in_rank_and_modes():
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "cp", rank=4, modes=MODES)
+    assert fact.num_parameters == 4 * (6 + 8 + 6 + 10) == sum(p.numel() for p in fact.parameters())
+    flops, _ = fact._contract_cost(64)
+    # x (B, in) meets the in-factors (2 B R in), the out-factors expand to (B, out) (2 B R out); the middle steps are smaller
+    assert 2 * 64 * 4 * (IN + OUT) <= flops <= 4 * 64 * 4 * (IN + OUT)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(rank=3, init="hosvd"), ValueError, r"init='hosvd' must be 'svd' or 'random'"),
+        (dict(rank=3, algorithm="hooi"), TypeError, r"unexpected options \['algorithm'\]"),
+        (dict(rank=3, svd="randomized"), ValueError, r"svd='randomized' does not apply to cp"),
+        (dict(rank=10**4), ValueError, r"rank=10000 does not fit the cp format"),
+        (dict(rank=3, n_iter_max=0), ValueError, r"n_iter_max >= 1"),
+    ],
+)
+def test_bad_options_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "cp", modes=MODES, **kwargs)
+
+
+@pytest.mark.parametrize("std", [None, 0.02])
+def test_random_init_std_within_15_percent(std):
+    gen = torch.Generator().manual_seed(0)
+    layer = FactorizedLinear.create(1024, 768, "cp", rank=64, num_cores=2, generator=gen)
+    if std is not None:
+        tensornets.init_factorization_(layer.factorization, std=std, generator=gen)
+    target = 1024**-0.5 if std is None else std
+    realized = float(layer.factorization.to_dense().detach().std())
+    assert abs(realized / target - 1) < 0.15, (realized, target)
+    assert isinstance(layer.factorization, CP)
