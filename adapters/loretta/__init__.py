@@ -16,7 +16,8 @@ from adapters.loretta.layer import (
     paper_init_,
     tt_factor,
 )
-from adapters.loretta.model import ADP_TARGET_MODULES, LoRETTAAdpModel, LoRETTARepModel, is_norm_layer, norm_layer_names
+from adapters.loretta.model import LoRETTAAdpModel, LoRETTARepModel, is_norm_layer, norm_layer_names
+from adapters.loretta.placement import ADP_TARGET_MODULES, adp_default_targets, find_adp_placement
 
 __all__ = [
     "ADP_TARGET_MODULES",
@@ -30,8 +31,10 @@ __all__ = [
     "LoRETTARepConfig",
     "LoRETTARepLayer",
     "LoRETTARepModel",
+    "adp_default_targets",
     "factor_modes",
     "factor_parameter_count",
+    "find_adp_placement",
     "is_norm_layer",
     "norm_layer_names",
     "paper_init_",

@@ -133,8 +133,9 @@ class LoRETTAAdpConfig(LoRETTABaseConfig):
     ``f(h) = h + s · U(ReLU(D h + b_D)) + s · b_U`` with ``D: d → m`` and ``U: m → d`` tensor
     trains (modes of ``d`` first in both) and biases ``b_D: (m,)``, ``b_U: (d,)``. Targets are
     the attention output projection and the FFN output projection (defaults per architecture
-    in :data:`~adapters.loretta.model.ADP_TARGET_MODULES`: BERT family ``*.output.dense``,
-    Llama family ``o_proj`` and ``down_proj``). Init: ``U``'s last core and ``b_U`` are zero,
+    in :data:`~adapters.loretta.placement.ADP_TARGET_MODULES`: BERT family ``*.output.dense``,
+    Llama family ``o_proj`` and ``down_proj``; other models: the same projections found in
+    their blocks, :func:`~adapters.loretta.placement.find_adp_placement`). Init: ``U``'s last core and ``b_U`` are zero,
     so the adapter starts as the identity. Not mergeable (it is nonlinear in ``h``).
     """
 

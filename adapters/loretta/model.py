@@ -11,20 +11,9 @@ from torch import nn
 from adapters._delta import DeltaTuner
 from adapters.loretta.config import LoRETTAAdpConfig, LoRETTABaseConfig, LoRETTARepConfig
 from adapters.loretta.layer import NOT_MERGEABLE, LoRETTAAdpLayer, LoRETTARepLayer
+from adapters.loretta.placement import ADP_TARGET_MODULES, adp_default_targets
 
-__all__ = ["ADP_TARGET_MODULES", "LoRETTAAdpModel", "LoRETTARepModel", "is_norm_layer", "norm_layer_names"]
-
-_BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2")
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2")
-
-#: Default LoRETTA-adp placement per ``model_type``: the attention output projection and the FFN
-#: output projection (BERT family: ``attention.output.dense`` and ``output.dense``, both matched
-#: by the suffix ``output.dense``; Llama family: ``o_proj`` and ``down_proj``).
-ADP_TARGET_MODULES: dict[str, list[str]] = {
-    **{model_type: ["output.dense"] for model_type in _BERT_FAMILY},
-    **{model_type: ["o_proj", "down_proj"] for model_type in _LLAMA_FAMILY},
-    "distilbert": ["attention.out_lin", "ffn.lin2"],
-}
+__all__ = ["LoRETTAAdpModel", "LoRETTARepModel", "is_norm_layer", "norm_layer_names"]
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -114,7 +103,9 @@ class LoRETTAAdpModel(_LoRETTATuner):
     """PEFT tuner for LoRETTA_adp (use through ``peft.get_peft_model(model, LoRETTAAdpConfig(...))``).
 
     Wraps each target ``nn.Linear`` (an output projection) with a bottleneck on its output.
-    Default targets per architecture: :data:`ADP_TARGET_MODULES`. Merging raises
+    Default targets: :data:`ADP_TARGET_MODULES` for the model types it lists, else the attention
+    and FFN output projections of the blocks found in the model
+    (:func:`~adapters.loretta.placement.find_adp_placement`). Merging raises
     (:data:`~adapters.loretta.layer.NOT_MERGEABLE`); ``unload()`` works.
 
     Examples
@@ -134,9 +125,7 @@ class LoRETTAAdpModel(_LoRETTATuner):
         raise ValueError(NOT_MERGEABLE)
 
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
-        if peft_config.target_modules is None and model_config.get("model_type") not in ADP_TARGET_MODULES:
-            raise ValueError(
-                f"LoRETTA-adp has no default placement for model_type={model_config.get('model_type')!r}; pass "
-                "target_modules= naming the attention output and FFN output projections, e.g. ['o_proj', 'down_proj']"
-            )
+        # The table for the model types it lists, else the blocks read off the model (placement.py).
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(adp_default_targets(self.model, model_config.get("model_type")))
         return super()._prepare_adapter_config(peft_config, model_config)

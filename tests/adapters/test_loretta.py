@@ -15,8 +15,10 @@ import tensornets
 from adapters.loretta import (
     ADP_TARGET_MODULES,
     LoRETTARepLayer,
+    adp_default_targets,
     factor_modes,
     factor_parameter_count,
+    find_adp_placement,
     paper_init_,
     tt_factor,
 )
@@ -199,3 +201,133 @@ def test_adp_parameter_count_follows_the_formula():
     d_modes = tensornets.factorize(d, config.num_modes)
     per_layer = 2 * tt_formula([*d_modes, m], tt_rank) + m + d
     assert n_trainable(model) == 2 * per_layer == model.base_model.parameter_counts()["adapter"]
+
+
+def table_selection(model: nn.Module, model_type: str) -> list[str]:
+    """The linears the table's suffixes select, as PEFT matches them (``name == t`` or ``.t`` suffix)."""
+    suffixes = ADP_TARGET_MODULES[model_type]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in suffixes)
+    ]
+
+
+@pytest.mark.parametrize(("build", "model_type"), [(tiny_bert, "bert"), (tiny_llama, "llama")], ids=["bert", "llama"])
+def test_structural_placement_equals_the_table_on_bert_and_llama(build, model_type):
+    model = build()
+    assert model.config.model_type == model_type
+    assert find_adp_placement(model) == table_selection(model, model_type)
+
+
+def tiny_decoder(config_cls_name: str, model_cls_name: str) -> nn.Module:
+    """A two-block decoder of a recent model type with random weights, from transformers' config classes."""
+    import transformers
+
+    config = getattr(transformers, config_cls_name)(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls_name)(config).eval()
+
+
+NEW_MODEL_TYPES = [
+    pytest.param("SmolLM3Config", "SmolLM3ForCausalLM", ["self_attn.o_proj", "mlp.down_proj"], id="smollm3"),
+    pytest.param("Glm4Config", "Glm4ForCausalLM", ["self_attn.o_proj", "mlp.down_proj"], id="glm4"),
+    pytest.param("ModernBertConfig", "ModernBertModel", ["attn.Wo", "mlp.Wo"], id="modernbert"),
+]
+
+
+@pytest.mark.parametrize(("config_cls", "model_cls", "per_block"), NEW_MODEL_TYPES)
+def test_adp_default_placement_on_a_model_type_outside_the_table(config_cls, model_cls, per_block, tmp_path):
+    base = tiny_decoder(config_cls, model_cls)
+    assert base.config.model_type not in ADP_TARGET_MODULES
+    blocks = "model.layers" if hasattr(base, "model") else "layers"
+    expected = [f"{blocks}.{i}.{rel}" for i in range(2) for rel in per_block]
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def out(model: nn.Module) -> torch.Tensor:
+        result = model(input_ids=ids)
+        return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+    with torch.no_grad():
+        reference = out(base)
+    model = get_peft_model(base, adapters.LoRETTAAdpConfig(bottleneck=8))
+    adapted = [
+        name.removeprefix("base_model.model.")
+        for name, m in model.named_modules()
+        if isinstance(m, adapters.loretta.LoRETTAAdpLayer)
+    ]
+    assert adapted == expected
+    assert model.peft_config["default"].target_modules == set(per_block)
+    with torch.no_grad():
+        assert torch.equal(out(model), reference)  # starts as the identity
+        generator = torch.Generator().manual_seed(0)
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:  # a non-zero adapter, so a reload that drops a tensor shows
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        adapted_out = out(model)
+    assert torch.isfinite(adapted_out).all() and not torch.equal(adapted_out, reference)
+    model.save_pretrained(str(tmp_path))
+    reloaded = PeftModel.from_pretrained(tiny_decoder(config_cls, model_cls), str(tmp_path), adapter_name="other")
+    with torch.no_grad():
+        assert torch.equal(out(reloaded), adapted_out)
+    # A second adapter on the wrapped model finds the same places.
+    model.add_adapter("second", adapters.LoRETTAAdpConfig(bottleneck=4))
+    assert model.peft_config["second"].target_modules == set(per_block)
+
+
+class Block(nn.Module):
+    """A hand-written block: ``attention`` (q, k, v, out) and an FFN (``up``, ``down``), or an expert list."""
+
+    def __init__(self, d: int, experts: int = 0) -> None:
+        super().__init__()
+        self.attention = nn.ModuleDict({name: nn.Linear(d, d) for name in ("q", "k", "v", "out")})
+        if experts:
+            self.experts = nn.ModuleList(
+                nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d)) for _ in range(experts)
+            )
+        else:
+            self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+
+class Stack(nn.Module):
+    def __init__(self, d: int = 8, n_blocks: int = 3, experts: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.blocks = nn.ModuleList(Block(d, experts) for _ in range(n_blocks))
+        self.head = nn.Linear(d, 2)
+
+
+def test_structural_placement_on_a_custom_model():
+    model = Stack()
+    expected = [f"blocks.{i}.{rel}" for i in range(3) for rel in ("attention.out", "down")]
+    assert find_adp_placement(model) == expected
+    assert adp_default_targets(model, "custom") == ["attention.out", "down"]
+    # A single-segment suffix that also names a module outside the blocks: full names instead.
+    model.down = nn.Linear(8, 8)
+    assert adp_default_targets(model, "custom") == expected
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(Stack(experts=2), id="experts-only-ffn"),
+        pytest.param(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), id="no-blocks"),
+    ],
+)
+def test_unrecognised_structure_raises_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"no default placement for model_type='custom'.*pass target_modules="):
+        adp_default_targets(model, "custom")
+    with pytest.raises(ValueError, match="no default placement"):
+        get_peft_model(model, adapters.LoRETTAAdpConfig(bottleneck=4))
+
+
+def test_gpt2_conv1d_blocks_are_not_recognised():
+    # GPT-2's projections are transformers' Conv1D, not nn.Linear: LoRETTA cannot adapt them.
+    from transformers import GPT2Config, GPT2Model
+
+    base = GPT2Model(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16))
+    with pytest.raises(ValueError, match="no default placement for model_type='gpt2'"):
+        get_peft_model(base, adapters.LoRETTAAdpConfig(bottleneck=4))
