@@ -8,6 +8,10 @@ which measured 1.2-4.4x slower). Plans are cached process-wide by ``(equation, s
 
 Formats whose forward depends on the batch size plan per *batch bucket* (the next power of
 two), see :func:`batch_bucket`, so a stream of ragged batch sizes reuses a handful of plans.
+
+Under ``torch.compile`` the planned path is used too (through ``torch.ops.aten.einsum``, which
+dynamo can trace); plan *search* never runs inside a traced region (see
+:meth:`tensornets.Factorization.forward`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class ContractionPlan:
         """Contract ``operands`` along the planned path (one C++ call, no path search)."""
         if len(operands) <= 2:
             return torch.einsum(self.equation, *operands)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace the C++ entry point below; the ATen op takes the same path
+            # (its dispatcher overhead, ~15 us in eager, is paid once at trace time here).
+            return torch.ops.aten.einsum(self.equation, list(operands), path=list(self.path))
         # torch.einsum would search a path again; its C++ entry point takes ours directly.
         return torch._VF.einsum(self.equation, operands, path=list(self.path))  # type: ignore[attr-defined]
 
@@ -86,6 +94,13 @@ def batch_bucket(batch: int) -> int:
     """The power of two ``>= batch`` that batch-dependent plans are made for."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if torch.compiler.is_compiling():
+        # Under torch.compile the batch may be symbolic: each comparison becomes a guard, so the
+        # compiled graph is reused for every batch in (bucket / 2, bucket] and retraced outside it.
+        bucket = 1
+        while bucket < batch:
+            bucket *= 2
+        return bucket
     return 1 << (batch - 1).bit_length()
 
 

@@ -1,8 +1,9 @@
 """The :class:`Factorization` interface every format implements.
 
 A factorization stores an ``(out, in)`` matrix ``W`` as small cores (``nn.Parameter``) and applies
-it to inputs ``(..., in) -> (..., out)`` without building ``W``, unless rebuilding ``W`` and one GEMM
-is cheaper for the batch at hand (the FLOP crossover, decided once per batch bucket).
+it to inputs ``(..., in) -> (..., out)`` through one of its candidate plans (:mod:`tensornets.plans`):
+rebuild ``W`` and one GEMM, or a contraction through the cores, whichever the strategy picks for
+the batch at hand (decided once per batch bucket, device and dtype).
 
 Sizes that cannot be split into the asked number of modes can be zero-padded (``pad=True``):
 the modes then multiply to ``padded_in >= in_features`` (``padded_out >= out_features``); inputs
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import wisdom
 from ..contraction import ContractionPlan, batch_bucket, plan_contraction
 from ..decompositions import resolve_eps
+from ..plans import ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy, default_timer, get_strategy
 from ..shapes import check_weight, factorize, padded_size, validate_modes
 
 __all__ = ["Factorization", "EinsumFactorization", "RankSpec", "budget_limit", "traffic_weight", "TRAFFIC_WEIGHT"]
@@ -30,11 +33,12 @@ RankSpec = int | Sequence[int] | None
 
 #: FLOPs that moving one element costs, per device type: the cost of a strategy is
 #: ``flops + weight * traffic``. FLOPs alone pick the contraction for MPO 4096^2 (r = 16, 32) at
-#: B = 512, which measured 1.2-2.7x slower than rebuild + GEMM on CPU: its intermediates
-#: (B x 64 x 64 x r elements) outweigh W and every pairwise step permutes them. The CPU value
-#: fits the spec's quiet-machine table (GEMM at ~160 GFLOP/s, 1.8-3.3 ns per element moved, so
-#: 300-530 FLOPs per element) and benchmarks/bench_layers.py; the CUDA value is the ratio of
-#: fp32 FLOP rate to memory bandwidth of current data-centre GPUs, not yet measured here.
+#: B = 512, which is slower than rebuild + GEMM on CPU: its intermediates (B x 64 x 64 x r
+#: elements) outweigh W and every pairwise step permutes them. The CPU value is the GEMM FLOP
+#: rate over the time per element moved measured on this project's CPUs (timings:
+#: benchmarks/results/layers.md); the CUDA value is the ratio of fp32 FLOP rate to memory
+#: bandwidth of current data-centre GPUs, not yet measured here. Where the formula is wrong for a
+#: machine, ``strategy="measure"`` (:mod:`tensornets.plans`) times the candidates instead.
 TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 64}
 
 
@@ -87,7 +91,10 @@ class Factorization(nn.Module, ABC):
         self.in_modes = validate_modes(in_modes, self.in_features, "in_modes")
         self.out_modes = validate_modes(out_modes, self.out_features, "out_modes")
         self._ranks = tuple(int(r) for r in ranks)
-        self._strategies: dict[tuple[int, str], tuple[bool, ContractionPlan | None]] = {}
+        #: this layer's strategy (None: the process-wide one, :func:`tensornets.set_strategy`)
+        self.plan_strategy: str | None = None
+        # (bucket, device, dtype, strategy, traced) -> the chosen plan
+        self._plans: dict[tuple[int, str, str, str, bool], Plan] = {}
 
     # ------------------------------------------------------------------ format hooks
     @classmethod
@@ -116,8 +123,8 @@ class Factorization(nn.Module, ABC):
         """Cores of ``weight: (prod(out_modes), prod(in_modes))`` keyed by parameter name."""
 
     @abstractmethod
-    def _contract(self, x: torch.Tensor, plan: ContractionPlan | None) -> torch.Tensor:
-        """``(B, padded_in) -> (B, padded_out)`` through the factors."""
+    def _contract(self, x: torch.Tensor, plan: Plan | ContractionPlan | None) -> torch.Tensor:
+        """``(B, padded_in) -> (B, padded_out)`` through the factors (``plan``: a contraction candidate, or None)."""
 
     @abstractmethod
     def _contract_cost(self, batch: int) -> tuple[int, int]:
@@ -139,9 +146,10 @@ class Factorization(nn.Module, ABC):
         ``num_terms`` products of one entry from each factor.
         """
 
-    def _contract_plan(self, bucket: int) -> ContractionPlan | None:
-        """The planned einsum for ``bucket`` rows, for formats that contract by einsum."""
-        return None
+    def _contract_candidates(self, batch: int) -> list[Plan]:
+        """The contractions through the cores for ``batch`` rows (default: the format's one ``_contract``)."""
+        flops, traffic = self._contract_cost(batch)
+        return [ContractPlan("contract", flops, traffic)]
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -165,36 +173,114 @@ class Factorization(nn.Module, ABC):
     def num_parameters(self) -> int:
         return self.parameter_count(self.in_modes, self.out_modes, self.ranks)
 
-    def _strategy_costs(self, batch: int) -> dict[str, tuple[int, int]]:
-        """``(flops, traffic)`` of both strategies for ``batch`` rows."""
+    # ------------------------------------------------------------------ plans
+    def _rebuild_candidate(self, batch: int) -> RebuildPlan:
+        """Rebuild ``W`` (:meth:`_dense`), then one GEMM of ``batch`` rows."""
         flops, traffic = self._rebuild_cost()
         dense = self.padded_in * self.padded_out
-        rebuild = (flops + 2 * batch * dense, traffic + dense + batch * (self.padded_in + self.padded_out))
-        return {"contract": self._contract_cost(batch), "rebuild": rebuild}
+        return RebuildPlan("rebuild", flops + 2 * batch * dense, traffic + dense + batch * (self.padded_in + self.padded_out))
+
+    def _candidates(self, batch: int) -> list[Plan]:
+        """Every plan that can run ``forward`` on ``batch`` rows; rebuild first (ties go to it)."""
+        return [self._rebuild_candidate(batch), *self._contract_candidates(batch)]
+
+    def _contract_plan(self, bucket: int) -> Plan:
+        """The contraction candidate the formula prefers for ``bucket`` rows."""
+        return cheapest(self._contract_candidates(bucket), traffic_weight(self._device_type()))
+
+    def _strategy_costs(self, batch: int) -> dict[str, tuple[int, int]]:
+        """``(flops, traffic)`` of rebuild + GEMM and of the formula's best contraction, for ``batch`` rows."""
+        rebuild, *contract = self._candidates(batch)
+        best = cheapest(contract, traffic_weight(self._device_type()))
+        return {"contract": (best.flops, best.traffic), "rebuild": (rebuild.flops, rebuild.traffic)}
 
     def flops(self, batch: int) -> int:
-        """FLOPs of ``forward`` on ``batch`` rows, for the strategy it uses (see :meth:`uses_rebuild`)."""
-        costs = self._strategy_costs(batch)
-        return costs["rebuild" if self._pick_rebuild(costs) else "contract"][0]
+        """FLOPs of ``forward`` on ``batch`` rows, for the plan it uses (see :meth:`strategy`)."""
+        label = self._plan(batch_bucket(batch)).label
+        return next(c.flops for c in self._candidates(batch) if c.label == label)
 
     def uses_rebuild(self, batch: int) -> bool:
         """Whether ``forward`` on ``batch`` rows rebuilds ``W`` and runs one GEMM."""
-        return self._strategy(batch_bucket(batch))[0]
+        return self._plan(batch_bucket(batch)).name == "rebuild"
 
     def strategy(self, batch: int) -> str:
-        """How ``forward`` runs on ``batch`` rows: ``"rebuild"`` (``W``, then one GEMM) or the format's
-        contraction (``"contract"``; an MPO says ``"einsum"`` or ``"split"``, see :class:`~tensornets.MPO`)."""
-        use_rebuild, plan = self._strategy(batch_bucket(batch))
-        return "rebuild" if use_rebuild else self._contraction_name(plan)
+        """How ``forward`` runs on ``batch`` rows: ``"rebuild"`` (``W``, then one GEMM), ``"einsum"``
+        (one planned einsum over the cores), ``"split"`` (MPO: two GEMMs around a bond) or
+        ``"contract"`` (the format's hand-written contraction: low rank, BTT)."""
+        return self._plan(batch_bucket(batch)).name
 
-    def _contraction_name(self, plan: Any) -> str:
-        return "contract"
+    def set_strategy(self, strategy: str | None) -> "Factorization":
+        """Choose how this layer picks its plan: ``"formula"``, ``"measure"``, a candidate name, or
+        ``None`` to follow :func:`tensornets.set_strategy`. Returns ``self``. See :mod:`tensornets.plans`."""
+        self.plan_strategy = check_strategy(strategy)
+        return self
 
-    def _pick_rebuild(self, costs: dict[str, tuple[int, int]]) -> bool:
-        weight = traffic_weight(self._device_type())
-        contract, rebuild = (costs[k][0] + weight * costs[k][1] for k in ("contract", "rebuild"))
-        # Ties go to the rebuild: F.linear runs one large GEMM at the best rate there is.
-        return rebuild <= contract
+    def tune(self, batches: Sequence[int], timer: Timer | None = None) -> dict[int, str]:
+        """Measure every candidate plan for the buckets of ``batches`` now, record the winners in the
+        wisdom file (:mod:`tensornets.wisdom`), and switch this layer to ``strategy="measure"``.
+
+        Use it before ``torch.compile`` (tracing cannot measure) or to refresh old wisdom.
+        ``timer(fn)`` returns seconds per call of ``fn`` (default :func:`tensornets.plans.default_timer`).
+        Returns ``{bucket: winning plan label}``.
+        """
+        self.set_strategy("measure")
+        ref = next(self.parameters())
+        chosen = {}
+        for batch in batches:
+            bucket = batch_bucket(int(batch))
+            plan = self._measure(bucket, ref, timer or default_timer)
+            self._plans[self._plan_key(bucket, ref, "measure", False)] = plan
+            chosen[bucket] = plan.label
+        return chosen
+
+    def _plan_key(self, bucket: int, ref: torch.Tensor, strategy: str, traced: bool) -> tuple[int, str, str, str, bool]:
+        return (bucket, str(ref.device), str(ref.dtype), strategy, traced)
+
+    def _plan(self, bucket: int, traced: bool = False) -> Plan:
+        """The plan ``forward`` runs on ``bucket`` rows (chosen once, then cached)."""
+        ref = next(self.parameters())
+        strategy = self.plan_strategy or get_strategy()
+        key = self._plan_key(bucket, ref, strategy, traced)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._choose(bucket, ref, strategy, can_measure=not traced)
+        return plan
+
+    def _choose(self, bucket: int, ref: torch.Tensor, strategy: str, can_measure: bool) -> Plan:
+        weight = traffic_weight(ref.device.type)
+        if strategy == "formula":
+            return cheapest(self._candidates(bucket), weight)
+        if strategy == "measure":
+            known = self._known(bucket, ref)
+            if known is not None:
+                return known
+            if not can_measure or ref.device.type == "meta":
+                return cheapest(self._candidates(bucket), weight)
+            return self._measure(bucket, ref, default_timer)
+        forced = [c for c in self._candidates(bucket) if c.name == strategy]
+        if not forced:
+            names = sorted({c.name for c in self._candidates(bucket)})
+            raise ValueError(f"strategy={strategy!r} is not a plan of {self.format_name}; its plans are {names}")
+        return cheapest(forced, weight)
+
+    def _wisdom_key(self, bucket: int, ref: torch.Tensor) -> str:
+        return wisdom.entry_key(self.format_name, self.out_modes, self.in_modes, self.ranks, bucket, ref.device, ref.dtype)
+
+    def _known(self, bucket: int, ref: torch.Tensor) -> Plan | None:
+        """The candidate the wisdom file names for this layer and bucket, if any."""
+        entry = wisdom.lookup(self._wisdom_key(bucket, ref))
+        if entry is None:
+            return None
+        return next((c for c in self._candidates(bucket) if c.label == entry["plan"]), None)
+
+    def _measure(self, bucket: int, ref: torch.Tensor, timer: Timer) -> Plan:
+        """Time every candidate on ``bucket`` random rows, record the fastest, return it."""
+        candidates = self._candidates(bucket)
+        x = torch.randn(bucket, self.padded_in, device=ref.device, dtype=ref.dtype)
+        seconds = {c.label: float(timer(lambda c=c: c.apply(self, x))) for c in candidates}
+        best = min(candidates, key=lambda c: seconds[c.label])  # ties: the earliest (rebuild first)
+        wisdom.record(self._wisdom_key(bucket, ref), best.label, seconds)
+        return best
 
     def _device_type(self) -> str:
         return next(self.parameters()).device.type
@@ -234,15 +320,6 @@ class Factorization(nn.Module, ABC):
         )
 
     # ------------------------------------------------------------------ apply
-    def _strategy(self, bucket: int) -> tuple[bool, ContractionPlan | None]:
-        key = (bucket, self._device_type())
-        cached = self._strategies.get(key)
-        if cached is None:
-            use_rebuild = self._pick_rebuild(self._strategy_costs(bucket))
-            cached = (use_rebuild, None if use_rebuild else self._contract_plan(bucket))
-            self._strategies[key] = cached
-        return cached
-
     def to_dense(self) -> torch.Tensor:
         """The represented matrix ``W: (out_features, in_features)``."""
         return self._dense()[: self.out_features, : self.in_features]
@@ -257,8 +334,13 @@ class Factorization(nn.Module, ABC):
         batch = x2.shape[0]
         if batch == 0:
             return x.new_zeros(*lead, self.out_features)
-        use_rebuild, plan = self._strategy(batch_bucket(batch))
-        y = F.linear(x2, self._dense()) if use_rebuild else self._contract(x2, plan)
+        if torch.compiler.is_compiling():
+            # Choosing a plan searches einsum paths (opt_einsum), which dynamo cannot trace: it runs
+            # eagerly, once per traced bucket, and the graph holds only the chosen plan's ops.
+            plan = self._plans[_traced_plan_key(self, batch_bucket(batch))]
+        else:
+            plan = self._plan(batch_bucket(batch))
+        y = plan.apply(self, x2)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
         return y.reshape(*lead, self.out_features)
@@ -451,6 +533,20 @@ class Factorization(nn.Module, ABC):
         return requested
 
 
+@torch.compiler.assume_constant_result
+def _traced_plan_key(fact: Factorization, bucket: int) -> tuple[int, str, str, str, bool]:
+    """Choose ``fact``'s plan for ``bucket`` rows while ``torch.compile`` traces its forward.
+
+    Dynamo calls this eagerly at trace time (``assume_constant_result``) and bakes the returned key
+    into the graph; the plan itself is then read from ``fact._plans``, which dynamo guards. Wisdom
+    is used when ``strategy="measure"``, but nothing is timed while tracing (the formula decides
+    where nothing was measured: call :meth:`Factorization.tune` before compiling). Changing the
+    strategy after compiling takes a recompile (``torch._dynamo.reset()``).
+    """
+    fact._plan(bucket, traced=True)
+    return fact._plan_key(bucket, next(fact.parameters()), fact.plan_strategy or get_strategy(), True)
+
+
 class EinsumFactorization(Factorization):
     """A format whose forward and rebuild are single planned einsums over its cores."""
 
@@ -465,22 +561,32 @@ class EinsumFactorization(Factorization):
     def _core_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(c.shape) for c in self._cores()]
 
-    def _contract_plan(self, bucket: int) -> ContractionPlan:
-        return plan_contraction(self._equations()[0], [(bucket, *self.in_modes), *self._core_shapes()])
+    def _einsum_plan(self, batch: int) -> ContractionPlan:
+        """The planned forward einsum over ``x: (batch, *in_modes)`` and every core."""
+        return plan_contraction(self._equations()[0], [(batch, *self.in_modes), *self._core_shapes()])
+
+    def _contract_candidates(self, batch: int) -> list[Plan]:
+        plan = self._einsum_plan(batch)
+        return [EinsumPlan("einsum", plan.flops, plan.traffic, plan)]
 
     def _dense_plan(self) -> ContractionPlan:
         return plan_contraction(self._equations()[1], self._core_shapes())
 
-    def _contract(self, x: torch.Tensor, plan: ContractionPlan | None) -> torch.Tensor:
-        plan = plan or self._contract_plan(batch_bucket(x.shape[0]))
-        y = plan(x.reshape(x.shape[0], *self.in_modes), *self._cores())
-        return y.reshape(x.shape[0], self.padded_out)
+    def _contract(self, x: torch.Tensor, plan: Plan | ContractionPlan | None) -> torch.Tensor:
+        if plan is None:
+            plan = self._contract_plan(batch_bucket(x.shape[0]))
+        elif isinstance(plan, ContractionPlan):
+            plan = EinsumPlan("einsum", plan.flops, plan.traffic, plan)
+        return plan.apply(self, x)
 
     def _contract_cost(self, batch: int) -> tuple[int, int]:
-        plan = plan_contraction(self._equations()[0], [(batch, *self.in_modes), *self._core_shapes()])
+        plan = self._einsum_plan(batch)
         return plan.flops, plan.traffic
 
     def _dense(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # The path search cannot be traced; torch.einsum runs the same search once, at trace time.
+            return torch.einsum(self._equations()[1], *self._cores()).reshape(self.padded_out, self.padded_in)
         return self._dense_plan()(*self._cores()).reshape(self.padded_out, self.padded_in)
 
     def _rebuild_cost(self) -> tuple[int, int]:

@@ -11,26 +11,32 @@ from torch import nn
 
 from ..contraction import ContractionPlan, plan_contraction
 from ..decompositions import tt_svd
-from .base import EinsumFactorization, traffic_weight
+from ..plans import Plan
+from .base import EinsumFactorization
 from .symbols import letters
 
 __all__ = ["MPO", "SplitPlan"]
 
 
 @dataclass(frozen=True)
-class SplitPlan:
-    """The MPO applied as two GEMMs around bond ``m`` (see :meth:`MPO._split_contract`).
+class SplitPlan(Plan):
+    """The MPO applied as two GEMMs around bond ``m = split`` (see :meth:`MPO._split_contract`).
 
     ``left`` contracts cores ``1..m`` to ``L: (o_L, i_L, r_m)``, ``right`` contracts cores ``m+1..d``
     to ``R: (i_R, r_m, o_R)``; ``flops`` and ``traffic`` cover both rebuilds and both GEMMs for
-    the batch the plan was made for (any batch runs on it).
+    the batch the plan was made for (any batch runs on it). One candidate per bond.
     """
 
-    split: int
-    left: ContractionPlan
-    right: ContractionPlan
-    flops: int
-    traffic: int
+    split: int = 0
+    left: ContractionPlan | None = None
+    right: ContractionPlan | None = None
+
+    @property
+    def label(self) -> str:
+        return f"split@{self.split}"
+
+    def apply(self, fact: "MPO", x: torch.Tensor) -> torch.Tensor:
+        return fact._split_contract(x, self)
 
 
 class MPO(EinsumFactorization):
@@ -118,8 +124,9 @@ class MPO(EinsumFactorization):
     #     y = L.reshape(o_L, i_L r_m) @ T.reshape(B, i_L r_m, o_R)   (B, o_L, o_R)
     # opt_einsum often finds the same pairing for small B, but ATen's einsum then permutes every
     # intermediate; the split's layouts make both products plain GEMMs with no copy in between.
-    # Measured on 4096^2, modes 8^4, r = 16 (2 CPU threads): B = 1 0.21 vs 0.31 ms, B = 512 63 vs
-    # 103 ms (einsum) and 92 ms (rebuild + GEMM). Which plan runs is decided by the cost model.
+    # Measured on 4096^2, modes 8^4, r = 16: the split beats the einsum at B = 1 and B = 512 and
+    # rebuild + GEMM at B = 512 (benchmarks/results/layers.md). Which plan runs is the strategy's
+    # choice among the candidates (each split, the einsum, rebuild + GEMM; tensornets.plans).
     def _split_equations(self, m: int) -> tuple[str, str]:
         _, O, I, A, cores = self._indices()
         left = f"{','.join(cores[:m])}->{''.join(O[:m])}{''.join(I[:m])}{A[m]}"
@@ -140,31 +147,12 @@ class MPO(EinsumFactorization):
         # permutes between steps (the cost the traffic weight was fitted to). Counting it once
         # matches the measured order of split / einsum / rebuild on 1024^2 and 4096^2, r = 8-32.
         traffic = left.traffic + right.traffic + batch * i_l * i_r + i_r * r * o_r + hidden + o_l * i_l * r + batch * o_l * o_r
-        return SplitPlan(split=m, left=left, right=right, flops=flops, traffic=traffic)
+        return SplitPlan("split", flops, traffic, split=m, left=left, right=right)
 
-    def _best_plan(self, batch: int) -> ContractionPlan | SplitPlan:
-        """The cheapest of the einsum plan and the split at each bond, by ``flops + weight * traffic``."""
-        candidates: list[ContractionPlan | SplitPlan] = [self._split_plan(m, batch) for m in range(1, len(self.out_modes))]
-        candidates.append(super()._contract_plan(batch))
-        weight = traffic_weight(self._device_type())
-        # Ties go to a split: the same pairing without ATen's permute copies.
-        return min(candidates, key=lambda p: p.flops + weight * p.traffic)
-
-    def _contract_plan(self, bucket: int) -> ContractionPlan | SplitPlan:  # type: ignore[override]
-        return self._best_plan(bucket)
-
-    def _contraction_name(self, plan: ContractionPlan | SplitPlan) -> str:
-        return "split" if isinstance(plan, SplitPlan) else "einsum"
-
-    def _contract_cost(self, batch: int) -> tuple[int, int]:
-        plan = self._best_plan(batch)
-        return plan.flops, plan.traffic
-
-    def _contract(self, x: torch.Tensor, plan: ContractionPlan | SplitPlan | None) -> torch.Tensor:  # type: ignore[override]
-        plan = plan or self._contract_plan(x.shape[0])
-        if isinstance(plan, SplitPlan):
-            return self._split_contract(x, plan)
-        return super()._contract(x, plan)
+    def _contract_candidates(self, batch: int) -> list[Plan]:
+        """The split at each bond, then the einsum over every core (ties go to a split: the same
+        pairing without ATen's permute copies)."""
+        return [*(self._split_plan(m, batch) for m in range(1, len(self.out_modes))), *super()._contract_candidates(batch)]
 
     def _split_contract(self, x: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
         m, cores, B = plan.split, self._cores(), x.shape[0]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..decompositions import tt_svd
+from ..plans import cheapest
 from .base import EinsumFactorization, traffic_weight
 from .symbols import letters
 
@@ -113,9 +114,8 @@ class TensorTrain(EinsumFactorization):
         device = self._device_type()
         split = self._rebuild_splits.get(device)
         if split is None:
-            weight = traffic_weight(device)
-            costs = {s: self._sweep_cost(s) for s in range(1, len(self.ranks) + 1)}
-            split = self._rebuild_splits[device] = min(costs, key=lambda s: costs[s][0] + weight * costs[s][1])
+            splits = range(1, len(self.ranks) + 1)
+            split = self._rebuild_splits[device] = cheapest(splits, traffic_weight(device), cost=self._sweep_cost)
         return split
 
     def _rebuild_cost(self) -> tuple[int, int]:

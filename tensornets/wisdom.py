@@ -1,0 +1,123 @@
+"""Wisdom: measured plan choices remembered on disk, per machine and torch version (FFTW style).
+
+``strategy="measure"`` (:mod:`tensornets.plans`) times each candidate plan of a layer once per
+(format, shapes, batch bucket, device, dtype) and stores the winner here, so the next process on
+the same machine skips the measurement.
+
+File: ``$TENSORNETS_CACHE`` if set (a file path), else ``~/.cache/tensornets/wisdom.json``::
+
+    {"version": 1,
+     "machines": {"<machine key>": {"<entry key>": {"plan": "split@2", "seconds": {"rebuild": 0.0021, ...}}}}}
+
+- The machine key (:func:`machine_key`) holds the platform, CPU model, torch thread count and
+  torch version: a measurement never travels to another machine, thread setting or torch.
+- The entry key (:func:`entry_key`) holds the format, modes, ranks, batch bucket, device (with the
+  GPU's name) and dtype.
+- Writes are atomic (a temporary file in the same directory, then ``os.replace``): a crash or a
+  concurrent reader never sees half a file. Concurrent writers may lose each other's newest
+  entries (last writer wins), never corrupt the file.
+- A file that cannot be read or parsed gives a warning and is ignored (it is replaced at the next
+  write).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["wisdom_path", "machine_key", "entry_key", "lookup", "record", "forget"]
+
+VERSION = 1
+_loaded: dict[Path, dict[str, Any]] = {}  # path -> parsed file, read once per process
+
+
+def wisdom_path() -> Path:
+    """Where the wisdom lives: ``$TENSORNETS_CACHE`` or ``~/.cache/tensornets/wisdom.json``."""
+    env = os.environ.get("TENSORNETS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tensornets" / "wisdom.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-cpu"
+
+
+def machine_key() -> str:
+    """``"<system>-<arch>|<CPU model>|threads=<n>|torch=<version>"`` for this process."""
+    return f"{platform.system()}-{platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def entry_key(
+    format_name: str,
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    ranks: tuple[int, ...],
+    bucket: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> str:
+    """The key of one measurement: format, shapes, batch bucket, device (GPU name included) and dtype."""
+    dev = device.type
+    if device.type == "cuda":
+        dev = f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{format_name}|out={list(out_modes)}|in={list(in_modes)}|ranks={list(ranks)}|B={bucket}|{dev}|{str(dtype).removeprefix('torch.')}"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if path in _loaded:
+        return _loaded[path]
+    data: dict[str, Any] = {"version": VERSION, "machines": {}}
+    if path.exists():
+        try:
+            parsed = json.loads(path.read_text())
+            if not (isinstance(parsed, dict) and parsed.get("version") == VERSION and isinstance(parsed.get("machines"), dict)):
+                raise ValueError(f"expected {{'version': {VERSION}, 'machines': {{...}}}}")
+            data = parsed
+        except (OSError, ValueError) as exc:
+            warnings.warn(
+                f"tensornets wisdom file {path} is unreadable ({exc}); ignoring it (it is rewritten at the next "
+                f"measurement). Delete it or set TENSORNETS_CACHE to another file to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    _loaded[path] = data
+    return data
+
+
+def lookup(key: str) -> dict[str, Any] | None:
+    """The stored measurement for ``key`` on this machine (``{"plan": label, "seconds": {...}}``), or None."""
+    entry = _read(wisdom_path())["machines"].get(machine_key(), {}).get(key)
+    return entry if isinstance(entry, dict) and isinstance(entry.get("plan"), str) else None
+
+
+def record(key: str, plan: str, seconds: dict[str, float]) -> None:
+    """Store that ``plan`` won the measurement ``key`` (``seconds``: time per candidate) and write the file atomically."""
+    path = wisdom_path()
+    data = _read(path)
+    data["machines"].setdefault(machine_key(), {})[key] = {"plan": plan, "seconds": seconds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def forget() -> None:
+    """Drop what this process has read (the next lookup reads the file again); the file is untouched."""
+    _loaded.clear()

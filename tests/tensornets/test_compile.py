@@ -1,0 +1,104 @@
+"""torch.compile: every format and layer traces as one graph (fullgraph=True) and matches eager.
+
+The table runs on dynamo + AOT autograd with the ``aot_eager`` backend: the same tracing, graph
+capture and autograd graph as inductor, without inductor's C++ code generation (about 30-100 s
+per graph on this project's 2 shared cores, against 1-3 s here). One MPO case runs through
+inductor itself (:func:`test_inductor_compiles_the_mpo_split`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tensornets
+from format_cases import CASE_IDS, FORMAT_CASES, IN, OUT, low_rank_plus_noise
+from tolerance import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # compiled code is cached per code object: each test must trace its own graph
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(module: nn.Module, x: torch.Tensor, fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and the gradients of ``sum(y * g)`` w.r.t. ``x`` and every parameter."""
+    xg = x.detach().clone().requires_grad_(True)
+    y = fn(xg)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    grads = torch.autograd.grad(y, [xg, *module.parameters()], g)
+    return y.detach(), list(grads)
+
+
+def _assert_compiled_equals_eager(module: nn.Module, x: torch.Tensor, backend: str = "aot_eager") -> None:
+    compiled = torch.compile(module, fullgraph=True, dynamic=False, backend=backend)  # a graph break raises
+    y_eager, g_eager = _grads(module, x, module)
+    y_comp, g_comp = _grads(module, x, compiled)
+    assert_close(y_comp, y_eager, what="output")
+    for i, (a, e) in enumerate(zip(g_comp, g_eager)):
+        assert_close(a, e, what="grad of x" if i == 0 else f"grad of parameter {i - 1}")
+
+
+@pytest.mark.parametrize("batch", [1, 512])
+@pytest.mark.parametrize("fmt, kw", FORMAT_CASES, ids=CASE_IDS)
+def test_factorized_linear_compiles_without_graph_breaks(fmt, kw, batch):
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), fmt, rank=3, **kw)
+    layer = tensornets.FactorizedLinear(fact, torch.randn(OUT))
+    _assert_compiled_equals_eager(layer, torch.randn(batch, 2, IN))  # leading dims, as nn.Linear
+
+
+@pytest.mark.parametrize("strategy", ["split", "einsum", "rebuild"])
+def test_every_mpo_plan_compiles(strategy):
+    # the table's small layers never pick a split; force each MPO candidate once
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32)
+    fact = tensornets.decompose(W, "mpo", rank=3, num_cores=3).set_strategy(strategy)
+    assert fact.strategy(8) == strategy
+    _assert_compiled_equals_eager(fact, torch.randn(8, IN))
+
+
+@pytest.mark.parametrize("batch", [1, 512])
+@pytest.mark.parametrize("fmt", ["tucker", "lowrank"])
+def test_factorized_conv2d_compiles_without_graph_breaks(fmt, batch):
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    layer = tensornets.FactorizedConv2d.from_conv(conv, fmt, rank=2 if fmt == "lowrank" else (3, 2))
+    _assert_compiled_equals_eager(layer, torch.randn(batch, 6, 4, 4))
+
+
+def test_one_graph_serves_a_batch_bucket_with_dynamic_shapes():
+    # With a symbolic batch, bucketing turns into guards: every batch in (4, 8] reuses one graph.
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "mpo", rank=3, num_cores=3)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(fact, fullgraph=True, dynamic=True, backend=counter)
+    for batch in (5, 6, 8, 7):
+        x = torch.randn(batch, IN)
+        assert_close(compiled(x), fact(x))
+    assert counter.frame_count == 1
+    compiled(torch.randn(9, IN))  # the next bucket
+    assert counter.frame_count == 2
+
+
+def test_tracing_never_measures(monkeypatch, tmp_path):
+    # strategy="measure" without wisdom: the formula decides while tracing, nothing is timed.
+    monkeypatch.setenv("TENSORNETS_CACHE", str(tmp_path / "wisdom.json"))
+    tensornets.wisdom.forget()
+
+    def no_timing(fn):
+        raise AssertionError("a candidate was timed during tracing")
+
+    monkeypatch.setattr(tensornets.formats.base, "default_timer", no_timing)
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "tt", rank=3, num_cores=2)
+    fact.set_strategy("measure")
+    x = torch.randn(4, IN)
+    assert_close(torch.compile(fact, fullgraph=True, backend="aot_eager")(x), x @ fact.to_dense().T)
+    assert not (tmp_path / "wisdom.json").exists()
+
+
+def test_inductor_compiles_the_mpo_split():
+    # One case through inductor's code generation (the table above uses aot_eager, see the module docstring).
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32)
+    fact = tensornets.decompose(W, "mpo", rank=3, num_cores=3).set_strategy("split")
+    _assert_compiled_equals_eager(fact, torch.randn(8, IN), backend="inductor")

@@ -1,0 +1,163 @@
+"""One plan type: every candidate computes x W^T; formula, forced and measured strategies; the wisdom file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tensornets
+from tensornets import plans, wisdom
+from tensornets.formats.base import traffic_weight
+from format_cases import IN, OUT, low_rank_plus_noise
+from tolerance import assert_close
+
+
+@pytest.fixture
+def wisdom_file(monkeypatch, tmp_path):
+    """A private wisdom file, read afresh by this test."""
+    path = tmp_path / "cache" / "wisdom.json"
+    monkeypatch.setenv("TENSORNETS_CACHE", str(path))
+    wisdom.forget()
+    yield path
+    wisdom.forget()
+
+
+@pytest.fixture(autouse=True)
+def _formula_strategy():
+    yield
+    plans.set_strategy("formula")
+
+
+def _mpo(rank: int = 3, **kw) -> tensornets.MPO:
+    return tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "mpo", rank=rank, num_cores=3, **kw)
+
+
+def test_every_candidate_of_every_format_computes_x_w_t(format_case):
+    fmt, kw = format_case
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.5), fmt, rank=3, **kw)
+    x = torch.randn(5, IN, dtype=torch.float64)
+    expected = x @ fact.to_dense().T
+    candidates = fact._candidates(8)
+    assert candidates[0].name == "rebuild" and len({c.label for c in candidates}) == len(candidates)
+    for plan in candidates:
+        assert isinstance(plan, plans.Plan) and plan.flops > 0 and plan.traffic > 0
+        assert_close(plan.apply(fact, x)[:, :OUT], expected, what=plan.label)
+        # forcing the candidate by name runs it in forward
+        fact.set_strategy(plan.name)
+        assert fact.strategy(5) == plan.name
+        assert_close(fact(x), expected, what=f"forward forced to {plan.name}")
+
+
+def test_formula_is_the_cheapest_candidate_and_ties_go_first():
+    fact = _mpo()
+    weight = traffic_weight("cpu")
+    for batch in (1, 64, 4096):
+        candidates = fact._candidates(batch)
+        best = min(c.cost(weight) for c in candidates)
+        assert fact.strategy(batch) == next(c for c in candidates if c.cost(weight) == best).name
+    a, b = plans.RebuildPlan("rebuild", 10, 1), plans.ContractPlan("contract", 10, 1)
+    assert plans.cheapest([a, b], 384) is a and plans.cheapest([b, a], 384) is b
+    with pytest.raises(ValueError, match="at least one"):
+        plans.cheapest([], 1.0)
+
+
+def test_strategy_settings_global_and_per_layer():
+    fact = _mpo()
+    formula = fact.strategy(512)
+    forced = "einsum" if formula != "einsum" else "rebuild"
+    tensornets.set_strategy(forced)
+    assert tensornets.get_strategy() == forced and fact.strategy(512) == forced
+    fact.set_strategy("formula")  # the layer's own choice wins over the global one
+    assert fact.strategy(512) == formula
+    with pytest.raises(ValueError, match="strategy='fastest' is not a strategy"):
+        tensornets.set_strategy("fastest")
+    with pytest.raises(ValueError, match="not a plan of lowrank"):
+        tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "lowrank", rank=3).set_strategy("split").strategy(1)
+
+
+def test_wisdom_round_trips(wisdom_file):
+    assert wisdom.lookup("k") is None and not wisdom_file.exists()
+    wisdom.record("k", "split@2", {"rebuild": 2.0, "split@2": 1.0})
+    wisdom.forget()  # read back from disk, not from memory
+    assert wisdom.lookup("k") == {"plan": "split@2", "seconds": {"rebuild": 2.0, "split@2": 1.0}}
+    data = json.loads(wisdom_file.read_text())
+    assert data["version"] == 1 and list(data["machines"]) == [wisdom.machine_key()]
+    assert f"threads={torch.get_num_threads()}" in wisdom.machine_key() and torch.__version__ in wisdom.machine_key()
+    assert [p.name for p in wisdom_file.parent.iterdir()] == ["wisdom.json"]  # no temporary file left behind
+
+
+def test_measured_choice_is_stored_and_reused(wisdom_file, monkeypatch):
+    fact = _mpo()
+    labels = [c.label for c in fact._candidates(512)]
+    winner = next(label for label in labels if label != fact._plan(512).label)  # not what the formula picks
+
+    calls: list[str] = []
+
+    def timer(fn):
+        calls.append(fn)
+        return 1.0 if len(calls) == labels.index(winner) + 1 else 2.0  # candidates are timed in order
+
+    assert fact.tune([300], timer=timer) == {512: winner}
+    assert len(calls) == len(labels)
+    assert fact._plan(512).label == winner
+    stored = json.loads(wisdom_file.read_text())["machines"][wisdom.machine_key()]
+    (key, entry), = stored.items()
+    assert entry["plan"] == winner and sorted(entry["seconds"]) == sorted(labels)
+    assert "mpo|" in key and "|B=512|cpu|float64" in key
+
+    # A new process (forget) with an identical layer reuses the measurement: nothing is timed again.
+    wisdom.forget()
+
+    def no_timing(fn):
+        raise AssertionError("timed although the wisdom file has the answer")
+
+    monkeypatch.setattr(tensornets.formats.base, "default_timer", no_timing)
+    twin = _mpo().set_strategy("measure")
+    assert twin._plan(512).label == winner
+    x = torch.randn(300, IN, dtype=torch.float64)
+    assert_close(twin(x), x @ twin.to_dense().T)
+
+
+def test_measure_times_once_per_bucket_in_forward(wisdom_file, monkeypatch):
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        return float(len(calls))  # the first candidate (rebuild) wins
+
+    monkeypatch.setattr(tensornets.formats.base, "default_timer", timer)
+    tensornets.set_strategy("measure")
+    fact = _mpo()
+    n = len(fact._candidates(4))
+    x = torch.randn(3, IN, dtype=torch.float64)
+    assert_close(fact(x), x @ fact.to_dense().T)
+    fact(x[:4])  # same bucket: no new measurement
+    assert len(calls) == n and fact.strategy(3) == "rebuild"
+    fact(torch.randn(5, IN, dtype=torch.float64))  # next bucket
+    assert len(calls) == 2 * n
+
+
+def test_corrupt_wisdom_warns_and_is_replaced(wisdom_file):
+    wisdom_file.parent.mkdir(parents=True)
+    wisdom_file.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert wisdom.lookup("k") is None
+    wisdom.record("k", "rebuild", {"rebuild": 1.0})
+    wisdom.forget()
+    assert wisdom.lookup("k")["plan"] == "rebuild"
+    wisdom_file.write_text(json.dumps({"version": 99}))  # valid JSON, wrong layout
+    wisdom.forget()
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert wisdom.lookup("k") is None
+
+
+def test_stale_wisdom_entry_is_measured_again(wisdom_file, monkeypatch):
+    # an entry naming a plan this layer does not have (hand-edited file) is not trusted
+    fact = _mpo()
+    wisdom.record(fact._wisdom_key(512, next(fact.parameters())), "split@9", {})
+    monkeypatch.setattr(tensornets.formats.base, "default_timer", lambda fn: 1.0)
+    fact.set_strategy("measure")
+    assert fact._plan(512).label == "rebuild"  # measured again (all tie: the first wins)
+    assert wisdom.lookup(fact._wisdom_key(512, next(fact.parameters())))["plan"] == "rebuild"
