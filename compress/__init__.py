@@ -13,7 +13,8 @@
 
 from compress.budget import allocate_ranks
 from compress.calibration import ActivationStats, LayerStats, collect_activation_stats
-from compress.config import METHODS, CompressionConfig
+from compress.compressors import Compressor, available_compressors, get_compressor, register
+from compress.config import CompressionConfig
 from compress.eora import (
     CompensatedLayer,
     EoraAdapter,
@@ -23,7 +24,10 @@ from compress.eora import (
     sequential_eora_factors,
 )
 from compress.lowrank import lowrank_factors, rank_for_keep, relative_output_error
-from compress.sources import prune_2_4, prune_magnitude, rtn_quantize
+from compress.sources import prune_2_4, prune_magnitude, rtn_quantize, rtn_quantize_weight
+from compress.gptq import gptq_quantize
+from compress.sparsegpt import SparseWeight, sparsegpt_prune
+from compress.factorizing import compress_lowrank, compress_tensor  # noqa: F401  (registers the factorizing methods)
 from compress.surgery import (
     CompressionReport,
     LayerReport,
@@ -38,7 +42,10 @@ __all__ = [
     "LayerStats",
     "collect_activation_stats",
     "CompressionConfig",
-    "METHODS",
+    "Compressor",
+    "register",
+    "get_compressor",
+    "available_compressors",
     "compress_model",
     "CompressionReport",
     "LayerReport",
@@ -56,6 +63,10 @@ __all__ = [
     "relative_output_error",
     "allocate_ranks",
     "rtn_quantize",
+    "rtn_quantize_weight",
+    "gptq_quantize",
+    "sparsegpt_prune",
+    "SparseWeight",
     "prune_2_4",
     "prune_magnitude",
 ]

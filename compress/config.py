@@ -6,23 +6,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: low-rank methods: a truncated SVD of the weight under a right weighting (see :mod:`compress.lowrank`)
-LOWRANK_METHODS = {"svd": "svd", "asvd": "asvd", "whitened_svd": "whitened"}
-#: tensor formats of :func:`tensornets.decompose`
-TENSOR_METHODS = ("tucker", "tt", "mpo", "btt")
-#: compressors that keep a dense weight (EoRA compensates their error)
-DENSE_METHODS = ("rtn", "2:4", "magnitude")
-METHODS = (*LOWRANK_METHODS, *TENSOR_METHODS, *DENSE_METHODS)
-#: methods that read activation statistics
-NEEDS_STATS = ("asvd", "whitened_svd")
+from compress.compressors import Compressor, available_compressors, get_compressor
 
 
 @dataclass
 class CompressionConfig:
     """Compression of the target layers of a model (see :func:`compress.compress_model`).
 
-    Exactly one of ``keep``, ``rank``, ``energy`` sets the size of each factorized layer; ``"rtn"``, ``"2:4"`` and
-    ``"magnitude"`` take ``bits``/``group_size`` or ``sparsity`` instead.
+    ``method`` is any name of the compressor registry (:mod:`compress.compressors`; aliases are resolved to the
+    canonical name). Exactly one of ``keep``, ``rank``, ``energy`` sets the size of each factorized layer; the
+    methods that keep dense weights (``"rtn"``, ``"gptq"``, ``"2:4"``, ``"magnitude"``, ``"sparsegpt"``) take
+    ``bits``/``group_size`` or ``sparsity``/``pattern`` instead.
 
     ``keep`` is always the **fraction of parameters kept** (``0.8`` keeps 80 % and removes 20 %), counted on the
     target layers' weight matrices (biases are untouched). A rank-``r`` factorization of an ``(m, n)`` weight keeps
@@ -31,7 +25,8 @@ class CompressionConfig:
 
     method: str = field(
         default="whitened_svd",
-        metadata={"help": "svd | asvd | whitened_svd (SVD-LLM) | tucker | tt | mpo | btt | rtn | 2:4 | magnitude"},
+        metadata={"help": "svd | asvd | whitened_svd (SVD-LLM) | tucker | tt | mpo | btt | rtn | gptq | 2:4 | magnitude | "
+                  "sparsegpt, or any registered compressor (compress.compressors)"},
     )
     keep: float | None = field(
         default=None, metadata={"help": "fraction of the target weights' parameters kept, in (0, 1]"}
@@ -72,24 +67,40 @@ class CompressionConfig:
     )
     svd: str = field(default="full", metadata={"help": "tensor formats: 'full' or 'randomized' SVDs inside"})
     seed: int = field(default=0, metadata={"help": "seed of randomized SVDs"})
-    bits: int = field(default=4, metadata={"help": "rtn: bits per weight"})
+    bits: int = field(default=4, metadata={"help": "rtn, gptq: bits per weight, 2..8"})
     group_size: int | None = field(
         default=128,
-        metadata={"help": "rtn: weights per group along the input; a shorter last group when it does not divide"},
+        metadata={"help": "rtn, gptq, sparsegpt with sparse_bits: weights per group along the input; must divide the "
+                  "layers' input width (None or >= it: one group per row)"},
     )
-    symmetric: bool = field(default=False, metadata={"help": "rtn: symmetric grid without zero point"})
-    sparsity: float = field(default=0.5, metadata={"help": "magnitude: fraction of weights zeroed per layer"})
+    symmetric: bool = field(default=False, metadata={"help": "rtn, gptq, sparsegpt: symmetric grid without zero point"})
+    act_order: bool = field(
+        default=True,
+        metadata={"help": "gptq: quantize columns by decreasing activation energy, with static groups (llm-compressor's "
+                  "actorder='static' default; the stored format is ordinary groups, no g_idx)"},
+    )
+    percdamp: float = field(default=0.01, metadata={"help": "gptq, sparsegpt: Hessian damping, fraction of mean(diag H)"})
+    block_size: int = field(default=128, metadata={"help": "gptq, sparsegpt: columns per lazy-update block"})
+    sparsity: float = field(
+        default=0.5, metadata={"help": "magnitude, sparsegpt (unstructured): fraction of weights zeroed per layer"}
+    )
+    pattern: str = field(
+        default="unstructured",
+        metadata={"help": "sparsegpt: 'unstructured' (uses sparsity) or 'N:M', keep N of every M weights ('2:4')"},
+    )
+    sparse_bits: int | None = field(
+        default=None, metadata={"help": "sparsegpt: also quantize the kept weights to this many bits (None: keep them)"}
+    )
     device: str | None = field(default=None, metadata={"help": "where each layer is processed (default: its own device)"})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        self.method = self.compressor.name
         sizes = {k: v for k, v in (("keep", self.keep), ("rank", self.rank), ("energy", self.energy)) if v is not None}
-        if self.method in DENSE_METHODS:
+        if self.compressor.kind == "dense":
             if sizes:
                 raise ValueError(
                     f"method={self.method!r} keeps dense weights: drop {sorted(sizes)} and use bits/group_size "
-                    "(rtn) or sparsity (magnitude)"
+                    "(rtn, gptq) or sparsity/pattern (magnitude, sparsegpt)"
                 )
         elif len(sizes) != 1:
             raise ValueError(
@@ -104,10 +115,11 @@ class CompressionConfig:
         if self.allocation not in ("layer", "global"):
             raise ValueError(f"allocation={self.allocation!r} must be 'layer' or 'global'")
         if self.allocation == "global":
-            if self.method not in LOWRANK_METHODS or self.keep is None:
+            if self.compressor.spectrum is None or self.keep is None:
+                spectral = tuple(n for n in available_compressors() if get_compressor(n).spectrum is not None)
                 raise ValueError(
                     "allocation='global' allocates a keep= budget across layers by their spectra: it needs "
-                    f"keep= and method in {tuple(LOWRANK_METHODS)} (got method={self.method!r}, keep={self.keep})"
+                    f"keep= and method in {spectral} (got method={self.method!r}, keep={self.keep})"
                 )
         if not 0.0 <= self.min_keep <= 1.0:
             raise ValueError(f"min_keep={self.min_keep} must be in [0, 1]")
@@ -120,11 +132,18 @@ class CompressionConfig:
             )
         if self.svd not in ("full", "randomized"):
             raise ValueError(f"svd={self.svd!r} must be 'full' or 'randomized'")
+        if self.compressor.validate is not None:
+            self.compressor.validate(self)
+
+    @property
+    def compressor(self) -> Compressor:
+        """The registry entry of ``method`` (:func:`compress.compressors.get_compressor`)."""
+        return get_compressor(self.method)
 
     @property
     def needs_stats(self) -> bool:
         """Whether :func:`compress.compress_model` requires activation statistics for this config."""
-        return self.method in NEEDS_STATS or self.whiten
+        return self.compressor.needs_stats or self.whiten
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-serializable)."""

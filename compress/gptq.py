@@ -21,9 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from compress.obs import QuantGrid, inverse_hessian_factor, obs_sweep, prepare_hessian
+from compress.compressors import Compressor, LayerJob, LayerResult, register
+from compress.obs import QuantGrid, check_sweep_options, inverse_hessian_factor, obs_sweep, prepare_hessian
 from compress.quantized import QuantizedWeight
-from compress.sources import check_bits, quantization_grid, resolve_group_size
+from compress.sources import (
+    check_bits,
+    check_quantizer_options,
+    dense_parameters,
+    quantization_grid,
+    quantized_storage_bits,
+    quantizer_label,
+    resolve_group_size,
+)
 
 
 def gptq_quantize(
@@ -97,3 +106,25 @@ def gptq_quantize(
         codes=codes.to(torch.int8), scale=result.scale.to(scale_dtype), zero_point=result.zero.to(torch.int8),
         bits=bits, group_size=g, symmetric=symmetric,
     )
+
+
+def _gptq_layer(job: LayerJob) -> LayerResult:
+    c = job.config
+    resolve_group_size(c.group_size, job.weight.shape[1], job.name)
+    qw = gptq_quantize(job.weight, job.stats.gram, c.bits, c.group_size, symmetric=c.symmetric, act_order=c.act_order,
+                       percdamp=c.percdamp, block_size=c.block_size)
+    return LayerResult(description=f"{c.bits}-bit g{qw.group_size}{' act-order' if c.act_order else ''}",
+                       weight=qw.dequantize(job.weight.dtype), quantized=qw)
+
+
+def _check_options(config) -> None:
+    check_quantizer_options(config)
+    check_sweep_options(config.percdamp, config.block_size)
+
+
+register(Compressor(
+    name="gptq", kind="dense", compress_layer=_gptq_layer, needs_stats=True, parameters=dense_parameters,
+    storage_bits=lambda shape, n, c: quantized_storage_bits(shape, c.bits, c.group_size, c.symmetric),
+    label=quantizer_label, validate=_check_options,
+    help="GPTQ: group-wise quantization with second-order error feedback",
+))

@@ -12,9 +12,16 @@ and runs, on disjoint slices of the Python reference docs (:func:`compress.model
    calibration inputs, and the perplexity of the compensated model;
 
 then prints the perplexities, the parameters (targeted layers and whole model, before / after, adapter) with a
-storage estimate, and the time of every stage. ``--output-dir`` saves the compressed model
-(:func:`compress.save_compressed`, reload with :func:`compress.load_compressed`) and the EoRA residual as a PEFT
-LoRA adapter (``PeftModel.from_pretrained(compressed_model, dir)``).
+storage estimate, and the time of every stage. ``--output-dir DIR`` writes a Hugging Face model directory
+(:func:`compress.export.save_hf_directory`: ``config.json``, tokenizer, weights; quantized layers packed in the
+compressed-tensors ``pack-quantized`` format) that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without this
+package, and the EoRA residual as a PEFT LoRA adapter in ``DIR/eora-adapter``
+(``PeftModel.from_pretrained(model, DIR + "/eora-adapter")``). Factorized models (low rank, tensor formats) are
+saved with :func:`compress.save_compressed` in ``DIR/compressed`` instead.
+
+``--model-path`` takes a local Hugging Face directory or a ``.gguf`` file; ``--calib-data`` / ``--eval-data`` a
+text, JSON Lines or Parquet file or a directory of them (:func:`compress.text_data.load_texts`). Token windows keep
+the special tokens the tokenizer adds by default (a BOS token for Llama-style tokenizers).
 
 Why 3-bit RTN (g64) of every block linear + EoRA r=64 as the default (measured on SmolLM2, 4096 held-out tokens,
 dense ppl 13.5): RTN leaves dense ``nn.Linear`` layers, so the residual exports as a standard PEFT LoRA adapter,
@@ -26,9 +33,8 @@ in the same whitened metric only adds the next ``r`` singular directions (the sa
 factorized layers cannot be exported as a PEFT adapter (they are merged into the low-rank layers instead).
 The default run takes about 3 minutes on 2 CPU cores (calibration 16 x 256 tokens).
 
-The saved compressed model holds the fake-quantized (or pruned) weights as ordinary float tensors: the storage
-figures printed are estimates for a packed format (``bits`` + a 16-bit scale and zero point per group for RTN;
-16-bit values + 2-bit indices for 2:4), not the size of the file.
+The storage figures printed are computed from the bits; the bytes actually written are listed under "saved".
+Pruned weights are written dense (compressed-tensors 0.20 has no sparse format).
 
 Use :func:`main` (``argv`` list, returns a summary dict) from Python; ``tensornets compress --help`` lists the
 flags.
@@ -46,13 +52,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-#: method names of the command line -> ``CompressionConfig.method``
-METHOD_ALIASES = {
-    "svd": "svd", "asvd": "asvd", "whitened_svd": "whitened_svd", "tucker": "tucker", "tt": "tt", "mpo": "mpo",
-    "btt": "btt", "rtn": "rtn", "prune24": "2:4", "2:4": "2:4", "magnitude": "magnitude",
-}
-#: compressors that keep dense weights (their EoRA residual exports as a PEFT LoRA adapter)
-DENSE = ("rtn", "2:4", "magnitude")
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 DEFAULTS = dict(method="rtn", keep=0.8, bits=3, group_size=64, eora_rank=64, calib_tokens=16 * 256,
@@ -63,10 +62,12 @@ examples:
   tensornets compress                                   # SmolLM2-135M, 3-bit RTN (g64) + EoRA r=64
   tensornets compress --method whitened_svd --keep 0.8  # SVD-LLM keeping 80 % of the MLP parameters
   tensornets compress --method prune24 --targets mlp --output-dir out  # 2:4 on the MLP + EoRA, saved
+  tensornets compress --method gptq --bits 3 --group-size 64 --eora-rank 64   # GPTQ (act-order) + EoRA
+  tensornets compress --method sparsegpt --pattern 2:4 --sparse-bits 4       # SparseGPT 2:4 + 4-bit + EoRA
   tensornets compress --model-path ./my-llama --targets all-linear --eora-method svd
 
 Perplexities are on held-out Python docs (the second half of the pydoc token stream); calibration uses the
-first half, so the two never overlap. `keep` is always the fraction of parameters kept.
+first half, so the two never overlap. --calib-data / --eval-data replace either with your own files. `keep` is always the fraction of parameters kept.
 """
 
 
@@ -114,9 +115,9 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model-path", metavar="DIR", default=None,
-                   help="local Hugging Face model directory (config.json, weights and tokenizer) to compress instead "
-                   "of the embedded SmolLM2-135M-Instruct; loaded offline (default: embedded SmolLM2)")
+    g.add_argument("--model-path", metavar="PATH", default=None,
+                   help="local Hugging Face model directory (config.json, weights and tokenizer) or .gguf file to "
+                   "compress instead of the embedded SmolLM2-135M-Instruct; loaded offline (default: embedded SmolLM2)")
     g.add_argument("--threads", default="auto", metavar="N",
                    help="torch CPU threads (torch.set_num_threads): a number, 'torch' (torch's default, one per core) "
                    "or auto = one fewer than the CPU cores, at least 1. On 2 cores shared with other jobs, 2 threads "
@@ -128,25 +129,43 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
     g = p.add_argument_group("compression")
     g.add_argument("--method", default=DEFAULTS["method"], metavar="NAME",
                    help="compressor: svd (plain truncated SVD), asvd (activation-scaled SVD), whitened_svd (SVD-LLM), "
-                   "tucker, tt, mpo, btt (tensor formats), or rtn (round-to-nearest quantization), prune24 (2:4 "
-                   "semi-structured pruning), magnitude (unstructured pruning), which keep dense weights "
+                   "tucker, tt, mpo, btt (tensor formats), or rtn (round-to-nearest quantization), gptq (GPTQ "
+                   "quantization), prune24 (2:4 semi-structured pruning), magnitude (unstructured pruning), sparsegpt "
+                   "(SparseGPT pruning), which keep dense weights; any name of compress.compressors' registry "
                    f"(default: {DEFAULTS['method']})")
     g.add_argument("--keep", type=_fraction, default=None, metavar="FRAC",
                    help="fraction of the targeted layers' parameters KEPT, in (0, 1], for the factorizing methods "
                    f"(svd ... btt) (default: {DEFAULTS['keep']})")
     g.add_argument("--bits", type=_int_at_least(2, "bits per weight"), default=DEFAULTS["bits"],
-                   metavar="B", help=f"rtn: bits per weight (default: {DEFAULTS['bits']})")
+                   metavar="B", help=f"rtn, gptq: bits per weight, 2..8 (default: {DEFAULTS['bits']})")
     g.add_argument("--group-size", type=_int_at_least(0, "weights per quantization group; 0 = one per row"),
                    default=DEFAULTS["group_size"],
                    metavar="N",
-                   help="rtn: consecutive input weights sharing one scale / zero point; 0 = one group per output row "
+                   help="rtn, gptq, sparsegpt with --sparse-bits: consecutive input weights sharing one scale / zero "
+                   "point, a divisor of every targeted layer's input width; 0 = one group per output row "
                    f"(default: {DEFAULTS['group_size']}, which divides SmolLM2's 576 and 1536)")
+    g.add_argument("--symmetric", action="store_true",
+                   help="rtn, gptq, sparsegpt with --sparse-bits: symmetric grid without zero point (default: "
+                   "asymmetric)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptq: quantize columns by decreasing activation energy, with static groups (stored as ordinary "
+                   "groups, as llm-compressor's default actorder='static') (default: on)")
+    g.add_argument("--damp", type=float, default=0.01, metavar="FRAC",
+                   help="gptq, sparsegpt: Hessian damping, a fraction of its mean diagonal (default: 0.01)")
     g.add_argument("--sparsity", type=_sparsity, default=0.5,
-                   metavar="FRAC", help="magnitude: fraction of each layer's weights set to zero (default: 0.5)")
+                   metavar="FRAC", help="magnitude, sparsegpt (unstructured): fraction of each layer's weights set to "
+                   "zero (default: 0.5)")
+    g.add_argument("--pattern", default="unstructured", metavar="N:M",
+                   help="sparsegpt: 'unstructured' (uses --sparsity) or N:M, keeping N of every M consecutive weights "
+                   "of a row, e.g. 2:4 (default: unstructured)")
+    g.add_argument("--sparse-bits", type=_int_at_least(2, "bits per kept weight"), default=None, metavar="B",
+                   help="sparsegpt: also quantize the kept weights to B bits (with --group-size, --symmetric) "
+                   "(default: keep them in full precision)")
     g.add_argument("--targets", default="auto", metavar="SPEC",
                    help="layers to compress: 'all-linear' (every linear but the LM head), 'mlp' (gate/up/down_proj), "
                    "a comma-separated list of module names or suffixes (q_proj,v_proj), or a regex matching full "
-                   "names; 'auto' = all-linear for rtn / prune24 / magnitude, mlp for the factorizing methods "
+                   "names; 'auto' = all-linear for the methods that keep dense weights (rtn, gptq, prune24, magnitude, "
+                   "sparsegpt), mlp for the factorizing methods "
                    "(default: auto)")
 
     g = p.add_argument_group("EoRA compensation")
@@ -164,7 +183,13 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    help="block-sequential EoRA: each block's statistics are recollected with the residuals of the "
                    "earlier blocks applied (slower: one partial calibration pass per block)")
 
-    g = p.add_argument_group("data (disjoint slices of the Python reference docs)")
+    g = p.add_argument_group("data (default: disjoint slices of the Python reference docs)")
+    g.add_argument("--calib-data", metavar="PATH", default=None,
+                   help="calibration text instead of the first half of the Python docs: a .txt / .md, .jsonl / .json "
+                   "or .parquet file ('text' column), or a directory of them; read from its start (default: pydoc)")
+    g.add_argument("--eval-data", metavar="PATH", default=None,
+                   help="evaluation text instead of the second half of the Python docs, same formats; keep it "
+                   "disjoint from the calibration text (default: pydoc)")
     g.add_argument("--calib-tokens", type=_int_at_least(0, "calibration tokens"), default=DEFAULTS["calib_tokens"],
                    metavar="N", help=f"calibration tokens, a multiple of --seq-len (default: {DEFAULTS['calib_tokens']})")
     g.add_argument("--eval-tokens", type=_int_at_least(1, "evaluation tokens"), default=DEFAULTS["eval_tokens"],
@@ -175,9 +200,14 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", metavar="DIR", default=None,
-                   help="save DIR/compressed (save_compressed: model.safetensors + manifest; reload with "
-                   "compress.load_compressed), DIR/eora-adapter (a PEFT LoRA adapter: PeftModel.from_pretrained) and "
-                   "DIR/report.json (default: save nothing)")
+                   help="write DIR as a Hugging Face model directory (config.json, tokenizer, weights; quantized layers "
+                   "packed in compressed-tensors' pack-quantized format: AutoModelForCausalLM.from_pretrained(DIR) "
+                   "loads it without this package), DIR/eora-adapter (a PEFT LoRA adapter: "
+                   "PeftModel.from_pretrained(model, DIR/eora-adapter)) and DIR/report.json; factorized models go to "
+                   "DIR/compressed (compress.save_compressed) (default: save nothing)")
+    g.add_argument("--export-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="storage dtype of --output-dir's unquantized tensors (embeddings, norms, LM head, pruned "
+                   "layers), quantization scales and EoRA adapter (default: bfloat16)")
     g.add_argument("--json", metavar="FILE", default=None, help="write the summary (all numbers printed) as JSON")
     g.add_argument("--verbose", action="store_true", help="print the per-layer tables (errors, ranks)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -186,8 +216,10 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
 
 
 def _target_spec(text: str, method: str) -> str | list[str]:
+    from compress.compressors import get_compressor
+
     if text == "auto":
-        return "all-linear" if method in DENSE else list(MLP_TARGETS)
+        return "all-linear" if get_compressor(method).kind == "dense" else list(MLP_TARGETS)
     if text == "mlp":
         return list(MLP_TARGETS)
     if text == "all-linear":
@@ -199,16 +231,20 @@ def _target_spec(text: str, method: str) -> str | list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the flags; errors exit with status 2 and a message naming the flag."""
+    from compress.compressors import aliases, get_compressor
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.method not in METHOD_ALIASES:
+    names = aliases()
+    if args.method not in names:
         parser.error(f"argument --method: unknown method {args.method!r}; choose one of "
-                     f"{', '.join(k for k in METHOD_ALIASES if k != '2:4')}")
-    args.method = METHOD_ALIASES[args.method]
-    if args.method in DENSE:
+                     f"{', '.join(k for k in names if k != '2:4')}")
+    args.method = names[args.method]
+    compressor = get_compressor(args.method)
+    if compressor.kind == "dense":
         if args.keep is not None:
             parser.error(f"argument --keep: --method {args.method} keeps dense weights; it takes --bits / --group-size "
-                         "(rtn) or --sparsity (magnitude), not --keep")
+                         "(rtn, gptq) or --sparsity / --pattern (magnitude, sparsegpt), not --keep")
     elif args.keep is None:
         args.keep = DEFAULTS["keep"]
     for flag in ("calib_tokens", "eval_tokens"):
@@ -216,7 +252,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if value % args.seq_len:
             parser.error(f"argument --{flag.replace('_', '-')}: {value} is not a multiple of --seq-len {args.seq_len}")
     if args.calib_tokens == 0:
-        users = [f"--method {args.method}"] if args.method in ("asvd", "whitened_svd") else []
+        users = [f"--method {args.method}"] if compressor.needs_stats else []
         if args.eora_rank > 0 and (args.eora_method != "svd" or args.compare or args.sequential):
             users.append("EoRA / ASVD compensation" if args.eora_method != "svd" else "--compare / --sequential")
         if users:
@@ -226,6 +262,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("argument --sequential: needs --eora-rank > 0")
     if args.compare and args.eora_rank == 0:
         parser.error("argument --compare: needs --eora-rank > 0")
+    if args.pattern != "unstructured":
+        from compress.sparsegpt import parse_pattern
+
+        try:
+            parse_pattern(args.pattern)
+        except ValueError as err:
+            parser.error(f"argument --pattern: {err}")
     args.target_spec = _target_spec(args.targets, args.method)
     args.threads = _threads(parser, args.threads)
     return args
@@ -273,22 +316,11 @@ def _fmt_params(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{int(n):,}"
 
 
-def _storage_bits(method: str, args: argparse.Namespace, report) -> float:
-    """Bits to store the targeted layers' weights after compression (16-bit values, metadata included)."""
-    total = 0.0
-    for r in report.layers:
-        out_f, in_f = r.shape
-        if method == "rtn":
-            g = min(args.group_size or in_f, in_f)
-            groups = out_f * math.ceil(in_f / g)
-            total += r.params_before * args.bits + groups * 32  # a 16-bit scale and a 16-bit zero point per group
-        elif method == "2:4":
-            total += r.params_after * (16 + 2)  # 16-bit values + the 2-bit position of each kept weight in its four
-        elif method == "magnitude":
-            total += r.params_after * 16 + r.params_before  # 16-bit values + a one-bit mask
-        else:
-            total += r.params_after * 16
-    return total
+def _storage_bits(report) -> float:
+    """Bits to store the targeted layers' weights after compression (the compressor's count: 16-bit values unless
+    quantized, scales, zero points and sparsity metadata included)."""
+    config = report.config
+    return sum(config.compressor.storage_bits(r.shape, r.params_after, config) for r in report.layers)
 
 
 def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
@@ -301,9 +333,17 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(args.model_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        from compress.models import load_gguf
+
+        try:
+            model, tok = load_gguf(path)
+        except ValueError as err:
+            raise SystemExit(f"tensornets compress: error: --model-path {err}") from None
+        return model.to(device), tok, str(path)
     if not (path / "config.json").is_file():
         raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r} holds no config.json; pass a local "
-                         "Hugging Face model directory (save_pretrained output)")
+                         "Hugging Face model directory (save_pretrained output) or a .gguf file")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means the directory lacks a usable tokenizer
@@ -361,14 +401,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         model, tok, model_name = _load(args, device)
     with stages("tokenize"):
         try:
-            calib, held_out = token_slices(tok, args.calib_tokens, args.eval_tokens, args.seq_len)
+            calib, held_out = token_slices(tok, args.calib_tokens, args.eval_tokens, args.seq_len,
+                                           **_user_texts(args))
         except ValueError as err:
             raise SystemExit(f"tensornets compress: error: {err}") from None
 
     try:
         config = CompressionConfig(
             method=args.method, keep=args.keep, target_modules=args.target_spec, bits=args.bits,
-            group_size=args.group_size or None, sparsity=args.sparsity,
+            group_size=args.group_size or None, sparsity=args.sparsity, symmetric=args.symmetric,
+            act_order=args.act_order, percdamp=args.damp, pattern=args.pattern, sparse_bits=args.sparse_bits,
         )
         targets = find_targets(model, config.target_modules)
     except ValueError as err:
@@ -413,19 +455,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     saved = {}
     if args.output_dir is not None:
         with stages("save"):
-            saved = _save(args, model_name, compressed, adapters.get(args.eora_method), report.to_dict())
+            saved = _save(args, model_name, compressed, tok, adapters.get(args.eora_method), report)
 
     # -------------------------------------------------------------------------------------- numbers
     target_before, target_after = report.params_before, report.params_after
     whole_before = sum(p.numel() for p in model.parameters())
     whole_after = sum(p.numel() for p in compressed.parameters())
-    if args.method in ("2:4", "magnitude"):  # zeros are still stored densely in memory; count the kept weights
+    if config.compressor.kind == "dense":  # pruned zeros are still stored densely in memory; count the kept weights
         whole_after = whole_before - target_before + target_after
     main_adapter = adapters.get(args.eora_method)
     adapter_params = 0 if main_adapter is None else sum(B.numel() + A.numel() for B, A in main_adapter.factors.values())
     storage = {
         "dense_mb": target_before * 16 / 8e6,
-        "compressed_mb": _storage_bits(args.method, args, report) / 8e6,
+        "compressed_mb": _storage_bits(report) / 8e6,
         "adapter_mb": adapter_params * 16 / 8e6,
     }
     out_err = [r.rel_output_error for r in report.layers if r.rel_output_error is not None]
@@ -463,15 +505,48 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _save(args, model_name: str, compressed, adapter, report: dict) -> dict[str, str]:
-    from compress import save_compressed
+def _user_texts(args: argparse.Namespace) -> dict[str, list[str]]:
+    """``calib_texts`` / ``eval_texts`` for :func:`compress.models.token_slices` from ``--calib-data`` / ``--eval-data``."""
+    from compress.text_data import load_texts
 
+    if args.calib_data is not None and args.eval_data is not None and \
+            Path(args.calib_data).expanduser().resolve() == Path(args.eval_data).expanduser().resolve():
+        raise ValueError(f"--calib-data and --eval-data both name {args.calib_data!r}: evaluation text must be held "
+                         "out; pass disjoint files (or leave --eval-data out to evaluate on the Python docs)")
+    texts = {}
+    if args.calib_data is not None and args.calib_tokens > 0:
+        texts["calib_texts"] = load_texts(args.calib_data, flag="--calib-data")
+    if args.eval_data is not None:
+        texts["eval_texts"] = load_texts(args.eval_data, flag="--eval-data")
+    return texts
+
+
+def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict[str, Any]:
+    """Write ``--output-dir``: a Hugging Face directory (or ``compressed/`` for factorized models), the EoRA adapter
+    and ``report.json``; return what was written where (with sizes)."""
+    from compress import save_compressed
+    from compress.export import EXPORT_DTYPES, save_hf_directory
+    from tensornets import FactorizedConv2d, FactorizedLinear
+
+    dtype = EXPORT_DTYPES[args.export_dtype]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    saved = {"compressed": str(save_compressed(compressed, out / "compressed").parent)}
+    # transformers cannot build factorized layers from a config: those models keep our own format
+    factorized = any(isinstance(m, (FactorizedLinear, FactorizedConv2d)) for m in compressed.modules())
+    saved: dict[str, Any] = {}
+    if factorized:
+        saved["compressed"] = str(save_compressed(compressed, out / "compressed").parent)
+    else:
+        export = save_hf_directory(compressed, out, tokenizer=tokenizer, quantized=getattr(report, "quantized", {}),
+                                   dtype=dtype)
+        packed = sum(p.packed_bytes for p in export.packed)
+        saved["model"] = (f"{out} ({export.total_bytes / 1e6:.1f} MB: {len(export.packed)} packed layers "
+                          f"{packed / 1e6:.1f} MB, the rest in {args.export_dtype})")
+        saved["export"] = export.to_dict()
     if adapter is not None:
         try:
-            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=args.model_path or model_name)
+            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=args.model_path or model_name,
+                                    dtype=dtype)
             saved["adapter"] = str(out / "eora-adapter")
         except ValueError:
             # factorized layers: PEFT's LoRA cannot wrap them. Low-rank layers absorb BA exactly (rank r_c + r).
@@ -481,22 +556,14 @@ def _save(args, model_name: str, compressed, adapter, report: dict) -> dict[str,
                 saved["adapter"] = "not saved: PEFT LoRA cannot wrap tensor-format layers, and they cannot absorb BA"
             else:
                 saved["compensated_merged"] = str(save_compressed(merged, out / "compensated-merged").parent)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     saved["report"] = str(out / "report.json")
     return saved
 
 
 def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) -> None:
     ppl, p, st = s["perplexity"], s["params"], s["storage_16bit"]
-    method = s["method"]
-    if method == "rtn":
-        what = f"rtn {args.bits}-bit, group {args.group_size or 'per-row'}"
-    elif method == "2:4":
-        what = "2:4 pruning"
-    elif method == "magnitude":
-        what = f"magnitude pruning, sparsity {args.sparsity}"
-    else:
-        what = f"{method}, keep {args.keep}"
+    what = report.config.compressor.label(report.config)
     lines = [
         "",
         f"tensornets compress: {s['model']}",
@@ -504,7 +571,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         f"  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" (sequential)" if args.sequential else "")
                               if args.eora_rank else "none"),
         f"  data         calibration {s['data']['calib_sequences']} x {args.seq_len} tokens, evaluation "
-        f"{s['data']['eval_sequences']} x {args.seq_len} tokens (disjoint slices of the Python docs)",
+        f"{s['data']['eval_sequences']} x {args.seq_len} tokens ({_describe_data(args)})",
         f"  device       {s['device']}" + (f", {args.threads} thread{'s' if args.threads > 1 else ''}"
                                            if s["device"] == "cpu" else ""),
         "",
@@ -524,7 +591,8 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         "",
         "parameters                    before        after   kept",
         f"  targeted layers      {_fmt_params(p['targets_before']):>12} {_fmt_params(p['targets_after']):>12}  "
-        f"{kept:5.3f}" + ("   (dense weights: fake-quantized, count unchanged)" if method == "rtn" else ""),
+        f"{kept:5.3f}" + ("   (dense weights: fake-quantized, count unchanged)" if report.quantized
+                          and kept == 1.0 else ""),
         f"  whole model          {_fmt_params(p['model_before']):>12} {_fmt_params(p['model_after']):>12}  "
         f"{p['model_after'] / p['model_before']:5.3f}",
     ]
@@ -549,8 +617,13 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
     if s["saved"]:
         lines += ["", "saved"]
         for k, v in s["saved"].items():
-            lines.append(f"  {k:<20} {v}")
-        if "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved"):
+            if k != "export":
+                lines.append(f"  {k:<20} {v}")
+        if "model" in s["saved"]:
+            lines.append(f"  load: model = transformers.AutoModelForCausalLM.from_pretrained({args.output_dir!r})"
+                         + ("; peft.PeftModel.from_pretrained(model, "
+                            f"{str(Path(args.output_dir) / 'eora-adapter')!r})" if "adapter" in s["saved"] else ""))
+        elif "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved"):
             lines.append("  load: base = compress.load_compressed(<fresh model>, '<dir>/compressed'); "
                          "peft.PeftModel.from_pretrained(base, '<dir>/eora-adapter')")
     elif args.output_dir is None:
@@ -560,6 +633,13 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         for a in adapters.values():
             lines += ["", str(a)]
     print("\n".join(lines), flush=True)
+
+
+def _describe_data(args: argparse.Namespace) -> str:
+    if args.calib_data is None and args.eval_data is None:
+        return "disjoint slices of the Python docs"
+    return (f"calibration {args.calib_data or 'Python docs, first half'}, evaluation "
+            f"{args.eval_data or 'Python docs, second half'}")
 
 
 def _describe_spec(spec) -> str:

@@ -55,13 +55,20 @@ def prepare_hessian(W: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, 
     return W, H
 
 
+def check_sweep_options(percdamp: float, block_size: int) -> None:
+    """Raise ``ValueError`` naming ``percdamp`` (must be ``>= 0``) or ``block_size`` (must be ``>= 1``)."""
+    if not percdamp >= 0.0:
+        raise ValueError(f"percdamp={percdamp} must be >= 0 (fraction of mean(diag H) added to the diagonal, e.g. 0.01)")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive int (128 is the reference)")
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` (``Uᵀ U = (H + λ I)^{-1}``) with damping ``λ = percdamp · mean(diag H)``, float64.
 
     Raises ``ValueError`` naming ``percdamp`` when the damped ``H`` is not positive definite.
     """
-    if not percdamp >= 0.0:
-        raise ValueError(f"percdamp={percdamp} must be >= 0 (fraction of mean(diag H) added to the diagonal, e.g. 0.01)")
+    check_sweep_options(percdamp, 1)
     H = H.to(torch.float64).clone()
     H.diagonal().add_(percdamp * torch.diagonal(H).mean())
     L, info = torch.linalg.cholesky_ex(H)
@@ -143,8 +150,7 @@ def obs_sweep(
     block_size : int
         Columns per lazy-update block.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be >= 1 (128 is the reference)")
+    check_sweep_options(0.0, block_size)
     out_f, n = W.shape
     W = W.clone()
     d2_all = torch.diagonal(U).square()

@@ -19,9 +19,17 @@ codes ``q = clamp(round(w / s) + z, −2^{b−1}, 2^{b−1} − 1)`` and ``ŵ = 
 
 from __future__ import annotations
 
-import torch
+import math
+from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
+from compress.compressors import Compressor, LayerJob, LayerResult, register
 from compress.quantized import QuantizedWeight
+
+if TYPE_CHECKING:  # config imports the registry, which the compressors fill
+    from compress.config import CompressionConfig
 
 
 def check_bits(bits: int) -> None:
@@ -30,15 +38,19 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits!r} must be an int in [2, 8] (codes are stored as int8); pass e.g. bits=4")
 
 
+def check_group_size(group_size: int | None) -> None:
+    """Raise ``ValueError`` unless ``group_size`` is a positive int or ``None`` (one group per row)."""
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size={group_size!r} must be a positive int or None (one group per row)")
+
+
 def resolve_group_size(group_size: int | None, in_features: int, name: str = "") -> int:
     """Columns per group for a weight with ``in_features`` columns.
 
     ``None`` (or any ``group_size >= in_features``) is one group per row (per-channel); otherwise ``group_size``
     must divide ``in_features``, since packed formats (compressed-tensors) store whole groups only.
     """
-    if isinstance(group_size, bool) or not (group_size is None or isinstance(group_size, int)) or (
-            group_size is not None and group_size < 1):
-        raise ValueError(f"group_size={group_size!r} must be a positive int or None (one group per row)")
+    check_group_size(group_size)
     if group_size is None or group_size >= in_features:
         return in_features
     if in_features % group_size:
@@ -199,3 +211,70 @@ def prune_magnitude(W: torch.Tensor, sparsity: float = 0.5) -> torch.Tensor:
     out = W.clone().flatten()
     out[drop] = 0
     return out.reshape(W.shape)
+
+
+# ---------------------------------------------------------------------------------------------- registry entries
+def quantized_storage_bits(shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool) -> float:
+    """Bits of a packed group-quantized ``(out, in)`` weight: ``bits`` per code plus a 16-bit scale (and a 16-bit
+    zero point when asymmetric) per group."""
+    out_f, in_f = shape
+    groups = out_f * math.ceil(in_f / min(group_size or in_f, in_f))
+    return out_f * in_f * bits + groups * (16 if symmetric else 32)
+
+
+def check_quantizer_options(config: CompressionConfig) -> None:
+    """``bits`` in 2..8 and ``group_size`` a positive int or ``None`` (named in the error)."""
+    check_bits(config.bits)
+    check_group_size(config.group_size)
+
+
+def quantizer_label(config: CompressionConfig) -> str:
+    """``"rtn 3-bit, group 64"`` (``, symmetric`` / ``, act-order`` when set)."""
+    extra = (", symmetric" if config.symmetric else "") + (", act-order" if config.method == "gptq" and config.act_order
+                                                            else "")
+    return f"{config.method} {config.bits}-bit, group {config.group_size or 'per-row'}{extra}"
+
+
+def dense_parameters(module: nn.Module, config: CompressionConfig) -> int:
+    """Weights a quantized layer stores: all of them."""
+    return module.weight.numel()
+
+
+def nonzero_parameters(module: nn.Module, config: CompressionConfig) -> int:
+    """Weights a pruned layer stores: the nonzero ones."""
+    return int(torch.count_nonzero(module.weight))
+
+
+def _rtn_layer(job: LayerJob) -> LayerResult:
+    c = job.config
+    resolve_group_size(c.group_size, job.weight.shape[1], job.name)
+    qw = rtn_quantize_weight(job.weight, c.bits, c.group_size, symmetric=c.symmetric)
+    return LayerResult(description=f"{c.bits}-bit g{qw.group_size}", weight=qw.dequantize(job.weight.dtype),
+                       quantized=qw)
+
+
+def _check_sparsity(config: CompressionConfig) -> None:
+    if not 0.0 <= config.sparsity < 1.0:
+        raise ValueError(f"sparsity={config.sparsity} must be in [0, 1): the fraction of weights set to zero")
+
+
+register(Compressor(
+    name="rtn", kind="dense", compress_layer=_rtn_layer, needs_stats=False, parameters=dense_parameters,
+    storage_bits=lambda shape, n, c: quantized_storage_bits(shape, c.bits, c.group_size, c.symmetric),
+    label=quantizer_label, validate=check_quantizer_options, help="round-to-nearest group-wise quantization",
+))
+register(Compressor(
+    name="2:4", kind="dense", compress_layer=lambda job: LayerResult("2:4", weight=prune_2_4(job.weight)),
+    needs_stats=False, parameters=nonzero_parameters,
+    storage_bits=lambda shape, n, c: n * (16 + 2),  # 16-bit values + the 2-bit position of each kept weight in its 4
+    label=lambda c: "2:4 pruning", aliases=("prune24",), help="2:4 semi-structured magnitude pruning",
+))
+register(Compressor(
+    name="magnitude", kind="dense",
+    compress_layer=lambda job: LayerResult(f"sparsity {job.config.sparsity}",
+                                           weight=prune_magnitude(job.weight, job.config.sparsity)),
+    needs_stats=False, parameters=nonzero_parameters,
+    storage_bits=lambda shape, n, c: n * 16 + shape[0] * shape[1],  # 16-bit values + a one-bit mask
+    label=lambda c: f"magnitude pruning, sparsity {c.sparsity}", validate=_check_sparsity,
+    help="unstructured magnitude pruning",
+))

@@ -18,13 +18,21 @@ as GPTQ's without act-order: a group's grid is computed when the sweep reaches i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from compress.obs import QuantGrid, inverse_hessian_factor, obs_sweep, prepare_hessian
+from compress.compressors import Compressor, LayerJob, LayerResult, register
+from compress.obs import QuantGrid, check_sweep_options, inverse_hessian_factor, obs_sweep, prepare_hessian
 from compress.quantized import QuantizedWeight
-from compress.sources import check_bits, resolve_group_size
+from compress.sources import (
+    check_bits,
+    check_group_size,
+    nonzero_parameters,
+    quantized_storage_bits,
+    resolve_group_size,
+)
 
 
 @dataclass(frozen=True)
@@ -140,3 +148,53 @@ def sparsegpt_prune(
     else:
         weight = result.weight.to(W.dtype)
     return SparseWeight(weight=weight, mask=~result.pruned, quantized=quantized)
+
+
+def _sparsegpt_layer(job: LayerJob) -> LayerResult:
+    c = job.config
+    if c.sparse_bits is not None:
+        resolve_group_size(c.group_size, job.weight.shape[1], job.name)
+    unstructured = c.pattern == "unstructured"
+    res = sparsegpt_prune(job.weight, job.stats.gram, c.sparsity if unstructured else None, pattern=c.pattern,
+                          bits=c.sparse_bits, group_size=c.group_size, symmetric=c.symmetric, percdamp=c.percdamp,
+                          block_size=c.block_size)
+    what = f"sparsity {c.sparsity}" if unstructured else c.pattern
+    bits = "" if c.sparse_bits is None else f" + {c.sparse_bits}-bit g{res.quantized.group_size}"
+    return LayerResult(description=what + bits, weight=res.weight, quantized=res.quantized)
+
+
+def _sparsegpt_storage_bits(shape: tuple[int, int], kept: int, config) -> float:
+    """Kept values (16-bit or quantized, with their group scales) plus the positions: an ``N:M`` index of
+    ``ceil(log2 M)`` bits per kept weight, or a one-bit mask per weight when unstructured."""
+    n_of_m = parse_pattern(config.pattern)
+    where = kept * math.ceil(math.log2(n_of_m[1])) if n_of_m else shape[0] * shape[1]
+    if config.sparse_bits is None:
+        return kept * 16 + where
+    dense = quantized_storage_bits(shape, config.sparse_bits, config.group_size, config.symmetric)
+    return dense - shape[0] * shape[1] * config.sparse_bits + kept * config.sparse_bits + where
+
+
+def _label(config) -> str:
+    what = f"sparsity {config.sparsity}" if config.pattern == "unstructured" else config.pattern
+    quant = "" if config.sparse_bits is None else (
+        f" + {config.sparse_bits}-bit, group {config.group_size or 'per-row'}{', symmetric' if config.symmetric else ''}")
+    return f"sparsegpt {what}{quant}"
+
+
+def _check_options(config) -> None:
+    parse_pattern(config.pattern)
+    if config.pattern == "unstructured" and not 0.0 <= config.sparsity < 1.0:
+        raise ValueError(f"sparsity={config.sparsity} must be in [0, 1): the fraction of weights set to zero")
+    if config.sparse_bits is not None:
+        if isinstance(config.sparse_bits, bool) or config.sparse_bits not in range(2, 9):
+            raise ValueError(f"sparse_bits={config.sparse_bits!r} must be an int in [2, 8], or None to keep the "
+                             "kept weights in full precision")
+        check_group_size(config.group_size)
+    check_sweep_options(config.percdamp, config.block_size)
+
+
+register(Compressor(
+    name="sparsegpt", kind="dense", compress_layer=_sparsegpt_layer, needs_stats=True, parameters=nonzero_parameters,
+    storage_bits=_sparsegpt_storage_bits, label=_label, validate=_check_options,
+    help="SparseGPT: pruning (unstructured or N:M) with second-order error feedback, optionally quantized",
+))

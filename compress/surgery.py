@@ -10,7 +10,7 @@ import copy
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +23,14 @@ from transformers.pytorch_utils import Conv1D
 
 from compress import lowrank as lr
 from compress.budget import allocate_ranks
-from compress.config import DENSE_METHODS, LOWRANK_METHODS, CompressionConfig
-from compress.sources import prune_2_4, prune_magnitude, rtn_quantize
-from tensornets import FactorizedConv2d, FactorizedLinear, Factorization, decompose, factorize, get_format
+from compress.compressors import LayerJob
+from compress.config import CompressionConfig
+from tensornets import FactorizedConv2d, FactorizedLinear, Factorization, get_format
 from tensornets.io import build_from_spec, module_spec
 
 if TYPE_CHECKING:  # calibration imports this module for find_targets
-    from compress.calibration import ActivationStats, LayerStats
+    from compress.calibration import ActivationStats
+    from compress.quantized import QuantizedWeight
 
 TargetSpec = str | Sequence[str] | None
 
@@ -251,11 +252,14 @@ class LayerReport:
 
 @dataclass
 class CompressionReport:
-    """Result of :func:`compress_model`: the compressed ``model`` and one :class:`LayerReport` per layer."""
+    """Result of :func:`compress_model`: the compressed ``model``, one :class:`LayerReport` per layer and, for
+    quantizing methods, each layer's integer form (``quantized``: name -> :class:`~compress.quantized.QuantizedWeight`,
+    whose ``dequantize()`` is the weight the model holds), which exporters pack."""
 
     model: nn.Module
     layers: list[LayerReport]
     config: CompressionConfig
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     @property
     def params_before(self) -> int:
@@ -300,113 +304,17 @@ class CompressionReport:
 
 
 # ---------------------------------------------------------------------------------------------- per-layer compression
-def _rank_of(config: CompressionConfig, out_f: int, in_f: int, sq: torch.Tensor | None, name: str) -> int:
-    if config.rank is not None:
-        lr.check_rank(config.rank, out_f, in_f, name)
-        return config.rank
-    if config.keep is not None:
-        rank = lr.rank_for_keep(out_f, in_f, config.keep)
-        if rank < 1:
-            raise ValueError(
-                f"keep={config.keep} leaves rank 0 for layer {name!r} of shape ({out_f}, {in_f}); one rank costs "
-                f"{(out_f + in_f) / (out_f * in_f):.4f} of its parameters: raise keep"
-            )
-        return rank
-    return lr.rank_for_energy(sq, config.energy)
-
-
-def _scaling(config: CompressionConfig, method: str, stats: LayerStats | None, n: int, device) -> lr.InputScaling:
-    return lr.input_scaling(method, stats, alpha=config.alpha, ridge=config.ridge, eps=config.eps, n=n, device=device)
-
-
-def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScaling, config: CompressionConfig) -> nn.Module:
-    """Tucker-2 of the whitened weight ``W S`` with ``S⁺`` folded into the single input factor."""
-    out_f, in_f = W.shape
-    if config.modes is not None:
-        out_modes, in_modes = tuple(config.modes[0]), tuple(config.modes[1])
-        if len(in_modes) != 1:
-            raise ValueError(
-                f"whiten=True needs one input mode (Tucker-2); got modes[1]={in_modes}: pass modes=(out_modes, ({in_f},))"
-            )
-    else:
-        out_modes = factorize(out_f, config.num_cores) if config.num_cores else (out_f,)
-    tucker = get_format("tucker")
-    rank = config.rank
-    if config.keep is not None:
-        rank = tucker.rank_for_budget(config.keep, in_f, out_f, (in_f,), out_modes)
-    Ws = scaling.scale(W.to(torch.float64))
-    fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)))
-    fact = tucker.empty(in_f, out_f, in_modes=(in_f,), out_modes=out_modes, ranks=fs.ranks,
-                        dtype=module.weight.dtype, device=module.weight.device)
-    with torch.no_grad():
-        fact.core.copy_(fs.core)
-        for dst, src in zip(fact.out_factors, fs.out_factors):
-            dst.copy_(src)
-        fact.in_factors[0].copy_(scaling.unscale(fs.in_factors[0].T).T)
-    return FactorizedLinear(fact, _bias(module))
-
-
-def _tensor_module(module: nn.Module, W: torch.Tensor, config: CompressionConfig, name: str) -> nn.Module:
-    size = {"rank": config.rank, "energy": config.energy, "budget": config.keep}
-    size = {k: v for k, v in size.items() if v is not None}
-    if isinstance(module, nn.Conv2d):
-        if config.method != "tucker":
-            raise ValueError(
-                f"layer {name!r} is a Conv2d: method={config.method!r} applies to linear layers; use 'tucker' "
-                "(Tucker-2 on the channels) or a low-rank method, or exclude it"
-            )
-        return FactorizedConv2d.from_conv(module, "tucker", **size)
-    fact = decompose(W, config.method, num_cores=config.num_cores, modes=config.modes, svd=config.svd,
-                     seed=config.seed, **size)
-    return FactorizedLinear(fact.to(module.weight.dtype), _bias(module))
-
-
-def _compress_layer(
-    module: nn.Module, name: str, config: CompressionConfig, stats: LayerStats | None, rank: int | None, device
-) -> tuple[nn.Module | torch.Tensor, str]:
-    """The replacement module (or, for dense methods, the new ``(out, in)`` weight) and a rank description."""
-    W = dense_weight(module).to(device)
-    out_f, in_f = W.shape
-    method = config.method
-    if method == "rtn":
-        return rtn_quantize(W, config.bits, config.group_size, symmetric=config.symmetric), (
-            f"{config.bits}-bit g{config.group_size}")
-    if method == "2:4":
-        return prune_2_4(W), "2:4"
-    if method == "magnitude":
-        return prune_magnitude(W, config.sparsity), f"sparsity {config.sparsity}"
-    if method in LOWRANK_METHODS:
-        scaling = _scaling(config, LOWRANK_METHODS[method], stats, in_f, device)
-        U, s, Vh = lr.scaled_svd(W, scaling)
-        if rank is None:
-            rank = _rank_of(config, out_f, in_f, s.square(), name)
-        B, A = lr.factors_from_svd(U, s, Vh, rank, scaling)
-        new = lowrank_module(module, B, A)
-    elif config.whiten:
-        if isinstance(module, nn.Conv2d):
-            raise ValueError(
-                f"layer {name!r}: whiten=True needs the whitened input to be one factor, but a Conv2d's Tucker-2 input "
-                "factor acts on channels only; use method='whitened_svd' for convolutions"
-            )
-        new = _whitened_tucker(module, W, _scaling(config, "whitened", stats, in_f, device), config)
-    else:
-        new = _tensor_module(module, W, config, name)
-    ranks = getattr(new, "factorization", new).ranks
-    return new, ",".join(map(str, ranks))
-
-
 def _global_ranks(
     targets: Mapping[str, nn.Module], config: CompressionConfig, stats: ActivationStats | None, device, progress
 ) -> dict[str, int]:
     """Ranks from one budget ``keep · Σ out·in`` allocated by the layers' weighted spectra (:mod:`compress.budget`)."""
     spectra, shapes, floors, caps = {}, {}, {}, {}
-    method = LOWRANK_METHODS[config.method]
     for name, module in tqdm(targets.items(), desc="spectra", disable=None if progress is None else not progress,
                              leave=False):
-        W = dense_weight(module).to(device)
+        W = dense_weight(module).to(device or module.weight.device)
         out_f, in_f = W.shape
-        scaling = _scaling(config, method, None if stats is None else stats.get(name), in_f, device)
-        spectra[name] = torch.linalg.svdvals(scaling.scale(W.to(torch.float64))).square()
+        job = LayerJob(name, module, W, config, None if stats is None else stats.get(name))
+        spectra[name] = config.compressor.spectrum(job)
         shapes[name] = (out_f, in_f)
         caps[name] = max(1, lr.rank_for_keep(out_f, in_f, 1.0))
         floors[name] = min(caps[name], max(config.min_rank, lr.rank_for_keep(out_f, in_f, config.min_keep)
@@ -451,9 +359,10 @@ def compress_model(
     -----
     Each layer's weight (and its ``(n, n)`` statistics) is moved to ``config.device`` (default: the layer's device),
     processed in float64 and written back in the layer's dtype and device, so only one layer at a time occupies the
-    processing device. Low-rank methods replace ``nn.Linear`` / ``Conv1D`` by :class:`tensornets.FactorizedLinear`
-    and ``nn.Conv2d`` by :class:`tensornets.FactorizedConv2d`; ``rtn`` / ``2:4`` / ``magnitude`` overwrite the
-    dense weights.
+    processing device. The method's layer function comes from the compressor registry (:mod:`compress.compressors`):
+    factorizing methods replace ``nn.Linear`` / ``Conv1D`` by :class:`tensornets.FactorizedLinear` and ``nn.Conv2d``
+    by :class:`tensornets.FactorizedConv2d`; dense methods (``rtn``, ``gptq``, ``2:4``, ``magnitude``,
+    ``sparsegpt``) overwrite the dense weights.
     """
     if config.needs_stats and stats is None:
         raise ValueError(
@@ -469,36 +378,36 @@ def compress_model(
                 f"no activation statistics for target layers {missing[:5]}; collect them with the same "
                 "target_modules / exclude_modules as the config"
             )
-    if config.rank is not None and config.method in LOWRANK_METHODS:
-        for name, module in targets.items():  # fail before any work is done
+    compressor = config.compressor
+    if config.rank is not None and compressor.spectrum is not None:
+        for name, module in targets.items():  # low-rank methods: fail before any work is done
             lr.check_rank(config.rank, *dense_weight(module).shape, name)
     ranks = _global_ranks(targets, config, stats, config.device, progress) if config.allocation == "global" else {}
-    layers = []
+    layers, quantized = [], {}
     for name, module in tqdm(targets.items(), desc=f"compress ({config.method})",
                              disable=None if progress is None else not progress):
         device = config.device or module.weight.device
         layer_stats = stats.get(name) if stats is not None else None
         W = dense_weight(module).clone()  # dense methods overwrite the weight in place
-        new, rank_desc = _compress_layer(module, name, config, layer_stats, ranks.get(name), device)
-        if config.method in DENSE_METHODS:
-            set_dense_weight(module, new)
+        job = LayerJob(name, module, W.to(device), config,
+                       None if layer_stats is None else layer_stats.to(device), ranks.get(name))
+        result = compressor.compress_layer(job)
+        if result.weight is not None:
+            set_dense_weight(module, result.weight)
             new = module
         else:
+            new = result.module
             replace_module(work, name, new)
+        if result.quantized is not None:
+            quantized[name] = result.quantized
         W_hat = dense_weight(new)
         layers.append(LayerReport(
             name=name, kind=layer_kind(module), shape=tuple(W.shape), method=config.method,
-            params_before=W.numel(), params_after=_params_after(new, config), ranks=rank_desc,
+            params_before=W.numel(), params_after=compressor.parameters(new, config), ranks=result.description,
             rel_weight_error=lr.relative_weight_error(W, W_hat.to(W.device)),
             rel_output_error=None if layer_stats is None else lr.relative_output_error(W, W_hat.to(W.device), layer_stats),
         ))
-    return CompressionReport(work, layers, config)
-
-
-def _params_after(module: nn.Module, config: CompressionConfig) -> int:
-    if config.method in ("2:4", "magnitude"):
-        return int(torch.count_nonzero(module.weight))
-    return weight_parameters(module)
+    return CompressionReport(work, layers, config, quantized)
 
 
 # ---------------------------------------------------------------------------------------------- save / load

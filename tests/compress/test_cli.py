@@ -187,3 +187,60 @@ def test_sequential_eora_and_demo_routing(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setattr(tensornets.demo, "main", lambda argv: calls.append(argv))
     cli_main(["demo", "--quick"])
     assert calls == [["--quick"]]
+
+
+def test_gptq_with_eora_exports_an_adapter_and_beats_rtn(tiny_model_dir, tmp_path, capsys):
+    """The issue's command at a small setting: --method gptq --bits 3 --group-size G --eora-rank R."""
+    from peft import PeftModel
+
+    out = tmp_path / "out"
+    gptq = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "gptq", "--bits", "3", "--group-size",
+                             "16", "--eora-rank", "4", "--output-dir", str(out), *SMALL])
+    text = capsys.readouterr().out
+    assert "gptq 3-bit, group 16, act-order" in text and "+ EoRA r=4" in text
+    assert gptq["targets"]["layers"] == 14 and gptq["params"]["keep_targets"] == 1.0
+    err = gptq["rel_output_error"]
+    assert err["compensated_eora_mean"] < err["compressed_mean"]
+    rtn = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "rtn", "--bits", "3", "--group-size", "16",
+                            "--eora-rank", "4", *SMALL])
+    assert err["compressed_mean"] < rtn["rel_output_error"]["compressed_mean"]
+    # 3-bit codes + a 16-bit scale and zero point per 16 weights: 5 bits per weight
+    assert gptq["storage_16bit"]["compressed_mb"] == pytest.approx(gptq["params"]["targets_before"] * 5 / 8e6)
+
+    from transformers import AutoTokenizer
+
+    _, held_out = token_slices(AutoTokenizer.from_pretrained(tiny_model_dir), 256, 128, 32)
+    compressed = load_compressed(_fresh(tiny_model_dir), out / "compressed")
+    assert perplexity(compressed, held_out) == pytest.approx(gptq["perplexity"]["compressed"], rel=1e-5)
+    peft_model = PeftModel.from_pretrained(compressed, str(out / "eora-adapter")).eval()
+    assert perplexity(peft_model, held_out) == pytest.approx(gptq["perplexity"]["compensated_eora"], rel=1e-4)
+
+
+def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
+    summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "2:4",
+                                "--sparse-bits", "4", "--group-size", "16", "--no-act-order", "--eora-rank", "2", *SMALL])
+    assert "sparsegpt 2:4 + 4-bit, group 16" in capsys.readouterr().out
+    assert summary["params"]["keep_targets"] <= 0.5
+    err = summary["rel_output_error"]
+    assert err["compensated_eora_mean"] < err["compressed_mean"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "gptq", "--calib-tokens", "0", "--eora-method", "svd"], "--method gptq needs activation"),
+        (["--method", "sparsegpt", "--pattern", "4:2"], "argument --pattern: pattern='4:2'"),
+        (["--method", "gptq", "--keep", "0.5"], "keeps dense weights"),
+    ],
+)
+def test_bad_compressor_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["compress", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_group_size_that_does_not_divide_is_named(tiny_model_dir):
+    with pytest.raises(SystemExit, match="group_size=24 does not divide in_features=32 of layer 'model.layers.0.self_attn.q_proj'"):
+        cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "gptq", "--group-size", "24",
+                          "--eora-rank", "0", *SMALL])

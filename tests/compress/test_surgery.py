@@ -88,9 +88,13 @@ METHOD_CASES = [
     ("tt", dict(keep=0.5)),
     ("mpo", dict(keep=0.5)),
     ("btt", dict(keep=0.5)),
-    ("rtn", dict(bits=3, group_size=20)),
+    ("rtn", dict(bits=3, group_size=16)),
+    ("gptq", dict(bits=3, group_size=16)),
+    ("gptq", dict(bits=4, group_size=None, act_order=False, symmetric=True)),
     ("2:4", dict()),
     ("magnitude", dict(sparsity=0.3)),
+    ("sparsegpt", dict(sparsity=0.3)),
+    ("sparsegpt", dict(pattern="2:4", sparse_bits=4, group_size=16)),
 ]
 
 
@@ -112,7 +116,7 @@ def test_every_method_compresses_and_reports(mlp_setup, method, kw):
         # the reported output error is the actual one on the calibration inputs
         direct = float(torch.linalg.norm((W - W_hat) @ X[row.name].T) / torch.linalg.norm(W @ X[row.name].T))
         assert row.rel_output_error == pytest.approx(direct, rel=1e-3, abs=1e-6)
-        if method in ("rtn", "2:4", "magnitude"):
+        if method in ("rtn", "gptq", "2:4", "magnitude", "sparsegpt"):
             assert isinstance(layer, nn.Linear) and row.rel_weight_error > 0
         else:
             assert isinstance(layer, tensornets.FactorizedLinear)
@@ -218,10 +222,33 @@ def test_load_compressed_refuses_a_different_architecture(tmp_path, mlp_setup):
     (dict(method="mpo", keep=0.5, allocation="global"), "allocation='global'"),
     (dict(method="mpo", keep=0.5, whiten=True), "whiten=True applies to method='tucker'"),
     (dict(rank=0), "rank=0 must be a positive int"),
+    (dict(method="gptq", bits=9), r"bits=9 must be an int in \[2, 8\]"),
+    (dict(method="rtn", bits=1), r"bits=1 must be an int in \[2, 8\]"),
+    (dict(method="gptq", group_size=0), "group_size=0 must be a positive int or None"),
+    (dict(method="gptq", percdamp=-0.1), "percdamp=-0.1 must be >= 0"),
+    (dict(method="sparsegpt", pattern="4:2"), "pattern='4:2' must be 'unstructured' or 'N:M'"),
+    (dict(method="sparsegpt", sparse_bits=1), r"sparse_bits=1 must be an int in \[2, 8\]"),
+    (dict(method="magnitude", sparsity=1.0), r"sparsity=1.0 must be in \[0, 1\)"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         CompressionConfig(**{"method": "whitened_svd", **kw})
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_group_size_that_does_not_divide_a_layer_names_it(mlp_setup, method):
+    model, _, stats = mlp_setup
+    with pytest.raises(ValueError, match="group_size=48 does not divide in_features=64 of layer '2'"):
+        compress_model(model, CompressionConfig(method=method, group_size=48), stats, progress=False)
+
+
+def test_quantizers_report_their_integer_form(mlp_setup):
+    model, _, stats = mlp_setup
+    report = compress_model(model, CompressionConfig(method="gptq", bits=3, group_size=16), stats, progress=False)
+    assert set(report.quantized) == {"0", "2", "4"}
+    for name, qw in report.quantized.items():
+        assert torch.equal(report.model.get_submodule(name).weight, qw.dequantize()) and qw.bits == 3
+    assert compress_model(model, CompressionConfig(method="2:4"), stats, progress=False).quantized == {}
 
 
 def test_bad_compression_calls(mlp_setup):

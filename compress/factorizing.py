@@ -1,0 +1,150 @@
+"""Factorizing compressors: each target layer is replaced by a factorized one of fewer parameters.
+
+- ``svd``, ``asvd``, ``whitened_svd`` (SVD-LLM): truncated SVD of ``W S`` under an input weighting ``S``
+  (:mod:`compress.lowrank`), giving a rank-``r`` :class:`tensornets.FactorizedLinear` (or low-rank
+  :class:`tensornets.FactorizedConv2d`);
+- ``tucker``, ``tt``, ``mpo``, ``btt``: :func:`tensornets.decompose` of the weight (``whiten=True``: Tucker-2 of the
+  whitened weight, the inverse folded into the input factor).
+
+Sized by exactly one of ``keep`` (fraction of parameters kept), ``rank`` or ``energy``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress import lowrank as lr
+from compress.compressors import Compressor, LayerJob, LayerResult, register
+from compress.config import CompressionConfig
+from compress.surgery import lowrank_module, weight_parameters
+from tensornets import FactorizedConv2d, FactorizedLinear, decompose, factorize, get_format
+
+#: low-rank methods -> the input weighting of :func:`compress.lowrank.input_scaling`
+LOWRANK_SCALINGS = {"svd": "svd", "asvd": "asvd", "whitened_svd": "whitened"}
+#: tensor formats of :func:`tensornets.decompose`
+TENSOR_FORMATS = ("tucker", "tt", "mpo", "btt")
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+
+
+def _rank_of(config: CompressionConfig, out_f: int, in_f: int, sq: torch.Tensor | None, name: str) -> int:
+    if config.rank is not None:
+        lr.check_rank(config.rank, out_f, in_f, name)
+        return config.rank
+    if config.keep is not None:
+        rank = lr.rank_for_keep(out_f, in_f, config.keep)
+        if rank < 1:
+            raise ValueError(
+                f"keep={config.keep} leaves rank 0 for layer {name!r} of shape ({out_f}, {in_f}); one rank costs "
+                f"{(out_f + in_f) / (out_f * in_f):.4f} of its parameters: raise keep"
+            )
+        return rank
+    return lr.rank_for_energy(sq, config.energy)
+
+
+def _scaling(job: LayerJob, kind: str) -> lr.InputScaling:
+    c = job.config
+    return lr.input_scaling(kind, job.stats, alpha=c.alpha, ridge=c.ridge, eps=c.eps, n=job.weight.shape[1],
+                            device=job.weight.device)
+
+
+def compress_lowrank(job: LayerJob) -> LayerResult:
+    """Rank-``r`` factors ``B A`` of ``W`` minimising ``‖(W − BA) S‖_F`` (``S`` by the method), as a factorized layer."""
+    W = job.weight
+    scaling = _scaling(job, LOWRANK_SCALINGS[job.config.method])
+    U, s, Vh = lr.scaled_svd(W, scaling)
+    rank = job.rank if job.rank is not None else _rank_of(job.config, *W.shape, s.square(), job.name)
+    B, A = lr.factors_from_svd(U, s, Vh, rank, scaling)
+    return LayerResult(description=str(rank), module=lowrank_module(job.module, B, A))
+
+
+def lowrank_spectrum(job: LayerJob) -> torch.Tensor:
+    """Squared singular values of the weighted weight ``W S`` (what global rank allocation compares)."""
+    return torch.linalg.svdvals(_scaling(job, LOWRANK_SCALINGS[job.config.method]).scale(job.weight.to(torch.float64))).square()
+
+
+def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScaling, config: CompressionConfig) -> nn.Module:
+    """Tucker-2 of the whitened weight ``W S`` with ``S⁺`` folded into the single input factor."""
+    out_f, in_f = W.shape
+    if config.modes is not None:
+        out_modes, in_modes = tuple(config.modes[0]), tuple(config.modes[1])
+        if len(in_modes) != 1:
+            raise ValueError(
+                f"whiten=True needs one input mode (Tucker-2); got modes[1]={in_modes}: pass modes=(out_modes, ({in_f},))"
+            )
+    else:
+        out_modes = factorize(out_f, config.num_cores) if config.num_cores else (out_f,)
+    tucker = get_format("tucker")
+    rank = config.rank
+    if config.keep is not None:
+        rank = tucker.rank_for_budget(config.keep, in_f, out_f, (in_f,), out_modes)
+    Ws = scaling.scale(W.to(torch.float64))
+    fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)))
+    fact = tucker.empty(in_f, out_f, in_modes=(in_f,), out_modes=out_modes, ranks=fs.ranks,
+                        dtype=module.weight.dtype, device=module.weight.device)
+    with torch.no_grad():
+        fact.core.copy_(fs.core)
+        for dst, src in zip(fact.out_factors, fs.out_factors):
+            dst.copy_(src)
+        fact.in_factors[0].copy_(scaling.unscale(fs.in_factors[0].T).T)
+    return FactorizedLinear(fact, _bias(module))
+
+
+def compress_tensor(job: LayerJob) -> LayerResult:
+    """Tensor-format decomposition of the weight (``whiten=True``: whitened Tucker-2) as a factorized layer."""
+    module, W, config, name = job.module, job.weight, job.config, job.name
+    size = {k: v for k, v in (("rank", config.rank), ("energy", config.energy), ("budget", config.keep)) if v is not None}
+    if config.whiten:
+        if isinstance(module, nn.Conv2d):
+            raise ValueError(
+                f"layer {name!r}: whiten=True needs the whitened input to be one factor, but a Conv2d's Tucker-2 input "
+                "factor acts on channels only; use method='whitened_svd' for convolutions"
+            )
+        new = _whitened_tucker(module, W, _scaling(job, "whitened"), config)
+    elif isinstance(module, nn.Conv2d):
+        if config.method != "tucker":
+            raise ValueError(
+                f"layer {name!r} is a Conv2d: method={config.method!r} applies to linear layers; use 'tucker' "
+                "(Tucker-2 on the channels) or a low-rank method, or exclude it"
+            )
+        new = FactorizedConv2d.from_conv(module, "tucker", **size)
+    else:
+        fact = decompose(W, config.method, num_cores=config.num_cores, modes=config.modes, svd=config.svd,
+                         seed=config.seed, **size)
+        new = FactorizedLinear(fact.to(module.weight.dtype), _bias(module))
+    ranks = getattr(new, "factorization", new).ranks
+    return LayerResult(description=",".join(map(str, ranks)), module=new)
+
+
+def _parameters(module: nn.Module, config: CompressionConfig) -> int:
+    return weight_parameters(module)
+
+
+def _storage_bits(shape: tuple[int, int], parameters: int, config: CompressionConfig) -> float:
+    return parameters * 16.0
+
+
+def _label(config: CompressionConfig) -> str:
+    size = next(f"{k} {v}" for k, v in (("keep", config.keep), ("rank", config.rank), ("energy", config.energy))
+                if v is not None)
+    return f"{config.method}{' (whitened)' if config.whiten else ''}, {size}"
+
+
+_HELP = {
+    "svd": "plain truncated SVD", "asvd": "activation-scaled SVD (ASVD)", "whitened_svd": "whitened SVD (SVD-LLM)",
+    "tucker": "Tucker decomposition", "tt": "tensor train", "mpo": "matrix product operator (TT-matrix)",
+    "btt": "block tensor train",
+}
+for _name, _kind in LOWRANK_SCALINGS.items():
+    register(Compressor(
+        name=_name, kind="factorized", compress_layer=compress_lowrank, needs_stats=_kind != "svd",
+        parameters=_parameters, storage_bits=_storage_bits, label=_label, spectrum=lowrank_spectrum, help=_HELP[_name],
+    ))
+for _name in TENSOR_FORMATS:
+    register(Compressor(
+        name=_name, kind="factorized", compress_layer=compress_tensor, needs_stats=False, parameters=_parameters,
+        storage_bits=_storage_bits, label=_label, help=_HELP[_name],
+    ))
