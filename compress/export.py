@@ -32,9 +32,10 @@ Decisions where the formats leave a choice:
   compressed-tensors 0.20.1 + transformers 5 the packed-load path builds the asymmetric zero point unpacked on the
   meta device and rejects the checkpoint's packed one (size mismatch). vLLM reads the packed tensors and ignores
   the key. ``dequantize_on_load=False`` leaves it out.
-- Layers quantized with several ``(bits, group_size, symmetric)`` schemes get one config group each; transformers
-  5's load-time dequantization applies the first group's scheme to every layer, so such a mix is written without
-  the key (loaded packed) and must be symmetric.
+- Layers quantized with several ``(bits, group_size, symmetric)`` schemes: transformers 5's load-time
+  dequantization applies the first config group's scheme to every layer. Layers differing only in group size are
+  therefore regrouped to the gcd of the group sizes (scales and zero points repeated: exact, a few more bytes);
+  other mixes get one config group each, are written without the key (loaded packed) and must be symmetric.
 - Sparse weights (2:4, magnitude pruning) are stored dense: compressed-tensors 0.20 has no sparse compressor any
   more (``sparse-24-bitmask`` / ``sparse-bitmask`` survive only as legacy config names; ``ModelCompressor`` writes
   ``sparsity_config: {}``).
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,7 +59,7 @@ from torch import nn
 
 from compress.quantized import QuantizedWeight
 
-__all__ = ["EXPORT_DTYPES", "ExportReport", "PackedLayer", "pack_quantized_weight", "quantization_config",
+__all__ = ["EXPORT_DTYPES", "ExportReport", "PackedLayer", "pack_quantized_weight", "quantization_config", "regroup",
            "save_hf_directory"]
 
 #: storage dtypes :func:`save_hf_directory` writes, by the name the CLI's ``--export-dtype`` takes
@@ -187,6 +189,28 @@ def quantization_config(quantized: Mapping[str, QuantizedWeight], linear_names: 
                               ignore=ignore)
 
 
+def regroup(qw: QuantizedWeight, group_size: int) -> QuantizedWeight:
+    """The same weight with groups of ``group_size``, a divisor of ``qw.group_size``: every scale and zero point
+    repeated ``qw.group_size / group_size`` times along ``in``. Codes and ``s (q − z)`` are unchanged."""
+    if group_size < 1 or qw.group_size % group_size:
+        raise ValueError(f"group_size={group_size} must divide the weight's group size {qw.group_size}")
+    k = qw.group_size // group_size
+    return QuantizedWeight(qw.codes, qw.scale.repeat_interleave(k, dim=1), qw.zero_point.repeat_interleave(k, dim=1),
+                           qw.bits, group_size, qw.symmetric)
+
+
+def _common_group_size(quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """Layers that share bits and symmetry but not the group size, regrouped to the gcd of their group sizes.
+
+    A quantizer shortens groups on narrow layers (groups of 64 become 32 on a 32-wide layer); transformers 5
+    dequantizes every layer with one scheme, so one group size for all keeps the checkpoint loadable, exactly.
+    """
+    if len({(q.bits, q.symmetric) for q in quantized.values()}) != 1:
+        return quantized
+    g = math.gcd(*(q.group_size for q in quantized.values()))
+    return {n: q if q.group_size == g else regroup(q, g) for n, q in quantized.items()}
+
+
 def _check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> dict[str, str]:
     """Validate names and shapes; return the layers that cannot be packed (not ``nn.Linear``) with the reason."""
     not_packed = {}
@@ -288,6 +312,7 @@ def save_hf_directory(
     quantized = dict(quantized or {})
     not_packed = _check_quantized(model, quantized)
     packable = {n: q for n, q in quantized.items() if n not in not_packed}
+    packable = _common_group_size(packable)
     schemes = {_scheme_key(q) for q in packable.values()}
     if len(schemes) > 1:
         # transformers 5 dequantizes every layer with the first group's scheme, and its packed path cannot take

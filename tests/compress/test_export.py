@@ -353,3 +353,30 @@ def test_smollm2_3bit_directory_size_and_logits(tmp_path, smollm2_copy):
         got = reloaded(ids).logits.float()
         cast = model.to(torch.bfloat16)(ids).logits.float()
     assert relative_error(got, exact) <= 2 * relative_error(cast, exact)
+
+
+def test_group_sizes_are_unified_exactly(tmp_path):
+    """Groups of 64 shortened to 32 on narrow layers: every layer is written with groups of 32, same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.export import regroup
+
+    model = tiny_llama(hidden=32, intermediate=64)
+    quantized = {}
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name != "lm_head":
+            quantized[name] = _rtn(module.weight, 3, min(64, module.in_features), False)
+            with torch.no_grad():
+                module.weight.copy_(quantized[name].dequantize())
+    assert {q.group_size for q in quantized.values()} == {32, 64}
+    qw = quantized["model.layers.0.mlp.down_proj"]
+    assert torch.equal(regroup(qw, 16).dequantize(), qw.dequantize())
+    with pytest.raises(ValueError, match="divide"):
+        regroup(qw, 48)
+    report = save_hf_directory(model, tmp_path, quantized=quantized, dtype=torch.float32)
+    assert {p.group_size for p in report.packed} == {32}
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == [32] and qc["dequantize"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    for name in quantized:
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name

@@ -60,7 +60,7 @@ def fake_gguf(monkeypatch):
         calls.append(gguf_path)
         return _tiny_llama_and_tokenizer()
 
-    monkeypatch.setattr(models, "_convert_smollm2_gguf", convert)
+    monkeypatch.setattr(models, "_convert_gguf", convert)
     return calls
 
 
@@ -139,7 +139,7 @@ def test_interrupted_write_leaves_no_cache(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tokenizer, "save_pretrained", fail)
-    monkeypatch.setattr(models, "_convert_smollm2_gguf", lambda path: (model, tokenizer))
+    monkeypatch.setattr(models, "_convert_gguf", lambda path: (model, tokenizer))
     cache = tmp_path / "smol"
     with pytest.raises(KeyboardInterrupt):
         load_smollm2(cache_dir=cache)

@@ -1,0 +1,86 @@
+"""Read a user's calibration or evaluation text from local files with ``datasets``' packaged loaders (never the hub).
+
+Accepted: a text file (``.txt``, ``.text``, ``.md``: one document per file, newlines kept), a JSON Lines / JSON file
+(``.jsonl``, ``.json``) or a Parquet file (``.parquet``) with a text column, or a directory holding any of them
+(searched recursively, files in sorted path order). The text column is ``"text"`` when present, else the only
+string column. Every error names the command-line flag the path came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["DATA_SUFFIXES", "load_texts"]
+
+#: file suffix -> the ``datasets`` packaged builder that reads it
+DATA_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet"}
+
+
+def _files(path: Path, flag: str) -> list[Path]:
+    if path.is_file():
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise ValueError(f"{flag} {str(path)!r}: unsupported file type {path.suffix!r}; pass a "
+                             f"{', '.join(DATA_SUFFIXES)} file or a directory of them")
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        if not found:
+            raise ValueError(f"{flag} {str(path)!r}: the directory holds no {', '.join(DATA_SUFFIXES)} file")
+        return found
+    raise ValueError(f"{flag} {str(path)!r}: no such file or directory")
+
+
+def _column(dataset, file: Path, flag: str) -> str:
+    from datasets import Value
+
+    if "text" in dataset.column_names:
+        return "text"
+    strings = [n for n, f in dataset.features.items() if isinstance(f, Value) and f.dtype in ("string", "large_string")]
+    if len(strings) == 1:
+        return strings[0]
+    raise ValueError(f"{flag} {str(file)!r}: no text column (columns: {dataset.column_names}); store the text in a "
+                     "column named 'text'")
+
+
+def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]:
+    """The documents of ``path``, in file order, then row order: one string per text file or per row.
+
+    Parameters:
+        path: a ``.txt`` / ``.text`` / ``.md``, ``.jsonl`` / ``.json`` or ``.parquet`` file, or a directory of them.
+        flag: the command-line flag (or argument name) ``path`` came from, quoted in every error.
+
+    Returns:
+        The non-empty documents (empty strings and nulls dropped).
+
+    Raises:
+        ValueError: unsupported file type, missing path, a JSON / Parquet file without a text column, or no text
+            at all.
+    """
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    files = _files(Path(path).expanduser(), flag)
+    texts: list[str] = []
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        for file in files:
+            builder = DATA_SUFFIXES[file.suffix.lower()]
+            kwargs = {"sample_by": "document"} if builder == "text" else {}
+            try:
+                dataset = load_dataset(builder, data_files=[str(file)], split="train", **kwargs)
+            except Exception as err:  # noqa: BLE001 - any parse failure: report it against the flag
+                raise ValueError(f"{flag} {str(file)!r}: could not be read as {builder} ({type(err).__name__}: "
+                                 f"{err})") from None
+            if dataset.num_rows == 0:
+                continue
+            column = _column(dataset, file, flag)
+            texts.extend(t for t in dataset[column] if isinstance(t, str) and t.strip())
+    finally:
+        if bars:
+            enable_progress_bar()
+    if not texts:
+        raise ValueError(f"{flag} {str(path)!r}: holds no text (every document is empty); pass a file with text")
+    return texts
