@@ -21,6 +21,12 @@ stream (statistics, then output): never once per layer. Memory: the storage-dtyp
 EoRA: the original is kept for ``W``), one block's statistics, and the hidden states of the calibration data (one or
 two streams, float32, on ``device``).
 
+Models too big for memory are loaded in their storage dtype with accelerate's big-model tools, the blocks offloaded
+to disk (``from_pretrained(path, dtype=torch.bfloat16, device_map={..., "model.layers": "disk"},
+offload_folder=...)``). Each offloaded block is loaded from its weights map, processed as above, written to
+``offload_folder`` in accelerate's offload format and offloaded again with accelerate's hooks, so one block at a
+time is resident.
+
 Within a block the statistics of every layer are collected in one pass of the *uncompressed* block on ``h̃_i``
 (as llm-compressor's sequential pipeline does), so the drift that the compression of ``q_proj`` causes at
 ``down_proj`` of the same block is not seen until the next block.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -130,6 +137,7 @@ def compress_blocks(
     eora_sequential: bool = False,
     eora_ridge: float = 0.0,
     device: torch.device | str | None = None,
+    offload_folder: str | os.PathLike | None = None,
     inplace: bool = False,
     progress: bool | None = None,
 ) -> PipelineResult:
@@ -160,8 +168,14 @@ def compress_blocks(
     device : torch.device or str, optional
         Where each block is processed (``"cuda"`` moves one block at a time to the GPU); default: where the block is
         stored. The hidden states of the calibration data live there too.
+    offload_folder : str or os.PathLike, optional
+        For a model whose blocks accelerate offloads (``from_pretrained(..., device_map=..., offload_folder=...)``,
+        parameters on ``meta``): where the compressed blocks are written (accelerate's offload format, one ``.dat``
+        file per tensor). Each offloaded block is loaded from its weights map, processed, written here and offloaded
+        again, so only one block is ever resident. Required when the model has offloaded blocks.
     inplace : bool
-        Compress ``model`` itself; otherwise a deep copy (peak memory then holds two models in their storage dtype).
+        Compress ``model`` itself; otherwise a deep copy (peak memory then holds two models in their storage dtype;
+        a model with offloaded blocks must be compressed in place).
     progress : bool, optional
         tqdm bar over blocks (default: only on a terminal).
 
@@ -221,22 +235,32 @@ def compress_blocks(
         return _whole_model(model, config, list(calib_batches), list(targets), eora_rank, eora_method,
                             eora_sequential, eora_ridge, inplace, progress)
 
+    offloaded = [i for i, block in enumerate(blocks) if _offloaded_modules(block)]
+    if offloaded and offload_folder is None:
+        raise ValueError(f"blocks {offloaded[:4]} of {path!r} are offloaded by accelerate: pass offload_folder= (a "
+                         "directory for the compressed blocks), or load the model without disk offload")
+    if offloaded and not inplace:
+        raise ValueError("a model with offloaded blocks cannot be copied: pass inplace=True")
     work = model if inplace else copy.deepcopy(model)
     blocks = work.get_submodule(path)
     work_targets = find_targets(work, list(targets))
     per_block = [{n[len(f"{path}.{i}."):]: m for n, m in work_targets.items() if n.startswith(f"{path}.{i}.")}
                  for i in range(len(blocks))]
 
-    hidden, kwargs = capture_block_inputs(work, blocks[0], calib_batches, compute)
+    home = compute if compute is not None else _home_device(blocks[0])
+    hidden, kwargs = capture_block_inputs(work, blocks[0], calib_batches, home)
     comp_h = hidden
     dense_h = list(hidden) if eora_rank else None  # both streams start equal
     layers, factors, kinds, eora_rows, conv_kernels = [], {}, {}, [], {}
     for i in tqdm(range(len(blocks)), desc=f"compress blocks ({config.method})",
                   disable=None if progress is None else not progress):
         prefix = f"{path}.{i}."
+        execution_device = _onload(blocks[i]) if i in offloaded else None
         out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, config, eora_rank, eora_method,
-                             eora_sequential, eora_ridge, compute)
+                             eora_sequential, eora_ridge, compute if compute is not None else execution_device)
         comp_h, dense_h = out.comp_h, out.dense_h
+        if i in offloaded:
+            _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device)
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
         if out.eora is not None:
             factors.update({prefix + n: f for n, f in out.eora.factors.items()})
@@ -341,7 +365,8 @@ class _Feed(nn.Module):
 
     def forward(self, i: torch.Tensor) -> torch.Tensor:
         i = int(i)
-        out = self.block(self.hidden[i], **self.kw[i])
+        device = model_device(self.block)  # a no-op unless blocks sit on several devices
+        out = self.block(_to(self.hidden[i], device), **_to(self.kw[i], device))
         out = out[0] if isinstance(out, (tuple, list)) else out
         if self.outputs is not None:
             self.outputs[i] = out.detach()
@@ -426,6 +451,65 @@ def _process_block(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _BlockResult(next_comp, next_dense, layers, adapter)
+
+
+def _offloaded_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Submodules of ``block`` whose parameters accelerate keeps offloaded (an ``AlignDevicesHook`` with offload)."""
+    from accelerate.utils import has_offloaded_params
+
+    return {n: m for n, m in block.named_modules() if has_offloaded_params(m)}
+
+
+def _home_device(block: nn.Module) -> torch.device:
+    """Where ``block`` computes: its hooks' execution device when accelerate offloads it, else its parameters'."""
+    modules = _offloaded_modules(block)
+    if modules:
+        device = next(iter(modules.values()))._hf_hook.execution_device
+        return torch.device("cpu") if device is None else torch.device(device)
+    return model_device(block)
+
+
+def _onload(block: nn.Module) -> torch.device:
+    """Load an accelerate-offloaded block's parameters to the CPU from its weights maps and remove its hooks.
+
+    Returns the hooks' execution device (to offload the block again with :func:`_offload`).
+    """
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    execution_device = _home_device(block)
+    modules = _offloaded_modules(block)
+    values = {}
+    for name, module in modules.items():
+        weights = module._hf_hook.weights_map
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.device.type == "meta":
+                values[(name, key)] = weights[key]
+    remove_hook_from_module(block, recurse=True)
+    for (name, key), value in values.items():
+        set_module_tensor_to_device(block.get_submodule(name), key, "cpu", value=value)
+    return execution_device
+
+
+def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_device: torch.device) -> None:
+    """Write ``block``'s tensors to ``folder`` (accelerate's ``.dat`` offload format) and offload it with hooks.
+
+    Layers whose forward reads a child's parameters without calling it (factorized layers) load all their
+    weights at once (accelerate's ``preload_module_classes``).
+    """
+    from accelerate.hooks import attach_align_device_hook
+    from accelerate.utils import OffloadedWeightsLoader, offload_weight
+
+    from tensornets import FactorizedConv2d, FactorizedLinear
+
+    os.makedirs(folder, exist_ok=True)
+    index: dict[str, dict] = {}
+    for key, tensor in block.state_dict().items():
+        offload_weight(tensor.detach(), f"{name}.{key}", str(folder), index)
+    preload = sorted({type(m).__name__ for m in block.modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d))})
+    attach_align_device_hook(block, execution_device=execution_device, offload=True, module_name=name,
+                             weights_map=OffloadedWeightsLoader(save_folder=str(folder), index=index),
+                             preload_module_classes=preload or None)
 
 
 def _place(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -202,3 +202,27 @@ def test_bad_arguments_name_the_argument():
         compress_blocks(model, {"method": "rtn"}, calib(n=1))
     with pytest.raises(ValueError, match="calib_batches is empty"):
         compress_blocks(model, config, [])
+
+
+def test_disk_offloaded_blocks(tmp_path):
+    """Blocks offloaded by accelerate are loaded one at a time, compressed, and written back to offload_folder."""
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, dtype=torch.bfloat16,
+                                                 offload_folder=tmp_path / "load-offload").eval()
+    resident = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    config = CompressionConfig(method="svd", keep=0.5, target_modules=["q_proj", "down_proj"])
+    batches = calib()
+    with pytest.raises(ValueError, match="offload_folder"):
+        compress_blocks(offloaded, config, batches, inplace=True)
+    out = compress_blocks(offloaded, config, batches, eora_rank=4, offload_folder=tmp_path / "compressed",
+                          inplace=True, progress=False)
+    expected = compress_blocks(resident, config, batches, eora_rank=4, inplace=True, progress=False)
+    assert all(p.device.type == "meta" for p in out.model.model.layers.parameters())
+    assert (tmp_path / "compressed" / "model.layers.2.mlp.down_proj.factorization.U.dat").is_file()
+    assert_close(logits(out.model, batches), logits(expected.model, batches), tol=0.0, what="logits")
+    for name, (B, A) in expected.eora.factors.items():
+        assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
