@@ -39,10 +39,8 @@ Writes ``benchmarks/results/decompose.md`` and ``decompose.json`` (``decompose_q
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,6 +56,9 @@ try:
 except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import tensornets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, however the script is run
+from _report import finish, goal, goal_line, goal_section, header, machine_info, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N = 4096
@@ -196,16 +197,9 @@ def goals(rows: list[dict]) -> list[dict]:
         tl_, ou = m["tensorly truncated_svd (default)"], m["ours randomized"]
         speed, speed_min = tl_["median_s"] / ou["median_s"], tl_["min_s"] / ou["min_s"]
         ratio = ou["rel_error"] / tl_["rel_error"]
-        out.append({"goal": f"{r['matrix']} r={r['rank']}: ours randomized >= 4x faster than tensorly default",
-                    "pass": speed >= 4, "pass_min": speed_min >= 4, "value": speed, "value_min": speed_min})
-        out.append({"goal": f"{r['matrix']} r={r['rank']}: ours error within 1 % of tensorly's",
-                    "pass": ratio <= 1.01, "pass_min": ratio <= 1.01, "value": ratio, "value_min": ratio})
+        out.append(goal(f"{r['matrix']} r={r['rank']}: ours randomized >= 4x faster than tensorly default", speed, speed_min, 4))
+        out.append(goal(f"{r['matrix']} r={r['rank']}: ours error within 1 % of tensorly's", ratio, ratio, 1.01, higher_is_better=False))
     return out
-
-
-def goal_line(g: dict) -> str:
-    return (f"{'PASS' if g['pass'] else 'FAIL'} (on minima: {'PASS' if g['pass_min'] else 'FAIL'}): {g['goal']}: "
-            f"{g['value']:.3f} · {g['value_min']:.3f}")
 
 
 def main(argv=None) -> None:
@@ -218,11 +212,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     tl.set_backend("pytorch")
     start = time.perf_counter()
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
-    info = {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": args.threads,
-            "tensorly": tl.__version__, "python": platform.python_version(), "loadavg_start": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"{cpu} | torch {torch.__version__} | tensorly {tl.__version__} | threads {args.threads} | loadavg {info['loadavg_start']}")
+    info = machine_info(args.threads, tensorly=f"{tl.__version__} (backend pytorch)")
+    print(f"{info['cpu_model']} | torch {torch.__version__} | tensorly {tl.__version__} | threads {args.threads} | loadavg {info['loadavg_start']}")
 
     ranks, runs = ([16], 1) if args.quick else ([8, 16, 32], 3)
     makers = {"powerlaw": powerlaw_matrix} if args.quick else {"powerlaw": powerlaw_matrix, "mpo-structured": mpo_structured_matrix}
@@ -238,18 +229,11 @@ def main(argv=None) -> None:
                   + ", ".join(f"{k} {v['median_s']:.2f}s err {v['rel_error']:.4f}" for k, v in res.items()), flush=True)
             rows.append({"matrix": name, "rank": rank, "methods": res})
     gl = goals(rows)
-    info["loadavg_end"] = os.getloadavg()
-    info["wall_s"] = time.perf_counter() - start
+    finish(info, start)
 
-    md = ["# MPO decomposition of a 4096x4096 matrix: tensornets vs tensorly", "",
-          f"Command: `python benchmarks/bench_decompose.py{' --quick' if args.quick else ''}`", "",
-          "## Machine", "",
-          f"- CPU: {cpu} ({info['logical_cpus']} logical CPUs), torch {torch.__version__}, `torch.set_num_threads({args.threads})`, "
-          f"tensorly {tl.__version__} (backend pytorch), Python {info['python']}",
-          f"- load average at start {tuple(round(v, 2) for v in info['loadavg_start'])}, at end "
-          f"{tuple(round(v, 2) for v in info['loadavg_end'])} (other jobs on the same cores inflate absolute times)",
-          f"- {info['date']}, wall time {info['wall_s']:.0f} s", "",
-          "## Setup", "",
+    md = header("MPO decomposition of a 4096x4096 matrix: tensornets vs tensorly",
+                f"python benchmarks/bench_decompose.py{' --quick' if args.quick else ''}", info, versions=["tensorly"])
+    md += ["## Setup", "",
           f"MPO with 4 cores, modes `{MODES}` on both sides, ranks `[1, r, r, r, 1]`; fp32. Times are `median · min` of "
           f"{runs} interleaved run(s) for ours randomized and tensorly default (one run for ours full and tensorly "
           "randomized) in seconds (decomposition only: reshape/permute + TT-SVD + building the result; "
@@ -262,19 +246,16 @@ def main(argv=None) -> None:
           "- `mpo-structured`: exact MPO of bond 64 with power-law bond weights `j^-1` (seed 1) + 1 % Gaussian noise — "
           "errors well below 1, so it is the accuracy test.", "",
           "## Results", ""] + table(rows)
-    md += ["", "## Goals", "", "Value = speed-up on medians · on minima (or the error ratio); the verdict uses the medians.", ""]
-    md += [f"- **{goal_line(g)}**" for g in gl]
+    md += goal_section(gl, "Value = speed-up on medians · on minima (or the error ratio); the verdict uses the medians.", digits=3)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "decompose_quick" if args.quick else "decompose"
-    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps({"machine": info, "runs": runs, "results": rows, "goals": gl}, indent=1))
+    write_results(args.out, stem, md, {"machine": info, "runs": runs, "results": rows, "goals": gl})
 
     print()
     print("\n".join(md[md.index("## Results"):]))
     print()
     for g in gl:
-        print(goal_line(g))
+        print(goal_line(g, digits=3))
     print(f"\nwrote {args.out / (stem + '.md')} and .json ({info['wall_s']:.0f} s)")
 
 

@@ -15,9 +15,16 @@ and of every parameter) take for
   the input with the factors through ``tl.einsum``, i.e. ``torch.einsum``, which searches a path on
   every call) and ``implementation="reconstructed"`` (rebuild W, then ``F.linear``).
 
-For the MPO at B = 512 the three strategies the layer can pick (rebuild W + one GEMM, the planned
-einsum over x and every core, or the split into two GEMMs around a middle bond) are also timed on
-their own, to check that the automatic choice is never more than 1.1x the best one. A BTT of rank 1 is timed against dense at B = 512 as well.
+- our layers compiled with ``torch.compile(layer, fullgraph=True, dynamic=False)`` (inductor), next
+  to the same layers in eager mode (``--no-compile`` skips them; compiling is minutes on 2 cores).
+
+For every format, size, rank and batch the plans the layer can run (rebuild W + one GEMM, the
+planned einsum over x and every core, the MPO split into two GEMMs around a bond, the format's own
+contraction) are also timed forced one by one (``layer.set_strategy(name)``), against the
+formula's choice (the default strategy) and the measured choice (``strategy="measure"``,
+:meth:`tensornets.Factorization.tune`, with a fresh wisdom file for the run), to check that the
+automatic choices are never more than 1.1x the best forced one. A BTT of rank 1 is timed against
+dense at B = 512 as well.
 
 Method: ``torch.set_num_threads(2)``; every contender is warmed up first, then timed in
 *interleaved* rounds (one measurement of each contender per round, round-robin with a rotating
@@ -28,7 +35,8 @@ against its own dense weight before timing.
 Run
 ---
     python benchmarks/bench_layers.py            # full run (< 10 min on 2 cores)
-    python benchmarks/bench_layers.py --quick    # 4096 only, rank 16, fewer rounds (~1-2 min)
+    python benchmarks/bench_layers.py --quick    # 4096 only, rank 16, fewer rounds (~1-2 min + compiling)
+    python benchmarks/bench_layers.py --smoke --out /tmp/x   # 256 only, rank 4, one round: checks the script runs
 
 Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 ``benchmarks/results/layers.json`` (raw medians and every sample); ``--quick`` writes
@@ -38,12 +46,11 @@ Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -61,34 +68,14 @@ except ModuleNotFoundError:  # running from a checkout without `pip install -e .
 import tltorch
 from tensornets.formats.base import traffic_weight
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, however the script is run
+from _report import finish, goal, goal_line, goal_section, header, machine_info, write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_SAMPLE_S = 2e-3  # one measurement loops the call until it lasts about this long
 OUR_FORMATS = ("mpo", "btt", "lowrank", "tucker")
-STRATEGIES = ("rebuild+gemm", "einsum", "split")  # the MPO's ways to run a forward
+FORCED = ("rebuild", "einsum", "split", "contract")  # plan names a layer can be forced to (tensornets.plans)
 TL_NAME = {"mpo": "blocktt", "tucker": "tucker"}  # tltorch's factorization for our format
-
-
-# ---------------------------------------------------------------------------------------- machine
-def machine_info(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "tltorch": getattr(tltorch, "__version__", "?"),
-        "tensorly": __import__("tensorly").__version__,
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -181,8 +168,24 @@ def check_outputs(contenders: dict[str, nn.Module], x: torch.Tensor) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------- benchmark
-def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], formats: tuple[str, ...], with_tl: bool):
-    """Time dense, our formats and (optionally) tltorch at one size and rank, for each batch size."""
+def compiled(layer: nn.Module) -> nn.Module:
+    """``torch.compile`` with one graph per (grad mode, batch): what the compiled columns time."""
+    return torch.compile(layer, fullgraph=True, dynamic=False)
+
+
+def check_compiled(eager: nn.Module, comp: nn.Module, x: torch.Tensor, name: str) -> float:
+    """Relative difference of the compiled forward from the eager one (raises above 1e-4)."""
+    with torch.no_grad():
+        ref, out = eager(x), comp(x)
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not err < 1e-4:
+        raise AssertionError(f"{name}: compiled forward differs from eager (rel. error {err:.2e})")
+    return err
+
+
+def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], formats: tuple[str, ...], with_tl: bool,
+                with_compile: bool):
+    """Time dense, our formats (eager and compiled) and (optionally) tltorch at one size and rank, per batch size."""
     torch.manual_seed(0)
     dense = nn.Linear(n, n)
     ours = {fmt: our_layer(n, fmt, rank) for fmt in formats}
@@ -194,9 +197,16 @@ def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], f
                 for impl in ("factorized", "reconstructed"):
                     contenders[f"tl:{fmt}:{impl}"] = tl_layer(ours[fmt], impl)
     errs = check_outputs(contenders, torch.randn(4, n))
+    if with_compile:
+        contenders.update({f"compiled:{fmt}": compiled(m) for fmt, m in ours.items()})
     rows = []
     for B in batches:
         x = torch.randn(B, n)
+        if with_compile:
+            for fmt in formats:  # compiles the no-grad graph for this batch before anything is timed
+                t = time.perf_counter()
+                errs[f"compiled:{fmt}:B={B}"] = check_compiled(ours[fmt], contenders[f"compiled:{fmt}"], x, fmt)
+                print(f"  compiled {fmt} n={n} r={rank} B={B}: {time.perf_counter() - t:.1f}s", flush=True)
         for mode, make in (("forward", forward_fn), ("forward+backward", train_fn)):
             t = time.perf_counter()
             res = interleaved({k: make(m, x) for k, m in contenders.items()}, rounds[B])
@@ -213,71 +223,52 @@ def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], f
                     sfx = "" if stat == "median" else "_min"
                     row[f"ours_ms{sfx}"] = res[f"ours:{fmt}"][f"{stat}_s"] * 1e3
                     row[f"dense_ms{sfx}"] = res["dense"][f"{stat}_s"] * 1e3
+                    key = f"compiled:{fmt}"
+                    row[f"compiled_ms{sfx}"] = res[key][f"{stat}_s"] * 1e3 if key in res else None
                     for impl in ("factorized", "reconstructed"):
                         key = f"tl:{fmt}:{impl}"
                         row[f"tl_{impl}_ms{sfx}"] = res[key][f"{stat}_s"] * 1e3 if key in res else None
                 row["samples_ms"] = {k: [s * 1e3 for s in v["samples_s"]] for k, v in res.items()
-                                     if k in ("dense", f"ours:{fmt}", f"tl:{fmt}:factorized", f"tl:{fmt}:reconstructed")}
+                                     if k in ("dense", f"ours:{fmt}", f"compiled:{fmt}", f"tl:{fmt}:factorized", f"tl:{fmt}:reconstructed")}
                 rows.append(row)
     return rows, errs
 
 
-def bench_mpo_strategies(n: int, rank: int, B: int, rounds: int) -> list[dict]:
-    """MPO at batch B: automatic choice vs each strategy forced (rebuild + GEMM, einsum plan, split)."""
-    layer = our_layer(n, "mpo", rank)
-    f = layer.factorization
+def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int) -> dict:
+    """One layer at batch ``B``, forward: the formula's choice, the measured choice, and every plan forced.
+
+    Each variant is its own layer with the same weights (same seed), so all run interleaved.
+    """
+    variants = {"formula": our_layer(n, fmt, rank)}
+    f = variants["formula"].factorization
+    measured = our_layer(n, fmt, rank)
+    t = time.perf_counter()
+    measured.factorization.tune([B])  # times every candidate once (tensornets.plans.default_timer), records the winner
+    tune_s = time.perf_counter() - t
+    variants["measured"] = measured
+    names = [c.name for c in f._candidates(tensornets.batch_bucket(B))]
+    for name in dict.fromkeys(names):
+        variants[name] = our_layer(n, fmt, rank)
+        variants[name].factorization.set_strategy(name)
     x = torch.randn(B, n)
-    bucket = tensornets.batch_bucket(B)
-    einsum_plan = tensornets.plan_contraction(f._equations()[0], [(bucket, *f.in_modes), *f._core_shapes()])
-    splits = [f._split_plan(m, bucket) for m in range(1, len(f.out_modes))]
+    t = time.perf_counter()
+    res = interleaved({k: forward_fn(v, x) for k, v in variants.items()}, rounds)
+    print(f"  strategies {fmt} n={n} r={rank} B={B}: {time.perf_counter() - t:.1f}s (tune {tune_s:.1f}s)", flush=True)
     weight = traffic_weight("cpu")
-    split_plan = min(splits, key=lambda p: p.flops + weight * p.traffic)
-    W = torch.randn(n, n)
-    # Forced strategies go through the layer's own private pieces (no public switch exists).
-    variants = {
-        "auto": f,
-        "rebuild+gemm": lambda inp: F.linear(inp, f._dense()),
-        "einsum": lambda inp: f._contract(inp, einsum_plan),
-        "split": lambda inp: f._contract(inp, split_plan),
-        "rebuild only": lambda inp: f._dense(),
-        "gemm only (dense W)": lambda inp: F.linear(inp, W),
-    }
-    costs = {"rebuild+gemm": f._strategy_costs(bucket)["rebuild"], "einsum": (einsum_plan.flops, einsum_plan.traffic),
-             "split": (split_plan.flops, split_plan.traffic)}
-    out = []
-    for mode in ("forward", "forward+backward"):
-        if mode == "forward":
-            fns = {k: forward_fn(v, x) for k, v in variants.items()}
-        else:
-            fns = {}
-            for k, v in variants.items():
-                if k in ("rebuild only", "gemm only (dense W)"):
-                    continue
-                fns[k] = train_fn(_Wrap(v, f), x)
-        t = time.perf_counter()
-        res = interleaved(fns, rounds)
-        print(f"  MPO strategies n={n} r={rank} B={B} {mode}: {time.perf_counter() - t:.1f}s", flush=True)
-        row = {"n": n, "rank": rank, "B": B, "mode": mode, "auto_picks": f.strategy(B), "split_at": split_plan.split,
-               "cost_model": {k: c[0] + weight * c[1] for k, c in costs.items()}, "einsum_path": list(einsum_plan.path)}
-        row.update({f"{k}_ms": v["median_s"] * 1e3 for k, v in res.items()})
-        row.update({f"{k}_ms_min": v["min_s"] * 1e3 for k, v in res.items()})
-        for sfx in ("", "_min"):
-            row[f"auto_over_best{sfx}"] = row[f"auto_ms{sfx}"] / min(row[f"{k}_ms{sfx}"] for k in STRATEGIES)
-            # the issue's goal names the two strategies the layer had then: rebuild + GEMM and the planned einsum
-            row[f"auto_over_best2{sfx}"] = row[f"auto_ms{sfx}"] / min(row[f"{k}_ms{sfx}"] for k in STRATEGIES[:2])
-        out.append(row)
-    return out
-
-
-class _Wrap(nn.Module):
-    """Give a plain callable the factorization's parameters so train_fn differentiates them."""
-
-    def __init__(self, fn, fact):
-        super().__init__()
-        self.fn, self.fact = fn, fact
-
-    def forward(self, x):
-        return self.fn(x)
+    candidates = f._candidates(tensornets.batch_bucket(B))
+    row = {"n": n, "rank": rank, "B": B, "format": fmt, "mode": "forward", "tune_s": tune_s,
+           "formula_picks": f._plan(tensornets.batch_bucket(B)).label,
+           "measured_picks": measured.factorization._plan(tensornets.batch_bucket(B)).label,
+           "cost_model": {c.label: c.cost(weight) for c in candidates}}
+    row.update({f"{k}_ms": v["median_s"] * 1e3 for k, v in res.items()})
+    row.update({f"{k}_ms_min": v["min_s"] * 1e3 for k, v in res.items()})
+    forced = [k for k in variants if k in FORCED]
+    row["forced"] = forced
+    for sfx in ("", "_min"):
+        best = min(row[f"{k}_ms{sfx}"] for k in forced)
+        row[f"formula_over_best{sfx}"] = row[f"formula_ms{sfx}"] / best
+        row[f"measured_over_best{sfx}"] = row[f"measured_ms{sfx}"] / best
+    return row
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -301,29 +292,30 @@ def _pair(r: dict, key: str, ratio_to: str | None = None) -> str:
 
 
 def layer_table(rows: list[dict], mode: str) -> list[str]:
-    head = ("| n | format | rank | B | params (% dense) | strategy | ours ms | dense ms | **ours/dense** | "
-            "tltorch factorized ms | **ours/tltorch** | tltorch reconstructed ms |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| n | format | rank | B | params (% dense) | strategy | ours ms | compiled ms | **compiled/eager** | dense ms | "
+            "**ours/dense** | tltorch factorized ms | **ours/tltorch** | tltorch reconstructed ms |")
+    lines = [head, "|" + "---|" * 14]
     for r in sorted((r for r in rows if r["mode"] == mode), key=lambda r: (r["n"], OUR_FORMATS.index(r["format"]), r["rank"], r["B"])):
         lines.append(
             f"| {r['n']} | {r['format']} | {r['rank']} | {r['B']} | {r['params']} ({100 * r['params'] / r['dense_params']:.2f} %) | "
-            f"{r['strategy']} | {_pair(r, 'ours_ms')} | {_pair(r, 'dense_ms')} | {_pair(r, 'ours_ms', 'dense_ms')} | "
+            f"{r['strategy']} | {_pair(r, 'ours_ms')} | {_pair(r, 'compiled_ms')} | {_pair(r, 'compiled_ms', 'ours_ms')} | "
+            f"{_pair(r, 'dense_ms')} | {_pair(r, 'ours_ms', 'dense_ms')} | "
             f"{_pair(r, 'tl_factorized_ms')} | {_pair(r, 'ours_ms', 'tl_factorized_ms')} | {_pair(r, 'tl_reconstructed_ms')} |"
         )
     return lines
 
 
 def strategy_table(rows: list[dict]) -> list[str]:
-    lines = ["| n | rank | B | mode | auto picks | auto ms | rebuild+GEMM ms | einsum ms | split ms | **auto/best** | "
-             "rebuild only ms | GEMM only ms | modelled cost rebuild : einsum : split |", "|" + "---|" * 13]
-    for r in rows:
-        opt = lambda k: _pair(r, k) if k in r else "—"
-        model = " : ".join(f"{r['cost_model'][k] / r['cost_model']['rebuild+gemm']:.2f}" for k in STRATEGIES)
+    lines = ["| n | format | rank | B | formula picks | measured picks | formula ms | measured ms | "
+             + " | ".join(f"{k} ms" for k in FORCED) + " | **formula/best** | **measured/best** | tune s |",
+             "|" + "---|" * (11 + len(FORCED))]
+    for r in sorted(rows, key=lambda r: (r["n"], OUR_FORMATS.index(r["format"]), r["rank"], r["B"])):
+        forced = " | ".join(_pair(r, f"{k}_ms") if f"{k}_ms" in r else "—" for k in FORCED)
         lines.append(
-            f"| {r['n']} | {r['rank']} | {r['B']} | {r['mode']} | {r['auto_picks']} | "
-            f"{opt('auto_ms')} | {opt('rebuild+gemm_ms')} | {opt('einsum_ms')} | {opt('split_ms')} | "
-            f"{r['auto_over_best']:.2f} · {r['auto_over_best_min']:.2f} | "
-            f"{opt('rebuild only_ms')} | {opt('gemm only (dense W)_ms')} | {model} |"
+            f"| {r['n']} | {r['format']} | {r['rank']} | {r['B']} | {r['formula_picks']} | {r['measured_picks']} | "
+            f"{_pair(r, 'formula_ms')} | {_pair(r, 'measured_ms')} | {forced} | "
+            f"{r['formula_over_best']:.2f} · {r['formula_over_best_min']:.2f} | "
+            f"{r['measured_over_best']:.2f} · {r['measured_over_best_min']:.2f} | {r['tune_s']:.2f} |"
         )
     return lines
 
@@ -335,35 +327,37 @@ def evaluate_goals(rows: list[dict], strategies: list[dict]) -> list[dict]:
     def find(n, fmt, rank, B, mode="forward"):
         return next((r for r in rows if (r["n"], r["format"], r["rank"], r["B"], r["mode"]) == (n, fmt, rank, B, mode)), None)
 
-    def add(name, need, value_med, value_min, detail, higher_is_better=True):
-        ok = (lambda v: v >= need) if higher_is_better else (lambda v: v <= need)
-        goals.append({"goal": name, "pass": ok(value_med), "pass_min": ok(value_min),
-                      "value": value_med, "value_min": value_min, "detail": detail})
-
     r = find(4096, "mpo", 16, 1)
     if r:
         for other, need, label in (("dense_ms", 5, "dense"), ("tl_factorized_ms", 2, "tltorch factorized")):
-            add(f"MPO 4096² r=16 B=1 forward >= {need}x faster than {label}", need,
-                r[other] / r["ours_ms"], r[other + "_min"] / r["ours_ms_min"],
-                f"ours {_pair(r, 'ours_ms')} ms vs {_pair(r, other)} ms")
-    fw = [s for s in strategies if s["mode"] == "forward"]
-    if fw:
-        for key, label in (("auto_over_best2", "the better of (rebuild+GEMM, einsum)"), ("auto_over_best", "the best of (rebuild+GEMM, einsum, split)")):
-            detail = ", ".join(f"{s['n']}² r={s['rank']}: {s[key]:.2f} · {s[key + '_min']:.2f}" for s in fw)
-            add(f"MPO B=512 forward: auto <= 1.1x {label} at every size/rank", 1.1,
-                max(s[key] for s in fw), max(s[key + "_min"] for s in fw), detail, higher_is_better=False)
+            goals.append(goal(f"MPO 4096² r=16 B=1 forward >= {need}x faster than {label}",
+                              r[other] / r["ours_ms"], r[other + "_min"] / r["ours_ms_min"], need,
+                              detail=f"ours {_pair(r, 'ours_ms')} ms vs {_pair(r, other)} ms"))
+        if r["compiled_ms"] is not None:
+            goals.append(goal("compiled MPO 4096² r=16 B=1 forward >= 1.1x faster than eager",
+                              r["ours_ms"] / r["compiled_ms"], r["ours_ms_min"] / r["compiled_ms_min"], 1.1,
+                              detail=f"compiled {_pair(r, 'compiled_ms')} ms vs eager {_pair(r, 'ours_ms')} ms"))
+    comp = [r for r in rows if r["compiled_ms"] is not None]
+    if comp:
+        worst = max(comp, key=lambda r: r["compiled_ms"] / r["ours_ms"])
+        worst_min = max(comp, key=lambda r: r["compiled_ms_min"] / r["ours_ms_min"])
+        goals.append(goal("compiled <= eager time at every size/format/rank/batch, forward and forward+backward",
+                          worst["compiled_ms"] / worst["ours_ms"], worst_min["compiled_ms_min"] / worst_min["ours_ms_min"], 1.0,
+                          higher_is_better=False,
+                          detail=f"worst on medians: {worst['n']}² {worst['format']} r={worst['rank']} B={worst['B']} {worst['mode']}"))
+    for key, label in (("formula", "formula (default)"), ("measured", "measured (strategy='measure')")):
+        if strategies:
+            worst = max(strategies, key=lambda s: s[f"{key}_over_best"])
+            goals.append(goal(f"forward: {label} choice <= 1.1x the best forced plan at every size/format/rank/batch",
+                              worst[f"{key}_over_best"], max(s[f"{key}_over_best_min"] for s in strategies), 1.1,
+                              higher_is_better=False,
+                              detail=f"worst on medians: {worst['n']}² {worst['format']} r={worst['rank']} B={worst['B']}"))
     r = find(4096, "btt", 1, 512)
     if r:
-        add("BTT 4096² r=1 B=512 forward >= 5x faster than dense", 5,
-            r["dense_ms"] / r["ours_ms"], r["dense_ms_min"] / r["ours_ms_min"],
-            f"ours {_pair(r, 'ours_ms')} ms vs dense {_pair(r, 'dense_ms')} ms")
+        goals.append(goal("BTT 4096² r=1 B=512 forward >= 5x faster than dense",
+                          r["dense_ms"] / r["ours_ms"], r["dense_ms_min"] / r["ours_ms_min"], 5,
+                          detail=f"ours {_pair(r, 'ours_ms')} ms vs dense {_pair(r, 'dense_ms')} ms"))
     return goals
-
-
-def goal_line(g: dict) -> str:
-    verdict = "PASS" if g["pass"] else "FAIL"
-    robust = "PASS" if g["pass_min"] else "FAIL"
-    return f"{verdict} (on minima: {robust}): {g['goal']}: {g['value']:.2f} · {g['value_min']:.2f} — {g['detail']}"
 
 
 TL_NOTE = (
@@ -380,16 +374,27 @@ TL_NOTE = (
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4096 only, rank 16, B in {1, 512}, fewer rounds")
+    ap.add_argument("--smoke", action="store_true", help="256 only, rank 4, B in {1, 32}, one round: checks the script runs")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile columns")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    # every layer is compiled on its own (one graph per layer, grad mode and batch): far more than dynamo's default
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    # the measured column measures in this run: a fresh wisdom file, never the user's
+    os.environ["TENSORNETS_CACHE"] = str(Path(tempfile.mkdtemp(prefix="bench_layers_")) / "wisdom.json")
     start = time.perf_counter()
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, tltorch=getattr(tltorch, "__version__", "?"), tensorly=__import__("tensorly").__version__)
     print(f"{info['cpu_model']} | torch {info['torch']} | threads {args.threads} | loadavg {info['loadavg_start']}")
 
-    if args.quick:
+    if args.smoke:
+        sizes, ranks, batches = [256], [4], [1, 32]
+        rounds = {1: 1, 32: 1}
+        strat_rounds = 1
+    elif args.quick:
         sizes, ranks, batches = [4096], [16], [1, 512]
         rounds = {1: 7, 32: 7, 512: 3}
         strat_rounds = 3
@@ -401,53 +406,49 @@ def main(argv=None) -> None:
     rows, errors = [], {}
     for n in sizes:
         for rank in ranks:
-            rr, errs = bench_group(n, rank, batches, rounds, OUR_FORMATS, with_tl=True)
+            rr, errs = bench_group(n, rank, batches, rounds, OUR_FORMATS, with_tl=True, with_compile=args.compile)
             rows += rr
             errors.update({f"{n}/{rank}/{k}": v for k, v in errs.items()})
-        # BTT rank 1 (the goal row) against dense.
-        rr, _ = bench_group(n, 1, [b for b in batches if b == 512], rounds, ("btt",), with_tl=False)
-        rows += rr
+        if not args.smoke:  # BTT rank 1 (the goal row) against dense.
+            rr, _ = bench_group(n, 1, [b for b in batches if b == 512], rounds, ("btt",), with_tl=False, with_compile=False)
+            rows += rr
     strategies = []
     for n in sizes:
         for rank in ranks:
-            strategies += bench_mpo_strategies(n, rank, 512, strat_rounds)
+            for fmt in OUR_FORMATS:
+                for B in batches:
+                    strategies.append(bench_strategies(n, rank, fmt, B, strat_rounds))
 
     goals = evaluate_goals(rows, strategies)
-    info["loadavg_end"] = os.getloadavg()
-    info["wall_s"] = time.perf_counter() - start
+    finish(info, start)
 
-    md = ["# Layer speed: tensornets vs dense nn.Linear vs tltorch", "",
-          f"Command: `python benchmarks/bench_layers.py{' --quick' if args.quick else ''}`", "",
-          "## Machine", "",
-          f"- CPU: {info['cpu_model']} ({info['logical_cpus']} logical CPUs), torch {info['torch']}, "
-          f"`torch.set_num_threads({args.threads})`, tltorch {info['tltorch']}, tensorly {info['tensorly']}, Python {info['python']}",
-          f"- load average at start {tuple(round(v, 2) for v in info['loadavg_start'])}, at end "
-          f"{tuple(round(v, 2) for v in info['loadavg_end'])} (other jobs on the same cores inflate absolute times; "
-          "interleaving spreads that load over all contenders of a row alike)",
-          f"- {info['date']}, wall time {info['wall_s']:.0f} s", "",
-          "Times: ms per call over interleaved rounds ("
-          f"{', '.join(f'B={b}: {rounds[b]}' for b in batches)} rounds; each sample loops the call for ~2 ms). "
-          "Every cell is `median · min` over the rounds (the minimum is the figure least disturbed by other jobs "
-          "on the machine). Ratios < 1 mean ours is faster. fp32, bias on every layer. Forward = `torch.no_grad()`; "
-          "forward+backward = gradients of the input and all parameters (`torch.autograd.grad`).", "",
-          "## tltorch", "", TL_NOTE.format(torch=torch.__version__, tl=info["tltorch"]), "",
-          "## Forward", ""] + layer_table(rows, "forward") + ["", "## Forward + backward", ""] + layer_table(rows, "forward+backward")
-    md += ["", "## MPO at B=512: automatic choice vs each strategy forced", "",
-           "`rebuild+GEMM` = `F.linear(x, f._dense())`; `einsum` = the cached opt_einsum plan over x and every core for "
-           "the batch bucket; `split` = the cheapest split into two GEMMs around a bond; `rebuild only` = `f._dense()` "
-           "alone; `GEMM only` = `F.linear` with a ready dense W (what a cached/merged W costs). The last column is the "
-           "cost model the automatic choice is based on (FLOPs + 384 x elements moved), relative to rebuild+GEMM.", ""]
+    stem = "layers_smoke" if args.smoke else "layers_quick" if args.quick else "layers"
+    flag = " --smoke" if args.smoke else " --quick" if args.quick else ""
+    md = header("Layer speed: tensornets (eager and compiled) vs dense nn.Linear vs tltorch",
+                f"python benchmarks/bench_layers.py{flag}{'' if args.compile else ' --no-compile'}", info,
+                versions=["tltorch", "tensorly"],
+                note="interleaving spreads that load over all contenders of a row alike")
+    md += ["Times: ms per call over interleaved rounds ("
+           f"{', '.join(f'B={b}: {rounds[b]}' for b in batches)} rounds; each sample loops the call for ~2 ms). "
+           "Every cell is `median · min` over the rounds (the minimum is the figure least disturbed by other jobs "
+           "on the machine). Ratios < 1 mean the first is faster. fp32, bias on every layer. Forward = `torch.no_grad()`; "
+           "forward+backward = gradients of the input and all parameters (`torch.autograd.grad`). Compiled = "
+           "`torch.compile(layer, fullgraph=True, dynamic=False)` with the default (inductor) backend; compile time "
+           "is not included (each graph is compiled and checked against eager before timing).", "",
+           "## tltorch", "", TL_NOTE.format(torch=torch.__version__, tl=info["tltorch"]), "",
+           "## Forward", ""] + layer_table(rows, "forward") + ["", "## Forward + backward", ""] + layer_table(rows, "forward+backward")
+    md += ["", "## Plans: formula and measured choice vs each plan forced (forward)", "",
+           "`formula` = the default strategy (cost model: FLOPs + "
+           f"{traffic_weight('cpu')} x elements moved); `measured` = `strategy='measure'` after `tune([B])` (each "
+           "candidate timed once, the fastest kept); the other columns force one plan by name (`set_strategy`): "
+           "`rebuild` = rebuild W then one GEMM, `einsum` = the planned einsum over x and every core, `split` = the "
+           "MPO's cheapest split into two GEMMs (by the formula), `contract` = the format's own contraction (low rank, "
+           "BTT). `tune s` = the time `tune` took.", ""]
     md += strategy_table(strategies)
-    md += ["", "## Goals", "", "Value = speed-up (or auto/best) on medians · on minima; the verdict uses the medians.", ""]
-    md += [f"- **{goal_line(g)}**" for g in goals]
+    md += goal_section(goals, "Value = speed-up (or time ratio) on medians · on minima; the verdict uses the medians.")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "layers_quick" if args.quick else "layers"
-    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "rounds": rounds, "layers": rows, "mpo_strategies": strategies,
-         "output_rel_errors": errors,
-         "goals": goals}, indent=1))
+    write_results(args.out, stem, md, {"machine": info, "rounds": rounds, "layers": rows, "strategies": strategies,
+                                       "output_rel_errors": errors, "goals": goals})
 
     print()
     print("\n".join(md[md.index("## Forward"):]))

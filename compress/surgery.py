@@ -213,8 +213,8 @@ def lowrank_module(module: nn.Module, B: torch.Tensor, A: torch.Tensor) -> nn.Mo
             stride=module.stride, padding=module.padding, dilation=module.dilation, bias=module.bias is not None,
         ).to(ref.device, ref.dtype)
         with torch.no_grad():
-            new.core.copy_(A.reshape(new.core.shape))
-            new.out_factor.copy_(B)
+            new.factorization.V.copy_(A)
+            new.factorization.U.copy_(B)
             if module.bias is not None:
                 new.bias.copy_(module.bias)
         return new

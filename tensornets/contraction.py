@@ -1,10 +1,11 @@
 """Contraction plans: find an einsum path once, execute it many times.
 
-``torch.einsum`` with three or more operands asks opt_einsum for a path on *every* call
-(0.3-0.6 ms measured on this project's CPUs, more than a whole small-batch MPO forward). A
-:class:`ContractionPlan` holds the path found once for an equation and operand shapes, and runs
-it as one call into ATen's C++ einsum with that path (no Python loop of pairwise contractions,
-which measured 1.2-4.4x slower). Plans are cached process-wide by ``(equation, shapes)``.
+``torch.einsum`` with three or more operands asks opt_einsum for a path on *every* call, which
+costs more than a whole small-batch MPO forward. A :class:`ContractionPlan` holds the path found
+once for an equation and operand shapes, and runs it as one call into ATen's C++ einsum with that
+path (no Python loop of pairwise contractions, which is slower too). Timings of all three:
+``benchmarks/results/kernels.md`` (``benchmarks/bench_kernels.py``). Plans are cached
+process-wide by ``(equation, shapes)``.
 
 Formats whose forward depends on the batch size plan per *batch bucket* (the next power of
 two), see :func:`batch_bucket`, so a stream of ragged batch sizes reuses a handful of plans.
@@ -62,7 +63,7 @@ class ContractionPlan:
             return torch.einsum(self.equation, *operands)
         if torch.compiler.is_compiling():
             # torch.compile cannot trace the C++ entry point below; the ATen op takes the same path
-            # (its dispatcher overhead, ~15 us in eager, is paid once at trace time here).
+            # (in eager it adds dispatcher overhead, benchmarks/results/kernels.md; traced, none).
             return torch.ops.aten.einsum(self.equation, list(operands), path=list(self.path))
         # torch.einsum would search a path again; its C++ entry point takes ours directly.
         return torch._VF.einsum(self.equation, operands, path=list(self.path))  # type: ignore[attr-defined]

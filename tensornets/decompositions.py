@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -39,6 +39,10 @@ __all__ = [
     "cp_rank_bound",
     "resolve_eps",
     "rank_for_tolerance",
+    "check_keep",
+    "resolve_keep",
+    "parameter_limit",
+    "rank_for_keep",
 ]
 
 SVDMethod = Literal["full", "randomized"]
@@ -55,6 +59,60 @@ def resolve_eps(eps: float | None, energy: float | None) -> float | None:
     if eps is not None and not 0.0 <= eps < 1.0:
         raise ValueError(f"eps={eps} must be in [0, 1): a relative Frobenius error target")
     return eps
+
+
+def check_keep(keep: float, name: str = "keep") -> float:
+    """``keep`` (the fraction of parameters kept) if it is in ``(0, 1]``; ValueError otherwise."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"{name}={keep} must be in (0, 1]: it is the fraction of parameters kept (0.8 keeps 80 %)")
+    return float(keep)
+
+
+def resolve_keep(keep: float | None, budget: float | None, where: str) -> float | None:
+    """``keep``, or the deprecated ``budget`` (its old name in the core) with a DeprecationWarning."""
+    if budget is None:
+        return keep
+    warnings.warn(
+        f"{where}: budget= is renamed keep= (the fraction of parameters kept, as in compress); "
+        "budget= will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if keep is not None:
+        raise ValueError(f"pass keep={keep} only: budget={budget} is its deprecated name")
+    return budget
+
+
+def parameter_limit(keep: float, dense: int) -> int:
+    """Parameters ``keep`` allows out of ``dense``: ``floor(keep * dense)``.
+
+    The tiny slack keeps ``0.3 * 48 * 60`` (863.99... in floating point) at 864.
+    """
+    return math.floor(check_keep(keep) * dense * (1 + 1e-12))
+
+
+def rank_for_keep(keep: float, dense: int, count: Callable[[int], int], max_rank: int) -> int:
+    """Largest rank ``r <= max_rank`` with ``count(r) <= keep * dense``; 0 if not even rank 1 fits.
+
+    The one rank-for-a-kept-fraction rule of the library: every format
+    (:meth:`Factorization.rank_for_keep <tensornets.Factorization.rank_for_keep>`), the conv layer
+    and ``compress`` call it with their own parameter count. ``count`` (the parameter count of
+    uniform rank ``r``) must be non-decreasing in ``r``; the search is a bisection.
+
+    >>> rank_for_keep(0.5, 100 * 100, lambda r: r * (100 + 100), max_rank=100)  # W = U V, 100 x 100
+    25
+    """
+    limit = parameter_limit(keep, dense)
+    if count(1) > limit:
+        return 0
+    lo, hi = 1, max_rank
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def rank_for_tolerance(s: torch.Tensor, tol: float, total_sq: float | None = None) -> int:
@@ -132,8 +190,8 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """Exact thin SVD ``M = U diag(S) Vh``; wide matrices are decomposed through their transpose.
 
     LAPACK's divide-and-conquer SVD of a short, very wide row-major matrix is several times
-    slower than of its contiguous transpose (64 x 262144: 6.1 s vs 1.8 s measured here), and the
-    first TT-SVD step of a large MPO is exactly such a matrix.
+    slower than of its contiguous transpose (64 x 262144: benchmarks/results/kernels.md), and
+    the first TT-SVD step of a large MPO is exactly such a matrix.
     """
     if matrix.shape[0] < matrix.shape[1]:
         V, S, Uh = torch.linalg.svd(matrix.mT.contiguous(), full_matrices=False)
@@ -146,8 +204,9 @@ def gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
     For ``M: (m, n)`` with ``m << n``: ``M M^T = U diag(S^2) U^T`` (``eigh``), ``Vh = S^-1 U^T M``.
     Costs ``O(m^2 n)``; float64 keeps singular values down to ~1e-8 of the largest accurate,
-    enough for the leading part a truncation keeps (5x faster than the transposed SVD at
-    64 x 262144). Directions with a zero singular value get zero rows in ``Vh``.
+    enough for the leading part a truncation keeps (faster than the transposed SVD at
+    64 x 262144: benchmarks/results/kernels.md). Directions with a zero singular value get zero
+    rows in ``Vh``.
     """
     wide = matrix.shape[0] <= matrix.shape[1]
     A = (matrix if wide else matrix.mT).to(torch.float64)

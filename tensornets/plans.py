@@ -28,6 +28,7 @@ ahead of time (e.g. before ``torch.compile``).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -175,20 +176,25 @@ def get_strategy() -> str:
     return _strategy
 
 
-def default_timer(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Median seconds per call of ``fn`` over ``repeats`` timed calls, after one warm-up call.
+def default_timer(fn: Callable[[], object], repeats: int = 3, sample_s: float = 1e-3) -> float:
+    """Median seconds per call of ``fn``: ``repeats`` samples, each looping ``fn`` for about ``sample_s``.
 
-    On CUDA the device is synchronized around each call (this runs only while measuring, never
-    in a forward).
+    One warm-up call first (it also sizes the loop, at most 100 calls per sample). On CUDA the
+    device is synchronized around each sample (this runs only while measuring, never in a forward).
     """
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
         fn()
         sync()
+        once = time.perf_counter() - t0
+        loops = max(1, min(100, math.ceil(sample_s / max(once, 1e-7))))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            for _ in range(loops):
+                fn()
             sync()
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0) / loops)
     return statistics.median(times)

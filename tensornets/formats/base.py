@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import wisdom
 from ..contraction import ContractionPlan, batch_bucket, plan_contraction
-from ..decompositions import resolve_eps
+from ..decompositions import parameter_limit, rank_for_keep, resolve_eps, resolve_keep
 from ..plans import ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy, default_timer, get_strategy
 from ..shapes import check_weight, factorize, padded_size, validate_modes
 
@@ -47,12 +47,9 @@ def traffic_weight(device_type: str) -> int:
     return TRAFFIC_WEIGHT.get(device_type, TRAFFIC_WEIGHT["cuda"])
 
 
-def budget_limit(budget: float, in_features: int, out_features: int) -> int:
-    """Parameters allowed by ``budget`` (a fraction of ``in * out``), rounded down.
-
-    The tiny slack keeps ``0.3 * 48 * 60`` (863.99... in floating point) at 864.
-    """
-    return math.floor(budget * in_features * out_features * (1 + 1e-12))
+def budget_limit(keep: float, in_features: int, out_features: int) -> int:
+    """The parameter budget of ``keep`` (a fraction of ``in * out``), rounded down (:func:`~tensornets.decompositions.parameter_limit`)."""
+    return parameter_limit(keep, in_features * out_features)
 
 
 class Factorization(nn.Module, ABC):
@@ -409,7 +406,7 @@ class Factorization(nn.Module, ABC):
             if rank < 1 or rank > max(full):
                 raise ValueError(
                     f"rank={rank} does not fit the {cls.format_name} format with out_modes={tuple(out_modes)}, "
-                    f"in_modes={tuple(in_modes)}: pass 1 <= rank <= {max(full)} (full ranks {full}) or eps=/budget="
+                    f"in_modes={tuple(in_modes)}: pass 1 <= rank <= {max(full)} (full ranks {full}) or eps=/keep="
                 )
             return tuple(min(rank, f) for f in full)
         ranks = tuple(int(r) for r in rank)
@@ -421,27 +418,27 @@ class Factorization(nn.Module, ABC):
         return ranks
 
     @classmethod
+    def rank_for_keep(
+        cls, keep: float, in_features: int, out_features: int, in_modes: Sequence[int], out_modes: Sequence[int]
+    ) -> int:
+        """Largest uniform rank whose parameter count is ``<= keep * in_features * out_features``
+        (:func:`tensornets.decompositions.rank_for_keep` with this format's count)."""
+        count = lambda r: cls.parameter_count(in_modes, out_modes, cls.resolve_ranks(r, in_modes, out_modes))
+        rank = rank_for_keep(keep, in_features * out_features, count, max(cls.full_ranks(in_modes, out_modes)))
+        if rank == 0:
+            raise ValueError(
+                f"keep={keep} keeps {budget_limit(keep, in_features, out_features)} parameters but {cls.format_name} "
+                f"at rank 1 needs {count(1)}; raise keep or use fewer/other modes"
+            )
+        return rank
+
+    @classmethod
     def rank_for_budget(
         cls, budget: float, in_features: int, out_features: int, in_modes: Sequence[int], out_modes: Sequence[int]
     ) -> int:
-        """Largest uniform rank whose parameter count is ``<= budget * in_features * out_features``."""
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget={budget} must be in (0, 1]: the fraction of the dense parameter count kept")
-        limit = budget_limit(budget, in_features, out_features)
-        count = lambda r: cls.parameter_count(in_modes, out_modes, cls.resolve_ranks(r, in_modes, out_modes))
-        lo, hi = 1, max(cls.full_ranks(in_modes, out_modes))
-        if count(lo) > limit:
-            raise ValueError(
-                f"budget={budget} keeps {int(limit)} parameters but {cls.format_name} at rank 1 needs "
-                f"{count(lo)}; raise budget or use fewer/other modes"
-            )
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if count(mid) <= limit:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        """Deprecated name of :meth:`rank_for_keep` (removed in the next release)."""
+        keep = resolve_keep(None, budget, f"{cls.__name__}.rank_for_budget")
+        return cls.rank_for_keep(keep, in_features, out_features, in_modes, out_modes)
 
     @classmethod
     def empty(
@@ -467,12 +464,13 @@ class Factorization(nn.Module, ABC):
         rank: RankSpec = None,
         eps: float | None = None,
         energy: float | None = None,
-        budget: float | None = None,
+        keep: float | None = None,
         num_cores: int | None = None,
         modes: tuple[Sequence[int], Sequence[int]] | None = None,
         svd: str = "full",
         seed: int = 0,
         pad: bool = False,
+        budget: float | None = None,
         **options: Any,
     ) -> "Factorization":
         """Decompose ``weight: (out, in)`` into this format.
@@ -486,8 +484,9 @@ class Factorization(nn.Module, ABC):
         eps, energy : float, optional
             Relative Frobenius error target (``energy`` = fraction of ``||W||^2`` kept,
             ``eps = sqrt(1 - energy)``); combined with ``rank``, the smaller rank wins.
-        budget : float, optional
-            Fraction of the dense parameter count kept: the largest uniform rank that fits.
+        keep : float, optional
+            Fraction of the dense parameter count kept: the largest uniform rank that fits
+            (:meth:`rank_for_keep`).
         num_cores : int, optional
             Modes per side (balanced, :func:`tensornets.factorize`); ``modes`` gives them explicitly
             as ``(out_modes, in_modes)``.
@@ -495,8 +494,11 @@ class Factorization(nn.Module, ABC):
             SVD used inside the decomposition; randomized is seeded by ``seed``.
         pad : bool
             Zero-pad sizes that cannot be split (primes) to the next size that can.
+        budget : float, optional
+            Deprecated name of ``keep`` (DeprecationWarning; removed in the next release).
         **options
-            Format-specific options (Tucker: ``algorithm="hosvd" | "hooi"``).
+            Format-specific options (Tucker: ``algorithm="hosvd" | "hooi"``; CP: ``init``,
+            ``n_iter_max``, ``tol``).
         """
         check_weight(weight, "weight")
         if svd not in ("full", "randomized"):
@@ -509,12 +511,13 @@ class Factorization(nn.Module, ABC):
         out_features, in_features = weight.shape
         in_modes, out_modes = cls.resolve_modes(in_features, out_features, num_cores, modes, pad)
         eps = resolve_eps(eps, energy)
-        if budget is not None:
+        keep = resolve_keep(keep, budget, f"{cls.format_name}.from_dense")
+        if keep is not None:
             if rank is not None:
-                raise ValueError(f"pass rank={rank} or budget={budget}, not both")
-            rank = cls.rank_for_budget(budget, in_features, out_features, in_modes, out_modes)
+                raise ValueError(f"pass rank={rank} or keep={keep}, not both")
+            rank = cls.rank_for_keep(keep, in_features, out_features, in_modes, out_modes)
         if rank is None and eps is None:
-            raise ValueError(f"{cls.format_name}.from_dense needs rank=, eps=, energy= or budget=")
+            raise ValueError(f"{cls.format_name}.from_dense needs rank=, eps=, energy= or keep=")
         ranks = cls.resolve_ranks(rank if rank is not None else max(cls.full_ranks(in_modes, out_modes)), in_modes, out_modes)
         # Half precision SVDs are unsupported/inaccurate: decompose in fp32 (fp64 stays fp64).
         work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))

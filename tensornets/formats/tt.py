@@ -79,9 +79,9 @@ class TensorTrain(EinsumFactorization):
 
     # Rebuild: sweep cores 1..s left to right into L: (n_1..n_s, R_s) and cores s+1..d right to left
     # into R: (R_s, n_{s+1}..n_d), then W = L R, at the bond s with the lowest cost. Every step is a
-    # matmul of reshaped views (no permutes): measured 2.7-2.9x faster than the planned einsum
-    # over all cores, forward and backward, on LoRETTA's 576 x 8 factors (35 vs 102 us, 132 vs
-    # 359 us), at the FLOPs of the einsum's optimal path for these chains.
+    # matmul of reshaped views (no permutes): faster than the planned einsum over all cores,
+    # forward and backward, on LoRETTA's 576 x 8 factors (benchmarks/results/kernels.md), at the
+    # FLOPs of the einsum's optimal path for these chains.
     def _dense(self) -> torch.Tensor:
         cores, split = self._cores(), self._rebuild_split()
         left = cores[0].reshape(-1, cores[0].shape[-1])
