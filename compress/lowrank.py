@@ -24,11 +24,12 @@ eigendecomposition runs in float64 whatever the weight dtype.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from tensornets.decompositions import rank_for_keep as core_rank_for_keep
 
 if TYPE_CHECKING:  # calibration imports surgery, which imports this module
     from compress.calibration import LayerStats
@@ -38,14 +39,13 @@ SCALINGS = ("svd", "asvd", "whitened")
 
 
 def rank_for_keep(out_features: int, in_features: int, keep: float) -> int:
-    """Largest rank ``r`` with ``r (out + in) <= keep · out · in`` (``keep`` = fraction of parameters kept).
+    """Largest rank ``r`` with ``r (out + in) <= keep · out · in`` (``keep`` = fraction of parameters kept); 0 if none.
 
     A rank-``r`` factorization saves parameters only if ``r < out · in / (out + in)``; ``keep=1`` gives that
-    break-even rank.
+    break-even rank. The core's one rule (:func:`tensornets.decompositions.rank_for_keep`) with the low-rank count.
     """
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} must be in (0, 1]: it is the fraction of parameters kept (0.8 keeps 80 %)")
-    return int(math.floor(keep * out_features * in_features / (out_features + in_features)))
+    return core_rank_for_keep(keep, out_features * in_features, lambda r: r * (out_features + in_features),
+                              max_rank=min(out_features, in_features))
 
 
 def rank_for_energy(sq_spectrum: torch.Tensor, energy: float) -> int:

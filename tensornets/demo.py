@@ -58,7 +58,7 @@ def run(budgets: tuple[float, ...] = (0.25, 0.5), batches: tuple[int, ...] = (1,
         for budget in budgets:
             for fmt in available_formats():
                 start = time.perf_counter()
-                fact = decompose(W, fmt, budget=budget, num_cores=num_cores[fmt])
+                fact = decompose(W, fmt, keep=budget, num_cores=num_cores[fmt])
                 seconds = time.perf_counter() - start
                 err = float((fact.to_dense() - W).norm() / W.norm())
                 row = {

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decompositions import hooi, hosvd, resolve_eps, truncated_svd
-from .formats import Factorization, get_format
-from .init import factor_std, init_factorization_
+from .decompositions import rank_for_keep, resolve_keep
+from .formats import Factorization, LowRank, Tucker, get_format
+from .init import init_factorization_
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "decompose"]
 
@@ -22,7 +22,7 @@ def decompose(weight: torch.Tensor, format: str, **kwargs: Any) -> Factorization
     ``tensornets.decompose(W, "mpo", rank=16, num_cores=4)`` is
     ``get_format("mpo").from_dense(W, rank=16, num_cores=4)``; see
     :meth:`Factorization.from_dense` for the keyword arguments (``rank``, ``eps``, ``energy``,
-    ``budget``, ``num_cores``, ``modes``, ``svd``, ``seed``, ``pad``).
+    ``keep``, ``num_cores``, ``modes``, ``svd``, ``seed``, ``pad``).
     """
     return get_format(format).from_dense(weight, **kwargs)
 
@@ -118,16 +118,20 @@ ConvFormat = Literal["tucker", "lowrank"]
 
 
 class FactorizedConv2d(nn.Module):
-    """A factorized ``nn.Conv2d`` (drop-in; ``groups=1`` and zero padding only).
+    """A factorized ``nn.Conv2d`` (drop-in; ``groups=1`` and zero padding only) over a core format.
 
-    Kernel ``W: (C_out, C_in, kh, kw)``.
+    The kernel ``K: (C_out, C_in, kh, kw)`` is the matrix ``W = K.reshape(C_out, C_in kh kw)``
+    stored as a core :class:`~tensornets.Factorization` (``self.factorization``; its rank rules,
+    budget search, decomposition and init are the core's):
 
-    - ``format="tucker"`` (Tucker-2 on the channel modes):
-      ``W = core x_1 U_out x_2 U_in``, ``core: (R_out, R_in, kh, kw)``, ``U_out: (C_out, R_out)``,
-      ``U_in: (C_in, R_in)``. Forward: 1x1 conv ``C_in -> R_in``, ``kh x kw`` conv with the core
-      (the layer's stride / padding / dilation), 1x1 conv ``R_out -> C_out`` (+ bias).
-    - ``format="lowrank"``: ``W.reshape(C_out, C_in kh kw) = U V``: a ``kh x kw`` conv
-      ``C_in -> r`` then a 1x1 conv ``r -> C_out``.
+    - ``format="tucker"``: a :class:`~tensornets.Tucker` with out mode ``C_out`` and in modes
+      ``(C_in, kh kw)``: ``K = core x_1 U_out x_2 U_in x_3 S``, ``core: (R_out, R_in, R_s)``,
+      ``U_out: (C_out, R_out)``, ``U_in: (C_in, R_in)``, ``S: (kh kw, R_s)``. ``rank=r`` or
+      ``(R_out, R_in)`` keeps the spatial mode whole (``R_s = kh kw``: Tucker-2 on the channels);
+      ``(R_out, R_in, R_s)`` sets all three. Forward: 1x1 conv ``C_in -> R_in``, ``kh x kw`` conv
+      with ``core x_3 S`` (the layer's stride / padding / dilation), 1x1 conv ``R_out -> C_out``.
+    - ``format="lowrank"``: a :class:`~tensornets.LowRank` ``W = U V``: a ``kh x kw`` conv with
+      ``V.reshape(r, C_in, kh, kw)``, then a 1x1 conv with ``U``.
 
     Grouped and depthwise convolutions are refused: their kernels have no ``C_in`` mode to
     compress (``C_in / groups`` is usually 1 or tiny).
@@ -153,57 +157,63 @@ class FactorizedConv2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
         self.dilation = nn.modules.utils._pair(dilation)
         self.format = format
-        kh, kw = self.kernel_size
-        self.ranks = self.resolve_ranks(format, rank, in_channels, out_channels, self.kernel_size)
-        if format == "tucker":
-            r_out, r_in = self.ranks
-            self.in_factor = nn.Parameter(torch.zeros(in_channels, r_in))
-            self.core = nn.Parameter(torch.zeros(r_out, r_in, kh, kw))
-            self.out_factor = nn.Parameter(torch.zeros(out_channels, r_out))
-        else:
-            (r,) = self.ranks
-            self.core = nn.Parameter(torch.zeros(r, in_channels, kh, kw))
-            self.out_factor = nn.Parameter(torch.zeros(out_channels, r))
+        fmt, in_modes, out_modes = self.core_structure(format, in_channels, out_channels, self.kernel_size)
+        ranks = self.resolve_ranks(format, rank, in_channels, out_channels, self.kernel_size)
+        self.factorization = fmt.empty(
+            in_channels * math.prod(self.kernel_size), out_channels, in_modes=in_modes, out_modes=out_modes, ranks=ranks
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     # ------------------------------------------------------------------ structure
     @staticmethod
-    def resolve_ranks(
-        format: str, rank: int | Sequence[int], in_channels: int, out_channels: int, kernel_size: tuple[int, int]
-    ) -> tuple[int, ...]:
-        """Explicit ranks: ``(R_out, R_in)`` for tucker (an int sets both), ``(r,)`` for lowrank."""
-        kh, kw = kernel_size
+    def core_structure(
+        format: str, in_channels: int, out_channels: int, kernel_size: tuple[int, int]
+    ) -> tuple[type[Factorization], tuple[int, ...], tuple[int, ...]]:
+        """The core format and its ``(in_modes, out_modes)`` for a ``(C_out, C_in, kh, kw)`` kernel."""
         if format == "tucker":
-            ranks = (rank, rank) if isinstance(rank, int) else tuple(int(r) for r in rank)
-            if len(ranks) != 2:
-                raise ValueError(f"rank={rank!r}: tucker conv takes an int or (R_out, R_in)")
-            full = (min(out_channels, in_channels * kh * kw), min(in_channels, out_channels * kh * kw))
-        elif format == "lowrank":
-            ranks = (rank,) if isinstance(rank, int) else tuple(int(r) for r in rank)
-            if len(ranks) != 1:
-                raise ValueError(f"rank={rank!r}: lowrank conv takes one int")
-            full = (min(out_channels, in_channels * kh * kw),)
-        else:
-            raise ValueError(f"format={format!r}: FactorizedConv2d supports 'tucker' (Tucker-2 on channels) and 'lowrank'")
-        if any(not 1 <= r <= f for r, f in zip(ranks, full)):
-            raise ValueError(f"rank={rank!r} does not fit a ({out_channels}, {in_channels}, {kh}, {kw}) kernel: pass ranks within {full}")
-        return ranks
+            return Tucker, (in_channels, math.prod(kernel_size)), (out_channels,)
+        if format == "lowrank":
+            return LowRank, (in_channels * math.prod(kernel_size),), (out_channels,)
+        raise ValueError(f"format={format!r}: FactorizedConv2d supports 'tucker' (Tucker-2 on channels) and 'lowrank'")
 
     @staticmethod
-    def parameter_count(format: str, ranks: Sequence[int], in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> int:
-        """Kernel parameters of the factorized conv (bias excluded)."""
-        kh, kw = kernel_size
+    def core_rank(format: str, rank: int | Sequence[int], kernel_size: tuple[int, int]) -> tuple[int, ...]:
+        """The core format's ranks for a conv ``rank``: tucker ``r`` or ``(R_out, R_in)`` -> ``(R_out, R_in, kh kw)``."""
+        ranks = (rank,) if isinstance(rank, int) else tuple(int(r) for r in rank)
         if format == "tucker":
-            r_out, r_in = ranks
-            return r_out * r_in * kh * kw + out_channels * r_out + in_channels * r_in
-        (r,) = ranks
-        return r * (in_channels * kh * kw + out_channels)
+            if len(ranks) == 1:
+                ranks = ranks * 2
+            if len(ranks) == 2:
+                return (*ranks, math.prod(kernel_size))
+            if len(ranks) != 3:
+                raise ValueError(f"rank={rank!r}: tucker conv takes an int, (R_out, R_in) or (R_out, R_in, R_spatial)")
+        elif len(ranks) != 1:
+            raise ValueError(f"rank={rank!r}: lowrank conv takes one int")
+        return ranks
+
+    @classmethod
+    def resolve_ranks(
+        cls, format: str, rank: int | Sequence[int], in_channels: int, out_channels: int, kernel_size: tuple[int, int]
+    ) -> tuple[int, ...]:
+        """The core format's explicit ranks for a conv ``rank`` (see :meth:`core_rank`), checked against the kernel."""
+        fmt, in_modes, out_modes = cls.core_structure(format, in_channels, out_channels, kernel_size)
+        try:
+            return fmt.resolve_ranks(cls.core_rank(format, rank, kernel_size), in_modes, out_modes)
+        except ValueError as exc:
+            kernel = (out_channels, in_channels, *kernel_size)
+            raise ValueError(
+                f"rank={rank!r} does not fit a {kernel} kernel as {format}: pass ranks within "
+                f"{fmt.full_ranks(in_modes, out_modes)} ({exc})"
+            ) from None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The core factorization's ranks (tucker: ``(R_out, R_in, R_s)``; lowrank: ``(r,)``)."""
+        return self.factorization.ranks
 
     @property
     def num_parameters(self) -> int:
-        return self.parameter_count(self.format, self.ranks, self.in_channels, self.out_channels, self.kernel_size) + (
-            0 if self.bias is None else self.out_channels
-        )
+        return self.factorization.num_parameters + (0 if self.bias is None else self.out_channels)
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -228,51 +238,70 @@ class FactorizedConv2d(nn.Module):
         rank: int | Sequence[int] | None = None,
         eps: float | None = None,
         energy: float | None = None,
-        budget: float | None = None,
+        keep: float | None = None,
         algorithm: Literal["hosvd", "hooi"] = "hosvd",
+        budget: float | None = None,
     ) -> "FactorizedConv2d":
-        """Decompose a trained ``nn.Conv2d``: HOSVD/HOOI on the channel modes, or truncated SVD.
+        """Decompose a trained ``nn.Conv2d`` with the core format's ``from_dense``.
 
-        ``budget`` is the fraction of the kernel's parameters kept (largest uniform rank that fits).
+        ``keep`` is the fraction of the kernel's parameters kept: the largest channel rank that
+        fits (the spatial mode stays whole). ``eps`` / ``energy`` bound the relative error of the
+        kernel (HOSVD over the channel and spatial modes, truncated SVD for lowrank).
+        ``budget`` is the deprecated name of ``keep``.
         """
         cls._check_conv(conv)
-        weight = conv.weight.detach()
-        if not torch.isfinite(weight).all():
-            raise ValueError("conv.weight has NaN/inf entries; clean the weight before decomposing it")
-        c_out, c_in, kh, kw = weight.shape
-        eps = resolve_eps(eps, energy)
-        if budget is not None:
+        keep = resolve_keep(keep, budget, "FactorizedConv2d.from_conv")
+        c_out, c_in, kh, kw = conv.weight.shape
+        fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, (kh, kw))
+        if keep is not None:
             if rank is not None:
-                raise ValueError(f"pass rank={rank} or budget={budget}, not both")
-            rank = cls._rank_for_budget(format, budget, c_in, c_out, (kh, kw))
-        if rank is None and eps is None:
-            raise ValueError("FactorizedConv2d.from_conv needs rank=, eps=, energy= or budget=")
-        work = weight.to(torch.promote_types(weight.dtype, torch.float32))
-        if format == "tucker":
-            ranks = cls.resolve_ranks(format, rank if rank is not None else (c_out, c_in), c_in, c_out, (kh, kw))
-            if algorithm == "hosvd":
-                core, (u_out, u_in) = hosvd(work, rank=list(ranks), eps=eps, modes=[0, 1])
-            elif algorithm == "hooi":
-                core, (u_out, u_in) = hooi(work, rank=list(ranks), modes=[0, 1])
-            else:
-                raise ValueError(f"algorithm={algorithm!r} must be 'hosvd' or 'hooi'")
-            tensors = {"in_factor": u_in, "core": core, "out_factor": u_out}
-            ranks = (core.shape[0], core.shape[1])
-        else:
-            full = min(c_out, c_in * kh * kw)
-            U, S, Vh = truncated_svd(work.reshape(c_out, -1), rank=rank if rank is not None else full, eps=eps)
-            root = S.sqrt()
-            tensors = {"core": (root[:, None] * Vh).reshape(-1, c_in, kh, kw), "out_factor": U * root}
-            ranks = (S.numel(),)
-        layer = cls(
-            c_in, c_out, (kh, kw), rank=ranks, format=format, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, bias=conv.bias is not None,
-        ).to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                getattr(layer, name).copy_(tensor)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
+                raise ValueError(f"pass rank={rank} or keep={keep}, not both")
+            rank = cls.rank_for_keep(format, keep, c_in, c_out, (kh, kw))
+        if rank is None and eps is None and energy is None:
+            raise ValueError("FactorizedConv2d.from_conv needs rank=, eps=, energy= or keep=")
+        ranks = None if rank is None else cls.resolve_ranks(format, rank, c_in, c_out, (kh, kw))
+        if ranks is None and format == "tucker":  # eps alone: the spatial mode may shrink too, within the bound
+            ranks = fmt.full_ranks(in_modes, out_modes)
+        options = {"algorithm": algorithm} if format == "tucker" else {}
+        fact = fmt.from_dense(conv.weight.detach().reshape(c_out, -1), rank=ranks, eps=eps, energy=energy,
+                              modes=(out_modes, in_modes), **options)
+        layer = cls.from_factorization(fact, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                       bias=None if conv.bias is None else conv.bias.detach())
+        return layer
+
+    @classmethod
+    def from_factorization(
+        cls,
+        factorization: Factorization,
+        kernel_size: int | tuple[int, int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: torch.Tensor | None = None,
+    ) -> "FactorizedConv2d":
+        """Wrap a core ``Tucker`` (modes ``(C_out,), (C_in, kh kw)``) or ``LowRank`` (``C_out x C_in kh kw``)."""
+        kernel_size = nn.modules.utils._pair(kernel_size)
+        format = "tucker" if isinstance(factorization, Tucker) else "lowrank" if isinstance(factorization, LowRank) else None
+        if format is None:
+            raise TypeError(f"factorization must be a Tucker or LowRank, got {type(factorization).__name__}")
+        c_out, spatial = factorization.out_features, math.prod(kernel_size)
+        if factorization.in_features % spatial:
+            raise ValueError(f"in_features={factorization.in_features} is not C_in * kh * kw for kernel_size={kernel_size}")
+        c_in = factorization.in_features // spatial
+        _, in_modes, out_modes = cls.core_structure(format, c_in, c_out, kernel_size)
+        if (factorization.in_modes, factorization.out_modes) != (in_modes, out_modes):
+            raise ValueError(
+                f"a {format} conv core needs out_modes={out_modes}, in_modes={in_modes}; got "
+                f"{factorization.out_modes}, {factorization.in_modes}"
+            )
+        ref = next(factorization.parameters())
+        layer = cls(c_in, c_out, kernel_size, rank=factorization.ranks, format=format, stride=stride, padding=padding,
+                    dilation=dilation, bias=bias is not None).to(device=ref.device, dtype=ref.dtype)
+        layer.factorization = factorization
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
         return layer
 
     @classmethod
@@ -288,15 +317,10 @@ class FactorizedConv2d(nn.Module):
         generator: torch.Generator | None = None,
         **conv_kwargs: Any,
     ) -> "FactorizedConv2d":
-        """Random init for training from scratch: dense-kernel std ``std`` (default ``(C_in kh kw)^-1/2``)."""
+        """Random init for training from scratch (:func:`~tensornets.init.init_factorization_`): dense-kernel
+        std ``std`` (default ``(C_in kh kw)^-1/2``); the bias starts at zero."""
         layer = cls(in_channels, out_channels, kernel_size, rank=rank, format=format, **conv_kwargs)
-        kh, kw = layer.kernel_size
-        sigma = (in_channels * kh * kw) ** -0.5 if std is None else std
-        factors = [layer.in_factor, layer.core, layer.out_factor] if format == "tucker" else [layer.core, layer.out_factor]
-        s = factor_std(sigma, len(factors), math.prod(layer.ranks))
-        with torch.no_grad():
-            for p in factors:
-                p.copy_(torch.randn(p.shape, generator=generator) * s)
+        init_factorization_(layer.factorization, std=std, generator=generator)
         return layer
 
     @staticmethod
@@ -310,37 +334,33 @@ class FactorizedConv2d(nn.Module):
             )
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; FactorizedConv2d supports 'zeros' only")
+        if not torch.isfinite(conv.weight).all():
+            raise ValueError("conv.weight has NaN/inf entries; clean the weight before decomposing it")
 
     @classmethod
-    def _rank_for_budget(cls, format: str, budget: float, c_in: int, c_out: int, kernel: tuple[int, int]) -> int:
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget={budget} must be in (0, 1]: the fraction of the kernel's parameters kept")
-        limit = budget * c_out * c_in * kernel[0] * kernel[1]
-        best = None
-        for r in range(1, max(c_in, c_out) + 1):
-            try:
-                ranks = cls.resolve_ranks(format, r, c_in, c_out, kernel)
-            except ValueError:
-                break
-            if cls.parameter_count(format, ranks, c_in, c_out, kernel) > limit:
-                break
-            best = r
-        if best is None:
-            raise ValueError(f"budget={budget} is below the cost of rank 1 for a ({c_out}, {c_in}, *{kernel}) kernel; raise it")
-        return best
+    def rank_for_keep(cls, format: str, keep: float, c_in: int, c_out: int, kernel_size: tuple[int, int]) -> int:
+        """Largest channel rank ``r`` (tucker: ``R_out = R_in = r``, spatial mode whole) whose kernel
+        parameters are ``<= keep * C_out C_in kh kw`` (:func:`tensornets.decompositions.rank_for_keep`)."""
+        fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, kernel_size)
+        ranks = lambda r: fmt.resolve_ranks(cls.core_rank(format, r, kernel_size), in_modes, out_modes)
+        full = fmt.full_ranks(in_modes, out_modes)
+        rank = rank_for_keep(keep, c_out * c_in * math.prod(kernel_size),
+                             lambda r: fmt.parameter_count(in_modes, out_modes, ranks(r)), max(full[:2]))
+        if rank == 0:
+            raise ValueError(f"keep={keep} is below the cost of rank 1 for a ({c_out}, {c_in}, *{kernel_size}) kernel; raise it")
+        return rank
 
     # ------------------------------------------------------------------ apply
     def weight_dense(self) -> torch.Tensor:
         """The dense kernel ``(C_out, C_in, kh, kw)``."""
-        if self.format == "tucker":
-            return torch.einsum("oa,abhw,ib->oihw", self.out_factor, self.core, self.in_factor)
-        return torch.einsum("or,rihw->oihw", self.out_factor, self.core)
+        return self.factorization.to_dense().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def to_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the dense kernel and the same bias and geometry."""
+        ref = next(self.factorization.parameters())
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=self.bias is not None, device=self.core.device, dtype=self.core.dtype,
+            dilation=self.dilation, bias=self.bias is not None, device=ref.device, dtype=ref.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(self.weight_dense())
@@ -350,13 +370,18 @@ class FactorizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, H, W) -> (N, C_out, H', W')`` through the factor convolutions."""
-        if x.dtype != self.core.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the conv factors are {self.core.dtype}; cast x or .to() the module")
-        h = x
-        if self.format == "tucker":
-            h = F.conv2d(h, self.in_factor.mT[:, :, None, None])
-        h = F.conv2d(h, self.core, stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return F.conv2d(h, self.out_factor[:, :, None, None], self.bias)
+        fact = self.factorization
+        if isinstance(fact, Tucker):
+            u_in, spatial = fact.in_factors
+            h = F.conv2d(x, u_in.mT[:, :, None, None])
+            kernel = torch.einsum("abs,ks->abk", fact.core, spatial).reshape(*fact.ranks[:2], *self.kernel_size)
+            h = F.conv2d(h, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            u_out = fact.out_factors[0]
+        else:
+            kernel = fact.V.reshape(fact.ranks[0], self.in_channels, *self.kernel_size)
+            h = F.conv2d(x, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            u_out = fact.U
+        return F.conv2d(h, u_out[:, :, None, None], self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -59,7 +59,7 @@ class Tucker(EinsumFactorization):
             core, factors = hosvd(tensor, rank=list(ranks), eps=eps)
         elif algorithm == "hooi":
             if eps is not None:
-                raise ValueError("algorithm='hooi' takes rank= or budget=, not eps=/energy= (use the default 'hosvd')")
+                raise ValueError("algorithm='hooi' takes rank= or keep=, not eps=/energy= (use the default 'hosvd')")
             core, factors = hooi(tensor, rank=list(ranks))
         else:
             raise ValueError(f"algorithm={algorithm!r} must be 'hosvd' or 'hooi'")

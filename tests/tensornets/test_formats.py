@@ -91,13 +91,13 @@ def test_eps_meets_error_target(format_case):
     assert a.ranks == b.ranks
 
 
-def test_budget_is_respected_and_tight(format_case):
+def test_keep_is_respected_and_tight(format_case):
     fmt, kw = format_case
     W = low_rank_plus_noise(OUT, IN, 6, 0.3)
     cls = tensornets.get_format(fmt)
-    for budget in (0.3, 0.5):
-        fact = tensornets.decompose(W, fmt, budget=budget, **kw)
-        limit = budget_limit(budget, IN, OUT)
+    for keep in (0.3, 0.5):
+        fact = tensornets.decompose(W, fmt, keep=keep, **kw)
+        limit = budget_limit(keep, IN, OUT)
         assert fact.num_parameters <= limit
         assert fact.num_parameters == sum(p.numel() for p in fact.parameters())
         # one more rank would not fit (unless already at the full rank)
@@ -144,12 +144,12 @@ def test_explicit_modes():
     [
         (lambda W: tensornets.decompose(W, "lowrank", rank=49), r"rank=49 does not fit"),
         (lambda W: tensornets.decompose(W, "mpo", rank=[2, 2], num_cores=2), r"needs 1 entries"),
-        (lambda W: tensornets.decompose(W, "lowrank", budget=1.5), r"budget=1.5 must be in \(0, 1\]"),
+        (lambda W: tensornets.decompose(W, "lowrank", keep=1.5), r"keep=1.5 must be in \(0, 1\]"),
         (lambda W: tensornets.decompose(W, "mpo", rank=2, modes=((4, 12), (5, 11))), r"multiply to 55"),
         (lambda W: tensornets.decompose(W, "mpo", rank=2, modes=((48,), (6, 10))), r"as many out modes as in modes"),
         (lambda W: tensornets.decompose(W, "btt", rank=2, num_cores=3), r"exactly 2 modes"),
-        (lambda W: tensornets.decompose(W, "tt"), r"needs rank=, eps=, energy= or budget="),
-        (lambda W: tensornets.decompose(W, "tt", rank=2, budget=0.5), r"not both"),
+        (lambda W: tensornets.decompose(W, "tt"), r"needs rank=, eps=, energy= or keep="),
+        (lambda W: tensornets.decompose(W, "tt", rank=2, keep=0.5), r"not both"),
         (lambda W: tensornets.decompose(W, "tt", eps=1.5), r"eps=1.5 must be in \[0, 1\)"),
     ],
 )
@@ -192,3 +192,15 @@ def test_randomized_svd_is_refused_where_it_does_nothing(fmt):
         tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), fmt, rank=2, svd="randomized")
     with pytest.raises(ValueError, match="svd='qr'"):
         tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), fmt, rank=2, svd="qr")
+
+
+def test_budget_is_a_deprecated_alias_of_keep():
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    with pytest.warns(DeprecationWarning, match="budget= is renamed keep="):
+        old = tensornets.decompose(W, "mpo", budget=0.3, num_cores=2)
+    assert old.ranks == tensornets.decompose(W, "mpo", keep=0.3, num_cores=2).ranks
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="budget=0.3 is its deprecated name"):
+        tensornets.decompose(W, "mpo", budget=0.3, keep=0.3, num_cores=2)
+    in_modes, out_modes = tensornets.MPO.resolve_modes(IN, OUT, 2)
+    with pytest.warns(DeprecationWarning, match="rank_for_budget"):
+        assert tensornets.MPO.rank_for_budget(0.3, IN, OUT, in_modes, out_modes) == old.ranks[0]

@@ -71,13 +71,52 @@ def test_truncated_conv_forward_equals_its_dense_kernel(fmt, rank):
     assert layer.num_parameters - 10 == kernel_params
 
 
-def test_conv_tucker_errors_decrease_with_rank_and_budget_fits():
+def test_conv_tucker_errors_decrease_with_rank_and_keep_fits():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3).double()
     errs = [float((FactorizedConv2d.from_conv(conv, rank=r).weight_dense() - conv.weight).norm()) for r in (2, 4, 8, 16)]
     assert errs == sorted(errs, reverse=True)
-    layer = FactorizedConv2d.from_conv(conv, budget=0.3)
+    layer = FactorizedConv2d.from_conv(conv, keep=0.3)
     assert layer.num_parameters - 24 <= 0.3 * conv.weight.numel()
+    # the largest channel rank that fits: one more does not
+    r = layer.ranks[0]
+    assert layer.ranks == (r, r, 9)
+    bigger = tensornets.Tucker.parameter_count((16, 9), (24,), (r + 1, r + 1, 9))
+    assert bigger > 0.3 * conv.weight.numel()
+    with pytest.warns(DeprecationWarning, match="budget= is renamed keep="):
+        assert FactorizedConv2d.from_conv(conv, budget=0.3).ranks == layer.ranks
+
+
+@pytest.mark.parametrize("fmt, rank", [("tucker", (4, 3)), ("tucker", (4, 3, 5)), ("lowrank", 4)])
+def test_conv_wraps_a_core_factorization_and_equals_a_dense_conv_of_it(fmt, rank):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1).double()
+    layer = FactorizedConv2d.from_conv(conv, fmt, rank=rank)
+    fact = layer.factorization
+    assert isinstance(fact, tensornets.Tucker if fmt == "tucker" else tensornets.LowRank)
+    assert (fact.out_features, fact.in_features) == (10, 6 * 9)
+    # the core's to_dense() is the kernel, and a dense conv with it is the layer
+    kernel = fact.to_dense().detach().reshape(10, 6, 3, 3)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(x, kernel, conv.bias, stride=2, padding=1)
+    assert_close(layer(x), expected)
+    # it is the core's decomposition of the reshaped kernel
+    ranks = layer.ranks if fmt == "tucker" else rank
+    modes = (((10,), (6, 9)) if fmt == "tucker" else ((10,), (54,)))
+    direct = tensornets.decompose(conv.weight.detach().reshape(10, -1), fmt, rank=ranks, modes=modes)
+    assert_close(fact.to_dense().detach(), direct.to_dense().detach())
+    # wrapping the same factorization gives the same layer
+    again = FactorizedConv2d.from_factorization(direct, 3, stride=2, padding=1, bias=conv.bias.detach())
+    assert_close(again(x), expected)
+
+
+def test_conv_eps_bounds_the_kernel_error():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3).double()
+    for fmt in ("tucker", "lowrank"):
+        layer = FactorizedConv2d.from_conv(conv, fmt, eps=0.3)
+        err = float((layer.weight_dense().detach() - conv.weight).norm() / conv.weight.norm())
+        assert err <= 0.3 * (1 + 1e-9), (fmt, err)
 
 
 def test_conv_random_init_std():
@@ -104,3 +143,9 @@ def test_conv_bad_ranks():
         FactorizedConv2d.from_conv(conv, rank=(7, 4))
     with pytest.raises(ValueError, match="format='mpo'"):
         FactorizedConv2d.from_conv(conv, "mpo", rank=2)
+    with pytest.raises(ValueError, match="tucker conv takes an int"):
+        FactorizedConv2d.from_conv(conv, rank=(2, 2, 2, 2))
+    with pytest.raises(ValueError, match="needs rank=, eps=, energy= or keep="):
+        FactorizedConv2d.from_conv(conv)
+    with pytest.raises(TypeError, match="must be a Tucker or LowRank"):
+        FactorizedConv2d.from_factorization(tensornets.decompose(torch.randn(6, 36), "tt", rank=2, num_cores=2), 3)
