@@ -80,7 +80,7 @@ def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScalin
     tucker = get_format("tucker")
     rank = config.rank
     if config.keep is not None:
-        rank = tucker.rank_for_budget(config.keep, in_f, out_f, (in_f,), out_modes)
+        rank = tucker.rank_for_keep(config.keep, in_f, out_f, (in_f,), out_modes)
     Ws = scaling.scale(W.to(torch.float64))
     fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)))
     fact = tucker.empty(in_f, out_f, in_modes=(in_f,), out_modes=out_modes, ranks=fs.ranks,
@@ -96,7 +96,7 @@ def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScalin
 def compress_tensor(job: LayerJob) -> LayerResult:
     """Tensor-format decomposition of the weight (``whiten=True``: whitened Tucker-2) as a factorized layer."""
     module, W, config, name = job.module, job.weight, job.config, job.name
-    size = {k: v for k, v in (("rank", config.rank), ("energy", config.energy), ("budget", config.keep)) if v is not None}
+    size = {k: v for k, v in (("rank", config.rank), ("energy", config.energy), ("keep", config.keep)) if v is not None}
     if config.whiten:
         if isinstance(module, nn.Conv2d):
             raise ValueError(
