@@ -11,9 +11,9 @@ two projections structurally:
   (``attn``, ``attention``, ``self_attn``, ``BertAttention``, ``T5LayerCrossAttention`` ...);
   its **output projection** is its last ``nn.Linear`` (registration order) mapping back to the
   width ``d`` its first linear reads (``o_proj``, ``attention.output.dense``, ``attn.Wo``);
-- **FFN output**: the block's last ``nn.Linear`` outside attention and outside nested module
-  lists (mixture-of-experts lists) that maps to ``d`` (``mlp.down_proj``, ``output.dense``,
-  ``mlp.Wo``).
+- **FFN output**: the block's last ``nn.Linear`` outside attention and outside nested lists of
+  same-class modules (mixture-of-experts expert lists: one expert is not the FFN) that maps to
+  ``d`` (``mlp.down_proj``, ``output.dense``, ``mlp.Wo``).
 
 A block counts only when it has both. Layers already wrapped by a PEFT tuner layer count as
 the linear they wrap, so a second adapter finds the same places.
