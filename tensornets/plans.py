@@ -13,8 +13,9 @@ Which candidate runs is decided per (layer, batch bucket, device, dtype) by the 
 
 - ``"formula"`` (default): the minimum of ``flops + w * traffic`` (:func:`cheapest`, ``w`` =
   :func:`~tensornets.formats.base.traffic_weight` of the device): no measurement, no disk access.
-- ``"measure"``: time every candidate once on the device and keep the fastest, remembered in the
-  on-disk wisdom (:mod:`tensornets.wisdom`) so later processes on the same machine reuse it.
+- ``"measure"``: time every candidate once on the device (the forward, under ``torch.no_grad``,
+  on random rows of the bucket's size) and keep the fastest, remembered in the on-disk wisdom
+  (:mod:`tensornets.wisdom`) so later processes on the same machine reuse it.
   Where nothing has been measured yet and measuring is impossible (inside ``torch.compile``'s
   tracing), the formula decides.
 - a candidate name (``"rebuild"``, ``"contract"``, ``"einsum"``, ``"split"``): force it (for

@@ -273,7 +273,9 @@ class Factorization(nn.Module, ABC):
     def _measure(self, bucket: int, ref: torch.Tensor, timer: Timer) -> Plan:
         """Time every candidate on ``bucket`` random rows, record the fastest, return it."""
         candidates = self._candidates(bucket)
-        x = torch.randn(bucket, self.padded_in, device=ref.device, dtype=ref.dtype)
+        # a private generator: measuring inside a forward must not move the caller's random stream
+        gen = torch.Generator(device=ref.device).manual_seed(0)
+        x = torch.randn(bucket, self.padded_in, device=ref.device, dtype=ref.dtype, generator=gen)
         seconds = {c.label: float(timer(lambda c=c: c.apply(self, x))) for c in candidates}
         best = min(candidates, key=lambda c: seconds[c.label])  # ties: the earliest (rebuild first)
         wisdom.record(self._wisdom_key(bucket, ref), best.label, seconds)

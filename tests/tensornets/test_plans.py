@@ -161,3 +161,12 @@ def test_stale_wisdom_entry_is_measured_again(wisdom_file, monkeypatch):
     fact.set_strategy("measure")
     assert fact._plan(512).label == "rebuild"  # measured again (all tie: the first wins)
     assert wisdom.lookup(fact._wisdom_key(512, next(fact.parameters())))["plan"] == "rebuild"
+
+
+def test_measuring_leaves_the_random_stream_alone(wisdom_file):
+    fact = _mpo()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    fact.tune([64], timer=lambda fn: 1.0)
+    assert torch.equal(torch.rand(4), expected)
