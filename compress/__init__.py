@@ -27,7 +27,7 @@ from compress.lowrank import lowrank_factors, rank_for_keep, relative_output_err
 from compress.sources import prune_2_4, prune_magnitude, rtn_quantize, rtn_quantize_weight
 from compress.gptq import gptq_quantize
 from compress.sparsegpt import SparseWeight, sparsegpt_prune
-from compress.factorizing import compress_lowrank, compress_tensor  # noqa: F401  (registers the factorizing methods)
+from compress import factorizing  # noqa: F401  (importing it registers svd, asvd, whitened_svd and the tensor formats)
 from compress.surgery import (
     CompressionReport,
     LayerReport,

@@ -7,7 +7,8 @@ and runs, on disjoint slices of the Python reference docs (:func:`compress.model
 1. **calibration**: one pass over the calibration tokens collects ``C = Σ x xᵀ`` of every targeted layer's input;
 2. **dense** perplexity on the held-out tokens;
 3. **compression** of the targeted layers (default: 3-bit round-to-nearest quantization, groups of 64, of every
-   block linear -- attention and MLP, not the LM head) and its perplexity;
+   block linear -- attention and MLP, not the LM head; ``--method`` takes any compressor of
+   :mod:`compress.compressors`, e.g. ``gptq`` or ``sparsegpt``) and its perplexity;
 4. **EoRA** (default rank 64): per layer the rank-``r`` residual ``BA`` minimizing ``‖(W − W_c − BA) X‖_F`` on the
    calibration inputs, and the perplexity of the compensated model;
 
@@ -262,6 +263,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("argument --sequential: needs --eora-rank > 0")
     if args.compare and args.eora_rank == 0:
         parser.error("argument --compare: needs --eora-rank > 0")
+    for flag in ("bits", "sparse_bits"):
+        value = getattr(args, flag)
+        if value is not None and value > 8:
+            parser.error(f"argument --{flag.replace('_', '-')}: {value} is above 8; codes are stored as int8, pass 2..8")
+    if not args.damp >= 0:
+        parser.error(f"argument --damp: {args.damp} must be >= 0 (a fraction of the Hessian's mean diagonal, e.g. 0.01)")
     if args.pattern != "unstructured":
         from compress.sparsegpt import parse_pattern
 

@@ -234,6 +234,9 @@ def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
         (["--method", "gptq", "--calib-tokens", "0", "--eora-method", "svd"], "--method gptq needs activation"),
         (["--method", "sparsegpt", "--pattern", "4:2"], "argument --pattern: pattern='4:2'"),
         (["--method", "gptq", "--keep", "0.5"], "keeps dense weights"),
+        (["--method", "gptq", "--bits", "9"], "argument --bits: 9 is above 8"),
+        (["--method", "sparsegpt", "--sparse-bits", "12"], "argument --sparse-bits: 12 is above 8"),
+        (["--method", "gptq", "--damp", "-1"], "argument --damp: -1.0 must be >= 0"),
     ],
 )
 def test_bad_compressor_flags(argv, message, capsys):
