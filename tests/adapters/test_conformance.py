@@ -13,6 +13,7 @@ from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file
+from tolerance import assert_close
 
 CASES = [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.spec.slow else []) for case in conf.CASES]
 FAST_CASES = [case for case in conf.CASES if not case.spec.slow]
@@ -21,7 +22,8 @@ UNMERGEABLE_CASES = [param for param in CASES if not param.values[0].mergeable]
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    # merged vs unmerged float32 outputs differ by rounding of W + ΔW, amplified through the model's depth
+    assert_close(actual, expected, tol=1e-4)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -108,7 +110,8 @@ def test_merge_equals_adapted_forward_and_unmerge_restores(case):
         close(conf.output(case, model, inputs), adapted)
         model.unmerge_adapter()
         restored = conf.base_weights(model)
-        assert all(torch.allclose(restored[k], w, rtol=0, atol=1e-6) for k, w in weights.items())
+        for k, w in weights.items():
+            assert_close(restored[k], w, what=f"unmerged {k}")
         close(conf.output(case, model, inputs), adapted)
         merged = copy.deepcopy(model).merge_and_unload()
         assert not any(case.prefix in name for name, _ in merged.named_parameters())
