@@ -6,20 +6,22 @@ position embeddings / ids, cache disabled) and then, for ``i = 0, 1, ...``:
 
 1. upcasts block ``i`` alone to float32 on ``device`` (the other blocks stay in their storage dtype and place);
 2. collects the statistics ``C̃ = Σ x̃ x̃ᵀ`` of its target linears on the *compressed stream* ``h̃_i``, the inputs that
-   the already compressed and compensated blocks ``< i`` produce (and, with EoRA, ``C = Σ x xᵀ`` on the *dense
-   stream* ``h_i`` that the original blocks produce, or the cross moments ``X̃ᵀX`` for sequential EoRA);
+   the already compressed and compensated blocks ``< i`` produce (and, with independent EoRA, ``C = Σ x xᵀ`` on the
+   *dense stream* ``h_i`` that the original blocks produce);
 3. compresses its target linears with :func:`compress.compress_model` (statistics ``C̃``);
 4. compensates them with EoRA: independent EoRA minimises ``‖(W − W_c − BA) X‖`` on the dense stream (exactly the
-   whole-model :func:`compress.eora_compensate`), sequential EoRA ``‖W X − (W_c + BA) X̃‖``
-   (:func:`compress.sequential_eora_factors`);
+   whole-model :func:`compress.eora_compensate`); sequential EoRA minimises ``‖W X − (W_c + BA) X̃‖``
+   (:func:`compress.sequential_eora_factors`) with the cross moments ``X̃ᵀX`` of one paired pass: ``X`` the original
+   block's layer inputs on ``h_i``, ``X̃`` the compressed block's on ``h̃_i`` (exactly the whole-model
+   ``eora_compensate(..., sequential=True)``);
 5. runs the compressed + compensated block (rounded to its storage dtype) on ``h̃_i`` for ``h̃_{i+1}``, and the
-   original block on ``h_i`` for ``h_{i+1}`` (in the pass of step 2), casts the block back to its storage dtype and
-   device and frees the float32 copy and the statistics.
+   original block on ``h_i`` for ``h_{i+1}`` (in the dense pass of step 2 or 4), casts the block back to its storage
+   dtype and device and frees the float32 copies and the statistics.
 
-Cost: each block runs once over the calibration data on the dense stream (with EoRA) and twice on the compressed
-stream (statistics, then output): never once per layer. Memory: the storage-dtype model, one float32 block (two with
-EoRA: the original is kept for ``W``), one block's statistics, and the hidden states of the calibration data (one or
-two streams, float32, on ``device``).
+Cost: each block runs once over the calibration data on the dense stream (with EoRA), and on the compressed stream
+twice (statistics, output), three times with sequential EoRA (statistics, cross moments, output): never once per
+layer. Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
+block's statistics, and the hidden states of the calibration data (one or two streams, float32, on ``device``).
 
 Models too big for memory are loaded in their storage dtype with accelerate's big-model tools, the blocks offloaded
 to disk (``from_pretrained(path, dtype=torch.bfloat16, device_map={..., "model.layers": "disk"},
@@ -27,9 +29,9 @@ offload_folder=...)``). Each offloaded block is loaded from its weights map, pro
 ``offload_folder`` in accelerate's offload format and offloaded again with accelerate's hooks, so one block at a
 time is resident.
 
-Within a block the statistics of every layer are collected in one pass of the *uncompressed* block on ``h̃_i``
-(as llm-compressor's sequential pipeline does), so the drift that the compression of ``q_proj`` causes at
-``down_proj`` of the same block is not seen until the next block.
+The compression statistics of every layer of a block come from one pass of the *uncompressed* block on ``h̃_i`` (as
+llm-compressor's sequential pipeline does): the drift that compressing ``q_proj`` causes at ``down_proj`` of the
+same block reaches the compressor in the next block.
 """
 
 from __future__ import annotations
@@ -407,36 +409,34 @@ def _process_block(
 
     layers, adapter = [], None
     if names:
-        comp_modules = {n: block.get_submodule(n) for n in names}
-        cross = dense_stats = None
-        if sequential:
-            cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, next_dense), _Feed(block, comp_h, kwargs),
-                                           ["block." + n for n in names], batches, stop_after_all=False,
-                                           progress=False)
-            cross = {n[len("block."):]: c for n, c in cross.items()}
-            comp_stats = ActivationStats({n: cross[n].current for n in names})
-        else:
-            comp_stats = accumulate_stats(_Feed(block, comp_h, kwargs), comp_modules, batches, stop_after_all=True,
-                                          progress=False)
-            if dense is not None:
-                dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
-                                               {n: dense.get_submodule(n) for n in names}, batches, progress=False)
+        comp_stats = accumulate_stats(_Feed(block, comp_h, kwargs), {n: block.get_submodule(n) for n in names},
+                                      batches, stop_after_all=True, progress=False)
+        dense_stats = None
+        if dense is not None and not sequential:
+            dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
+                                           {n: dense.get_submodule(n) for n in names}, batches, progress=False)
         block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
         layers = compress_model(block, block_config, comp_stats, inplace=True, progress=False).layers
         del comp_stats
-        if eora_rank:
-            if sequential:
-                adapter = _sequential_adapter(dense, block, cross, names, eora_rank, ridge)
-            else:
-                adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
-                                          target_modules=names, progress=False)
-        del cross, dense_stats
-    elif dense is not None:
-        _run_stream(dense, dense_h, kwargs, next_dense)
+        _round_to(block, device, storage_dtype)
+        if sequential:
+            # X̃ are the inputs of the compressed block (as the whole-model sequential EoRA pairs them), X the dense
+            # block's on the dense stream, whose outputs this pass also records
+            cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, next_dense), _Feed(block, comp_h, kwargs),
+                                           ["block." + n for n in names], batches, stop_after_all=False,
+                                           progress=False)
+            adapter = _sequential_adapter(dense, block, {n[len("block."):]: c for n, c in cross.items()}, names,
+                                          eora_rank, ridge)
+            del cross
+        elif eora_rank:
+            adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
+                                      target_modules=names, progress=False)
+        del dense_stats
+    else:
+        _round_to(block, device, storage_dtype)
+        if dense is not None:
+            _run_stream(dense, dense_h, kwargs, next_dense)
 
-    # the next compressed-stream inputs come from the block as it will be stored: rounded to the storage dtype
-    _place(block, device, storage_dtype)
-    _place(block, device, torch.float32)
     if adapter is not None:
         adapter.apply(block, inplace=True)
     next_comp: list[torch.Tensor | None] = [None] * len(batches)
@@ -510,6 +510,13 @@ def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_d
     attach_align_device_hook(block, execution_device=execution_device, offload=True, module_name=name,
                              weights_map=OffloadedWeightsLoader(save_folder=str(folder), index=index),
                              preload_module_classes=preload or None)
+
+
+def _round_to(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Round ``block``'s float32 weights to its storage ``dtype`` and back: the compressed stream then comes from the
+    block as it will be stored."""
+    _place(block, device, dtype)
+    _place(block, device, torch.float32)
 
 
 def _place(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

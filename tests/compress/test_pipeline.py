@@ -93,6 +93,21 @@ def test_independent_eora_same_as_whole_model_path():
     assert_close(compensated, logits(expected.apply(expected_report.model), batches), tol=1e-4, what="logits")
 
 
+def test_sequential_eora_same_as_whole_model_path():
+    model = tiny_llama()
+    batches = calib()
+    config = CompressionConfig(method="rtn", bits=3, group_size=16)
+    report, _ = whole_model(model, config, batches)
+    targets = [r.name for r in report.layers]
+    expected = eora_compensate(model, report.model, rank=8, target_modules=targets, sequential=True,
+                               calib_batches=batches, progress=False)
+    out = compress_blocks(model, config, batches, eora_rank=8, eora_sequential=True, progress=False)
+    assert out.eora.method == expected.method == "eora-sequential"
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
+
+
 def test_sequential_eora_lowers_the_output_error():
     model = tiny_llama()
     batches = calib()
