@@ -25,6 +25,15 @@ Opt in globally with :func:`set_strategy` (``tensornets.set_strategy("measure")`
 with :meth:`Factorization.set_strategy <tensornets.Factorization.set_strategy>`; the per-layer
 choice wins. :meth:`Factorization.tune <tensornets.Factorization.tune>` measures given batch sizes
 ahead of time (e.g. before ``torch.compile``).
+
+Under ``torch.compile`` the choice is made eagerly while dynamo traces the forward (once per
+traced batch bucket) and only the chosen plan's tensor ops enter the graph, so layers compile
+with ``fullgraph=True``; with a symbolic batch each bucket becomes a guard (one graph per bucket).
+
+A new format gets the rebuild candidate for free and adds its contractions by implementing
+``_contract`` / ``_contract_cost`` (one hand-written contraction) or ``_cores`` / ``_equations``
+(an :class:`~tensornets.EinsumFactorization`); more candidates come from overriding
+``_contract_candidates`` (as :class:`~tensornets.MPO` does for its splits).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ __all__ = [
     "get_strategy",
     "check_strategy",
     "STRATEGIES",
+    "FORCEABLE",
     "Timer",
     "default_timer",
 ]
