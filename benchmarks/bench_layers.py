@@ -34,9 +34,13 @@ against its own dense weight before timing.
 
 Run
 ---
-    python benchmarks/bench_layers.py            # full run (< 10 min on 2 cores)
-    python benchmarks/bench_layers.py --quick    # 4096 only, rank 16, fewer rounds (~1-2 min + compiling)
+    python benchmarks/bench_layers.py            # full run (< 10 min on 2 cores, plus compiling: see below)
+    python benchmarks/bench_layers.py --quick    # 4096 only, rank 16, fewer rounds (~1-2 min, plus compiling)
     python benchmarks/bench_layers.py --smoke --out /tmp/x   # 256 only, rank 4, one round: checks the script runs
+
+Inductor compiles one graph per layer, grad mode and batch, 25-40 s each on 2 busy cores (measured
+while writing this script): 16 graphs for ``--quick`` (~10 min), 144 for the full grid (1-1.5 h);
+inductor's on-disk cache makes a rerun much faster. ``--no-compile`` leaves the compiled columns out.
 
 Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 ``benchmarks/results/layers.json`` (raw medians and every sample); ``--quick`` writes

@@ -26,7 +26,6 @@ from .init import factor_std, init_factorization_, mup_param_groups
 from .io import load, save
 from .layers import FactorizedConv2d, FactorizedLinear, decompose
 from .plans import get_strategy, set_strategy
-from .plans import get_strategy, set_strategy
 from .shapes import factorize, padded_size, prime_factors
 
 __version__ = "0.1.0"
@@ -52,8 +51,6 @@ __all__ = [
     "hosvd",
     "hooi",
     "cp_als",
-    "set_strategy",
-    "get_strategy",
     "set_strategy",
     "get_strategy",
     "ContractionPlan",
