@@ -170,3 +170,11 @@ def test_measuring_leaves_the_random_stream_alone(wisdom_file):
     torch.manual_seed(3)
     fact.tune([64], timer=lambda fn: 1.0)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_wisdom_of_another_machine_is_not_used(wisdom_file, monkeypatch):
+    wisdom.record("k", "rebuild", {"rebuild": 1.0})
+    monkeypatch.setattr(wisdom, "machine_key", lambda: "Linux-x86_64|another CPU|threads=64|torch=9.9")
+    assert wisdom.lookup("k") is None
+    wisdom.record("k", "einsum", {"einsum": 1.0})  # both machines' entries are kept side by side
+    assert len(json.loads(wisdom_file.read_text())["machines"]) == 2
