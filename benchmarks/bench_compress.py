@@ -67,7 +67,7 @@ except ModuleNotFoundError:  # running from a checkout without `pip install -e .
 
 from compress import CompressionConfig, EoraAdapter, collect_activation_stats, compress_model, eora_compensate
 from compress import lowrank as lr
-from compress.config import LOWRANK_METHODS
+from compress.factorizing import LOWRANK_SCALINGS as LOWRANK_METHODS
 from compress.eora import EORA_METHODS
 from compress.evaluation import perplexity
 from compress.models import load_smollm2, token_slices
