@@ -11,16 +11,17 @@ position embeddings / ids, cache disabled) and then, for ``i = 0, 1, ...``:
 3. compresses its target linears with :func:`compress.compress_model` (statistics ``C̃``);
 4. compensates them with EoRA: independent EoRA minimises ``‖(W − W_c − BA) X‖`` on the dense stream (exactly the
    whole-model :func:`compress.eora_compensate`); sequential EoRA minimises ``‖W X − (W_c + BA) X̃‖``
-   (:func:`compress.sequential_eora_factors`) with the cross moments ``X̃ᵀX`` of one paired pass: ``X`` the original
-   block's layer inputs on ``h_i``, ``X̃`` the compressed block's on ``h̃_i`` (exactly the whole-model
-   ``eora_compensate(..., sequential=True)``);
+   (:func:`compress.sequential_eora_factors`, ``X`` the original block's layer inputs on ``h_i``, ``X̃`` the
+   compensated block's on ``h̃_i``) in two fits: first with ``X̃`` from the uncompressed block on ``h̃_i`` (the
+   cross moments of the statistics pass), then, with those residuals applied, with ``X̃`` from the compressed and
+   compensated block, so each layer also corrects the drift of the layers before it in the block as they will run;
 5. runs the compressed + compensated block (rounded to its storage dtype) on ``h̃_i`` for ``h̃_{i+1}``, and the
-   original block on ``h_i`` for ``h_{i+1}`` (in the dense pass of step 2 or 4), casts the block back to its storage
+   original block on ``h_i`` for ``h_{i+1}`` (in the dense pass of step 2), casts the block back to its storage
    dtype and device and frees the float32 copies and the statistics.
 
-Cost: each block runs once over the calibration data on the dense stream (with EoRA), and on the compressed stream
-twice (statistics, output), three times with sequential EoRA (statistics, cross moments, output): never once per
-layer. Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
+Cost per block, over the calibration data: without EoRA two passes of the block (statistics, output); with
+independent EoRA one more on the dense stream; with sequential EoRA five (two paired passes of the dense and the
+compressed block, and the output): never one per layer. Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
 block's statistics, and the hidden states of the calibration data (one or two streams, float32, on ``device``).
 
 Models too big for memory are loaded in their storage dtype with accelerate's big-model tools, the blocks offloaded
@@ -409,25 +410,32 @@ def _process_block(
 
     layers, adapter = [], None
     if names:
-        comp_stats = accumulate_stats(_Feed(block, comp_h, kwargs), {n: block.get_submodule(n) for n in names},
-                                      batches, stop_after_all=True, progress=False)
-        dense_stats = None
-        if dense is not None and not sequential:
-            dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
-                                           {n: dense.get_submodule(n) for n in names}, batches, progress=False)
+        dense_stats = pre = None
+        if sequential:  # one paired pass: compression statistics, drift of the earlier blocks, next dense inputs
+            pre = _cross(dense, dense_h, next_dense, block, comp_h, kwargs, names)
+            comp_stats = ActivationStats({n: pre[n].current for n in names})
+        else:
+            comp_stats = accumulate_stats(_Feed(block, comp_h, kwargs), {n: block.get_submodule(n) for n in names},
+                                          batches, stop_after_all=True, progress=False)
+            if dense is not None:
+                dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
+                                               {n: dense.get_submodule(n) for n in names}, batches, progress=False)
         block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
         layers = compress_model(block, block_config, comp_stats, inplace=True, progress=False).layers
         del comp_stats
         _round_to(block, device, storage_dtype)
         if sequential:
-            # X̃ are the inputs of the compressed block (as the whole-model sequential EoRA pairs them), X the dense
-            # block's on the dense stream, whose outputs this pass also records
-            cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, next_dense), _Feed(block, comp_h, kwargs),
-                                           ["block." + n for n in names], batches, stop_after_all=False,
-                                           progress=False)
-            adapter = _sequential_adapter(dense, block, {n[len("block."):]: c for n, c in cross.items()}, names,
-                                          eora_rank, ridge)
-            del cross
+            # X̃ of a layer depends on the layers before it in the block: fit once to the inputs of the uncompressed
+            # block (the drift of the earlier blocks), apply, then refit to the inputs of the compressed block with
+            # those residuals applied, as it runs at inference. Fitting to the inputs of the compressed block
+            # *without* residuals (the drift of uncompensated layers, which never occurs) is worse than
+            # independent EoRA.
+            adapter = _sequential_adapter(dense, block, pre, names, eora_rank, ridge)
+            adapter.apply(block, inplace=True)
+            post = _cross(dense, dense_h, None, block, comp_h, kwargs, names)
+            _unwrap(block, adapter)
+            adapter = _sequential_adapter(dense, block, post, names, eora_rank, ridge)
+            del pre, post
         elif eora_rank:
             adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
                                       target_modules=names, progress=False)
@@ -442,15 +450,31 @@ def _process_block(
     next_comp: list[torch.Tensor | None] = [None] * len(batches)
     _run_stream(block, comp_h, kwargs, next_comp)
     if adapter is not None:
-        for name in adapter.factors:
-            wrapped = block.get_submodule(name)
-            if isinstance(wrapped, CompensatedLayer):
-                replace_module(block, name, wrapped.base_layer)
+        _unwrap(block, adapter)
     _place(block, storage_device, storage_dtype)
     del dense
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _BlockResult(next_comp, next_dense, layers, adapter)
+
+
+def _cross(dense: nn.Module, dense_h: Sequence[torch.Tensor], dense_out: list | None, block: nn.Module,
+           comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], names: list[str]) -> dict[str, CrossStats]:
+    """Cross moments of the layers ``names``: ``dense`` on the dense stream (outputs into ``dense_out`` if given),
+    ``block`` on the compressed stream, paired row for row."""
+    batches = [torch.tensor(i) for i in range(len(comp_h))]
+    cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, dense_out), _Feed(block, comp_h, kwargs),
+                                   ["block." + n for n in names], batches, stop_after_all=dense_out is None,
+                                   progress=False)
+    return {n[len("block."):]: c for n, c in cross.items()}
+
+
+def _unwrap(block: nn.Module, adapter: EoraAdapter) -> None:
+    """Undo ``adapter.apply(block, inplace=True)``: put the compressed layers back."""
+    for name in adapter.factors:
+        wrapped = block.get_submodule(name)
+        if isinstance(wrapped, CompensatedLayer):
+            replace_module(block, name, wrapped.base_layer)
 
 
 def _offloaded_modules(block: nn.Module) -> dict[str, nn.Module]:
