@@ -24,6 +24,11 @@ Run
 ---
     python benchmarks/bench_kernels.py            # ~1 min on 2 cores
     python benchmarks/bench_kernels.py --quick    # fewer rounds, no SVD (~10 s)
+    python benchmarks/bench_kernels.py --threads 1   # on a busy machine
+
+On a machine busy with other jobs, two OpenMP threads on two cores wait on each other at every
+parallel region: section 1 measured 140 ms per call instead of 0.6 ms that way; ``--threads 1``
+avoids it (the committed results say which thread count they used).
 
 Writes ``benchmarks/results/kernels.md`` and ``kernels.json`` (``kernels_quick.*`` with ``--quick``).
 """

@@ -91,8 +91,8 @@ class BTT(Factorization):
         B = x.shape[0]
         h = torch.bmm(x.reshape(B, m1, m0).transpose(0, 1), self.W1)  # (m1, B, n0 r)
         # contiguous(): at r = 1 the permuted reshape is a strided view, on which bmm takes a
-        # slow generic path (4096^2, B = 512: benchmarks/results/kernels.md); for r > 1 reshape
-        # copies anyway.
+        # slow generic path (4096^2, B = 512: benchmarks/results/kernels.md; the gap is widest
+        # with several threads); for r > 1 reshape copies anyway.
         h = h.reshape(m1, B, n0, r).permute(2, 1, 0, 3).contiguous().reshape(n0, B, m1 * r)
         y = torch.bmm(h, self.W2)  # (n0, B, n1)
         return y.transpose(0, 1).reshape(B, n0 * n1)
