@@ -36,6 +36,7 @@ from compress.surgery import (
     load_compressed,
     save_compressed,
 )
+from compress.pipeline import PipelineResult, compress_blocks, find_decoder_blocks
 
 __all__ = [
     "ActivationStats",
@@ -47,6 +48,9 @@ __all__ = [
     "get_compressor",
     "available_compressors",
     "compress_model",
+    "compress_blocks",
+    "PipelineResult",
+    "find_decoder_blocks",
     "CompressionReport",
     "LayerReport",
     "find_targets",
