@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -264,6 +265,7 @@ def compress_blocks(
         comp_h, dense_h = out.comp_h, out.dense_h
         if i in offloaded:
             _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device)
+        gc.collect()  # the block's tensors can sit in reference cycles (hooks, modules): free them before the next
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
         if out.eora is not None:
             factors.update({prefix + n: f for n, f in out.eora.factors.items()})
