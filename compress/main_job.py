@@ -181,8 +181,10 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    help="also evaluate the other two compensations (svd, asvd / eora) at the same rank, for comparison "
                    "(adds about one compensation + one evaluation each)")
     g.add_argument("--sequential", action="store_true",
-                   help="block-sequential EoRA: each block's statistics are recollected with the residuals of the "
-                   "earlier blocks applied (slower: one partial calibration pass per block)")
+                   help="also run sequential EoRA (eora only): each residual fits the dense outputs from the inputs of "
+                   "the compressed model with the earlier blocks' residuals applied, ||W X - (W_c + BA) X~||; both it "
+                   "and independent EoRA are evaluated and the sequential adapter is saved (slower: one paired "
+                   "calibration pass of both models per block)")
 
     g = p.add_argument_group("data (default: disjoint slices of the Python reference docs)")
     g.add_argument("--calib-data", metavar="PATH", default=None,
@@ -261,6 +263,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "statistics; pass e.g. --calib-tokens 4096 (or --eora-method svd, which needs none)")
     if args.sequential and args.eora_rank == 0:
         parser.error("argument --sequential: needs --eora-rank > 0")
+    if args.sequential and args.eora_method != "eora":
+        parser.error(f"argument --sequential: sequential compensation is EoRA's; drop --eora-method {args.eora_method}")
     if args.compare and args.eora_rank == 0:
         parser.error("argument --compare: needs --eora-rank > 0")
     for flag in ("bits", "sparse_bits"):
@@ -446,14 +450,17 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         methods = [args.eora_method]
         if args.compare:
             methods += [m for m in ("svd", "asvd", "eora") if m != args.eora_method]
+        if args.sequential:
+            methods.append("eora_sequential")
         for m in methods:
             if m != "svd" and stats is None:
                 continue
             with stages(f"compensation ({m})"):
                 try:
                     adapters[m] = eora_compensate(
-                        model, compressed, stats, rank=args.eora_rank, method=m, target_modules=list(targets),
-                        sequential=args.sequential and m == args.eora_method, calib_batches=calib, progress=progress)
+                        model, compressed, stats, rank=args.eora_rank, method=m.removesuffix("_sequential"),
+                        target_modules=list(targets), sequential=m == "eora_sequential", calib_batches=calib,
+                        progress=progress)
                 except ValueError as err:
                     raise SystemExit(f"tensornets compress: error: {err}") from None
             with stages(f"compensated perplexity ({m})"):
@@ -462,7 +469,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     saved = {}
     if args.output_dir is not None:
         with stages("save"):
-            saved = _save(args, model_name, compressed, tok, adapters.get(args.eora_method), report)
+            saved = _save(args, model_name, compressed, tok, adapters.get(_main_adapter(args)), report)
 
     # -------------------------------------------------------------------------------------- numbers
     target_before, target_after = report.params_before, report.params_after
@@ -470,7 +477,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     whole_after = sum(p.numel() for p in compressed.parameters())
     if config.compressor.kind == "dense":  # pruned zeros are still stored densely in memory; count the kept weights
         whole_after = whole_before - target_before + target_after
-    main_adapter = adapters.get(args.eora_method)
+    main_adapter = adapters.get(_main_adapter(args))
     adapter_params = 0 if main_adapter is None else sum(B.numel() + A.numel() for B, A in main_adapter.factors.values())
     storage = {
         "dense_mb": target_before * 16 / 8e6,
@@ -505,6 +512,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _main_adapter(args: argparse.Namespace) -> str:
+    """The adapter that is saved and counted: the sequential one when asked for, else ``--eora-method``'s."""
+    return "eora_sequential" if args.sequential else args.eora_method
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -575,7 +587,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         "",
         f"tensornets compress: {s['model']}",
         f"  compressor   {what}, on {s['targets']['layers']} layers ({_describe_spec(s['targets']['spec'])})",
-        f"  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" (sequential)" if args.sequential else "")
+        f"  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" and sequential EoRA" if args.sequential else "")
                               if args.eora_rank else "none"),
         f"  data         calibration {s['data']['calib_sequences']} x {args.seq_len} tokens, evaluation "
         f"{s['data']['eval_sequences']} x {args.seq_len} tokens ({_describe_data(args)})",
@@ -587,7 +599,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         f"  compressed                 {ppl['compressed']:10.3f}   ({ppl['compressed'] / ppl['dense']:.2f}x dense)",
     ]
     for m in adapters:
-        label = {"eora": "EoRA", "svd": "plain SVD (LoRC)", "asvd": "ASVD"}[m]
+        label = {"eora": "EoRA", "svd": "plain SVD (LoRC)", "asvd": "ASVD", "eora_sequential": "EoRA sequential"}[m]
         value = ppl[f"compensated_{m}"]
         rec = s["recovered"].get(f"compensated_{m}")
         rec_txt = f", recovers {100 * rec:.0f} % of the log-ppl gap" if rec is not None else ""

@@ -85,6 +85,7 @@ def test_top_level_help_lists_compress(capsys):
         (["--threads", "0"], "must be a positive integer"),
         (["--calib-tokens", "0"], "needs activation statistics"),
         (["--sequential", "--eora-rank", "0"], "needs --eora-rank > 0"),
+        (["--sequential", "--eora-method", "svd"], "sequential compensation is EoRA's"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
@@ -179,7 +180,11 @@ def cli_main_summary(argv):
 
 def test_sequential_eora_and_demo_routing(tiny_model_dir, capsys, monkeypatch):
     summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--eora-rank", "2", "--sequential", *SMALL])
-    assert "(sequential)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "and sequential EoRA" in out and "EoRA sequential r=2" in out
+    # both are evaluated, each with its share of the log-perplexity gap
+    assert {"compensated_eora", "compensated_eora_sequential"} <= set(summary["perplexity"])
+    assert set(summary["recovered"]) == {"compensated_eora", "compensated_eora_sequential"}
     err = summary["rel_output_error"]
     assert err["compensated_eora_mean"] < err["compressed_mean"]
 
