@@ -26,8 +26,10 @@ Run
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline_memory.py            # all modes, one after another
     python benchmarks/bench_pipeline_memory.py --parallel --eval-tokens 0   # peaks only, modes side by side
     python benchmarks/bench_pipeline_memory.py --modes blocks-bf16 --eval-tokens 0
+    python benchmarks/bench_pipeline_memory.py --mmap-threshold 131072   # glibc returns freed memory at once
 
-Writes ``benchmarks/results/pipeline_memory.md`` and ``pipeline_memory.json``.
+Writes ``benchmarks/results/pipeline_memory.md`` and ``pipeline_memory.json`` (``pipeline_memory_mmap.*`` with
+``--mmap-threshold``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ def _hwm_mb() -> float:
 
 def child(mode: str, args: argparse.Namespace) -> dict:
     """Run one mode in this process and return its numbers."""
+    if args.mmap_threshold:
+        # glibc raises its mmap threshold after each large free (up to 32 MB), so freed float64 temporaries stay in
+        # the heap; a fixed threshold (as MALLOC_MMAP_THRESHOLD_ does) returns them to the OS
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold)  # M_MMAP_THRESHOLD
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -129,7 +137,9 @@ def child(mode: str, args: argparse.Namespace) -> dict:
                               offload_folder=None if offload_dir is None else offload_dir + "/compressed")
         compressed, eora = out.model, out.eora
     seconds = time.perf_counter() - start
-    peak, peak_compress = _peak_mb(), _hwm_mb() if reset else float("nan")
+    # clear_refs also resets ru_maxrss: the overall peak is the larger of the loading and the compression peaks
+    peak_compress = _hwm_mb() if reset else float("nan")
+    peak = max(peak_loaded, _peak_mb())
 
     ppl = None
     if held_out and offload_dir is None:
@@ -154,6 +164,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="fix glibc's M_MMAP_THRESHOLD to this many bytes in each mode (0: glibc's dynamic default)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the modes at the same time (peaks stay per process; times are then not comparable)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -189,7 +201,8 @@ def main() -> None:
                                  f"{r['peak_after_load_mb']:.0f}", f"{r['rss_after_load_mb']:.0f}",
                                  f"{r['rss_after_import_mb']:.0f}", f"{r['seconds']:.1f}", ppl)))
     setting = (f"RTN {args.bits}-bit g{args.group_size} asymmetric on all 210 block linears, EoRA r={args.rank}, "
-               f"calibration {args.calib_seqs} x {args.seq_len} tokens, {args.threads} thread(s)")
+               f"calibration {args.calib_seqs} x {args.seq_len} tokens, {args.threads} thread(s), glibc M_MMAP_THRESHOLD "
+               + (f"fixed at {args.mmap_threshold} bytes" if args.mmap_threshold else "dynamic (default)"))
     md = "\n".join([
         "# Peak memory: block-sequential pipeline vs whole model (SmolLM2-135M)", "",
         f"{setting}. Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
@@ -199,8 +212,9 @@ def main() -> None:
         "perplexity is measured afterwards on 4096 held-out tokens with the residual applied, in float32.", "",
         *lines, ""])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline_memory.md").write_text(md)
-    (RESULTS / "pipeline_memory.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
+    name = "pipeline_memory" + ("_mmap" if args.mmap_threshold else "")
+    (RESULTS / f"{name}.md").write_text(md)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
     print(md)
 
 
