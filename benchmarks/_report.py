@@ -25,18 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
+from tensornets.wisdom import cpu_model  # the same CPU name the wisdom cache is keyed by
+
 __all__ = ["cpu_model", "machine_info", "finish", "machine_lines", "header", "goal", "goal_line", "goal_section", "write_results"]
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(threads: int, **versions: str) -> dict[str, Any]:

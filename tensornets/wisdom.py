@@ -44,7 +44,8 @@ def wisdom_path() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tensornets" / "wisdom.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere); part of the wisdom key."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -56,7 +57,7 @@ def _cpu_model() -> str:
 
 def machine_key() -> str:
     """``"<system>-<arch>|<CPU model>|threads=<n>|torch=<version>"`` for this process."""
-    return f"{platform.system()}-{platform.machine()}|{_cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return f"{platform.system()}-{platform.machine()}|{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 def entry_key(

@@ -111,3 +111,18 @@ def reference_sweep(
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
     inv = torch.argsort(order)
     return {"weight": Wp[:, inv], "codes": codes[:, inv], "scale": scales, "zero": zeros, "kept": ~pruned[:, inv]}
+
+
+def correlated_layer(out_f=12, in_f=48, tokens=100, dead=()):
+    """A weight and the Gram matrix of correlated calibration inputs (some input channels always zero)."""
+    torch.manual_seed(0)
+    W = torch.randn(out_f, in_f)
+    X = torch.randn(tokens, in_f) @ torch.randn(in_f, in_f) + 0.5 * torch.randn(in_f)
+    X[:, list(dead)] = 0.0
+    return W, X.T @ X
+
+
+def output_error(W, W_hat, C):
+    """``‖(W − Ŵ) X‖_F`` from ``C = XᵀX``, in float64."""
+    D = (W - W_hat).double()
+    return float(torch.trace(D @ C.double() @ D.T)) ** 0.5

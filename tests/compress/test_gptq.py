@@ -2,25 +2,13 @@
 
 import pytest
 import torch
-from obs_reference import reference_sweep
+from obs_reference import correlated_layer as _layer, output_error as _output_error, reference_sweep
 
 from compress.gptq import gptq_quantize
 from compress.sources import rtn_quantize_weight
 from tolerance import assert_close
 
 
-def _layer(out_f=12, in_f=48, tokens=100, dead=()):
-    """A weight and the Gram matrix of correlated calibration inputs (some input channels always zero)."""
-    torch.manual_seed(0)
-    W = torch.randn(out_f, in_f)
-    X = torch.randn(tokens, in_f) @ torch.randn(in_f, in_f) + 0.5 * torch.randn(in_f)
-    X[:, list(dead)] = 0.0
-    return W, X.T @ X
-
-
-def _output_error(W, W_hat, C):
-    D = (W - W_hat).double()
-    return float(torch.trace(D @ C.double() @ D.T)) ** 0.5
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
