@@ -417,6 +417,10 @@ def eora_compensate(
         residual minimizes ``‖W X − (W_c + BA) X̃‖_F`` (``X`` dense inputs, ``X̃`` compensated-model inputs; see
         :func:`sequential_eora_factors`), so each residual also corrects the drift its inputs accumulated.
         The reported errors are then ``‖W X − Ŵ X̃‖ / ‖W X‖``.
+        It is exact on the calibration tokens, but its drift term is a least-squares fit that generalizes poorly
+        on LLMs: on SmolLM2 (RTN-3 g64, r=64, 4096 calibration tokens) it recovered less of the held-out
+        perplexity gap than independent EoRA at every ridge tried (``benchmarks/bench_sequential_eora.py``).
+        Prefer independent EoRA there.
     calib_batches : Iterable, optional
         Calibration batches for ``sequential=True`` (a re-iterable collection, run once per block up to that block).
     device : torch.device or str, optional
