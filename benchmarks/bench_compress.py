@@ -25,7 +25,7 @@ How it is computed
   both tables.
 - ``svd`` / ``asvd`` / ``whitened_svd``: one SVD of ``W S`` per layer and method (``compress.lowrank.scaled_svd``)
   serves all three keeps: the rank-``k`` factors are ``compress.lowrank.factors_from_svd`` truncations of it,
-  swapped in with ``compress.surgery.lowrank_module`` -- exactly what
+  swapped in with ``compress.factorizing.lowrank_module`` -- exactly what
   ``compress_model(model, CompressionConfig(method, keep=k))`` builds (checked at start-up on three layers). The
   time column is the weighting + SVD pass (shared by the keeps) plus the per-keep surgery.
 - ``mpo`` / ``tucker``: ``compress_model`` per keep; the time column is its wall time.
@@ -71,7 +71,8 @@ from compress.factorizing import LOWRANK_SCALINGS as LOWRANK_METHODS
 from compress.eora import EORA_METHODS
 from compress.evaluation import perplexity
 from compress.models import load_smollm2, token_slices
-from compress.surgery import dense_weight, find_targets, lowrank_module, replace_module
+from compress.factorizing import lowrank_module
+from compress.targets import dense_weight, find_targets, replace_module
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"

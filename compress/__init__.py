@@ -28,14 +28,9 @@ from compress.sources import prune_2_4, prune_magnitude, rtn_quantize, rtn_quant
 from compress.gptq import gptq_quantize
 from compress.sparsegpt import SparseWeight, sparsegpt_prune
 from compress import factorizing  # noqa: F401  (importing it registers svd, asvd, whitened_svd and the tensor formats)
-from compress.surgery import (
-    CompressionReport,
-    LayerReport,
-    compress_model,
-    find_targets,
-    load_compressed,
-    save_compressed,
-)
+from compress.surgery import CompressionReport, LayerReport, compress_model
+from compress.targets import find_targets
+from compress.checkpoint import load_compressed, save_compressed
 from compress.pipeline import PipelineResult, compress_blocks, find_decoder_blocks
 
 __all__ = [

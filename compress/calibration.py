@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.surgery import TargetSpec, find_targets
+from compress.targets import TargetSpec, find_targets
 
 
 @dataclass
@@ -417,7 +417,7 @@ def collect_activation_stats(
         Batches of model inputs: tensors (``model(x)``, e.g. ``input_ids`` of shape ``(B, T)``), tuples
         (``model(*b)``) or dicts (``model(**b)``). Tensors are moved to the model's device.
     target_modules, exclude_modules : str or list of str, optional
-        PEFT-style selection (see :func:`compress.surgery.find_targets`).
+        PEFT-style selection (see :func:`compress.targets.find_targets`).
     stats_device : torch.device or str, optional
         Device holding the ``(n, n)`` sums (default: where the activations are). ``"cpu"`` keeps accelerator
         memory free for large models.

@@ -30,7 +30,7 @@ class LayerJob:
     Attributes:
         name: module path (for error messages).
         module: the original layer (``nn.Linear``, ``Conv1D`` or ``nn.Conv2d``), not to be modified.
-        weight: its ``(out, in)`` weight matrix (:func:`compress.surgery.dense_weight`) on the processing device.
+        weight: its ``(out, in)`` weight matrix (:func:`compress.targets.dense_weight`) on the processing device.
         config: the whole :class:`~compress.config.CompressionConfig`.
         stats: the layer's calibration statistics (``None`` when none were collected).
         rank: a rank fixed beforehand (``allocation="global"``), else ``None``.

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from compress import lowrank as lr
 from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
-from compress.surgery import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
+from compress.targets import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
 from tensornets import FactorizedLinear, get_format
 
 #: EoRA and its baselines -> the weighting of :mod:`compress.lowrank`

@@ -17,7 +17,7 @@ from torch import nn
 from compress import lowrank as lr
 from compress.compressors import Compressor, LayerJob, LayerResult, register
 from compress.config import CompressionConfig
-from compress.surgery import lowrank_module, weight_parameters
+from compress.targets import weight_parameters
 from tensornets import FactorizedConv2d, FactorizedLinear, decompose, factorize, get_format
 
 #: low-rank methods -> the input weighting of :func:`compress.lowrank.input_scaling`
@@ -28,6 +28,36 @@ TENSOR_FORMATS = ("tucker", "tt", "mpo", "btt")
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
+
+
+def lowrank_module(module: nn.Module, B: torch.Tensor, A: torch.Tensor) -> nn.Module:
+    """Drop-in replacement of a dense layer by ``W ≈ B A`` (``B: (out, r)``, ``A: (r, in)``), bias kept.
+
+    ``nn.Linear`` / ``Conv1D`` become a :class:`tensornets.FactorizedLinear` over a ``LowRank`` factorization
+    (``U = B``, ``V = A``); ``nn.Conv2d`` becomes a low-rank :class:`tensornets.FactorizedConv2d` (a ``kh × kw`` conv
+    to ``r`` channels, then a 1×1 conv).
+    """
+    ref = module.weight
+    out_f, r = B.shape
+    B = B.to(ref.device, ref.dtype)
+    A = A.to(ref.device, ref.dtype)
+    if isinstance(module, nn.Conv2d):
+        new = FactorizedConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, rank=r, format="lowrank",
+            stride=module.stride, padding=module.padding, dilation=module.dilation, bias=module.bias is not None,
+        ).to(ref.device, ref.dtype)
+        with torch.no_grad():
+            new.factorization.V.copy_(A)
+            new.factorization.U.copy_(B)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        return new
+    fact = get_format("lowrank").empty(A.shape[1], out_f, in_modes=(A.shape[1],), out_modes=(out_f,), ranks=(r,),
+                                       dtype=ref.dtype, device=ref.device)
+    with torch.no_grad():
+        fact.U.copy_(B)
+        fact.V.copy_(A)
+    return FactorizedLinear(fact, _bias(module))
 
 
 def _rank_of(config: CompressionConfig, out_f: int, in_f: int, sq: torch.Tensor | None, name: str) -> int:

@@ -25,14 +25,11 @@ eigendecomposition runs in float64 whatever the weight dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from compress.calibration import LayerStats
 from tensornets.decompositions import rank_for_keep as core_rank_for_keep
-
-if TYPE_CHECKING:  # calibration imports surgery, which imports this module
-    from compress.calibration import LayerStats
 
 #: method names accepted by :func:`input_scaling`
 SCALINGS = ("svd", "asvd", "whitened")

@@ -400,7 +400,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, find_targets
     from compress.models import token_slices
-    from compress.surgery import layer_kind
+    from compress.targets import layer_kind
 
     total_start = time.perf_counter()
     progress = args.progress

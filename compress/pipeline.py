@@ -70,14 +70,8 @@ from compress.eora import (
     eora_compensate,
     sequential_eora_factors,
 )
-from compress.surgery import (
-    CompressionReport,
-    compress_model,
-    dense_weight,
-    find_targets,
-    layer_kind,
-    replace_module,
-)
+from compress.surgery import CompressionReport, compress_model
+from compress.targets import dense_weight, find_targets, layer_kind, replace_module
 
 #: keyword arguments of a block that hold a KV cache: dropped from the captured inputs (every pass starts afresh)
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")

@@ -383,6 +383,77 @@ class FactorizedConv2d(nn.Module):
             u_out = fact.U
         return F.conv2d(h, u_out[:, :, None, None], self.bias)
 
+    # ------------------------------------------------------------------ checkpoints of release 0.1.0
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load the current layout, or the 0.1.0 one mapped to it by :meth:`_v010_state`.
+
+        The layer's own ``load_state_dict`` and those of models holding it (any ``prefix``) both come
+        here; torch passes a copy of the user's dict, so renaming keys in it changes nothing outside.
+        """
+        names = ("in_factor", "core", "out_factor")
+        if prefix + "out_factor" in state_dict:  # a key the current layout never has
+            old = {name: state_dict.pop(prefix + name) for name in names if prefix + name in state_dict}
+            state_dict.update({prefix + key: value for key, value in self._v010_state(old).items()})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _v010_state(self, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename and reshape the kernel tensors of a 0.1.0 ``FactorizedConv2d`` state dict (bias excluded).
+
+        0.1.0 stored, for a ``(C_out, C_in, kh, kw)`` kernel:
+
+        - tucker: ``in_factor: (C_in, R_in)``, ``core: (R_out, R_in, kh, kw)``, ``out_factor: (C_out, R_out)``;
+          mapped to ``factorization.in_factors.0 = in_factor``,
+          ``factorization.core = core.reshape(R_out, R_in, kh kw)``, ``factorization.out_factors.0 = out_factor``
+          and the spatial factor ``factorization.in_factors.1 = I_{kh kw}`` (0.1.0 kept the spatial mode whole);
+        - lowrank: ``core: (r, C_in, kh, kw)``, ``out_factor: (C_out, r)``; mapped to
+          ``factorization.V = core.reshape(r, C_in kh kw)`` and ``factorization.U = out_factor``.
+
+        Exact: the forward builds the same ``kh x kw`` kernel (``core x_3 I`` is ``core``, bit for bit) and runs
+        the same three convolutions. Shapes that do not fit this layer are left to ``load_state_dict``'s size
+        check. Raises ``ValueError`` when the layer's format differs from the checkpoint's, or when its spatial
+        Tucker rank is below ``kh kw`` (no exact mapping exists).
+        """
+        if "core" not in old:
+            raise ValueError(f"a 0.1.0 FactorizedConv2d state dict has 'core' and 'out_factor'; got only {sorted(old)}")
+        saved = "tucker" if "in_factor" in old else "lowrank"
+        if saved != self.format:
+            raise ValueError(
+                f"the state dict is a 0.1.0 {saved} FactorizedConv2d (keys {sorted(old)}), but this layer is "
+                f"format={self.format!r}; build the layer with format={saved!r} and the same ranks to load it"
+            )
+        core = old["core"]
+        if core.dim() != 4:
+            raise ValueError(
+                f"the 0.1.0 'core' has shape {tuple(core.shape)}; it must be 4-D: tucker (R_out, R_in, kh, kw), "
+                f"lowrank (r, C_in, kh, kw)"
+            )
+        if saved == "lowrank":
+            return {"factorization.V": core.reshape(core.shape[0], -1), "factorization.U": old["out_factor"]}
+        spatial = math.prod(self.kernel_size)
+        if self.ranks[2] != spatial:
+            raise ValueError(
+                f"a 0.1.0 tucker conv keeps the spatial mode whole (kh*kw = {spatial}) but this layer's spatial "
+                f"rank is {self.ranks[2]}: no exact mapping. Load it into a layer built with rank=(R_out, R_in), "
+                f"then truncate with FactorizedConv2d.from_conv(layer.to_conv(), rank=(R_out, R_in, R_s))"
+            )
+        return {
+            "factorization.core": core.reshape(core.shape[0], core.shape[1], -1),
+            "factorization.in_factors.0": old["in_factor"],
+            "factorization.in_factors.1": torch.eye(core.shape[2] * core.shape[3], dtype=core.dtype, device=core.device),
+            "factorization.out_factors.0": old["out_factor"],
+        }
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, format={self.format}, "

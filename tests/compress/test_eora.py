@@ -26,7 +26,7 @@ from compress import (
 )
 from compress.calibration import accumulate_cross_stats, accumulate_stats, layer_inputs
 from compress.eora import drifted_output_error, sequential_eora_factors
-from compress.surgery import dense_weight
+from compress.targets import dense_weight
 from tolerance import assert_close
 
 

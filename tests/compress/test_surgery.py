@@ -17,7 +17,7 @@ from compress import (
     load_compressed,
     save_compressed,
 )
-from compress.surgery import dense_weight
+from compress.targets import dense_weight
 from tolerance import assert_close
 
 

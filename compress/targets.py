@@ -1,0 +1,174 @@
+"""Find, read and replace the layers that compression targets.
+
+Supported layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 style, weight stored ``(in, out)``) and
+``nn.Conv2d`` with ``groups=1`` (its kernel is handled as the matrix ``(C_out, C_in · kh · kw)``); once compressed,
+:class:`tensornets.FactorizedLinear` and :class:`tensornets.FactorizedConv2d`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tensornets import FactorizedConv2d, FactorizedLinear
+
+TargetSpec = str | Sequence[str] | None
+
+#: layer types that compression can target
+DENSE_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
+#: layer types an EoRA residual can be computed for (compressed layers included)
+ANY_TYPES = (*DENSE_TYPES, FactorizedLinear, FactorizedConv2d)
+
+
+# ---------------------------------------------------------------------------------------------- target selection
+def _output_layer_name(model: nn.Module) -> str | None:
+    """Name of the output embedding (LM head), which ``"all-linear"`` leaves out as PEFT does."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _supported(module: nn.Module, types: tuple[type, ...]) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d in types and module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, types)
+
+
+def _matches(name: str, spec: str | Sequence[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: TargetSpec = "all-linear",
+    exclude_modules: TargetSpec = None,
+    *,
+    types: tuple[type, ...] = DENSE_TYPES,
+) -> dict[str, nn.Module]:
+    """Target layers selected PEFT-style, in ``named_modules`` order.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to search.
+    target_modules : str or list of str
+        ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output embedding (as PEFT); a list: modules
+        whose name equals an entry or ends with ``"." + entry`` (``["q_proj", "mlp.up_proj"]``); any other string: a
+        regular expression that must match the full name (``r".*\\.mlp\\..*"``). ``None`` means ``"all-linear"``.
+    exclude_modules : str or list of str, optional
+        Same syntax; matching modules are dropped.
+    types : tuple of type
+        Layer types that may be selected (``nn.Conv2d`` only with ``groups=1`` and zero padding).
+
+    Returns
+    -------
+    dict[str, nn.Module]
+        Name -> module.
+
+    Raises
+    ------
+    ValueError
+        If a list entry or the regex selects no supported layer (the message lists what it matched instead and a
+        few available names), or nothing remains after exclusion.
+    """
+    if target_modules is None:
+        target_modules = "all-linear"
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        head = _output_layer_name(model)
+        found = {
+            n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D, FactorizedLinear)) and isinstance(m, types) and n != head
+        }
+    else:
+        entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        found = {}
+        for entry in entries:
+            spec = entry if isinstance(target_modules, str) else [entry]
+            hits = {n: m for n, m in model.named_modules() if n and _matches(n, spec)}
+            good = {n: m for n, m in hits.items() if _supported(m, types)}
+            if not good:
+                available = [n for n, m in model.named_modules() if _supported(m, types)]
+                what = (
+                    f"it matched only unsupported modules {[f'{n} ({type(m).__name__})' for n, m in hits.items()][:4]}"
+                    if hits else "it matched no module"
+                )
+                raise ValueError(
+                    f"target_modules entry {entry!r}: {what}; supported layers are "
+                    f"{', '.join(t.__name__ for t in types)} (Conv2d with groups=1), e.g. {available[:6]}"
+                )
+            found.update(good)
+    if exclude_modules:
+        found = {n: m for n, m in found.items() if not _matches(n, exclude_modules)}
+    if not found:
+        raise ValueError(
+            f"no target layers left (target_modules={target_modules!r}, exclude_modules={exclude_modules!r}); "
+            "loosen exclude_modules or name other layers"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- layer access
+def layer_kind(module: nn.Module) -> str:
+    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"factorized_linear"`` or ``"factorized_conv2d"``."""
+    for kind, cls in (
+        ("conv1d", Conv1D), ("linear", nn.Linear), ("conv2d", nn.Conv2d),
+        ("factorized_linear", FactorizedLinear), ("factorized_conv2d", FactorizedConv2d),
+    ):
+        if isinstance(module, cls):
+            return kind
+    raise TypeError(f"{type(module).__name__} is not a supported layer ({', '.join(t.__name__ for t in ANY_TYPES)})")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as the ``(out, in)`` matrix its inputs are multiplied by (detached).
+
+    ``Conv1D.weight`` is stored ``(in, out)`` and is transposed; a conv kernel is reshaped to
+    ``(C_out, C_in · kh · kw)``; factorized layers are rebuilt densely.
+    """
+    kind = layer_kind(module)
+    with torch.no_grad():
+        if kind == "linear":
+            return module.weight.detach()
+        if kind == "conv1d":
+            return module.weight.detach().T
+        if kind == "conv2d":
+            return module.weight.detach().reshape(module.out_channels, -1)
+        if kind == "factorized_linear":
+            return module.factorization.to_dense().detach()
+        return module.weight_dense().detach().reshape(module.out_channels, -1)
+
+
+def set_dense_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write the ``(out, in)`` matrix ``W`` into a dense layer's weight (inverse of :func:`dense_weight`)."""
+    kind = layer_kind(module)
+    with torch.no_grad():
+        target = module.weight
+        if kind == "conv1d":
+            W = W.T
+        target.copy_(W.reshape(target.shape).to(target.dtype))
+
+
+def weight_parameters(module: nn.Module) -> int:
+    """Parameters of the layer's weight (bias excluded): the count ``keep`` refers to."""
+    kind = layer_kind(module)
+    if kind == "factorized_linear":
+        return module.factorization.num_parameters
+    if kind == "factorized_conv2d":
+        return module.num_parameters - (0 if module.bias is None else module.out_channels)
+    return module.weight.numel()
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` of ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
