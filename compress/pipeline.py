@@ -42,7 +42,8 @@ import dataclasses
 import gc
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,30 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         if params > best_params:
             best, best_params = (name, module), params
     return best
+
+
+def block_pipeline_obstacle(model: nn.Module, config: CompressionConfig) -> str | None:
+    """Why :func:`compress_blocks` cannot process ``model`` block by block, or ``None`` when it can.
+
+    The block path needs a stack of decoder blocks (:func:`find_decoder_blocks`), every target layer of
+    ``config`` inside it, and a per-layer budget (``allocation="global"`` ranks all layers against each other).
+
+    Returns
+    -------
+    str or None
+        A sentence naming the obstacle (e.g. ``"LinearStack has no decoder blocks (...)"``), for the fallback warning.
+    """
+    found = find_decoder_blocks(model)
+    if found is None:
+        return f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of identical modules)"
+    path, _ = found
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    outside = [n for n in targets if not n.startswith(path + ".")]
+    if outside:
+        return f"target layers {outside[:4]} lie outside the decoder blocks {path!r}"
+    if config.allocation == "global":
+        return "allocation='global' ranks all layers against each other and needs every layer's statistics"
+    return None
 
 
 def compress_blocks(
@@ -216,23 +241,14 @@ def compress_blocks(
         raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {err}") from None
 
     targets = find_targets(model, config.target_modules, config.exclude_modules)
-    found = find_decoder_blocks(model)
-    reason = None
-    if found is None:
-        reason = f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of identical modules)"
-    else:
-        path, blocks = found
-        outside = [n for n in targets if not n.startswith(path + ".")]
-        if outside:
-            reason = f"target layers {outside[:4]} lie outside the decoder blocks {path!r}"
-        elif config.allocation == "global":
-            reason = "allocation='global' ranks all layers against each other and needs every layer's statistics"
+    reason = block_pipeline_obstacle(model, config)
     if reason is not None:
         warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "
                       "(float32 statistics of every layer in memory)", UserWarning, stacklevel=2)
         return _whole_model(model, config, list(calib_batches), list(targets), eora_rank, eora_method,
                             eora_sequential, eora_ridge, inplace, progress)
 
+    path, blocks = find_decoder_blocks(model)
     offloaded = [i for i, block in enumerate(blocks) if _offloaded_modules(block)]
     if offloaded and offload_folder is None:
         raise ValueError(f"blocks {offloaded[:4]} of {path!r} are offloaded by accelerate: pass offload_folder= (a "
@@ -249,18 +265,25 @@ def compress_blocks(
     hidden, kwargs = capture_block_inputs(work, blocks[0], calib_batches, home)
     comp_h = hidden
     dense_h = list(hidden) if eora_rank else None  # both streams start equal
-    layers, factors, kinds, eora_rows, conv_kernels = [], {}, {}, [], {}
+    layers, quantized, factors, kinds, eora_rows, conv_kernels = [], {}, {}, {}, [], {}
     for i in tqdm(range(len(blocks)), desc=f"compress blocks ({config.method})",
                   disable=None if progress is None else not progress):
         prefix = f"{path}.{i}."
         execution_device = _onload(blocks[i]) if i in offloaded else None
-        out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, config, eora_rank, eora_method,
-                             eora_sequential, eora_ridge, compute if compute is not None else execution_device)
+        try:
+            out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, config, eora_rank, eora_method,
+                                 eora_sequential, eora_ridge, compute if compute is not None else execution_device)
+        except ValueError as err:  # name the layers by their paths in the model, not in the block
+            message = str(err)
+            for name in sorted(per_block[i], key=len, reverse=True):
+                message = message.replace(repr(name), repr(prefix + name))
+            raise ValueError(message) from err
         comp_h, dense_h = out.comp_h, out.dense_h
         if i in offloaded:
             _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device)
         gc.collect()  # the block's tensors can sit in reference cycles (hooks, modules): free them before the next
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
+        quantized.update({prefix + n: q for n, q in out.quantized.items()})
         if out.eora is not None:
             factors.update({prefix + n: f for n, f in out.eora.factors.items()})
             kinds.update({prefix + n: k for n, k in out.eora.kinds.items()})
@@ -270,7 +293,7 @@ def compress_blocks(
     if eora_rank:
         eora = EoraAdapter(factors, kinds, eora_rank, eora_method + ("-sequential" if eora_sequential else ""),
                            eora_rows, conv_kernels)
-    return PipelineResult(CompressionReport(work, layers, config), eora, path)
+    return PipelineResult(CompressionReport(work, layers, config, quantized), eora, path)
 
 
 def capture_block_inputs(
@@ -378,6 +401,7 @@ class _BlockResult:
     dense_h: list[torch.Tensor] | None
     layers: list
     eora: EoraAdapter | None
+    quantized: dict  # relative name -> QuantizedWeight, for quantizing compressors (what exporters pack)
 
 
 def _process_block(
@@ -404,7 +428,7 @@ def _process_block(
     next_dense = [None] * len(batches) if dense_h is not None else None
     dense = copy.deepcopy(block) if eora_rank else None  # float32 original: W of EoRA and the dense stream
 
-    layers, adapter = [], None
+    layers, adapter, quantized = [], None, {}
     if names:
         dense_stats = pre = None
         if sequential:  # one paired pass: compression statistics, drift of the earlier blocks, next dense inputs
@@ -417,7 +441,9 @@ def _process_block(
                 dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
                                                {n: dense.get_submodule(n) for n in names}, batches, progress=False)
         block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
-        layers = compress_model(block, block_config, comp_stats, inplace=True, progress=False).layers
+        block_report = compress_model(block, block_config, comp_stats, inplace=True, progress=False)
+        layers, quantized = block_report.layers, block_report.quantized
+        del block_report
         del comp_stats
         _round_to(block, device, storage_dtype)
         if sequential:
@@ -451,7 +477,7 @@ def _process_block(
     del dense
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return _BlockResult(next_comp, next_dense, layers, adapter)
+    return _BlockResult(next_comp, next_dense, layers, adapter, quantized)
 
 
 def _cross(dense: nn.Module, dense_h: Sequence[torch.Tensor], dense_out: list | None, block: nn.Module,
@@ -597,3 +623,70 @@ def _whole_model(
         eora = eora_compensate(model, report.model, stats, rank=eora_rank, method=eora_method, ridge=ridge,
                                target_modules=targets, sequential=sequential, calib_batches=calib, progress=progress)
     return PipelineResult(report, eora, None)
+
+
+@contextmanager
+def float32_compute(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in float32 while it stays stored in its low-precision dtype, one decoder block at a time.
+
+    Inside the context, the modules outside the decoder blocks (embeddings, final norm, LM head: small) are upcast to
+    float32, and each block (:func:`find_decoder_blocks`) is upcast by a forward pre-hook just before it runs and cast
+    back by a forward hook just after, so at most one block exists in float32. Every cast is ``bf16/fp16 → fp32 →
+    same dtype``, which is exact: on exit the model's tensors hold the same values and dtypes as before. Tensors
+    already in float32 (e.g. EoRA factors of a :class:`compress.eora.CompensatedLayer`) are left alone, and so is a
+    float32 model (the context is then a no-op).
+
+    Used to evaluate a bfloat16-stored model with the accuracy of float32 arithmetic, without a float32 copy of the
+    whole model.
+
+    Yields
+    ------
+    nn.Module
+        ``model`` itself.
+    """
+    found = find_decoder_blocks(model)
+    blocks = list(found[1]) if found is not None else []
+    in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+    outside = _low_precision(t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
+    pending: dict[int, list[tuple[torch.Tensor, torch.dtype]]] = {}
+
+    def upcast(block: nn.Module, _args: tuple) -> None:
+        pending[id(block)] = _upcast(_low_precision((*block.parameters(), *block.buffers())))
+
+    def restore(block: nn.Module, _args: tuple, _out: Any) -> None:
+        _restore(pending.pop(id(block), []))
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(upcast), b.register_forward_hook(restore))]
+    upcast_outside = _upcast(outside)
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for casts in pending.values():  # a forward that raised inside a block
+            _restore(casts)
+        _restore(upcast_outside)
+
+
+def _low_precision(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The distinct floating-point tensors of ``tensors`` stored below float32 (tied weights once), not on ``meta``."""
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) in seen or not t.is_floating_point() or t.dtype in (torch.float32, torch.float64) or t.is_meta:
+            continue
+        seen.add(id(t))
+        out.append(t)
+    return out
+
+
+def _upcast(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.dtype]]:
+    """Replace each tensor's data by its float32 copy in place; return what :func:`_restore` needs."""
+    casts = [(t, t.dtype) for t in tensors]
+    for t, _ in casts:
+        t.data = t.data.float()
+    return casts
+
+
+def _restore(casts: list[tuple[torch.Tensor, torch.dtype]]) -> None:
+    for t, dtype in casts:
+        t.data = t.data.to(dtype)

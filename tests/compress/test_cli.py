@@ -255,3 +255,63 @@ def test_group_size_that_does_not_divide_is_named(tiny_model_dir):
     with pytest.raises(SystemExit, match="group_size=24 does not divide in_features=32 of layer 'model.layers.0.self_attn.q_proj'"):
         cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "gptq", "--group-size", "24",
                           "--eora-rank", "0", *SMALL])
+
+
+def test_decoder_model_takes_the_block_pipeline(tiny_model_dir, capsys):
+    """The default path for a transformers decoder: block by block, compressed in place, dense perplexity first; RTN
+    does not depend on the order, so its perplexities equal the whole-model path's (here computed directly)."""
+    from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, find_targets
+    from transformers import AutoTokenizer
+
+    summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--eora-rank", "4", *SMALL])
+    out = capsys.readouterr()
+    assert summary["path"] == "block by block (2 blocks of model.layers, one in float32 at a time)"
+    assert "path         block by block (2 blocks of model.layers" in out.out
+    assert "whole-model path" not in out.err
+    assert "calibration, compression, compensation (eora), block by block" in summary["times_s"]
+
+    model = _fresh(tiny_model_dir)
+    calib, held_out = token_slices(AutoTokenizer.from_pretrained(tiny_model_dir), 256, 128, 32)
+    config = CompressionConfig(method="rtn", bits=3, group_size=64, target_modules="all-linear")
+    stats = collect_activation_stats(model, calib, list(find_targets(model, "all-linear")))
+    report = compress_model(model, config, stats)
+    eora = eora_compensate(model, report.model, stats, rank=4)
+    assert summary["perplexity"]["dense"] == pytest.approx(perplexity(model, held_out), rel=1e-6)
+    assert summary["perplexity"]["compressed"] == pytest.approx(perplexity(report.model, held_out), rel=1e-6)
+    assert summary["perplexity"]["compensated_eora"] == pytest.approx(
+        perplexity(eora.apply(report.model), held_out), rel=1e-4)
+
+
+class _StackLM(torch.nn.Module):
+    """A position-wise causal LM without decoder blocks (no nn.ModuleList): embedding, two linears, LM head."""
+
+    def __init__(self, vocab: int, width: int = 32) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.body = torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.GELU(), torch.nn.Linear(64, width))
+        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, **_: object):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.lm_head(self.body(self.embed(input_ids))))
+
+
+def test_model_without_decoder_blocks_falls_back_and_says_why(tiny_model_dir, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import compress.main_job
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(compress.main_job, "_load", lambda args, device: (_StackLM(len(tok)).eval(), tok, "stack"))
+    summary = cli_main_summary(["--eora-rank", "2", *SMALL])
+    out = capsys.readouterr()
+    reason = "_StackLM has no decoder blocks (no nn.ModuleList of identical modules)"
+    assert f"tensornets compress: whole-model path ({reason})" in out.err
+    assert f"path         whole model ({reason})" in out.out
+    assert summary["targets"]["layers"] == 2  # body.0, body.2; not the LM head
+    err = summary["rel_output_error"]
+    assert err["compensated_eora_mean"] < err["compressed_mean"]

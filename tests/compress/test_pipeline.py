@@ -254,3 +254,33 @@ def test_gptq_on_the_compressed_stream_beats_rtn():
     gptq = compress_blocks(model, CompressionConfig(method="gptq", bits=3, group_size=16), batches, progress=False)
     rtn = compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), batches, progress=False)
     assert err(gptq.model) < err(rtn.model)
+
+
+def test_float32_compute_runs_a_bf16_model_in_float32_and_leaves_it_unchanged():
+    """Inside the context a bfloat16 model computes exactly what its float32 copy computes; on exit every tensor has
+    its old values and dtype, and a residual's float32 factors were never rounded."""
+    from compress.pipeline import float32_compute
+
+    from compress.eora import CompensatedLayer
+
+    model = tiny_llama(layers=3, dtype=torch.bfloat16)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = CompensatedLayer(mlp.down_proj, torch.randn(64, 4) / 3, torch.randn(4, 128) / 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert before["model.layers.0.mlp.down_proj.lora_A.weight"].dtype == torch.float32
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        want = copy.deepcopy(model).float()(input_ids=ids).logits
+        upcast_in_forward = []
+        with float32_compute(model) as same:
+            hook = model.model.layers[1].register_forward_pre_hook(  # runs after the context's own pre-hook
+                lambda m, a: upcast_in_forward.append({p.dtype for p in m.parameters()}))
+            got = same(input_ids=ids).logits
+            hook.remove()
+            between = {k: v.dtype for k, v in model.state_dict().items()}
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert between == {k: v.dtype for k, v in before.items()} | {  # one block at a time: cast back after each
+        k: torch.float32 for k in before if not k.startswith("model.layers.")}  # forward; the rest stays upcast
+    assert upcast_in_forward == [{torch.float32}]
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
