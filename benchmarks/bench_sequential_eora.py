@@ -1,14 +1,14 @@
-"""Does sequential EoRA beat independent EoRA? SmolLM2, RTN 3-bit g64, EoRA r=64 on every block linear.
+"""Does sequential EoRA beat independent EoRA? SmolLM2, 3-bit g64 (RTN or GPTQ), EoRA r=64 on every block linear.
 
 Independent EoRA fits each residual to the layer's own error on the dense model's inputs, ``‖(W − W_c − BA) X‖``.
 Sequential EoRA fits it to the dense outputs from the compressed-and-compensated model's inputs,
-``‖W X − (W_c + BA) X̃‖`` (:func:`compress.sequential_eora_factors`), with an optional whitening ridge
-``C̃ + ridge · mean(diag C̃) I``. Both run through the block pipeline (:func:`compress.compress_blocks`) on the CLI's
-data (16 x 256 calibration tokens, 16 x 256 held-out tokens of the Python docs), so only the objective differs.
-Prints held-out perplexity and the share of the log-perplexity gap recovered; writes
-``results/sequential_eora.{md,json}``.
+``‖W X − (W_c + BA) X̃‖² + λ'‖BA − ΔW‖²``, with ``λ`` (or independent EoRA) chosen per layer by 2-fold
+cross-validation (:mod:`compress.sequential_eora`). Both run through the block pipeline
+(:func:`compress.compress_blocks`) on the CLI's data (16 x 256 calibration tokens, 16 x 256 held-out tokens of the
+Python docs), so only the objective differs. Prints held-out perplexity, the share of the log-perplexity gap
+recovered and which candidate the layers chose; writes ``results/sequential_eora.{md,json}``.
 
-    python benchmarks/bench_sequential_eora.py --ridges 0 0.001 0.01 0.1
+    python benchmarks/bench_sequential_eora.py --methods rtn gptq
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -24,13 +25,14 @@ from _report import finish, goal, goal_section, header, machine_info, write_resu
 from compress import CompressionConfig, compress_blocks
 from compress.evaluation import perplexity
 from compress.models import load_smollm2, token_slices
+from compress.sequential_eora import DEFAULT_RIDGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ridges", type=float, nargs="+", default=[0.0, 0.01])
+    parser.add_argument("--methods", nargs="+", default=["rtn"], choices=["rtn", "gptq"])
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -39,35 +41,43 @@ def main() -> None:
     info = machine_info(args.threads)
     model, tok = load_smollm2()
     calib, held = token_slices(tok, 16 * 256, 16 * 256, 256)
-    config = CompressionConfig(method="rtn", bits=3, group_size=64, target_modules="all-linear")
     dense = perplexity(model, held)
-    plain = compress_blocks(model, config, calib, progress=False)
-    compressed = perplexity(plain.model, held)
-    recovered = lambda p: (math.log(compressed) - math.log(p)) / (math.log(compressed) - math.log(dense))
-    rows = []
-    for sequential, ridge in [(False, 0.0)] + [(True, r) for r in args.ridges]:
-        t = time.time()
-        res = compress_blocks(model, config, calib, eora_rank=args.rank, eora_sequential=sequential,
-                              eora_ridge=ridge, progress=False)
-        ppl = perplexity(res.eora.apply(res.model), held)
-        rows.append({"eora": "sequential" if sequential else "independent", "ridge": ridge, "perplexity": ppl,
-                     "recovered": recovered(ppl), "seconds": time.time() - t})
-        print(f"{rows[-1]['eora']:<11} ridge={ridge:<6g} ppl {ppl:8.3f}  recovered {rows[-1]['recovered']:.3f}",
-              flush=True)
-    best_seq = min((r for r in rows if r["eora"] == "sequential"), key=lambda r: r["perplexity"])
-    ratio = rows[0]["perplexity"] / best_seq["perplexity"]
-    g = goal("best sequential EoRA beats independent EoRA (independent ppl / sequential ppl > 1)", value=ratio,
-             need=1.0 + 1e-9, detail=f"best sequential: ridge={best_seq['ridge']:g}")
+    rows, goals = [], []
+    for method in args.methods:
+        config = CompressionConfig(method=method, bits=3, group_size=64, target_modules="all-linear")
+        compressed = perplexity(compress_blocks(model, config, calib, progress=False).model, held)
+        recovered = lambda p: (math.log(compressed) - math.log(p)) / (math.log(compressed) - math.log(dense))
+        ppl = {}
+        for sequential in (False, True):
+            t = time.time()
+            res = compress_blocks(model, config, calib, eora_rank=args.rank, eora_sequential=sequential,
+                                  progress=False)
+            ppl[sequential] = perplexity(res.eora.apply(res.model), held)
+            choices = Counter(r.choice for r in res.eora.layers) if sequential else Counter()
+            rows.append({"method": method, "eora": "sequential" if sequential else "independent",
+                         "compressed": compressed, "perplexity": ppl[sequential],
+                         "recovered": recovered(ppl[sequential]), "choices": dict(choices),
+                         "seconds": time.time() - t})
+            print(f"{method} {rows[-1]['eora']:<11} ppl {ppl[sequential]:8.3f}  recovered "
+                  f"{rows[-1]['recovered']:.3f}  {dict(choices)}", flush=True)
+        goals.append(goal(f"{method.upper()}-3 g64: sequential EoRA beats independent EoRA (independent ppl / "
+                          "sequential ppl > 1)", value=ppl[False] / ppl[True], need=1.0 + 1e-9))
     finish(info, start)
-    table = ["| EoRA | ridge | held-out ppl | gap recovered | s |", "|---|---:|---:|---:|---:|",
-             f"| none (RTN-3 g64) | | {compressed:.3f} | 0 | |"]
-    table += [f"| {r['eora']} | {r['ridge']:g} | {r['perplexity']:.3f} | {r['recovered']:.3f} | {r['seconds']:.0f} |"
-              for r in rows]
-    command = f"python benchmarks/bench_sequential_eora.py --ridges {' '.join(map(str, args.ridges))} --rank {args.rank}"
-    md = (header(f"Sequential vs independent EoRA (SmolLM2, RTN 3-bit g64, r={args.rank})", command, info)
-          + ["", f"Dense perplexity {dense:.3f}.", ""] + table + goal_section([g]))
-    write_results(RESULTS, "sequential_eora", md, {"machine": info, "dense": dense, "compressed": compressed,
-                                                    "rows": rows, "goals": [g]})
+    table = ["| compressor | EoRA | held-out ppl | gap recovered | layers' choice | s |", "|---|---|---:|---:|---|---:|"]
+    for method in args.methods:
+        first = next(r for r in rows if r["method"] == method)
+        table.append(f"| {method.upper()}-3 g64 | none | {first['compressed']:.3f} | 0 | | |")
+        table += [f"| {method.upper()}-3 g64 | {r['eora']} | {r['perplexity']:.3f} | {r['recovered']:.3f} | "
+                  f"{', '.join(f'{k}: {v}' for k, v in sorted(r['choices'].items()))} | {r['seconds']:.0f} |"
+                  for r in rows if r["method"] == method]
+    command = (f"python benchmarks/bench_sequential_eora.py --methods {' '.join(args.methods)} --rank {args.rank} "
+               f"--threads {args.threads}")
+    md = (header(f"Sequential vs independent EoRA (SmolLM2, 3-bit g64, r={args.rank})", command, info)
+          + ["", f"Dense perplexity {dense:.3f}. Sequential EoRA chooses per layer, by 2-fold cross-validation over "
+             "the calibration batches, between independent EoRA and the ridges "
+             f"{', '.join(f'{r:g}' for r in DEFAULT_RIDGES)} (times mean(diag C~)).", ""]
+          + table + goal_section(goals))
+    write_results(RESULTS, "sequential_eora", md, {"machine": info, "dense": dense, "rows": rows, "goals": goals})
 
 
 if __name__ == "__main__":

@@ -295,6 +295,14 @@ class CrossStats:
     current: LayerStats
     cross: torch.Tensor
 
+    def merge(self, other: CrossStats) -> CrossStats:
+        """Sum of two statistics of the same layer on disjoint calibration data (e.g. two folds)."""
+        if other.cross.shape != self.cross.shape:
+            raise ValueError(f"cannot merge cross statistics of shape {tuple(other.cross.shape)} into "
+                             f"{tuple(self.cross.shape)}; merge statistics of the same layer only")
+        return CrossStats(self.reference.merge(other.reference), self.current.merge(other.current),
+                          self.cross + other.cross.to(self.cross.device))
+
 
 def _capture_inputs(
     model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, on_input, stop_after_all: bool
