@@ -19,6 +19,7 @@ from adapters.flora import FloraConfig, FloraModel
 from adapters.lora_export import export_lora, to_lora
 from adapters.loretta import LoRETTAAdpConfig, LoRETTAAdpModel, LoRETTARepConfig, LoRETTARepModel
 from adapters.lotr import LoTRConfig, LoTRModel
+from adapters.lowrank_init import init_from_lowrank
 from adapters.mos import MoSConfig, MoSModel
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "MoSConfig",
     "MoSModel",
     "export_lora",
+    "init_from_lowrank",
     "to_lora",
 ]
 

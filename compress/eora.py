@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from compress import lowrank as lr
 from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
+from compress.eora_peft import as_peft_init as _as_peft_init
 from compress.targets import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
 from tensornets import FactorizedLinear, get_format
 
@@ -185,13 +186,22 @@ class EoraAdapter:
         PEFT's LoRA wraps ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` only: residuals of factorized layers cannot be
         exported (use :meth:`merge` for low-rank layers or :meth:`apply`).
         """
+        tensors = self.lora_state_dict(dtype)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.lora_config(base_model_name_or_path).save_pretrained(str(path))
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return path
+
+    def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The PEFT LoRA tensors :meth:`save_pretrained` writes (keys ``base_model.model.<layer>.lora_A.weight``).
+
+        Raises ``ValueError`` for layers PEFT's LoRA cannot wrap (factorized, dilated conv).
+        """
         bad = {n: k for n, k in self.kinds.items() if k not in ("linear", "conv1d", "conv2d")}
         if bad:
             raise ValueError(f"layers {sorted(bad)[:4]} are {sorted(set(bad.values()))}: PEFT LoRA wraps dense "
                              "nn.Linear / Conv1D / Conv2d (undilated) only; use adapter.merge(model) or adapter.apply(model)")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.lora_config(base_model_name_or_path).save_pretrained(str(path))
         tensors = {}
         for name, (B, A) in self.factors.items():
             if self.kinds[name] == "conv2d":
@@ -202,8 +212,14 @@ class EoraAdapter:
                 A, B = A.to(dtype), B.to(dtype)
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return path
+        return tensors
+
+    def as_peft_init(self, model: nn.Module, adapter_name: str = "default") -> PeftModel:
+        """A trainable PEFT LoRA on ``model`` starting at this residual: step 0 is the compensated model.
+
+        See :func:`compress.eora_peft.as_peft_init` (``model`` is modified in place, as ``get_peft_model`` does).
+        """
+        return _as_peft_init(self, model, adapter_name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable report."""
