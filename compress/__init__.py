@@ -30,7 +30,7 @@ from compress.sparsegpt import SparseWeight, sparsegpt_prune
 from compress import factorizing  # noqa: F401  (importing it registers svd, asvd, whitened_svd and the tensor formats)
 from compress.surgery import CompressionReport, LayerReport, compress_model
 from compress.targets import find_targets
-from compress.checkpoint import load_compressed, save_compressed
+from compress.checkpoint import load_compressed, load_compressed_directory, save_compressed
 from compress.pipeline import PipelineResult, compress_blocks, find_decoder_blocks
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "find_targets",
     "save_compressed",
     "load_compressed",
+    "load_compressed_directory",
     "eora_compensate",
     "eora_compensate_pairs",
     "eora_factors",

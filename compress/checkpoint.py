@@ -1,86 +1,403 @@
-"""Save a compressed model and reload it.
+"""Save a compressed model as a directory, and reload it from that directory alone.
 
-:func:`save_compressed` writes ``model.safetensors`` with a manifest of the factorized layers in its header;
-:func:`load_compressed` re-applies that surgery to a fresh base model and loads the weights (nothing is unpickled).
+:func:`save_compressed` writes ``DIR``:
+
+==================================  ===========================================================================
+file                                content
+==================================  ===========================================================================
+``compressed_model.safetensors``    every tensor of the model's ``state_dict``; a tensor shared by several names
+                                    (tied embeddings) is stored once
+``compressed_manifest.json``        ``format``, ``version``, ``architecture`` (the model's class), ``dtype``,
+                                    ``layers``: module path -> structure of each factorized layer (kind, format,
+                                    ``in/out_features``, modes, ranks, bias; :func:`tensornets.io.module_spec`),
+                                    ``shared``: dropped name -> the stored name it is an alias of
+``config.json`` (+ generation)      transformers models only: the architecture's config
+tokenizer files                     when a tokenizer is given
+``README.md``                       how to load the directory
+==================================  ===========================================================================
+
+:func:`load_compressed_directory` needs nothing else: it builds the architecture from ``config.json`` on the meta
+device (``accelerate.init_empty_weights``, so no dense weight is ever allocated), puts factorized modules of the
+manifest's structure at the manifest's paths, and assigns the tensors read with safetensors (no pickle, no copy
+into a dense model). Peak memory is the size of the compressed weights. :func:`load_compressed` instead re-applies
+the surgery to a model the caller built (any ``nn.Module``, e.g. one that is not a transformers model).
+
+Why the weights are not in ``model.safetensors``: transformers cannot build factorized layers from a config. Under
+that name ``AutoModelForCausalLM.from_pretrained(DIR)`` would load the dense architecture, drop the factorized
+tensors as unexpected and leave those layers at random init with only a warning. With another name it refuses
+the directory (no ``model.safetensors``), and ``AutoConfig`` / ``AutoTokenizer`` still read it.
+
+Directories written by 0.1.0 (``model.safetensors`` with the manifest in its header, no config) still load with
+:func:`load_compressed`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.targets import replace_module
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
 from tensornets.io import build_from_spec, module_spec
 
-_MANIFEST_KEY = "tensornets.compress"
-_MANIFEST_VERSION = 1
+__all__ = ["MANIFEST_FILE", "WEIGHTS_FILE", "load_compressed", "load_compressed_directory", "save_compressed"]
+
+#: the weights of a compressed-model directory
+WEIGHTS_FILE = "compressed_model.safetensors"
+#: its manifest (JSON)
+MANIFEST_FILE = "compressed_manifest.json"
+
+_FORMAT = "tensornets.compress"
+_VERSION = 2
+_V1_FILE = "model.safetensors"  # 0.1.0: the manifest sat in this file's safetensors header
+_V1_HEADER_KEY = "tensornets.compress"
+
+_README = """# Compressed model (tensornets)
+
+Factorized layers (low rank / tensor formats) that transformers cannot build from `config.json` alone.
+Load with the `torch-tensornets` package:
+
+```python
+from compress import load_compressed_directory
+model = load_compressed_directory("{path}")
+```
+
+`{manifest}` lists every factorized layer (format, shapes, ranks); `{weights}` holds the tensors.
+"""
 
 
-def save_compressed(model: nn.Module, path: str | Path) -> Path:
-    """Save a compressed model: ``path/model.safetensors`` with a manifest in its header.
+# ---------------------------------------------------------------------------------------------- save
+def _factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Path -> :func:`module_spec` of the outermost factorized modules (a Factorization inside a
+    FactorizedLinear is rebuilt by its parent)."""
+    factorized = (FactorizedLinear, FactorizedConv2d, Factorization)
+    layers = {n: module_spec(m) for n, m in model.named_modules() if n and isinstance(m, factorized)}
+    return {n: s for n, s in layers.items() if not any(n.startswith(p + ".") for p in layers)}
 
-    The manifest lists every factorized module path with its structure (:func:`tensornets.io.module_spec`); the
-    tensors are the whole ``state_dict`` (shared tensors such as tied embeddings stored once). Reload with
-    :func:`load_compressed` on a fresh copy of the base model.
+
+def _stored_tensors(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write (CPU, contiguous, floating ones cast to ``dtype``) and the aliases left out.
+
+    Names whose tensors share one storage with the same shape (tied embeddings) are stored once under the first
+    name in ``state_dict`` order; the others are returned as ``alias -> stored name``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    shared: dict[str, str] = {}
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in first:
+            shared[name] = first[key]
+            continue
+        first[key] = name
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.to("cpu").contiguous()
+    return tensors, shared
+
+
+def _transformers_class(model: nn.Module) -> str | None:
+    """The model's class name when transformers exports it (so that the loader can look it up), else ``None``."""
+    import transformers
+
+    name = type(model).__name__
+    return name if getattr(transformers, name, None) is type(model) and hasattr(model, "config") else None
+
+
+def save_compressed(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a compressed model as a directory that :func:`load_compressed_directory` reloads alone.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Typically ``compress_model(...).model``: factorized layers (:class:`tensornets.FactorizedLinear` /
+        :class:`tensornets.FactorizedConv2d`) among ordinary ones. Any ``nn.Module`` is accepted; a transformers
+        model also gets its ``config.json`` (and ``generation_config.json``), which the directory-only loader needs.
+    path : str or path-like
+        Directory to write (created; the files of the table in :mod:`compress.checkpoint` are replaced).
+    tokenizer : optional
+        Saved beside the weights (``tokenizer.save_pretrained(path)``).
+    dtype : torch.dtype, optional
+        Storage dtype of every floating tensor (``torch.bfloat16`` halves the file); default: as in memory, so the
+        round trip is bitwise exact.
 
     Returns
     -------
     Path
-        The written file.
+        The directory. Nothing in it is pickled.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r} must be a floating torch dtype (e.g. torch.bfloat16) or None")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, shared = _stored_tensors(model, dtype)
+    floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    architecture = _transformers_class(model)
+    manifest = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "architecture": architecture,
+        "module_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "dtype": str(floating.pop()).removeprefix("torch.") if len(floating) == 1 else None,
+        "layers": _factorized_layers(model),
+        "shared": shared,
+    }
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if architecture is not None:
+        config = copy.deepcopy(model.config)
+        config.architectures = [architecture]
+        if manifest["dtype"] is not None:
+            config.dtype = manifest["dtype"]
+        if hasattr(config, "quantization_config"):  # e.g. a GGUF-loaded model's: it does not describe these weights
+            del config.quantization_config
+        config.save_pretrained(out)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(out)
+        (out / "README.md").write_text(_README.format(path=out, manifest=MANIFEST_FILE, weights=WEIGHTS_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- read
+@dataclass(frozen=True)
+class _Checkpoint:
+    weights: Path
+    manifest_file: Path  # where the manifest was read (the weights file itself for 0.1.0 directories)
+    manifest: dict[str, Any]
+
+
+def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
+    """Locate the weights and read and validate the manifest; every failure names the file."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    factorized = (FactorizedLinear, FactorizedConv2d, Factorization)
-    layers = {n: module_spec(m) for n, m in model.named_modules() if isinstance(m, factorized)}
-    # a Factorization inside a FactorizedLinear is rebuilt by its parent: keep only the outermost modules
-    layers = {n: s for n, s in layers.items() if not any(n.startswith(p + ".") for p in layers)}
-    file = path / "model.safetensors"
-    save_model(model, str(file), metadata={_MANIFEST_KEY: json.dumps({"version": _MANIFEST_VERSION, "layers": layers})})
-    return file
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        manifest_file = path / MANIFEST_FILE
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{manifest_file} is not valid JSON ({e}); rewrite the directory with "
+                             "compress.save_compressed") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+            raise ValueError(f"{manifest_file} is not a compressed-model manifest (format {_FORMAT!r} expected)")
+        if manifest.get("version") != _VERSION:
+            raise ValueError(f"{manifest_file} has version {manifest.get('version')!r}; this version reads "
+                             f"{_VERSION}")
+        if not isinstance(manifest.get("layers"), dict) or not isinstance(manifest.get("shared"), dict):
+            raise ValueError(f"{manifest_file} lacks its 'layers' / 'shared' tables; rewrite the directory with "
+                             "compress.save_compressed")
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path} has {MANIFEST_FILE} but no {WEIGHTS_FILE}")
+        return _Checkpoint(weights, manifest_file, manifest)
+    weights = path / _V1_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"path={str(path)!r} holds no {MANIFEST_FILE}; write it with "
+                                "compress.save_compressed")
+    meta, _ = _header(weights)
+    if _V1_HEADER_KEY not in meta:
+        raise ValueError(f"{weights} has no compression manifest; was it written by compress.save_compressed?")
+    manifest = json.loads(meta[_V1_HEADER_KEY])
+    if manifest.get("version") != 1:
+        raise ValueError(f"{weights} has manifest version {manifest.get('version')}; this version reads 1 and "
+                         f"{_VERSION}")
+    return _Checkpoint(weights, weights, manifest)
 
 
-def load_compressed(base_model: nn.Module, path: str | Path) -> nn.Module:
+def _header(file: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Metadata and tensor shapes from the header of ``file``; a ValueError naming the file if it is not valid
+    safetensors (safetensors checks that the header's offsets fit the file size, so a truncated file fails here)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); it is corrupt or truncated: write it "
+                         "again with compress.save_compressed") from None
+
+
+def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); it is corrupt or truncated: write it "
+                         "again with compress.save_compressed") from None
+
+
+def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -> None:
+    """Put an un-initialized module of each manifest entry's structure at its path (on the replaced module's
+    device and dtype when ``like_replaced``, else wherever the ambient context creates it)."""
+    for name, spec in ckpt.manifest["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{ckpt.manifest_file} lists layer {name!r}, which the model does not have; it does "
+                             "not belong to this architecture") from None
+        try:
+            new = build_from_spec(spec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{ckpt.manifest_file}: layer {name!r} has an invalid structure {spec!r} ({e})") from None
+        if like_replaced:
+            ref = next(old.parameters(), None)
+            if ref is not None:
+                new = new.to(ref.device, ref.dtype)
+        replace_module(model, name, new)
+
+
+def _check_fit(model: nn.Module, ckpt: _Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """The file holds exactly the model's tensors (aliases excepted), each of the model's shape."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shared = ckpt.manifest.get("shared", {})
+    missing = sorted(k for k in expected if k not in shapes and k not in shared)
+    unexpected = sorted(k for k in shapes if k not in expected)
+    wrong = sorted(f"{k}: file {shapes[k]}, model {expected[k]}" for k in shapes
+                   if k in expected and shapes[k] != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{ckpt.weights} does not fit the model built from {ckpt.manifest_file}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}; the manifest and the weights must come "
+            "from the same compress.save_compressed call"
+        )
+
+
+def _aliases(model: nn.Module, stored: Mapping[str, Any]) -> dict[str, str]:
+    """``alias -> stored name`` for the model's state-dict names absent from ``stored`` whose tensor is shared
+    with one present in it."""
+    state = model.state_dict()
+    by_tensor = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): k
+                 for k, t in state.items() if k in stored}
+    return {k: by_tensor[key] for k, t in state.items() if k not in stored
+            and (key := (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))) in by_tensor}
+
+
+def _tie(model: nn.Module, shared: Mapping[str, str]) -> None:
+    """Point every alias at the tensor stored under its target name (restores tied embeddings)."""
+    for alias, stored in shared.items():
+        module_name, _, local = alias.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        stored_module, _, stored_local = stored.rpartition(".")
+        target = getattr(model.get_submodule(stored_module) if stored_module else model, stored_local)
+        setattr(module, local, target)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Re-apply the surgery recorded by :func:`save_compressed` to ``base_model`` (in place) and load the weights.
 
     Parameters
     ----------
     base_model : nn.Module
-        The uncompressed architecture (e.g. a fresh ``from_pretrained``); its recorded modules are replaced and
-        every tensor is overwritten from the file (``strict``: missing or unexpected keys raise).
-    path : str or Path
-        Directory written by :func:`save_compressed` (or the ``.safetensors`` file itself).
+        The uncompressed architecture (any ``nn.Module``); its recorded modules are replaced and every tensor is
+        overwritten from the file (missing or unexpected keys raise).
+    path : str or path-like
+        Directory written by :func:`save_compressed` (or by 0.1.0: its directory or ``model.safetensors``).
 
     Returns
     -------
     nn.Module
         ``base_model``, now bitwise equal to the saved compressed model. Nothing is unpickled.
+        :func:`load_compressed_directory` needs no base model.
     """
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no model.safetensors; write it with save_compressed")
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-    if _MANIFEST_KEY not in meta:
-        raise ValueError(f"{file} has no compression manifest; was it written by compress.save_compressed?")
-    manifest = json.loads(meta[_MANIFEST_KEY])
-    if manifest.get("version") != _MANIFEST_VERSION:
-        raise ValueError(f"{file} has manifest version {manifest.get('version')}; this version reads {_MANIFEST_VERSION}")
-    for name, spec in manifest["layers"].items():
-        try:
-            old = base_model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the saved model replaced {name!r}, which base_model does not have; pass the same "
-                             "architecture the compressed model was made from") from None
-        ref = next(old.parameters())
-        replace_module(base_model, name, build_from_spec(spec).to(ref.device, ref.dtype))
-    missing, unexpected = load_model(base_model, str(file), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{file} does not fit base_model: missing keys {sorted(missing)[:5]}, unexpected keys "
-                         f"{sorted(unexpected)[:5]}; pass the architecture the compressed model was made from")
+    ckpt = _read_checkpoint(path)
+    _, shapes = _header(ckpt.weights)
+    _build_layers(base_model, ckpt, like_replaced=True)
+    if "shared" not in ckpt.manifest:  # 0.1.0 did not record the names it left out as shared: find them
+        ckpt = _Checkpoint(ckpt.weights, ckpt.manifest_file, {**ckpt.manifest, "shared": _aliases(base_model, shapes)})
+    _check_fit(base_model, ckpt, shapes)
+    base_model.load_state_dict(_read_tensors(ckpt.weights, "cpu"), strict=False)
+    _tie(base_model, ckpt.manifest["shared"])
     return base_model
+
+
+@contextmanager
+def _empty_weights() -> Iterator[None]:
+    """Parameters created inside go to the meta device (buffers stay real: non-persistent ones such as rotary
+    frequencies are computed at construction and are not in the file)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a compressed transformers model from the directory :func:`save_compressed` wrote, alone.
+
+    The architecture named in the manifest is built from ``config.json`` with every parameter on the meta device
+    (no memory); each layer the manifest lists is replaced by an empty factorized module of the recorded
+    structure; then the tensors of ``compressed_model.safetensors`` are assigned in place of the meta ones
+    (``load_state_dict(assign=True)``). Peak memory is the compressed weights plus the model's non-persistent
+    buffers: the dense model is never materialized.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The directory (``compressed_manifest.json``, ``compressed_model.safetensors``, ``config.json``).
+    device : str or torch.device
+        Where the tensors are loaded (default ``"cpu"``).
+
+    Returns
+    -------
+    nn.Module
+        The compressed model in eval mode, bitwise equal to the one saved (in the storage dtype the file holds).
+
+    Raises
+    ------
+    ValueError
+        Naming the file: a corrupt or truncated safetensors file, an unreadable or mismatching manifest (a layer
+        the architecture lacks, shapes or keys that differ from the weights), a model that is not a transformers
+        model (rebuild it and use :func:`load_compressed`).
+    FileNotFoundError
+        If ``path`` holds no manifest, weights or ``config.json``.
+    """
+    import transformers
+
+    ckpt = _read_checkpoint(path)
+    directory = ckpt.manifest_file.parent
+    architecture = ckpt.manifest.get("architecture")
+    if ckpt.manifest_file == ckpt.weights or architecture is None:
+        raise ValueError(
+            f"{ckpt.manifest_file} records no transformers architecture (saved from "
+            f"{ckpt.manifest.get('module_class', 'a 0.1.0 checkpoint')}): build that model and use "
+            f"compress.load_compressed(model, {str(directory)!r})"
+        )
+    cls = getattr(transformers, architecture, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{ckpt.manifest_file} names architecture {architecture!r}, which this transformers "
+                         f"{transformers.__version__} does not have; install the version the model was saved with")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json; write the directory with "
+                                "compress.save_compressed(model, path) from a transformers model")
+    _, shapes = _header(ckpt.weights)
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    with _empty_weights():
+        model = cls(config)
+        _build_layers(model, ckpt, like_replaced=False)
+    _check_fit(model, ckpt, shapes)
+    model.load_state_dict(_read_tensors(ckpt.weights, device), strict=False, assign=True)
+    _tie(model, ckpt.manifest["shared"])
+    model.to(device)  # the buffers built at construction
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{ckpt.weights} leaves {left[:5]} without values; rewrite the directory with "
+                         "compress.save_compressed")
+    return model.eval()

@@ -40,7 +40,8 @@ Decisions where the formats leave a choice:
   more (``sparse-24-bitmask`` / ``sparse-bitmask`` survive only as legacy config names; ``ModelCompressor`` writes
   ``sparsity_config: {}``).
 - Factorized layers (low rank, tensor formats) are not a transformers layer type: use
-  :func:`compress.save_compressed` for them.
+  :func:`compress.save_compressed` for them (config, tokenizer, weights and a manifest;
+  :func:`compress.load_compressed_directory` reloads that directory alone).
 """
 
 from __future__ import annotations
@@ -308,7 +309,8 @@ def save_hf_directory(
                                                                         Factorization))]
     if factorized:
         raise ValueError(f"model has factorized layers ({factorized[:3]}), which transformers cannot build from a "
-                         "config; save it with compress.save_compressed")
+                         "config; save it with compress.save_compressed (compress.load_compressed_directory reloads "
+                         "it)")
     quantized = dict(quantized or {})
     not_packed = _check_quantized(model, quantized)
     packable = {n: q for n, q in quantized.items() if n not in not_packed}

@@ -18,7 +18,8 @@ storage estimate, and the time of every stage. ``--output-dir DIR`` writes a Hug
 compressed-tensors ``pack-quantized`` format) that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without this
 package, and the EoRA residual as a PEFT LoRA adapter in ``DIR/eora-adapter``
 (``PeftModel.from_pretrained(model, DIR + "/eora-adapter")``). Factorized models (low rank, tensor formats) are
-saved with :func:`compress.save_compressed` in ``DIR/compressed`` instead.
+written by :func:`compress.save_compressed` instead (config, tokenizer, factorized weights and a manifest of their
+structure), which :func:`compress.load_compressed_directory` reloads from ``DIR`` alone.
 
 ``--model-path`` takes a local Hugging Face directory or a ``.gguf`` file; ``--calib-data`` / ``--eval-data`` a
 text, JSON Lines or Parquet file or a directory of them (:func:`compress.text_data.load_texts`). Token windows keep
@@ -207,8 +208,9 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    help="write DIR as a Hugging Face model directory (config.json, tokenizer, weights; quantized layers "
                    "packed in compressed-tensors' pack-quantized format: AutoModelForCausalLM.from_pretrained(DIR) "
                    "loads it without this package), DIR/eora-adapter (a PEFT LoRA adapter: "
-                   "PeftModel.from_pretrained(model, DIR/eora-adapter)) and DIR/report.json; factorized models go to "
-                   "DIR/compressed (compress.save_compressed) (default: save nothing)")
+                   "PeftModel.from_pretrained(model, DIR/eora-adapter)) and DIR/report.json; factorized models are written "
+                   "by compress.save_compressed and reload with compress.load_compressed_directory(DIR) "
+                   "(default: save nothing)")
     g.add_argument("--export-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="storage dtype of --output-dir's unquantized tensors (embeddings, norms, LM head, pruned "
                    "layers), quantization scales and EoRA adapter (default: bfloat16)")
@@ -632,8 +634,8 @@ def _user_texts(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict[str, Any]:
-    """Write ``--output-dir``: a Hugging Face directory (or ``compressed/`` for factorized models), the EoRA adapter
-    and ``report.json``; return what was written where (with sizes)."""
+    """Write ``--output-dir``: a Hugging Face directory (factorized models: :func:`compress.save_compressed`'s
+    directory), the EoRA adapter and ``report.json``; return what was written where (with sizes)."""
     from compress import save_compressed
     from compress.export import EXPORT_DTYPES, save_hf_directory
     from tensornets import FactorizedConv2d, FactorizedLinear
@@ -641,11 +643,14 @@ def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict
     dtype = EXPORT_DTYPES[args.export_dtype]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # transformers cannot build factorized layers from a config: those models keep our own format
+    # transformers cannot build factorized layers from a config: those models keep our own format (a dense-merged
+    # copy would weigh as much as the base model and be worse than it, so none is written)
     factorized = any(isinstance(m, (FactorizedLinear, FactorizedConv2d)) for m in compressed.modules())
     saved: dict[str, Any] = {}
     if factorized:
-        saved["compressed"] = str(save_compressed(compressed, out / "compressed").parent)
+        save_compressed(compressed, out, tokenizer=tokenizer, dtype=dtype)
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        saved["compressed"] = f"{out} ({size / 1e6:.1f} MB, factorized layers in {args.export_dtype})"
     else:
         export = save_hf_directory(compressed, out, tokenizer=tokenizer, quantized=getattr(report, "quantized", {}),
                                    dtype=dtype)
@@ -665,7 +670,8 @@ def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict
             except ValueError:
                 saved["adapter"] = "not saved: PEFT LoRA cannot wrap tensor-format layers, and they cannot absorb BA"
             else:
-                saved["compensated_merged"] = str(save_compressed(merged, out / "compensated-merged").parent)
+                saved["compensated_merged"] = str(save_compressed(merged, out / "compensated-merged",
+                                                                  tokenizer=tokenizer, dtype=dtype))
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     saved["report"] = str(out / "report.json")
     return saved
@@ -734,9 +740,14 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
             lines.append(f"  load: model = transformers.AutoModelForCausalLM.from_pretrained({args.output_dir!r})"
                          + ("; peft.PeftModel.from_pretrained(model, "
                             f"{str(Path(args.output_dir) / 'eora-adapter')!r})" if "adapter" in s["saved"] else ""))
-        elif "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved"):
-            lines.append("  load: base = compress.load_compressed(<fresh model>, '<dir>/compressed'); "
-                         "peft.PeftModel.from_pretrained(base, '<dir>/eora-adapter')")
+        elif "compressed" in s["saved"]:
+            adapter_saved = "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved")
+            lines.append(f"  load: model = compress.load_compressed_directory({args.output_dir!r})"
+                         + (f"; peft.PeftModel.from_pretrained(model, {str(Path(args.output_dir) / 'eora-adapter')!r})"
+                            if adapter_saved else "")
+                         + ("; compensated: compress.load_compressed_directory("
+                            f"{str(Path(args.output_dir) / 'compensated-merged')!r})"
+                            if "compensated_merged" in s["saved"] else ""))
     elif args.output_dir is None:
         lines += ["", "(pass --output-dir DIR to save the compressed model and the EoRA adapter)"]
     if args.verbose:

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from compress import load_compressed
+from compress import load_compressed, load_compressed_directory
 from compress.cli import main as cli_main
 from compress.evaluation import perplexity
 from compress.main_job import build_parser, parse_args
@@ -148,7 +148,8 @@ def test_rtn_eora_end_to_end_writes_loadable_model_and_adapter(tiny_model_dir, t
 def test_factorized_method_with_baselines_merges_the_residual(tiny_model_dir, tmp_path, capsys):
     out, report = tmp_path / "out", tmp_path / "summary.json"
     cli_main(["compress", "--model-path", str(tiny_model_dir), "--method", "whitened_svd", "--keep", "0.5",
-              "--eora-rank", "2", "--compare", "--output-dir", str(out), "--json", str(report), *SMALL])
+              "--eora-rank", "2", "--compare", "--output-dir", str(out), "--export-dtype", "float32",
+              "--json", str(report), *SMALL])
     text = capsys.readouterr().out
     for label in ("+ EoRA r=2", "+ plain SVD (LoRC) r=2", "+ ASVD r=2"):
         assert label in text, label
@@ -162,6 +163,11 @@ def test_factorized_method_with_baselines_merges_the_residual(tiny_model_dir, tm
 
     _, held_out = token_slices(AutoTokenizer.from_pretrained(tiny_model_dir), 256, 128, 32)
     assert perplexity(merged, held_out) == pytest.approx(summary["perplexity"]["compensated_eora"], rel=1e-4)
+    # the directories reload alone (no base model), tokenizer included
+    assert perplexity(load_compressed_directory(out), held_out) == pytest.approx(
+        summary["perplexity"]["compressed"], rel=1e-4)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+    assert "compress.load_compressed_directory" in text
 
 
 def test_prune24_without_compensation(tiny_model_dir, capsys):

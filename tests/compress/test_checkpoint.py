@@ -1,0 +1,196 @@
+"""Compressed-model directories: bitwise round trips from the directory alone, storage dtype, corrupt files and
+mismatching manifests, models that are not transformers models, 0.1.0 files, and load memory without the dense
+model."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from compress import (
+    CompressionConfig,
+    collect_activation_stats,
+    compress_model,
+    load_compressed,
+    load_compressed_directory,
+    save_compressed,
+)
+from compress.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from tensornets import FactorizedLinear
+from tensornets.io import module_spec
+from tiny_hf import bos_tokenizer, tiny_llama
+
+
+def _compressed(method: str, **kw) -> nn.Module:
+    model = tiny_llama()
+    batches = [torch.randint(0, 62, (2, 16)) for _ in range(2)]
+    stats = collect_activation_stats(model, batches, progress=False)
+    return compress_model(model, CompressionConfig(method=method, **kw), stats, progress=False).model
+
+
+@pytest.fixture(scope="module")
+def saved_lowrank(tmp_path_factory) -> tuple[nn.Module, Path]:
+    model = _compressed("whitened_svd", keep=0.5)
+    return model, save_compressed(model, tmp_path_factory.mktemp("lowrank"))
+
+
+def _assert_bitwise_equal(got: nn.Module, want: nn.Module) -> None:
+    for what in ("named_parameters", "named_buffers"):
+        g, w = dict(getattr(got, what)()), dict(getattr(want, what)())
+        assert g.keys() == w.keys(), what
+        for k in w:
+            assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+@pytest.mark.parametrize("method,kw", [("whitened_svd", dict(keep=0.5)), ("tt", dict(keep=0.5))])
+def test_directory_alone_reloads_bitwise(tmp_path, method, kw):
+    model = _compressed(method, **kw)
+    out = save_compressed(model, tmp_path / "out", tokenizer=bos_tokenizer())
+    assert {WEIGHTS_FILE, MANIFEST_FILE, "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "model.safetensors").exists()  # transformers alone must refuse it, not load random layers
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    factorized = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert manifest["layers"] == {n: module_spec(m) for n, m in factorized.items()} and len(factorized) == 14
+    assert manifest["shared"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+    loaded = load_compressed_directory(out)
+    assert type(loaded) is type(model) and not loaded.training
+    _assert_bitwise_equal(loaded, model)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(0, 62, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # the same directory onto a model the caller built
+    _assert_bitwise_equal(load_compressed(tiny_llama(seed=1), out), model)
+
+
+def test_storage_dtype(tmp_path, saved_lowrank):
+    model, _ = saved_lowrank
+    out = save_compressed(model, tmp_path, dtype=torch.bfloat16)
+    loaded = load_compressed_directory(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    got = loaded.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(TypeError, match="dtype"):
+        save_compressed(model, tmp_path, dtype=torch.int8)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_name_the_file(tmp_path, saved_lowrank, damage):
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    data = (out / WEIGHTS_FILE).read_bytes()
+    (out / WEIGHTS_FILE).write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
+    for load in (load_compressed_directory, lambda p: load_compressed(tiny_llama(), p)):
+        with pytest.raises(ValueError, match=re.escape(str(out / WEIGHTS_FILE))):
+            load(out)
+
+
+def _edit_manifest(out: Path, edit) -> None:
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _other_rank(m: dict) -> None:
+    m["layers"]["model.layers.0.mlp.up_proj"]["spec"]["factorization"]["ranks"][0] += 1
+
+
+def _unknown_layer(m: dict) -> None:
+    m["layers"]["model.layers.7.mlp.up_proj"] = m["layers"]["model.layers.0.mlp.up_proj"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_other_rank, f"{WEIGHTS_FILE} does not fit the model built from .*{MANIFEST_FILE}.*shape mismatches"),
+    (_unknown_layer, f"{MANIFEST_FILE} lists layer 'model.layers.7.mlp.up_proj'"),
+    (lambda m: m.update(version=99), f"{MANIFEST_FILE} has version 99"),
+    (lambda m: m.update(architecture="NoSuchForCausalLM"), f"{MANIFEST_FILE} names architecture"),
+])
+def test_manifest_that_does_not_match_names_the_file(tmp_path, saved_lowrank, edit, match):
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    _edit_manifest(out, edit)
+    with pytest.raises(ValueError, match=match):
+        load_compressed_directory(out)
+
+
+def test_unreadable_manifest_and_missing_files(tmp_path, saved_lowrank):
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    (out / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{MANIFEST_FILE} is not valid JSON"):
+        load_compressed_directory(out)
+    for load in (load_compressed_directory, lambda p: load_compressed(tiny_llama(), p)):
+        with pytest.raises(FileNotFoundError, match="holds no"):
+            load(tmp_path / "missing")
+
+
+def test_plain_module_reloads_onto_a_rebuilt_model_only(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    stats = collect_activation_stats(model, [torch.randn(64, 32) for _ in range(2)], progress=False)
+    compressed = compress_model(model, CompressionConfig(method="svd", keep=0.5), stats, progress=False).model
+    out = save_compressed(compressed, tmp_path)
+    assert not (out / "config.json").exists()
+    with pytest.raises(ValueError, match="load_compressed"):
+        load_compressed_directory(out)
+    torch.manual_seed(1)
+    _assert_bitwise_equal(load_compressed(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)), out),
+                          compressed)
+    with pytest.raises(ValueError, match=f"{MANIFEST_FILE} lists layer '2'"):
+        load_compressed(nn.Sequential(nn.Linear(32, 64)), out)
+
+
+def test_release_0_1_0_file_still_loads(tmp_path, saved_lowrank):
+    """0.1.0 wrote ``model.safetensors`` (safetensors' ``save_model``) with the manifest in its header."""
+    model, _ = saved_lowrank
+    layers = {n: module_spec(m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    save_model(model, str(tmp_path / "model.safetensors"),
+               metadata={"tensornets.compress": json.dumps({"version": 1, "layers": layers})})
+    loaded = load_compressed(tiny_llama(seed=1), tmp_path)
+    _assert_bitwise_equal(loaded, model)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def _peak_rss_bytes() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_loading_never_allocates_the_dense_model(tmp_path):
+    """A Llama whose dense linears would take 1.07 GB, stored at rank 2: the load's peak RSS stays far below."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
+                         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True)
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    dense_bytes = 4 * sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, nn.Linear))
+    for name, m in list(model.model.layers.named_modules()):
+        if isinstance(m, nn.Linear):  # a rank-2 layer of the same shape, built without its dense weight
+            model.model.layers.set_submodule(name, FactorizedLinear.create(m.in_features, m.out_features, "lowrank",
+                                                                           rank=2))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.tie_weights()
+    out = save_compressed(model, tmp_path)
+    del model
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _peak_rss_bytes()
+    loaded = load_compressed_directory(out)
+    grown = _peak_rss_bytes() - before
+    assert grown < dense_bytes / 8, f"peak RSS grew {grown / 1e6:.0f} MB while loading; dense is {dense_bytes / 1e6:.0f} MB"
+    assert isinstance(loaded.model.layers[3].mlp.down_proj, FactorizedLinear)
