@@ -410,7 +410,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     from compress import CompressionConfig, find_targets
     from compress.models import token_slices
-    from compress.surgery import layer_kind
+    from compress.targets import layer_kind
 
     total_start = time.perf_counter()
     progress = args.progress
