@@ -21,8 +21,8 @@ from compress.eora import (
     eora_compensate,
     eora_compensate_pairs,
     eora_factors,
-    sequential_eora_factors,
 )
+from compress.sequential_eora import SequentialFit, select_sequential_factors, sequential_eora_factors
 from compress.lowrank import lowrank_factors, rank_for_keep, relative_output_error
 from compress.sources import prune_2_4, prune_magnitude, rtn_quantize, rtn_quantize_weight
 from compress.gptq import gptq_quantize
@@ -56,6 +56,8 @@ __all__ = [
     "eora_compensate_pairs",
     "eora_factors",
     "sequential_eora_factors",
+    "select_sequential_factors",
+    "SequentialFit",
     "EoraAdapter",
     "CompensatedLayer",
     "lowrank_factors",

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from compress import lowrank as lr
 from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
 from compress.eora_peft import as_peft_init as _as_peft_init
+from compress.sequential_eora import calibration_folds, drifted_output_error, select_sequential_factors
 from compress.targets import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
 from tensornets import FactorizedLinear, get_format
 
@@ -60,6 +61,8 @@ class EoraLayerReport:
     rank: int
     error_before: float
     error_after: float
+    #: sequential EoRA only: the candidate cross-validation chose (``"independent"`` or ``"ridge=<λ>"``)
+    choice: str | None = None
 
 
 class CompensatedLayer(nn.Module):
@@ -271,55 +274,6 @@ def eora_factors(
     return lr.lowrank_factors(delta, rank, EORA_METHODS[method], stats, alpha=alpha, ridge=ridge, eps=eps, device=device)
 
 
-def sequential_eora_factors(
-    W: torch.Tensor,
-    Wc: torch.Tensor,
-    cross: CrossStats,
-    rank: int,
-    *,
-    ridge: float = 0.0,
-    eps: float | None = None,
-    device: torch.device | str | None = None,
-    name: str = "layer",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual factors ``B (out, r)``, ``A (r, in)`` (float64) minimizing ``‖W X − (W_c + BA) X̃‖_F``.
-
-    ``X: (in, N)`` are the layer's inputs in the dense model and ``X̃`` its inputs in the compressed model with the
-    residuals of earlier layers applied (columns paired on the same calibration tokens). Minimizing
-    ``‖ΔW X̃‖`` instead, with ``X̃`` in both places, fits the compressor's error but ignores the drift of the inputs,
-    which is what the next layers see. With ``C̃ = X̃ X̃ᵀ = Q Λ Qᵀ``, ``S = Q_k Λ_k^{1/2}``, ``S⁺ = Λ_k^{-1/2} Q_kᵀ``
-    (the truncated whitening of :func:`compress.lowrank.whitening`) and ``K = X̃ Xᵀ`` (``cross.cross``),
-
-    .. math::
-
-        \\| W X - (W_c + BA) \\tilde X \\|_F^2 = \\text{const} + \\| (N - BA) S \\|_F^2, \\qquad
-        N = W K^\\top \\tilde C^{+} - W_c, \\qquad N S = W K^\\top S^{+\\top} - W_c S,
-
-    so the optimum is the truncated SVD ``N S = U Σ Vᵀ``: ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_rᵀ S⁺``. When the
-    inputs did not drift (``X̃ = X``), ``N = W − W_c`` and this is EoRA.
-    """
-    lr.check_rank(rank, W.shape[0], W.shape[1], name)
-    dev = W.device if device is None else torch.device(device)
-    scaling = lr.whitening(cross.current.to(dev), ridge=ridge, eps=eps)
-    K = cross.cross.to(dev, torch.float64)
-    W64, Wc64 = W.to(dev, torch.float64), Wc.to(dev, torch.float64)
-    NS = W64 @ K.T @ scaling.pinv.T - scaling.scale(Wc64)
-    U, s, Vh = torch.linalg.svd(NS, full_matrices=False)
-    return lr.factors_from_svd(U, s, Vh, rank, scaling)
-
-
-def drifted_output_error(W: torch.Tensor, W_hat: torch.Tensor, cross: CrossStats) -> float:
-    """``‖W X − Ŵ X̃‖_F / ‖W X‖_F`` from the three second moments (see :class:`CrossStats`)."""
-    W = W.to(torch.float64)
-    W_hat = W_hat.to(W.device, torch.float64)
-    G = cross.reference.gram.to(W.device, torch.float64)
-    Ct = cross.current.gram.to(W.device, torch.float64)
-    K = cross.cross.to(W.device, torch.float64)
-    ref = ((W @ G) * W).sum()
-    err = ref - 2 * ((W_hat @ K) * W).sum() + ((W_hat @ Ct) * W_hat).sum()
-    return float((err.clamp_min(0) / ref).sqrt()) if ref > 0 else float("nan")
-
-
 def _block_of(name: str) -> str:
     """Group key for sequential compensation: the path up to the first numeric component (``model.layers.3``)."""
     m = re.match(r"(.*?\.\d+)(\.|$)", name)
@@ -427,18 +381,18 @@ def eora_compensate(
         Layers to compensate (default: the layers in ``stats``, or ``"all-linear"`` without stats, whose weight the
         compressor changed).
     sequential : bool
-        Sequential EoRA (``method="eora"`` only): blocks (paths up to the first numeric component, e.g.
-        ``model.layers.3``) are handled in execution order; for each block one pass over ``calib_batches`` feeds
-        ``original`` and the compressed model with the residuals of all earlier blocks applied, and every layer's
-        residual minimizes ``‖W X − (W_c + BA) X̃‖_F`` (``X`` dense inputs, ``X̃`` compensated-model inputs; see
-        :func:`sequential_eora_factors`), so each residual also corrects the drift its inputs accumulated.
-        The reported errors are then ``‖W X − Ŵ X̃‖ / ‖W X‖``.
-        It is exact on the calibration tokens, but its drift term is a least-squares fit that generalizes poorly
-        on LLMs: on SmolLM2 (RTN-3 g64, r=64, 4096 calibration tokens) it recovered less of the held-out
-        perplexity gap than independent EoRA at every ridge tried (``benchmarks/bench_sequential_eora.py``).
-        Prefer independent EoRA there.
+        Sequential EoRA (``method="eora"`` only; :mod:`compress.sequential_eora`): blocks (paths up to the first
+        numeric component, e.g. ``model.layers.3``) are handled in execution order, the compressed model carrying the
+        residuals of all earlier blocks, and every layer's residual minimizes the ridge-penalized
+        ``‖W X − (W_c + BA) X̃‖_F² + λ' ‖BA − ΔW‖_F²`` (``X`` dense inputs, ``X̃`` compensated-model inputs), so it
+        also corrects the drift its inputs accumulated. ``λ``, or independent EoRA, is chosen per layer by 2-fold
+        cross-validation over the calibration batches (even / odd), which guards against the drift fit's
+        overfitting. The reported errors are then ``‖W X − Ŵ X̃‖ / ‖W X‖`` on all calibration data, and each row
+        says which candidate was chosen. Measured against independent EoRA:
+        ``benchmarks/results/sequential_eora.md``.
     calib_batches : Iterable, optional
-        Calibration batches for ``sequential=True`` (a re-iterable collection, run once per block up to that block).
+        Calibration batches for ``sequential=True`` (a list of at least 2 batches, run three times per block up to
+        that block).
     device : torch.device or str, optional
         Where each layer is processed (default: the layer's device).
     progress : bool, optional
@@ -491,9 +445,11 @@ def eora_compensate(
                              "sequential form: pass method='eora' or sequential=False")
         if calib_batches is None:
             raise ValueError("sequential=True collects statistics on the compensated model: pass calib_batches=")
-        if iter(calib_batches) is calib_batches:
-            raise ValueError("sequential=True runs calib_batches once per block: pass a list, not an iterator")
-        layer_iter = _sequential_layers(original, compressed, targets, calib_batches, stats)
+        if not isinstance(calib_batches, Sequence):
+            raise ValueError("sequential=True runs calib_batches several times per block and splits them into folds: "
+                             "pass a list, not an iterator")
+        calibration_folds(calib_batches)  # at least 2 batches, before any work
+        layer_iter = _sequential_layers(original, compressed, targets, calib_batches, stats, rank, ridge, eps)
     else:
         if stats is None and method != "svd":
             raise ValueError(f"method={method!r} needs activation statistics: stats = collect_activation_stats(original, "
@@ -508,8 +464,8 @@ def eora_compensate(
             raise ValueError(f"layer {name!r}: original weight {tuple(W.shape)} and compressed {tuple(Wc.shape)} differ")
         if method != "svd" and layer_stats is None:
             raise ValueError(f"no activation statistics for layer {name!r}; collect them with target_modules covering it")
-        if isinstance(layer_stats, CrossStats):
-            B, A, rep = _sequential_layer(name, W, Wc, layer_stats, rank, ridge, eps, device)
+        if sequential:
+            B, A, rep = fit_sequential_layer(name, W, Wc, layer_stats, rank, ridge, eps, device)
         else:
             B, A, rep = _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device)
         factors[name] = (B, A)
@@ -544,30 +500,51 @@ def _layer(name, W, Wc, layer_stats, rank, method, alpha, ridge, eps, device):
     return B.float().cpu(), A.float().cpu(), rep
 
 
-def _sequential_layer(name, W, Wc, cross, rank, ridge, eps, device):
-    """Sequential factors of one layer (float32, CPU) and its report row (errors against the dense outputs)."""
+def fit_sequential_layer(
+    name: str,
+    W: torch.Tensor,
+    Wc: torch.Tensor,
+    folds: Sequence[CrossStats],
+    rank: int,
+    ridge: float,
+    eps: float | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor, EoraLayerReport]:
+    """Cross-validated sequential factors of one layer (float32, CPU) and its report row: drifted output errors on
+    all calibration data before / after, and the candidate chosen (:func:`select_sequential_factors`)."""
     dev = W.device if device is None else torch.device(device)
-    B, A = sequential_eora_factors(W, Wc, cross, rank, ridge=ridge, eps=eps, device=dev, name=name)
+    fit = select_sequential_factors(W, Wc, folds, rank, independent_ridge=ridge, eps=eps, device=dev, name=name)
     W64, Wc64 = W.to(dev, torch.float64), Wc.to(dev, torch.float64)
-    rep = EoraLayerReport(name, tuple(W.shape), rank, drifted_output_error(W64, Wc64, cross),
-                          drifted_output_error(W64, Wc64 + B @ A, cross))
-    return B.float().cpu(), A.float().cpu(), rep
+    everything = folds[0]
+    for fold in folds[1:]:
+        everything = everything.merge(fold)
+    rep = EoraLayerReport(name, tuple(W.shape), rank, drifted_output_error(W64, Wc64, everything),
+                          drifted_output_error(W64, Wc64 + fit.B @ fit.A, everything), fit.choice)
+    return fit.B.float().cpu(), fit.A.float().cpu(), rep
 
 
 def _sequential_layers(
     original: nn.Module,
     compressed: nn.Module,
     targets: Mapping[str, nn.Module],
-    calib_batches: Iterable[Any],
+    calib_batches: Sequence[Any],
     stats: ActivationStats | None,
-) -> Iterator[tuple[str, CrossStats, Any]]:
-    """Yield ``(name, cross_stats, on_done)`` block by block; ``on_done`` installs the layer's residual in a working copy."""
+    rank: int,
+    ridge: float,
+    eps: float | None,
+) -> Iterator[tuple[str, list[CrossStats], Any]]:
+    """Yield ``(name, fold_cross_stats, on_done)`` block by block; ``on_done`` installs the layer's residual.
+
+    Each block is fitted on the inputs it will see: the earlier blocks carry their final residuals, and the block's
+    own layers carry independent EoRA residuals while the cross statistics are collected (a layer's drift depends on
+    the layers before it in the block; fitting to the inputs of uncompensated earlier layers over-corrects).
+    """
     work = copy.deepcopy(compressed)
+    parts = calibration_folds(calib_batches)
     if stats is not None:
         order = [n for n in stats.order if n in targets] + [n for n in targets if n not in stats]
     else:
-        probe = accumulate_stats(work, {n: work.get_submodule(n) for n in targets}, calib_batches[:1]
-                                 if isinstance(calib_batches, Sequence) else list(calib_batches)[:1], progress=False)
+        probe = accumulate_stats(work, {n: work.get_submodule(n) for n in targets}, calib_batches[:1], progress=False)
         order = probe.order
     blocks: dict[str, list[str]] = {}
     for name in order:
@@ -578,7 +555,18 @@ def _sequential_layers(
         for name, B, A in pending:
             replace_module(work, name, CompensatedLayer(work.get_submodule(name), B, A))
         pending.clear()
-        block_stats = accumulate_cross_stats(original, work, names, calib_batches, progress=False,
-                                             desc="sequential calibration")
+        dense_stats = accumulate_stats(original, {n: original.get_submodule(n) for n in names}, calib_batches,
+                                       progress=False)
+        compressed_layers = {n: work.get_submodule(n) for n in names}
+        for name, layer in compressed_layers.items():
+            W, Wc = dense_weight(original.get_submodule(name)), dense_weight(layer)
+            B, A = eora_factors(W.to(torch.float64) - Wc.to(W.device, torch.float64), dense_stats[name], rank,
+                                ridge=ridge, eps=eps, name=name)
+            replace_module(work, name, CompensatedLayer(layer, B.float(), A.float()))
+        del dense_stats
+        fold_stats = [accumulate_cross_stats(original, work, names, part, progress=False,
+                                             desc="sequential calibration") for part in parts]
+        for name, layer in compressed_layers.items():
+            replace_module(work, name, layer)
         for name in names:
-            yield name, block_stats[name], on_done
+            yield name, [f[name] for f in fold_stats], on_done

@@ -10,18 +10,19 @@ position embeddings / ids, cache disabled) and then, for ``i = 0, 1, ...``:
    *dense stream* ``h_i`` that the original blocks produce);
 3. compresses its target linears with :func:`compress.compress_model` (statistics ``C̃``);
 4. compensates them with EoRA: independent EoRA minimises ``‖(W − W_c − BA) X‖`` on the dense stream (exactly the
-   whole-model :func:`compress.eora_compensate`); sequential EoRA minimises ``‖W X − (W_c + BA) X̃‖``
-   (:func:`compress.sequential_eora_factors`, ``X`` the original block's layer inputs on ``h_i``, ``X̃`` the
-   compensated block's on ``h̃_i``) in two fits: first with ``X̃`` from the uncompressed block on ``h̃_i`` (the
-   cross moments of the statistics pass), then, with those residuals applied, with ``X̃`` from the compressed and
-   compensated block, so each layer also corrects the drift of the layers before it in the block as they will run;
+   whole-model :func:`compress.eora_compensate`); sequential EoRA (:mod:`compress.sequential_eora`) minimises the
+   ridge-penalised ``‖W X − (W_c + BA) X̃‖² + λ'‖BA − ΔW‖²`` (``X`` the original block's layer inputs on ``h_i``,
+   ``X̃`` the compensated block's on ``h̃_i``): the block first gets independent EoRA residuals (from the dense-stream
+   moments of the paired statistics pass), then the cross moments of the compressed block with those residuals
+   applied are collected per fold (even / odd calibration batches), so each layer sees the drift of the layers before
+   it as they will run, and each layer's ``λ`` (or independent EoRA) is chosen by cross-validation;
 5. runs the compressed + compensated block (rounded to its storage dtype) on ``h̃_i`` for ``h̃_{i+1}``, and the
    original block on ``h_i`` for ``h_{i+1}`` (in the dense pass of step 2), casts the block back to its storage
    dtype and device and frees the float32 copies and the statistics.
 
 Cost per block, over the calibration data: without EoRA two passes of the block (statistics, output); with
 independent EoRA one more on the dense stream; with sequential EoRA five (two paired passes of the dense and the
-compressed block, and the output): never one per layer. Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
+compressed block, one of them split in two folds, and the output): never one per layer. Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
 block's statistics, and the hidden states of the calibration data (one or two streams, float32, on ``device``).
 
 Models too big for memory are loaded in their storage dtype with accelerate's big-model tools, the blocks offloaded
@@ -66,11 +67,10 @@ from compress.eora import (
     EORA_METHODS,
     CompensatedLayer,
     EoraAdapter,
-    EoraLayerReport,
-    drifted_output_error,
     eora_compensate,
-    sequential_eora_factors,
+    fit_sequential_layer,
 )
+from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
 from compress.targets import dense_weight, find_targets, layer_kind, replace_module
 
@@ -184,10 +184,12 @@ def compress_blocks(
         EoRA or a baseline (see :func:`compress.eora_compensate`).
     eora_sequential : bool
         Fit each residual to the dense outputs from the compressed stream's inputs, ``‖W X − (W_c + BA) X̃‖_F``
-        (``eora_method="eora"`` only); otherwise each layer is compensated on the dense inputs alone, as the
-        whole-model path does.
+        plus a ridge penalty chosen per layer by cross-validation (:mod:`compress.sequential_eora`;
+        ``eora_method="eora"`` only; needs at least 2 calibration batches); otherwise each layer is compensated on
+        the dense inputs alone, as the whole-model path does.
     eora_ridge : float
-        Whitening ridge ``C + ridge · mean(diag C) I``.
+        Whitening ridge ``C + ridge · mean(diag C) I`` of independent EoRA (also the independent candidate of
+        sequential EoRA).
     device : torch.device or str, optional
         Where each block is processed (``"cuda"`` moves one block at a time to the GPU); default: where the block is
         stored. The hidden states of the calibration data live there too.
@@ -235,6 +237,9 @@ def compress_blocks(
                          f"{eora_method!r} has no sequential form: pass eora_method='eora' or eora_sequential=False")
     if eora_sequential and not eora_rank:
         raise ValueError("eora_sequential=True needs eora_rank > 0")
+    calib_batches = list(calib_batches)
+    if eora_sequential:
+        calibration_folds(calib_batches)  # at least 2 batches, before any work
     try:
         compute = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -447,17 +452,19 @@ def _process_block(
         del comp_stats
         _round_to(block, device, storage_dtype)
         if sequential:
-            # X̃ of a layer depends on the layers before it in the block: fit once to the inputs of the uncompressed
-            # block (the drift of the earlier blocks), apply, then refit to the inputs of the compressed block with
-            # those residuals applied, as it runs at inference. Fitting to the inputs of the compressed block
-            # *without* residuals (the drift of uncompensated layers, which never occurs) is worse than
-            # independent EoRA.
-            adapter = _sequential_adapter(dense, block, pre, names, eora_rank, ridge)
-            adapter.apply(block, inplace=True)
-            post = _cross(dense, dense_h, None, block, comp_h, kwargs, names)
-            _unwrap(block, adapter)
-            adapter = _sequential_adapter(dense, block, post, names, eora_rank, ridge)
-            del pre, post
+            # X̃ of a layer depends on the layers before it in the block: give the block independent EoRA residuals
+            # first (dense-stream statistics of the paired pass), collect the cross statistics of the block as it
+            # will run, per fold, then choose each layer's sequential residual by cross-validation. Fitting to the
+            # inputs of uncompensated earlier layers (drift that never occurs at inference) over-corrects.
+            first = eora_compensate(dense, block, ActivationStats({n: pre[n].reference for n in names}),
+                                    rank=eora_rank, ridge=ridge, target_modules=names, progress=False)
+            del pre
+            first.apply(block, inplace=True)
+            folds = [_cross(dense, dense_h, None, block, comp_h, kwargs, names, part)
+                     for part in calibration_folds(range(len(comp_h)))]
+            _unwrap(block, first)
+            adapter = _sequential_adapter(dense, block, folds, names, eora_rank, ridge)
+            del folds
         elif eora_rank:
             adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
                                       target_modules=names, progress=False)
@@ -481,10 +488,11 @@ def _process_block(
 
 
 def _cross(dense: nn.Module, dense_h: Sequence[torch.Tensor], dense_out: list | None, block: nn.Module,
-           comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], names: list[str]) -> dict[str, CrossStats]:
+           comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], names: list[str],
+           batch_ids: Sequence[int] | None = None) -> dict[str, CrossStats]:
     """Cross moments of the layers ``names``: ``dense`` on the dense stream (outputs into ``dense_out`` if given),
-    ``block`` on the compressed stream, paired row for row."""
-    batches = [torch.tensor(i) for i in range(len(comp_h))]
+    ``block`` on the compressed stream, paired row for row, over the batches ``batch_ids`` (default all)."""
+    batches = [torch.tensor(i) for i in (range(len(comp_h)) if batch_ids is None else batch_ids)]
     cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, dense_out), _Feed(block, comp_h, kwargs),
                                    ["block." + n for n in names], batches, stop_after_all=dense_out is None,
                                    progress=False)
@@ -584,18 +592,17 @@ def _run_stream(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequen
         block.train(was_training)
 
 
-def _sequential_adapter(dense: nn.Module, block: nn.Module, cross: Mapping[str, CrossStats], names: list[str],
-                        rank: int, ridge: float) -> EoraAdapter:
-    """Sequential EoRA residuals of the block's layers (relative names) and their drifted-output errors."""
+def _sequential_adapter(dense: nn.Module, block: nn.Module, folds: Sequence[Mapping[str, CrossStats]],
+                        names: list[str], rank: int, ridge: float) -> EoraAdapter:
+    """Cross-validated sequential EoRA residuals of the block's layers (relative names) and their drifted errors."""
     factors, kinds, rows, conv_kernels = {}, {}, [], {}
     for name in names:
         module = block.get_submodule(name)
-        W = dense_weight(dense.get_submodule(name)).to(torch.float64)
-        Wc = dense_weight(module).to(W.device, torch.float64)
-        B, A = sequential_eora_factors(W, Wc, cross[name], rank, ridge=ridge, name=name)
-        rows.append(EoraLayerReport(name, tuple(W.shape), rank, drifted_output_error(W, Wc, cross[name]),
-                                    drifted_output_error(W, Wc + B @ A, cross[name])))
-        factors[name] = (B.float().cpu(), A.float().cpu())
+        W = dense_weight(dense.get_submodule(name))
+        Wc = dense_weight(module)
+        B, A, row = fit_sequential_layer(name, W, Wc, [f[name] for f in folds], rank, ridge, None, None)
+        rows.append(row)
+        factors[name] = (B, A)
         kinds[name] = layer_kind(module)
         if isinstance(module, nn.Conv2d):
             conv_kernels[name] = tuple(module.kernel_size)

@@ -241,8 +241,9 @@ class LoRETTAAdpLayer(DeltaLayer):
         self.loretta_adp_bias_D[adapter_name] = nn.Parameter(torch.zeros(m, dtype=ADAPTER_DTYPE, device=device))
         self.loretta_adp_bias_U[adapter_name] = nn.Parameter(torch.zeros(d, dtype=ADAPTER_DTYPE, device=device))
         if config.learn_scale:
+            # Shape (1,), not 0-d: FSDP2's fully_shard rejects 0-d parameters.
             self.loretta_adp_scale[adapter_name] = nn.Parameter(
-                torch.tensor(float(config.scale), dtype=ADAPTER_DTYPE, device=device)
+                torch.tensor([float(config.scale)], dtype=ADAPTER_DTYPE, device=device)
             )
         else:
             self.loretta_adp_fixed_scale[adapter_name] = float(config.scale)
@@ -250,6 +251,14 @@ class LoRETTAAdpLayer(DeltaLayer):
         # A new adapter follows the mode of the layer it wraps (no dropout inside a model in eval mode).
         self.delta_dropout[adapter_name].train(self.get_base_layer().training)
         self.set_adapter(self.active_adapters)
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        # Checkpoints of 0.1.0 hold a learned scale as a 0-d tensor; reshape it to today's (1,).
+        # Runs before the containers below load: they read from this same dict.
+        for key in [k for k in state_dict if k.startswith(prefix + "loretta_adp_scale.")]:
+            if state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _scale(self, adapter_name: str) -> torch.Tensor | float:
         if adapter_name in self.loretta_adp_scale:

