@@ -549,7 +549,8 @@ def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: 
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
             state = {}
             for step in range(3):
-                inputs = {k: v.double() if v.is_floating_point() else v for k, v in make_inputs(case, 100 * step + rank).items()}
+                inputs = make_inputs(case, seed=100 * step + rank)
+                inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
                 loss = loss_of(case, model, inputs)
                 loss.backward()
                 optimizer.step()
