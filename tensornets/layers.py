@@ -450,7 +450,7 @@ class FactorizedConv2d(nn.Module):
         return {
             "factorization.core": core.reshape(core.shape[0], core.shape[1], -1),
             "factorization.in_factors.0": old["in_factor"],
-            "factorization.in_factors.1": torch.eye(core.shape[2] * core.shape[3], dtype=core.dtype, device=core.device),
+            "factorization.in_factors.1": torch.eye(math.prod(core.shape[2:]), dtype=core.dtype, device=core.device),
             "factorization.out_factors.0": old["out_factor"],
         }
 
