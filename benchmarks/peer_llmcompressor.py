@@ -10,11 +10,15 @@ created on the first run: ``torch==2.13.0`` first (pip takes the CPU build from 
 ``llmcompressor==0.14.*``. Each setting runs in a fresh subprocess of that venv (``HF_HUB_OFFLINE=1``, the model
 read from the safetensors cache :func:`compress.models.load_smollm2` writes, never a hub), which saves the quantized
 model with ``save_compressed=True`` (compressed-tensors ``pack-quantized``) and records its own peak RSS
-(``ru_maxrss``). The perplexity is then computed here, in this project's venv, by
-``AutoModelForCausalLM.from_pretrained(<its output>)`` and :func:`compress.evaluation.perplexity`: the evaluation code
-is the same as for our own models. As a check that our compressed-tensors reads its packing as it wrote it, the
-subprocess also saves the logits of the first held-out window from its in-memory model, and the relative difference
-to the reloaded model's logits is reported.
+(``ru_maxrss``). A second peer subprocess reloads that directory and computes the held-out perplexity with
+:func:`compress.evaluation.perplexity`'s arithmetic (restated: the peer venv cannot import our package), and the
+relative difference of the first window's logits to the in-memory model's right after ``oneshot``.
+
+Why not evaluate in this project's venv: llm-compressor 0.14 pins compressed-tensors 0.19, whose ``pack-quantized``
+layout packs the zero points of asymmetric schemes (``weight_zero_point`` of shape ``(ceil(out · bits / 32),
+groups)``); compressed-tensors 0.20, ours, expects them unpacked ``(out, groups)``, and
+``AutoModelForCausalLM.from_pretrained`` refuses the checkpoint (size mismatch). Each directory is still tried here
+(``reload_here`` in the json: the logits' relative difference, or the error).
 
 GPTQ settings as ours by default (``tensornets compress --method gptq``): damping 0.01 of the mean Hessian diagonal,
 activation order with static groups (``actorder="static"``), blocks of 128 columns.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +94,37 @@ def worker(args: argparse.Namespace) -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "oneshot_s": seconds}))
 
 
+def worker_eval(args: argparse.Namespace) -> None:
+    """Reload the peer's output directory in the peer venv and compute its held-out perplexity.
+
+    The arithmetic is :func:`compress.evaluation.perplexity`'s, restated here because this venv cannot import our
+    package: every window's token NLLs summed in float64, ``ppl = exp(Σ NLL / Σ predicted tokens)``. Also the
+    relative difference of the first window's logits to those of the in-memory model right after ``oneshot``
+    (the saved artifact is what was measured).
+    """
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    windows = load_file(args.windows)
+    out = Path(args.out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    nll, tokens = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for i, ids in enumerate(windows["eval"]):
+            logits = model(input_ids=ids[None], use_cache=False).logits.float()
+            if i == 0:
+                first = logits
+            nll += F.cross_entropy(logits[0, :-1], ids[1:], reduction="sum").double()
+            tokens += ids.numel() - 1
+    peer_logits = load_file(str(out.parent / f"{out.name}.logits.safetensors"))["logits"]
+    (out.parent / f"{out.name}.eval.json").write_text(json.dumps({
+        "perplexity": math.exp((nll / tokens).item()),
+        "reload_logit_rel_diff": ((first - peer_logits).norm() / peer_logits.norm()).item()}))
+
+
 # ------------------------------------------------------------------------------------------ driver (our venv)
 def ensure_venv(venv: Path) -> Path:
     """``venv/bin/python``, creating the venv and installing :data:`PINS` (one at a time, in order) if needed."""
@@ -123,9 +159,10 @@ def weight_bytes(path: Path) -> int:
 
 
 def run_setting(python: Path, model_dir: Path, windows: Path, out: Path, method: str, bits: int, symmetric: bool,
-                threads: int) -> dict[str, Any]:
-    """Quantize one setting in a fresh peer subprocess; return its worker record (raises with its log on failure)."""
-    cmd = [str(python), str(Path(__file__).resolve()), "--worker", "--model", str(model_dir), "--windows",
+                threads: int, mode: str = "--worker") -> dict[str, Any]:
+    """Quantize (``mode="--worker"``) or evaluate (``"--worker-eval"``) one setting in a fresh peer subprocess;
+    return its record (raises with its log on failure)."""
+    cmd = [str(python), str(Path(__file__).resolve()), mode, "--model", str(model_dir), "--windows",
            str(windows), "--out", str(out), "--method", method, "--bits", str(bits), "--group-size", str(GROUP_SIZE),
            "--threads", str(threads)] + (["--symmetric"] if symmetric else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -136,9 +173,35 @@ def run_setting(python: Path, model_dir: Path, windows: Path, out: Path, method:
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor {method} {bits}-bit failed (exit {done.returncode}):\n"
                            f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    record = json.loads((out.parent / f"{out.name}.worker.json").read_text())
+    record = json.loads((out.parent / f"{out.name}.{'worker' if mode == '--worker' else 'eval'}.json").read_text())
     record["subprocess_s"] = time.perf_counter() - start
     return record
+
+
+def reload_here(out: Path, first_window: Any, peer_logits: Any) -> dict[str, Any]:
+    """Load the peer's directory with this venv's transformers + compressed-tensors: the relative difference of its
+    first-window logits to the peer's in-memory model's, or the error when this compressed-tensors cannot read the
+    peer's layout."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any load failure is the finding to report
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+    with torch.no_grad():
+        logits = model(input_ids=first_window, use_cache=False).logits.float()
+    return {"logit_rel_diff": ((logits - peer_logits).norm() / peer_logits.norm()).item()}
+
+
+def loads_here(record: dict[str, Any]) -> str:
+    """Table cell for :func:`reload_here`'s record."""
+    if "error" in record and "ignore_mismatched_sizes" in record["error"]:
+        # transformers prints the mismatching keys: weight_zero_point, packed by compressed-tensors 0.19
+        return "no: size mismatch of weight_zero_point (packed by compressed-tensors 0.19, unpacked in 0.20)"
+    if "error" in record:
+        return "no: " + record["error"].replace("|", "/")[:90]
+    return f"yes, logits rel. diff {record['logit_rel_diff']:.1e}"
 
 
 def main() -> None:
@@ -151,8 +214,11 @@ def main() -> None:
     parser.add_argument("--keep-dir", type=Path, default=None,
                         help="keep the peer's output directories here; a later run with the same directory reuses the "
                         "settings already finished there (default: a temporary directory)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: rewrite results/llmcompressor.md from results/llmcompressor.json")
     # worker mode (run by the driver inside the peer venv)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-eval", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--windows", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -161,13 +227,16 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE, help=argparse.SUPPRESS)
     parser.add_argument("--symmetric", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    if args.worker or args.worker_eval:
+        (worker if args.worker else worker_eval)(args)
+        return
+    if args.report_only:
+        old = json.loads((RESULTS / "llmcompressor.json").read_text())
+        report(args, old["machine"], old["peer_versions"], old["dense"], old["rows"])
         return
 
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     from _report import finish, machine_info
     from compress.evaluation import perplexity
@@ -188,7 +257,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llmcompressor-")) if args.keep_dir is None else args.keep_dir
     work.mkdir(parents=True, exist_ok=True)
     windows = work / "windows.safetensors"
-    save_file({"calib": torch.cat(calib), "eval0": held[0].contiguous()}, str(windows))
+    save_file({"calib": torch.cat(calib), "eval0": held[0].contiguous(), "eval": torch.cat(held)}, str(windows))
     rows = []
     for method in args.methods:
         for name in args.settings:
@@ -199,20 +268,19 @@ def main() -> None:
                 record = json.loads(record_file.read_text())  # finished in an earlier run into the same --keep-dir
             else:
                 record = run_setting(python, model_dir, windows, out, method, bits, symmetric, args.threads)
-            reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
-            ppl = perplexity(reloaded, held)
-            with torch.no_grad():
-                logits = reloaded(input_ids=held[0], use_cache=False).logits.float()
-            peer_logits = load_file(str(work / f"{out.name}.logits.safetensors"))["logits"]
-            logit_diff = ((logits - peer_logits).norm() / peer_logits.norm()).item()
-            del reloaded
+            evaluated = run_setting(python, model_dir, windows, out, method, bits, symmetric, args.threads,
+                                    mode="--worker-eval")
+            ours = reload_here(out, held[0], load_file(str(work / f"{out.name}.logits.safetensors"))["logits"])
             rows.append({"setting": name, "bits": bits, "group_size": GROUP_SIZE, "symmetric": symmetric,
-                         "method": method, "perplexity": ppl, "dir_bytes": dir_bytes(out),
+                         "method": method, "perplexity": evaluated["perplexity"], "dir_bytes": dir_bytes(out),
                          "weight_bytes": weight_bytes(out), "peak_rss_bytes": record["peak_rss_bytes"],
-                         "oneshot_s": record["oneshot_s"], "reload_logit_rel_diff": logit_diff})
-            print(f"{name:<15} {method:<4} ppl {ppl:8.3f}  {rows[-1]['dir_bytes'] / 1e6:6.1f} MB  peak RSS "
-                  f"{record['peak_rss_bytes'] / 1e9:.2f} GB  oneshot {record['oneshot_s']:.0f} s  reload logits "
-                  f"rel diff {logit_diff:.1e}", flush=True)
+                         "oneshot_s": record["oneshot_s"],
+                         "reload_logit_rel_diff": evaluated["reload_logit_rel_diff"], "reload_here": ours})
+            here = (f"reloaded here: logits rel. diff {ours['logit_rel_diff']:.1e}" if "error" not in ours else
+                    f"not loadable here: {ours['error'][:120]}")
+            print(f"{name:<15} {method:<4} ppl {evaluated['perplexity']:8.3f} ({here})  "
+                  f"{rows[-1]['dir_bytes'] / 1e6:6.1f} MB  peak RSS {record['peak_rss_bytes'] / 1e9:.2f} GB  oneshot "
+                  f"{record['oneshot_s']:.0f} s", flush=True)
             report(args, info, versions, dense, rows)
     finish(info, start)
     report(args, info, versions, dense, rows)
@@ -224,10 +292,11 @@ def report(args: argparse.Namespace, info: dict[str, Any], versions: dict[str, s
     from _report import header, write_results
 
     table = ["| setting | method | held-out ppl | ppl / dense | dir MB | weights MB | peak RSS GB | oneshot s "
-             "| reload logits rel. diff |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| reload logits rel. diff | loads here (ct 0.20) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     table += [f"| {r['setting']} | {r['method'].upper()} | {r['perplexity']:.3f} | {r['perplexity'] / dense:.2f} | "
               f"{r['dir_bytes'] / 1e6:.1f} | {r['weight_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-              f"{r['oneshot_s']:.0f} | {r['reload_logit_rel_diff']:.1e} |" for r in rows]
+              f"{r['oneshot_s']:.0f} | {r['reload_logit_rel_diff']:.1e} | {loads_here(r['reload_here'])} |"
+              for r in rows]
     pivot = ["| setting | RTN | GPTQ |", "|---|---:|---:|"]
     for name in args.settings:
         cell = {r["method"]: f"{r['perplexity']:.2f}" for r in rows if r["setting"] == name}
@@ -239,8 +308,10 @@ def report(args: argparse.Namespace, info: dict[str, Any], versions: dict[str, s
           + [f"Peer venv: {versions_line}. Calibration {CALIB_TOKENS // SEQ_LEN} x {SEQ_LEN} tokens, evaluation "
              f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (BOS included), as "
              f"`tensornets compress`. Every block linear quantized (not the LM head), group size {GROUP_SIZE}; GPTQ "
-             "with damping 0.01, actorder='static', block 128. Perplexity computed in this project's venv on the "
-             "reloaded output directory (float32 activations).", "",
+             "with damping 0.01, actorder='static', block 128. Perplexity of the reloaded output directory, computed "
+             "in the peer venv with the arithmetic of compress.evaluation.perplexity (float32 activations, NLL summed "
+             "in float64): compressed-tensors 0.20 (ours) cannot load compressed-tensors 0.19's asymmetric "
+             "checkpoints (packed zero points); 'here' says whether this venv loads each directory.", "",
              f"Dense perplexity {dense:.3f}.", ""] + pivot + ["", "## All numbers", ""] + table
           + ["", "Peak RSS is the peer subprocess's `ru_maxrss` (model load, oneshot, save). Directory bytes include "
              "config and tokenizer files; the peer keeps embeddings and norms in float32 (the dtype it loaded)."])
