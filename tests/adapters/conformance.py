@@ -526,10 +526,12 @@ def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: 
     """Train every case 3 steps in float64 under FSDP2 on rank-dependent data; save the full state.
 
     Per case and rank: ``<case>.rank<r>.safetensors`` (every trainable tensor gathered in full,
-    and this rank's ``loss.<step>``) and ``<case>.rank<r>.json`` (the FSDP unit of every parameter).
+    and this rank's ``loss.<step>``), ``<case>.rank<r>.json`` (the FSDP unit of every parameter),
+    and rank 0 saves the adapter with ``save_pretrained`` to ``<case>/``.
     """
     import torch.distributed as dist
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -563,6 +565,11 @@ def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: 
                     state[name] = full.detach().contiguous()
             save_file(state, os.path.join(outdir, f"{case_id}.rank{rank}.safetensors"))
             Path(outdir, f"{case_id}.rank{rank}.json").write_text(json.dumps(units))
+            # What accelerate's get_state_dict does under FSDP2 (a collective), then rank 0 saves.
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_state = get_model_state_dict(model, options=options)
+            if rank == 0:
+                model.save_pretrained(os.path.join(outdir, case_id), state_dict=full_state)
             del model, optimizer
             gc.collect()
         dist.barrier()

@@ -12,7 +12,10 @@ batches, whose mean loss is what FSDP's averaged gradients descend.
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import adapter_conformance as conf
 import pytest
@@ -24,25 +27,34 @@ CASES = [case for case in conf.CASES if not case.spec.slow] + conf.FSDP_EXTRA_CA
 STEPS, RANKS = 3, (0, 1)
 
 
+@dataclass(frozen=True)
+class FsdpRun:
+    """One case after 3 steps under FSDP2: each rank's gathered trainable state (+ its losses),
+    the FSDP unit of every parameter, and the adapter directory rank 0 saved."""
+
+    states: list[dict[str, torch.Tensor]]
+    units: dict[str, str]
+    saved: Path
+
+
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    """``{case id: [(state, units) of rank 0, of rank 1]}`` after 3 steps under FSDP2."""
+def fsdp_runs(tmp_path_factory) -> dict[str, FsdpRun]:
     outdir = tmp_path_factory.mktemp("adapters_fsdp")
     conf.run_entry_point("fsdp", json.dumps([case.id for case in CASES]), str(outdir))
     return {
-        case.id: [
-            (
-                load_file(str(outdir / f"{case.id}.rank{rank}.safetensors")),
-                json.loads((outdir / f"{case.id}.rank{rank}.json").read_text()),
-            )
-            for rank in RANKS
-        ]
+        case.id: FsdpRun(
+            states=[load_file(str(outdir / f"{case.id}.rank{rank}.safetensors")) for rank in RANKS],
+            units=json.loads((outdir / f"{case.id}.rank0.json").read_text()),
+            saved=outdir / case.id,
+        )
         for case in CASES
     }
 
 
-def single_process_reference(case: conf.Case) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+@functools.cache
+def single_process_reference(case_id: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """The same 3 Adam steps in float64 on one process, each on the mean loss over both ranks' batches."""
+    case = conf.case_by_id(case_id)
     model, _ = conf.build(case, adapter_seed=1)
     model.double()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -55,19 +67,20 @@ def single_process_reference(case: conf.Case) -> tuple[dict[str, torch.Tensor], 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    return conf.trainable(model), losses
+    return model, tuple(losses)
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 def test_fsdp_two_gloo_ranks_train_as_one_process_on_the_full_batch(case, fsdp_runs):
-    (state0, _), (state1, _) = fsdp_runs[case.id]
-    assert state0.keys() == state1.keys()
+    state0, state1 = fsdp_runs[case.id].states
     params = [k for k in state0 if not k.startswith("loss.")]
+    assert state0.keys() == state1.keys()
     assert all(torch.equal(state0[k], state1[k]) for k in params), "ranks disagree on a gathered parameter"
-    expected, losses = single_process_reference(case)
+    reference, losses = single_process_reference(case.id)
     for step, loss in enumerate(losses):
         mean_loss = (state0[f"loss.{step}"] + state1[f"loss.{step}"]) / 2
         assert_close(mean_loss, loss.reshape(1), what=f"loss at step {step}")
+    expected = conf.trainable(reference)
     assert set(params) == expected.keys()
     init = conf.trainable(conf.build(case, adapter_seed=1)[0])
     for name, tensor in expected.items():
@@ -76,8 +89,21 @@ def test_fsdp_two_gloo_ranks_train_as_one_process_on_the_full_batch(case, fsdp_r
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
+def test_adapter_saved_from_fsdp_equals_the_single_process_one(case, fsdp_runs, tmp_path):
+    """Rank 0's ``save_pretrained`` of the gathered full state: same keys and values, loads strictly."""
+    saved_dir = fsdp_runs[case.id].saved
+    single_process_reference(case.id)[0].save_pretrained(str(tmp_path))
+    saved = load_file(str(saved_dir / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert saved.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert_close(saved[key], tensor, what=key)
+    conf.load_strict(case, saved_dir, "default")
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 def test_fsdp_keeps_shared_tensors_once_in_the_root_unit(case, fsdp_runs):
-    (state, units), _ = fsdp_runs[case.id]
+    state, units = fsdp_runs[case.id].states[0], fsdp_runs[case.id].units
     tuner = conf.build(case)[0].base_model
     shared = [k for k in state if k.startswith("base_model.") and not k.startswith("base_model.model.")]
     assert bool(shared) == getattr(tuner, "uses_shared_state", False)
