@@ -5,9 +5,10 @@ How each notebook is executed here:
 - on an in-memory copy of the committed file, its outputs cleared first (the file is never written back), with
   ``nbclient``;
 - on the kernel and environment of ``make notebooks`` (``notebooks/execute.py``): a kernelspec starting the
-  interpreter that runs pytest, a bare IPython dir, the repository root on ``PYTHONPATH``, one OpenMP thread unless
-  ``OMP_NUM_THREADS`` is set; plus ``TENSORNETS_CI=1``, which notebooks read to pick smaller sizes and fewer
-  repetitions (cells are never skipped), and matplotlib's ``Agg`` backend (no figures are kept);
+  interpreter that runs pytest, an IPython dir holding only the figure settings, the repository root on
+  ``PYTHONPATH``, one OpenMP thread unless ``OMP_NUM_THREADS`` is set; plus ``TENSORNETS_CI=1``, which notebooks
+  read to pick smaller sizes and fewer repetitions (cells are never skipped), and matplotlib's ``Agg`` backend (no
+  figures are kept);
 - under a wall-clock limit per notebook: ``DEFAULT_TIMEOUT_S``, or the notebook's own
   ``metadata["tensornets"]["timeout_s"]``.
 
