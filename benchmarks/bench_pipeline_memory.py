@@ -17,6 +17,17 @@ Peak resident memory (``ru_maxrss``) and wall time of compressing SmolLM2-135M-I
   compressed blocks written back to disk (``offload_folder=``). Its perplexity is not evaluated (an EoRA residual
   cannot be attached to offloaded layers in memory).
 
+End to end, ``tensornets compress`` itself (``--cli-modes``; load, dense evaluation, block pipeline with EoRA,
+evaluation of the compressed and compensated model, ``--output-dir`` export), each in its own process, its peak
+taken from ``wait4``'s ``ru_maxrss`` as ``/usr/bin/time -v`` reports it:
+
+- ``cli``: the console command (``python -m compress.cli compress``): defaults, glibc's mmap threshold fixed at
+  128 KiB by the command;
+- ``cli-default-malloc``: the same job through ``python -m compress.main_job`` (glibc's dynamic threshold), to show
+  whether fixing it still helps;
+- ``cli-gptq``: the console command with ``--method gptq`` (the candidate default compressor), for its time next to
+  ``cli`` measured at the same moment.
+
 Each mode runs in a fresh process so its peak is its own. The held-out perplexity (4096 tokens, the compensated
 model in float32) is printed beside it to show the modes compute the same thing; perplexity is evaluated after the
 peak of the compression was recorded.
@@ -27,9 +38,10 @@ Run
     python benchmarks/bench_pipeline_memory.py --parallel --eval-tokens 0   # peaks only, modes side by side
     python benchmarks/bench_pipeline_memory.py --modes blocks-bf16 --eval-tokens 0
     python benchmarks/bench_pipeline_memory.py --mmap-threshold 131072   # glibc returns freed memory at once
+    python benchmarks/bench_pipeline_memory.py --cli-modes cli cli-default-malloc cli-gptq --parallel
 
 Writes ``benchmarks/results/pipeline_memory.md`` and ``pipeline_memory.json`` (``pipeline_memory_mmap.*`` with
-``--mmap-threshold``).
+``--mmap-threshold``); the CLI modes write ``pipeline_memory_cli.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -48,8 +60,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("whole", "blocks-bf16", "blocks-fp32", "blocks-bf16-disk")
+CLI_MODES = {
+    "cli": ["-m", "compress.cli", "compress"],
+    "cli-default-malloc": ["-m", "compress.main_job"],
+    "cli-gptq": ["-m", "compress.cli", "compress", "--method", "gptq"],
+}
 
 
 def _rss_mb() -> float:
@@ -154,9 +172,70 @@ def child(mode: str, args: argparse.Namespace) -> dict:
     }
 
 
+def run_cli_modes(modes: list[str], args: argparse.Namespace) -> None:
+    """Run ``tensornets compress`` once per mode (at once with ``--parallel``); write ``pipeline_memory_cli.*``."""
+    from _report import finish, goal, goal_section, header, machine_info, write_results
+
+    start = time.perf_counter()
+    info = machine_info(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        running = []
+        for mode in modes:
+            cmd = [sys.executable, *CLI_MODES[mode], "--output-dir", f"{tmp}/{mode}", "--json", f"{tmp}/{mode}.json",
+                   "--no-progress", "--threads", str(args.threads), *args.cli_args.split()]
+            running.append((mode, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}),
+                            time.perf_counter()))
+            if not args.parallel:
+                running[-1] = (*running[-1], *os.wait4(running[-1][1].pid, 0)[1:], time.perf_counter())
+        for item in running:
+            mode, proc, started = item[:3]
+            status, usage, ended = item[3:] if len(item) > 3 else (*os.wait4(proc.pid, 0)[1:], time.perf_counter())
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"mode {mode} failed (exit {os.waitstatus_to_exitcode(status)})")
+            summary = json.loads(Path(f"{tmp}/{mode}.json").read_text())
+            rows.append({"mode": mode, "command": " ".join(["python", *CLI_MODES[mode]]),
+                         "peak_mb": usage.ru_maxrss / 1024, "wall_s": ended - started,
+                         "cpu_s": usage.ru_utime + usage.ru_stime,
+                         "path": summary["path"], "perplexity": summary["perplexity"],
+                         "times_s": summary["times_s"], "saved_mb": summary["saved"]["export"]["total_bytes"] / 1e6})
+            print(rows[-1], flush=True)
+    finish(info, start)
+    table = ["| mode | command | peak RSS MB | wall s | CPU s | dense | compressed | + EoRA | export MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['mode']} | `{r['command']}` | {r['peak_mb']:.0f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+              f"{r['perplexity']['dense']:.3f} | {r['perplexity']['compressed']:.3f} | "
+              f"{r['perplexity']['compensated_eora']:.3f} | {r['saved_mb']:.1f} |" for r in rows]
+    stages = sorted({k for r in rows for k in r["times_s"]}, key=lambda k: min(
+        list(r["times_s"]).index(k) for r in rows if k in r["times_s"]))
+    table += ["", "Time per stage, s:", "", "| stage | " + " | ".join(r["mode"] for r in rows) + " |",
+              "|---|" + "---:|" * len(rows)]
+    table += [f"| {k} | " + " | ".join(f"{r['times_s'][k]:.0f}" if k in r["times_s"] else "-" for r in rows) + " |"
+              for k in stages]
+    goals = [goal(f"peak RSS of `{r['command']}` on SmolLM2-135M defaults <= 1000 MB, end to end",
+                  value=r["peak_mb"], need=1000, higher_is_better=False) for r in rows if r["mode"] != "cli-gptq"]
+    command = (f"python benchmarks/bench_pipeline_memory.py --cli-modes {' '.join(modes)} --threads {args.threads}"
+               + (" --parallel" if args.parallel else "") + (f" --cli-args '{args.cli_args}'" if args.cli_args else ""))
+    md = header("Peak memory of `tensornets compress`, end to end (SmolLM2-135M defaults)", command, info,
+                note="with --parallel the modes share the cores: compare their times only with each other")
+    md += [f"Each row is one process (extra flags: `{args.cli_args or 'none'}`): load (bfloat16, converted tensor by "
+           f"tensor from the float32 cache), dense perplexity, the block pipeline (`{rows[0]['path']}`) with EoRA, "
+           "compressed and compensated perplexity, `--output-dir` export. Peak RSS is the process's `ru_maxrss` "
+           "(`wait4`), what `/usr/bin/time -v` reports as maximum resident set size; CPU s is its user + system "
+           "time, which other jobs on the cores inflate much less than the wall time.", "", *table]
+    md += goal_section(goals, note="One run per mode.")
+    write_results(RESULTS, "pipeline_memory_cli", md, {"machine": info, "rows": rows, "goals": goals})
+    print("\n".join(md))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--cli-modes", nargs="+", choices=list(CLI_MODES), default=None,
+                        help="run tensornets compress end to end in these modes instead of the library modes")
+    parser.add_argument("--cli-args", default="", help="extra flags for tensornets compress (default: none, the "
+                        "defaults; e.g. '--calib-tokens 1024' for a quick check)")
     parser.add_argument("--calib-seqs", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=4096)
@@ -173,6 +252,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         Path(args.out).write_text(json.dumps(child(args.child, args)))
+        return
+    if args.cli_modes:
+        run_cli_modes(args.cli_modes, args)
         return
 
     rows = []

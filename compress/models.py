@@ -244,7 +244,10 @@ def load_smollm2(
         )
 
     if _read_manifest(cache) == manifest:
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+        if dtype == torch.float32:
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+        else:
+            model = _load_converted(cache, dtype)
         tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
         return model.eval(), tokenizer
 
@@ -259,6 +262,61 @@ def load_smollm2(
             stacklevel=2,
         )
     return model.to(dtype).eval(), tokenizer
+
+
+#: safetensors dtype names -> torch dtypes (the float32 cache holds F32 tensors only; the rest for completeness)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path):
+    """``(name, tensor)`` of a safetensors file one at a time, read with plain file reads into fresh buffers.
+
+    Unlike ``safetensors``' memory map, nothing of the file stays mapped into the process: converting a float32
+    checkpoint to bfloat16 then holds the bfloat16 model plus one float32 tensor, not the whole float32 file as well
+    (mapped pages count in the resident set).
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(8 + header_len + start)
+            buffer = bytearray(end - start)
+            if f.readinto(buffer) != end - start:
+                raise ValueError(f"{str(path)!r} is truncated at tensor {name!r}; delete the cache to rebuild it")
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            yield name, (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)).reshape(
+                info["shape"])
+
+
+def _load_converted(cache: Path, dtype: torch.dtype) -> nn.Module:
+    """The cached model with its floating-point weights in ``dtype``, converted one tensor at a time.
+
+    ``from_pretrained(cache, dtype=torch.bfloat16)`` maps the whole float32 file while it converts (peak: the float32
+    file + the bfloat16 model); here the model is built on empty weights (accelerate) and each tensor is read,
+    converted and placed in turn (peak: the bfloat16 model + its largest float32 tensor). Same values as
+    ``from_pretrained(cache, dtype=dtype)`` (the cast is the same round-to-nearest).
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cache, local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, tensor in _read_safetensors(cache / "model.safetensors"):
+        set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype) if tensor.is_floating_point() else
+                                    tensor)
+        del tensor
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"the cache {str(cache)!r} lacks {missing[:4]}; delete it to rebuild it from the GGUF")
+    return model
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:

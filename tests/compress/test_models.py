@@ -115,6 +115,29 @@ def test_cache_dtype(tmp_path, fake_gguf):
     assert len(fake_gguf) == 1
 
 
+def test_bf16_load_converts_tensor_by_tensor_to_what_from_pretrained_gives(tmp_path, fake_gguf):
+    """The low-memory bfloat16 load of the float32 cache equals ``from_pretrained(cache, dtype=bf16)`` bitwise: weights,
+    tied head, rotary buffers and logits; a truncated cache file is refused."""
+    from transformers import AutoModelForCausalLM
+
+    cache = tmp_path / "smol"
+    load_smollm2(cache_dir=cache)  # writes the float32 cache
+    model, _ = load_smollm2(cache_dir=cache, dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.bfloat16, local_files_only=True).eval()
+    _assert_same_weights(model, ref)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    buffers = dict(ref.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+    data = (cache / "model.safetensors").read_bytes()
+    (cache / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="is truncated at tensor"):
+        models._load_converted(cache, torch.bfloat16)
+
+
 @pytest.mark.parametrize("damage", ["no_manifest", "other_source"])
 def test_broken_or_stale_cache_is_rebuilt(tmp_path, fake_gguf, damage):
     cache = tmp_path / "smol"

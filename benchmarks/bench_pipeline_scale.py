@@ -1,0 +1,207 @@
+"""Does the block pipeline's memory stay flat and its time grow linearly with model depth?
+
+Questions answered
+------------------
+Peak resident memory and wall time of :func:`compress.compress_blocks` with disk offload on models of SmolLM2-135M's
+width (hidden 576, MLP 1536, 9 / 3 heads, vocab 49152) and 30, 60 and 120 layers. The deeper models are SmolLM2's
+real blocks repeated: block ``i`` takes the weights of block ``i mod 30`` and ``config.num_hidden_layers`` is
+changed. Each model is written to a temporary directory (never in the repository) in bfloat16, one safetensors shard
+per block plus an index, and loaded in its own process the way a model too big for memory is loaded::
+
+    from_pretrained(dir, dtype=torch.bfloat16, offload_folder=tmp,
+                    device_map={"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                                "model.rotary_emb": "cpu", "lm_head": "cpu"})
+
+then compressed in place with the ``tensornets compress`` compressor (RTN 3-bit, groups of 64, asymmetric, every
+block linear) and an EoRA residual (``--eora-rank``, default 64), the compressed blocks written back to disk
+(``offload_folder=``). Calibration is kept small (``--calib-seqs`` x ``--seq-len`` tokens of the Python docs,
+default 4 x 256) so the 120-layer run takes minutes: per block the cost is the passes over the calibration data plus
+a fixed per-layer cost (the EoRA eigendecomposition and SVD), so time is linear in depth at any calibration size.
+
+Per depth, in a fresh process: RSS after imports, after loading, the peak while compressing (``VmHWM`` reset after
+loading) and overall (``ru_maxrss``), the compression time, and the bytes the result keeps in memory for every layer
+(the quantized codes, scales and zero points that the exporter packs, and the EoRA factors), which do grow with depth.
+
+Run
+---
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline_scale.py                 # 30, 60, 120 layers
+    python benchmarks/bench_pipeline_scale.py --depths 30 60 --eora-rank 0     # quicker, no compensation
+
+Writes ``benchmarks/results/pipeline_scale.md`` and ``pipeline_scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SOURCE_LAYERS = 30  # SmolLM2-135M's depth: block i of a deeper model is block i mod 30
+
+
+def _status_mb(key: str) -> float:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_model(depth: int, out: Path) -> Path:
+    """Write a ``depth``-layer SmolLM2-width model to ``out`` in bfloat16 (one shard per block) and return ``out``."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compress.models import default_cache_dir, load_smollm2
+
+    cache = default_cache_dir()
+    if not (cache / "model.safetensors").is_file():
+        load_smollm2()  # converts the packaged GGUF once
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((cache / "config.json").read_text())
+    config.update(num_hidden_layers=depth, dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weight_map, total = {}, 0
+    with safe_open(cache / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        rest = {n: f.get_tensor(n).to(torch.bfloat16) for n in names if not n.startswith("model.layers.")}
+        save_file(rest, out / "rest.safetensors", metadata={"format": "pt"})
+        weight_map.update({n: "rest.safetensors" for n in rest})
+        total += sum(t.numel() * 2 for t in rest.values())
+        for i in range(depth):
+            source = f"model.layers.{i % SOURCE_LAYERS}."
+            shard = {f"model.layers.{i}.{n[len(source):]}": f.get_tensor(n).to(torch.bfloat16)
+                     for n in names if n.startswith(source)}
+            file = f"layers-{i:05d}.safetensors"
+            save_file(shard, out / file, metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard})
+            total += sum(t.numel() * 2 for t in shard.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return out
+
+
+def child(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Load ``model_dir`` with its blocks on disk, compress it block by block, return the numbers (this process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress import CompressionConfig, compress_blocks
+    from compress.cli import _return_freed_memory
+    from compress.models import default_cache_dir, token_slices
+
+    _return_freed_memory()  # as `tensornets compress` does: freed float64 temporaries go back to the OS
+    torch.set_num_threads(args.threads)
+    after_import = _status_mb("VmRSS")
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(default_cache_dir(), local_files_only=True)
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device_map,
+                                                 offload_folder=str(work / "load"), local_files_only=True).eval()
+    load_s = time.perf_counter() - start
+    calib, _ = token_slices(tok, args.calib_seqs * args.seq_len, args.seq_len, args.seq_len)
+    loaded, peak_loaded = _status_mb("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (and ru_maxrss) to the current RSS
+
+    start = time.perf_counter()
+    result = compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=64), calib,
+                             eora_rank=args.eora_rank, inplace=True, offload_folder=work / "compressed",
+                             progress=False)
+    seconds = time.perf_counter() - start
+    peak_compress = _status_mb("VmHWM")
+    quantized = sum(q.codes.nbytes + q.scale.nbytes + q.zero_point.nbytes for q in result.report.quantized.values())
+    factors = 0 if result.eora is None else sum(B.nbytes + A.nbytes for B, A in result.eora.factors.values())
+    return {
+        "layers": model.config.num_hidden_layers, "linears": len(result.report.layers),
+        "rss_after_import_mb": after_import, "rss_after_load_mb": loaded, "peak_load_mb": peak_loaded,
+        "peak_compress_mb": peak_compress, "peak_mb": max(peak_loaded, peak_compress),
+        "rss_end_mb": _status_mb("VmRSS"), "load_s": load_s, "compress_s": seconds,
+        "s_per_block": seconds / model.config.num_hidden_layers,
+        "kept_quantized_mb": quantized / 1e6, "kept_eora_mb": factors / 1e6,
+    }
+
+
+def main() -> None:
+    from _report import finish, goal, goal_section, header, machine_info, write_results
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depths", nargs="+", type=int, default=[30, 60, 120])
+    parser.add_argument("--calib-seqs", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eora-rank", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", nargs=3, metavar=("MODEL_DIR", "WORK", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model_dir, work, out = map(Path, args.child)
+        Path(out).write_text(json.dumps(child(model_dir, work, args)))
+        return
+
+    start = time.perf_counter()
+    info = machine_info(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        for depth in args.depths:
+            model_dir = build_model(depth, Path(tmp) / f"model-{depth}")
+            work = Path(tmp) / f"work-{depth}"
+            cmd = [sys.executable, __file__, "--child", str(model_dir), str(work), f"{tmp}/{depth}.json",
+                   "--calib-seqs", str(args.calib_seqs), "--seq-len", str(args.seq_len),
+                   "--eora-rank", str(args.eora_rank), "--threads", str(args.threads)]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            rows.append(json.loads(Path(f"{tmp}/{depth}.json").read_text()))
+            print(rows[-1], flush=True)
+            for path in (model_dir, work):  # disk: one model at a time
+                shutil.rmtree(path, ignore_errors=True)
+    finish(info, start)
+
+    base = next(r for r in rows if r["layers"] == min(args.depths))
+    deep = next(r for r in rows if r["layers"] == max(args.depths))
+    peak_ratio = deep["peak_mb"] / base["peak_mb"]
+    per_block = [r["s_per_block"] for r in rows]
+    time_ratio = (deep["compress_s"] / base["compress_s"]) / (deep["layers"] / base["layers"])
+    goals = [
+        goal(f"peak RSS at {deep['layers']} layers <= 1.3x the peak at {base['layers']} (disk offload)",
+             value=peak_ratio, need=1.3, higher_is_better=False,
+             detail=f"{deep['peak_mb']:.0f} MB vs {base['peak_mb']:.0f} MB"),
+        goal(f"time linear in depth: (time ratio) / (depth ratio) {deep['layers']} vs {base['layers']} layers "
+             "<= 1.25", value=time_ratio, need=1.25, higher_is_better=False,
+             detail="s per block: " + ", ".join(f"{r['layers']}: {r['s_per_block']:.1f}" for r in rows)),
+    ]
+    head = ("layers", "linears", "peak RSS MB", "peak compressing MB", "peak loading MB", "RSS after load MB",
+            "RSS after import MB", "kept: quantized MB", "kept: EoRA MB", "load s", "compress s", "s / block")
+    table = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    table += ["| " + " | ".join([str(r["layers"]), str(r["linears"])] + [f"{r[k]:.0f}" for k in (
+        "peak_mb", "peak_compress_mb", "peak_load_mb", "rss_after_load_mb", "rss_after_import_mb",
+        "kept_quantized_mb", "kept_eora_mb", "load_s", "compress_s")] + [f"{r['s_per_block']:.1f}"]) + " |"
+              for r in rows]
+    setting = (f"RTN 3-bit g64 asymmetric on every block linear, EoRA r={args.eora_rank}, calibration "
+               f"{args.calib_seqs} x {args.seq_len} tokens, blocks offloaded to disk, {args.threads} thread(s)")
+    command = (f"python benchmarks/bench_pipeline_scale.py --depths {' '.join(map(str, args.depths))} --calib-seqs "
+               f"{args.calib_seqs} --seq-len {args.seq_len} --eora-rank {args.eora_rank} --threads {args.threads}")
+    md = header("Block pipeline by depth: SmolLM2 width, 30 / 60 / 120 layers, blocks on disk", command, info,
+                note="times are comparable only within one run, and only roughly on a shared machine")
+    md += [setting + ".", "",
+           "*kept*: what the result holds in memory for every layer until it is exported: the quantized codes "
+           "(int8), scales and zero points, and the EoRA factors (float32). They are part of the peak and grow "
+           "with depth; the model itself stays on disk.", "", *table]
+    md += goal_section(goals, note="One run per depth (no repeats): value and minimum coincide.")
+    write_results(RESULTS, "pipeline_scale", md, {"machine": info, "setting": setting, "rows": rows, "goals": goals})
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
