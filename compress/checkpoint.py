@@ -96,6 +96,9 @@ def _stored_tensors(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[s
     shared: dict[str, str] = {}
     first: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
+        if tensor.is_meta:
+            raise ValueError(f"model tensor {name!r} is on the meta device (offloaded or never loaded), so it has no "
+                             "values to save; load the model's weights (e.g. remove accelerate's offload hooks) first")
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if tensor.numel() and key in first:
             shared[name] = first[key]

@@ -78,6 +78,8 @@ def test_storage_dtype(tmp_path, saved_lowrank):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(TypeError, match="dtype"):
         save_compressed(model, tmp_path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="'0.weight' is on the meta device"):
+        save_compressed(nn.Sequential(nn.Linear(4, 4, device="meta")), tmp_path)
 
 
 def _copy(src: Path, dst: Path) -> Path:
