@@ -101,6 +101,17 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def code_commit() -> str:
+    """The git commit of the library code this run imports (``"unknown"`` outside a git checkout)."""
+    import subprocess
+
+    import compress
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(compress.__file__).parent,
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def load_peer(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """llm-compressor's rows keyed by ``(setting, method)``; empty when the peer has not been run."""
     if not path.is_file():
@@ -129,7 +140,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, commit=code_commit())
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
 
     model, tok = load_smollm2()
@@ -233,13 +244,15 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
                + (f" --stem {args.stem}" if args.stem != "quality" else "")
                + (f" --ranks {' '.join(map(str, args.ranks))}" if args.ranks != [16, 64] else "")
                + (f" --threads {args.threads}" if args.threads != 1 else ""))
-    peer_note = ("llm-compressor: results/llmcompressor.json (benchmarks/peer_llmcompressor.py), same windows, "
-                 "evaluated by the same code" if peer else
+    peer_note = ("llm-compressor: results/llmcompressor.json (benchmarks/peer_llmcompressor.py), same windows and "
+                 "perplexity arithmetic (computed in the peer's venv, see llmcompressor.md)" if peer else
                  "llm-compressor: not run (no results/llmcompressor.json); run benchmarks/peer_llmcompressor.py")
-    md = (header("Quality and size of compressed SmolLM2-135M (RTN / GPTQ / SparseGPT 2:4, EoRA)", command, info)
+    md = (header("Quality and size of compressed SmolLM2-135M (RTN / GPTQ / SparseGPT 2:4, EoRA)", command, info,
+                 versions=["commit"] if "commit" in info else [])
           + [f"Data: the CLI's windows, calibration {CALIB_TOKENS // SEQ_LEN} x {SEQ_LEN} tokens, evaluation "
              f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (BOS included). Every block "
-             "linear but the LM head compressed by the block pipeline (`compress_blocks`), asymmetric unless 'sym'; "
+             "linear but the LM head compressed by the block pipeline (`compress_blocks`) on the model stored in float32 "
+             "(as llm-compressor loads it; the CLI stores bfloat16), asymmetric unless 'sym'; "
              "GPTQ with act-order and damping 0.01. EoRA: independent (dense-model statistics) on the same compressed "
              f"model at every rank. {peer_note}.", "",
              f"Dense perplexity {dense:.3f}. Dense Hugging Face directory: {sizes['float32'] / 1e6:.1f} MB float32, "
@@ -251,6 +264,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
              "(PEFT LoRA, bfloat16) is stored beside it.", ""]
           + table + goal_section(goals, note="One run per row (no repeats): value and minimum are the same number.",
                                  digits=3))
+    missing = [lab for lab in args.settings if lab not in by_label]
+    if missing:
+        md += ["", f"Not measured in this run (interrupted or still running): {', '.join(missing)}."]
     if not args.sequential:
         md += ["", "Sequential EoRA not in this run (`--sequential` adds it)."]
     write_results(RESULTS, args.stem, md, {"machine": info, "dense": dense, "dir_bytes": sizes, "ranks": args.ranks,
