@@ -100,6 +100,23 @@ def text_variants(quick: bool) -> list[Variant]:
     return variants
 
 
+def default_variants() -> list[Variant]:
+    """Every method at its defaults on query + value (LoRETTA-adp: its default placement), all at LoRA's lr.
+
+    The reference is PEFT's default ``LoraConfig(r=8)`` (``lora_alpha=8``); the question is whether a user
+    who swaps it for one of ours and keeps the learning rate still trains (issue 12, point 4).
+    """
+    return [
+        Variant("LoRA (PEFT)", "defaults, r=8", lambda: LoraConfig(r=8, target_modules=QV), LR),
+        Variant("LoTR", "defaults", lambda: adapters.LoTRConfig(target_modules=QV), LR),
+        Variant("FLoRA", "defaults", lambda: adapters.FloraConfig(target_modules=QV), LR),
+        Variant("LoRETTA-rep", "defaults", lambda: adapters.LoRETTARepConfig(target_modules=QV), LR),
+        Variant("LoRETTA-adp", "defaults", lambda: adapters.LoRETTAAdpConfig(), LR),
+        # MoS defaults (r=16, v=4, p=2) need (v - p) L >= r - p: infeasible with L = 6 layers; r and p lowered.
+        Variant("MoS", "defaults but r=8, p=0", lambda: adapters.MoSConfig(r=8, p=0, target_modules=QV), LR),
+    ]
+
+
 def conv_variants(pointwise: list[str], every_conv: list[str], quick: bool) -> list[Variant]:
     """FLoRA vs LoRA on MobileNetV2 convs (adapter lr LR, full fine-tuning 1e-4)."""
     variants = [
@@ -164,7 +181,7 @@ def run_text(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
                      "head_params": classes * (base.config.hidden_size + 1), **_summary(runs)})
         log(f"text | linear probe, {epochs} epochs: {rows[-1]['acc_mean']:.3f} ± {rows[-1]['acc_std']:.3f}")
 
-    for variant in text_variants(args.quick):
+    for variant in default_variants() if args.defaults else text_variants(args.quick):
         runs = []
         for seed in args.seeds:
             torch.manual_seed(seed)
@@ -365,6 +382,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("text", "conv"), default=None, help="run one part only")
     ap.add_argument("--limit", type=int, default=None,
                     help="at most this many train and test examples per task (smoke tests of the script)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="text part only, every method at its defaults and LoRA's lr (writes finetune_defaults.*)")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md and .png from the existing .json")
     ap.add_argument("--note", default=None, help="a remark on the run's conditions, stored in the .json and the report")
     ap.add_argument("--threads", type=int, default=1)
@@ -381,7 +400,9 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
 
-    suffix = "_quick" if args.quick else ""
+    if args.defaults:
+        args.only = "text"
+    suffix = "_defaults" if args.defaults else "_quick" if args.quick else ""
     previous = args.out / f"finetune{suffix}.json"
     if args.report:  # rewrite the .md / .png from the .json, running nothing
         results = json.loads(previous.read_text())

@@ -1,7 +1,16 @@
 """FLoRA: Tucker-format updates of Linear, Embedding and Conv weights (Si et al., 2024)."""
 
 from adapters.flora.config import PEFT_TYPE, FloraConfig
-from adapters.flora.layer import FloraLayer, mode_product, resolve_ranks, tucker_to_tensor
+from adapters.flora.layer import FloraLayer, mode_product, resolve_ranks, step_matched_stds, tucker_to_tensor
 from adapters.flora.model import FloraModel
 
-__all__ = ["PEFT_TYPE", "FloraConfig", "FloraLayer", "FloraModel", "mode_product", "resolve_ranks", "tucker_to_tensor"]
+__all__ = [
+    "PEFT_TYPE",
+    "FloraConfig",
+    "FloraLayer",
+    "FloraModel",
+    "mode_product",
+    "resolve_ranks",
+    "step_matched_stds",
+    "tucker_to_tensor",
+]

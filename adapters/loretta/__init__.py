@@ -9,11 +9,14 @@ from adapters.loretta.config import (
 )
 from adapters.loretta.layer import (
     NOT_MERGEABLE,
+    adp_step_matched_init_,
     LoRETTAAdpLayer,
     LoRETTARepLayer,
     factor_modes,
     factor_parameter_count,
+    min_parameter_modes,
     paper_init_,
+    step_matched_init_,
     tt_factor,
 )
 from adapters.loretta.model import LoRETTAAdpModel, LoRETTARepModel, is_norm_layer, norm_layer_names
@@ -32,11 +35,14 @@ __all__ = [
     "LoRETTARepLayer",
     "LoRETTARepModel",
     "adp_default_targets",
+    "adp_step_matched_init_",
     "factor_modes",
     "factor_parameter_count",
     "find_adp_placement",
     "is_norm_layer",
+    "min_parameter_modes",
     "norm_layer_names",
     "paper_init_",
+    "step_matched_init_",
     "tt_factor",
 ]

@@ -1,7 +1,16 @@
 """LoTR: low tensor rank adaptation with factors shared across layers (Bershatsky et al., 2024)."""
 
 from adapters.lotr.config import PEFT_TYPE, LoTRConfig
-from adapters.lotr.layer import LoTRLayer, group_key, random_factors, tucker2_factors
+from adapters.lotr.layer import LoTRLayer, group_key, random_factors, step_matched_scales, tucker2_factors
 from adapters.lotr.model import LoTRModel
 
-__all__ = ["PEFT_TYPE", "LoTRConfig", "LoTRLayer", "LoTRModel", "group_key", "random_factors", "tucker2_factors"]
+__all__ = [
+    "PEFT_TYPE",
+    "LoTRConfig",
+    "LoTRLayer",
+    "LoTRModel",
+    "group_key",
+    "random_factors",
+    "step_matched_scales",
+    "tucker2_factors",
+]

@@ -25,14 +25,16 @@ class LoTRConfig(DeltaConfig):
     per group: ``r (d_in + d_out) + M r²`` (LoRA: ``M r (d_in + d_out)``).
 
     Defaults and why: ``G_m = 0`` (the model is unchanged at init; only the cores get gradient
-    at step 0 since ``∂L/∂A ∝ G = 0``) with **orthonormal** ``A``, ``B``: then
-    ``‖ΔW_m‖_F = s ‖G_m‖_F`` and the core's gradient ``s Aᵀ (∂L/∂W) Bᵀ`` is a projection, so
-    neither grows with the width ``d``, and a learning rate tuned at one width transfers to
-    another. ``alpha = r`` (``s = 1``) then makes an Adam step change ``ΔW`` by about
-    ``lr · r`` in Frobenius norm, like LoRA at ``alpha = r``. The reference code's
-    unit-variance Gaussian factors have norms ``≈ sqrt(d)``, making the cores' effective
-    learning rate grow with ``d``; ``init_factors="normal"`` with variance ``1 / d`` is the
-    width-normalized version of that.
+    at step 0 since ``∂L/∂A ∝ G = 0``), ``alpha = r`` (``s = 1``, PEFT's LoRA default), and
+    factors at the *step-matched* scale of :mod:`adapters._step_match`: ``A`` with entries of
+    std ``r^{-1/2}``, ``B`` with LoRA's ``A`` std ``(3 d_in)^{-1/2}``. LoTR is LoRA with
+    ``B_lora = s A G_m``, ``A_lora = B``; one Adam step moves each core entry by ``±lr``, so
+    ``s A ΔG_m`` has entries of ``sqrt(r) · r^{-1/2} · s lr = s lr``, exactly LoRA's ``s ΔB``,
+    and the output moves as LoRA's does at the same ``lr`` and ``alpha``, whatever the width
+    (per output coordinate, independent of ``d_out``: the muP condition). Unit-norm factors
+    (LoTR's earlier default) move it ``sqrt(3 r / d_out)`` times as fast (0.25x at d = 384):
+    they needed ~5x LoRA's lr. The reference code's unit-variance Gaussian factors with
+    ``alpha = 1`` overshoot instead, by ``sqrt(3 d_in / r)`` (12x at d = 384), growing with width.
     """
 
     r: int = field(default=8, metadata={"help": "Tucker rank r of every group (the shared factors are (d, r))."})
@@ -50,9 +52,10 @@ class LoTRConfig(DeltaConfig):
     init_factors: str = field(
         default="orthogonal",
         metadata={
-            "help": "Initialization of A and B (cores G start at 0 in every case). 'orthogonal': orthonormal "
-            "columns of A and rows of B; 'normal': entries N(0, 1/d) (unit expected column norm); 'svd': leading "
-            "mode-1 / mode-3 singular vectors of the stack of the group's frozen weights (Tucker-2 / HOSVD)."
+            "help": "Initialization of A and B (cores G start at 0 in every case). 'orthogonal': orthogonal "
+            "columns of A and rows of B; 'normal': i.i.d. Gaussian entries; 'svd': leading mode-1 / mode-3 singular "
+            "vectors of the stack of the group's frozen weights (Tucker-2 / HOSVD). All three at the step-matched "
+            "scale: entries of A of std r^-1/2, of B of std (3 d_in)^-1/2 (LoRA's A), so LoRA's lr works."
         },
     )
 

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from adapters._delta import ADAPTER_DTYPE, DeltaLayer
+from adapters._step_match import lora_input_std, output_factor_std
 from adapters.lotr.config import LoTRConfig
 
 if TYPE_CHECKING:
     from adapters.lotr.model import LoTRModel
 
-__all__ = ["LoTRLayer", "group_key", "tucker2_factors", "random_factors"]
+__all__ = ["LoTRLayer", "group_key", "random_factors", "step_matched_scales", "tucker2_factors"]
 
 
 def group_key(module_name: str, shape: tuple[int, int], share: str | dict[str, list[str]]) -> str:
@@ -70,19 +71,40 @@ def group_key(module_name: str, shape: tuple[int, int], share: str | dict[str, l
     return matches[0]
 
 
+def step_matched_scales(d_out: int, d_in: int, r: int) -> tuple[float, float]:
+    """Multipliers ``(c_A, c_B)`` taking unit-norm factors to the step-matched scale.
+
+    ``A: (d_out, r)`` with unit columns (entries of std ``d_out^{-1/2}``) times ``c_A`` has
+    entries of std ``r^{-1/2}``; ``B: (r, d_in)`` with unit rows times ``c_B`` has LoRA's
+    ``A`` std ``(3 d_in)^{-1/2}``. LoTR is LoRA with ``B_lora = s A G_m`` and ``A_lora = B``,
+    with the zero core ``G_m: (r, r)`` the only part moving at step 0, so by
+    :mod:`adapters._step_match` (``q = r' = r``) one Adam step then moves ``B_lora`` by entries of
+    ``s lr`` (``sqrt(r) · r^{-1/2} · lr``), as LoRA's ``ΔB``: the same output change at LoRA's
+    ``lr`` and ``alpha``, at any width.
+    """
+    sigma_b = lora_input_std(d_in)
+    sigma_a = output_factor_std(r, r, sigma_b, d_in, r)
+    return sigma_a * math.sqrt(d_out), sigma_b * math.sqrt(d_in)
+
+
 def random_factors(
     d_out: int, d_in: int, r: int, init: str, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random shared factors ``A: (d_out, r)``, ``B: (r, d_in)`` in float32.
+    """Random shared factors ``A: (d_out, r)``, ``B: (r, d_in)`` in float32, step-matched.
 
-    ``init="orthogonal"``: ``A`` has orthonormal columns and ``B`` orthonormal rows (QR of a
-    Gaussian). ``init="normal"``: i.i.d. ``N(0, 1/d)`` entries, unit expected column norm.
+    ``init="orthogonal"``: orthogonal columns of ``A`` and rows of ``B`` (QR of a Gaussian);
+    ``init="normal"``: i.i.d. Gaussian entries. Either way scaled by
+    :func:`step_matched_scales`: entries of ``A`` have std ``r^{-1/2}``, those of ``B`` LoRA's
+    ``(3 d_in)^{-1/2}``.
     """
     a = torch.randn(d_out, r, generator=generator, dtype=ADAPTER_DTYPE)
     b = torch.randn(d_in, r, generator=generator, dtype=ADAPTER_DTYPE)
+    scale_a, scale_b = step_matched_scales(d_out, d_in, r)
     if init == "orthogonal":
-        return torch.linalg.qr(a).Q, torch.linalg.qr(b).Q.T.contiguous()
-    return a / math.sqrt(d_out), (b / math.sqrt(d_in)).T.contiguous()
+        a, b = torch.linalg.qr(a).Q, torch.linalg.qr(b).Q
+    else:
+        a, b = a / math.sqrt(d_out), b / math.sqrt(d_in)
+    return scale_a * a, (scale_b * b).T.contiguous()
 
 
 def tucker2_factors(weights: Sequence[torch.Tensor], r: int) -> tuple[torch.Tensor, torch.Tensor]:

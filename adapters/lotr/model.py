@@ -10,7 +10,7 @@ from torch import nn
 
 from adapters._delta import DeltaTuner
 from adapters.lotr.config import LoTRConfig
-from adapters.lotr.layer import LoTRLayer, random_factors, tucker2_factors
+from adapters.lotr.layer import LoTRLayer, random_factors, step_matched_scales, tucker2_factors
 
 __all__ = ["LoTRModel"]
 
@@ -76,7 +76,10 @@ class LoTRModel(DeltaTuner):
 
     @torch.no_grad()
     def _init_shared_state(self, model: nn.Module, config: Any, adapter_name: str) -> None:
-        """``init_factors="svd"``: set each group's ``A``, ``B`` from the stack of its frozen weights."""
+        """``init_factors="svd"``: each group's ``A``, ``B`` from the stack of its frozen weights.
+
+        The singular vectors (unit norm) are scaled by :func:`step_matched_scales`, as the random inits.
+        """
         if config.init_factors != "svd":
             return
         members: dict[str, list[torch.Tensor]] = {}
@@ -86,5 +89,7 @@ class LoTRModel(DeltaTuner):
                 members.setdefault(module.lotr_group[adapter_name], []).append(weight)
         for group, weights in members.items():
             a, b = tucker2_factors(weights, config.r)
+            scale_a, scale_b = step_matched_scales(a.shape[0], b.shape[1], config.r)
+            a, b = scale_a * a, scale_b * b
             self.lotr_A[adapter_name][group].copy_(a)
             self.lotr_B[adapter_name][group].copy_(b)

@@ -28,6 +28,16 @@ class MoSConfig(DeltaConfig):
     pools only. Init: ``P_A`` uniform in ``±d_in^{-1/2}`` (LoRA's Kaiming-uniform ``A``),
     ``P_B = 0``.
 
+    ``alpha``: ``A_l`` has LoRA's ``A`` entries and one Adam step moves every entry of ``P_B``
+    by ``±lr``; with private shards the output would change per coordinate by about
+    ``(alpha / r) · lr · r σ_A ‖x‖ = alpha · lr σ_A ‖x‖``, as LoRA's at the same ``alpha``
+    (:mod:`adapters._step_match`). But every shard of ``P_B`` serves several rank vectors of
+    all ``L`` layers, so its gradient's sign agrees only partly with any one use, and the
+    update moves about half as fast (measured, ``tests/adapters/test_step_match.py`` and an
+    8-layer BERT: 0.46x PEFT's default LoRA at ``alpha = 8``, 0.91x at 16). The reference's
+    ``alpha = 16`` (twice PEFT's 8) is therefore kept as the default: it moves like
+    ``LoraConfig()`` at the same lr.
+
     Requirements (checked before anything is created): ``0 <= p <= v <= r``,
     ``(v - p) L >= r - p`` for every module type, and ``c`` divides ``d_in`` and ``d_out``.
     """

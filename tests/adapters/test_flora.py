@@ -110,14 +110,16 @@ def test_scale_overrides_alpha_over_r():
     assert adapted_layer(nn.Linear(8, 8), r=4, alpha=16.0, scale=0.5).flr_scale["default"] == 0.5
 
 
-def test_init_zero_core_and_unit_norm_factors():
+def test_init_zero_core_and_step_matched_factors():
     layer = adapted_layer(nn.Linear(2048, 1024), r=8)
     torch.manual_seed(0)
     fresh = get_peft_model(nn.Sequential(nn.Linear(2048, 1024)), adapters.FloraConfig(r=8, target_modules=["0"]))
     fresh_layer = fresh.base_model.model[0]
     assert not fresh_layer.flr_core["default"].any()
-    for u in fresh_layer.flr_factors["default"]:
-        assert_close(u.norm(dim=0), torch.ones(8), tol=0.1)  # random: 1 +- O(1/sqrt(d))
+    u_out, u_in = fresh_layer.flr_factors["default"]
+    # U_out entries of std r^-1/2, U_in LoRA's A std (3 d_in)^-1/2; random: 1 +- O(1/sqrt(d)) relative
+    assert_close(u_out.norm(dim=0), torch.full((8,), (1024 / 8) ** 0.5), tol=0.1)
+    assert_close(u_in.norm(dim=0), torch.full((8,), 3**-0.5), tol=0.1)
     assert layer.flr_core["default"].shape == (8, 8)
 
 

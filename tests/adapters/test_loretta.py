@@ -3,6 +3,7 @@ contraction, the paper init, per-architecture adp placement and ``train_norms``.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from adapters.loretta import (
     factor_modes,
     factor_parameter_count,
     find_adp_placement,
+    min_parameter_modes,
     paper_init_,
     tt_factor,
 )
@@ -71,11 +73,41 @@ def test_mode_order_matters_for_the_count():
     assert tt_formula([8, 8, 8, 12], 5) == 500 and tt_formula([8, 8, 12, 8], 5) == 580
 
 
+def ordered_splits(d: int) -> list[tuple[int, ...]]:
+    """Every ordered factorization of ``d`` into factors >= 2 (brute force, independent of the library)."""
+    if d == 1:
+        return [()]
+    return [(n, *rest) for n in range(2, d + 1) if d % n == 0 for rest in ordered_splits(d // n)]
+
+
+@pytest.mark.parametrize("d", [192, 384, 576, 768, 1536])
+@pytest.mark.parametrize("tt_rank", [4, 5])
+def test_default_modes_minimise_the_parameter_count(d, tt_rank):
+    config = adapters.LoRETTARepConfig(tt_rank=tt_rank)
+    d_modes, r_modes = factor_modes(d, config.r, config)
+    assert math.prod(d_modes) == d and r_modes == (config.r,)
+    assert d_modes == min_parameter_modes(d, r_modes, tt_rank)
+    count = factor_parameter_count(d, config.r, config)
+    assert count == tt_formula([*d_modes, *r_modes], tt_rank)
+    assert count == tt_factor(d, config.r, config, layer_name="x").num_parameters
+    assert count == min(tt_formula([*split, config.r], tt_rank) for split in ordered_splits(d))
+    # the paper's balanced split stays available, and is never cheaper
+    balanced = adapters.LoRETTARepConfig(tt_rank=tt_rank, num_modes=3)
+    assert factor_modes(d, config.r, balanced)[0] == tensornets.factorize(d, 3)
+    assert factor_parameter_count(d, config.r, balanced) >= count
+
+
+def test_minimal_modes_put_a_large_mode_first():
+    assert min_parameter_modes(384, (8,), 5) == (16, 2, 3, 4)  # 345 parameters, balanced (6, 8, 8): 470
+    assert factor_parameter_count(384, 8, adapters.LoRETTARepConfig(tt_rank=5)) == 80 + 50 + 75 + 100 + 40
+    assert factor_parameter_count(384, 8, adapters.LoRETTARepConfig(tt_rank=5, num_modes=3)) == 470
+
+
 @pytest.mark.parametrize("d", [768, 3072, 4096, 11008])
 def test_default_modes_for_any_size_follow_the_formula(d):
     config = adapters.LoRETTARepConfig()
     d_modes, r_modes = factor_modes(d, config.r, config)
-    assert math.prod(d_modes) == d and len(d_modes) == config.num_modes and r_modes == (config.r,)
+    assert math.prod(d_modes) == d and r_modes == (config.r,)
     count = factor_parameter_count(d, config.r, config)
     assert count == tt_formula([*d_modes, *r_modes], config.tt_rank)
     assert count == tt_factor(d, config.r, config, layer_name="x").num_parameters
@@ -125,11 +157,15 @@ def test_paper_init_is_the_reference_draw_and_nonzero():
     assert model.base_model.model.layers[0]["q"].get_delta_weight("default").abs().sum() > 0
 
 
-def test_prime_size_needs_explicit_modes():
+def test_prime_size_needs_explicit_modes_for_a_balanced_split():
     with pytest.raises(ValueError, match=r"size 17 cannot be split into num_modes=3.*modes=\{'17'"):
-        get_peft_model(Square(17), adapters.LoRETTARepConfig(target_modules=["q"]))
-    config = adapters.LoRETTARepConfig(r=4, modes={"17": [17]}, target_modules=["q"])
-    assert n_trainable(get_peft_model(Square(17), config)) == 2 * tt_formula([17, 4], 5)
+        get_peft_model(Square(17), adapters.LoRETTARepConfig(num_modes=3, target_modules=["q"]))
+    config = adapters.LoRETTARepConfig(r=4, num_modes=3, modes={"17": [17]}, target_modules=["q"])
+    assert n_trainable(get_peft_model(Square(17), config)) == 2 * tt_formula([17, 4], 4)
+    # the default (fewest parameters) keeps a prime size as one mode
+    default = adapters.LoRETTARepConfig(r=4, target_modules=["q"])
+    assert factor_modes(17, 4, default) == ((17,), (4,))
+    assert n_trainable(get_peft_model(Square(17), default)) == 2 * tt_formula([17, 4], 4)
 
 
 def tiny_bert() -> nn.Module:
@@ -199,7 +235,7 @@ def test_adp_parameter_count_follows_the_formula():
     d, m, tt_rank = 16, 8, 3
     config = adapters.LoRETTAAdpConfig(bottleneck=m, tt_rank=tt_rank, target_modules=["q"])
     model = get_peft_model(Square(d, n_layers=2), config)
-    d_modes = tensornets.factorize(d, config.num_modes)
+    d_modes = min_parameter_modes(d, (m,), tt_rank)
     per_layer = 2 * tt_formula([*d_modes, m], tt_rank) + m + d
     assert n_trainable(model) == 2 * per_layer == model.base_model.parameter_counts()["adapter"]
 
@@ -332,3 +368,28 @@ def test_gpt2_conv1d_blocks_are_not_recognised():
     base = GPT2Model(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16))
     with pytest.raises(ValueError, match="no default placement for model_type='gpt2'"):
         get_peft_model(base, adapters.LoRETTAAdpConfig(bottleneck=4))
+
+
+def rep_and_lora_counts(shapes: list[tuple[int, int]], config: adapters.LoRETTARepConfig) -> tuple[int, int]:
+    """Trainable parameters of LoRETTA-rep and of LoRA at the same rank over ``(d_out, d_in)`` targets."""
+    rep = sum(factor_parameter_count(d_in, config.r, config) + factor_parameter_count(d_out, config.r, config)
+              for d_out, d_in in shapes)
+    return rep, sum(config.r * (d_in + d_out) for d_out, d_in in shapes)
+
+
+def test_rep_defaults_train_10x_fewer_parameters_than_lora_on_minilm_and_smollm2():
+    from transformers import AutoModel
+
+    from adapter_conformance import minilm_path
+
+    minilm = AutoModel.from_pretrained(minilm_path())
+    for targets in (["query", "value"], "all-linear"):
+        lora = n_trainable(get_peft_model(copy.deepcopy(minilm), LoraConfig(r=8, target_modules=targets)))
+        rep = get_peft_model(copy.deepcopy(minilm), adapters.LoRETTARepConfig(target_modules=targets))
+        assert lora >= 10 * n_trainable(rep), (targets, lora, n_trainable(rep))  # q/v: 73,728 vs 5,760
+    # SmolLM2-135M (hidden 576, MLP 1536, 9 query / 3 KV heads of 64, 30 layers), from its shapes
+    q, kv, mlp_in, mlp_out = (576, 576), (192, 576), (1536, 576), (576, 1536)
+    config = adapters.LoRETTARepConfig()
+    for shapes in ([q, kv] * 30, [q, kv, kv, q, mlp_in, mlp_in, mlp_out] * 30):
+        rep, lora = rep_and_lora_counts(shapes, config)
+        assert lora >= 10 * rep, (rep, lora)

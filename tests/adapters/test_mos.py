@@ -91,7 +91,7 @@ def test_assembly_and_scatter_add_gradient_match_explicit_formulas():
     with torch.no_grad():
         for pool in model.base_model.mos_B["default"].values():
             pool.normal_()
-    r, c, scale = CONFIG["r"], CONFIG["c"], 16.0 / CONFIG["r"]
+    r, c, scale = CONFIG["r"], CONFIG["c"], model.peft_config["default"].alpha / CONFIG["r"]
     expected_grad_a = {}
     loss = 0.0
     for layer in layers_of(model).values():

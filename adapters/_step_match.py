@@ -1,0 +1,72 @@
+"""Init scales that make an adapter's first optimizer steps move the output like LoRA's.
+
+The reference is PEFT's LoRA: ``ΔW = s_L B A`` with ``B: (d_out, r) = 0``, ``A: (r, d_in)``
+Kaiming-uniform (``U(±d_in^{-1/2})``, std ``σ_A = (3 d_in)^{-1/2}``) and ``s_L = alpha / r``.
+Under Adam the first step moves every entry that has a gradient by ``±lr`` (bias correction
+makes ``|m̂ / sqrt(v̂)| = 1``); at step 0 only ``B`` has one (``∂L/∂A ∝ B = 0``), so
+``s_L ΔB`` has entries of size ``s_L lr`` and the output change
+``Δy = s_L ΔB (A x)`` has, per output coordinate, size about ``s_L lr · r σ_A ‖x‖``:
+independent of ``d_out`` (the muP condition for a hidden layer) and proportional to ``alpha``.
+
+Every update of ours that is linear in ``x`` can be written ``ΔW = s · (P C) A'`` with a
+trainable core ``C: (q, r')`` that starts at zero, an output-side factor ``P: (d_out, q)`` and
+an input-side factor ``A': (r', d_in)`` (LoTR: ``P = A``, ``C = G_m``, ``A' = B``; FLoRA on a
+linear: ``P = U_out``, ``C = G``, ``A' = U_inᵀ``; LoRETTA-rep: ``P`` = the contraction of
+``M_B``'s cores before its last, ``C`` = that last core, ``A' = M_Aᵀ``). The first step gives
+``Δ(P C)`` entries of size ``sqrt(q) σ_P lr`` (a sum of ``q`` terms ``P_ja ΔC_ab``), so the
+output change per coordinate is about ``s lr · sqrt(q) σ_P · r' σ_{A'} ‖x‖``. It equals LoRA's
+at the same ``alpha`` (``s = s_L``) when
+
+    ``sqrt(q) σ_P · r' σ_{A'} = r σ_A``,
+
+which :func:`output_factor_std` solves for ``σ_P``. With ``r' = r`` and ``σ_{A'} = σ_A`` it is
+``σ_P = q^{-1/2}``: the entries of ``s P ΔC`` then have LoRA's ``s_L lr``. Width transfer
+follows: neither side depends on ``d_out``. Factors normalized to unit columns instead (the
+earlier defaults) give ``σ_P = d_out^{-1/2}`` and slow the update by ``sqrt(q / d_out)`` (about
+4-7x at d = 384-768), which is why LoTR, FLoRA and LoRETTA-rep needed ~5x LoRA's lr.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["REFERENCE_LORA_ALPHA", "lora_input_std", "output_factor_std"]
+
+#: PEFT's default ``lora_alpha`` (with its default ``r = 8``: ``s_L = 1``), the LoRA that methods without an
+#: ``alpha`` of their own (LoRETTA-adp) are matched to.
+REFERENCE_LORA_ALPHA = 8.0
+
+
+def lora_input_std(fan_in: int) -> float:
+    """Std ``σ_A = (3 fan_in)^{-1/2}`` of LoRA's ``A`` (Kaiming-uniform ``U(±fan_in^{-1/2})``)."""
+    if fan_in < 1:
+        raise ValueError(f"fan_in={fan_in} must be >= 1")
+    return (3 * fan_in) ** -0.5
+
+
+def output_factor_std(q: int, r_input: int, input_std: float, fan_in: int, r: int) -> float:
+    """``σ_P`` solving ``sqrt(q) σ_P · r_input σ_{A'} = r σ_A`` (module docstring).
+
+    Parameters
+    ----------
+    q : int
+        Columns of the output-side factor ``P: (d_out, q)`` (rows of the zero-init core).
+    r_input : int
+        Rows ``r'`` of the input-side factor ``A': (r', fan_in)`` (columns of the core).
+    input_std : float
+        Entry std ``σ_{A'}`` of ``A'``.
+    fan_in : int
+        Input size of the layer (``d_in``; ``C_in / groups · ∏ kernel`` for a conv).
+    r : int
+        The rank ``r`` of the LoRA being matched (the ``r`` of ``s = alpha / r``).
+
+    Returns
+    -------
+    float
+        The entry std of ``P`` that makes ``s P ΔC A'`` after one Adam step as large as LoRA's
+        ``s ΔB A`` at the same ``s``.
+    """
+    if min(q, r_input, fan_in, r) < 1 or input_std <= 0:
+        raise ValueError(f"need positive sizes and std; got q={q}, r_input={r_input}, fan_in={fan_in}, r={r}, "
+                         f"input_std={input_std}")
+    return r * lora_input_std(fan_in) / (math.sqrt(q) * r_input * input_std)
