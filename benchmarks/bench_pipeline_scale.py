@@ -177,6 +177,10 @@ def main() -> None:
         goal(f"peak RSS at {deep['layers']} layers <= 1.3x the peak at {base['layers']} (disk offload)",
              value=peak_ratio, need=1.3, higher_is_better=False,
              detail=f"{deep['peak_mb']:.0f} MB vs {base['peak_mb']:.0f} MB"),
+        goal(f"peak RSS while compressing (after loading) at {deep['layers']} layers <= 1.3x the peak at "
+             f"{base['layers']}", value=deep["peak_compress_mb"] / base["peak_compress_mb"], need=1.3,
+             higher_is_better=False, detail=f"{deep['peak_compress_mb']:.0f} MB vs {base['peak_compress_mb']:.0f} MB; "
+             f"kept quantized codes {deep['kept_quantized_mb']:.0f} MB vs {base['kept_quantized_mb']:.0f} MB"),
         goal(f"time linear in depth: (time ratio) / (depth ratio) {deep['layers']} vs {base['layers']} layers "
              "<= 1.25", value=time_ratio, need=1.25, higher_is_better=False,
              detail="s per block: " + ", ".join(f"{r['layers']}: {r['s_per_block']:.1f}" for r in rows)),
