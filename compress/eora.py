@@ -28,7 +28,6 @@ this package.
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -274,12 +273,6 @@ def eora_factors(
     return lr.lowrank_factors(delta, rank, EORA_METHODS[method], stats, alpha=alpha, ridge=ridge, eps=eps, device=device)
 
 
-def _block_of(name: str) -> str:
-    """Group key for sequential compensation: the path up to the first numeric component (``model.layers.3``)."""
-    m = re.match(r"(.*?\.\d+)(\.|$)", name)
-    return m.group(1) if m else name
-
-
 def eora_compensate_pairs(
     pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | Sequence[tuple[torch.Tensor, torch.Tensor]],
     stats: Mapping[str, LayerStats] | Sequence[LayerStats] | None = None,
@@ -381,18 +374,18 @@ def eora_compensate(
         Layers to compensate (default: the layers in ``stats``, or ``"all-linear"`` without stats, whose weight the
         compressor changed).
     sequential : bool
-        Sequential EoRA (``method="eora"`` only; :mod:`compress.sequential_eora`): blocks (paths up to the first
-        numeric component, e.g. ``model.layers.3``) are handled in execution order, the compressed model carrying the
-        residuals of all earlier blocks, and every layer's residual minimizes the ridge-penalized
-        ``‖W X − (W_c + BA) X̃‖_F² + λ' ‖BA − ΔW‖_F²`` (``X`` dense inputs, ``X̃`` compensated-model inputs), so it
-        also corrects the drift its inputs accumulated. ``λ``, or independent EoRA, is chosen per layer by 2-fold
-        cross-validation over the calibration batches (even / odd), which guards against the drift fit's
-        overfitting. The reported errors are then ``‖W X − Ŵ X̃‖ / ‖W X‖`` on all calibration data, and each row
-        says which candidate was chosen. Measured against independent EoRA:
-        ``benchmarks/results/sequential_eora.md``.
+        Sequential EoRA (``method="eora"`` only; :mod:`compress.sequential_eora`): layers are handled in execution
+        order, the compressed model carrying the final residuals of all earlier layers, and every layer's residual
+        minimizes the ridge-penalized ``‖W X − (W_c + BA) X̃‖_F² + λ' ‖BA − ΔW‖_F²`` (``X`` dense inputs, ``X̃``
+        compensated-model inputs), so it also corrects the drift its inputs accumulated. ``λ``, or independent EoRA,
+        is chosen per layer by 2-fold cross-validation over the calibration batches (even / odd), which guards
+        against the drift fit's overfitting. The reported errors are then ``‖W X − Ŵ X̃‖ / ‖W X‖`` on all
+        calibration data, and each row says which candidate was chosen. Costs one forward per layer and fold; for
+        decoder models :func:`compress.compress_blocks` does the same block by block. Measured against independent
+        EoRA: ``benchmarks/results/sequential_eora.md``.
     calib_batches : Iterable, optional
-        Calibration batches for ``sequential=True`` (a list of at least 2 batches, run three times per block up to
-        that block).
+        Calibration batches for ``sequential=True`` (a list of at least 2 batches, run once per layer, up to that
+        layer).
     device : torch.device or str, optional
         Where each layer is processed (default: the layer's device).
     progress : bool, optional
@@ -449,7 +442,7 @@ def eora_compensate(
             raise ValueError("sequential=True runs calib_batches several times per block and splits them into folds: "
                              "pass a list, not an iterator")
         calibration_folds(calib_batches)  # at least 2 batches, before any work
-        layer_iter = _sequential_layers(original, compressed, targets, calib_batches, stats, rank, ridge, eps)
+        layer_iter = _sequential_layers(original, compressed, targets, calib_batches, stats)
     else:
         if stats is None and method != "svd":
             raise ValueError(f"method={method!r} needs activation statistics: stats = collect_activation_stats(original, "
@@ -529,44 +522,23 @@ def _sequential_layers(
     targets: Mapping[str, nn.Module],
     calib_batches: Sequence[Any],
     stats: ActivationStats | None,
-    rank: int,
-    ridge: float,
-    eps: float | None,
 ) -> Iterator[tuple[str, list[CrossStats], Any]]:
-    """Yield ``(name, fold_cross_stats, on_done)`` block by block; ``on_done`` installs the layer's residual.
+    """Yield ``(name, fold_cross_stats, on_done)`` layer by layer in execution order; ``on_done`` installs the
+    layer's residual in a working copy before the next layer's statistics are collected.
 
-    Each block is fitted on the inputs it will see: the earlier blocks carry their final residuals, and the block's
-    own layers carry independent EoRA residuals while the cross statistics are collected (a layer's drift depends on
-    the layers before it in the block; fitting to the inputs of uncompensated earlier layers over-corrects).
+    Each layer is fitted on the inputs it sees at inference, with the final residuals of every earlier layer in
+    place. (Fitting several layers on one pass corrects the same drift twice: a later layer learns to undo drift
+    that the earlier layers' residuals then remove.) One forward per layer and fold, stopped at the layer.
     """
     work = copy.deepcopy(compressed)
     parts = calibration_folds(calib_batches)
     if stats is not None:
         order = [n for n in stats.order if n in targets] + [n for n in targets if n not in stats]
     else:
-        probe = accumulate_stats(work, {n: work.get_submodule(n) for n in targets}, calib_batches[:1], progress=False)
-        order = probe.order
-    blocks: dict[str, list[str]] = {}
+        order = accumulate_stats(work, {n: work.get_submodule(n) for n in targets}, calib_batches[:1],
+                                 progress=False).order
+    on_done = lambda name, B, A: replace_module(work, name, CompensatedLayer(work.get_submodule(name), B, A))
     for name in order:
-        blocks.setdefault(_block_of(name), []).append(name)
-    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    on_done = lambda name, B, A: pending.append((name, B, A))
-    for names in blocks.values():
-        for name, B, A in pending:
-            replace_module(work, name, CompensatedLayer(work.get_submodule(name), B, A))
-        pending.clear()
-        dense_stats = accumulate_stats(original, {n: original.get_submodule(n) for n in names}, calib_batches,
-                                       progress=False)
-        compressed_layers = {n: work.get_submodule(n) for n in names}
-        for name, layer in compressed_layers.items():
-            W, Wc = dense_weight(original.get_submodule(name)), dense_weight(layer)
-            B, A = eora_factors(W.to(torch.float64) - Wc.to(W.device, torch.float64), dense_stats[name], rank,
-                                ridge=ridge, eps=eps, name=name)
-            replace_module(work, name, CompensatedLayer(layer, B.float(), A.float()))
-        del dense_stats
-        fold_stats = [accumulate_cross_stats(original, work, names, part, progress=False,
-                                             desc="sequential calibration") for part in parts]
-        for name, layer in compressed_layers.items():
-            replace_module(work, name, layer)
-        for name in names:
-            yield name, [f[name] for f in fold_stats], on_done
+        folds = [accumulate_cross_stats(original, work, [name], part, progress=False,
+                                        desc="sequential calibration")[name] for part in parts]
+        yield name, folds, on_done
