@@ -197,9 +197,10 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "(adds about one compensation + one evaluation each)")
     g.add_argument("--sequential", action="store_true",
                    help="also run sequential EoRA (eora only): each residual fits the dense outputs from the inputs of "
-                   "the compressed model with the earlier blocks' residuals applied, ||W X - (W_c + BA) X~||; both it "
-                   "and independent EoRA are evaluated and the sequential adapter is saved (slower: one paired "
-                   "calibration pass of both models per block)")
+                   "the compressed model with the earlier layers' residuals applied, ||W X - (W_c + BA) X~||, plus a "
+                   "ridge chosen per layer by cross-validation; both it and independent EoRA are evaluated and the "
+                   "sequential adapter is saved (slower: per layer, one paired calibration pass of both models that "
+                   "stops at the layer)")
 
     g = p.add_argument_group("data (default: disjoint slices of the Python reference docs)")
     g.add_argument("--calib-data", metavar="PATH", default=None,
