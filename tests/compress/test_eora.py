@@ -23,6 +23,7 @@ from compress import (
     eora_compensate_pairs,
 )
 from compress.targets import dense_weight
+from anisotropic import anisotropic_mlp
 from tolerance import assert_close
 
 
@@ -31,15 +32,6 @@ def tiny_llama() -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
-
-
-def anisotropic_mlp(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).eval()
-    scale = torch.logspace(0, -2, 32)
-    scale[:2] = 10.0
-    draw = lambda n: [torch.randn(64, 32) * scale for _ in range(n)]
-    return model, draw(8), draw(8)
 
 
 @pytest.fixture(scope="module")

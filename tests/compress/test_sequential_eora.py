@@ -18,6 +18,7 @@ from compress import (
 from compress.calibration import CrossStats, LayerStats, accumulate_cross_stats, layer_inputs
 from compress.sequential_eora import INDEPENDENT, drifted_output_error, drifted_squared_error
 from compress.targets import dense_weight
+from anisotropic import anisotropic_mlp
 from tolerance import assert_close
 
 
@@ -155,15 +156,7 @@ def test_bad_selection_input():
     assert err > 0 and ref > 0
 
 
-# --- model level ---------------------------------------------------------------------------------------------------
-
-def anisotropic_mlp(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).eval()
-    scale = torch.logspace(0, -2, 32)
-    scale[:2] = 10.0
-    draw = lambda n: [torch.randn(64, 32) * scale for _ in range(n)]
-    return model, draw(8), draw(8)
+# --- model level ---
 
 
 def _rows(model: nn.Module, name: str, batches) -> torch.Tensor:
