@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -43,7 +44,12 @@ from tqdm.auto import tqdm
 from compress import lowrank as lr
 from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
 from compress.eora_peft import as_peft_init as _as_peft_init
-from compress.sequential_eora import calibration_folds, drifted_output_error, select_sequential_factors
+from compress.sequential_eora import (
+    calibration_folds,
+    drifted_output_error,
+    merge_cross_stats,
+    select_sequential_factors,
+)
 from compress.targets import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
 from tensornets import FactorizedLinear, get_format
 
@@ -117,7 +123,8 @@ class EoraAdapter:
                 module = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"model has no layer {name!r}; pass the compressed model the adapter was computed for") from None
-            W = dense_weight(module)
+            # a layer an earlier PEFT adapter wrapped is checked on its base layer (as_peft_init on a PeftModel)
+            W = dense_weight(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
             if tuple(W.shape) != (B.shape[0], A.shape[1]):
                 raise ValueError(f"layer {name!r} has weight shape {tuple(W.shape)}, the residual is "
                                  f"({B.shape[0]}, {A.shape[1]}); pass the model the adapter was computed for")
@@ -508,9 +515,7 @@ def fit_sequential_layer(
     dev = W.device if device is None else torch.device(device)
     fit = select_sequential_factors(W, Wc, folds, rank, independent_ridge=ridge, eps=eps, device=dev, name=name)
     W64, Wc64 = W.to(dev, torch.float64), Wc.to(dev, torch.float64)
-    everything = folds[0]
-    for fold in folds[1:]:
-        everything = everything.merge(fold)
+    everything = merge_cross_stats(folds)
     rep = EoraLayerReport(name, tuple(W.shape), rank, drifted_output_error(W64, Wc64, everything),
                           drifted_output_error(W64, Wc64 + fit.B @ fit.A, everything), fit.choice)
     return fit.B.float().cpu(), fit.A.float().cpu(), rep

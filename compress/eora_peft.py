@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 if TYPE_CHECKING:
@@ -70,7 +68,7 @@ def as_peft_init(eora: EoraAdapter, model: nn.Module, adapter_name: str = "defau
         raise TypeError(f"model is a {type(model).__name__}; pass the compressed nn.Module the residual was computed for")
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     state = eora.lora_state_dict()  # raises for layers PEFT's LoRA cannot wrap, before the model is touched
-    _check_layers(eora, base)
+    eora._check_model(base)  # every layer exists with the residual's shape, before the model is touched
     config = eora.lora_config(getattr(base, "name_or_path", None) or None)
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
@@ -87,23 +85,3 @@ def as_peft_init(eora: EoraAdapter, model: nn.Module, adapter_name: str = "defau
                            f"missing {lora_missing[:4]}")
     peft_model.set_adapter(adapter_name)
     return peft_model
-
-
-def _check_layers(eora: EoraAdapter, base: nn.Module) -> None:
-    """Every compensated layer exists in ``base`` (possibly wrapped by an earlier adapter) with the residual's shape."""
-    for name, (B, A) in eora.factors.items():
-        try:
-            layer = base.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"model has no layer {name!r}; pass the compressed model the residual was computed "
-                             "for") from None
-        if isinstance(layer, BaseTunerLayer):
-            layer = layer.get_base_layer()
-        weight = getattr(layer, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no dense weight for a LoRA to wrap")
-        kind = eora.kinds[name]
-        shape = tuple(weight.T.shape) if kind == "conv1d" else (weight.shape[0], weight[0].numel())
-        if shape != (B.shape[0], A.shape[1]):
-            raise ValueError(f"layer {name!r} has weight shape {shape}, the residual is ({B.shape[0]}, "
-                             f"{A.shape[1]}); pass the model the adapter was computed for")

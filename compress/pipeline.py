@@ -249,7 +249,7 @@ def compress_blocks(
     if reason is not None:
         warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "
                       "(float32 statistics of every layer in memory)", UserWarning, stacklevel=2)
-        return _whole_model(model, config, list(calib_batches), list(targets), eora_rank, eora_method,
+        return _whole_model(model, config, calib_batches, list(targets), eora_rank, eora_method,
                             eora_sequential, eora_ridge, inplace, progress)
 
     path, blocks = find_decoder_blocks(model)

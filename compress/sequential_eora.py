@@ -224,7 +224,7 @@ def select_sequential_factors(
     sq = dict.fromkeys(labels, 0.0)
     total_ref = 0.0
     for k, held in enumerate(folds):
-        train = _merge([f for i, f in enumerate(folds) if i != k])
+        train = merge_cross_stats([f for i, f in enumerate(folds) if i != k])
         eigen = _Eigen(train, dev)
         candidates = {INDEPENDENT: _independent(W64, Wc64, train, rank, independent_ridge, eps)}
         candidates.update((label, _fit(W64, Wc64, train, eigen, rank, r, eps)) for label, r in zip(labels[1:], ridges))
@@ -233,7 +233,7 @@ def select_sequential_factors(
             sq[label] += err
         total_ref += ref
     choice = min(labels, key=lambda label: sq[label])
-    everything = _merge(folds)
+    everything = merge_cross_stats(folds)
     if choice == INDEPENDENT:
         B, A = _independent(W64, Wc64, everything, rank, independent_ridge, eps)
     else:
@@ -251,7 +251,8 @@ def calibration_folds(calib_batches: Sequence[Any], folds: int = 2) -> list[list
     return [list(calib_batches[k::folds]) for k in range(folds)]
 
 
-def _merge(parts: Sequence[CrossStats]) -> CrossStats:
+def merge_cross_stats(parts: Sequence[CrossStats]) -> CrossStats:
+    """Sum of the statistics of one layer over disjoint parts of the calibration data (e.g. all folds)."""
     out = parts[0]
     for part in parts[1:]:
         out = out.merge(part)
