@@ -21,7 +21,8 @@ position embeddings / ids, cache disabled) and then, for ``i = 0, 1, ...``:
 
 Cost per block, over the calibration data: without EoRA two passes of the block (statistics, output); with
 independent EoRA one more on the dense stream; with sequential EoRA one paired pass of the dense and the compressed
-block, then for each layer one paired pass of the block that stops at that layer (in two folds), and the output. Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
+block, then for each layer one paired pass of the block that stops at that layer (in two folds), and the output.
+Memory: the storage-dtype model, one float32 block (two with EoRA: the original is kept for ``W``), one
 block's statistics, and the hidden states of the calibration data (one or two streams, float32, on ``device``).
 
 Models too big for memory are loaded in their storage dtype with accelerate's big-model tools, the blocks offloaded
