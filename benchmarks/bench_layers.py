@@ -28,8 +28,8 @@ dense at B = 512 as well.
 
 Method: ``torch.set_num_threads(2)``; every contender is warmed up first, then timed in
 *interleaved* rounds (one measurement of each contender per round, round-robin with a rotating
-start so no contender always runs first); each measurement loops the call enough times to last
-about 2 ms; the reported time is the median over rounds. Outputs of every contender are checked
+start so no contender always runs first); each measurement starts with one untimed call, then loops the
+call enough times to last about 2 ms; the reported time is the median over rounds. Outputs of every contender are checked
 against its own dense weight before timing.
 
 Run
@@ -104,6 +104,9 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
         shift = rep % len(names)
         for k in names[shift:] + names[:shift]:
             fn, n = fns[k], inner[k]
+            # one untimed call first: a sample must not pay for the caches and allocator state its predecessor
+            # left (a 65 ms tltorch rebuild of a 64 MB W runs right before a 0.4 ms MPO call in some rounds)
+            fn()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
