@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
@@ -74,8 +75,10 @@ class CompensatedLayer(nn.Module):
     """``base_layer(x) + lora_B(lora_A(x))``: a layer plus its in-memory EoRA residual.
 
     ``lora_A`` / ``lora_B`` are ``nn.Linear(in, r)`` / ``nn.Linear(r, out)`` without bias, or for a convolution a
-    ``kh × kw`` conv to ``r`` channels and a 1×1 conv — the modules (and the float32 dtype) PEFT's LoRA uses, so
-    outputs match the exported adapter.
+    ``kh × kw`` conv to ``r`` channels and a 1×1 conv — the modules PEFT's LoRA uses. Their weights are the factors
+    themselves (views of ``A`` and ``B`` on the base layer's device, in the factors' dtype: applying an adapter
+    holds no second copy of it). The residual is computed in float32, or in the factors' dtype when wider, as PEFT
+    computes a bfloat16 / float16 adapter (``autocast_adapter_dtype``), so outputs match the exported adapter.
     """
 
     def __init__(self, base_layer: nn.Module, B: torch.Tensor, A: torch.Tensor) -> None:
@@ -85,25 +88,28 @@ class CompensatedLayer(nn.Module):
         ref = next(base_layer.parameters())
         if isinstance(base_layer, nn.Conv2d):
             self.lora_A = nn.Conv2d(base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride,
-                                    base_layer.padding, base_layer.dilation, bias=False)
-            self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False)
+                                    base_layer.padding, base_layer.dilation, bias=False, device="meta")
+            self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False, device="meta")
         else:
-            self.lora_A = nn.Linear(A.shape[1], r, bias=False)
-            self.lora_B = nn.Linear(r, B.shape[0], bias=False)
-        self.lora_A.to(ref.device)
-        self.lora_B.to(ref.device)
-        with torch.no_grad():
-            self.lora_A.weight.copy_(A.reshape(self.lora_A.weight.shape))
-            self.lora_B.weight.copy_(B.reshape(self.lora_B.weight.shape))
+            self.lora_A = nn.Linear(A.shape[1], r, bias=False, device="meta")
+            self.lora_B = nn.Linear(r, B.shape[0], bias=False, device="meta")
+        self.lora_A.weight = nn.Parameter(A.detach().to(ref.device).reshape(self.lora_A.weight.shape))
+        self.lora_B.weight = nn.Parameter(B.detach().to(ref.device).reshape(self.lora_B.weight.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        return y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(y.dtype)
+        dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
+        A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        if isinstance(self.lora_A, nn.Conv2d):
+            h = F.conv2d(x.to(dtype), A, None, self.lora_A.stride, self.lora_A.padding, self.lora_A.dilation)
+            return y + F.conv2d(h, B).to(y.dtype)
+        return y + F.linear(F.linear(x.to(dtype), A), B).to(y.dtype)
 
 
 @dataclass
 class EoraAdapter:
-    """Residual factors per layer (``B: (out, r)``, ``A: (r, in)``, float32, CPU) and their report.
+    """Residual factors per layer (``B: (out, r)``, ``A: (r, in)``, CPU; float32 as computed, the model's storage
+    dtype once :func:`compress.compress_blocks` rounds them) and their report.
 
     Use :meth:`apply` (wrap layers in memory), :meth:`merge` (fold ``BA`` into dense or low-rank layers) or
     :meth:`save_pretrained` (a PEFT LoRA adapter directory).

@@ -9,7 +9,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["perplexity"]
+__all__ = ["perplexity", "token_nll"]
+
+#: predicted tokens whose log-softmax over the vocabulary exists at once (32 x 49152 floats: 6 MB for SmolLM2)
+NLL_CHUNK = 32
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = NLL_CHUNK) -> torch.Tensor:
+    r"""Per-token negative log-likelihood ``-log softmax(logits[t])[targets[t]]``, ``chunk`` tokens at a time.
+
+    .. math::
+
+        \ell_t = \log \sum_v e^{z_{t,v}} - z_{t, y_t}
+
+    computed in float32 (bfloat16 / float16 logits are upcast a chunk at a time) by ``F.cross_entropy`` on
+    ``chunk`` rows at once, so only ``chunk x vocab`` floats of log-softmax exist instead of a second copy of the
+    logits. Each row's value does not depend on the chunking: the result is bitwise that of one
+    ``F.cross_entropy(logits.float(), targets, reduction="none")``.
+
+    Parameters
+    ----------
+    logits
+        ``(T, vocab)`` floating point, e.g. the logits of one sequence without its last position.
+    targets
+        ``(T,)`` integer token ids in ``[0, vocab)``.
+    chunk
+        Rows per log-softmax, ``>= 1``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(T,)`` float32.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a (tokens, vocab) floating tensor, got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}")
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:1] or targets.is_floating_point():
+        raise ValueError(f"targets must be a ({logits.shape[0]},) integer tensor (one token id per logits row), got "
+                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be an int >= 1 (tokens per log-softmax)")
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = F.cross_entropy(logits[rows].float(), targets[rows], reduction="none")
+    return out
 
 
 def perplexity(
@@ -28,6 +72,10 @@ def perplexity(
     the first of each sequence). Tokens are pooled before the mean, so batches of different
     sizes weigh by their token count, not equally. Runs under ``torch.no_grad`` in eval
     mode; the model's previous train / eval mode is restored afterwards.
+
+    Memory: one batch's logits plus the log-softmax of :data:`NLL_CHUNK` tokens at a time
+    (:func:`token_nll`), not a second batch-sized copy. Each token's NLL is computed in float32
+    and all of them are summed in float64, once per batch.
 
     Parameters
     ----------
@@ -90,14 +138,11 @@ def perplexity(
                 if ids.shape[1] < 2:
                     continue
                 logits = model(input_ids=ids, use_cache=False).logits
-                # Position t predicts token t+1; upcast so bf16/fp16 models get an fp32 softmax.
-                nll = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    ids[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-                total_nll += nll.double()
-                total_tokens += ids[:, 1:].numel()
+                # Position t predicts token t+1, one sequence (a contiguous view, no copy) at a time.
+                nll = torch.cat([token_nll(logits[b, :-1], ids[b, 1:]) for b in range(ids.shape[0])])
+                del logits
+                total_nll += nll.double().sum()
+                total_tokens += nll.numel()
     finally:
         model.train(was_training)
 

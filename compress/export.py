@@ -58,7 +58,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.quantized import QuantizedWeight
+from compress.quantized import PackedQuantizedWeight, QuantizedWeight
+
+#: a quantized layer as the exporter takes it: int8 codes, or codes already packed (the block pipeline keeps them so)
+Quantized = QuantizedWeight | PackedQuantizedWeight
 
 __all__ = ["EXPORT_DTYPES", "ExportReport", "PackedLayer", "pack_quantized_weight", "quantization_config", "regroup",
            "save_hf_directory"]
@@ -131,25 +134,28 @@ class ExportReport:
         }
 
 
-def pack_quantized_weight(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def pack_quantized_weight(qw: Quantized, scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The compressed-tensors ``pack-quantized`` tensors of one quantized linear (local names).
 
     Codes ``q ∈ [−2^{b−1}, 2^{b−1} − 1]`` ``(out, in)`` are packed by compressed-tensors' ``pack_to_int32`` into
     ``(out, ceil(in b / 32))`` int32 words, ``b`` bits per code with no padding between codes; zero points
     ``(out, G)`` likewise along ``out`` into ``(ceil(out b / 32), G)`` (asymmetric only, as compressed-tensors);
-    scales ``(out, G)`` are cast to ``scale_dtype``.
+    scales ``(out, G)`` are cast to ``scale_dtype``. A :class:`PackedQuantizedWeight` already holds the packed codes:
+    they are written as they are.
 
     Returns:
         ``{"weight_packed", "weight_scale", ["weight_zero_point",] "weight_shape"}``.
     """
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    if not isinstance(qw, QuantizedWeight):
-        raise TypeError(f"qw must be a compress.quantized.QuantizedWeight, got {type(qw).__name__}")
+    if not isinstance(qw, (QuantizedWeight, PackedQuantizedWeight)):
+        raise TypeError(f"qw must be a compress.quantized.QuantizedWeight or PackedQuantizedWeight, got "
+                        f"{type(qw).__name__}")
     if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
         raise TypeError(f"scale_dtype={scale_dtype!r} must be a floating torch dtype, e.g. torch.bfloat16")
     tensors = {
-        "weight_packed": pack_to_int32(qw.codes.cpu(), qw.bits),
+        "weight_packed": (qw.packed.cpu().contiguous() if isinstance(qw, PackedQuantizedWeight)
+                          else pack_to_int32(qw.codes.cpu(), qw.bits)),
         "weight_scale": qw.scale.detach().cpu().to(scale_dtype).contiguous(),
     }
     if not qw.symmetric:
@@ -158,11 +164,11 @@ def pack_quantized_weight(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.
     return tensors
 
 
-def _scheme_key(qw: QuantizedWeight) -> tuple[int, int, bool]:
+def _scheme_key(qw: Quantized) -> tuple[int, int, bool]:
     return qw.bits, qw.group_size, qw.symmetric
 
 
-def quantization_config(quantized: Mapping[str, QuantizedWeight], linear_names: list[str]):
+def quantization_config(quantized: Mapping[str, Quantized], linear_names: list[str]):
     """The compressed-tensors ``QuantizationConfig`` describing ``quantized`` among the model's linears.
 
     One config group per distinct ``(bits, group_size, symmetric)``. When a single scheme covers the layers, the
@@ -190,17 +196,21 @@ def quantization_config(quantized: Mapping[str, QuantizedWeight], linear_names: 
                               ignore=ignore)
 
 
-def regroup(qw: QuantizedWeight, group_size: int) -> QuantizedWeight:
+def regroup(qw: Quantized, group_size: int) -> Quantized:
     """The same weight with groups of ``group_size``, a divisor of ``qw.group_size``: every scale and zero point
-    repeated ``qw.group_size / group_size`` times along ``in``. Codes and ``s (q − z)`` are unchanged."""
+    repeated ``qw.group_size / group_size`` times along ``in``. Codes (packed or not) and ``s (q − z)`` are
+    unchanged."""
     if group_size < 1 or qw.group_size % group_size:
         raise ValueError(f"group_size={group_size} must divide the weight's group size {qw.group_size}")
     k = qw.group_size // group_size
-    return QuantizedWeight(qw.codes, qw.scale.repeat_interleave(k, dim=1), qw.zero_point.repeat_interleave(k, dim=1),
-                           qw.bits, group_size, qw.symmetric)
+    scale, zero_point = qw.scale.repeat_interleave(k, dim=1), qw.zero_point.repeat_interleave(k, dim=1)
+    if isinstance(qw, PackedQuantizedWeight):
+        return PackedQuantizedWeight(qw.packed, scale, zero_point, qw.bits, group_size, qw.symmetric,
+                                     qw.unpacked_shape)
+    return QuantizedWeight(qw.codes, scale, zero_point, qw.bits, group_size, qw.symmetric)
 
 
-def _common_group_size(quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+def _common_group_size(quantized: dict[str, Quantized]) -> dict[str, Quantized]:
     """Layers that share bits and symmetry but not the group size, regrouped to the gcd of their group sizes.
 
     A quantizer shortens groups on narrow layers (groups of 64 become 32 on a 32-wide layer); transformers 5
@@ -212,12 +222,13 @@ def _common_group_size(quantized: dict[str, QuantizedWeight]) -> dict[str, Quant
     return {n: q if q.group_size == g else regroup(q, g) for n, q in quantized.items()}
 
 
-def _check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> dict[str, str]:
+def _check_quantized(model: nn.Module, quantized: Mapping[str, Quantized]) -> dict[str, str]:
     """Validate names and shapes; return the layers that cannot be packed (not ``nn.Linear``) with the reason."""
     not_packed = {}
     for name, qw in quantized.items():
-        if not isinstance(qw, QuantizedWeight):
-            raise TypeError(f"quantized[{name!r}] must be a QuantizedWeight, got {type(qw).__name__}")
+        if not isinstance(qw, (QuantizedWeight, PackedQuantizedWeight)):
+            raise TypeError(f"quantized[{name!r}] must be a QuantizedWeight or PackedQuantizedWeight, got "
+                            f"{type(qw).__name__}")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -233,7 +244,7 @@ def _check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedWeight])
     return not_packed
 
 
-def _storage_state_dict(model: nn.Module, quantized: Mapping[str, QuantizedWeight], dtype: torch.dtype,
+def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dtype: torch.dtype,
                         ) -> tuple[dict[str, torch.Tensor], list[PackedLayer]]:
     """The checkpoint tensors: packed tensors for ``quantized``, every other float tensor cast to ``dtype``.
 
@@ -265,7 +276,7 @@ def save_hf_directory(
     path: str | os.PathLike,
     *,
     tokenizer: Any = None,
-    quantized: Mapping[str, QuantizedWeight] | None = None,
+    quantized: Mapping[str, Quantized] | None = None,
     dtype: torch.dtype = torch.bfloat16,
     dequantize_on_load: bool = True,
     max_shard_size: int | str = "5GB",
@@ -277,7 +288,8 @@ def save_hf_directory(
             ``s (q − z)`` (what :func:`compress.compress_model` returns).
         path: directory to write (created; existing weight files in it are replaced).
         tokenizer: saved beside the model when given (``tokenizer.save_pretrained``).
-        quantized: layer name -> :class:`QuantizedWeight`; these ``nn.Linear`` layers are written packed
+        quantized: layer name -> :class:`QuantizedWeight` or :class:`PackedQuantizedWeight`; these ``nn.Linear``
+            layers are written packed
             (compressed-tensors ``pack-quantized``), any other quantized layer type dense (listed in
             ``ExportReport.not_packed``).
         dtype: storage dtype of every floating tensor that is not packed, and of the scales (bfloat16, float16 or
@@ -346,7 +358,7 @@ def save_hf_directory(
     return ExportReport(out, dtype, packed, files, not_packed)
 
 
-def _write_config(out: Path, dtype: torch.dtype, packable: Mapping[str, QuantizedWeight], linear_names: list[str],
+def _write_config(out: Path, dtype: torch.dtype, packable: Mapping[str, Quantized], linear_names: list[str],
                   dequantize_on_load: bool) -> None:
     config_file = out / "config.json"
     config = json.loads(config_file.read_text())

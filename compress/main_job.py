@@ -610,18 +610,12 @@ def _compress_whole(model, config, calib, held_out, targets: list[str], args: ar
 def _applied(adapter, model) -> Iterator[Any]:
     """``model`` with ``adapter``'s residuals applied in place (no copy of the model), removed again on exit.
 
-    The applied layers' ``lora_A`` / ``lora_B`` weights are copies of the factors; they are pointed at the factors'
-    own storage instead (same values, dtype and device), so evaluating does not hold the residuals twice.
+    The applied layers' ``lora_A`` / ``lora_B`` weights are the factors' own storage
+    (:class:`compress.eora.CompensatedLayer`), so evaluating does not hold the residuals twice.
     """
     from compress.eora import CompensatedLayer
 
     adapter.apply(model, inplace=True)
-    for name, (B, A) in adapter.factors.items():
-        wrapped = model.get_submodule(name)
-        for lora, factor in ((wrapped.lora_A, A), (wrapped.lora_B, B)):
-            weight = lora.weight
-            if factor.dtype == weight.dtype and factor.device == weight.device and factor.numel() == weight.numel():
-                weight.data = factor.reshape(weight.shape)
     try:
         yield model
     finally:

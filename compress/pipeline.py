@@ -406,7 +406,7 @@ class _BlockResult:
     dense_h: list[torch.Tensor] | None
     layers: list
     eora: EoraAdapter | None
-    quantized: dict  # relative name -> QuantizedWeight, for quantizing compressors (what exporters pack)
+    quantized: dict  # relative name -> PackedQuantizedWeight, for quantizing compressors (what exporters write)
 
 
 def _process_block(
@@ -447,16 +447,18 @@ def _process_block(
                                                {n: dense.get_submodule(n) for n in names}, batches, progress=False)
         block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
         block_report = compress_model(block, block_config, comp_stats, inplace=True, progress=False)
-        layers, quantized = block_report.layers, block_report.quantized
+        # kept until export for every layer: packed, b bits per code instead of an int8 each
+        layers, quantized = block_report.layers, {n: q.pack() for n, q in block_report.quantized.items()}
         del block_report
         del comp_stats
         _round_to(block, device, storage_dtype)
         if sequential:
             del pre
-            adapter = _sequential_adapter(dense, dense_h, block, comp_h, kwargs, names, eora_rank, ridge)
+            adapter = _sequential_adapter(dense, dense_h, block, comp_h, kwargs, names, eora_rank, ridge,
+                                          storage_dtype)
         elif eora_rank:
-            adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
-                                      target_modules=names, progress=False)
+            adapter = _stored(eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method,
+                                              ridge=ridge, target_modules=names, progress=False), storage_dtype)
         del dense_stats
     else:
         _round_to(block, device, storage_dtype)
@@ -486,6 +488,13 @@ def _cross(dense: nn.Module, dense_h: Sequence[torch.Tensor], dense_out: list | 
                                    ["block." + n for n in names], batches, stop_after_all=dense_out is None,
                                    progress=False)
     return {n[len("block."):]: c for n, c in cross.items()}
+
+
+def _stored(adapter: EoraAdapter, dtype: torch.dtype) -> EoraAdapter:
+    """``adapter`` with its factors rounded to the model's storage ``dtype``: what the exported PEFT adapter holds,
+    what the next block's inputs are computed with, and half the bytes of float32 factors kept until export."""
+    return dataclasses.replace(adapter, factors={n: (B.to(dtype), A.to(dtype)) for n, (B, A) in
+                                                 adapter.factors.items()})
 
 
 def _unwrap(block: nn.Module, adapter: EoraAdapter) -> None:
@@ -583,7 +592,7 @@ def _run_stream(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequen
 
 def _sequential_adapter(dense: nn.Module, dense_h: Sequence[torch.Tensor], block: nn.Module,
                         comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], names: list[str], rank: int,
-                        ridge: float) -> EoraAdapter:
+                        ridge: float, dtype: torch.dtype) -> EoraAdapter:
     """Cross-validated sequential EoRA residuals of the block's layers (relative names, in module order, which is
     execution order in transformers blocks), fitted one layer after the other.
 
@@ -591,7 +600,8 @@ def _sequential_adapter(dense: nn.Module, dense_h: Sequence[torch.Tensor], block
     place: exactly the inputs it sees at inference. A layer fitted to the drift of inputs that its predecessors'
     residuals then change corrects that drift a second time (measured on SmolLM2: fitting every layer of a block on
     one pass with independent residuals in place gave perplexity 28.7 against 16.7 for independent EoRA). Each paired
-    pass stops at the layer, so the block's passes cost a few full passes, not one per layer.
+    pass stops at the layer, so the block's passes cost a few full passes, not one per layer. Each layer's factors are
+    rounded to the storage ``dtype`` once fitted: the later layers see them as they will be stored.
     """
     factors, kinds, rows, conv_kernels = {}, {}, [], {}
     parts = calibration_folds(range(len(comp_h)))
@@ -604,7 +614,7 @@ def _sequential_adapter(dense: nn.Module, dense_h: Sequence[torch.Tensor], block
         B, A, row = fit_sequential_layer(name, dense_weight(dense.get_submodule(name)), dense_weight(module), folds,
                                          rank, ridge, None, None)
         rows.append(row)
-        factors[name] = (B, A)
+        factors[name] = (B.to(dtype), A.to(dtype))
         kinds[name] = layer_kind(module)
         if isinstance(module, nn.Conv2d):
             conv_kernels[name] = tuple(module.kernel_size)
@@ -640,10 +650,10 @@ def float32_compute(model: nn.Module) -> Iterator[nn.Module]:
 
     Inside the context, the modules outside the decoder blocks (embeddings, final norm, LM head: small) are upcast to
     float32, and each block (:func:`find_decoder_blocks`) is upcast by a forward pre-hook just before it runs and cast
-    back by a forward hook just after, so at most one block exists in float32. Every cast is ``bf16/fp16 → fp32 →
-    same dtype``, which is exact: on exit the model's tensors hold the same values and dtypes as before. Tensors
-    already in float32 (e.g. EoRA factors of a :class:`compress.eora.CompensatedLayer`) are left alone, and so is a
-    float32 model (the context is then a no-op).
+    back by a forward hook just after (a block's original storage is put back), so at most one block exists in
+    float32. Every cast is ``bf16/fp16 → fp32 → same dtype``, which is exact: on exit the model's tensors hold the
+    same values and dtypes as before. Tensors already in float32 are left alone, and so is a float32 model (the
+    context is then a no-op).
 
     Used to evaluate a bfloat16-stored model with the accuracy of float32 arithmetic, without a float32 copy of the
     whole model.
@@ -660,13 +670,15 @@ def float32_compute(model: nn.Module) -> Iterator[nn.Module]:
     pending: dict[int, list[tuple[torch.Tensor, torch.dtype]]] = {}
 
     def upcast(block: nn.Module, _args: tuple) -> None:
-        pending[id(block)] = _upcast(_low_precision((*block.parameters(), *block.buffers())))
+        # a block's original storage is kept while it runs (one block: small) and put back, not recast: tensors
+        # sharing it (an EoRA layer's weights are its adapter's factors) keep sharing it
+        pending[id(block)] = _upcast(_low_precision((*block.parameters(), *block.buffers())), keep=True)
 
     def restore(block: nn.Module, _args: tuple, _out: Any) -> None:
         _restore(pending.pop(id(block), []))
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(upcast), b.register_forward_hook(restore))]
-    upcast_outside = _upcast(outside)
+    upcast_outside = _upcast(outside, keep=False)  # the embeddings are large: freed while upcast
     try:
         yield model
     finally:
@@ -688,14 +700,15 @@ def _low_precision(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _upcast(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.dtype]]:
-    """Replace each tensor's data by its float32 copy in place; return what :func:`_restore` needs."""
-    casts = [(t, t.dtype) for t in tensors]
+def _upcast(tensors: list[torch.Tensor], keep: bool) -> list[tuple[torch.Tensor, torch.Tensor | torch.dtype]]:
+    """Replace each tensor's data by its float32 copy in place; return what :func:`_restore` needs: the original
+    data when ``keep`` (it stays allocated meanwhile), else the dtype to cast back to."""
+    casts = [(t, t.data if keep else t.dtype) for t in tensors]
     for t, _ in casts:
         t.data = t.data.float()
     return casts
 
 
-def _restore(casts: list[tuple[torch.Tensor, torch.dtype]]) -> None:
-    for t, dtype in casts:
-        t.data = t.data.to(dtype)
+def _restore(casts: list[tuple[torch.Tensor, torch.Tensor | torch.dtype]]) -> None:
+    for t, original in casts:
+        t.data = original if isinstance(original, torch.Tensor) else t.data.to(original)

@@ -10,6 +10,11 @@ A quantized ``(out, in)`` weight is stored as integer codes ``q``, one scale ``s
 with codes and zero points in the **signed** range ``[-2^{b-1}, 2^{b-1} - 1]``, the convention of
 compressed-tensors (what llm-compressor writes and transformers / vLLM read), so export is a bit-packing and
 nothing is re-rounded. Symmetric quantization has ``z = 0``.
+
+:class:`QuantizedWeight` holds the codes as int8 (what quantizers produce and compare); :class:`PackedQuantizedWeight`
+holds the same codes bit-packed, ``b`` bits each, in compressed-tensors' ``pack-quantized`` words (3-bit codes take
+3/8 of the int8 bytes). The block pipeline keeps every layer's codes packed until export, which writes the words
+as they are.
 """
 
 from __future__ import annotations
@@ -75,3 +80,80 @@ class QuantizedWeight:
         z = self.zero_point.to(torch.float32).unsqueeze(-1)
         s = self.scale.to(torch.float32).unsqueeze(-1)
         return ((q - z) * s).reshape(out_f, in_f).to(dtype)
+
+    def pack(self) -> PackedQuantizedWeight:
+        """The same weight with its codes bit-packed (compressed-tensors ``pack_to_int32``): lossless,
+        ``unpack()`` gives back equal codes."""
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        return PackedQuantizedWeight(pack_to_int32(self.codes.cpu(), self.bits), self.scale, self.zero_point,
+                                     self.bits, self.group_size, self.symmetric, tuple(self.codes.shape))
+
+
+@dataclass(frozen=True)
+class PackedQuantizedWeight:
+    """A :class:`QuantizedWeight` whose ``(out, in)`` codes are bit-packed into int32 words.
+
+    ``packed[o, k]`` holds codes ``32 k / b, ...`` of row ``o``, each offset to ``q + 2^{b-1}`` in ``[0, 2^b)`` and
+    written ``b`` bits at a time from the least significant bit, a code crossing a word boundary split between two
+    words: compressed-tensors' ``pack_to_int32`` layout, the ``weight_packed`` tensor of a ``pack-quantized``
+    checkpoint. ``ceil(in b / 32)`` words per row instead of ``in`` bytes.
+
+    Attributes:
+        packed: ``(out, ceil(in · bits / 32))`` int32.
+        scale: ``(out, in // group_size)`` floating point, as in :class:`QuantizedWeight`.
+        zero_point: ``(out, in // group_size)`` int8, as in :class:`QuantizedWeight`.
+        bits: bits per code, 2..8.
+        group_size: columns per group.
+        symmetric: whether ``zero_point`` is identically zero.
+        unpacked_shape: ``(out, in)`` of the codes.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+    unpacked_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} must be an int in [2, 8]")
+        if len(self.unpacked_shape) != 2:
+            raise ValueError(f"unpacked_shape={self.unpacked_shape!r} must be (out, in)")
+        out_f, in_f = self.unpacked_shape
+        words = (out_f, -(-in_f * self.bits // 32))
+        if self.packed.dtype != torch.int32 or tuple(self.packed.shape) != words:
+            raise TypeError(f"packed must be a {words} int32 tensor (pack_to_int32 of ({out_f}, {in_f}) {self.bits}-bit "
+                            f"codes), got {self.packed.dtype} {tuple(self.packed.shape)}")
+        if self.group_size < 1 or in_f % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide in_features={in_f}")
+        groups = (out_f, in_f // self.group_size)
+        if tuple(self.scale.shape) != groups or tuple(self.zero_point.shape) != groups:
+            raise ValueError(
+                f"scale {tuple(self.scale.shape)} and zero_point {tuple(self.zero_point.shape)} must be {groups}"
+            )
+        if self.zero_point.dtype != torch.int8:
+            raise TypeError(f"zero_point must be int8, got {self.zero_point.dtype}")
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(out, in)``."""
+        return torch.Size(self.unpacked_shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: packed codes, scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero_point))
+
+    def unpack(self) -> QuantizedWeight:
+        """The :class:`QuantizedWeight` with int8 codes (compressed-tensors ``unpack_from_int32``)."""
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        codes = unpack_from_int32(self.packed, self.bits, self.shape)
+        return QuantizedWeight(codes, self.scale, self.zero_point, self.bits, self.group_size, self.symmetric)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(out, in)`` weight ``s (q - z)``, as :meth:`QuantizedWeight.dequantize`."""
+        return self.unpack().dequantize(dtype)
