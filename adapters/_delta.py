@@ -9,15 +9,23 @@ key layout (adapter name stripped on save, restored on load, at any depth) are w
 here.
 
 A method subclasses :class:`DeltaLayer` (implementing ``update_layer``, ``get_delta_weight``
-and ``delta_forward``) and :class:`DeltaTuner` (implementing ``_create_new_module``, and
-listing its shared containers in ``shared_state_names``).
+and ``delta_forward``) and :class:`DeltaTuner` (naming its layer class and the layer types it
+adapts; a method with state shared across layers lists its containers in ``shared_state_names``
+and implements :meth:`DeltaTuner._plan_shared_state`).
+
+Injection is *plan, then inject*: the tuner lists every target of an adapter and checks its
+type (once, here), creates the shared state for all of them, and only then creates the layers,
+handing each its :class:`LayerPlan` as data. So a bad config raises with the model untouched,
+and a layer module never needs its tuner (``layer.py`` never imports ``model.py``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from peft.config import PeftConfig
@@ -26,9 +34,11 @@ from peft.tuners.tuners_utils import (
     BaseTunerLayer,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
+    _maybe_include_all_linear_layers,
     check_adapters_to_merge,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.integrations import init_empty_weights
 from torch import nn
 
 __all__ = [
@@ -36,6 +46,8 @@ __all__ = [
     "DeltaConfig",
     "DeltaLayer",
     "DeltaTuner",
+    "LayerPlan",
+    "Target",
     "expected_checkpoint_keys",
     "legacy_checkpoint_keys",
 ]
@@ -45,6 +57,35 @@ ADAPTER_DTYPE = torch.float32
 
 #: What a ``PeftModel`` puts before the base model's keys (and a checkpoint keeps).
 _PEFT_PREFIX = "base_model.model."
+
+
+class Target(NamedTuple):
+    """One module an adapter adapts: its name in the model and its base layer (a tuner layer unwrapped)."""
+
+    key: str
+    layer: nn.Module
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What a tuner's plan hands one layer for one adapter: its share of the state shared across layers.
+
+    Attributes
+    ----------
+    group : str
+        The group of layers sharing tensors that this layer belongs to (:mod:`adapters._groups`).
+    containers : tuple of nn.ModuleDict
+        The tuner's shared containers, in the order of its ``shared_state_names``, each keyed by adapter name
+        and then by group. The layer keeps this tuple (a plain attribute, so the shared tensors are saved once,
+        on the tuner) and looks its tensors up through it at call time, never keeping a parameter itself:
+        FSDP's ``fully_shard`` and ``load_state_dict(assign=True)`` replace the parameter objects.
+    tensors : mapping of str to Tensor
+        Tensors planned for this layer alone (e.g. MoS's index tables).
+    """
+
+    group: str
+    containers: tuple[nn.ModuleDict, ...]
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -194,12 +235,18 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 class DeltaTuner(BaseTuner):
     """Base tuner for :class:`DeltaLayer` methods.
 
-    Class attributes for subclasses: ``prefix``, ``tuner_layer_cls``, ``shared_state_names``
-    (names of tuner attributes that are ``nn.ModuleDict`` keyed by adapter name, each entry a
-    container of parameters shared by several layers; they are saved once, follow
-    ``set_adapter`` / ``delete_adapter`` and the dtype policy like the layers' own
-    parameters). Subclasses implement :meth:`_create_new_module` and may override
-    :meth:`_init_shared_state` (called after all layers of an adapter are created).
+    Class attributes for subclasses: ``prefix``, ``tuner_layer_cls`` (constructed as
+    ``tuner_layer_cls(target, adapter_name, config, current_key=..., plan=...)``), ``method_name``
+    (for messages), ``supported_layers`` (the base layer types the method adapts, subclasses
+    included; default ``nn.Linear``) and ``shared_state_names`` (names of tuner attributes that
+    are ``nn.ModuleDict`` keyed by adapter name, each entry a container of parameters shared by
+    several layers; they are saved once, follow ``set_adapter`` / ``delete_adapter`` and the
+    dtype policy like the layers' own parameters). A method with shared state implements
+    :meth:`_plan_shared_state`.
+
+    Injecting an adapter (:meth:`inject_adapter`): list the targets the config selects, as PEFT
+    will (:meth:`_targets`), checking each one's type; plan the shared state for all of them;
+    then let PEFT create the layers, each given its :class:`LayerPlan`.
 
     Checkpoint keys never contain the adapter name, however deep the adapter's parameters
     nest: the segment right after a container name (:meth:`adapter_container_names`) is
@@ -208,6 +255,8 @@ class DeltaTuner(BaseTuner):
     ``loretta_rep_A.<name>.cores.0`` kept it and loaded into the wrong adapter).
     """
 
+    method_name: str = ""
+    supported_layers: tuple[type[nn.Module], ...] = (nn.Linear,)
     shared_state_names: tuple[str, ...] = ()
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -215,11 +264,115 @@ class DeltaTuner(BaseTuner):
         for attr in self.shared_state_names:
             setattr(self, attr, nn.ModuleDict())
 
-    def _init_shared_state(self, model: nn.Module, config: Any, adapter_name: str) -> None:
-        """Hook run once all layers of ``adapter_name`` exist (e.g. data-dependent init)."""
+    def _supported_base(self, key: str, module: nn.Module) -> nn.Module:
+        """The base layer of target ``key`` (a tuner layer unwrapped), if the method adapts its type.
 
-    def _create_new_module(self, config: Any, adapter_name: str, target: nn.Module, current_key: str) -> nn.Module:
-        raise NotImplementedError
+        Raises
+        ------
+        TypeError
+            If the base layer is not one of ``supported_layers`` (nor a subclass of one).
+        """
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(base, self.supported_layers):
+            names = ", ".join(
+                f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__qualname__
+                for cls in self.supported_layers
+            )
+            raise TypeError(
+                f"{self.method_name} adapts {names} layers only; target {key!r} is {type(base).__name__}. "
+                "Leave it out of target_modules"
+            )
+        return base
+
+    def _targets(self, model: nn.Module, config: Any, state_dict: Optional[Mapping[str, Any]] = None) -> list[Target]:
+        """Every module ``config`` selects in ``model``, in module order, as PEFT's ``inject_adapter`` matches them.
+
+        With ``state_dict`` (PEFT's injection from a checkpoint's keys) the modules named by its keys; else
+        ``config``'s ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` after PEFT's own
+        preparation (architecture defaults, ``"all-linear"``). Modules inside existing tuner layers are skipped.
+
+        Raises
+        ------
+        TypeError
+            If a selected module's type is not one the method adapts (:meth:`_supported_base`).
+        """
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        from_state_dict = None
+        if state_dict is not None:
+            from_state_dict = {k.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+        targets, tuner_layers = [], []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in tuner_layers):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                tuner_layers.append(key + ".")
+            if from_state_dict is not None:
+                key = key.removeprefix("_orig_mod.")
+                if key not in from_state_dict:
+                    continue
+            elif not self._check_target_module_exists(config, key):
+                continue
+            targets.append(Target(key, self._supported_base(key, module)))
+        return targets
+
+    def _plan_shared_state(
+        self, config: Any, adapter_name: str, targets: Sequence[Target]
+    ) -> dict[str, Optional[LayerPlan]]:
+        """Create the state ``adapter_name`` shares across layers; ``{target key: its layer's plan}``.
+
+        Runs before any layer is created, with every target known: a method with shared state (listed in
+        ``shared_state_names``) creates its containers' entries for ``adapter_name`` here, checks what needs
+        all members at once (shapes, feasibility) and returns each target's :class:`LayerPlan`. The default,
+        for methods without shared state, plans nothing (``None`` for every target).
+        """
+        return {target.key: None for target in targets}
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Plan the shared state of ``adapter_name`` for all its targets, then inject its layers (PEFT's loop).
+
+        If planning or injection fails, the adapter's shared state is removed again.
+        """
+        config = self.peft_config[adapter_name]
+        targets = self._targets(model, config, state_dict)
+        try:
+            with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+                self._layer_plans = self._plan_shared_state(config, adapter_name, targets)
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        except Exception:
+            for attr in self.shared_state_names:
+                container = getattr(self, attr)
+                if adapter_name in container:
+                    del container[adapter_name]
+            raise
+        finally:
+            self._layer_plans = {}
+
+    def _planned(self, current_key: str) -> Optional[LayerPlan]:
+        if current_key not in self._layer_plans:
+            raise ValueError(
+                f"target {current_key!r} was not planned: {type(self).__name__}._targets and PEFT's inject_adapter "
+                f"disagree on the targets (planned: {sorted(self._layer_plans)[:4]}...); report this with the config"
+            )
+        return self._layer_plans[current_key]
+
+    def _create_new_module(
+        self, config: Any, adapter_name: str, target: nn.Module, current_key: str, plan: Optional[LayerPlan]
+    ) -> nn.Module:
+        return self.tuner_layer_cls(target, adapter_name, config, current_key=current_key, plan=plan)
 
     def _create_and_replace(
         self,
@@ -231,18 +384,14 @@ class DeltaTuner(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
+        plan = self._planned(current_key)
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, peft_config, current_key=current_key, tuner=self)
+            target.update_layer(adapter_name, peft_config, current_key=current_key, plan=plan)
             return
-        new_module = self._create_new_module(peft_config, adapter_name, target, current_key)
+        new_module = self._create_new_module(peft_config, adapter_name, target, current_key, plan)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        # Not in _post_injection_hook: add_adapter injects without calling that hook.
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._init_shared_state(model, self.peft_config[adapter_name], adapter_name)
 
     def shared_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The tuner-level (shared) parameters of one adapter."""

@@ -37,6 +37,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+import tensornets
 from adapters import flora, loretta, lotr, mos
 from adapters.flora.layer import FloraLayer
 from adapters.lotr.layer import LoTRLayer
@@ -139,8 +140,8 @@ def _spanning_basis(columns: torch.Tensor, own: torch.Tensor, what: str) -> torc
     no exact basis and raises.
     """
     d, r = own.shape
-    U, s, _ = torch.linalg.svd(columns, full_matrices=False)
-    tol = s[0] * max(columns.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    U, s, _ = tensornets.truncated_svd(columns, rank=min(columns.shape))
+    tol = s[0] * max(columns.shape) * torch.finfo(torch.float32).eps
     k = int((s > tol).sum())
     if k > r:
         raise ValueError(f"{what} has rank {k}, above the adapter's rank {r}: no rank-{r} factor spans it, so the "

@@ -8,7 +8,17 @@
 """
 
 from .contraction import ContractionPlan, batch_bucket, clear_plan_cache, plan_cache_info, plan_contraction
-from .decompositions import cp_als, hooi, hosvd, randomized_svd, truncated_svd, tt_svd
+from .decompositions import (
+    cp_als,
+    hooi,
+    hosvd,
+    mode_product,
+    randomized_svd,
+    stack_tucker2,
+    truncated_svd,
+    tt_svd,
+    tucker_to_tensor,
+)
 from .formats import (
     BTT,
     CP,
@@ -50,6 +60,9 @@ __all__ = [
     "tt_svd",
     "hosvd",
     "hooi",
+    "stack_tucker2",
+    "mode_product",
+    "tucker_to_tensor",
     "cp_als",
     "set_strategy",
     "get_strategy",

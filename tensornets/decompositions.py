@@ -34,6 +34,9 @@ __all__ = [
     "tt_svd",
     "hosvd",
     "hooi",
+    "mode_product",
+    "tucker_to_tensor",
+    "stack_tucker2",
     "cp_als",
     "cp_slices",
     "cp_rank_bound",
@@ -309,10 +312,40 @@ def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
 
 
-def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
-    """``tensor x_mode matrix``: contracts mode ``mode`` of ``tensor`` with the columns of ``matrix``."""
-    moved = torch.movedim(tensor, mode, -1)
-    return torch.movedim(moved @ matrix.mT, -1, mode)
+def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """``tensor x_mode matrix`` (Kolda & Bader): axis ``mode`` of ``tensor`` (size ``r``) times ``matrix: (d, r)``.
+
+    ``out[..., i, ...] = sum_j matrix[i, j] tensor[..., j, ...]``; the result has size ``d`` on axis ``mode``
+    and the other axes of ``tensor``. Cost ``O(numel(tensor) d)``.
+    """
+    # tensordot reshapes into one GEMM whatever the operands' strides and requires_grad; `movedim(...) @ matrix.mT`
+    # lets matmul pick its folding by requires_grad, so a trained and a reloaded (frozen) copy differed in rounding.
+    return torch.movedim(torch.tensordot(tensor, matrix, dims=([mode], [1])), -1, mode)
+
+
+def tucker_to_tensor(
+    core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The full tensor ``core x_{m_1} U_1 x_{m_2} U_2 ...`` of a (partial) Tucker decomposition.
+
+    Parameters
+    ----------
+    core : Tensor
+        ``(R_1, ..., R_N)`` (an undecomposed mode keeps its full size, as :func:`hosvd` returns it).
+    factors : sequence of Tensor
+        ``U_k: (n_k, R_{m_k})``, one per entry of ``modes``.
+    modes : sequence of int, optional
+        The modes the factors act on; default ``0, 1, ..., len(factors) - 1``.
+
+    Returns
+    -------
+    Tensor
+        ``core`` with axis ``m_k`` of size ``n_k``; ``tensorly.tucker_to_tensor((core, factors))`` for all modes.
+    """
+    modes = range(len(factors)) if modes is None else modes
+    for mode, factor in zip(modes, factors, strict=True):
+        core = mode_product(core, factor, mode)
+    return core
 
 
 def _leading_vectors(unfolding: torch.Tensor, rank: int | None, tol: float | None) -> torch.Tensor:
@@ -360,7 +393,7 @@ def hosvd(
     factors = [_leading_vectors(_unfold(tensor, m), c, tol) for m, c in zip(modes, caps)]
     core = tensor
     for m, U in zip(modes, factors):
-        core = _mode_product(core, U.mT, m)
+        core = mode_product(core, U.mT, m)
     return core, factors
 
 
@@ -386,16 +419,69 @@ def hooi(
             proj = tensor
             for j, (mj, Uj) in enumerate(zip(modes, factors)):
                 if j != i:
-                    proj = _mode_product(proj, Uj.mT, mj)
+                    proj = mode_product(proj, Uj.mT, mj)
             factors[i] = _leading_vectors(_unfold(proj, m), ranks[i], None)
         core = tensor
         for m, U in zip(modes, factors):
-            core = _mode_product(core, U.mT, m)
+            core = mode_product(core, U.mT, m)
         energy = float(core.double().pow(2).sum())
         if energy - prev <= tol * max(prev, 1e-30):
             break
         prev = energy
     return core, factors
+
+
+def stack_tucker2(
+    matrices: Sequence[torch.Tensor], rank: int | tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial HOSVD over modes 0 and 2 of the stack ``T[:, m, :] = W_m``, without building the stack.
+
+    ``T: (n_out, M, n_in) ~= core x_0 U x_2 V`` with ``U: (n_out, R_1)`` the leading left singular vectors of the
+    mode-0 unfolding ``[W_1, ..., W_M]``, ``V: (n_in, R_2)`` those of the mode-2 unfolding
+    ``[W_1^T, ..., W_M^T]``, and ``core[:, m, :] = U^T W_m V``: what ``hosvd(T, rank, modes=[0, 2])`` and
+    tensorly's ``partial_tucker(T, rank, modes=[0, 2], n_iter_max=0)`` return, up to the sign of each vector.
+    The singular vectors come from the two Gram matrices ``sum_m W_m W_m^T`` and ``sum_m W_m^T W_m`` (float64,
+    ``eigh``): ``O(n_out^2 + n_in^2)`` memory instead of the stack's ``M n_out n_in``, time
+    ``O(M n_out n_in (n_out + n_in))``. Used for the shared factors of a group of layers (LoTR).
+
+    Parameters
+    ----------
+    matrices : sequence of Tensor
+        ``M >= 1`` matrices ``W_m: (n_out, n_in)`` of one shape.
+    rank : int or (int, int)
+        ``(R_1, R_2)``, or one int for both; each at most its mode's size.
+
+    Returns
+    -------
+    U : Tensor ``(n_out, R_1)``, orthonormal columns
+    core : Tensor ``(R_1, M, R_2)``
+    V : Tensor ``(n_in, R_2)``, orthonormal columns
+
+    All in the dtype of ``matrices[0]``.
+
+    Raises
+    ------
+    ValueError
+        If ``matrices`` is empty or of mixed shapes, or a rank is outside ``[1, mode size]``.
+    """
+    if not matrices:
+        raise ValueError("matrices is empty; pass at least one (n_out, n_in) matrix")
+    shape = tuple(matrices[0].shape)
+    if len(shape) != 2 or any(tuple(w.shape) != shape for w in matrices):
+        raise ValueError(f"matrices have shapes {sorted({tuple(w.shape) for w in matrices})}; pass 2-d matrices "
+                         "of one shape")
+    ranks = (rank, rank) if isinstance(rank, int) else tuple(rank)
+    for name, r, n in zip(("R_1", "R_2"), ranks, shape, strict=True):
+        if not 1 <= r <= n:
+            raise ValueError(f"rank={rank!r}: {name}={r} must lie in [1, {n}] for matrices of shape {shape}")
+    gram_out = sum(w.double() @ w.double().mT for w in matrices)
+    gram_in = sum(w.double().mT @ w.double() for w in matrices)
+    # eigh sorts ascending: the leading R are the last R columns, flipped into descending order.
+    U = torch.linalg.eigh(gram_out).eigenvectors[:, -ranks[0]:].flip(-1)
+    V = torch.linalg.eigh(gram_in).eigenvectors[:, -ranks[1]:].flip(-1)
+    core = torch.stack([U.mT @ w.double() @ V for w in matrices], dim=1)
+    dtype = matrices[0].dtype
+    return U.to(dtype), core.to(dtype), V.to(dtype)
 
 
 def cp_rank_bound(shape: Sequence[int]) -> int:

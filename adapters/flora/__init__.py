@@ -1,7 +1,7 @@
 """FLoRA: Tucker-format updates of Linear, Embedding and Conv weights (Si et al., 2024)."""
 
 from adapters.flora.config import PEFT_TYPE, FloraConfig
-from adapters.flora.layer import FloraLayer, mode_product, resolve_ranks, step_matched_stds, tucker_to_tensor
+from adapters.flora.layer import FloraLayer, resolve_ranks, step_matched_stds
 from adapters.flora.model import FloraModel
 
 __all__ = [
@@ -9,8 +9,6 @@ __all__ = [
     "FloraConfig",
     "FloraLayer",
     "FloraModel",
-    "mode_product",
     "resolve_ranks",
     "step_matched_stds",
-    "tucker_to_tensor",
 ]

@@ -8,48 +8,24 @@ building ``ΔW``; only convs where the rebuilt ``ΔW`` is cheaper (depthwise) bu
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters._delta import ADAPTER_DTYPE, DeltaLayer
+from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
 from adapters._step_match import lora_input_std, output_factor_std
 from adapters.flora.config import FloraConfig
+from tensornets import mode_product, tucker_to_tensor
 
 __all__ = [
     "FloraLayer",
     "SUPPORTED_LAYERS",
     "delta_forward_for",
-    "mode_product",
     "resolve_ranks",
     "step_matched_stds",
-    "tucker_to_tensor",
 ]
-
-
-def mode_product(tensor: torch.Tensor, factor: torch.Tensor, mode: int) -> torch.Tensor:
-    """``tensor ×_mode factor``: contract ``tensor``'s axis ``mode`` (size ``r``) with ``factor: (d, r)``.
-
-    The result has size ``d`` on axis ``mode``; cost ``O(numel(tensor) · d)``.
-    """
-    return torch.movedim(torch.tensordot(tensor, factor, dims=([mode], [1])), -1, mode)
-
-
-def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Full tensor ``core ×_1 U_1 ... ×_K U_K`` of shape ``(d_1, ..., d_K)``.
-
-    Parameters
-    ----------
-    core : Tensor
-        ``(r_1, ..., r_K)``.
-    factors : sequence of Tensor
-        ``U_k: (d_k, r_k)``, one per mode of ``core``.
-    """
-    for mode, factor in enumerate(factors):
-        core = mode_product(core, factor, mode)
-    return core
 
 
 def resolve_ranks(r: int | list[int], modes: Sequence[int], layer_name: str) -> tuple[int, ...]:
@@ -207,7 +183,15 @@ class FloraLayer(DeltaLayer):
     adapter_layer_names = ("flr_core", "flr_factors")
     other_param_names = ("delta_dropout", "flr_scale")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FloraConfig, *, current_key: str) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: FloraConfig,
+        *,
+        current_key: str,
+        plan: Optional[LayerPlan] = None,
+    ) -> None:
         super().__init__()
         self._init_delta_layer(base_layer)
         self.flr_core = nn.ParameterDict()

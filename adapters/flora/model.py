@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
-
 from adapters._delta import DeltaTuner
-from adapters.flora.config import FloraConfig
-from adapters.flora.layer import SUPPORTED_LAYERS, FloraLayer, delta_forward_for
+from adapters.flora.layer import SUPPORTED_LAYERS, FloraLayer
 
 __all__ = ["FloraModel"]
 
@@ -15,7 +11,8 @@ __all__ = ["FloraModel"]
 class FloraModel(DeltaTuner):
     """PEFT tuner for FLoRA (use through ``peft.get_peft_model(model, FloraConfig(...))``).
 
-    Every adapted layer owns its core and factors (no shared state).
+    Every adapted layer owns its core and factors (no shared state). Adapts the layer types of
+    :data:`~adapters.flora.layer.SUPPORTED_LAYERS` (and their subclasses).
 
     Examples
     --------
@@ -26,13 +23,5 @@ class FloraModel(DeltaTuner):
 
     prefix = "flr_"
     tuner_layer_cls = FloraLayer
-
-    def _create_new_module(self, config: FloraConfig, adapter_name: str, target: nn.Module, current_key: str):
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if delta_forward_for(base) is None:
-            names = ", ".join(cls.__name__ for cls in SUPPORTED_LAYERS)
-            raise TypeError(
-                f"FLoRA adapts {names}; target {current_key!r} is {type(base).__name__}. "
-                "Leave it out of target_modules"
-            )
-        return FloraLayer(target, adapter_name, config, current_key=current_key)
+    method_name = "FLoRA"
+    supported_layers = tuple(SUPPORTED_LAYERS)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import tensornets
-from adapters._delta import ADAPTER_DTYPE, DeltaLayer
+from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
 from adapters._step_match import REFERENCE_LORA_ALPHA, lora_input_std, output_factor_std
 from adapters.loretta.config import LoRETTAAdpConfig, LoRETTABaseConfig, LoRETTARepConfig
 
@@ -261,7 +261,15 @@ class LoRETTARepLayer(DeltaLayer):
     adapter_layer_names = ("loretta_rep_A", "loretta_rep_B")
     other_param_names = ("delta_dropout", "loretta_rep_scale")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoRETTARepConfig, *, current_key: str) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoRETTARepConfig,
+        *,
+        current_key: str,
+        plan: Optional[LayerPlan] = None,
+    ) -> None:
         super().__init__()
         self._init_delta_layer(base_layer)
         self.loretta_rep_A = nn.ModuleDict()
@@ -337,7 +345,15 @@ class LoRETTAAdpLayer(DeltaLayer):
     adapter_layer_names = ("loretta_adp_D", "loretta_adp_U", "loretta_adp_bias_D", "loretta_adp_bias_U", "loretta_adp_scale")
     other_param_names = ("delta_dropout", "loretta_adp_fixed_scale")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoRETTAAdpConfig, *, current_key: str) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoRETTAAdpConfig,
+        *,
+        current_key: str,
+        plan: Optional[LayerPlan] = None,
+    ) -> None:
         super().__init__()
         self._init_delta_layer(base_layer)
         self.loretta_adp_D = nn.ModuleDict()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from adapters._delta import DeltaTuner
-from adapters.loretta.config import LoRETTAAdpConfig, LoRETTABaseConfig, LoRETTARepConfig
+from adapters.loretta.config import LoRETTABaseConfig
 from adapters.loretta.layer import NOT_MERGEABLE, LoRETTAAdpLayer, LoRETTARepLayer
 from adapters.loretta.placement import ADP_TARGET_MODULES, adp_default_targets
 
@@ -36,7 +35,7 @@ def norm_layer_names(model: nn.Module) -> list[str]:
 
 
 class _LoRETTATuner(DeltaTuner):
-    """What both variants share: ``nn.Linear`` targets, ``train_norms`` and the parameter report."""
+    """What both variants share: ``train_norms`` and the parameter report (``nn.Linear`` targets, DeltaTuner's default)."""
 
     def _prepare_model(self, peft_config: LoRETTABaseConfig, model: nn.Module) -> None:
         super()._prepare_model(peft_config, model)
@@ -45,14 +44,6 @@ class _LoRETTATuner(DeltaTuner):
         norms = norm_layer_names(model)
         saved = list(peft_config.modules_to_save or [])
         peft_config.modules_to_save = saved + [name for name in norms if name not in saved]
-
-    def _check_target(self, target: nn.Module, current_key: str, method: str) -> None:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"{method} adapts nn.Linear layers only; target {current_key!r} is {type(base).__name__}. "
-                "Leave it out of target_modules"
-            )
 
     def parameter_counts(self, adapter_name: str = "default") -> dict[str, int]:
         """Trainable parameters of one adapter, by kind.
@@ -93,10 +84,7 @@ class LoRETTARepModel(_LoRETTATuner):
 
     prefix = "loretta_rep_"
     tuner_layer_cls = LoRETTARepLayer
-
-    def _create_new_module(self, config: LoRETTARepConfig, adapter_name: str, target: nn.Module, current_key: str):
-        self._check_target(target, current_key, "LoRETTA-rep")
-        return LoRETTARepLayer(target, adapter_name, config, current_key=current_key)
+    method_name = "LoRETTA-rep"
 
 
 class LoRETTAAdpModel(_LoRETTATuner):
@@ -115,11 +103,8 @@ class LoRETTAAdpModel(_LoRETTATuner):
 
     prefix = "loretta_adp_"
     tuner_layer_cls = LoRETTAAdpLayer
+    method_name = "LoRETTA-adp"
     target_module_mapping = ADP_TARGET_MODULES
-
-    def _create_new_module(self, config: LoRETTAAdpConfig, adapter_name: str, target: nn.Module, current_key: str):
-        self._check_target(target, current_key, "LoRETTA-adp")
-        return LoRETTAAdpLayer(target, adapter_name, config, current_key=current_key)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(NOT_MERGEABLE)

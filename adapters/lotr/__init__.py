@@ -1,7 +1,9 @@
 """LoTR: low tensor rank adaptation with factors shared across layers (Bershatsky et al., 2024)."""
 
+from adapters._groups import group_key
 from adapters.lotr.config import PEFT_TYPE, LoTRConfig
-from adapters.lotr.layer import LoTRLayer, group_key, random_factors, step_matched_scales, tucker2_factors
+from adapters.lotr.factors import random_factors, step_matched_scales, tucker2_factors
+from adapters.lotr.layer import LoTRLayer
 from adapters.lotr.model import LoTRModel
 
 __all__ = [

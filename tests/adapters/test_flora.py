@@ -9,9 +9,10 @@ from peft import get_peft_model
 from torch import nn
 
 import adapters
-from adapters.flora import FloraLayer, resolve_ranks, tucker_to_tensor
+from adapters.flora import FloraLayer, resolve_ranks
 from adapters.flora import layer as flora_layer
 from adapters.flora.layer import _conv_delta_dense, _conv_delta_factorized
+from tensornets import tucker_to_tensor
 from tolerance import assert_close
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

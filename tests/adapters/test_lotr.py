@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import adapters
-from adapters.lotr import LoTRLayer, group_key, random_factors, step_matched_scales, tucker2_factors
+from adapters._groups import group_key
+from adapters.lotr import LoTRLayer, random_factors, step_matched_scales, tucker2_factors
 from tolerance import assert_close
 
 

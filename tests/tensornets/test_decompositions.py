@@ -128,3 +128,44 @@ def test_thin_and_gram_svd_match_lapack(shape):
     # the randomized SVD takes this exact route when the sketch would be nearly as large as the short side
     Ur, Sr, Vr = truncated_svd(M, rank=5, method="randomized")
     assert_close(Sr, S[:5])
+
+
+def test_mode_product_and_tucker_to_tensor_match_tensorly():
+    torch.manual_seed(0)
+    core = torch.randn(3, 4, 2, dtype=torch.float64)
+    factors = [torch.randn(n, r, dtype=torch.float64) for n, r in ((5, 3), (6, 4), (7, 2))]
+    assert_close(tensornets.tucker_to_tensor(core, factors), tl.tucker_to_tensor((core, factors)))
+    assert_close(tensornets.mode_product(core, factors[1], 1), tl.tenalg.mode_dot(core, factors[1], 1))
+    # a partial Tucker: the factors act on modes 0 and 2 only, mode 1 keeps its size
+    partial = tensornets.tucker_to_tensor(core, [factors[0], factors[2]], modes=[0, 2])
+    assert_close(partial, torch.einsum("abc,ia,kc->ibk", core, factors[0], factors[2]))
+
+
+@pytest.mark.parametrize("rank", [(2, 3), (4, 4), (6, 5)])
+def test_stack_tucker2_matches_hosvd_and_tensorly_partial_tucker(rank):
+    from tensorly.decomposition import partial_tucker
+
+    torch.manual_seed(0)
+    matrices = [torch.randn(6, 5, dtype=torch.float64) for _ in range(4)]
+    stack = torch.stack(matrices, dim=1)  # (n_out, M, n_in)
+    U, core, V = tensornets.stack_tucker2(matrices, rank)
+    assert U.shape == (6, rank[0]) and V.shape == (5, rank[1]) and core.shape == (rank[0], 4, rank[1])
+    (ref_core, (ref_u, ref_v)), _ = partial_tucker(stack, rank=list(rank), modes=[0, 2], n_iter_max=0, init="svd")
+    ours_core, (ours_u, ours_v) = hosvd(stack, rank=list(rank), modes=[0, 2])
+    for ref in (ref_u, ours_u):  # same subspaces (singular vectors up to sign)
+        assert_close(U @ U.T, ref @ ref.T)
+    for ref in (ref_v, ours_v):
+        assert_close(V @ V.T, ref @ ref.T)
+    reconstruction = tensornets.tucker_to_tensor(core, [U, V], modes=[0, 2])
+    assert_close(reconstruction, tensornets.tucker_to_tensor(ref_core, [ref_u, ref_v], modes=[0, 2]))
+    if rank == (6, 5):  # full ranks: exact
+        assert_close(reconstruction, stack)
+
+
+def test_stack_tucker2_rejects_bad_input():
+    with pytest.raises(ValueError, match="matrices is empty"):
+        tensornets.stack_tucker2([], 2)
+    with pytest.raises(ValueError, match="of one shape"):
+        tensornets.stack_tucker2([torch.zeros(3, 4), torch.zeros(4, 3)], 2)
+    with pytest.raises(ValueError, match=r"R_2=5 must lie in \[1, 4\]"):
+        tensornets.stack_tucker2([torch.zeros(6, 4)], (2, 5))
