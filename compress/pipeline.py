@@ -422,7 +422,10 @@ def _process_block(
     ridge: float,
     device: torch.device | None,
 ) -> _BlockResult:
-    """Statistics, compression, compensation and the next inputs of one block (module paths relative to it)."""
+    """Statistics, compression, compensation and the next inputs of one block (module paths relative to it).
+
+    The caller hands over ``dense_h``: it is emptied once the dense stream has been run, so that its float32 hidden
+    states are freed before the EoRA fits (the caller continues with the returned streams)."""
     ref = next((p for p in block.parameters() if p.is_floating_point()), None)
     storage_dtype = ref.dtype if ref is not None else torch.float32
     storage_device = ref.device if ref is not None else torch.device("cpu")
@@ -445,6 +448,7 @@ def _process_block(
             if dense is not None:
                 dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
                                                {n: dense.get_submodule(n) for n in names}, batches, progress=False)
+                dense_h.clear()  # consumed (see below)
         block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
         block_report = compress_model(block, block_config, comp_stats, inplace=True, progress=False)
         # kept until export for every layer: packed, b bits per code instead of an int8 each
@@ -456,6 +460,7 @@ def _process_block(
             del pre
             adapter = _sequential_adapter(dense, dense_h, block, comp_h, kwargs, names, eora_rank, ridge,
                                           storage_dtype)
+            dense_h.clear()
         elif eora_rank:
             adapter = _stored(eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method,
                                               ridge=ridge, target_modules=names, progress=False), storage_dtype)
@@ -465,6 +470,8 @@ def _process_block(
         if dense is not None:
             _run_stream(dense, dense_h, kwargs, next_dense)
 
+    # the original block's last use was above: free it before the compensated pass
+    del dense
     if adapter is not None:
         adapter.apply(block, inplace=True)
     next_comp: list[torch.Tensor | None] = [None] * len(batches)
@@ -472,7 +479,6 @@ def _process_block(
     if adapter is not None:
         _unwrap(block, adapter)
     _place(block, storage_device, storage_dtype)
-    del dense
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return _BlockResult(next_comp, next_dense, layers, adapter, quantized)
