@@ -74,6 +74,11 @@ class CompressionConfig:
                   "layers' input width (None or >= it: one group per row)"},
     )
     symmetric: bool = field(default=False, metadata={"help": "rtn, gptq, sparsegpt: symmetric grid without zero point"})
+    observer: str = field(
+        default="minmax",
+        metadata={"help": "rtn, gptq, sparsegpt: each group's range, 'minmax' (its extremes, llm-compressor's default) "
+                  "or 'mse' (clipped to the least rounding error, GPTQ's reference mse=True)"},
+    )
     act_order: bool = field(
         default=True,
         metadata={"help": "gptq: quantize columns by decreasing activation energy, with static groups (llm-compressor's "

@@ -26,6 +26,7 @@ from compress.obs import QuantGrid, check_sweep_options, inverse_hessian_factor,
 from compress.quantized import QuantizedWeight
 from compress.sources import (
     check_bits,
+    check_observer,
     check_quantizer_options,
     dense_parameters,
     quantization_grid,
@@ -46,6 +47,7 @@ def gptq_quantize(
     percdamp: float = 0.01,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float32,
+    observer: str = "minmax",
 ) -> QuantizedWeight:
     """Quantize one layer with GPTQ.
 
@@ -75,6 +77,10 @@ def gptq_quantize(
         Columns per lazy-update block (reference: 128); does not change the result beyond rounding.
     scale_dtype : torch.dtype
         Dtype the scales are stored in (rounded to it before any code is chosen).
+    observer : {"minmax", "mse"}
+        How each group's range is chosen (:func:`compress.sources.quantization_grid`): its extremes, or the clipped
+        range with the least rounding error (GPTQ's reference ``Quantizer(mse=True)``), here weighted by ``H_jj``
+        (with act-order; without it each group's grid is found on the updated columns, unweighted).
 
     Returns
     -------
@@ -87,14 +93,16 @@ def gptq_quantize(
     >>> layer.weight.data = qw.dequantize(layer.weight.dtype)
     """
     check_bits(bits)
+    check_observer(observer)
     Wd, H = prepare_hessian(W, gram)
     out_f, in_f = Wd.shape
     g = resolve_group_size(group_size, in_f)
-    grid = QuantGrid(bits, g, symmetric, scale_dtype)
+    grid = QuantGrid(bits, g, symmetric, scale_dtype, observer)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        scale, zero = quantization_grid(Wd.reshape(-1, g), bits, symmetric, scale_dtype)
+        energy = torch.diagonal(H).reshape(1, -1, g).expand(out_f, -1, -1).reshape(-1, g)
+        scale, zero = quantization_grid(Wd.reshape(-1, g), bits, symmetric, scale_dtype, observer, energy)
         grid.scale, grid.zero = scale.reshape(out_f, -1), zero.reshape(out_f, -1)
         grid.group_of = perm // g
         Wd, H = Wd[:, perm], H[perm][:, perm]
@@ -112,8 +120,9 @@ def _gptq_layer(job: LayerJob) -> LayerResult:
     c = job.config
     resolve_group_size(c.group_size, job.weight.shape[1], job.name)
     qw = gptq_quantize(job.weight, job.stats.gram, c.bits, c.group_size, symmetric=c.symmetric, act_order=c.act_order,
-                       percdamp=c.percdamp, block_size=c.block_size)
-    return LayerResult(description=f"{c.bits}-bit g{qw.group_size}{' act-order' if c.act_order else ''}",
+                       percdamp=c.percdamp, block_size=c.block_size, observer=c.observer)
+    return LayerResult(description=f"{c.bits}-bit g{qw.group_size}{' act-order' if c.act_order else ''}"
+                                   f"{' mse grid' if c.observer == 'mse' else ''}",
                        weight=qw.dequantize(job.weight.dtype), quantized=qw)
 
 

@@ -90,13 +90,15 @@ class QuantGrid:
     ``static`` grids are given up front as ``scale, zero: (out, n_groups)`` with ``group_of[j]`` the group of the
     ``j``-th swept column (GPTQ with act-order: groups of the original columns, computed from the original
     weights). Otherwise the grid of a group is computed when the sweep reaches its first column, from the group's
-    columns as updated so far (GPTQ's reference), groups being ``group_size`` consecutive swept columns.
+    columns as updated so far (GPTQ's reference), groups being ``group_size`` consecutive swept columns, with
+    ``observer`` (:func:`compress.sources.quantization_grid`).
     """
 
     bits: int
     group_size: int
     symmetric: bool
     scale_dtype: torch.dtype = torch.float32
+    observer: str = "minmax"
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     group_of: torch.Tensor | None = None
@@ -193,7 +195,7 @@ def obs_sweep(
                     g = j // grid.group_size
                     scale[:, g], zero[:, g] = quantization_grid(
                         _current_columns(Wt, W1, Err1, U, i1, i, j + grid.group_size).T, grid.bits, grid.symmetric,
-                        grid.scale_dtype)
+                        grid.scale_dtype, grid.observer)
                     s, z = scale[:, g], zero[:, g]
                 c = torch.round(q / s).add_(z).clamp_(qmin, qmax)
                 codes_t[j] = c

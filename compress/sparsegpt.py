@@ -29,6 +29,7 @@ from compress.quantized import QuantizedWeight
 from compress.sources import (
     check_bits,
     check_group_size,
+    check_observer,
     nonzero_parameters,
     quantized_storage_bits,
     resolve_group_size,
@@ -76,6 +77,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float32,
+    observer: str = "minmax",
 ) -> SparseWeight:
     """Prune (and optionally quantize) one layer with SparseGPT.
 
@@ -96,7 +98,7 @@ def sparsegpt_prune(
         ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``; ``in`` and ``block_size`` must be multiples of ``M``).
     bits : int, optional
         Also quantize the kept weights to ``bits`` (2..8); ``None`` keeps them in full precision.
-    group_size, symmetric, scale_dtype
+    group_size, symmetric, scale_dtype, observer
         Quantization grid, as :func:`compress.gptq.gptq_quantize` (``group_size`` must divide ``in``).
     percdamp : float
         Damping ``λ = percdamp · mean(diag H)`` (reference: 0.01).
@@ -124,7 +126,8 @@ def sparsegpt_prune(
     grid = None
     if bits is not None:
         check_bits(bits)
-        grid = QuantGrid(bits, resolve_group_size(group_size, W.shape[-1]), symmetric, scale_dtype)
+        check_observer(observer)
+        grid = QuantGrid(bits, resolve_group_size(group_size, W.shape[-1]), symmetric, scale_dtype, observer)
     Wd, H = prepare_hessian(W, gram)
 
     def block_mask(W1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
@@ -157,7 +160,7 @@ def _sparsegpt_layer(job: LayerJob) -> LayerResult:
     unstructured = c.pattern == "unstructured"
     res = sparsegpt_prune(job.weight, job.stats.gram, c.sparsity if unstructured else None, pattern=c.pattern,
                           bits=c.sparse_bits, group_size=c.group_size, symmetric=c.symmetric, percdamp=c.percdamp,
-                          block_size=c.block_size)
+                          block_size=c.block_size, observer=c.observer)
     what = f"sparsity {c.sparsity}" if unstructured else c.pattern
     bits = "" if c.sparse_bits is None else f" + {c.sparse_bits}-bit g{res.quantized.group_size}"
     return LayerResult(description=what + bits, weight=res.weight, quantized=res.quantized)
@@ -177,7 +180,8 @@ def _sparsegpt_storage_bits(shape: tuple[int, int], kept: int, config) -> float:
 def _label(config) -> str:
     what = f"sparsity {config.sparsity}" if config.pattern == "unstructured" else config.pattern
     quant = "" if config.sparse_bits is None else (
-        f" + {config.sparse_bits}-bit, group {config.group_size or 'per-row'}{', symmetric' if config.symmetric else ''}")
+        f" + {config.sparse_bits}-bit, group {config.group_size or 'per-row'}{', symmetric' if config.symmetric else ''}"
+        f"{', mse grid' if config.observer == 'mse' else ''}")
     return f"sparsegpt {what}{quant}"
 
 
@@ -190,6 +194,7 @@ def _check_options(config) -> None:
             raise ValueError(f"sparse_bits={config.sparse_bits!r} must be an int in [2, 8], or None to keep the "
                              "kept weights in full precision")
         check_group_size(config.group_size)
+        check_observer(config.observer)
     check_sweep_options(config.percdamp, config.block_size)
 
 

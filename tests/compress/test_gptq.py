@@ -26,6 +26,21 @@ def test_gptq_equals_the_slow_reference(bits, symmetric, act_order, group_size, 
     assert (qw.group_size, qw.bits, qw.symmetric) == (group_size or 48, bits, symmetric)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_the_mse_grid_equals_the_slow_reference(bits, symmetric, act_order):
+    """Clipped grids: H_ii-weighted on act-order's static groups, plain |Δ|^2.4 on the sweep's own groups."""
+    W, C = _layer(dead=(5,))
+    W[:, 3] *= 6.0  # outliers make clipping pay
+    qw = gptq_quantize(W, C, bits, 16, symmetric=symmetric, act_order=act_order, block_size=12, observer="mse")
+    ref = reference_sweep(W, C, bits=bits, group_size=16, symmetric=symmetric, act_order=act_order, observer="mse")
+    minmax = gptq_quantize(W, C, bits, 16, symmetric=symmetric, act_order=act_order)
+    assert torch.equal(qw.codes.double(), ref["codes"]) and torch.equal(qw.zero_point.double(), ref["zero"])
+    assert_close(qw.scale.double(), ref["scale"], tol=1e-12)
+    assert (qw.scale < minmax.scale).any()  # some groups were clipped
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_codes_fit_the_signed_range_and_beat_rtn(act_order):
     W, C = _layer(out_f=32, in_f=64, tokens=300)
@@ -52,6 +67,8 @@ def test_bad_arguments_name_the_fix():
         gptq_quantize(W, C[:4, :4], 4, 16)
     with pytest.raises(ValueError, match="percdamp"):
         gptq_quantize(W, -C, 4, 16)
+    with pytest.raises(ValueError, match="observer='max'.*'minmax', 'mse'"):
+        gptq_quantize(W, C, 4, 16, observer="max")
 
 
 @pytest.mark.slow

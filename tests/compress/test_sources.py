@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.sources import prune_2_4, prune_magnitude, rtn_quantize, rtn_quantize_weight
+from compress.sources import prune_2_4, prune_magnitude, quantization_grid, rtn_quantize, rtn_quantize_weight
 from tolerance import assert_close
 
 
@@ -55,6 +55,34 @@ def test_rtn_weight_is_the_reference_grid_and_dequantizes_to_rtn_quantize(bits, 
     assert_close(qw.scale.double().flatten(), scale, tol=1e-7)
     assert torch.equal(qw.zero_point.double().flatten(), zero)
     assert torch.equal(rtn_quantize(W, bits, 32, symmetric=symmetric), qw.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_grid_is_the_reference_search_and_never_worse_than_minmax(bits, symmetric):
+    """observer='mse': per group the shrink p in {1, .99, ..., .81} with the least sum |Δ|^2.4 (slow reference)."""
+    from obs_reference import grid
+
+    torch.manual_seed(0)
+    W = torch.randn(6, 64) * torch.where(torch.rand(6, 64) < 0.05, 5.0, 1.0)  # a few outliers per group
+    groups = W.double().reshape(-1, 32)
+    scale, zero = quantization_grid(groups, bits, symmetric, observer="mse")
+    ref_scale, ref_zero = grid(groups, bits, symmetric, "mse")
+    assert_close(scale, ref_scale, tol=1e-12)
+    assert torch.equal(zero, ref_zero)
+    qw = rtn_quantize_weight(W, bits, 32, symmetric=symmetric, observer="mse")  # the same search in float32
+    err = lambda q: (q.dequantize() - W).abs().pow(2.4).reshape(-1, 32).sum(1)
+    minmax = err(rtn_quantize_weight(W, bits, 32, symmetric=symmetric))
+    assert (err(qw) <= minmax * (1 + 1e-6)).all() and (err(qw) < 0.99 * minmax).any()
+
+
+def test_unknown_observer_is_named():
+    from compress import CompressionConfig
+
+    with pytest.raises(ValueError, match="observer='histogram' must be one of"):
+        rtn_quantize_weight(torch.randn(4, 8), 3, 4, observer="histogram")
+    with pytest.raises(ValueError, match="observer='histogram'"):
+        CompressionConfig(method="gptq", bits=3, group_size=64, observer="histogram")
 
 
 def test_rtn_keeps_constant_groups_exact_and_dtype():
