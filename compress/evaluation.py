@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +74,14 @@ def perplexity(
     sizes weigh by their token count, not equally. Runs under ``torch.no_grad`` in eval
     mode; the model's previous train / eval mode is restored afterwards.
 
-    Memory: one batch's logits plus the log-softmax of :data:`NLL_CHUNK` tokens at a time
-    (:func:`token_nll`), not a second batch-sized copy. Each token's NLL is computed in float32
-    and all of them are summed in float64, once per batch.
+    Memory: the logits of :data:`NLL_CHUNK` tokens at a time. The model runs up to its output
+    layer (``get_output_embeddings()``, e.g. the LM head), which is then applied to
+    :data:`NLL_CHUNK` positions at a time, so a ``(seq, vocab)`` logits tensor never exists
+    (50 MB for 256 tokens of SmolLM2). Models whose logits are not that layer's output as is
+    (soft-capping or scaling after it; checked once on two tokens) or that have none produce
+    their full logits, and only the log-softmax is chunked (:func:`token_nll`). Each token's NLL
+    is computed in float32 and they are summed in float64, once per batch: the result is the
+    perplexity of the unchunked cross entropy up to that float64 sum.
 
     Parameters
     ----------
@@ -121,6 +127,7 @@ def perplexity(
     total_tokens = 0
     was_training = model.training
     model.eval()
+    head, head_is_last = _output_layer(model), None
     try:
         with torch.no_grad():
             for i, ids in enumerate(batches):
@@ -137,10 +144,15 @@ def perplexity(
                     ids = ids.unsqueeze(0)
                 if ids.shape[1] < 2:
                     continue
-                logits = model(input_ids=ids, use_cache=False).logits
-                # Position t predicts token t+1, one sequence (a contiguous view, no copy) at a time.
-                nll = torch.cat([token_nll(logits[b, :-1], ids[b, 1:]) for b in range(ids.shape[0])])
-                del logits
+                if head_is_last is None:
+                    head_is_last = head is not None and _logits_are_head_output(model, head, ids)
+                if head_is_last:
+                    nll = _head_nll(head, _head_input(model, head, ids), ids)
+                else:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    # Position t predicts token t+1, one sequence (a contiguous view, no copy) at a time.
+                    nll = torch.cat([token_nll(logits[b, :-1], ids[b, 1:]) for b in range(ids.shape[0])])
+                    del logits
                 total_nll += nll.double().sum()
                 total_tokens += nll.numel()
     finally:
@@ -154,3 +166,61 @@ def perplexity(
     mean_nll = (total_nll / total_tokens).item()
     # math.exp raises OverflowError past ~709; an overflowing model reports inf instead.
     return math.exp(mean_nll) if not mean_nll > 709.0 else math.inf
+
+
+class _HeadReached(Exception):
+    """Raised by the output layer's pre-hook: the model stops before computing its logits."""
+
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    """The module computing the logits (``get_output_embeddings()``), or ``None``."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _logits_are_head_output(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether ``model``'s logits are ``head``'s output as is, on the first two tokens of one sequence (a model that
+    soft-caps or scales its logits after the head fails this, and keeps its full logits)."""
+    outputs: list[Any] = []
+    handle = head.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    try:
+        logits = model(input_ids=ids[:1, :2], use_cache=False).logits
+    finally:
+        handle.remove()
+    return (len(outputs) == 1 and isinstance(outputs[0], torch.Tensor) and outputs[0].shape == logits.shape
+            and torch.equal(outputs[0], logits))
+
+
+def _head_input(model: nn.Module, head: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``head``'s input ``(batch, seq, hidden)`` for ``ids``: the model runs up to it and stops."""
+    captured: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0])
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured or captured[0].shape[:2] != ids.shape:
+        raise RuntimeError(f"{type(model).__name__} did not call its output layer on every position of a "
+                           f"{tuple(ids.shape)} batch; its logits cannot be computed in chunks")
+    return captured[0]
+
+
+def _head_nll(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of ``ids[:, 1:]`` from the head applied to :data:`NLL_CHUNK` positions of ``hidden`` at a
+    time, ``(batch · (seq - 1),)`` float32 in the order of ``ids[:, 1:].reshape(-1)``."""
+    seq = ids.shape[1]
+    out = []
+    for b in range(ids.shape[0]):
+        for start in range(0, seq - 1, NLL_CHUNK):
+            stop = min(start + NLL_CHUNK, seq - 1)
+            logits = head(hidden[b, start:stop])
+            out.append(F.cross_entropy(logits.float(), ids[b, start + 1:stop + 1], reduction="none"))
+    return torch.cat(out)

@@ -110,16 +110,47 @@ def test_token_nll_bad_input_names_the_argument():
         token_nll(z, y, 0)
 
 
-def test_perplexity_equals_the_unchunked_float64_sum():
-    """Chunked log-softmax, float64 sum: the perplexity of full-logits cross entropy summed in float64."""
-    model = tiny_llama()
-    batches = [b for b in calib(n=3, batch=2, seq=40)] + [calib(n=1, batch=1, seq=9, seed=7)[0][0]]
+def _reference_perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Full logits, one cross entropy per batch, per-token NLLs summed in float64."""
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for ids in batches:
             ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
             z = model(input_ids=ids).logits
-            nll = F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            nll = F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                  reduction="none")
             total += nll.double().sum()
             count += nll.numel()
-    assert perplexity(model, batches) == math.exp((total / count).item())
+    return math.exp((total / count).item())
+
+
+def _batches() -> list[torch.Tensor]:
+    # batches of 2 x 40 tokens (two head chunks per sequence, the second partial) and one 9-token sequence
+    return list(calib(n=3, batch=2, seq=40)) + [calib(n=1, batch=1, seq=9, seed=7)[0][0]]
+
+
+def test_perplexity_applies_the_head_in_chunks_and_equals_the_full_logits(monkeypatch):
+    """In float64 the chunked head gives the perplexity of the full logits to float64 rounding."""
+    import compress.evaluation as evaluation
+
+    calls = []
+    head_nll = evaluation._head_nll
+    monkeypatch.setattr(evaluation, "_head_nll", lambda *a: calls.append(1) or head_nll(*a))
+    model = tiny_llama().double()
+    assert perplexity(model, _batches()) == pytest.approx(_reference_perplexity(model, _batches()), rel=1e-12)
+    assert len(calls) == len(_batches())
+
+
+def test_perplexity_keeps_full_logits_when_the_model_rescales_them(monkeypatch):
+    """A model that changes its logits after the head (soft-capping, scaling) is evaluated on its own logits."""
+    import compress.evaluation as evaluation
+
+    model = tiny_llama()
+
+    def halve(_module, _args, out):
+        out["logits"] = out["logits"] / 2
+        return out
+
+    model.register_forward_hook(halve)
+    monkeypatch.setattr(evaluation, "_head_nll", lambda *a: pytest.fail("the head was applied in chunks"))
+    assert perplexity(model, _batches()) == _reference_perplexity(model, _batches())
