@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import math
 import os
@@ -164,6 +165,12 @@ def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    gc.collect()
+    try:
+        # Hand the heap earlier runs freed back to the OS: the reset below restarts the peak from the current RSS.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak then includes what earlier runs left in the heap
     try:
         with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's peak RSS (VmHWM)
             f.write("5")
