@@ -28,6 +28,8 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -35,7 +37,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -159,6 +161,28 @@ def _convert_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
+@contextlib.contextmanager
+def _conversion_lock(cache_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<cache name>.lock`` next to ``cache_dir`` while converting.
+
+    Two processes that find no cache at once (two pytest workers, two jobs on one machine)
+    would otherwise both convert the GGUF (~20 s each), and the later one would move the
+    earlier one's valid cache aside to rename its own into place, under any process reading
+    it. With the lock the second waits, then finds the first one's cache. ``flock`` is
+    released by the kernel if the holder dies. Where the lock file cannot be created (a
+    read-only location) no cache can be written either: the caller converts without a lock.
+    """
+    try:
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache_dir.parent / f".{cache_dir.name}.lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def _write_cache_atomically(cache_dir: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
     """Save ``model`` + ``tokenizer`` to ``cache_dir`` so that it either appears whole or not at all.
 
@@ -229,6 +253,11 @@ def load_smollm2(
     -----
     If the cache cannot be written (read-only home, full disk), a warning is issued and the
     converted model is returned anyway; the next call converts again.
+
+    Safe across processes: the cache appears whole or not at all (written aside, renamed into
+    place), and a lock file ``.<cache name>.lock`` next to it makes a second process that
+    finds no cache wait for the first one's conversion and load its cache, instead of
+    converting as well. A valid cache is never replaced while another process may read it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,25 +275,28 @@ def load_smollm2(
             f"its own, e.g. {str(default_cache_dir())!r}"
         )
 
-    if _read_manifest(cache) == manifest:
-        if dtype == torch.float32:
-            model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
-        else:
-            model = _load_converted(cache, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
-        return model.eval(), tokenizer
+    if _read_manifest(cache) != manifest:
+        with _conversion_lock(cache):
+            # Checked again under the lock: another process may have written the cache while we waited.
+            if _read_manifest(cache) != manifest:
+                model, tokenizer = _convert_gguf(gguf_path)
+                try:
+                    _write_cache_atomically(cache, model, tokenizer, manifest)
+                except OSError as err:
+                    warnings.warn(
+                        f"could not write the SmolLM2 cache to {str(cache)!r} ({err}); the next load will "
+                        f"convert the GGUF again. Set {SMOLLM2_CACHE_ENV} to a writable directory.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return model.to(dtype).eval(), tokenizer
 
-    model, tokenizer = _convert_gguf(gguf_path)
-    try:
-        _write_cache_atomically(cache, model, tokenizer, manifest)
-    except OSError as err:
-        warnings.warn(
-            f"could not write the SmolLM2 cache to {str(cache)!r} ({err}); the next load will "
-            f"convert the GGUF again. Set {SMOLLM2_CACHE_ENV} to a writable directory.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return model.to(dtype).eval(), tokenizer
+    if dtype == torch.float32:
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+    else:
+        model = _load_converted(cache, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    return model.eval(), tokenizer
 
 
 #: safetensors dtype names -> torch dtypes (the float32 cache holds F32 tensors only; the rest for completeness)

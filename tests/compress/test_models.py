@@ -172,6 +172,41 @@ def test_interrupted_write_leaves_no_cache(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
+def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):
+    """A second loader that finds no cache while the first converts waits and reads the first one's cache."""
+    import threading
+
+    calls, second_started = [], threading.Event()
+
+    def slow_convert(gguf_path):
+        calls.append(gguf_path)
+        second_started.wait(timeout=60)
+        # Without the lock the second loader, started meanwhile, would find no cache and convert too.
+        threading.Event().wait(0.5)
+        return _tiny_llama_and_tokenizer()
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    cache = tmp_path / "smol"
+    results = {}
+
+    def load(name, started=None):
+        if started is not None:
+            started.set()
+        results[name] = load_smollm2(cache_dir=cache)
+
+    first = threading.Thread(target=load, args=("first",))
+    first.start()
+    while not calls:  # the first loader is converting
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=load, args=("second", second_started))
+    second.start()
+    first.join(timeout=120)
+    second.join(timeout=120)
+    assert len(calls) == 1
+    _assert_same_weights(results["first"][0], results["second"][0])
+    assert _leftovers(tmp_path) == []
+
+
 def test_unwritable_cache_warns_and_still_loads(tmp_path, fake_gguf):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
