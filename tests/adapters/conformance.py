@@ -13,7 +13,6 @@ import gc
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -459,20 +458,24 @@ def _fresh_load(jobs: list[list[str]]) -> None:
         save_file({"output": out.contiguous(), **state}, out_file)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rendezvous(outdir: str) -> str:
+    """``init_method`` of the two ranks: a file in this run's own directory, not a TCP port.
+
+    A port picked free and released before rank 0 binds it can be taken meanwhile by another
+    run (the suite runs on several xdist workers at once); a file under the test's temporary
+    directory belongs to this run alone. gloo's own connections bind ports chosen by the OS.
+    """
+    return "file://" + os.path.join(os.path.abspath(outdir), "rendezvous")
 
 
-def _ddp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: int) -> None:
+def _ddp_worker(rank: int, world: int, case_ids: list[str], outdir: str) -> None:
     """Train every case 3 steps under DDP on rank-dependent data; save the trainable state."""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous(outdir), rank=rank, world_size=world)
     try:
         for case_id in case_ids:
             case = case_by_id(case_id)
@@ -522,7 +525,7 @@ def _fsdp_unit_of(model: nn.Module, param_name: str) -> str:
     raise ValueError(f"{param_name!r} is in no FSDP unit")
 
 
-def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: int) -> None:
+def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str) -> None:
     """Train every case 3 steps in float64 under FSDP2 on rank-dependent data; save the full state.
 
     Per case and rank: ``<case>.rank<r>.safetensors`` (every trainable tensor gathered in full,
@@ -537,7 +540,7 @@ def _fsdp_worker(rank: int, world: int, case_ids: list[str], outdir: str, port: 
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # our losses are out of place
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous(outdir), rank=rank, world_size=world)
     try:
         for case_id in case_ids:
             case = case_by_id(case_id)
@@ -584,7 +587,7 @@ def _main(argv: list[str]) -> None:
     elif command in ("ddp", "fsdp"):
         case_ids, outdir = json.loads(rest[0]), rest[1]
         worker = _ddp_worker if command == "ddp" else _fsdp_worker
-        torch.multiprocessing.spawn(worker, args=(2, case_ids, outdir, free_port()), nprocs=2, join=True)
+        torch.multiprocessing.spawn(worker, args=(2, case_ids, outdir), nprocs=2, join=True)
     else:
         raise SystemExit(f"unknown command {command!r}; use 'load', 'ddp' or 'fsdp'")
 
