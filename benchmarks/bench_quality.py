@@ -7,6 +7,8 @@ is compressed through the block pipeline (:func:`compress.compress_blocks`, stat
 - RTN and GPTQ (act-order, damping 0.01) at 3 and 4 bits, group size 64, asymmetric (the CLI's defaults), plus
   4-bit symmetric for the comparison with llm-compressor (no EoRA on those rows);
 - SparseGPT 2:4 with the kept weights quantized to 3 and 4 bits (g64, asymmetric);
+- GPTQ at the same three settings with the clipped grid (``observer="mse"``, :func:`compress.sources.quantization_grid`;
+  the rows above use min-max grids, llm-compressor's default, so that they compare with it setting for setting);
 
 and each compressed model is compensated with independent EoRA at every ``--ranks`` (:func:`compress.eora_compensate`
 on the dense model's calibration statistics: the compressed model is made once and reused across ranks).
@@ -19,7 +21,8 @@ For each row: held-out perplexity, the share of the log-perplexity gap recovered
 adapter (PEFT LoRA, bfloat16), next to the float32 and bfloat16 directories of the dense model. llm-compressor's
 numbers come from ``results/llmcompressor.json`` (``benchmarks/peer_llmcompressor.py``) when it exists.
 
-Writes ``results/quality.{md,json}`` (rewritten after every row, so an interrupted run keeps what it measured).
+Writes ``results/quality.{md,json}`` (rewritten after every row, so an interrupted run keeps what it measured;
+``--keep-rows`` keeps the rows of the existing json that a run with fewer ``--settings`` does not remeasure).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_quality.py --threads 1
 """
@@ -53,6 +56,11 @@ SETTINGS: dict[str, tuple[dict[str, Any], bool]] = {
     "GPTQ 3-bit": (dict(method="gptq", bits=3), True),
     "GPTQ 4-bit": (dict(method="gptq", bits=4), True),
     "GPTQ 4-bit sym": (dict(method="gptq", bits=4, symmetric=True), False),
+    # the clipped grid (observer="mse", H_ii-weighted on act-order's static groups), beside the min-max rows that
+    # match llm-compressor's defaults setting for setting
+    "GPTQ 3-bit mse": (dict(method="gptq", bits=3, observer="mse"), False),
+    "GPTQ 4-bit mse": (dict(method="gptq", bits=4, observer="mse"), False),
+    "GPTQ 4-bit sym mse": (dict(method="gptq", bits=4, symmetric=True, observer="mse"), False),
     "RTN 3-bit": (dict(method="rtn", bits=3), True),
     "RTN 4-bit": (dict(method="rtn", bits=4), True),
     "RTN 4-bit sym": (dict(method="rtn", bits=4, symmetric=True), False),
@@ -62,7 +70,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], bool]] = {
 #: our setting -> llm-compressor's (results/llmcompressor.json "setting", "method")
 PEER = {"RTN 3-bit": ("3-bit g64 asym", "rtn"), "RTN 4-bit": ("4-bit g64 asym", "rtn"),
         "RTN 4-bit sym": ("4-bit g64 sym", "rtn"), "GPTQ 3-bit": ("3-bit g64 asym", "gptq"),
-        "GPTQ 4-bit": ("4-bit g64 asym", "gptq"), "GPTQ 4-bit sym": ("4-bit g64 sym", "gptq")}
+        "GPTQ 4-bit": ("4-bit g64 asym", "gptq"), "GPTQ 4-bit sym": ("4-bit g64 sym", "gptq"),
+        "GPTQ 3-bit mse": ("3-bit g64 asym", "gptq"), "GPTQ 4-bit mse": ("4-bit g64 asym", "gptq"),
+        "GPTQ 4-bit sym mse": ("4-bit g64 sym", "gptq")}
 
 
 def recovered(dense: float, compressed: float, compensated: float) -> float:
@@ -129,6 +139,9 @@ def main() -> None:
                         help="llm-compressor's results (default: results/llmcompressor.json)")
     parser.add_argument("--stem", default="quality",
                         help="results file stem: results/<stem>.{md,json} (default: quality)")
+    parser.add_argument("--keep-rows", action="store_true",
+                        help="keep the rows of results/<stem>.json whose settings this run does not measure (rerun "
+                        "some rows without losing the others)")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: rewrite results/<stem>.{md,json} from the rows of results/<stem>.json "
                         "and the current peer file (after running the peer)")
@@ -156,7 +169,11 @@ def main() -> None:
           f"{sizes['bfloat16'] / 1e6:.1f} MB bfloat16", flush=True)
 
     rows: list[dict[str, Any]] = []
-    for label in args.settings:
+    if args.keep_rows and (RESULTS / f"{args.stem}.json").is_file():
+        old = json.loads((RESULTS / f"{args.stem}.json").read_text())
+        rows = [r for r in old["rows"] if r["setting"] not in args.settings]
+        args.settings = [r["setting"] for r in rows] + list(args.settings)
+    for label in args.settings[len(rows):]:
         kwargs, with_eora = SETTINGS[label]
         config = CompressionConfig(target_modules="all-linear", group_size=GROUP_SIZE, **kwargs)
         t = time.perf_counter()
@@ -225,18 +242,22 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
                      f"{row['dir_bytes'] / 1e6:.1f} ({row['dir_bytes'] / sizes['bfloat16']:.2f}) | {adapters} |")
     goals = []
     by_label = {r["setting"]: r for r in rows}
-    compared = [(lab, by_label[lab]["perplexity"], peer[PEER[lab]]["perplexity"]) for lab in PEER
-                if lab.startswith("GPTQ") and lab in by_label and PEER[lab] in peer]
-    if compared:
-        worst = max(compared, key=lambda c: c[1] / c[2])
-        goals.append(goal("our GPTQ ppl <= llm-compressor's GPTQ ppl at every setting (worst ours / theirs)",
-                          value=worst[1] / worst[2], need=1.0, higher_is_better=False,
-                          detail="; ".join(f"{lab}: {o:.3f} vs {t:.3f}" for lab, o, t in compared)))
-    g3 = by_label.get("GPTQ 3-bit", {}).get("eora", {}).get("independent r=64")
-    if g3 is not None:
-        goals.append(goal("GPTQ-3 g64 + EoRA r=64 recovers >= 90 % of the log-perplexity gap", value=g3["recovered"],
-                          need=0.9, detail=f"ppl {by_label['GPTQ 3-bit']['perplexity']:.3f} -> {g3['perplexity']:.3f}"
-                          f", dense {dense:.3f}"))
+    for grid, what in (("minmax", "min-max grid, llm-compressor's settings exactly"),
+                       ("mse", "mse grid, against llm-compressor's default min-max GPTQ")):
+        compared = [(lab, by_label[lab]["perplexity"], peer[PEER[lab]]["perplexity"]) for lab in PEER
+                    if lab.startswith("GPTQ") and lab.endswith(" mse") == (grid == "mse") and lab in by_label
+                    and PEER[lab] in peer]
+        if compared:
+            worst = max(compared, key=lambda c: c[1] / c[2])
+            goals.append(goal(f"our GPTQ ({what}) ppl <= llm-compressor's GPTQ ppl at every setting (worst ours / "
+                              "theirs)", value=worst[1] / worst[2], need=1.0, higher_is_better=False,
+                              detail="; ".join(f"{lab}: {o:.3f} vs {t:.3f}" for lab, o, t in compared)))
+    for lab in ("GPTQ 3-bit", "GPTQ 3-bit mse"):
+        g3 = by_label.get(lab, {}).get("eora", {}).get("independent r=64")
+        if g3 is not None:
+            goals.append(goal(f"{lab.replace('GPTQ 3-bit', 'GPTQ-3 g64')} + EoRA r=64 recovers >= 90 % of the "
+                              "log-perplexity gap", value=g3["recovered"], need=0.9,
+                              detail=f"ppl {by_label[lab]['perplexity']:.3f} -> {g3['perplexity']:.3f}, dense {dense:.3f}"))
     for g in goals:
         print(("PASS" if g["pass"] else "FAIL") + f": {g['goal']}: {g['value']:.3f} ({g['detail']})", flush=True)
     command = ("python benchmarks/bench_quality.py" + (" --sequential" if args.sequential else "")
@@ -253,7 +274,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
              f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (BOS included). Every block "
              "linear but the LM head compressed by the block pipeline (`compress_blocks`) on the model stored in float32 "
              "(as llm-compressor loads it; the CLI stores bfloat16), asymmetric unless 'sym'; "
-             "GPTQ with act-order and damping 0.01. EoRA: independent (dense-model statistics) on the same compressed "
+             "GPTQ with act-order and damping 0.01; 'mse' rows choose each group's range by the clipping search "
+             "(`observer='mse'`, weighted by the Hessian diagonal on act-order's static groups), the other rows by "
+             "min-max as llm-compressor does by default. EoRA: independent (dense-model statistics) on the same compressed "
              f"model at every rank. {peer_note}.", "",
              f"Dense perplexity {dense:.3f}. Dense Hugging Face directory: {sizes['float32'] / 1e6:.1f} MB float32, "
              f"{sizes['bfloat16'] / 1e6:.1f} MB bfloat16 (config, tokenizer and weights).", "",
@@ -263,7 +286,13 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
              "json's not_packed), '(x bf16)' its ratio to the bfloat16 dense directory; the EoRA adapter "
              "(PEFT LoRA, bfloat16) is stored beside it.", ""]
           + table + goal_section(goals, note="One run per row (no repeats): value and minimum are the same number.",
-                                 digits=3))
+                                 digits=3)
+          + ["", "Why the min-max rows differ from llm-compressor's: not the algorithm. On the very W and H its GPTQ "
+             "was given, ours returns the same weights but for float rounding (results/gptq_layer_diff.md), and "
+             "block 0's statistics are equal. 3-bit perplexity is that sensitive to rounding: on this data our "
+             "pipeline gave 22.686 with the float64 sweep (also with 64-column blocks) and 23.527 with llm-compressor's "
+             "float32 sweep ported bit for bit, against its own 21.735 (measured once each, issue 11). The mse grid "
+             "moves perplexity by more than that spread."])
     missing = [lab for lab in args.settings if lab not in by_label]
     if missing:
         md += ["", f"Not measured in this run (interrupted or still running): {', '.join(missing)}."]
