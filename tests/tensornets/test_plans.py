@@ -18,7 +18,7 @@ from tolerance import assert_close
 def wisdom_file(monkeypatch, tmp_path):
     """A private wisdom file, read afresh by this test."""
     path = tmp_path / "cache" / "wisdom.json"
-    monkeypatch.setenv("TENSORNETS_CACHE", str(path))
+    monkeypatch.setenv("TENSORNETS_CACHE", str(path.parent))
     wisdom.forget()
     yield path
     wisdom.forget()
