@@ -57,6 +57,7 @@ import argparse
 import copy
 import ctypes
 import gc
+import json
 import math
 import os
 import re
@@ -428,11 +429,18 @@ def report(args, info: dict, ranges: dict, base: dict, records: dict, command: s
                 missing.append(f"{m} {SIZES[m][s][0]}: seeds {absent}")
     if missing:
         md += ["", "## Not measured in this file", ""] + [f"- {x}" for x in missing]
-    md += goal_section(goals, note="Value on means over seeds · step-time goal also on minima; the verdict uses the "
-                                   "means (medians for time). A goal whose rows were not measured is not listed.",
-                       digits=3)
+    note = ("Value on means over seeds · step-time goal also on minima; the verdict uses the means (medians for time). "
+            "A goal whose rows were not measured is not listed.")
+    if missing:
+        note += (" **Incomplete grid** (see above): these verdicts judge only the runs measured (fewer seeds, lrs not "
+                 "searched), not the benchmark's answer.")
+    md += goal_section(goals, note=note, digits=3)
     md += ["", f"Plot: [`{args.stem}.png`]({args.stem}.png)."]
     return md, goals, table
+
+
+def _plot_title(args) -> str:
+    return f"SmolLM2-135M, {args.text}, {args.steps} steps of {args.batch}x{args.seq_len}"
 
 
 def main() -> None:
@@ -455,6 +463,8 @@ def main() -> None:
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="keep the runs results/<stem>.json already holds")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results/<stem>.{md,png} from its json (no model, no run)")
     parser.add_argument("--stem", default=None, help="results/<stem>.{md,json,png} (default lm_finetune[_quick])")
     args = parser.parse_args()
     if args.quick:
@@ -475,15 +485,27 @@ def main() -> None:
                "device": args.device}
 
     json_path = RESULTS / f"{args.stem}.json"
+    command = "python benchmarks/bench_lm_finetune.py " + " ".join(sys.argv[1:])
     records: dict[str, dict] = {}
+    commands: list[str] = []  # every invocation that added runs to the json, in order
+    if args.report_only:
+        if not json_path.exists():
+            parser.error(f"--report-only: {json_path} does not exist; run the benchmark first")
+        old = json.loads(json_path.read_text())
+        saved = argparse.Namespace(**{**old["args"], "stem": args.stem})
+        md, _, table = report(saved, old["machine"], old["ranges"], old["base"], old["records"],
+                              " && ".join(old.get("commands", [])) or command)
+        write_results(RESULTS, args.stem, md, {**old, "summary": [dict(r) for r in table.values()]})
+        if table:
+            pareto_plot(table, old["base"]["test_ppl"], RESULTS / f"{args.stem}.png", _plot_title(saved))
+        print("\n".join(md))
+        return
     if args.resume and json_path.exists():
-        import json
-
         old = json.loads(json_path.read_text())
         if old.get("setting") != setting:
             parser.error(f"--resume: {json_path} was made with {old.get('setting')}, not {setting}; pass the same "
                          "options or another --stem")
-        records = old["records"]
+        records, commands = old["records"], old.get("commands", [])
         print(f"resuming: {len(records)} runs already in {json_path}", flush=True)
 
     base_model, tok = load_smollm2()
@@ -495,17 +517,16 @@ def main() -> None:
     base = {"val_ppl": _eval_ppl(base_model, val.to(device)), "test_ppl": _eval_ppl(base_model, test.to(device))}
     base_model.cpu()
     print(f"base: val ppl {base['val_ppl']:.3f}, test ppl {base['test_ppl']:.3f}; {ranges}", flush=True)
-    command = "python benchmarks/bench_lm_finetune.py " + " ".join(sys.argv[1:])
+    commands.append(command)
 
     def save() -> tuple[list[str], list[dict], dict]:
-        md, goals, table = report(args, info, ranges, base, records, command)
-        payload = {"machine": info, "args": vars(args), "setting": setting, "ranges": ranges, "base": base,
-                   "lrs": lrs, "records": records, "goals": goals,
+        md, goals, table = report(args, info, ranges, base, records, " && ".join(commands))
+        payload = {"machine": info, "args": vars(args), "commands": commands, "setting": setting, "ranges": ranges,
+                   "base": base, "lrs": lrs, "records": records, "goals": goals,
                    "summary": [dict(r) for r in table.values()]}
         write_results(RESULTS, args.stem, md, payload)
         if table:
-            pareto_plot(table, base["test_ppl"], RESULTS / f"{args.stem}.png",
-                        f"SmolLM2-135M, {args.text}, {args.steps} steps of {args.batch}x{args.seq_len}")
+            pareto_plot(table, base["test_ppl"], RESULTS / f"{args.stem}.png", _plot_title(args))
         return md, goals, table
 
     def run(m: str, s: int, seed: int, lr: float) -> dict:
