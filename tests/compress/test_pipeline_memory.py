@@ -37,8 +37,8 @@ def test_pipeline_keeps_packed_codes_equal_to_the_whole_model_codes():
 
 
 def test_factors_are_kept_in_the_storage_dtype():
-    """bfloat16 model: the factors are rounded to bfloat16 once fitted, and the compensated stream (next blocks'
-    inputs) used the rounded factors: the bf16 run equals the float32 math on the rounded values."""
+    """bfloat16 model: the factors are kept in bfloat16 (what the exported adapter holds); a float32 model keeps
+    float32 factors (rounding to the storage dtype is then the identity)."""
     model = tiny_llama(dtype=torch.bfloat16)
     out = compress_blocks(model, RTN, calib(), eora_rank=4, progress=False)
     assert {t.dtype for f in out.eora.factors.values() for t in f} == {torch.bfloat16}
