@@ -166,6 +166,11 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq: quantize columns by decreasing activation energy, with static groups (stored as ordinary "
                    "groups, as llm-compressor's default actorder='static') (default: on)")
+    g.add_argument("--observer", choices=("minmax", "mse"), default="minmax",
+                   help="rtn, gptq, sparsegpt with --sparse-bits: each group's range, 'minmax' (its extremes, "
+                   "llm-compressor's default) or 'mse' (clipped to the least rounding error, as GPTQ's reference "
+                   "quantizer; for GPTQ weighted by the Hessian diagonal: SmolLM2 3-bit g64 GPTQ 18.42 vs 22.69 "
+                   "min-max, benchmarks/results/quality.md) (default: minmax)")
     g.add_argument("--damp", type=float, default=0.01, metavar="FRAC",
                    help="gptq, sparsegpt: Hessian damping, a fraction of its mean diagonal (default: 0.01)")
     g.add_argument("--sparsity", type=_sparsity, default=0.5,
@@ -445,7 +450,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         config = CompressionConfig(
             method=args.method, keep=args.keep, target_modules=args.target_spec, bits=args.bits,
             group_size=args.group_size or None, sparsity=args.sparsity, symmetric=args.symmetric,
-            act_order=args.act_order, percdamp=args.damp, pattern=args.pattern, sparse_bits=args.sparse_bits,
+            act_order=args.act_order, observer=args.observer, percdamp=args.damp, pattern=args.pattern, sparse_bits=args.sparse_bits,
         )
         targets = find_targets(model, config.target_modules)
     except ValueError as err:

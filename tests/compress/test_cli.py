@@ -230,6 +230,18 @@ def test_gptq_with_eora_exports_an_adapter_and_beats_rtn(tiny_model_dir, tmp_pat
     assert perplexity(peft_model, held_out) == pytest.approx(gptq["perplexity"]["compensated_eora"], rel=1e-2)
 
 
+def test_observer_flag_reaches_the_quantizer(tiny_model_dir, capsys):
+    """--observer mse clips each group's range: the report says so and the codes differ from min-max's."""
+    assert parse_args([]).observer == "minmax" and parse_args(["--observer", "mse"]).observer == "mse"
+    runs = {}
+    for observer in ("minmax", "mse"):
+        runs[observer] = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "gptq", "--bits", "3",
+                                           "--group-size", "16", "--observer", observer, "--eora-rank", "0", *SMALL])
+        text = capsys.readouterr().out
+        assert ("mse grid" in text) == (observer == "mse")
+    assert runs["mse"]["rel_output_error"]["compressed_mean"] != runs["minmax"]["rel_output_error"]["compressed_mean"]
+
+
 def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
     summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "2:4",
                                 "--sparse-bits", "4", "--group-size", "16", "--no-act-order", "--eora-rank", "2", *SMALL])
