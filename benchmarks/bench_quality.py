@@ -58,7 +58,7 @@ SETTINGS: dict[str, tuple[dict[str, Any], bool]] = {
     "GPTQ 4-bit sym": (dict(method="gptq", bits=4, symmetric=True), False),
     # the clipped grid (observer="mse", H_ii-weighted on act-order's static groups), beside the min-max rows that
     # match llm-compressor's defaults setting for setting
-    "GPTQ 3-bit mse": (dict(method="gptq", bits=3, observer="mse"), False),
+    "GPTQ 3-bit mse": (dict(method="gptq", bits=3, observer="mse"), True),
     "GPTQ 4-bit mse": (dict(method="gptq", bits=4, observer="mse"), False),
     "GPTQ 4-bit sym mse": (dict(method="gptq", bits=4, symmetric=True, observer="mse"), False),
     "RTN 3-bit": (dict(method="rtn", bits=3), True),
