@@ -23,11 +23,11 @@ run: install
 	$(BIN)/tensornets compress
 
 # Two pytest workers (pytest-xdist), one BLAS/OpenMP thread each: most tests are small and single-thread-bound, so two
-# processes use CI's 2 cores better than one process with two threads. --dist loadgroup: tests are dealt out one by one,
-# except a module with a module-scoped fixture, which runs whole on one worker so the fixture is built once (tests/conftest.py).
+# processes use CI's 2 cores better than one process with two threads. --dist loadfile: a test file runs whole on one
+# worker, so its module-scoped fixtures (subprocess runs, saved models) are built once, not once per worker.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The suite again on one thread, with other data (--seed) and another test order (--shuffle): a test that
 # passes only at one seed, one BLAS summation order or after some other test fails here (see tests/conftest.py).

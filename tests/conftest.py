@@ -7,10 +7,9 @@ Options (see ``make test-fragility``):
   seed ``N`` (modules stay contiguous so module-scoped fixtures are built once). A test that
   depends on what ran before it fails here.
 
-Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every worker process seeds each
-test the same way, and the tests that use a module-scoped fixture are put in one ``xdist_group``
-(see :func:`_group_tests_sharing_module_fixtures`), so that fixture is built once, not once per
-worker.
+Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``) every worker seeds each test the
+same way; a test file runs whole on one worker, so its module-scoped fixtures are built once. Every
+worker collects the same ``--shuffle`` order (same seed), as xdist requires.
 """
 
 from __future__ import annotations
@@ -29,42 +28,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _module_fixture_names(item: pytest.Item) -> list[str]:
-    """Module-scoped fixtures ``item`` uses, the suite-wide seeding one aside (cheap, and used by every test)."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:  # not a plain test function (e.g. a doctest item)
-        return []
-    return [name for name, defs in info.name2fixturedefs.items()
-            if name != "_seeded_module" and any(d.scope == "module" for d in defs)]
-
-
-def _group_tests_sharing_module_fixtures(items: list[pytest.Item]) -> None:
-    """Mark the tests that share a module-scoped fixture with one ``xdist_group`` per fixture.
-
-    With ``--dist loadgroup`` xdist sends each group whole to one worker, so the fixture (a
-    subprocess run, a saved model) is built once instead of once per worker that gets one of its
-    tests; every other test is dealt out on its own. Fixtures that some test uses together land in
-    one group (``<module>::<fixture>+<fixture>``). Without xdist the mark does nothing.
-    """
-    group_of: dict[tuple[str, str], set[str]] = {}  # (module, fixture) -> the fixtures grouped with it
-    uses = []
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        names = set(_module_fixture_names(item))
-        for name in list(names):
-            names |= group_of.get((module, name), set())
-        for name in names:
-            group_of[(module, name)] = names
-        uses.append((item, module, names))
-    for item, module, names in uses:
-        if names:
-            item.add_marker(pytest.mark.xdist_group(f"{module}::{'+'.join(sorted(group_of[(module, min(names))]))}"))
-
-
-# tryfirst: xdist's own hook reads the xdist_group marks (to suffix node ids) and must see them.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _group_tests_sharing_module_fixtures(items)
     shuffle = config.getoption("--shuffle")
     if shuffle is None:
         return
