@@ -45,20 +45,11 @@ class QuantizedWeight:
     symmetric: bool
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits!r} must be an int in [2, 8]")
+        _check_bits(self.bits)
         if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
             raise TypeError(f"codes must be a (out, in) int8 tensor, got {self.codes.dtype} {tuple(self.codes.shape)}")
         out_f, in_f = self.codes.shape
-        if self.group_size < 1 or in_f % self.group_size:
-            raise ValueError(f"group_size={self.group_size} must divide in_features={in_f}")
-        groups = (out_f, in_f // self.group_size)
-        if tuple(self.scale.shape) != groups or tuple(self.zero_point.shape) != groups:
-            raise ValueError(
-                f"scale {tuple(self.scale.shape)} and zero_point {tuple(self.zero_point.shape)} must be {groups}"
-            )
-        if self.zero_point.dtype != torch.int8:
-            raise TypeError(f"zero_point must be int8, got {self.zero_point.dtype}")
+        _check_groups(self.group_size, self.scale, self.zero_point, out_f, in_f)
 
     @property
     def shape(self) -> torch.Size:
@@ -118,8 +109,7 @@ class PackedQuantizedWeight:
     unpacked_shape: tuple[int, int]
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits!r} must be an int in [2, 8]")
+        _check_bits(self.bits)
         if len(self.unpacked_shape) != 2:
             raise ValueError(f"unpacked_shape={self.unpacked_shape!r} must be (out, in)")
         out_f, in_f = self.unpacked_shape
@@ -127,15 +117,7 @@ class PackedQuantizedWeight:
         if self.packed.dtype != torch.int32 or tuple(self.packed.shape) != words:
             raise TypeError(f"packed must be a {words} int32 tensor (pack_to_int32 of ({out_f}, {in_f}) {self.bits}-bit "
                             f"codes), got {self.packed.dtype} {tuple(self.packed.shape)}")
-        if self.group_size < 1 or in_f % self.group_size:
-            raise ValueError(f"group_size={self.group_size} must divide in_features={in_f}")
-        groups = (out_f, in_f // self.group_size)
-        if tuple(self.scale.shape) != groups or tuple(self.zero_point.shape) != groups:
-            raise ValueError(
-                f"scale {tuple(self.scale.shape)} and zero_point {tuple(self.zero_point.shape)} must be {groups}"
-            )
-        if self.zero_point.dtype != torch.int8:
-            raise TypeError(f"zero_point must be int8, got {self.zero_point.dtype}")
+        _check_groups(self.group_size, self.scale, self.zero_point, out_f, in_f)
 
     @property
     def shape(self) -> torch.Size:
@@ -157,3 +139,20 @@ class PackedQuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(out, in)`` weight ``s (q - z)``, as :meth:`QuantizedWeight.dequantize`."""
         return self.unpack().dequantize(dtype)
+
+
+def _check_bits(bits: int) -> None:
+    """Raise ``ValueError`` unless ``bits`` is an int in [2, 8]."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits!r} must be an int in [2, 8]")
+
+
+def _check_groups(group_size: int, scale: torch.Tensor, zero_point: torch.Tensor, out_f: int, in_f: int) -> None:
+    """Raise unless ``group_size`` divides ``in_f`` and ``scale``, ``zero_point`` (int8) are ``(out, in // group_size)``."""
+    if group_size < 1 or in_f % group_size:
+        raise ValueError(f"group_size={group_size} must divide in_features={in_f}")
+    groups = (out_f, in_f // group_size)
+    if tuple(scale.shape) != groups or tuple(zero_point.shape) != groups:
+        raise ValueError(f"scale {tuple(scale.shape)} and zero_point {tuple(zero_point.shape)} must be {groups}")
+    if zero_point.dtype != torch.int8:
+        raise TypeError(f"zero_point must be int8, got {zero_point.dtype}")
