@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "cache_root"]
+__all__ = ["CACHE_ENV", "cache_root", "exclusive_lock"]
 
 #: Environment variable naming the cache directory.
 CACHE_ENV = "TENSORNETS_CACHE"
@@ -22,3 +25,25 @@ def cache_root() -> Path:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg).expanduser() / "tensornets"
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``directory`` itself (created if missing; no lock file is left behind).
+
+    Serializes the processes that write a cache in ``directory`` (two pytest workers, two jobs on one machine);
+    the kernel drops the lock if the holder dies. Yields ``True`` while the lock is held, or ``False`` where the
+    directory cannot be created or opened (a read-only location, where no cache can be written either), and the
+    caller goes on without a lock.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

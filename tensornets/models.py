@@ -28,8 +28,6 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -37,13 +35,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .cache_dir import CACHE_ENV, cache_root
+from .cache_dir import CACHE_ENV, cache_root, exclusive_lock
 
 __all__ = [
     "SMOLLM2_CACHE_ENV",
@@ -159,28 +157,6 @@ def _convert_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
-@contextlib.contextmanager
-def _conversion_lock(cache_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``.<cache name>.lock`` next to ``cache_dir`` while converting.
-
-    Two processes that find no cache at once (two pytest workers, two jobs on one machine)
-    would otherwise both convert the GGUF (~20 s each), and the later one would move the
-    earlier one's valid cache aside to rename its own into place, under any process reading
-    it. With the lock the second waits, then finds the first one's cache. ``flock`` is
-    released by the kernel if the holder dies. Where the lock file cannot be created (a
-    read-only location) no cache can be written either: the caller converts without a lock.
-    """
-    try:
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(cache_dir.parent / f".{cache_dir.name}.lock", "a")
-    except OSError:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
 def _write_cache_atomically(cache_dir: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
     """Save ``model`` + ``tokenizer`` to ``cache_dir`` so that it either appears whole or not at all.
 
@@ -253,7 +229,7 @@ def load_smollm2(
     converted model is returned anyway; the next call converts again.
 
     Safe across processes: the cache appears whole or not at all (written aside, renamed into
-    place), and a lock file ``.<cache name>.lock`` next to it makes a second process that
+    place), and a lock on its parent directory (:func:`tensornets.cache_dir.exclusive_lock`) makes a second process that
     finds no cache wait for the first one's conversion and load its cache, instead of
     converting as well. A valid cache is never replaced while another process may read it.
     """
@@ -274,8 +250,10 @@ def load_smollm2(
         )
 
     if _read_manifest(cache) != manifest:
-        with _conversion_lock(cache):
-            # Checked again under the lock: another process may have written the cache while we waited.
+        # Two processes that find no cache at once would both convert (~20 s each), and the later one would move
+        # the earlier one's valid cache aside under its readers: the lock makes the second wait, then read the
+        # first one's cache (checked again under the lock).
+        with exclusive_lock(cache.parent):
             if _read_manifest(cache) != manifest:
                 model, tokenizer = _convert_gguf(gguf_path)
                 try:

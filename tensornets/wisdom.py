@@ -24,20 +24,17 @@ File: ``wisdom.json`` in the cache directory (:func:`tensornets.cache_dir.cache_
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache_dir import cache_root
+from .cache_dir import cache_root, exclusive_lock
 
 __all__ = ["wisdom_path", "machine_key", "entry_key", "lookup", "record", "forget"]
 
@@ -111,17 +108,6 @@ def lookup(key: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and isinstance(entry.get("plan"), str) else None
 
 
-@contextlib.contextmanager
-def _directory_locked(directory: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on ``directory`` itself (no lock file left behind); the kernel drops it if we die."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def record(key: str, plan: str, seconds: dict[str, float]) -> None:
     """Store that ``plan`` won the measurement ``key`` (``seconds``: time per candidate) and write the file atomically.
 
@@ -130,7 +116,7 @@ def record(key: str, plan: str, seconds: dict[str, float]) -> None:
     """
     path = wisdom_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _directory_locked(path.parent):
+    with exclusive_lock(path.parent):
         # Read again (other processes may have written since); warn only if this process has not read it yet.
         read_before = _loaded.pop(path, None) is not None
         data = _read(path, warn=not read_before)
