@@ -125,8 +125,9 @@ def test_tt_factors_equal_their_dense_contraction():
             for core in tt.cores:
                 core.normal_()
     m_a, m_b = layer.factors("default")
-    for tt, dense in ((layer.loretta_rep_A["default"], m_a), (layer.loretta_rep_B["default"], m_b)):
-        expected = contract_cores(list(tt.cores)).reshape(24, 4)  # d-side modes first: a (d, r) matrix
+    multiplier_b = layer.loretta_rep_multiplier["default"]  # M_B's fixed muP multiplier (test below)
+    for tt, dense, multiplier in ((layer.loretta_rep_A["default"], m_a, 1.0), (layer.loretta_rep_B["default"], m_b, multiplier_b)):
+        expected = multiplier * contract_cores(list(tt.cores)).reshape(24, 4)  # d-side modes first: a (d, r) matrix
         assert_close(dense, expected)
     scale = config.alpha / config.r
     delta = layer.get_delta_weight("default")
@@ -142,6 +143,78 @@ def test_zero_init_gives_zero_delta_and_nonzero_gradients():
     assert torch.count_nonzero(layer.loretta_rep_B["default"].cores[-1]) == 0
     model(torch.randn(3, 16)).pow(2).sum().backward()
     assert layer.loretta_rep_B["default"].cores[-1].grad.abs().sum() > 0
+
+
+def rep_layer(init_weights: str, d: int = 96, seed: int = 0) -> LoRETTARepLayer:
+    torch.manual_seed(seed)
+    config = adapters.LoRETTARepConfig(dropout=0.0, init_weights=init_weights, target_modules=["q"])
+    return get_peft_model(Square(d), config).base_model.model.layers[0]["q"]
+
+
+def test_lora_rate_init_is_the_zero_init_reparametrized():
+    # Same draw: M_A identical, and μ_B times the stored P equals the plain init's P, with
+    # μ_B = Π_k σ_k / σ_A (σ_1 = q^{-1/2}, σ_k = R_{k-1}^{-1/2} after, σ_A = (3 d_in)^{-1/2}), written out here.
+    plain, rate = rep_layer("zero"), rep_layer("lora_rate")
+    assert plain.loretta_rep_multiplier["default"] == 1.0
+    for core_plain, core_rate in zip(plain.loretta_rep_A["default"].cores, rate.loretta_rep_A["default"].cores):
+        assert torch.equal(core_plain, core_rate)
+    cores_plain, cores_rate = plain.loretta_rep_B["default"].cores[:-1], rate.loretta_rep_B["default"].cores[:-1]
+    sigma_a = (3 * 96) ** -0.5
+    q = cores_plain[-1].shape[-1]  # the bond into the zero last core
+    stds = [q**-0.5] + [core.shape[0] ** -0.5 for core in cores_plain[1:]]
+    expected = math.prod(std / sigma_a for std in stds)
+    assert math.isclose(rate.loretta_rep_multiplier["default"], expected, rel_tol=1e-12)
+    p_plain = contract_cores([c.detach() for c in cores_plain])  # P: (n_1, ..., n_{K-1}, q)
+    p_rate = contract_cores([c.detach() for c in cores_rate])
+    assert p_plain.shape[-1] == q
+    assert_close(expected * p_rate, p_plain)  # float32: the stored cores are the same draw, rescaled
+    assert torch.equal(rate.get_delta_weight("default"), torch.zeros(96, 96))
+
+
+def relative_core_changes(layer: nn.Module, params: list[torch.Tensor], steps: int = 2, lr: float = 1e-3) -> list[float]:
+    """``‖Δθ‖ / ‖θ‖`` of each of ``params`` after ``steps`` Adam steps on a random regression through ``layer``."""
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = (layer(x) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [float((p.detach() - b).norm() / b.norm()) for p, b in zip(params, before)]
+
+
+@pytest.mark.parametrize("init_weights, low, high", [("lora_rate", 0.5, 2.0), ("zero", 0.0, 0.2)])
+def test_output_cores_learn_at_loras_rate(init_weights, low, high):
+    # LoRA's A moves by ~lr / σ_A of its size per Adam step; the default init makes each core of P
+    # (M_B before its zero last core) move as fast, relative to its size. The plain init ("zero",
+    # cores of std ~0.5) is ~σ_A / 0.5 = 0.06x as fast: P, the output directions of ΔW, stays put.
+    torch.manual_seed(0)
+    lora = get_peft_model(Square(96), LoraConfig(r=8, target_modules=["q"])).base_model.model.layers[0]["q"]
+    (lora_change,) = relative_core_changes(lora, [lora.lora_A["default"].weight])
+    layer = rep_layer(init_weights)
+    for change in relative_core_changes(layer, list(layer.loretta_rep_B["default"].cores[:-1])):
+        assert low <= change / lora_change <= high, (init_weights, change, lora_change)
+
+
+def test_a_checkpoint_of_the_plain_init_reloads_unchanged(tmp_path):
+    torch.manual_seed(0)
+    config = adapters.LoRETTARepConfig(init_weights="zero", dropout=0.0, target_modules=["q"])
+    model = get_peft_model(Square(24), config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    x = torch.randn(3, 24)
+    expected = model(x)
+    model.save_pretrained(str(tmp_path))
+    reloaded = PeftModel.from_pretrained(Square(24), str(tmp_path))
+    reloaded.base_model.model.layers[0]["q"].base_layer.load_state_dict(
+        model.base_model.model.layers[0]["q"].base_layer.state_dict()
+    )
+    assert reloaded.base_model.model.layers[0]["q"].loretta_rep_multiplier["default"] == 1.0
+    assert torch.equal(reloaded(x), expected)
 
 
 def test_paper_init_is_the_reference_draw_and_nonzero():
