@@ -7,6 +7,7 @@
 >>> print(report)                      # per-layer params before/after, ranks, weight and output errors
 >>> eora = eora_compensate(model, report.model, stats, rank=32)
 >>> eora.save_pretrained("eora-adapter")   # PeftModel.from_pretrained(report.model, "eora-adapter")
+>>> report, eora = refine_rounds(model, report.model, report, eora, stats, stats, rounds=4)  # fit both together
 
 ``keep`` is always the fraction of parameters kept.
 """
@@ -32,6 +33,7 @@ from compress.surgery import CompressionReport, LayerReport, compress_model
 from compress.targets import find_targets
 from compress.checkpoint import load_compressed, load_compressed_directory, save_compressed
 from compress.pipeline import PipelineResult, compress_blocks, find_decoder_blocks
+from compress.eora_rounds import refine_rounds
 
 __all__ = [
     "ActivationStats",
@@ -57,6 +59,7 @@ __all__ = [
     "eora_factors",
     "sequential_eora_factors",
     "select_sequential_factors",
+    "refine_rounds",
     "SequentialFit",
     "EoraAdapter",
     "CompensatedLayer",

@@ -197,6 +197,11 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
     g.add_argument("--eora-method", choices=["eora", "svd", "asvd"], default="eora",
                    help="eora (whitened by the calibration statistics: the optimal residual), or the baselines "
                    "svd (plain SVD of W - W_c, LoRC) and asvd (default: eora)")
+    g.add_argument("--eora-rounds", type=_int_at_least(0, "alternation rounds"), default=0, metavar="N",
+                   help="fit the compressed weights and the residual together: N times recompress W - BA and refit "
+                   "EoRA, keeping each layer's best round (quantizers and pruners with --eora-method eora; one "
+                   "compression and one EoRA fit per layer per round). The compressed model is then meant to be "
+                   "served with its adapter (default: 0, plain EoRA)")
     g.add_argument("--compare", action="store_true",
                    help="also evaluate the other two compensations (svd, asvd / eora) at the same rank, for comparison "
                    "(adds about one compensation + one evaluation each)")
@@ -289,6 +294,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --sequential: sequential compensation is EoRA's; drop --eora-method {args.eora_method}")
     if args.compare and args.eora_rank == 0:
         parser.error("argument --compare: needs --eora-rank > 0")
+    if args.eora_rounds:
+        if args.eora_rank == 0 or args.eora_method != "eora":
+            parser.error("argument --eora-rounds: alternates the compressor with an EoRA residual; needs --eora-rank "
+                         "> 0 and --eora-method eora")
+        if args.compare or args.sequential:
+            parser.error("argument --eora-rounds: the compressed weights are fitted to one residual; drop --compare "
+                         "and --sequential")
+        if compressor.kind != "dense":
+            parser.error(f"argument --eora-rounds: recompresses W - BA; --method {args.method} replaces the layers "
+                         "by factorized ones: use a quantizer or pruner (rtn, gptq, sparsegpt, prune24, magnitude)")
     for flag in ("bits", "sparse_bits"):
         value = getattr(args, flag)
         if value is not None and value > 8:
@@ -506,8 +521,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     "kinds": sorted({layer_kind(m) for m in targets.values()})},
         "data": {"calib_sequences": len(calib), "eval_sequences": len(held_out), "seq_len": args.seq_len},
         "perplexity": ppl,
-        "recovered": {k: _recovered(ppl["dense"], ppl["compressed"], v) for k, v in ppl.items()
-                      if k.startswith("compensated_")},
+        # with --eora-rounds the compressed weights alone are not the compressor's model: no share of its gap
+        "recovered": {k: None if args.eora_rounds else _recovered(ppl["dense"], ppl["compressed"], v)
+                      for k, v in ppl.items() if k.startswith("compensated_")},
         "params": {"targets_before": target_before, "targets_after": target_after, "adapter": adapter_params,
                    "model_before": whole_before, "model_after": whole_after,
                    "keep_targets": target_after / target_before},
@@ -566,7 +582,7 @@ def _compress_blocks(model, config, calib, args: argparse.Namespace, device, pro
 
     try:
         result = compress_blocks(model, config, calib, eora_rank=args.eora_rank, eora_method=args.eora_method,
-                                 device=device, inplace=True, progress=progress)
+                                 eora_rounds=args.eora_rounds, device=device, inplace=True, progress=progress)
     except ValueError as err:
         raise SystemExit(f"tensornets compress: error: {err}") from None
     return result.report, ({args.eora_method: result.eora} if result.eora is not None else {})
@@ -577,6 +593,7 @@ def _compress_whole(model, config, calib, held_out, targets: list[str], args: ar
     """The whole-model path in float32: statistics of every target, dense perplexity, compression (a copy), then every
     asked-for compensation. Returns the report, the adapters and the perplexities so far."""
     from compress import collect_activation_stats, compress_model, eora_compensate
+    from compress.eora_rounds import refine_rounds
 
     model.float()  # a model loaded in bfloat16 is compressed and evaluated in float32 on this path
     stats = None
@@ -608,6 +625,11 @@ def _compress_whole(model, config, calib, held_out, targets: list[str], args: ar
                         progress=progress)
                 except ValueError as err:
                     raise SystemExit(f"tensornets compress: error: {err}") from None
+        if args.eora_rounds and args.eora_method in adapters:
+            with stages(f"EoRA rounds ({args.eora_rounds})"):
+                report, adapters[args.eora_method] = refine_rounds(model, report.model, report,
+                                                                   adapters[args.eora_method], stats, stats,
+                                                                   args.eora_rounds)
     return report, adapters, ppl
 
 
@@ -707,7 +729,8 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         "",
         f"tensornets compress: {s['model']}",
         f"  compressor   {what}, on {s['targets']['layers']} layers ({_describe_spec(s['targets']['spec'])})",
-        f"  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" and sequential EoRA" if args.sequential else "")
+        "  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" and sequential EoRA" if args.sequential else "")
+                              + (f", {args.eora_rounds} rounds with the compressor" if args.eora_rounds else "")
                               if args.eora_rank else "none"),
         f"  data         calibration {s['data']['calib_sequences']} x {args.seq_len} tokens, evaluation "
         f"{s['data']['eval_sequences']} x {args.seq_len} tokens ({_describe_data(args)})",
@@ -717,7 +740,8 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         "",
         "perplexity (held-out)",
         f"  dense                      {ppl['dense']:10.3f}",
-        f"  compressed                 {ppl['compressed']:10.3f}   ({ppl['compressed'] / ppl['dense']:.2f}x dense)",
+        f"  compressed                 {ppl['compressed']:10.3f}   ({ppl['compressed'] / ppl['dense']:.2f}x dense"
+        + (", fitted with the residual: not a model of its own)" if args.eora_rounds else ")"),
     ]
     for m in adapters:
         label = {"eora": "EoRA", "svd": "plain SVD (LoRC)", "asvd": "ASVD", "eora_sequential": "EoRA sequential"}[m]

@@ -70,6 +70,7 @@ from compress.eora import (
     eora_compensate,
     fit_sequential_layer,
 )
+from compress.eora_rounds import check_rounds, refine_rounds
 from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
 from compress.targets import dense_weight, find_targets, layer_kind, replace_module
@@ -159,6 +160,7 @@ def compress_blocks(
     eora_method: str = "eora",
     eora_sequential: bool = False,
     eora_ridge: float = 0.0,
+    eora_rounds: int = 0,
     device: torch.device | str | None = None,
     offload_folder: str | os.PathLike | None = None,
     inplace: bool = False,
@@ -190,6 +192,12 @@ def compress_blocks(
     eora_ridge : float
         Whitening ridge ``C + ridge · mean(diag C) I`` of independent EoRA (also the independent candidate of
         sequential EoRA).
+    eora_rounds : int
+        Fit each compressed weight and its residual together: after plain compression and EoRA, ``eora_rounds``
+        times recompress ``W − BA`` and refit EoRA, keeping each layer's best round on the calibration objective
+        (:mod:`compress.eora_rounds`; dense compressors and independent EoRA only; each round costs one
+        compression and one EoRA fit per layer, no extra forward pass). The compressed weights are then fitted
+        with their residuals: serve them together. ``0``: plain EoRA.
     device : torch.device or str, optional
         Where each block is processed (``"cuda"`` moves one block at a time to the GPU); default: where the block is
         stored. The hidden states of the calibration data live there too.
@@ -237,6 +245,8 @@ def compress_blocks(
                          f"{eora_method!r} has no sequential form: pass eora_method='eora' or eora_sequential=False")
     if eora_sequential and not eora_rank:
         raise ValueError("eora_sequential=True needs eora_rank > 0")
+    check_rounds(eora_rounds, eora_rank=eora_rank, sequential=eora_sequential,
+                 compressor_kind=config.compressor.kind, method=config.method)
     calib_batches = list(calib_batches)
     if eora_sequential:
         calibration_folds(calib_batches)  # at least 2 batches, before any work
@@ -251,7 +261,7 @@ def compress_blocks(
         warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "
                       "(float32 statistics of every layer in memory)", UserWarning, stacklevel=2)
         return _whole_model(model, config, calib_batches, list(targets), eora_rank, eora_method,
-                            eora_sequential, eora_ridge, inplace, progress)
+                            eora_sequential, eora_ridge, eora_rounds, inplace, progress)
 
     path, blocks = find_decoder_blocks(model)
     offloaded = [i for i, block in enumerate(blocks) if _offloaded_modules(block)]
@@ -277,7 +287,8 @@ def compress_blocks(
         execution_device = _onload(blocks[i]) if i in offloaded else None
         try:
             out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, config, eora_rank, eora_method,
-                                 eora_sequential, eora_ridge, compute if compute is not None else execution_device)
+                                 eora_sequential, eora_ridge, eora_rounds,
+                                 compute if compute is not None else execution_device)
         except ValueError as err:  # name the layers by their paths in the model, not in the block
             message = str(err)
             for name in sorted(per_block[i], key=len, reverse=True):
@@ -296,7 +307,8 @@ def compress_blocks(
             eora_rows += [dataclasses.replace(r, name=prefix + r.name) for r in out.eora.layers]
     eora = None
     if eora_rank:
-        eora = EoraAdapter(factors, kinds, eora_rank, eora_method + ("-sequential" if eora_sequential else ""),
+        label = "-sequential" if eora_sequential else (f"-rounds{eora_rounds}" if eora_rounds else "")
+        eora = EoraAdapter(factors, kinds, eora_rank, eora_method + label,
                            eora_rows, conv_kernels)
     return PipelineResult(CompressionReport(work, layers, config, quantized), eora, path)
 
@@ -420,6 +432,7 @@ def _process_block(
     eora_method: str,
     sequential: bool,
     ridge: float,
+    rounds: int,
     device: torch.device | None,
 ) -> _BlockResult:
     """Statistics, compression, compensation and the next inputs of one block (module paths relative to it).
@@ -451,10 +464,9 @@ def _process_block(
                 dense_h.clear()  # consumed (see below)
         block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
         block_report = compress_model(block, block_config, comp_stats, inplace=True, progress=False)
-        # kept until export for every layer: packed, b bits per code instead of an int8 each
-        layers, quantized = block_report.layers, {n: q.pack() for n, q in block_report.quantized.items()}
-        del block_report
-        del comp_stats
+        if not rounds:  # free the codes and statistics before the residuals are fitted (the peak of the block)
+            layers, quantized = _packed(block_report)
+            del block_report, comp_stats
         _round_to(block, device, storage_dtype)
         if sequential:
             del pre
@@ -462,8 +474,14 @@ def _process_block(
                                           storage_dtype)
             dense_h.clear()
         elif eora_rank:
-            adapter = _stored(eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method,
-                                              ridge=ridge, target_modules=names, progress=False), storage_dtype)
+            adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
+                                      target_modules=names, progress=False)
+            if rounds:
+                block_report, adapter = refine_rounds(dense, block, block_report, adapter, comp_stats, dense_stats,
+                                                      rounds, ridge=ridge, storage_dtype=storage_dtype)
+                layers, quantized = _packed(block_report)
+                del block_report, comp_stats
+            adapter = _stored(adapter, storage_dtype)
         del dense_stats
     else:
         _round_to(block, device, storage_dtype)
@@ -494,6 +512,12 @@ def _cross(dense: nn.Module, dense_h: Sequence[torch.Tensor], dense_out: list | 
                                    ["block." + n for n in names], batches, stop_after_all=dense_out is None,
                                    progress=False)
     return {n[len("block."):]: c for n, c in cross.items()}
+
+
+def _packed(report: CompressionReport) -> tuple[list, dict]:
+    """The report's rows and its quantized layers bit-packed (kept until export for every layer: b bits per code
+    instead of an int8 each)."""
+    return report.layers, {n: q.pack() for n, q in report.quantized.items()}
 
 
 def _stored(adapter: EoraAdapter, dtype: torch.dtype) -> EoraAdapter:
@@ -636,6 +660,7 @@ def _whole_model(
     eora_method: str,
     sequential: bool,
     ridge: float,
+    rounds: int,
     inplace: bool,
     progress: bool | None,
 ) -> PipelineResult:
@@ -647,6 +672,8 @@ def _whole_model(
     if eora_rank:
         eora = eora_compensate(model, report.model, stats, rank=eora_rank, method=eora_method, ridge=ridge,
                                target_modules=targets, sequential=sequential, calib_batches=calib, progress=progress)
+        if rounds:
+            report, eora = refine_rounds(model, report.model, report, eora, stats, stats, rounds, ridge=ridge)
     return PipelineResult(report, eora, None)
 
 
