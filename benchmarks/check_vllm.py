@@ -15,7 +15,8 @@ vLLM's wheel runs on CUDA only, so this script needs a CUDA GPU. For each ``--bi
    ``LoRARequest("eora", 1, dir/eora-adapter)``. The worker imports nothing of this project. Its log says which
    mixed-precision kernel vLLM picked ("Using ... for CompressedTensorsWNA16"); the report quotes it.
 4. **compare**: perplexity of the windows per engine, the largest and mean difference of the prompt log-probabilities,
-   top-1 agreement and the greedy tokens' common prefix; ``results/vllm.{md,json}``.
+   top-1 agreement and the greedy tokens' common prefix; ``results/vllm.{md,json}``. The checkpoints, the vLLM job
+   and vLLM's log stay in ``--work-dir`` (default: a new temporary directory, printed).
 
 Why two interpreters: vLLM 0.33 pins ``compressed-tensors==0.17.0`` and ``transformers<5.21``, this package needs
 ``compressed-tensors>=0.20.1,<0.21``: pip cannot install both in one environment. And compressed-tensors 0.17 packs
@@ -246,34 +247,36 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info(threads=torch.get_num_threads(), transformers=transformers.__version__,
                         compressed_tensors=compressed_tensors.__version__, peft=peft.__version__)
     settings, goals = [], []
-    with tempfile.TemporaryDirectory(prefix="check_vllm_") as tmp:
-        for bits in args.bits:
-            work = Path(tmp) / f"{bits}bit"
-            work.mkdir()
-            if args.model_dir is not None:
-                model_dir, built = Path(args.model_dir).resolve(), {"command": f"given: --model-dir {args.model_dir}"}
-            else:
-                model_dir = work / "out"
-                print(f"[build] {bits}-bit GPTQ g64 + EoRA r={args.eora_rank} -> {model_dir}", flush=True)
-                built = build(bits, args, model_dir)
-            tok = AutoTokenizer.from_pretrained(model_dir)
-            _, held_out = token_slices(tok, 0, args.windows * args.seq_len, args.seq_len)
-            windows = [w[0].tolist() for w in held_out]
-            print(f"[reference] transformers {transformers.__version__} on {args.ref_device}", flush=True)
-            ref = reference(model_dir, windows, args.new_tokens, args.ref_device)
-            print(f"[vllm] {versions['vllm']} via {python}", flush=True)
-            got, kernels = run_vllm(python, model_dir, windows, args, lora_rank_for(model_dir / "eora-adapter"),
-                                    work)
-            rows = {variant: compare(ref[variant], got[variant]) for variant in ("base", "eora")}
-            settings.append({"bits": bits, **built, "kernels": kernels, "reference_dtype": ref["dtype"], **rows})
-            for variant, label in (("base", "pack-quantized"), ("eora", "pack-quantized + EoRA LoRA")):
-                r = rows[variant]
-                goals.append(goal(f"{bits}-bit {label}: |vLLM perplexity / transformers' - 1| <= {PPL_TOLERANCE}",
-                                  abs(r["ppl_ratio"] - 1), need=PPL_TOLERANCE, higher_is_better=False,
-                                  detail=f"{r['ppl_vllm']:.3f} vs {r['ppl_transformers']:.3f}"))
-                goals.append(goal(f"{bits}-bit {label}: top-1 agreement", r["top1_agreement"], need=TOP1_NEED))
-            goals.append(goal(f"{bits}-bit: EoRA lowers vLLM's perplexity (ratio eora / base <= 1)",
-                              rows["eora"]["ppl_vllm"] / rows["base"]["ppl_vllm"], need=1.0, higher_is_better=False))
+    # kept after the run: the checkpoints and vLLM's log are what one inspects when a goal fails
+    root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="check_vllm_"))
+    print(f"[work dir] {root}", flush=True)
+    for bits in args.bits:
+        work = root / f"{bits}bit"
+        work.mkdir(parents=True, exist_ok=True)
+        if args.model_dir is not None:
+            model_dir, built = Path(args.model_dir).resolve(), {"command": f"given: --model-dir {args.model_dir}"}
+        else:
+            model_dir = work / "out"
+            print(f"[build] {bits}-bit GPTQ g64 + EoRA r={args.eora_rank} -> {model_dir}", flush=True)
+            built = build(bits, args, model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        _, held_out = token_slices(tok, 0, args.windows * args.seq_len, args.seq_len)
+        windows = [w[0].tolist() for w in held_out]
+        print(f"[reference] transformers {transformers.__version__} on {args.ref_device}", flush=True)
+        ref = reference(model_dir, windows, args.new_tokens, args.ref_device)
+        print(f"[vllm] {versions['vllm']} via {python}", flush=True)
+        got, kernels = run_vllm(python, model_dir, windows, args, lora_rank_for(model_dir / "eora-adapter"),
+                                work)
+        rows = {variant: compare(ref[variant], got[variant]) for variant in ("base", "eora")}
+        settings.append({"bits": bits, **built, "kernels": kernels, "reference_dtype": ref["dtype"], **rows})
+        for variant, label in (("base", "pack-quantized"), ("eora", "pack-quantized + EoRA LoRA")):
+            r = rows[variant]
+            goals.append(goal(f"{bits}-bit {label}: |vLLM perplexity / transformers' - 1| <= {PPL_TOLERANCE}",
+                              abs(r["ppl_ratio"] - 1), need=PPL_TOLERANCE, higher_is_better=False,
+                              detail=f"{r['ppl_vllm']:.3f} vs {r['ppl_transformers']:.3f}"))
+            goals.append(goal(f"{bits}-bit {label}: top-1 agreement", r["top1_agreement"], need=TOP1_NEED))
+        goals.append(goal(f"{bits}-bit: EoRA lowers vLLM's perplexity (ratio eora / base <= 1)",
+                          rows["eora"]["ppl_vllm"] / rows["base"]["ppl_vllm"], need=1.0, higher_is_better=False))
     finish(info, start)
     write_report(args, info, settings, goals, versions)
 
@@ -324,6 +327,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-python", default=None, help="a Python interpreter with vllm installed")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV),
                         help=f"venv used (and created with {VLLM_PIN}) when --vllm-python is not given")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the checkpoints, vLLM's job and log go (kept; default: a new temporary directory)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the GPU")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
