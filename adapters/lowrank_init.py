@@ -157,7 +157,7 @@ def _set_flora(layer: FloraLayer, adapter_name: str, B: torch.Tensor, A: torch.T
     new_out = _spanning_basis(B, u_out, f"layer {name!r}: the column space of B")
     new_in = _spanning_basis(A.T, u_in, f"layer {name!r}: the row space of A")
     core = (new_out.T @ B) @ (A @ new_in) / scale
-    u_out.copy_(new_out)
+    u_out.copy_(new_out / layer.flr_multiplier[adapter_name])  # stored: U_out = μ · the stored factor
     u_in.copy_(new_in)
     layer.flr_core[adapter_name].copy_(core)
 
@@ -172,7 +172,7 @@ def _set_lotr(peft_model: PeftModel, layers: Mapping[str, nn.Module], adapter_na
         named = [n for n in members if n in pairs]
         if not named:
             continue
-        shared_a, _, shared_b = layers[named[0]].factors(adapter_name)
+        shared_a, shared_b = layers[named[0]].shared_factors(adapter_name)  # stored: A = μ · shared_a
         if any(layers[n].lotr_scale[adapter_name] == 0 for n in members):
             raise ValueError(f"LoTR group {group!r}: scale alpha / r is 0, so no core gives a non-zero update; "
                              "pass alpha != 0")
@@ -181,7 +181,7 @@ def _set_lotr(peft_model: PeftModel, layers: Mapping[str, nn.Module], adapter_na
                                 f"{what}: the stacked column spaces [B_1 ... B_M]")
         new_b = _spanning_basis(torch.cat([pairs[n][1].T for n in named], 1), shared_b.T,
                                 f"{what}: the stacked row spaces [A_1ᵀ ... A_Mᵀ]").T
-        shared_a.copy_(new_a)
+        shared_a.copy_(new_a / layers[named[0]].lotr_multiplier[adapter_name])
         shared_b.copy_(new_b)
         for name in members:
             layer = layers[name]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
-from adapters._step_match import lora_input_std, output_factor_std
+from adapters._step_match import lora_input_std, lora_rate_multiplier, output_factor_std
 from adapters.flora.config import FloraConfig
 from tensornets import mode_product, tucker_to_tensor
 
@@ -174,14 +174,17 @@ def delta_forward_for(base_layer: nn.Module) -> DeltaForward | None:
 class FloraLayer(DeltaLayer):
     """A frozen Linear / Embedding / Conv{1,2,3}d plus ``s · G ×_1 U_1 ... ×_K U_K``.
 
-    Holds ``flr_core[adapter]: (r_1, ..., r_K)`` and ``flr_factors[adapter][k]: (d_k, r_k)``.
+    Holds ``flr_core[adapter]: (r_1, ..., r_K)`` and ``flr_factors[adapter][k]: (d_k, r_k)``; the
+    first factor is used as ``μ U_1`` with a fixed multiplier ``μ`` derived from the shapes
+    (``flr_multiplier[adapter]``, 1 unless ``init_weights="lora_rate"`` on a linear or conv
+    layer; never saved: :meth:`update_layer`), the others as stored (:meth:`factors`).
     Forward cost of the update for ``N`` rows (pixels for convs): linear
     ``O(N (d_in r_in + r_in r_out + r_out d_out))``; embedding ``O(N (r_0 r_1 + r_1 d))``;
     conv see :func:`_conv_delta`.
     """
 
     adapter_layer_names = ("flr_core", "flr_factors")
-    other_param_names = ("delta_dropout", "flr_scale")
+    other_param_names = ("delta_dropout", "flr_scale", "flr_multiplier")
 
     def __init__(
         self,
@@ -197,6 +200,7 @@ class FloraLayer(DeltaLayer):
         self.flr_core = nn.ParameterDict()
         self.flr_factors = nn.ModuleDict()
         self.flr_scale: dict[str, float] = {}
+        self.flr_multiplier: dict[str, float] = {}
         self._delta_forward = delta_forward_for(self.get_base_layer())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key=current_key)
@@ -205,35 +209,50 @@ class FloraLayer(DeltaLayer):
         """Add adapter ``adapter_name``: zero core, Gaussian factors at the step-matched scale.
 
         Gaussian factors of stds :func:`step_matched_stds`. Embeddings (their input is a lookup,
-        not a matmul) keep ``N(0, 1/d_k)`` for both factors.
+        not a matmul) keep ``N(0, 1/d_k)`` for both factors. With ``init_weights="lora_rate"`` a
+        linear or conv layer stores ``U_1`` at LoRA's ``A`` std ``σ_A = (3 fan_in)^{-1/2}`` (the
+        same draw divided by ``μ = σ_1 / σ_A``, :func:`adapters._step_match.lora_rate_multiplier`)
+        and uses ``μ U_1``: the same ``ΔW`` and first step, with ``U_1`` moving by ``lr / σ_A`` of
+        its size per Adam step, as LoRA's ``A``.
         """
         base = self.get_base_layer()
         weight = base.weight
         modes = tuple(weight.shape)
         ranks = resolve_ranks(config.r, modes, current_key)
         device = weight.device
+        multiplier = 1.0
         if isinstance(base, nn.Embedding):
             stds = [d**-0.5 for d in modes]
         else:
             stds = step_matched_stds(modes, ranks, config.reference_rank)
+            if config.init_weights == "lora_rate":
+                multiplier = lora_rate_multiplier(stds[0], math.prod(modes[1:]))
+        stored_stds = [stds[0] / multiplier, *stds[1:]]
         self.flr_core[adapter_name] = nn.Parameter(torch.zeros(ranks, dtype=ADAPTER_DTYPE, device=device))
         self.flr_factors[adapter_name] = nn.ParameterList(
             nn.Parameter(std * torch.randn(d, r, dtype=ADAPTER_DTYPE, device=device))
-            for d, r, std in zip(modes, ranks, stds)
+            for d, r, std in zip(modes, ranks, stored_stds)
         )
+        self.flr_multiplier[adapter_name] = multiplier
         scale = config.scale if config.scale is not None else config.alpha / config.reference_rank
         self.flr_scale[adapter_name] = scale
         self._set_dropout(adapter_name, config.dropout)
         self.set_adapter(self.active_adapters)
 
+    def factors(self, adapter_name: str) -> list[torch.Tensor]:
+        """The factors in use, ``[μ U_1_stored, U_2, ..., U_K]``, shapes ``(d_k, r_k)``."""
+        first, *rest = self.flr_factors[adapter_name]
+        multiplier = self.flr_multiplier[adapter_name]
+        return [first if multiplier == 1.0 else multiplier * first, *rest]
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = s · G ×_1 U_1 ... ×_K U_K``, the base weight's shape, in the adapter's dtype."""
         core = self.flr_scale[adapter_name] * self.flr_core[adapter_name]
-        return tucker_to_tensor(core, list(self.flr_factors[adapter_name]))
+        return tucker_to_tensor(core, self.factors(adapter_name))
 
     def delta_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         core = self.flr_scale[adapter_name] * self.flr_core[adapter_name]
-        return self._delta_forward(self, x, core, list(self.flr_factors[adapter_name]))
+        return self._delta_forward(self, x, core, self.factors(adapter_name))
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact rank-``R`` factors of ``ΔW`` unfolded along its first mode, in float64.
@@ -249,7 +268,7 @@ class FloraLayer(DeltaLayer):
           of size ``r_2 ⋯ r_K`` reshaped to ``(R, r_2, ..., r_K)``.
         """
         core = self.flr_scale[adapter_name] * self.flr_core[adapter_name].detach().double()
-        u_first, *u_rest = (u.detach().double() for u in self.flr_factors[adapter_name])
+        u_first, *u_rest = (u.detach().double() for u in self.factors(adapter_name))
         r_first, rest = core.shape[0], core.shape[1:]
         rest_size = math.prod(rest)
         if r_first <= rest_size:

@@ -184,6 +184,30 @@ def _chain_init_(
     return multiplier
 
 
+def _scaled_train_dense(tt: tensornets.TensorTrain, multiplier: float) -> torch.Tensor:
+    """``multiplier ·`` the dense ``(out_features, in_features)`` matrix of ``tt``, with no small intermediate.
+
+    The train of ``M_B`` under ``init_weights="lora_rate"`` stores its ``K - 1`` cores before
+    the last at LoRA's ``A`` std ``σ_A`` (~0.02-0.05), so the contraction of the stored cores
+    has entries ~``σ_A^{K-1}`` (1e-7 at ``d = 576``, 1e-9 at 2048) and ``μ_B`` is ~1e5-1e8:
+    under float16 autocast (or float16 factors) those entries are subnormal or zero (relative
+    error of the forward 0.2-1.0, measured). So ``μ_B`` is applied before the contraction,
+    ``μ_B^{1/(K-1)}`` on each of those cores (the last, trained from zero, is left as is):
+    each scaled core has the geometric mean of the plain init's per-core stds, and every
+    partial contraction the size it has under ``init_weights="zero"``. Left-to-right sweep of
+    ``(rows, R_{k-1}) @ (R_{k-1}, n_k R_k)`` matmuls, ``O(Σ_k ∏_{i≤k} n_i R_{k-1} R_k)``.
+    """
+    if multiplier == 1.0:
+        return tt.to_dense()
+    cores = list(tt.cores)  # μ_B != 1 only for a train with cores before its last (step_matched_init_)
+    per_core = multiplier ** (1.0 / (len(cores) - 1))
+    left = (per_core * cores[0]).reshape(-1, cores[0].shape[-1])
+    for k, core in enumerate(cores[1:], start=1):
+        weight = per_core * core if k < len(cores) - 1 else core
+        left = (left @ weight.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+    return left.reshape(tt.padded_out, tt.padded_in)[: tt.out_features, : tt.in_features]
+
+
 @torch.no_grad()
 def step_matched_init_(
     tt_a: tensornets.TensorTrain,
@@ -344,8 +368,8 @@ class LoRETTARepLayer(DeltaLayer):
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M_A, μ_B M_B)``, shapes ``(d_in, r)`` and ``(d_out, r)``: the contracted trains, ``M_B`` times its multiplier."""
         multiplier = self.loretta_rep_multiplier[adapter_name]
-        m_a, m_b = self.loretta_rep_A[adapter_name].to_dense(), self.loretta_rep_B[adapter_name].to_dense()
-        return m_a, (m_b if multiplier == 1.0 else multiplier * m_b)
+        m_b = _scaled_train_dense(self.loretta_rep_B[adapter_name], multiplier)  # μ_B inside: no tiny intermediate
+        return self.loretta_rep_A[adapter_name].to_dense(), m_b
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = s · M_B M_Aᵀ``, shape ``(d_out, d_in)``."""

@@ -2,7 +2,7 @@
 
 from adapters._groups import group_key
 from adapters.lotr.config import PEFT_TYPE, LoTRConfig
-from adapters.lotr.factors import random_factors, step_matched_scales, tucker2_factors
+from adapters.lotr.factors import random_factors, shared_a_multiplier, step_matched_scales, tucker2_factors
 from adapters.lotr.layer import LoTRLayer
 from adapters.lotr.model import LoTRModel
 
@@ -13,6 +13,7 @@ __all__ = [
     "LoTRModel",
     "group_key",
     "random_factors",
+    "shared_a_multiplier",
     "step_matched_scales",
     "tucker2_factors",
 ]

@@ -15,9 +15,9 @@ import torch
 
 import tensornets
 from adapters._delta import ADAPTER_DTYPE
-from adapters._step_match import lora_input_std, output_factor_std
+from adapters._step_match import lora_input_std, lora_rate_multiplier, output_factor_std
 
-__all__ = ["random_factors", "step_matched_scales", "tucker2_factors"]
+__all__ = ["random_factors", "shared_a_multiplier", "step_matched_scales", "tucker2_factors"]
 
 
 def step_matched_scales(d_out: int, d_in: int, r: int) -> tuple[float, float]:
@@ -34,6 +34,22 @@ def step_matched_scales(d_out: int, d_in: int, r: int) -> tuple[float, float]:
     sigma_b = lora_input_std(d_in)
     sigma_a = output_factor_std(r, r, sigma_b, d_in, r)
     return sigma_a * math.sqrt(d_out), sigma_b * math.sqrt(d_in)
+
+
+def shared_a_multiplier(d_in: int, r: int, init_weights: str) -> float:
+    """The fixed multiplier ``μ`` of a group's stored ``A`` (``A = μ A_stored``), from the group's shape.
+
+    ``init_weights="lora_rate"``: ``A``'s step-matched std ``σ_P = r^{-1/2}`` over LoRA's ``A``
+    std ``σ_A = (3 d_in)^{-1/2}``, i.e. ``μ = sqrt(3 d_in / r)``
+    (:func:`adapters._step_match.lora_rate_multiplier`): ``A_stored`` has entries of std ``σ_A``
+    and Adam moves it by ``lr / σ_A`` of its size per step, as LoRA's ``A``. ``"plain"``: 1.
+    Every member of a group has the group's ``(d_out, d_in)``, so all of them compute the same
+    ``μ`` for the one shared ``A``.
+    """
+    if init_weights == "plain":
+        return 1.0
+    sigma_b = lora_input_std(d_in)
+    return lora_rate_multiplier(output_factor_std(r, r, sigma_b, d_in, r), d_in)
 
 
 def random_factors(

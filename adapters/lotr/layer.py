@@ -12,6 +12,7 @@ from torch import nn
 
 from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
 from adapters.lotr.config import LoTRConfig
+from adapters.lotr.factors import shared_a_multiplier
 
 __all__ = ["LoTRLayer"]
 
@@ -21,12 +22,15 @@ class LoTRLayer(DeltaLayer):
 
     The private core ``G_m`` lives here (``lotr_core[adapter]``); ``A`` and ``B`` live once on
     the tuner (``lotr_A[adapter][group]``, ``lotr_B[adapter][group]``) and this layer only
-    keeps a reference to those containers. Forward cost of the update:
+    keeps a reference to those containers. ``A`` is used as ``μ A_stored`` with the group's fixed
+    multiplier ``μ`` (``lotr_multiplier[adapter]``, derived from the shape and
+    ``config.init_weights``, never saved: :func:`~adapters.lotr.factors.shared_a_multiplier`).
+    Forward cost of the update:
     ``O(N r (d_in + r + d_out))`` for ``N`` rows of ``x``; no ``(d_out, d_in)`` matrix is built.
     """
 
     adapter_layer_names = ("lotr_core",)
-    other_param_names = ("delta_dropout", "lotr_group", "lotr_scale")
+    other_param_names = ("delta_dropout", "lotr_group", "lotr_scale", "lotr_multiplier")
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: LoTRConfig, *, current_key: str, plan: LayerPlan
@@ -36,6 +40,7 @@ class LoTRLayer(DeltaLayer):
         self.lotr_core = nn.ParameterDict()
         self.lotr_group: dict[str, str] = {}
         self.lotr_scale: dict[str, float] = {}
+        self.lotr_multiplier: dict[str, float] = {}
         base = self.get_base_layer()
         self.in_features, self.out_features = base.in_features, base.out_features
         self._active_adapter = adapter_name
@@ -51,17 +56,24 @@ class LoTRLayer(DeltaLayer):
         device = self.get_base_layer().weight.device
         self.lotr_group[adapter_name] = plan.group
         self.lotr_scale[adapter_name] = config.alpha / config.r
+        self.lotr_multiplier[adapter_name] = shared_a_multiplier(self.in_features, config.r, config.init_weights)
         self.lotr_core[adapter_name] = nn.Parameter(
             torch.zeros(config.r, config.r, dtype=ADAPTER_DTYPE, device=device)
         )
         self._set_dropout(adapter_name, config.dropout)
         self.set_adapter(self.active_adapters)
 
-    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, G_m, B)`` of one adapter: shapes ``(d_out, r)``, ``(r, r)``, ``(r, d_in)``."""
+    def shared_factors(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """The group's stored parameters ``(A_stored, B)``, shapes ``(d_out, r)`` and ``(r, d_in)``; ``A = μ A_stored``."""
         group = self.lotr_group[adapter_name]
         shared_a, shared_b = self._lotr_shared
-        return shared_a[adapter_name][group], self.lotr_core[adapter_name], shared_b[adapter_name][group]
+        return shared_a[adapter_name][group], shared_b[adapter_name][group]
+
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, G_m, B)`` of one adapter, ``A = μ A_stored``: shapes ``(d_out, r)``, ``(r, r)``, ``(r, d_in)``."""
+        a_stored, b = self.shared_factors(adapter_name)
+        multiplier = self.lotr_multiplier[adapter_name]
+        return (a_stored if multiplier == 1.0 else multiplier * a_stored), self.lotr_core[adapter_name], b
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW_m = s · A G_m B``, shape ``(d_out, d_in)``."""

@@ -10,7 +10,7 @@ from torch import nn
 from adapters._delta import DeltaTuner, LayerPlan, Target
 from adapters._groups import group_targets
 from adapters.lotr.config import LoTRConfig
-from adapters.lotr.factors import random_factors, step_matched_scales, tucker2_factors
+from adapters.lotr.factors import random_factors, shared_a_multiplier, step_matched_scales, tucker2_factors
 from adapters.lotr.layer import LoTRLayer
 
 __all__ = ["LoTRModel"]
@@ -46,7 +46,9 @@ class LoTRModel(DeltaTuner):
 
         ``init_factors="svd"``: the leading Tucker-2 factors of the stack of the group's frozen weights
         (:func:`~adapters.lotr.factors.tucker2_factors`), scaled by :func:`step_matched_scales` like the random
-        inits; otherwise :func:`random_factors`, drawn group by group in module order.
+        inits; otherwise :func:`random_factors`, drawn group by group in module order. ``A`` is stored divided by
+        its group's multiplier :func:`~adapters.lotr.factors.shared_a_multiplier` (1 for ``init_weights="plain"``),
+        which the layers apply: the same ``A`` in use, stored at LoRA's ``A`` std.
 
         Raises
         ------
@@ -73,6 +75,7 @@ class LoTRModel(DeltaTuner):
                 a, b = scale_a * a, scale_b * b
             else:
                 a, b = random_factors(d_out, d_in, r, config.init_factors)
+            a = a / shared_a_multiplier(d_in, r, config.init_weights)
             # Contiguous: QR gives a column-major A, and FSDP2 refuses to shard a non-contiguous parameter.
             shared_a[group] = nn.Parameter(a.to(weight.device).contiguous())
             shared_b[group] = nn.Parameter(b.to(weight.device).contiguous())

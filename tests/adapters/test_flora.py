@@ -59,7 +59,7 @@ def test_conv_factorized_forward_matches_dense_delta(name):
     assert_close(layer.delta_forward(x, "default"), expected)
     assert_close(layer(x), base(x) + expected)
     # both exact forms the layer chooses between, and their gradients
-    factors = list(layer.flr_factors["default"])
+    factors = layer.factors("default")  # in use: μ U_out, U_in, ...
     grads = []
     for form in (_conv_delta_factorized, _conv_delta_dense):
         out = form(layer, x, layer.flr_scale["default"] * layer.flr_core["default"], factors)
@@ -100,7 +100,7 @@ def test_linear_and_embedding_forward_match_dense_delta():
 
 def test_delta_weight_is_the_tucker_tensor():
     layer = adapted_layer(nn.Conv2d(6, 8, 3), r=[4, 3, 2, 2], alpha=6.0)
-    core, (u0, u1, u2, u3) = layer.flr_core["default"], layer.flr_factors["default"]
+    core, (u0, u1, u2, u3) = layer.flr_core["default"], layer.factors("default")
     expected = 6.0 / 4 * torch.einsum("abcd,ia,jb,kc,ld->ijkl", core, u0, u1, u2, u3)
     assert_close(layer.get_delta_weight("default"), expected)
     assert_close(tucker_to_tensor(core, [u0, u1, u2, u3]), expected / 1.5)
@@ -117,10 +117,14 @@ def test_init_zero_core_and_step_matched_factors():
     fresh = get_peft_model(nn.Sequential(nn.Linear(2048, 1024)), adapters.FloraConfig(r=8, target_modules=["0"]))
     fresh_layer = fresh.base_model.model[0]
     assert not fresh_layer.flr_core["default"].any()
-    u_out, u_in = fresh_layer.flr_factors["default"]
+    u_out, u_in = fresh_layer.factors("default")
     # U_out entries of std r^-1/2, U_in LoRA's A std (3 d_in)^-1/2; random: 1 +- O(1/sqrt(d)) relative
     assert_close(u_out.norm(dim=0), torch.full((8,), (1024 / 8) ** 0.5), tol=0.1)
     assert_close(u_in.norm(dim=0), torch.full((8,), 3**-0.5), tol=0.1)
+    # stored (default init_weights="lora_rate"): U_out at LoRA's A std too, times μ = sqrt(3 d_in / r) in use
+    stored_out = fresh_layer.flr_factors["default"][0]
+    assert fresh_layer.flr_multiplier["default"] == pytest.approx((3 * 2048 / 8) ** 0.5, rel=1e-12)
+    assert_close(stored_out.norm(dim=0), torch.full((8,), (1024 / (3 * 2048)) ** 0.5), tol=0.1)
     assert layer.flr_core["default"].shape == (8, 8)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import adapters
 from adapters._groups import group_key
-from adapters.lotr import LoTRLayer, random_factors, step_matched_scales, tucker2_factors
+from adapters.lotr import LoTRLayer, random_factors, shared_a_multiplier, step_matched_scales, tucker2_factors
 from tolerance import assert_close
 
 
@@ -61,9 +61,10 @@ def test_gqa_shapes_get_separate_groups_under_share_all():
 def test_shared_factors_are_one_tensor_referenced_by_every_member():
     model = get_peft_model(Stack(3, 16), adapters.LoTRConfig(r=4, target_modules=["q"]))
     layers = [m for m in model.modules() if isinstance(m, LoTRLayer)]
-    factors = [layer.factors("default") for layer in layers]
-    assert len({id(a) for a, _, _ in factors}) == 1 and len({id(b) for _, _, b in factors}) == 1
-    assert len({id(g) for _, g, _ in factors}) == 3
+    shared = [layer.shared_factors("default") for layer in layers]
+    assert len({id(a) for a, _ in shared}) == 1 and len({id(b) for _, b in shared}) == 1
+    assert len({id(layer.lotr_core["default"]) for layer in layers}) == 3
+    assert len({layer.lotr_multiplier["default"] for layer in layers}) == 1  # one μ for the one shared A
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "normal"])
@@ -117,7 +118,7 @@ def test_svd_init_in_the_tuner_uses_the_frozen_weights_and_zero_cores():
     a_expected, b_expected = tucker2_factors(weights, 4)
     scale_a, scale_b = step_matched_scales(16, 16, 4)  # singular vectors at the step-matched scale
     a_expected, b_expected = scale_a * a_expected, scale_b * b_expected
-    shared_a = model.base_model.lotr_A["default"]["q_16x16"]
+    shared_a = shared_a_multiplier(16, 4, "lora_rate") * model.base_model.lotr_A["default"]["q_16x16"]  # in use
     shared_b = model.base_model.lotr_B["default"]["q_16x16"]
     assert_close(shared_a.abs(), a_expected.abs())  # eigenvectors up to sign
     assert_close(shared_b.abs(), b_expected.abs())

@@ -80,7 +80,7 @@ def test_flora_starts_exactly_at_the_update(r):
     init_from_lowrank(peft_model, factors)
     _check_exact(peft_model, model, factors)
     for name in factors:
-        u_out, u_in = peft_model.base_model.model.get_submodule(name).flr_factors["default"]
+        u_out, u_in = peft_model.base_model.model.get_submodule(name).factors("default")  # in use: μ U_out_stored
         for u in (u_out, u_in):  # orthonormal columns: unit column norms, as FLoRA's N(0, 1/d) init has on average
             assert_close(u.T.double() @ u.double(), torch.eye(r, dtype=torch.float64), tol=1e-6, what="UᵀU")
 

@@ -157,7 +157,9 @@ def test_lotr_layer_takes_its_shared_factors_as_data():
     with torch.no_grad():
         layer.lotr_core["default"].normal_()
     a, b = shared_a["default"]["g"], shared_b["default"]["g"]
-    assert_close(layer.get_delta_weight("default"), 2.0 * a @ layer.lotr_core["default"] @ b)
+    mu = layer.lotr_multiplier["default"]  # A = μ A_stored, μ = sqrt(3 d_in / r) from the shape (init_weights)
+    assert mu == pytest.approx((3 * 8 / 2) ** 0.5, rel=1e-12)
+    assert_close(layer.get_delta_weight("default"), 2.0 * (mu * a) @ layer.lotr_core["default"] @ b)
     assert not any(p is a or p is b for p in layer.parameters())  # referenced, never registered (saved once)
 
 
