@@ -50,6 +50,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,24 @@ def pack_quantized_weight(qw: Quantized, scale_dtype: torch.dtype = torch.bfloat
         tensors["weight_zero_point"] = pack_to_int32(qw.zero_point.cpu(), qw.bits, packed_dim=0)
     tensors["weight_shape"] = torch.tensor(tuple(qw.shape), dtype=torch.int64)
     return tensors
+
+
+#: linears that vLLM fuses into one (Llama, Mistral, Qwen, ...: ``qkv_proj``, ``gate_up_proj``); its
+#: compressed-tensors loader refuses a fused layer whose shards have different schemes (or are partly dense)
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def vllm_fused_conflicts(quantized: Mapping[str, Quantized], linear_names: list[str]) -> list[str]:
+    """Sibling shards of one vLLM-fused linear (:data:`VLLM_FUSED`) that are not all quantized with one scheme or
+    all left dense, as ``"model.layers.0.self_attn.{q_proj,k_proj,v_proj}"``."""
+    names, conflicts = set(linear_names), []
+    for shards in VLLM_FUSED:
+        parents = sorted({n.rpartition(".")[0] for n in names if n.rpartition(".")[2] in shards})
+        for parent in parents:
+            present = [f"{parent}.{s}" for s in shards if f"{parent}.{s}" in names]
+            if len({_scheme_key(quantized[n]) if n in quantized else None for n in present}) > 1:
+                conflicts.append(f"{parent}.{{{','.join(shards)}}}")
+    return conflicts
 
 
 def _scheme_key(qw: Quantized) -> tuple[int, int, bool]:
@@ -337,6 +356,13 @@ def save_hf_directory(
                              "every layer with one scheme, or use symmetric schemes only")
         dequantize_on_load = False
 
+    linear_names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    conflicts = vllm_fused_conflicts(packable, linear_names)
+    if conflicts:  # transformers loads it: a warning, not an error
+        warnings.warn(f"vLLM fuses {', '.join(conflicts[:3])}{' ...' if len(conflicts) > 3 else ''} into one layer "
+                      f"and refuses shards quantized differently ({len(conflicts)} such groups); to serve this "
+                      "directory with vLLM, quantize q/k/v (and gate/up) alike", UserWarning, stacklevel=2)
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state, packed = _storage_state_dict(model, packable, dtype)
@@ -350,8 +376,7 @@ def save_hf_directory(
         model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
     finally:
         model.config = original_config
-    _write_config(out, dtype, packable, [n for n, m in model.named_modules() if type(m) is nn.Linear],
-                  dequantize_on_load)
+    _write_config(out, dtype, packable, linear_names, dequantize_on_load)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}

@@ -295,6 +295,24 @@ def test_mixed_schemes_and_a_dense_linear_reload(tmp_path):
         save_hf_directory(model, tmp_path / "mixed", quantized=quantized)
 
 
+def test_partly_quantized_fused_shards_warn_for_vllm(tmp_path):
+    """vLLM fuses q/k/v and gate/up and refuses shards with different schemes: the export says so (and still
+    writes the directory, which transformers loads); quantizing every block linear alike raises no warning."""
+    import warnings
+
+    model = tiny_llama()
+    quantized = _quantize_model(model, bits=4, group_size=32, symmetric=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_hf_directory(model, tmp_path / "all", quantized=quantized)
+    del quantized["model.layers.1.self_attn.k_proj"]
+    quantized["model.layers.0.mlp.up_proj"] = _rtn(model.model.layers[0].mlp.up_proj.weight, 3, 32, True)
+    with pytest.warns(UserWarning, match=r"vLLM fuses model\.layers\.1\.self_attn\.\{q_proj,k_proj,v_proj\}, "
+                      r"model\.layers\.0\.mlp\.\{gate_proj,up_proj\} into one layer .*\(2 such groups\)"):
+        report = save_hf_directory(model, tmp_path / "partial", quantized=quantized)
+    assert "model.layers.1.self_attn.q_proj" in {layer.name for layer in report.packed}
+
+
 def test_dense_model_and_untied_head(tmp_path):
     """No quantized layer: a plain checkpoint in the storage dtype, no quantization_config; untied heads are kept."""
     from transformers import AutoModelForCausalLM
