@@ -304,7 +304,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
              "json's not_packed), '(x bf16)' its ratio to the bfloat16 dense directory; the EoRA adapter "
              "(PEFT LoRA, bfloat16) is stored beside it."]
           + ([f"'{args.rounds} rounds' columns: the compressed weights and the residual fitted together "
-              f"(`compress_blocks(..., eora_rounds={args.rounds})`, :mod:`compress.eora_rounds`): the quantized base "
+              f"(`compress_blocks(..., eora_rounds={args.rounds})`, `compress.eora_rounds`): the quantized base "
               "is then not the row's model, so the gap recovered is measured from the row's plain compressed "
               "perplexity (the model one would have without EoRA); the base alone is in the json "
               "(`base_perplexity`)."] if args.rounds else []) + [""]
