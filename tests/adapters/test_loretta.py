@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from test_step_match import adam_relative_changes
 from tolerance import assert_close
 
 import adapters
@@ -175,14 +176,7 @@ def relative_core_changes(layer: nn.Module, params: list[torch.Tensor], steps: i
     """``‖Δθ‖ / ‖θ‖`` of each of ``params`` after ``steps`` Adam steps on a random regression through ``layer``."""
     g = torch.Generator().manual_seed(1)
     x, target = torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)
-    before = [p.detach().clone() for p in params]
-    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        loss = (layer(x) - target).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return [float((p.detach() - b).norm() / b.norm()) for p, b in zip(params, before)]
+    return adam_relative_changes(layer, params, x, target, steps, lr)
 
 
 @pytest.mark.parametrize("init_weights, low, high", [("lora_rate", 0.5, 2.0), ("zero", 0.0, 0.2)])

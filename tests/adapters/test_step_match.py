@@ -170,19 +170,26 @@ def test_lora_rate_init_is_the_plain_init_reparametrized(case):
     assert_close(q(rate).delta_forward(x, "default"), q(plain).delta_forward(x, "default"))
 
 
-def relative_changes(model: PeftModel, params: list[torch.Tensor], steps: int = 2, lr: float = 1e-3) -> list[float]:
-    """``‖Δθ‖ / ‖θ‖`` of each of ``params`` after ``steps`` Adam steps on a random regression through ``model``."""
-    x = input_of(model)
-    with torch.no_grad():
-        target = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(2))
+def adam_relative_changes(module: torch.nn.Module, params: list[torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                          steps: int = 2, lr: float = 1e-3) -> list[float]:
+    """``‖Δθ‖ / ‖θ‖`` of each of ``params`` after ``steps`` Adam steps (all trainable parameters of ``module``) on
+    the regression ``module(x) ≈ target``."""
     before = [p.detach().clone() for p in params]
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
-        loss = (model(x) - target).pow(2).mean()
+        loss = (module(x) - target).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return [float((p.detach() - b).norm() / b.norm()) for p, b in zip(params, before)]
+
+
+def relative_changes(model: PeftModel, params: list[torch.Tensor], steps: int = 2, lr: float = 1e-3) -> list[float]:
+    """:func:`adam_relative_changes` on a random regression through ``model``."""
+    x = input_of(model)
+    with torch.no_grad():
+        target = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(2))
+    return adam_relative_changes(model, params, x, target, steps, lr)
 
 
 @pytest.mark.parametrize(
