@@ -36,7 +36,7 @@ from torch import nn
 from compress import lowrank as lr
 from compress.calibration import LayerStats
 from compress.compressors import LayerJob
-from compress.eora import EoraAdapter, EoraLayerReport, eora_factors
+from compress.eora import EORA_METHODS, EoraAdapter, EoraLayerReport, eora_factors
 from compress.surgery import CompressionReport
 from compress.targets import dense_weight, set_dense_weight
 
@@ -101,13 +101,17 @@ def refine_rounds(
     -------
     tuple of CompressionReport and EoraAdapter
         The report with the chosen rounds' quantized forms and per-layer rows (errors of ``W_c`` alone against
-        ``W``, the output error on ``compress_stats``; ``ranks`` says which round was kept), and the adapter with their residuals (float32, CPU; report rows:
-        ``error_before`` = ``W_c`` alone, ``error_after`` = with the residual).
+        ``W``, the output error on ``compress_stats``; ``ranks`` says which round was kept), and the adapter with
+        their residuals (float32, CPU; report rows: ``error_before`` = ``W_c`` alone, ``error_after`` = with the
+        residual).
     """
     check_rounds(rounds, eora_rank=adapter.rank, sequential=False, compressor_kind=report.config.compressor.kind,
                  method=report.config.method)
     if rounds == 0:
         return report, adapter
+    if adapter.method not in EORA_METHODS:
+        raise ValueError(f"adapter.method={adapter.method!r}: rounds refit independent residuals; pass the adapter of "
+                         f"eora_compensate(..., method in {tuple(EORA_METHODS)}) on the compressed module")
     compressor, config = report.config.compressor, report.config
     method = adapter.method
     layers, quantized, factors, rows = [], dict(report.quantized), dict(adapter.factors), []

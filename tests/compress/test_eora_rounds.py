@@ -111,3 +111,6 @@ def test_bad_rounds_name_the_argument():
     with pytest.raises(ValueError, match="method='svd' replaces the layer"):
         compress_blocks(model, CompressionConfig(method="svd", keep=0.5), batches, eora_rank=4, eora_rounds=2)
     check_rounds(0, eora_rank=0, sequential=True, compressor_kind="factorized", method="svd")  # 0: nothing to check
+    sequential = compress_blocks(model, CONFIGS["rtn"], batches, eora_rank=4, eora_sequential=True)
+    with pytest.raises(ValueError, match="adapter.method='eora-sequential': rounds refit independent residuals"):
+        refine_rounds(model, sequential.model, sequential.report, sequential.eora, None, {}, 2)
