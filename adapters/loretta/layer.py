@@ -194,18 +194,15 @@ def _scaled_train_dense(tt: tensornets.TensorTrain, multiplier: float) -> torch.
     error of the forward 0.2-1.0, measured). So ``μ_B`` is applied before the contraction,
     ``μ_B^{1/(K-1)}`` on each of those cores (the last, trained from zero, is left as is):
     each scaled core has the geometric mean of the plain init's per-core stds, and every
-    partial contraction the size it has under ``init_weights="zero"``. Left-to-right sweep of
-    ``(rows, R_{k-1}) @ (R_{k-1}, n_k R_k)`` matmuls, ``O(Σ_k ∏_{i≤k} n_i R_{k-1} R_k)``.
+    partial contraction the size it has under ``init_weights="zero"``.
+    ``TensorTrain.dense_of`` contracts the scaled cores as ``to_dense`` contracts the stored ones.
     """
     if multiplier == 1.0:
         return tt.to_dense()
     cores = list(tt.cores)  # μ_B != 1 only for a train with cores before its last (step_matched_init_)
     per_core = multiplier ** (1.0 / (len(cores) - 1))
-    left = (per_core * cores[0]).reshape(-1, cores[0].shape[-1])
-    for k, core in enumerate(cores[1:], start=1):
-        weight = per_core * core if k < len(cores) - 1 else core
-        left = (left @ weight.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
-    return left.reshape(tt.padded_out, tt.padded_in)[: tt.out_features, : tt.in_features]
+    scaled = [per_core * core for core in cores[:-1]] + [cores[-1]]
+    return tt.dense_of(scaled)[: tt.out_features, : tt.in_features]
 
 
 @torch.no_grad()

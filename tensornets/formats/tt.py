@@ -83,7 +83,12 @@ class TensorTrain(EinsumFactorization):
     # forward and backward, on LoRETTA's 576 x 8 factors (benchmarks/results/kernels.md), at the
     # FLOPs of the einsum's optimal path for these chains.
     def _dense(self) -> torch.Tensor:
-        cores, split = self._cores(), self._rebuild_split()
+        return self.dense_of(self._cores())
+
+    def dense_of(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The padded ``(padded_out, padded_in)`` matrix of this train's shapes with ``cores`` in place of its own
+        (same shapes; e.g. rescaled cores), contracted at the cheapest bond as :meth:`to_dense` does."""
+        split = self._rebuild_split()
         left = cores[0].reshape(-1, cores[0].shape[-1])
         for core in cores[1:split]:
             left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])

@@ -156,3 +156,6 @@ def test_tt_rebuild_at_every_bond_equals_the_einsum_over_all_cores(modes, ranks)
         costs[split] = tt._rebuild_cost()
     weight = tensornets.formats.base.traffic_weight("cpu")
     assert chosen == min(costs, key=lambda s: costs[s][0] + weight * costs[s][1])
+    # other cores of the same shapes (LoRETTA-rep's rescaled ones) contract by the same rule
+    scaled = [3.0 * core for core in tt._cores()]
+    assert_close(tt.dense_of(scaled), plan(*scaled).reshape(tt.padded_out, tt.padded_in))
