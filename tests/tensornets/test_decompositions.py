@@ -45,7 +45,9 @@ def test_randomized_svd_is_seeded_and_close_to_full():
     Uf, Sf, Vf = truncated_svd(M, rank=16)
     err_r = float((M - U1 @ torch.diag(S1) @ V1).norm() / M.norm())
     err_f = float((M - Uf @ torch.diag(Sf) @ Vf).norm() / M.norm())
-    assert err_f <= err_r <= err_f * 1.01
+    # Eckart-Young: no rank-16 matrix beats the truncated full SVD, up to the float32 rounding of the factors
+    # (1e-7 relative; a randomized factorization can land that much below it on some CPUs)
+    assert err_f * (1 - 1e-5) <= err_r <= err_f * 1.01
 
 
 @pytest.mark.parametrize("eps", [0.02, 0.1, 0.3])
