@@ -10,6 +10,7 @@ from torch import nn
 
 from ..contraction import ContractionPlan
 from ..decompositions import rank_for_tolerance
+from ..extern_ops import bmm
 from .base import Factorization
 
 __all__ = ["BTT"]
@@ -27,7 +28,8 @@ class BTT(Factorization):
     ``r m1 n0 (m0 + n1)`` (times 2 for FLOPs): BTT costs exactly its parameters.
 
     Forward: ``x.view(B, m1, m0)`` -> bmm over ``a1`` with ``W1`` -> regroup ``(n0, B, m1 r)`` ->
-    bmm over ``o0`` with ``W2`` -> ``(B, n0 n1)``.
+    bmm over ``o0`` with ``W2`` -> ``(B, n0 n1)``. Both products go through :func:`tensornets.extern_ops.bmm`,
+    so that at ``B = 1`` a compiled graph keeps them as BLAS calls.
 
     References: S. Qiu et al., "Compute Better Spent: Replacing Dense Layers with Structured
     Matrices", ICML 2024.
@@ -89,12 +91,12 @@ class BTT(Factorization):
     def _contract(self, x: torch.Tensor, plan: ContractionPlan | None) -> torch.Tensor:
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
         B = x.shape[0]
-        h = torch.bmm(x.reshape(B, m1, m0).transpose(0, 1), self.W1)  # (m1, B, n0 r)
+        h = bmm(x.reshape(B, m1, m0).transpose(0, 1), self.W1)  # (m1, B, n0 r)
         # contiguous(): at r = 1 the permuted reshape is a strided view, on which bmm takes a
         # slow generic path (4096^2, B = 512: benchmarks/results/kernels.md; the gap is widest
         # with several threads); for r > 1 reshape copies anyway.
         h = h.reshape(m1, B, n0, r).permute(2, 1, 0, 3).contiguous().reshape(n0, B, m1 * r)
-        y = torch.bmm(h, self.W2)  # (n0, B, n1)
+        y = bmm(h, self.W2)  # (n0, B, n1)
         return y.transpose(0, 1).reshape(B, n0 * n1)
 
     def _contract_cost(self, batch: int) -> tuple[int, int]:

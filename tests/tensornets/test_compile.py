@@ -102,3 +102,31 @@ def test_inductor_compiles_the_mpo_split():
     W = low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32)
     fact = tensornets.decompose(W, "mpo", rank=3, num_cores=3).set_strategy("split")
     _assert_compiled_equals_eager(fact, torch.randn(8, IN), backend="inductor")
+
+
+def test_opaque_bmm_passes_torch_opcheck():
+    # the custom op behind extern_ops.bmm: schema, fake (meta) kernel and autograd registration agree with eager
+    from tensornets.extern_ops import _opaque_bmm
+
+    gen = torch.Generator().manual_seed(0)
+    for p in (1, 3):
+        a = torch.randn(4, p, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(_opaque_bmm, (a, b))
+        torch.autograd.gradcheck(_opaque_bmm, (a, b))
+
+
+def test_inductor_keeps_btt_batch_one_products_as_blas_calls():
+    # inductor would lower a CPU bmm with one row per batch entry to a fused mul + sum loop, slower than BLAS on
+    # BTT's blocks; through extern_ops.bmm the compiled B=1 graph calls the opaque op (its backward runs in the
+    # aot_eager table above)
+    from torch._inductor.utils import run_and_get_code
+
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "btt", rank=3)
+    compiled = torch.compile(fact, fullgraph=True, dynamic=False)
+    x = torch.randn(1, IN)
+    with torch.no_grad():
+        y, codes = run_and_get_code(compiled, x)
+        assert_close(y, fact(x), what="output")
+    calls = "".join(codes).count("torch.ops.tensornets.bmm.default(")
+    assert calls == 2, f"expected both BTT products as opaque bmm calls in the compiled graph, found {calls}"
