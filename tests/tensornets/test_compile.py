@@ -116,15 +116,21 @@ def test_opaque_bmm_passes_torch_opcheck():
         torch.autograd.gradcheck(_opaque_bmm, (a, b))
 
 
+def test_btt_batch_one_compiles_through_the_opaque_bmm():
+    # one row in total (the table above feeds (B, 2, IN), so at least 2 rows): the path of extern_ops.bmm, forward
+    # and backward through the custom op's autograd registration
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "btt", rank=3)
+    _assert_compiled_equals_eager(fact, torch.randn(1, IN, generator=torch.Generator().manual_seed(2)))
+
+
 def test_inductor_keeps_btt_batch_one_products_as_blas_calls():
     # inductor would lower a CPU bmm with one row per batch entry to a fused mul + sum loop, slower than BLAS on
-    # BTT's blocks; through extern_ops.bmm the compiled B=1 graph calls the opaque op (its backward runs in the
-    # aot_eager table above)
+    # BTT's blocks; through extern_ops.bmm the compiled B=1 graph calls the opaque op
     from torch._inductor.utils import run_and_get_code
 
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "btt", rank=3)
     compiled = torch.compile(fact, fullgraph=True, dynamic=False)
-    x = torch.randn(1, IN)
+    x = torch.randn(1, IN, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         y, codes = run_and_get_code(compiled, x)
         assert_close(y, fact(x), what="output")
