@@ -39,7 +39,6 @@ Writes ``benchmarks/results/decompose.md`` and ``decompose.json`` (``decompose_q
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys

@@ -30,7 +30,8 @@ Method: ``torch.set_num_threads(2)``; every contender is warmed up first, then t
 *interleaved* rounds (one measurement of each contender per round, round-robin with a rotating
 start so no contender always runs first); each measurement starts with one untimed call, then loops the
 call enough times to last about 2 ms; the reported time is the median over rounds. Outputs of every contender are checked
-against its own dense weight before timing.
+against its own dense weight before timing. glibc's malloc is pinned to one state first (:func:`pin_mmap_threshold`):
+left adaptive, it made the same B=1 call 2x slower or not depending on what the process had freed before.
 
 Run
 ---
@@ -44,6 +45,13 @@ inductor's on-disk cache makes a rerun much faster. ``--no-compile`` leaves the 
 stacks of ``--stack-depth`` layers (default 4) compiled as one graph, and torch.compile's fixed cost per call
 (:func:`compile_floor`): see "Compiled in a model" in the results.
 
+Run it on an otherwise idle machine. Inductor's C++ kernels split loops of as few as 1024 elements over the
+threads (OpenMP, ``TORCHINDUCTOR_CPP_MIN_CHUNK_SIZE`` = 512 per thread), where eager ATen keeps such small ops on one
+thread; when another process holds one of the two cores, every such loop waits for the descheduled thread. Measured
+on the AMD EPYC of ``results/layers_quick.md``: the compiled 4096² low-rank B=1 forward + backward (its bias
+gradient is one such 4096-element loop) took 7.9 ms per call instead of 0.29 ms with one core kept busy by another
+process, while eager stayed at 0.20 ms, and with ``torch.set_num_threads(1)`` compiled stayed at 0.30 ms.
+
 Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 ``benchmarks/results/layers.json`` (raw medians and every sample); ``--quick`` writes
 ``layers_quick.md`` / ``layers_quick.json`` instead so it never overwrites a full run.
@@ -52,6 +60,7 @@ Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import statistics
@@ -78,6 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.p
 from _report import finish, goal, goal_line, goal_section, header, machine_info, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive mmap threshold (64-bit)
 TARGET_SAMPLE_S = 2e-3  # one measurement loops the call until it lasts about this long
 OUR_FORMATS = ("mpo", "btt", "lowrank", "tucker")
 FORCED = ("rebuild", "einsum", "split", "contract")  # plan names a layer can be forced to (tensornets.plans)
@@ -85,6 +95,24 @@ TL_NAME = {"mpo": "blocktt", "tucker": "tucker"}  # tltorch's factorization for 
 
 
 # ---------------------------------------------------------------------------------------- timing
+def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc malloc's mmap threshold at ``nbytes`` for this process; False where libc is not glibc.
+
+    glibc serves a request of at least the threshold with a fresh ``mmap`` (page faults on first touch, ``munmap``
+    on free) and raises the threshold, from 128 KiB up to 32 MiB, whenever it frees such a block; it also trims the
+    heap top above twice the threshold. So whether a forward's 256 KiB temporaries cost page faults on every call
+    depends on the largest block the process freed before. That made MPO 4096² r=16 B=1 toggle between 0.37 and
+    0.8 ms within one run (results/layers.md before this pin), and at the fixed 128 KiB default it takes 1.0 ms with
+    438 page faults per call. Pinned, every row is timed in the same allocator state: the one glibc reaches after
+    freeing a large block, and the one jemalloc / tcmalloc users always have.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+
+
 def _calibrate(fn: Callable[[], object]) -> int:
     """Warm up ``fn`` and return how many calls make one ~TARGET_SAMPLE_S measurement."""
     fn()
@@ -461,6 +489,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    pinned = pin_mmap_threshold()
     # every layer is compiled on its own (one graph per layer, grad mode and batch): far more than dynamo's default
     torch._dynamo.config.recompile_limit = 1024
     torch._dynamo.config.accumulated_recompile_limit = 4096
@@ -468,6 +497,8 @@ def main(argv=None) -> None:
     os.environ["TENSORNETS_CACHE"] = tempfile.mkdtemp(prefix="bench_layers_")
     start = time.perf_counter()
     info = machine_info(args.threads, tltorch=getattr(tltorch, "__version__", "?"), tensorly=__import__("tensorly").__version__)
+    info["malloc"] = (f"glibc mmap threshold pinned at {MMAP_THRESHOLD >> 20} MiB (pin_mmap_threshold)" if pinned
+                      else "allocator left as is (not glibc)")
     print(f"{info['cpu_model']} | torch {info['torch']} | threads {args.threads} | loadavg {info['loadavg_start']}")
 
     if args.smoke:
@@ -521,7 +552,8 @@ def main(argv=None) -> None:
            "on the machine). Ratios < 1 mean the first is faster. fp32, bias on every layer. Forward = `torch.no_grad()`; "
            "forward+backward = gradients of the input and all parameters (`torch.autograd.grad`). Compiled = "
            "`torch.compile(layer, fullgraph=True, dynamic=False)` with the default (inductor) backend; compile time "
-           "is not included (each graph is compiled and checked against eager before timing).", "",
+           "is not included (each graph is compiled and checked against eager before timing). Allocator: "
+           f"{info['malloc']}.", "",
            "## tltorch", "", TL_NOTE.format(torch=torch.__version__, tl=info["tltorch"]), "",
            "## Forward", ""] + layer_table(rows, "forward") + ["", "## Forward + backward", ""] + layer_table(rows, "forward+backward")
     if floor is not None:
