@@ -72,7 +72,7 @@ def main() -> None:
     if args.report_only:
         old = json.loads((RESULTS / "gptq_rounding.json").read_text())
         args.orders, args.bits = 1 + max(r["order"] for r in old["rows"]), sorted({r["bits"] for r in old["rows"]})
-        args.start = old.get("start", 0)
+        args.start, args.command = old.get("start", 0), old.get("command")
         report(args, old["machine"], old.get("earlier_runs", []), old["dense"], old["rows"])
         return
     torch.set_num_threads(args.threads)
@@ -119,18 +119,19 @@ def report(args: argparse.Namespace, info: dict[str, Any], earlier: list[dict[st
         ratios = "— | —" if peer is None else f"{peer / lo:.3f} | {sum(p > peer for p in ppls)} / {len(ppls)}"
         table.append(f"| GPTQ {bits}-bit | {', '.join(f'{p:.3f}' for p in ppls)} | {lo:.3f} | {med:.3f} | {hi:.3f} | "
                      f"{hi / lo:.3f} | {'—' if peer is None else format(peer, '.3f')} | {ratios} |")
-    cmd = f"python benchmarks/bench_gptq_rounding.py --orders {args.orders} --bits {' '.join(map(str, args.bits))}"
-    if args.start:
-        cmd += f" --start {args.start}"
-    runs = "".join(f" Orders below {args.start} come from an earlier run on {m['cpu_model']} ({m['date']}, "
-                   f"`earlier_runs` in the json)." for m in earlier[-1:])
+    cmd = getattr(args, "command", None)  # --report-only: the command that measured the rows
+    if cmd is None:
+        cmd = f"python benchmarks/bench_gptq_rounding.py --orders {args.orders} --bits {' '.join(map(str, args.bits))}"
+        cmd += f" --start {args.start}" if args.start else ""
+    runs = (f" Orders below {args.start} come from earlier runs (`earlier_runs` in the json): "
+            + ", ".join(f"{m['cpu_model']} {m['date']}" for m in earlier) + "." if earlier else "")
     md = header("GPTQ perplexity under float rounding alone: the same data in other orders", cmd, info) + [
         f"Dense perplexity {dense:.3f}. Order 0 is the CLI's calibration order; orders 1.. are seeded permutations "
         "of the same 16 windows, which change each layer's float32-summed statistics by rounding only. "
         "llm-compressor: results/llmcompressor.json (same windows, settings and perplexity arithmetic)." + runs, "",
         *table, ""]
     write_results(RESULTS, "gptq_rounding", md, {"machine": info, "earlier_runs": earlier, "start": args.start,
-                                                  "dense": dense, "rows": rows, "summary": summary})
+                                                  "command": cmd, "dense": dense, "rows": rows, "summary": summary})
     print("\n".join(table))
 
 

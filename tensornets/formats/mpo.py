@@ -145,8 +145,9 @@ class MPO(EinsumFactorization):
         # x, R, L and y move once; the hidden product once too: the second GEMM streams it in its
         # own layout, whereas the einsum plan's traffic stands for intermediates that ATen
         # permutes between steps (the cost the traffic weight was fitted to). Counting it once
-        # matches the measured order of split / einsum / rebuild on 1024^2 and 4096^2, r = 8-32
-        # (benchmarks/results/layers.md).
+        # matches the measured order of split / einsum / rebuild on 1024^2 and 4096^2, r = 8-32,
+        # but for 1024^2 r = 8 at B = 512, where the formula picks rebuild and the split is faster
+        # (benchmarks/results/layers.md; strategy="measure" picks the split there).
         traffic = left.traffic + right.traffic + batch * i_l * i_r + i_r * r * o_r + hidden + o_l * i_l * r + batch * o_l * o_r
         return SplitPlan("split", flops, traffic, split=m, left=left, right=right)
 
