@@ -71,9 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         old = json.loads((RESULTS / "gptq_rounding.json").read_text())
-        args.orders, args.bits = 1 + max(r["order"] for r in old["rows"]), sorted({r["bits"] for r in old["rows"]})
-        args.start, args.command = old.get("start", 0), old.get("command")
-        report(args, old["machine"], old.get("earlier_runs", []), old["dense"], old["rows"])
+        args.start, args.command = old["start"], old["command"]
+        report(args, old["machine"], old["earlier_runs"], old["dense"], old["rows"])
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
