@@ -152,6 +152,9 @@ def main() -> None:
     if args.report_only:
         old = json.loads((RESULTS / f"{args.stem}.json").read_text())
         args.ranks, args.sequential, args.rounds = old["ranks"], old["sequential"], old.get("rounds", 0)
+        # the md's Command line names the run that measured the rows, not this rewrite
+        args.settings = [r["setting"] for r in old["rows"]]
+        args.threads = old["machine"].get("torch_threads", args.threads)
         report(args, old["machine"], old["dense"], old["dir_bytes"], old["rows"])
         return
     torch.set_num_threads(args.threads)
