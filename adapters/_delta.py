@@ -38,8 +38,12 @@ from peft.tuners.tuners_utils import (
     check_adapters_to_merge,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
+from peft.utils.peft_types import TaskType
 from peft.utils.integrations import init_empty_weights
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 __all__ = [
     "ADAPTER_DTYPE",
@@ -149,7 +153,10 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def _set_dropout(self, adapter_name: str, p: float) -> None:
-        self.delta_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        # A new adapter follows the mode of the layer it wraps: no dropout inside a model in eval mode
+        # (an adapter added to an eval model gives the same output on every call).
+        dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.delta_dropout[adapter_name] = dropout.train(self.get_base_layer().training)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW`` of one adapter, same shape as the base weight, in the adapter's dtype."""
@@ -297,7 +304,7 @@ class DeltaTuner(BaseTuner):
             If a selected module's type is not one the method adapts (:meth:`_supported_base`).
         """
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        config = _maybe_include_all_linear_layers(config, model)
+        config = _include_all_linear_layers(config, model)
         from_state_dict = None
         if state_dict is not None:
             from_state_dict = {k.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
@@ -490,6 +497,36 @@ class DeltaTuner(BaseTuner):
         if legacy:
             state_dict = {legacy.get(key, key): value for key, value in state_dict.items()}
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _include_all_linear_layers(config: Any, model: nn.Module) -> Any:
+    """PEFT's ``target_modules="all-linear"`` resolution, plus the linears other adapters already wrap.
+
+    PEFT recognizes a wrapped linear by ``"Linear"`` in its layer's class name (``lora.Linear``); ours are
+    named after their method (``LoTRLayer``, also for convs), so without this a second ``"all-linear"``
+    adapter would skip every layer the first one adapted. Output embeddings and sequence-classification
+    heads stay excluded, as PEFT excludes them.
+    """
+    target = getattr(config, "target_modules", None)
+    all_linear = isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    config = _maybe_include_all_linear_layers(config, model)
+    if not all_linear:
+        return config
+    heads = set()
+    if isinstance(model, PreTrainedModel):
+        heads.add(model.get_output_embeddings())
+        if config.task_type == TaskType.SEQ_CLS:
+            heads.update(getattr(model, name, None) for name in SEQ_CLS_HEAD_NAMES)
+    wrapped, tuner_prefixes = set(), []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in tuner_prefixes):
+            continue  # never an adapter inside an adapter's own modules
+        if isinstance(module, BaseTunerLayer):
+            tuner_prefixes.append(name + ".")
+            if isinstance(module.get_base_layer(), (nn.Linear, Conv1D)) and module not in heads:
+                wrapped.add(name)
+    config.target_modules = set(config.target_modules) | wrapped
+    return config
 
 
 def expected_checkpoint_keys(tuner_cls: type[DeltaTuner], model: nn.Module, adapter_name: str) -> set[str]:

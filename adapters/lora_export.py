@@ -167,8 +167,9 @@ def to_lora(
         On CPU, in PEFT's LoRA checkpoint layout, e.g. ``base_model.model.<module>.lora_A.weight: (R, d_in)``,
         ``...lora_B.weight: (d_out, R)``, ``...lora_embedding_A: (R, num_embeddings)``, and the
         trained copies of ``modules_to_save`` under ``base_model.model.<module>.<param>``. Load
-        with ``set_peft_model_state_dict(get_peft_model(base, config), state_dict)``, or write
-        with :func:`export_lora` and load with ``PeftModel.from_pretrained``.
+        with ``set_peft_model_state_dict(lora, state_dict)`` on ``lora = get_peft_model(base, config)``
+        (``.eval()`` it for inference: ``get_peft_model`` leaves the copied ``lora_dropout`` in training
+        mode), or write with :func:`export_lora` and load with ``PeftModel.from_pretrained``.
 
     Raises
     ------
@@ -181,7 +182,8 @@ def to_lora(
     Examples
     --------
     >>> config, state = adapters.to_lora(model)  # model = get_peft_model(base, LoTRConfig(r=8, ...))
-    >>> lora = set_peft_model_state_dict(get_peft_model(fresh_base, config), state)
+    >>> lora = get_peft_model(fresh_base, config).eval()  # eval: no lora_dropout at inference
+    >>> set_peft_model_state_dict(lora, state)
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype={dtype!r} is not a floating torch dtype; pass e.g. torch.float32")

@@ -21,6 +21,8 @@ T. G. Kolda, B. W. Bader, "Tensor decompositions and applications", SIAM Review 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Callable, Literal, Sequence
 
@@ -71,6 +73,17 @@ def check_keep(keep: float, name: str = "keep") -> float:
     return float(keep)
 
 
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside this package, so that a warning
+    raised several calls deep (``decompose`` -> ``from_dense`` -> here) names the user's line; Python
+    shows a DeprecationWarning only when it is attributed to ``__main__`` (or a test), never to a library."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resolve_keep(keep: float | None, budget: float | None, where: str) -> float | None:
     """``keep``, or the deprecated ``budget`` (its old name in the core) with a DeprecationWarning."""
     if budget is None:
@@ -79,7 +92,7 @@ def resolve_keep(keep: float | None, budget: float | None, where: str) -> float 
         f"{where}: budget= is renamed keep= (the fraction of parameters kept, as in compress); "
         "budget= will be removed in the next release",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=_caller_stacklevel(),
     )
     if keep is not None:
         raise ValueError(f"pass keep={keep} only: budget={budget} is its deprecated name")
@@ -172,9 +185,11 @@ def truncated_svd(
             raise ValueError(f"rank={rank} must be in [1, min(m, n)={full}] for a ({m}, {n}) matrix")
     if rank is None and eps is None:
         raise ValueError("pass rank=, eps= or energy= to truncate the SVD")
+    if method == "randomized" and rank is None:
+        raise ValueError("method='randomized' needs rank= (a cap); eps= then truncates further")
+    if method == "randomized" and rank == full:
+        method = "full"  # nothing to sketch at full rank, and the exact SVD is exact there (as tt_svd does)
     if method == "randomized":
-        if rank is None:
-            raise ValueError("method='randomized' needs rank= (a cap); eps= then truncates further")
         U, S, Vh = randomized_svd(matrix, rank, seed=seed, oversample=oversample, n_iter=n_iter)
         total_sq = float(matrix.double().pow(2).sum()) if eps is not None else None
     elif method == "full":
@@ -229,7 +244,8 @@ def randomized_svd(
 
     Returns the leading ``rank`` triplets ``U: (m, rank)``, ``S: (rank,)``, ``Vh: (rank, n)``.
     When the sketch would not be much smaller than the short side (``4 (rank + oversample) >=
-    min(m, n)``), :func:`gram_svd` is both exact for the kept part and faster.
+    min(m, n)``), :func:`gram_svd` is faster and as accurate for the kept part (singular values
+    down to ~1e-8 of the largest; :func:`truncated_svd` at full rank takes the exact SVD instead).
     """
     m, n = matrix.shape
     k = rank + oversample

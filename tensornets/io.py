@@ -77,5 +77,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     if len(dtypes) == 1:
         module.to(dtype=dtypes.pop())
     module.to(device)
-    module.load_state_dict(tensors, strict=True)
+    # assign: each parameter and buffer takes the saved tensor itself, dtype included (a float64 bias
+    # next to float32 cores comes back float64, not cast to the module's dtype)
+    module.load_state_dict(tensors, strict=True, assign=True)
     return module

@@ -11,6 +11,7 @@ from torch import nn
 
 from .decompositions import rank_for_keep, resolve_keep
 from .formats import Factorization, LowRank, Tucker, get_format
+from .formats.base import normalize_rank
 from .init import init_factorization_
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "decompose"]
@@ -177,12 +178,27 @@ class FactorizedConv2d(nn.Module):
         raise ValueError(f"format={format!r}: FactorizedConv2d supports 'tucker' (Tucker-2 on channels) and 'lowrank'")
 
     @staticmethod
-    def core_rank(format: str, rank: int | Sequence[int], kernel_size: tuple[int, int]) -> tuple[int, ...]:
-        """The core format's ranks for a conv ``rank``: tucker ``r`` or ``(R_out, R_in)`` -> ``(R_out, R_in, kh kw)``."""
-        ranks = (rank,) if isinstance(rank, int) else tuple(int(r) for r in rank)
+    def core_rank(
+        format: str, rank: int | Sequence[int], kernel_size: tuple[int, int], in_channels: int, out_channels: int
+    ) -> int | tuple[int, ...]:
+        """The core format's ranks for a conv ``rank``: tucker ``r`` -> ``(min(r, F_out), min(r, F_in), kh kw)``
+        with ``F`` the channel modes' full ranks (``F_out = min(C_out, C_in kh kw)``, ``F_in = min(C_in, C_out kh kw)``):
+        an int is capped per channel mode, as every format caps an int rank, and raises above both;
+        ``(R_out, R_in)`` -> ``(R_out, R_in, kh kw)``; lowrank ``r`` unchanged."""
+        rank = normalize_rank(rank)
+        if format == "tucker" and isinstance(rank, int):
+            k = math.prod(kernel_size)
+            full_out, full_in, _ = Tucker.full_ranks((in_channels, k), (out_channels,))
+            if not 1 <= rank <= max(full_out, full_in):
+                raise ValueError(f"rank={rank} does not fit: pass 1 <= rank <= {max(full_out, full_in)} (the channel "
+                                 f"modes' full ranks are {full_out} out, {full_in} in)")
+            return min(rank, full_out), min(rank, full_in), k
+        if isinstance(rank, int):
+            return rank
+        ranks = rank
         if format == "tucker":
-            if len(ranks) == 1:
-                ranks = ranks * 2
+            if len(ranks) == 1:  # (r,) reads as r
+                return FactorizedConv2d.core_rank(format, ranks[0], kernel_size, in_channels, out_channels)
             if len(ranks) == 2:
                 return (*ranks, math.prod(kernel_size))
             if len(ranks) != 3:
@@ -198,7 +214,7 @@ class FactorizedConv2d(nn.Module):
         """The core format's explicit ranks for a conv ``rank`` (see :meth:`core_rank`), checked against the kernel."""
         fmt, in_modes, out_modes = cls.core_structure(format, in_channels, out_channels, kernel_size)
         try:
-            return fmt.resolve_ranks(cls.core_rank(format, rank, kernel_size), in_modes, out_modes)
+            return fmt.resolve_ranks(cls.core_rank(format, rank, kernel_size, in_channels, out_channels), in_modes, out_modes)
         except ValueError as exc:
             kernel = (out_channels, in_channels, *kernel_size)
             raise ValueError(
@@ -342,7 +358,7 @@ class FactorizedConv2d(nn.Module):
         """Largest channel rank ``r`` (tucker: ``R_out = R_in = r``, spatial mode whole) whose kernel
         parameters are ``<= keep * C_out C_in kh kw`` (:func:`tensornets.decompositions.rank_for_keep`)."""
         fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, kernel_size)
-        ranks = lambda r: fmt.resolve_ranks(cls.core_rank(format, r, kernel_size), in_modes, out_modes)
+        ranks = lambda r: fmt.resolve_ranks(cls.core_rank(format, r, kernel_size, c_in, c_out), in_modes, out_modes)
         full = fmt.full_ranks(in_modes, out_modes)
         rank = rank_for_keep(keep, c_out * c_in * math.prod(kernel_size),
                              lambda r: fmt.parameter_count(in_modes, out_modes, ranks(r)), max(full[:2]))

@@ -28,7 +28,12 @@ ahead of time (e.g. before ``torch.compile``).
 
 Under ``torch.compile`` the choice is made eagerly while dynamo traces the forward (once per
 traced batch bucket) and only the chosen plan's tensor ops enter the graph, so layers compile
-with ``fullgraph=True``; with a symbolic batch each bucket becomes a guard (one graph per bucket).
+with ``fullgraph=True``. With a symbolic batch (``dynamic=True``, or dynamo's automatic dynamic
+shapes after a second batch size) the batch is compared only with the buckets where the chosen
+plan's ops change (:attr:`Plan.graph_key`): one graph per run of buckets that trace the same ops,
+e.g. two for a layer that contracts up to 512 rows and rebuilds above, not one per power of two
+(which dynamo's ``recompile_limit`` of 8 would cut off). Batches above 2^20 rows run the plan of
+that bucket.
 
 A new format gets the rebuild candidate for free and adds its contractions by implementing
 ``_contract`` / ``_contract_cost`` (one hand-written contraction) or ``_cores`` / ``_equations``
@@ -102,6 +107,12 @@ class Plan:
         """A name unique among one layer's candidates (what the wisdom file stores)."""
         return self.name
 
+    @property
+    def graph_key(self) -> tuple:
+        """What the ops this plan traces depend on (``torch.compile``): two plans with equal keys trace
+        the same graph for any batch, so one compiled graph serves the buckets of both."""
+        return (self.label,)
+
     def cost(self, weight: float) -> float:
         """``flops + weight * traffic``: the formula's cost in FLOP equivalents."""
         return self.flops + weight * self.traffic
@@ -132,6 +143,11 @@ class EinsumPlan(Plan):
     """One planned einsum over ``x.reshape(B, *in_modes)`` and every core (``contraction``)."""
 
     contraction: ContractionPlan | None = None
+
+    @property
+    def graph_key(self) -> tuple:
+        # the pairwise path (which can change with the batch) decides the traced ops
+        return (self.label, None if self.contraction is None else self.contraction.path)
 
     def apply(self, fact: "Factorization", x: torch.Tensor) -> torch.Tensor:
         y = self.contraction(x.reshape(x.shape[0], *fact.in_modes), *fact._cores())

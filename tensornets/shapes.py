@@ -158,6 +158,9 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise TypeError(f"{name} must be a floating tensor (float32/float64/bf16/fp16), got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
+    if weight.is_meta:
+        raise ValueError(f"{name} is on the meta device (no values to decompose); load or materialize the weights "
+                         "first (e.g. model.to_empty(...) then load_state_dict, or from_pretrained without init_empty_weights)")
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"{name} has {bad} NaN/inf entries; clean the weight before decomposing it")

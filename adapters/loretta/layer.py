@@ -358,8 +358,6 @@ class LoRETTARepLayer(DeltaLayer):
         self.loretta_rep_B[adapter_name] = tt_b
         self.loretta_rep_scale[adapter_name] = config.alpha / r
         self._set_dropout(adapter_name, config.dropout)
-        # A new adapter follows the mode of the layer it wraps (no dropout inside a model in eval mode).
-        self.delta_dropout[adapter_name].train(self.get_base_layer().training)
         self.set_adapter(self.active_adapters)
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,8 +451,6 @@ class LoRETTAAdpLayer(DeltaLayer):
         else:
             self.loretta_adp_fixed_scale[adapter_name] = float(config.scale)
         self._set_dropout(adapter_name, config.dropout)
-        # A new adapter follows the mode of the layer it wraps (no dropout inside a model in eval mode).
-        self.delta_dropout[adapter_name].train(self.get_base_layer().training)
         self.set_adapter(self.active_adapters)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:

@@ -60,8 +60,6 @@ class MoSLayer(DeltaLayer):
         self.mos_scale[adapter_name] = config.alpha / config.r
         self.mos_rank[adapter_name] = config.r
         self._set_dropout(adapter_name, config.dropout)
-        # A new adapter follows the mode of the layer it wraps (no dropout inside a model in eval mode).
-        self.delta_dropout[adapter_name].train(self.get_base_layer().training)
         self.set_adapter(self.active_adapters)
 
     def _has_adapter(self, adapter_name: str) -> bool:

@@ -13,6 +13,7 @@ are zero-padded and outputs sliced, so the padding never shows outside.
 from __future__ import annotations
 
 import math
+import operator
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
@@ -26,9 +27,28 @@ from ..decompositions import parameter_limit, rank_for_keep, resolve_eps, resolv
 from ..plans import ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy, default_timer, get_strategy
 from ..shapes import check_weight, factorize, padded_size, validate_modes
 
-__all__ = ["Factorization", "EinsumFactorization", "RankSpec", "budget_limit", "traffic_weight", "TRAFFIC_WEIGHT"]
+__all__ = ["Factorization", "EinsumFactorization", "RankSpec", "normalize_rank", "budget_limit", "traffic_weight", "TRAFFIC_WEIGHT"]
 
 RankSpec = int | Sequence[int] | None
+
+
+def normalize_rank(rank: int | Sequence[int], argument: str = "rank") -> int | tuple[int, ...]:
+    """``rank`` as a Python int or a tuple of ints; integer-valued numpy / torch scalars are accepted.
+
+    Raises ``TypeError`` naming ``argument`` for anything else (floats, strings, bools): a rank is
+    never rounded, since ``3.7 -> 3`` would silently change the model.
+    """
+    def one(r: object) -> int:
+        if isinstance(r, (bool, float, str, bytes)) or (isinstance(r, torch.Tensor) and r.is_floating_point()):
+            raise TypeError(f"{argument}={rank!r}: ranks must be ints, got {type(r).__name__} {r!r}")
+        try:
+            return operator.index(r)
+        except TypeError:
+            raise TypeError(f"{argument}={rank!r}: ranks must be ints, got {type(r).__name__} {r!r}") from None
+
+    if isinstance(rank, (str, bytes)) or not hasattr(rank, "__iter__") or (isinstance(rank, torch.Tensor) and rank.dim() == 0):
+        return one(rank)
+    return tuple(one(r) for r in rank)
 
 
 #: FLOPs that moving one element costs, per device type: the cost of a strategy is
@@ -330,13 +350,16 @@ class Factorization(nn.Module, ABC):
         x2 = x.reshape(-1, self.in_features)
         if self.padded_in != self.in_features:
             x2 = F.pad(x2, (0, self.padded_in - self.in_features))
-        batch = x2.shape[0]
-        if batch == 0:
-            return x.new_zeros(*lead, self.out_features)
+        # no rows: the one-row plan still runs, so that y keeps its graph and backward gives zero
+        # gradients, as nn.Linear does
+        batch = max(x2.shape[0], 1)
         if torch.compiler.is_compiling():
             # Choosing a plan searches einsum paths (opt_einsum), which dynamo cannot trace: it runs
-            # eagerly, once per traced bucket, and the graph holds only the chosen plan's ops.
-            plan = self._plans[_traced_plan_key(self, batch_bucket(batch))]
+            # eagerly at trace time, and the graph holds only the chosen plan's ops. The batch is
+            # compared only with the buckets where the traced ops change (each comparison of a
+            # symbolic batch is a guard, i.e. one more graph), not with every power of two.
+            bucket = next((b for b in _traced_change_points(self) if batch <= b), TRACED_MAX_BUCKET)
+            plan = self._plans[_traced_plan_key(self, bucket)]
         else:
             plan = self._plan(batch_bucket(batch))
         y = plan.apply(self, x2)
@@ -402,8 +425,7 @@ class Factorization(nn.Module, ABC):
         An explicit list must fit slot by slot.
         """
         full = cls.full_ranks(in_modes, out_modes)
-        if isinstance(rank, bool):
-            raise TypeError(f"rank must be an int or a sequence of ints, got {rank!r}")
+        rank = normalize_rank(rank)
         if isinstance(rank, int):
             if rank < 1 or rank > max(full):
                 raise ValueError(
@@ -411,7 +433,7 @@ class Factorization(nn.Module, ABC):
                     f"in_modes={tuple(in_modes)}: pass 1 <= rank <= {max(full)} (full ranks {full}) or eps=/keep="
                 )
             return tuple(min(rank, f) for f in full)
-        ranks = tuple(int(r) for r in rank)
+        ranks = rank
         if len(ranks) != len(full):
             raise ValueError(f"rank={ranks} needs {len(full)} entries for {cls.format_name} (full ranks {full})")
         bad = [i for i, (r, f) in enumerate(zip(ranks, full)) if not 1 <= r <= f]
@@ -454,8 +476,15 @@ class Factorization(nn.Module, ABC):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> "Factorization":
-        """A module of the given structure with zero cores (fill it with init or load_state_dict)."""
+        """A module of the given structure with zero cores (fill it with init or load_state_dict).
+
+        Built under accelerate's ``init_empty_weights`` (PEFT's ``low_cpu_mem_usage=True``) its cores
+        stay on the meta device whatever ``device`` says: there is nothing to copy, the loader assigns
+        the real tensors.
+        """
         module = cls(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks)
+        if any(p.is_meta for p in module.parameters()):
+            device = "meta"
         return module.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
     @classmethod
@@ -536,6 +565,25 @@ class Factorization(nn.Module, ABC):
     def _ranks_of(cls, tensors: dict[str, torch.Tensor], requested: tuple[int, ...]) -> tuple[int, ...]:
         """Ranks actually produced by :meth:`_decompose` (eps may truncate below ``requested``)."""
         return requested
+
+
+#: the largest batch bucket distinguished under ``torch.compile``; larger batches run its plan
+TRACED_MAX_BUCKET = 1 << 20
+
+
+@torch.compiler.assume_constant_result
+def _traced_change_points(fact: Factorization) -> tuple[int, ...]:
+    """The buckets ``b`` (powers of two up to :data:`TRACED_MAX_BUCKET`, ascending) after which the
+    plan's traced ops change (:attr:`Plan.graph_key <tensornets.plans.Plan.graph_key>` of bucket
+    ``b`` differs from bucket ``2b``'s), then ``TRACED_MAX_BUCKET``.
+
+    Under ``torch.compile`` a batch is placed by comparing it with these alone, so a layer whose plan
+    is the same from 2 rows to a million compiles one graph for a dynamic batch, not one per power of
+    two (dynamo's ``recompile_limit``, 8 by default, would stop it at the 9th).
+    """
+    buckets = [1 << k for k in range(TRACED_MAX_BUCKET.bit_length())]
+    keys = [fact._plan(b, traced=True).graph_key for b in buckets]
+    return (*(b for b, k, nxt in zip(buckets, keys, keys[1:]) if k != nxt), TRACED_MAX_BUCKET)
 
 
 @torch.compiler.assume_constant_result

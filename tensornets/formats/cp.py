@@ -80,7 +80,13 @@ class CP(EinsumFactorization):
         fit = lambda r, target=None: _balanced_fit(
             tensor, r, init=init, seed=seed, n_iter_max=n_iter_max, tol=tol, stop_below=target
         )
-        factors = fit(ranks[0]) if eps is None else _smallest_fit_within(tensor, eps, ranks[0], fit)
+        if not tensor.any():
+            # a zero weight (a zero-initialised projection) is exactly rank 1 with zero factors; ALS
+            # would divide by its zero norm. eps= asks for the smallest rank, rank= keeps the rank asked.
+            rank = 1 if eps is not None else ranks[0]
+            factors = [tensor.new_zeros(n, rank) for n in tensor.shape]
+        else:
+            factors = fit(ranks[0]) if eps is None else _smallest_fit_within(tensor, eps, ranks[0], fit)
         m = len(out_modes)
         tensors = {f"out_factors.{k}": f for k, f in enumerate(factors[:m])}
         tensors.update({f"in_factors.{k}": f for k, f in enumerate(factors[m:])})

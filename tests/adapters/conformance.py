@@ -409,13 +409,13 @@ def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor
     return state
 
 
-def load_strict(case: Case, directory: Path, adapter_name: str) -> nn.Module:
+def load_strict(case: Case, directory: Path, adapter_name: str, **kwargs: Any) -> nn.Module:
     """``PeftModel.from_pretrained`` onto a fresh base, PEFT's "missing adapter keys" warning an error."""
     base = case.spec.build()
     base.eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*missing adapter keys")
-        model = PeftModel.from_pretrained(base, str(directory), adapter_name=adapter_name)
+        model = PeftModel.from_pretrained(base, str(directory), adapter_name=adapter_name, **kwargs)
     return model.eval()
 
 

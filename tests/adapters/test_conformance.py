@@ -307,6 +307,20 @@ def test_load_under_other_names_beside_each_other(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_low_cpu_mem_usage_builds_on_meta_and_loads_the_same_adapter(case, tmp_path):
+    # PEFT's low_cpu_mem_usage=True creates the adapter under accelerate's init_empty_weights (meta
+    # tensors) and assigns the checkpoint's tensors: no copy out of meta may happen on the way
+    out, state = conf.save_perturbed(case, tmp_path / "saved", seed=11)
+    model = conf.load_strict(case, tmp_path / "saved", adapter_name="default", low_cpu_mem_usage=True)
+    loaded = conf.adapter_state(model, "default")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(conf.output(case, model, conf.make_inputs(case)), out)
+    fresh = get_peft_model(case.spec.build(), case.config(), low_cpu_mem_usage=True)
+    assert any(p.is_meta for n, p in fresh.named_parameters() if case.prefix in n)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_checkpoint_with_adapter_name_inside_keys_still_loads(case, tmp_path, monkeypatch):
     # The layout of the previous version: PEFT's own rule strips the adapter name only as the
     # last or second-to-last segment, so deeper keys kept it ("...loretta_rep_A.trained.cores.0").

@@ -7,6 +7,7 @@ import sys
 
 import adapter_conformance as conf
 import pytest
+import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 
@@ -102,3 +103,55 @@ def test_default_targets_follow_peft_lora_mapping_and_all_linear_works(config_cl
     assert {name.rsplit(".", 1)[-1] for name in default.base_model.targeted_module_names} == {"query", "value"}
     every = get_peft_model(tiny_bert(), config_cls(r=2, target_modules="all-linear"))
     assert len(every.base_model.targeted_module_names) == 2 * 6 + 1  # 6 linears per layer + pooler
+
+
+ALL_LINEAR_CONFIGS = {
+    "lotr": lambda t: adapters.LoTRConfig(r=2, target_modules=t),
+    "flora": lambda t: adapters.FloraConfig(r=2, target_modules=t),
+    "loretta_rep": lambda t: adapters.LoRETTARepConfig(r=2, target_modules=t),
+    "loretta_adp": lambda t: adapters.LoRETTAAdpConfig(bottleneck=4, target_modules=t),
+    "mos": lambda t: adapters.MoSConfig(r=2, v=2, p=1, c=2, target_modules=t),
+}
+
+
+@pytest.mark.parametrize("method", list(ALL_LINEAR_CONFIGS))
+@pytest.mark.parametrize("first", [["query", "value"], "all-linear"])
+def test_a_second_all_linear_adapter_covers_the_layers_the_first_wraps(method, first):
+    # PEFT spots an already wrapped linear by "Linear" in its layer's class name; ours are named after
+    # the method, so "all-linear" once skipped every layer the first adapter held (or found none)
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import BertConfig, BertModel
+
+    def tiny_bert() -> BertModel:
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=32))
+
+    def holding(model, name: str) -> set[str]:
+        return {key for key, m in model.named_modules() if isinstance(m, BaseTunerLayer) and m._has_adapter(name)}
+
+    make = ALL_LINEAR_CONFIGS[method]
+    alone = get_peft_model(tiny_bert(), make("all-linear"), adapter_name="two")
+    model = get_peft_model(tiny_bert(), make(first), adapter_name="one")
+    model.add_adapter("two", make("all-linear"))
+    assert holding(model, "two") == holding(alone, "two")
+    assert len(holding(alone, "two")) == 2 * 6 + 1  # 6 linears per layer + pooler
+
+
+@pytest.mark.parametrize("method", list(ALL_LINEAR_CONFIGS))
+@pytest.mark.parametrize("training", [False, True])
+def test_a_new_adapters_dropout_follows_the_mode_of_the_layer_it_wraps(method, training):
+    # an adapter added to a model in eval mode must not drop inputs (two calls, two outputs otherwise)
+    from peft import get_peft_model
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    base.train(training)
+    config = ALL_LINEAR_CONFIGS[method]("all-linear")
+    config.dropout = 0.5
+    model = get_peft_model(base, config)
+    dropouts = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "delta_dropout" in name]
+    assert dropouts and all(m.training == training for m in dropouts)

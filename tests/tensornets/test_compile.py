@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 from torch import nn
 
 import tensornets
@@ -77,8 +78,37 @@ def test_one_graph_serves_a_batch_bucket_with_dynamic_shapes():
         x = torch.randn(batch, IN)
         assert_close(compiled(x), fact(x))
     assert counter.frame_count == 1
-    compiled(torch.randn(9, IN))  # the next bucket
-    assert counter.frame_count == 2
+
+
+# 2..4096 rows: 12 buckets, more than dynamo's default recompile_limit (8)
+SWEEP = [2, 3, 5, 9, 17, 33, 65, 129, 257, 513, 1025, 2049, 4096, 700, 6]
+
+
+@pytest.mark.parametrize("fmt, kw", [("mpo", {"num_cores": 3}), ("btt", {}), ("tucker", {})])
+def test_dynamic_batch_compiles_one_graph_per_plan_change_not_per_bucket(fmt, kw):
+    torch.manual_seed(0)
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), fmt, rank=3, **kw)
+    points = tensornets.formats.base._traced_change_points(fact)
+    # the graphs dynamo must build: one per interval between the buckets where the plan's ops change
+    expected = len({next(p for p in points if b <= p) for b in SWEEP})
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(fact, fullgraph=True, dynamic=True, backend=counter)
+    for batch in SWEEP:
+        x = torch.randn(batch, IN)
+        assert_close(compiled(x), fact(x), what=f"batch {batch}")
+    assert counter.frame_count == expected < 12
+
+
+def test_a_forced_plan_compiles_once_for_every_batch():
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "tt", rank=3, num_cores=2)
+    fact.set_strategy("rebuild")
+    layer = tensornets.FactorizedLinear(fact, torch.randn(OUT))
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=counter)
+    for batch in SWEEP:
+        x = torch.randn(batch, IN)
+        assert_close(compiled(x), layer(x), what=f"batch {batch}")
+    assert counter.frame_count == 1
 
 
 def test_tracing_never_measures(monkeypatch, tmp_path):

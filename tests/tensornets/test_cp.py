@@ -117,3 +117,13 @@ def test_random_init_std_within_15_percent(std):
     realized = float(layer.factorization.to_dense().detach().std())
     assert abs(realized / target - 1) < 0.15, (realized, target)
     assert isinstance(layer.factorization, CP)
+
+
+def test_a_zero_weight_decomposes_exactly():
+    # a zero-initialised projection: ALS would divide by its zero norm
+    W = torch.zeros(24, 36)
+    assert tensornets.decompose(W, "cp", rank=3).ranks == (3,)
+    for kw in ({"rank": 3}, {"eps": 0.1}, {"keep": 0.5}):
+        fact = tensornets.decompose(W, "cp", **kw)
+        assert torch.equal(fact.to_dense(), W)
+    assert tensornets.decompose(W, "cp", eps=0.1).ranks == (1,)

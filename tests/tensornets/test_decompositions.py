@@ -171,3 +171,13 @@ def test_stack_tucker2_rejects_bad_input():
         tensornets.stack_tucker2([torch.zeros(3, 4), torch.zeros(4, 3)], 2)
     with pytest.raises(ValueError, match=r"R_2=5 must lie in \[1, 4\]"):
         tensornets.stack_tucker2([torch.zeros(6, 4)], (2, 5))
+
+
+def test_randomized_svd_at_full_rank_is_the_exact_svd():
+    # at full rank there is nothing to sketch: the Gram route would square the condition number
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(36, 24, generator=gen, dtype=torch.float64)).Q
+    M = U @ torch.diag(torch.logspace(0, -12, 24, dtype=torch.float64)) @ V.T
+    fact = tensornets.decompose(M, "lowrank", rank=24, svd="randomized")
+    assert float((fact.to_dense() - M).norm() / M.norm()) < 1e-12

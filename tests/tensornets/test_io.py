@@ -45,6 +45,17 @@ def test_linear_and_conv_round_trip(tmp_path):
         assert loaded.spec() == module.spec()
 
 
+def test_each_tensor_keeps_its_saved_dtype(tmp_path):
+    # a float64 bias next to float32 cores (a user's mixed-precision edit) comes back as saved
+    torch.manual_seed(0)
+    linear = FactorizedLinear.from_linear(nn.Linear(IN, OUT), "tt", rank=3, num_cores=2, pad=False)
+    linear.bias = nn.Parameter(torch.randn(OUT, dtype=torch.float64))
+    tensornets.save(linear, tmp_path / "mixed.safetensors")
+    loaded = tensornets.load(tmp_path / "mixed.safetensors")
+    _assert_same_state(linear, loaded)
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
 def test_manifest_is_json_and_no_pickle(tmp_path):
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "btt", rank=2)
     path = tmp_path / "b.safetensors"

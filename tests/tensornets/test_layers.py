@@ -41,7 +41,7 @@ def test_factorized_linear_trains():
     first = None
     for _ in range(50):
         loss = ((layer(x) - x @ teacher.T) ** 2).mean()
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -137,6 +137,31 @@ def test_conv_refuses_grouped_and_non_zero_padding(conv, match):
         FactorizedConv2d.from_conv(conv, rank=2)
 
 
+@pytest.mark.parametrize("c_in, c_out", [(3, 64), (8, 16), (16, 8)])
+def test_conv_int_rank_and_keep_cap_each_channel_mode(c_in, c_out):
+    # an int rank is capped per channel mode, as every core format caps an int (the first conv of a
+    # CNN has C_in = 3 and any channel rank above 3 is lossless there)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3).double()
+    f_out, f_in = min(c_out, 9 * c_in), min(c_in, 9 * c_out)  # full ranks of the channel modes
+    big = max(f_out, f_in)
+    layer = FactorizedConv2d.from_conv(conv, rank=big)
+    assert layer.ranks == (f_out, f_in, 9)
+    assert_close(layer.weight_dense(), conv.weight, what="kernel at full channel ranks")
+    assert FactorizedConv2d(c_in, c_out, 3, rank=big).ranks == (f_out, f_in, 9)
+    with pytest.raises(ValueError, match="does not fit"):
+        FactorizedConv2d.from_conv(conv, rank=big + 1)
+    dense = conv.weight.numel()
+    for keep in (0.5, 0.9):
+        layer = FactorizedConv2d.from_conv(conv, keep=keep)
+        r = max(layer.ranks[:2])
+        assert layer.ranks == (min(r, f_out), min(r, f_in), 9)
+        assert layer.num_parameters - c_out <= keep * dense
+        if r < big:  # the largest r that fits: one more does not
+            more = tensornets.Tucker.parameter_count((c_in, 9), (c_out,), (min(r + 1, f_out), min(r + 1, f_in), 9))
+            assert more > keep * dense
+
+
 def test_conv_bad_ranks():
     conv = nn.Conv2d(4, 6, 3)
     with pytest.raises(ValueError, match="does not fit"):
@@ -147,5 +172,7 @@ def test_conv_bad_ranks():
         FactorizedConv2d.from_conv(conv, rank=(2, 2, 2, 2))
     with pytest.raises(ValueError, match="needs rank=, eps=, energy= or keep="):
         FactorizedConv2d.from_conv(conv)
+    with pytest.raises(TypeError, match="ranks must be ints"):
+        FactorizedConv2d.from_conv(conv, rank=2.0)
     with pytest.raises(TypeError, match="must be a Tucker or LowRank"):
         FactorizedConv2d.from_factorization(tensornets.decompose(torch.randn(6, 36), "tt", rank=2, num_cores=2), 3)
