@@ -355,8 +355,9 @@ class FactorizedConv2d(nn.Module):
 
     @classmethod
     def rank_for_keep(cls, format: str, keep: float, c_in: int, c_out: int, kernel_size: tuple[int, int]) -> int:
-        """Largest channel rank ``r`` (tucker: ``R_out = R_in = r``, spatial mode whole) whose kernel
-        parameters are ``<= keep * C_out C_in kh kw`` (:func:`tensornets.decompositions.rank_for_keep`)."""
+        """Largest channel rank ``r`` whose kernel parameters are ``<= keep * C_out C_in kh kw``
+        (:func:`tensornets.decompositions.rank_for_keep`); tucker: ``R_out = R_in = r``, each capped at
+        its mode's full rank (:meth:`core_rank`), spatial mode whole."""
         fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, kernel_size)
         ranks = lambda r: fmt.resolve_ranks(cls.core_rank(format, r, kernel_size, c_in, c_out), in_modes, out_modes)
         full = fmt.full_ranks(in_modes, out_modes)
