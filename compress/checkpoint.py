@@ -152,6 +152,7 @@ def save_compressed(
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r} must be a floating torch dtype (e.g. torch.bfloat16) or None")
     out = Path(path)
+    refuse_other_checkpoint(out, transformers_weights(out), "save_compressed")
     out.mkdir(parents=True, exist_ok=True)
     tensors, shared = _stored_tensors(model, dtype)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
@@ -182,6 +183,28 @@ def save_compressed(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def transformers_weights(directory: Path) -> list[Path]:
+    """The transformers weight files in ``directory`` (single file, shards, index, pickled ``.bin``)."""
+    if not directory.is_dir():
+        return []
+    patterns = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json")
+    return sorted({f for pattern in patterns for f in directory.glob(pattern)})
+
+
+def refuse_other_checkpoint(directory: Path, found: list[Path], writer: str) -> None:
+    """Raise ``ValueError`` when ``directory`` already holds the other kind of checkpoint (``found``).
+
+    A directory holding both kinds loads as whichever the loader looks for: transformers would build the dense
+    architecture from the new ``config.json`` around stale weights (random layers, only a warning).
+    """
+    if found:
+        names = ", ".join(f.name for f in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise ValueError(f"path={str(directory)!r} already holds {names} from another checkpoint; {writer} would "
+                         "leave them beside its own files and loaders would mix the two: write to an empty directory "
+                         "or remove them first")
 
 
 # ---------------------------------------------------------------------------------------------- read

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, refuse_other_checkpoint
 from compress.quantized import PackedQuantizedWeight, QuantizedWeight
 
 #: a quantized layer as the exporter takes it: int8 codes, or codes already packed (the block pipeline keeps them so)
@@ -364,6 +365,8 @@ def save_hf_directory(
                       "directory with vLLM, quantize q/k/v (and gate/up) alike", UserWarning, stacklevel=2)
 
     out = Path(path)
+    refuse_other_checkpoint(out, [f for f in (out / MANIFEST_FILE, out / WEIGHTS_FILE) if f.is_file()],
+                            "save_hf_directory")
     out.mkdir(parents=True, exist_ok=True)
     state, packed = _storage_state_dict(model, packable, dtype)
     # save_pretrained records the in-memory dtype and fills in `architectures` on the model's own config:

@@ -3,7 +3,7 @@
 - ``svd``, ``asvd``, ``whitened_svd`` (SVD-LLM): truncated SVD of ``W S`` under an input weighting ``S``
   (:mod:`compress.lowrank`), giving a rank-``r`` :class:`tensornets.FactorizedLinear` (or low-rank
   :class:`tensornets.FactorizedConv2d`);
-- ``tucker``, ``tt``, ``mpo``, ``btt``: :func:`tensornets.decompose` of the weight (``whiten=True``: Tucker-2 of the
+- ``tucker``, ``tt``, ``mpo``, ``btt``, ``cp``: :func:`tensornets.decompose` of the weight (``whiten=True``: Tucker-2 of the
   whitened weight, the inverse folded into the input factor).
 
 Sized by exactly one of ``keep`` (fraction of parameters kept), ``rank`` or ``energy``.
@@ -23,7 +23,7 @@ from tensornets import FactorizedConv2d, FactorizedLinear, decompose, factorize,
 #: low-rank methods -> the input weighting of :func:`compress.lowrank.input_scaling`
 LOWRANK_SCALINGS = {"svd": "svd", "asvd": "asvd", "whitened_svd": "whitened"}
 #: tensor formats of :func:`tensornets.decompose`
-TENSOR_FORMATS = ("tucker", "tt", "mpo", "btt")
+TENSOR_FORMATS = ("tucker", "tt", "mpo", "btt", "cp")
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:
@@ -166,7 +166,7 @@ def _label(config: CompressionConfig) -> str:
 _HELP = {
     "svd": "plain truncated SVD", "asvd": "activation-scaled SVD (ASVD)", "whitened_svd": "whitened SVD (SVD-LLM)",
     "tucker": "Tucker decomposition", "tt": "tensor train", "mpo": "matrix product operator (TT-matrix)",
-    "btt": "block tensor train",
+    "btt": "block tensor train", "cp": "CP / PARAFAC (ALS)",
 }
 for _name, _kind in LOWRANK_SCALINGS.items():
     register(Compressor(

@@ -60,7 +60,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -235,6 +238,9 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "PeftModel.from_pretrained(model, DIR/eora-adapter)) and DIR/report.json; factorized models are written "
                    "by compress.save_compressed and reload with compress.load_compressed_directory(DIR) "
                    "(default: save nothing)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output-dir: its whole content is removed once the new directory is "
+                   "written (default: refuse, so that a rerun never mixes its files with an earlier run's)")
     g.add_argument("--export-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="storage dtype of --output-dir's unquantized tensors (embeddings, norms, LM head, pruned "
                    "layers), quantization scales and EoRA adapter (default: bfloat16)")
@@ -319,7 +325,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"argument --pattern: {err}")
     args.target_spec = _target_spec(args.targets, args.method)
     args.threads = _threads(parser, args.threads)
+    _check_outputs(parser, args)
     return args
+
+
+def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settle ``--output-dir`` and ``--json`` before any work (a run of minutes must not end in a path error);
+    ``~`` is expanded (a shell leaves it alone in ``--output-dir=~/x``)."""
+    if args.output_dir is not None:
+        out = Path(args.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            parser.error(f"argument --output-dir: {out} is a file; pass a directory (it is created if missing)")
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            parser.error(f"argument --output-dir: {out} is not empty; choose a new directory, or pass --overwrite to "
+                         "replace its whole content (files of an earlier run would otherwise mix with this one's)")
+        args.output_dir = str(out)
+    if args.json is not None:
+        path = Path(args.json).expanduser()
+        if path.is_dir():
+            parser.error(f"argument --json: {path} is a directory; pass a file path")
+        if not path.parent.is_dir():
+            parser.error(f"argument --json: the directory {path.parent} does not exist; create it first")
+        args.json = str(path)
 
 
 def _threads(parser: argparse.ArgumentParser, text: str) -> int:
@@ -459,7 +486,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             calib, held_out = token_slices(tok, args.calib_tokens, args.eval_tokens, args.seq_len,
                                            **_user_texts(args))
         except ValueError as err:
-            raise SystemExit(f"tensornets compress: error: {err}") from None
+            # token_slices names its arguments; on the command line they are flags
+            flags = re.sub(r"\b(calib_tokens|eval_tokens|seq_len)(?=[=<])",
+                           lambda m: "--" + m.group(1).replace("_", "-") + " ", str(err))
+            raise SystemExit(f"tensornets compress: error: {flags}") from None
 
     try:
         config = CompressionConfig(
@@ -530,7 +560,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "storage_16bit": storage,
         "rel_output_error": {
             "compressed_mean": sum(out_err) / len(out_err) if out_err else None,
-            **{f"compensated_{m}_mean": _mean([r.error_after for r in a.layers]) for m, a in adapters.items()},
+            # each adapter's before / after on the inputs it was fitted to (the compressed mean above is on the
+            # compressor's calibration inputs, which the block pipeline takes from the compensated model)
+            **{f"{k}_{m}_mean": _mean([getattr(r, f"error_{when}") for r in a.layers])
+               for m, a in adapters.items() for k, when in (("before", "before"), ("compensated", "after"))},
         },
         "saved": saved,
         "times_s": dict(stages.times),
@@ -681,13 +714,32 @@ def _user_texts(args: argparse.Namespace) -> dict[str, list[str]]:
 def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict[str, Any]:
     """Write ``--output-dir``: a Hugging Face directory (factorized models: :func:`compress.save_compressed`'s
     directory), the EoRA adapter and ``report.json``; return what was written where (with sizes)."""
+    out = Path(args.output_dir)
+    # an earlier run's directory (--overwrite) steps aside until the new one is complete, then goes
+    previous = None
+    if out.is_dir() and any(out.iterdir()):
+        previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+        out.rename(previous / out.name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = _write_output_dir(args, out, model_name, compressed, tokenizer, adapter, report)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if previous is not None:
+            (previous / out.name).rename(out)
+            previous.rmdir()
+        raise
+    if previous is not None:
+        shutil.rmtree(previous)
+    return saved
+
+
+def _write_output_dir(args, out: Path, model_name: str, compressed, tokenizer, adapter, report) -> dict[str, Any]:
     from compress import save_compressed
     from compress.export import EXPORT_DTYPES, save_hf_directory
     from tensornets import FactorizedConv2d, FactorizedLinear
 
     dtype = EXPORT_DTYPES[args.export_dtype]
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # transformers cannot build factorized layers from a config: those models keep our own format (a dense-merged
     # copy would weigh as much as the base model and be worse than it, so none is written)
     factorized = any(isinstance(m, (FactorizedLinear, FactorizedConv2d)) for m in compressed.modules())
@@ -743,6 +795,9 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         f"  compressed                 {ppl['compressed']:10.3f}   ({ppl['compressed'] / ppl['dense']:.2f}x dense"
         + (", fitted with the residual: not a model of its own)" if args.eora_rounds else ")"),
     ]
+    if adapters and s["path"].startswith("block by block") and report.config.compressor.needs_stats:
+        lines.append("    (block by block, each block was calibrated on the compensated model's activations: "
+                     "'compressed' is these weights with the residual off, not the model --eora-rank 0 gives)")
     for m in adapters:
         label = {"eora": "EoRA", "svd": "plain SVD (LoRC)", "asvd": "ASVD", "eora_sequential": "EoRA sequential"}[m]
         value = ppl[f"compensated_{m}"]
@@ -770,11 +825,12 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
     ]
     err = s["rel_output_error"]
     if err["compressed_mean"] is not None:
-        lines += ["", "relative output error on the calibration inputs (mean over layers)",
-                  f"  compressed                 {err['compressed_mean']:.4f}"]
+        lines += ["", "relative output error on calibration inputs (mean over layers)",
+                  f"  compressed                 {err['compressed_mean']:.4f}   (on the inputs it was calibrated on)"]
         for m in adapters:
             if err[f"compensated_{m}_mean"] is not None:
-                lines.append(f"  + {m:<24} {err[f'compensated_{m}_mean']:.4f}")
+                lines.append(f"  + {m:<24} {err[f'compensated_{m}_mean']:.4f}   (on the inputs {m} was fitted to, "
+                             f"where the compressed layers alone give {err[f'before_{m}_mean']:.4f})")
     lines += ["", "time per stage"]
     for name, t in s["times_s"].items():
         lines.append(f"  {name:<34} {t:8.1f} s")

@@ -68,6 +68,22 @@ def test_directory_alone_reloads_bitwise(tmp_path, method, kw):
     _assert_bitwise_equal(load_compressed(tiny_llama(seed=1), out), model)
 
 
+def test_the_two_checkpoint_kinds_never_share_a_directory(tmp_path, saved_lowrank):
+    # config.json + a stale model.safetensors would make transformers load random layers with a warning only
+    from compress.export import save_hf_directory
+
+    model, _ = saved_lowrank
+    dense = tiny_llama()
+    save_hf_directory(dense, tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"already holds model.safetensors .*save_compressed"):
+        save_compressed(model, tmp_path / "hf")
+    assert not (tmp_path / "hf" / WEIGHTS_FILE).exists()
+    save_compressed(model, tmp_path / "ours")
+    with pytest.raises(ValueError, match=rf"already holds {MANIFEST_FILE}, {WEIGHTS_FILE} .*save_hf_directory"):
+        save_hf_directory(dense, tmp_path / "ours")
+    save_compressed(model, tmp_path / "ours")  # its own files are rewritten in place
+
+
 def test_storage_dtype(tmp_path, saved_lowrank):
     model, _ = saved_lowrank
     out = save_compressed(model, tmp_path, dtype=torch.bfloat16)

@@ -95,6 +95,44 @@ def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "model.safetensors").write_text("an earlier run's")
+    for argv, message in (
+        (["--output-dir", str(tmp_path / "afile")], "argument --output-dir: " + str(tmp_path / "afile") + " is a file"),
+        (["--output-dir", str(tmp_path / "used")], "is not empty; choose a new directory, or pass --overwrite"),
+        (["--json", str(tmp_path / "nodir" / "s.json")], "argument --json: the directory"),
+        (["--json", str(tmp_path)], "is a directory"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert parse_args(["--output-dir", str(tmp_path / "used"), "--overwrite"]).overwrite
+    # "--output-dir=~/x": the shell does not expand ~ after "="
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = parse_args(["--output-dir=~/out", "--json=~/s.json"])
+    assert (args.output_dir, args.json) == (str(tmp_path / "out"), str(tmp_path / "s.json"))
+
+
+def test_overwrite_replaces_an_earlier_runs_directory_whole(tiny_model_dir, tmp_path, capsys):
+    # a rerun must not leave the earlier run's weights or adapter beside its own config
+    out = tmp_path / "out"
+    cli_main(["compress", "--model-path", str(tiny_model_dir), "--eora-rank", "2", "--output-dir", str(out), *SMALL])
+    assert (out / "eora-adapter").is_dir()
+    (out / "notes.txt").write_text("left by the user")
+    with pytest.raises(SystemExit):
+        cli_main(["compress", "--model-path", str(tiny_model_dir), "--output-dir", str(out), *SMALL])
+    cli_main(["compress", "--model-path", str(tiny_model_dir), "--method", "whitened_svd", "--eora-rank", "0",
+              "--output-dir", str(out), "--overwrite", *SMALL])
+    capsys.readouterr()
+    assert not (out / "eora-adapter").exists() and not (out / "notes.txt").exists()
+    assert not any(p.name.startswith(".out.previous-") for p in tmp_path.iterdir())
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert json.loads((out / "report.json").read_text())["method"] == "whitened_svd"
+
+
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="holds no config.json"):
         cli_main(["compress", "--model-path", str(tmp_path), *SMALL])
@@ -129,7 +167,7 @@ def test_rtn_eora_end_to_end_writes_loadable_model_and_adapter(tiny_model_dir, t
     assert all(math.isfinite(v) and v > 1 for v in ppl.values())
     assert summary["targets"]["layers"] == 14  # 7 block linears x 2 layers, not the LM head
     assert summary["params"]["adapter"] == 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
-    assert summary["rel_output_error"]["compensated_eora_mean"] < summary["rel_output_error"]["compressed_mean"]
+    assert summary["rel_output_error"]["compensated_eora_mean"] < summary["rel_output_error"]["before_eora_mean"]
 
     # the saved artifacts reproduce the printed perplexities
     from transformers import AutoTokenizer
@@ -192,7 +230,7 @@ def test_sequential_eora_and_demo_routing(tiny_model_dir, capsys, monkeypatch):
     assert {"compensated_eora", "compensated_eora_sequential"} <= set(summary["perplexity"])
     assert set(summary["recovered"]) == {"compensated_eora", "compensated_eora_sequential"}
     err = summary["rel_output_error"]
-    assert err["compensated_eora_mean"] < err["compressed_mean"]
+    assert err["compensated_eora_mean"] < err["before_eora_mean"]
 
     import tensornets.demo
 
@@ -213,7 +251,7 @@ def test_gptq_with_eora_exports_an_adapter_and_beats_rtn(tiny_model_dir, tmp_pat
     assert "gptq 3-bit, group 16, act-order" in text and "+ EoRA r=4" in text
     assert gptq["targets"]["layers"] == 14 and gptq["params"]["keep_targets"] == 1.0
     err = gptq["rel_output_error"]
-    assert err["compensated_eora_mean"] < err["compressed_mean"]
+    assert err["compensated_eora_mean"] < err["before_eora_mean"]
     rtn = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "rtn", "--bits", "3", "--group-size", "16",
                             "--eora-rank", "4", *SMALL])
     assert err["compressed_mean"] < rtn["rel_output_error"]["compressed_mean"]
@@ -270,7 +308,7 @@ def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
     assert "sparsegpt 2:4 + 4-bit, group 16" in capsys.readouterr().out
     assert summary["params"]["keep_targets"] <= 0.5
     err = summary["rel_output_error"]
-    assert err["compensated_eora_mean"] < err["compressed_mean"]
+    assert err["compensated_eora_mean"] < err["before_eora_mean"]
 
 
 @pytest.mark.parametrize(
@@ -357,4 +395,4 @@ def test_model_without_decoder_blocks_falls_back_and_says_why(tiny_model_dir, ca
     assert f"path         whole model ({reason})" in out.out
     assert summary["targets"]["layers"] == 2  # body.0, body.2; not the LM head
     err = summary["rel_output_error"]
-    assert err["compensated_eora_mean"] < err["compressed_mean"]
+    assert err["compensated_eora_mean"] < err["before_eora_mean"]

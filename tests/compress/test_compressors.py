@@ -11,7 +11,7 @@ from compress.compressors import Compressor, LayerResult, get_compressor, regist
 
 def test_every_method_name_is_registered_with_its_kind():
     dense = {"rtn", "gptq", "2:4", "magnitude", "sparsegpt"}
-    factorized = {"svd", "asvd", "whitened_svd", "tucker", "tt", "mpo", "btt"}
+    factorized = {"svd", "asvd", "whitened_svd", "tucker", "tt", "mpo", "btt", "cp"}
     assert set(registry.available_compressors()) == dense | factorized
     assert {n for n in dense | factorized if get_compressor(n).kind == "dense"} == dense
     assert {n for n in dense | factorized if get_compressor(n).needs_stats} == {"asvd", "whitened_svd", "gptq",

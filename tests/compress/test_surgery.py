@@ -89,6 +89,7 @@ METHOD_CASES = [
     ("tt", dict(keep=0.5)),
     ("mpo", dict(keep=0.5)),
     ("btt", dict(keep=0.5)),
+    ("cp", dict(keep=0.5)),
     ("rtn", dict(bits=3, group_size=16)),
     ("gptq", dict(bits=3, group_size=16)),
     ("gptq", dict(bits=4, group_size=None, act_order=False, symmetric=True)),
@@ -173,7 +174,7 @@ def test_conv1d_and_conv2d_layers():
 # ---------------------------------------------------------------------------------------------- copies and files
 @pytest.mark.parametrize("method,kw", [("whitened_svd", dict(keep=0.5)), ("mpo", dict(keep=0.5)),
                                        ("tucker", dict(keep=0.5, whiten=True)), ("btt", dict(keep=0.5)),
-                                       ("rtn", dict(bits=3, group_size=32))])
+                                       ("cp", dict(keep=0.5)), ("rtn", dict(bits=3, group_size=32))])
 def test_compress_save_load_round_trip_is_exact_and_original_untouched(tmp_path, method, kw):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}

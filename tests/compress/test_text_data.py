@@ -73,6 +73,8 @@ def test_windows_keep_bos_and_read_consecutive_text():
     assert all(torch.equal(a, b) for a, b in zip(held_out, token_slices(tok, 0, 2 * 16, 16)[1]))
     with pytest.raises(ValueError, match="calib_tokens=6400 exceeds the text available"):
         token_slices(tok, 400 * 16, 0, 16, calib_texts=["w1 w2 w3"])
+    with pytest.raises(ValueError, match="less than one window of seq_len=16 .* give more text or a smaller seq_len"):
+        token_slices(tok, 2 * 16, 0, 16, calib_texts=["w1 w2 w3"])
     with pytest.raises(ValueError, match="leaves no room"):
         token_slices(_BosEos(), 4, 0, 2)
 
@@ -141,6 +143,14 @@ def test_cli_data_errors_name_the_flag(bos_model_dir, tmp_path, flag, capsys):
         main(["--model-path", str(bos_model_dir), flag, str(tmp_path / "empty.jsonl"), "--calib-tokens", "64",
               "--eval-tokens", "64", "--seq-len", "32", "--no-progress"])
     assert f"error: {flag}" in str(err.value) and "no text" in str(err.value)
+    # too little text: the message names the flags, not token_slices' arguments
+    (tmp_path / "short.txt").write_text(_words(40, 0))
+    with pytest.raises(SystemExit) as err:
+        main(["--model-path", str(bos_model_dir), flag, str(tmp_path / "short.txt"), "--calib-tokens", "640",
+              "--eval-tokens", "640", "--seq-len", "32", "--no-progress"])
+    message = str(err.value)
+    assert "exceeds the text available" in message and "_tokens" not in message, message
+    assert "--calib-tokens" in message or "--eval-tokens" in message
     (tmp_path / "same.txt").write_text(_words(100, 0))
     with pytest.raises(SystemExit, match="both name"):
         main(["--model-path", str(bos_model_dir), "--calib-data", str(tmp_path / "same.txt"), "--eval-data",
