@@ -502,6 +502,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"tensornets compress: error: {err}") from None
     whole_before = sum(p.numel() for p in model.parameters())
     need_stats = bool(calib) and (config.needs_stats or args.eora_rank > 0)
+    _warn_if_too_few_tokens(calib, targets, config.needs_stats or (args.eora_rank > 0 and args.eora_method != "svd"))
     path = _choose_path(model, config, args, need_stats)
     if path.blocks is None:
         print(f"tensornets compress: whole-model path ({path.reason})", file=sys.stderr, flush=True)
@@ -575,6 +576,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _warn_if_too_few_tokens(calib: list, targets: dict, activation_aware: bool) -> None:
+    """Warn when the calibration rows are fewer than a targeted layer's inputs: its ``X^T X`` is then singular and
+    activation-aware fits (whitening, GPTQ, EoRA) match the calibration text rather than the model's inputs."""
+    if not activation_aware or not calib or not targets:
+        return
+    tokens = sum(batch.numel() for batch in calib)
+    widest = max(module.weight[0].numel() for module in targets.values())
+    if tokens < widest:
+        print(f"tensornets compress: warning: {tokens} calibration tokens, fewer than the {widest} inputs of the widest "
+              "targeted layer: its activation statistics are rank-deficient, and activation-aware fits overfit the "
+              f"calibration text; pass --calib-tokens of several times {widest}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class _Path:
     """Which path the job takes: block by block (``blocks``: the block list's path and length) or the whole model
@@ -595,7 +609,8 @@ def _choose_path(model, config, args: argparse.Namespace, need_stats: bool) -> _
     from compress.pipeline import block_pipeline_obstacle, find_decoder_blocks
 
     if not need_stats:
-        return _Path(None, reason="no calibration data: the block pipeline runs it through the blocks")
+        return _Path(None, reason="no activation statistics needed (data-free compressor, no activation-aware "
+                     "compensation): the block pipeline exists to collect them block by block")
     if args.compare:
         return _Path(None, reason="--compare fits several compensations of each layer, which needs every layer's "
                      "original weight and statistics at the end")

@@ -68,6 +68,8 @@ def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]
     try:
         for file in files:
             builder = DATA_SUFFIXES[file.suffix.lower()]
+            if file.stat().st_size == 0:
+                continue  # an empty file holds no text (datasets' json reader fails on it); "no text" below if none has
             kwargs = {"sample_by": "document"} if builder == "text" else {}
             try:
                 dataset = load_dataset(builder, data_files=[str(file)], split="train", **kwargs)

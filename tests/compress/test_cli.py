@@ -396,3 +396,13 @@ def test_model_without_decoder_blocks_falls_back_and_says_why(tiny_model_dir, ca
     assert summary["targets"]["layers"] == 2  # body.0, body.2; not the LM head
     err = summary["rel_output_error"]
     assert err["compensated_eora_mean"] < err["before_eora_mean"]
+
+
+def test_fewer_calibration_tokens_than_a_layers_inputs_warns(tiny_model_dir, capsys):
+    # down_proj takes 64 inputs: 32 tokens give a rank-32 X^T X, which whitening / EoRA would overfit
+    few = ["--calib-tokens", "32", "--eval-tokens", "32", "--seq-len", "32", "--no-progress", "--eora-rank", "2"]
+    cli_main(["compress", "--model-path", str(tiny_model_dir), *few])
+    err = capsys.readouterr().err
+    assert "warning: 32 calibration tokens, fewer than the 64 inputs of the widest targeted layer" in err
+    cli_main(["compress", "--model-path", str(tiny_model_dir), *SMALL, "--eora-rank", "2"])
+    assert "rank-deficient" not in capsys.readouterr().err

@@ -47,7 +47,9 @@ def test_data_without_text_names_the_flag(tmp_path, flag):
     (tmp_path / "two.jsonl").write_text(json.dumps({"a": "x", "b": "y"}) + "\n")
     (tmp_path / "data.csv").write_text("a\n")
     (tmp_path / "nothing").mkdir()
-    for path, match in [("empty.txt", "holds no text"), ("two.jsonl", "no text column"),
+    (tmp_path / "zero.jsonl").write_bytes(b"")
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    for path, match in [("empty.txt", "holds no text"), ("zero.jsonl", "holds no text"), ("zero.parquet", "holds no text"), ("two.jsonl", "no text column"),
                         ("data.csv", "unsupported file type"), ("nothing", "holds no"), ("missing.txt", "no such")]:
         with pytest.raises(ValueError, match=match) as err:
             load_texts(tmp_path / path, flag=flag)
