@@ -46,7 +46,7 @@ def normalize_rank(rank: int | Sequence[int], argument: str = "rank") -> int | t
         except TypeError:
             raise TypeError(f"{argument}={rank!r}: ranks must be ints, got {type(r).__name__} {r!r}") from None
 
-    if isinstance(rank, (str, bytes)) or not hasattr(rank, "__iter__") or (isinstance(rank, torch.Tensor) and rank.dim() == 0):
+    if isinstance(rank, (str, bytes)) or not hasattr(rank, "__iter__") or getattr(rank, "ndim", None) == 0:  # 0-d arrays
         return one(rank)
     return tuple(one(r) for r in rank)
 
