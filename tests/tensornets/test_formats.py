@@ -216,3 +216,15 @@ def test_budget_is_a_deprecated_alias_of_keep():
     in_modes, out_modes = tensornets.MPO.resolve_modes(IN, OUT, 2)
     with pytest.warns(DeprecationWarning, match="rank_for_budget"):
         assert tensornets.MPO.rank_for_budget(0.3, IN, OUT, in_modes, out_modes) == old.ranks[0]
+
+
+def test_rank_takes_ints_of_any_kind_and_nothing_else():
+    import numpy as np
+
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    for rank in (3, np.int64(3), np.array(3), torch.tensor(3), [np.int64(3)], torch.tensor([3])):
+        assert tensornets.decompose(W, "lowrank", rank=rank).ranks == (3,)
+    # never rounded: 3.7 -> 3 would silently change the model
+    for rank in (3.0, [3.7, 3.2], "3", True, np.array(3.0), torch.tensor(3.0)):
+        with pytest.raises(TypeError, match="ranks must be ints"):
+            tensornets.decompose(W, "mpo", rank=rank, num_cores=3)
