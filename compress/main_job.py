@@ -148,38 +148,38 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
     g = p.add_argument_group("compression")
     g.add_argument("--method", default=DEFAULTS["method"], metavar="NAME",
                    help="compressor: svd (plain truncated SVD), asvd (activation-scaled SVD), whitened_svd (SVD-LLM), "
-                   "tucker, tt, mpo, btt (tensor formats), or rtn (round-to-nearest quantization), gptq (GPTQ "
+                   "tucker, tt, mpo, btt, cp (tensor formats), or rtn (round-to-nearest quantization), gptq (GPTQ "
                    "quantization), prune24 (2:4 semi-structured pruning), magnitude (unstructured pruning), sparsegpt "
                    "(SparseGPT pruning), which keep dense weights; any name of compress.compressors' registry "
                    f"(default: {DEFAULTS['method']})")
     g.add_argument("--keep", type=_fraction, default=None, metavar="FRAC",
                    help="fraction of the targeted layers' parameters KEPT, in (0, 1], for the factorizing methods "
-                   f"(svd ... btt) (default: {DEFAULTS['keep']})")
-    g.add_argument("--bits", type=_int_at_least(2, "bits per weight"), default=DEFAULTS["bits"],
+                   f"(svd ... cp) (default: {DEFAULTS['keep']})")
+    g.add_argument("--bits", type=_int_at_least(2, "bits per weight"), default=None,
                    metavar="B", help=f"rtn, gptq: bits per weight, 2..8 (default: {DEFAULTS['bits']})")
     g.add_argument("--group-size", type=_int_at_least(0, "weights per quantization group; 0 = one per row"),
-                   default=DEFAULTS["group_size"],
+                   default=None,
                    metavar="N",
                    help="rtn, gptq, sparsegpt with --sparse-bits: consecutive input weights sharing one scale / zero "
                    "point, a divisor of every targeted layer's input width; 0 = one group per output row "
                    f"(default: {DEFAULTS['group_size']}, which divides SmolLM2's 576 and 1536)")
-    g.add_argument("--symmetric", action="store_true",
+    g.add_argument("--symmetric", action="store_true", default=None,
                    help="rtn, gptq, sparsegpt with --sparse-bits: symmetric grid without zero point (default: "
                    "asymmetric)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq: quantize columns by decreasing activation energy, with static groups (stored as ordinary "
                    "groups, as llm-compressor's default actorder='static') (default: on)")
-    g.add_argument("--observer", choices=("minmax", "mse"), default="minmax",
+    g.add_argument("--observer", choices=("minmax", "mse"), default=None,
                    help="rtn, gptq, sparsegpt with --sparse-bits: each group's range, 'minmax' (its extremes, "
                    "llm-compressor's default) or 'mse' (clipped to the least rounding error, as GPTQ's reference "
                    "quantizer; for GPTQ weighted by the Hessian diagonal: SmolLM2 3-bit g64 GPTQ 18.42 vs 22.69 "
                    "min-max, benchmarks/results/quality.md) (default: minmax)")
-    g.add_argument("--damp", type=float, default=0.01, metavar="FRAC",
+    g.add_argument("--damp", type=float, default=None, metavar="FRAC",
                    help="gptq, sparsegpt: Hessian damping, a fraction of its mean diagonal (default: 0.01)")
-    g.add_argument("--sparsity", type=_sparsity, default=0.5,
+    g.add_argument("--sparsity", type=_sparsity, default=None,
                    metavar="FRAC", help="magnitude, sparsegpt (unstructured): fraction of each layer's weights set to "
                    "zero (default: 0.5)")
-    g.add_argument("--pattern", default="unstructured", metavar="N:M",
+    g.add_argument("--pattern", default=None, metavar="N:M",
                    help="sparsegpt: 'unstructured' (uses --sparsity) or N:M, keeping N of every M consecutive weights "
                    "of a row, e.g. 2:4 (default: unstructured)")
     g.add_argument("--sparse-bits", type=_int_at_least(2, "bits per kept weight"), default=None, metavar="B",
@@ -310,6 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if compressor.kind != "dense":
             parser.error(f"argument --eora-rounds: recompresses W - BA; --method {args.method} replaces the layers "
                          "by factorized ones: use a quantizer or pruner (rtn, gptq, sparsegpt, prune24, magnitude)")
+    _check_method_flags(parser, args)
     for flag in ("bits", "sparse_bits"):
         value = getattr(args, flag)
         if value is not None and value > 8:
@@ -327,6 +328,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.threads = _threads(parser, args.threads)
     _check_outputs(parser, args)
     return args
+
+
+#: the compressor flags, the built-in methods that read each, and the value a method that reads it gets by default
+_METHOD_FLAGS = {
+    "bits": ({"rtn", "gptq"}, DEFAULTS["bits"]),
+    "group_size": ({"rtn", "gptq", "sparsegpt"}, DEFAULTS["group_size"]),
+    "symmetric": ({"rtn", "gptq", "sparsegpt"}, False),
+    "observer": ({"rtn", "gptq", "sparsegpt"}, "minmax"),
+    "damp": ({"gptq", "sparsegpt"}, 0.01),
+    "sparsity": ({"magnitude", "sparsegpt"}, 0.5),
+    "pattern": ({"sparsegpt"}, "unstructured"),
+    "sparse_bits": ({"sparsegpt"}, None),
+}
+_BUILT_IN = set().union(*(methods for methods, _ in _METHOD_FLAGS.values())) | {
+    "2:4", "svd", "asvd", "whitened_svd", "tucker", "tt", "mpo", "btt", "cp"}
+
+
+def _check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a compressor flag the chosen built-in method does not read (it would be silently ignored), then fill
+    in the defaults; methods registered by a user take every flag."""
+    for flag, (methods, default) in _METHOD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and args.method in _BUILT_IN and args.method not in methods:
+            parser.error(f"argument --{flag.replace('_', '-')}: --method {args.method} does not use it (it applies to "
+                         f"{', '.join(sorted(methods))}); drop it")
+        if value is None:
+            setattr(args, flag, default)
+    if args.method == "sparsegpt" and args.sparse_bits is None:
+        for flag in ("group_size", "symmetric", "observer"):
+            if getattr(args, flag) != _METHOD_FLAGS[flag][1]:
+                parser.error(f"argument --{flag.replace('_', '-')}: sparsegpt quantizes only with --sparse-bits; "
+                             "add --sparse-bits B or drop it")
 
 
 def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -323,6 +323,14 @@ def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
         (["--eora-rounds", "2", "--eora-rank", "0"], "argument --eora-rounds: alternates the compressor"),
         (["--eora-rounds", "2", "--compare"], "drop --compare and --sequential"),
         (["--eora-rounds", "2", "--method", "svd", "--keep", "0.5"], "--method svd replaces the layers"),
+        # a flag the method never reads would be silently ignored
+        (["--method", "rtn", "--sparsity", "0.3"], "argument --sparsity: --method rtn does not use it"),
+        (["--method", "rtn", "--pattern", "2:4"], "argument --pattern: --method rtn does not use it"),
+        (["--method", "gptq", "--sparse-bits", "4"], "argument --sparse-bits: --method gptq does not use it"),
+        (["--method", "rtn", "--damp", "0.1"], "argument --damp: --method rtn does not use it"),
+        (["--method", "sparsegpt", "--bits", "4"], "argument --bits: --method sparsegpt does not use it"),
+        (["--method", "whitened_svd", "--bits", "4"], "argument --bits: --method whitened_svd does not use it"),
+        (["--method", "sparsegpt", "--symmetric"], "sparsegpt quantizes only with --sparse-bits"),
     ],
 )
 def test_bad_compressor_flags(argv, message, capsys):
