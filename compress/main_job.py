@@ -296,6 +296,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "statistics; pass e.g. --calib-tokens 4096 (or --eora-method svd, which needs none)")
     if args.sequential and args.eora_rank == 0:
         parser.error("argument --sequential: needs --eora-rank > 0")
+    if args.sequential and args.calib_tokens // args.seq_len < 2:
+        parser.error(f"argument --sequential: its cross-validation needs at least 2 calibration windows; pass "
+                     f"--calib-tokens >= {2 * args.seq_len} (2 x --seq-len)")
     if args.sequential and args.eora_method != "eora":
         parser.error(f"argument --sequential: sequential compensation is EoRA's; drop --eora-method {args.eora_method}")
     if args.compare and args.eora_rank == 0:
@@ -532,7 +535,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         )
         targets = find_targets(model, config.target_modules)
     except ValueError as err:
-        raise SystemExit(f"tensornets compress: error: {err}") from None
+        raise SystemExit(_cli_error(err)) from None
+    _check_eora_rank(args.eora_rank, targets)
     whole_before = sum(p.numel() for p in model.parameters())
     need_stats = bool(calib) and (config.needs_stats or args.eora_rank > 0)
     _warn_if_too_few_tokens(calib, targets, config.needs_stats or (args.eora_rank > 0 and args.eora_method != "svd"))
@@ -609,6 +613,32 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+#: the library's argument names in error messages -> the flags that set them (``group_size=None`` is ``0`` here)
+_FLAG_OF = {"group_size=None": "--group-size 0", "group_size=": "--group-size ", "bits=": "--bits ",
+            "sparsity=": "--sparsity ", "sparse_bits=": "--sparse-bits ", "percdamp=": "--damp ", "keep=": "--keep "}
+
+
+def _cli_error(err: Exception) -> str:
+    """``err``'s message for the command line: the library's argument names replaced by the flags that set them."""
+    text = str(err)
+    for name, flag in _FLAG_OF.items():
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}", flag, text)
+    return f"tensornets compress: error: {text}"
+
+
+def _check_eora_rank(rank: int, targets: dict) -> None:
+    """Refuse an ``--eora-rank`` above ``min(out, in)`` of a targeted layer before any work."""
+    if rank <= 0:
+        return
+    small = {name: min(m.weight.shape[0], m.weight[0].numel()) for name, m in targets.items()}
+    over = {name: full for name, full in small.items() if rank > full}
+    if over:
+        name, full = min(over.items(), key=lambda kv: kv[1])
+        raise SystemExit(f"tensornets compress: error: --eora-rank {rank} exceeds min(out, in) = {full} of layer "
+                         f"{name!r} ({len(over)} targeted layer{'s' if len(over) > 1 else ''} that small); pass "
+                         f"--eora-rank <= {min(over.values())}")
+
+
 def _warn_if_too_few_tokens(calib: list, targets: dict, activation_aware: bool) -> None:
     """Warn when the calibration rows are fewer than a targeted layer's inputs: its ``X^T X`` is then singular and
     activation-aware fits (whitening, GPTQ, EoRA) match the calibration text rather than the model's inputs."""
@@ -665,7 +695,7 @@ def _compress_blocks(model, config, calib, args: argparse.Namespace, device, pro
         result = compress_blocks(model, config, calib, eora_rank=args.eora_rank, eora_method=args.eora_method,
                                  eora_rounds=args.eora_rounds, device=device, inplace=True, progress=progress)
     except ValueError as err:
-        raise SystemExit(f"tensornets compress: error: {err}") from None
+        raise SystemExit(_cli_error(err)) from None
     return result.report, ({args.eora_method: result.eora} if result.eora is not None else {})
 
 
@@ -687,7 +717,7 @@ def _compress_whole(model, config, calib, held_out, targets: list[str], args: ar
         try:
             report = compress_model(model, config, stats, progress=progress)
         except ValueError as err:
-            raise SystemExit(f"tensornets compress: error: {err}") from None
+            raise SystemExit(_cli_error(err)) from None
     adapters = {}
     if args.eora_rank > 0:
         methods = [args.eora_method]

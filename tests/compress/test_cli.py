@@ -86,6 +86,7 @@ def test_top_level_help_lists_compress(capsys):
         (["--calib-tokens", "0"], "needs activation statistics"),
         (["--sequential", "--eora-rank", "0"], "needs --eora-rank > 0"),
         (["--sequential", "--eora-method", "svd"], "sequential compensation is EoRA's"),
+        (["--sequential", "--calib-tokens", "256"], "needs at least 2 calibration windows; pass --calib-tokens >= 512"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
@@ -341,9 +342,18 @@ def test_bad_compressor_flags(argv, message, capsys):
 
 
 def test_group_size_that_does_not_divide_is_named(tiny_model_dir):
-    with pytest.raises(SystemExit, match="group_size=24 does not divide in_features=32 of layer 'model.layers.0.self_attn.q_proj'"):
+    # the message names the flags, not the library's arguments (group_size=None is --group-size 0 here)
+    with pytest.raises(SystemExit, match=r"--group-size 24 does not divide in_features=32 of layer "
+                       r"'model.layers.0.self_attn.q_proj'.* or --group-size 0 \(one group per row\)"):
         cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "gptq", "--group-size", "24",
                           "--eora-rank", "0", *SMALL])
+
+
+def test_eora_rank_above_a_layers_size_is_refused_before_any_work(tiny_model_dir):
+    # the tiny model's k/v projections are 16 x 32: rank 20 fits the others, not those
+    with pytest.raises(SystemExit, match=r"--eora-rank 20 exceeds min\(out, in\) = 16 of layer .*k_proj.* "
+                       r"pass --eora-rank <= 16"):
+        cli_main_summary(["--model-path", str(tiny_model_dir), "--eora-rank", "20", *SMALL])
 
 
 def test_decoder_model_takes_the_block_pipeline(tiny_model_dir, capsys):
