@@ -73,7 +73,7 @@ from compress.eora import (
 from compress.eora_rounds import check_rounds, refine_rounds
 from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
-from compress.targets import dense_weight, find_targets, layer_kind, replace_module
+from compress.targets import check_not_shared, dense_weight, find_targets, layer_kind, replace_module
 
 #: keyword arguments of a block that hold a KV cache: dropped from the captured inputs (every pass starts afresh)
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -256,6 +256,7 @@ def compress_blocks(
         raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {err}") from None
 
     targets = find_targets(model, config.target_modules, config.exclude_modules)
+    check_not_shared(model, targets)
     reason = block_pipeline_obstacle(model, config)
     if reason is not None:
         warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "

@@ -20,7 +20,7 @@ from compress.calibration import ActivationStats
 from compress.compressors import LayerJob
 from compress.config import CompressionConfig
 from compress.quantized import QuantizedWeight
-from compress.targets import dense_weight, find_targets, layer_kind, replace_module, set_dense_weight
+from compress.targets import check_not_shared, dense_weight, find_targets, layer_kind, replace_module, set_dense_weight
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -168,6 +168,7 @@ def compress_model(
         )
     work = model if inplace else copy.deepcopy(model)
     targets = find_targets(work, config.target_modules, config.exclude_modules)
+    check_not_shared(work, targets)
     if stats is not None:
         missing = [n for n in targets if n not in stats]
         if missing and config.needs_stats:

@@ -116,6 +116,26 @@ def find_targets(
 
 
 # ---------------------------------------------------------------------------------------------- layer access
+def check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """Raise ``ValueError`` if a target's weight is also a parameter of a module that is not a target.
+
+    Tied embeddings are the usual case: compressing a tied ``lm_head`` would silently change the input embeddings
+    too (one tensor), and the report would count only the head.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
+    for name, module in targets.items():
+        weight = getattr(module, "weight", None)
+        others = [o for o in owners.get(id(weight), []) if o != name and o not in targets]
+        if others:
+            raise ValueError(
+                f"target {name!r} shares its weight with {others[0]!r} (tied weights), which compressing it would "
+                f"change too; exclude {name!r}, or untie it first (e.g. {name}.weight = nn.Parameter("
+                f"{name}.weight.detach().clone()) and config.tie_word_embeddings = False)"
+            )
+
+
 def layer_kind(module: nn.Module) -> str:
     """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"factorized_linear"`` or ``"factorized_conv2d"``."""
     for kind, cls in (

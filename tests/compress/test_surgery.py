@@ -256,3 +256,23 @@ def test_bad_compression_calls(mlp_setup):
     partial = collect_activation_stats(model, mlp_setup[1], target_modules=["0"], progress=False)
     with pytest.raises(ValueError, match=r"no activation statistics for target layers \['2', '4'\]"):
         compress_model(model, CompressionConfig(method="asvd", keep=0.5), partial, progress=False)
+
+
+def test_a_tied_target_is_refused_and_compresses_once_untied():
+    # SmolLM2 ties lm_head to the input embeddings: quantizing the head would change the embeddings too
+    from compress import compress_blocks
+
+    model = tiny_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    head = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules=["lm_head"])
+    for run in (lambda: compress_model(model, head, None, progress=False),
+                lambda: compress_blocks(model, head, [torch.randint(0, 62, (1, 8))], progress=False)):
+        with pytest.raises(ValueError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
+            run()
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    report = compress_model(model, head, None, inplace=True, progress=False)
+    assert [layer.name for layer in report.layers] == ["lm_head"]
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert not torch.equal(model.lm_head.weight, embeddings)
