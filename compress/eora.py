@@ -93,8 +93,9 @@ class CompensatedLayer(nn.Module):
         else:
             self.lora_A = nn.Linear(A.shape[1], r, bias=False, device="meta")
             self.lora_B = nn.Linear(r, B.shape[0], bias=False, device="meta")
-        self.lora_A.weight = nn.Parameter(A.detach().to(ref.device).reshape(self.lora_A.weight.shape))
-        self.lora_B.weight = nn.Parameter(B.detach().to(ref.device).reshape(self.lora_B.weight.shape))
+        device = _execution_device(base_layer, ref.device)
+        self.lora_A.weight = nn.Parameter(A.detach().to(device).reshape(self.lora_A.weight.shape))
+        self.lora_B.weight = nn.Parameter(B.detach().to(device).reshape(self.lora_B.weight.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -102,8 +103,20 @@ class CompensatedLayer(nn.Module):
         A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         if isinstance(self.lora_A, nn.Conv2d):
             h = F.conv2d(x.to(dtype), A, None, self.lora_A.stride, self.lora_A.padding, self.lora_A.dilation)
-            return y + F.conv2d(h, B).to(y.dtype)
-        return y + F.linear(F.linear(x.to(dtype), A), B).to(y.dtype)
+            residual = F.conv2d(h, B)
+        else:
+            residual = F.linear(F.linear(x.to(dtype), A), B)
+        # added in the residual's precision and rounded once, as PEFT's LoRA does (y + residual promotes)
+        return (y + residual).to(y.dtype)
+
+
+def _execution_device(layer: nn.Module, device: torch.device) -> torch.device:
+    """Where ``layer`` runs: ``device`` (its parameters'), or for a layer offloaded by accelerate (parameters on
+    ``meta``, loaded by its hook at each call) the hook's execution device."""
+    hook = getattr(layer, "_hf_hook", None)
+    if device.type == "meta" and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return device
 
 
 @dataclass

@@ -261,6 +261,10 @@ def test_disk_offloaded_blocks(tmp_path):
     assert_close(logits(out.model, batches), logits(expected.model, batches), tol=0.0, what="logits")
     for name, (B, A) in expected.eora.factors.items():
         assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
+    # the residual of an offloaded layer lives where accelerate runs the layer, not on meta (NaN logits before)
+    compensated = logits(out.eora.apply(out.model), batches)
+    assert torch.isfinite(compensated).all()
+    assert_close(compensated, logits(expected.eora.apply(expected.model), batches), tol=0.0, what="compensated")
 
 
 def test_gptq_on_the_compressed_stream_beats_rtn():
