@@ -1,15 +1,17 @@
 """Model compression with activation-aware low-rank / tensor factorizations, and EoRA compensation.
 
->>> from compress import CompressionConfig, compress_model, collect_activation_stats, eora_compensate
->>> stats = collect_activation_stats(model, calib_batches, target_modules=["gate_proj", "up_proj", "down_proj"])
->>> report = compress_model(model, CompressionConfig(method="whitened_svd", keep=0.8,
-...                                                  target_modules=["gate_proj", "up_proj", "down_proj"]), stats)
->>> print(report)                      # per-layer params before/after, ranks, weight and output errors
+>>> from compress import CompressionConfig, compress_model, collect_activation_stats, eora_compensate, refine_rounds
+>>> mlp = ["gate_proj", "up_proj", "down_proj"]
+>>> stats = collect_activation_stats(model, calib_batches, target_modules=mlp)
+>>> report = compress_model(model, CompressionConfig(method="gptq", bits=3, group_size=64, target_modules=mlp), stats)
+>>> print(report)                      # per-layer params before/after, bits, weight and output errors
 >>> eora = eora_compensate(model, report.model, stats, rank=32)
 >>> eora.save_pretrained("eora-adapter")   # PeftModel.from_pretrained(report.model, "eora-adapter")
 >>> report, eora = refine_rounds(model, report.model, report, eora, stats, stats, rounds=4)  # fit both together
 
-``keep`` is always the fraction of parameters kept.
+Factorizing methods (``CompressionConfig(method="whitened_svd", keep=0.8)``, tensor formats) replace the layers;
+their residual applies in memory (``eora.apply``) or folds into low-rank layers (``eora.merge``), and the model
+saves with :func:`save_compressed`. ``keep`` is always the fraction of parameters kept.
 """
 
 from compress.budget import allocate_ranks

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, refuse_other_checkpoint
+from compress.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, refuse_other_checkpoint, transformers_weights
 from compress.quantized import PackedQuantizedWeight, QuantizedWeight
 
 #: a quantized layer as the exporter takes it: int8 codes, or codes already packed (the block pipeline keeps them so)
@@ -369,6 +369,10 @@ def save_hf_directory(
                             "save_hf_directory")
     out.mkdir(parents=True, exist_ok=True)
     state, packed = _storage_state_dict(model, packable, dtype)
+    # save_pretrained removes stale shards of its own naming but not a single model.safetensors (nor an index)
+    # left by an earlier save: beside new shards, transformers would load the old weights
+    for stale in transformers_weights(out):
+        stale.unlink()
     # save_pretrained records the in-memory dtype and fills in `architectures` on the model's own config:
     # give it a copy so the caller's model is left as it was.
     original_config = model.config

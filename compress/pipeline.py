@@ -146,6 +146,9 @@ def block_pipeline_obstacle(model: nn.Module, config: CompressionConfig) -> str 
     outside = [n for n in targets if not n.startswith(path + ".")]
     if outside:
         return f"target layers {outside[:4]} lie outside the decoder blocks {path!r}"
+    blocks = [n for n in targets if n[len(path) + 1:].isdigit()]
+    if blocks:
+        return f"target layers {blocks[:4]} are decoder blocks themselves (the pipeline compresses layers inside them)"
     if config.allocation == "global":
         return "allocation='global' ranks all layers against each other and needs every layer's statistics"
     return None

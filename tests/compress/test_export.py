@@ -146,6 +146,23 @@ def test_directory_layout_tied_embeddings_and_config(tmp_path):
     assert not hasattr(model.config, "quantization_config")
 
 
+def test_a_resave_into_the_same_directory_leaves_no_stale_weights(tmp_path):
+    # one file, then shards, then one file again: each save must be what transformers loads
+    from transformers import AutoModelForCausalLM
+
+    first, second = tiny_llama(), tiny_llama(seed=1)
+    save_hf_directory(first, tmp_path, dtype=torch.float32)
+    save_hf_directory(second, tmp_path, dtype=torch.float32, max_shard_size="50KB")
+    assert not (tmp_path / "model.safetensors").exists() and (tmp_path / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 62, (1, 8))
+    with torch.no_grad():
+        want = second(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits, want)
+        save_hf_directory(second, tmp_path, dtype=torch.float32)
+        assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits, want)
+
+
 _RELOAD = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import save_file

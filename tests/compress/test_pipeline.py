@@ -306,3 +306,24 @@ def test_float32_compute_runs_a_bf16_model_in_float32_and_leaves_it_unchanged():
     assert upcast_in_forward == [{torch.float32}]
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_blocks_that_are_the_target_layers_fall_back_to_the_whole_model():
+    # a ModuleList of linears: the "blocks" are the targets; nothing inside them to compress block by block
+    torch.manual_seed(0)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Stack()
+    batches = [torch.randn(4, 16) for _ in range(2)]
+    with pytest.warns(UserWarning, match="are decoder blocks themselves"):
+        out = compress_blocks(model, CompressionConfig(method="rtn", bits=4, group_size=8), batches, progress=False)
+    assert out.block_path is None and len(out.report.layers) == 3
