@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from compress.compressors import Compressor, available_compressors, get_compressor
 
 
@@ -79,6 +81,12 @@ class CompressionConfig:
         metadata={"help": "rtn, gptq, sparsegpt: each group's range, 'minmax' (its extremes, llm-compressor's default) "
                   "or 'mse' (clipped to the least rounding error, GPTQ's reference mse=True)"},
     )
+    scale_dtype: torch.dtype = field(
+        default=torch.float32,
+        metadata={"help": "rtn, gptq, sparsegpt with sparse_bits: dtype the group scales are rounded to before the codes "
+                  "are chosen; pass the dtype the checkpoint stores them in (save_hf_directory's dtype, bfloat16 by "
+                  "default) so that the exported weights are exactly the ones evaluated and compensated"},
+    )
     act_order: bool = field(
         default=True,
         metadata={"help": "gptq: quantize columns by decreasing activation energy, with static groups (llm-compressor's "
@@ -99,6 +107,9 @@ class CompressionConfig:
     device: str | None = field(default=None, metadata={"help": "where each layer is processed (default: its own device)"})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scale_dtype, torch.dtype) or not self.scale_dtype.is_floating_point:
+            raise TypeError(f"scale_dtype={self.scale_dtype!r} must be a floating torch dtype (torch.bfloat16, "
+                            "torch.float16 or torch.float32)")
         self.method = self.compressor.name
         sizes = {k: v for k, v in (("keep", self.keep), ("rank", self.rank), ("energy", self.energy)) if v is not None}
         if self.compressor.kind == "dense":
@@ -151,5 +162,5 @@ class CompressionConfig:
         return self.compressor.needs_stats or self.whiten
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (JSON-serializable)."""
-        return asdict(self)
+        """Plain-dict form (JSON-serializable: ``scale_dtype`` as its name, e.g. ``"bfloat16"``)."""
+        return {**asdict(self), "scale_dtype": str(self.scale_dtype).removeprefix("torch.")}

@@ -120,7 +120,7 @@ def _gptq_layer(job: LayerJob) -> LayerResult:
     c = job.config
     resolve_group_size(c.group_size, job.weight.shape[1], job.name)
     qw = gptq_quantize(job.weight, job.stats.gram, c.bits, c.group_size, symmetric=c.symmetric, act_order=c.act_order,
-                       percdamp=c.percdamp, block_size=c.block_size, observer=c.observer)
+                       percdamp=c.percdamp, block_size=c.block_size, observer=c.observer, scale_dtype=c.scale_dtype)
     return LayerResult(description=f"{c.bits}-bit g{qw.group_size}{' act-order' if c.act_order else ''}"
                                    f"{' mse grid' if c.observer == 'mse' else ''}",
                        weight=qw.dequantize(job.weight.dtype), quantized=qw)

@@ -506,6 +506,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from compress import CompressionConfig, find_targets
+    from compress.export import EXPORT_DTYPES
     from compress.models import token_slices
     from compress.targets import layer_kind
 
@@ -532,6 +533,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             method=args.method, keep=args.keep, target_modules=args.target_spec, bits=args.bits,
             group_size=args.group_size or None, sparsity=args.sparsity, symmetric=args.symmetric,
             act_order=args.act_order, observer=args.observer, percdamp=args.damp, pattern=args.pattern, sparse_bits=args.sparse_bits,
+            scale_dtype=EXPORT_DTYPES[args.export_dtype],  # the exported directory holds exactly the evaluated weights
         )
         targets = find_targets(model, config.target_modules)
     except ValueError as err:

@@ -160,7 +160,7 @@ def _sparsegpt_layer(job: LayerJob) -> LayerResult:
     unstructured = c.pattern == "unstructured"
     res = sparsegpt_prune(job.weight, job.stats.gram, c.sparsity if unstructured else None, pattern=c.pattern,
                           bits=c.sparse_bits, group_size=c.group_size, symmetric=c.symmetric, percdamp=c.percdamp,
-                          block_size=c.block_size, observer=c.observer)
+                          block_size=c.block_size, observer=c.observer, scale_dtype=c.scale_dtype)
     what = f"sparsity {c.sparsity}" if unstructured else c.pattern
     bits = "" if c.sparse_bits is None else f" + {c.sparse_bits}-bit g{res.quantized.group_size}"
     return LayerResult(description=what + bits, weight=res.weight, quantized=res.quantized)

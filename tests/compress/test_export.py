@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -415,3 +416,26 @@ def test_group_sizes_are_unified_exactly(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
     for name in quantized:
         assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_scale_dtype_of_the_export_makes_the_directory_the_evaluated_model(method):
+    # quantized with the scales the checkpoint stores (bf16), the reloaded weights are the in-memory ones, bitwise:
+    # what was evaluated and compensated is what ships
+    from transformers import AutoModelForCausalLM
+
+    from compress import CompressionConfig, collect_activation_stats, compress_model
+
+    model = tiny_llama().to(torch.bfloat16)
+    batches = [torch.randint(0, 62, (2, 16)) for _ in range(2)]
+    stats = collect_activation_stats(model, batches, progress=False)
+    config = CompressionConfig(method=method, bits=3, group_size=32, scale_dtype=torch.bfloat16)
+    report = compress_model(model, config, stats, progress=False)
+    assert report.config.to_dict()["scale_dtype"] == "bfloat16"
+    with tempfile.TemporaryDirectory() as out:
+        save_hf_directory(report.model, out, quantized=report.quantized, dtype=torch.bfloat16)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+        for name in report.quantized:
+            assert torch.equal(reloaded.get_submodule(name).weight, report.model.get_submodule(name).weight), name
+    with pytest.raises(TypeError, match="scale_dtype=torch.int8 must be a floating torch dtype"):
+        CompressionConfig(method="rtn", scale_dtype=torch.int8)
