@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -180,6 +181,11 @@ def compress_model(
     if config.rank is not None and compressor.spectrum is not None:
         for name, module in targets.items():  # low-rank methods: fail before any work is done
             lr.check_rank(config.rank, *dense_weight(module).shape, name)
+    for name, module in targets.items():  # before any work: quantizers would zero a NaN's whole group silently
+        W = dense_weight(module)
+        if not W.is_meta and not torch.isfinite(W).all():
+            raise ValueError(f"layer {name!r} has {int((~torch.isfinite(W)).sum())} NaN/inf weights; repair or "
+                             "exclude it (exclude_modules=) before compressing")
     ranks = _global_ranks(targets, config, stats, config.device, progress) if config.allocation == "global" else {}
     layers, quantized = [], {}
     for name, module in tqdm(targets.items(), desc=f"compress ({config.method})",

@@ -276,3 +276,17 @@ def test_a_tied_target_is_refused_and_compresses_once_untied():
     assert [layer.name for layer in report.layers] == ["lm_head"]
     assert torch.equal(model.model.embed_tokens.weight, embeddings)
     assert not torch.equal(model.lm_head.weight, embeddings)
+
+
+@pytest.mark.parametrize("method,kw", [("rtn", dict(bits=3, group_size=16)), ("gptq", dict(bits=3, group_size=16)),
+                                       ("2:4", dict()), ("whitened_svd", dict(keep=0.5))])
+def test_nan_weights_are_refused_before_any_work(method, kw):
+    # RTN / GPTQ would silently zero the NaN's whole group, 2:4 keep it, SVD fail inside LAPACK
+    from compress import collect_activation_stats
+
+    model = tiny_llama()
+    stats = collect_activation_stats(model, [torch.randint(0, 62, (2, 16))], progress=False)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 'model.layers.1.mlp.up_proj' has 1 NaN/inf weights"):
+        compress_model(model, CompressionConfig(method=method, **kw), stats, progress=False)
