@@ -237,8 +237,8 @@ def test_sequential_eora_and_demo_routing(tiny_model_dir, capsys, monkeypatch):
 
     calls = []
     monkeypatch.setattr(tensornets.demo, "main", lambda argv: calls.append(argv))
-    cli_main(["demo", "--quick"])
-    assert calls == [["--quick"]]
+    cli_main(["demo", "--reps", "1"])
+    assert calls == [["--reps", "1"]]
 
 
 def test_gptq_with_eora_exports_an_adapter_and_beats_rtn(tiny_model_dir, tmp_path, capsys):
