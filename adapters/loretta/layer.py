@@ -126,7 +126,7 @@ def factor_parameter_count(d: int, k: int, config: LoRETTABaseConfig) -> int:
 
     Examples
     --------
-    >>> factor_parameter_count(768, 8, LoRETTARepConfig(modes={"768": [8, 8, 12]}))  # [8, 8, 12, 8], R = 5
+    >>> factor_parameter_count(768, 8, LoRETTARepConfig(modes={"768": [8, 8, 12]}, tt_rank=5))  # [8, 8, 12, 8]
     580
     """
     d_modes, k_modes = factor_modes(d, k, config)
