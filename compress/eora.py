@@ -332,6 +332,9 @@ def eora_compensate_pairs(
     if stats is None:
         layer_stats = {n: None for n in pairs}
     elif isinstance(stats, Mapping):
+        missing = [n for n in pairs if n not in stats]
+        if missing:
+            raise ValueError(f"stats has no entry for pairs {missing[:3]}; key stats like pairs (one LayerStats each)")
         layer_stats = {n: stats[n] for n in pairs}
     else:
         stats = list(stats)
@@ -341,6 +344,10 @@ def eora_compensate_pairs(
     for n, (W, Wc) in pairs.items():
         if W.shape != Wc.shape or W.dim() != 2:
             raise ValueError(f"pair {n!r}: W {tuple(W.shape)} and W_c {tuple(Wc.shape)} must be equal (out, in) matrices")
+        st = layer_stats[n]
+        if st is not None and st.in_features != W.shape[1]:
+            raise ValueError(f"pair {n!r}: its statistics are of {st.in_features} inputs but W has {W.shape[1]}; "
+                             "pass the LayerStats of this layer")
     if method != "svd" and any(st is None for st in layer_stats.values()):
         raise ValueError(f"method={method!r} needs one LayerStats per pair (stats=...)")
     factors, reports = {}, []

@@ -364,6 +364,11 @@ def save_hf_directory(
                       f"and refuses shards quantized differently ({len(conflicts)} such groups); to serve this "
                       "directory with vLLM, quantize q/k/v (and gate/up) alike", UserWarning, stacklevel=2)
 
+    offloaded = [n for n, t in model.state_dict().items() if t.is_meta]
+    if offloaded:
+        raise ValueError(f"model tensor {offloaded[0]!r} ({len(offloaded)} in all) is on the meta device (offloaded "
+                         "or never loaded), so it has no values to save; load the model's weights (e.g. remove "
+                         "accelerate's offload hooks) first")
     out = Path(path)
     refuse_other_checkpoint(out, [f for f in (out / MANIFEST_FILE, out / WEIGHTS_FILE) if f.is_file()],
                             "save_hf_directory")

@@ -154,6 +154,13 @@ def block_pipeline_obstacle(model: nn.Module, config: CompressionConfig) -> str 
     return None
 
 
+def _check_compute_device(compute: torch.device | None, device: object) -> None:
+    """Refuse a CUDA ``device`` that this torch cannot use, before any work."""
+    if compute is not None and compute.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this torch has no usable CUDA device; pass device=None (the model's "
+                         "own) or 'cpu'")
+
+
 def compress_blocks(
     model: nn.Module,
     config: CompressionConfig,
@@ -257,6 +264,7 @@ def compress_blocks(
         compute = None if device is None else torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {err}") from None
+    _check_compute_device(compute, device)
 
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     check_not_shared(model, targets)

@@ -108,6 +108,11 @@ def test_pairs_give_the_same_factors_as_models():
             assert torch.equal(a, b)
     with pytest.raises(ValueError, match="one LayerStats per pair"):
         eora_compensate_pairs(pairs, rank=4)
+    keyed = dict(zip(names, pairs))
+    with pytest.raises(ValueError, match=r"stats has no entry for pairs \['4'\]"):
+        eora_compensate_pairs(keyed, {n: stats[n] for n in names[:2]}, rank=4, progress=False)
+    with pytest.raises(ValueError, match="pair '2': its statistics are of"):
+        eora_compensate_pairs(keyed, {"0": stats["0"], "2": stats["0"], "4": stats["4"]}, rank=4, progress=False)
     with pytest.warns(DeprecationWarning, match="eora_compensate_pairs"):
         old = eora_compensate(pairs, stats=[stats[n] for n in names], rank=4, progress=False)
     assert all(torch.equal(a, b) for n in old.factors for a, b in zip(old.factors[n], by_pairs.factors[n]))

@@ -20,6 +20,7 @@ from compress import (
     sequential_eora_factors,
 )
 from compress.calibration import CrossStats
+from compress.export import save_hf_directory
 from compress.sequential_eora import INDEPENDENT
 from compress.targets import dense_weight
 from compress.pipeline import compress_blocks, find_decoder_blocks
@@ -204,11 +205,19 @@ def test_device_moves_one_block_at_a_time(monkeypatch):
 
     monkeypatch.setattr(pipeline, "_place", fake_place)
     monkeypatch.setattr(pipeline, "_to", lambda obj, device: to(obj, torch.device("cpu")))
+    monkeypatch.setattr(pipeline, "_check_compute_device", lambda compute, device: None)
     compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(n=2), device="cuda",
                     inplace=True, progress=False)
     per_block = [(torch.float32, "cuda"), (torch.bfloat16, "cuda"), (torch.float32, "cuda"), (torch.bfloat16, "cpu")]
     assert moves == [(i, dev, dt) for i in range(3) for dt, dev in per_block]
     assert all(d == "cpu" for d in where.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="device='cuda': this torch has no usable CUDA device"):
+        compress_blocks(tiny_llama(), CompressionConfig(method="rtn", bits=3, group_size=16), calib(n=2),
+                        device="cuda", progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -261,6 +270,10 @@ def test_disk_offloaded_blocks(tmp_path):
     assert_close(logits(out.model, batches), logits(expected.model, batches), tol=0.0, what="logits")
     for name, (B, A) in expected.eora.factors.items():
         assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
+    still_offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
+                                                       offload_folder=tmp_path / "load-offload-2")
+    with pytest.raises(ValueError, match="is on the meta device .* no values to save"):
+        save_hf_directory(still_offloaded, tmp_path / "export")
     # the residual of an offloaded layer lives where accelerate runs the layer, not on meta (NaN logits before)
     compensated = logits(out.eora.apply(out.model), batches)
     assert torch.isfinite(compensated).all()
