@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .formats import available_formats, get_format
+from .formats import available_formats
 from .layers import decompose
 
 DEFAULT_WEIGHT = "encoder.layer.0.intermediate.dense.weight"  # FFN up-projection, (1536, 384)
