@@ -375,6 +375,10 @@ def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             parser.error(f"argument --output-dir: {out} is not empty; choose a new directory, or pass --overwrite to "
                          "replace its whole content (files of an earlier run would otherwise mix with this one's)")
+        resolved = out.resolve()
+        if args.overwrite and (resolved in (Path.cwd(), *Path.cwd().parents) or resolved == Path.home().resolve()):
+            parser.error(f"argument --overwrite: {out} is the working directory, one of its parents or the home "
+                         "directory; --overwrite replaces a previous output directory, pass that one")
         args.output_dir = str(out)
     if args.json is not None:
         path = Path(args.json).expanduser()

@@ -111,6 +111,11 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
     assert parse_args(["--output-dir", str(tmp_path / "used"), "--overwrite"]).overwrite
+    monkeypatch.chdir(tmp_path / "used")
+    for where in (".", ".."):
+        with pytest.raises(SystemExit):
+            parse_args(["--output-dir", where, "--overwrite"])
+        assert "is the working directory, one of its parents" in capsys.readouterr().err
     # "--output-dir=~/x": the shell does not expand ~ after "="
     monkeypatch.setenv("HOME", str(tmp_path))
     args = parse_args(["--output-dir=~/out", "--json=~/s.json"])
