@@ -198,8 +198,22 @@ def _check_options(config) -> None:
     check_sweep_options(config.percdamp, config.block_size)
 
 
+def _sparsegpt_parameters(module: torch.nn.Module, config) -> int:
+    """Kept weights: the mask's count. With ``sparse_bits`` a kept weight may round to zero, so the nonzeros would
+    under-count; the count then follows from the pattern (``N / M`` of every row) or, unstructured, from the
+    ``round(sparsity · out · block)`` pruned per block of ``block_size`` columns."""
+    if config.sparse_bits is None:
+        return nonzero_parameters(module, config)
+    out_f, in_f = module.weight.shape
+    n_of_m = parse_pattern(config.pattern)
+    if n_of_m is not None:
+        return out_f * in_f // n_of_m[1] * n_of_m[0]
+    blocks = [min(config.block_size, in_f - start) for start in range(0, in_f, config.block_size)]
+    return sum(out_f * b - round(config.sparsity * out_f * b) for b in blocks)
+
+
 register(Compressor(
-    name="sparsegpt", kind="dense", compress_layer=_sparsegpt_layer, needs_stats=True, parameters=nonzero_parameters,
+    name="sparsegpt", kind="dense", compress_layer=_sparsegpt_layer, needs_stats=True, parameters=_sparsegpt_parameters,
     storage_bits=_sparsegpt_storage_bits, label=_label, validate=_check_options,
     help="SparseGPT: pruning (unstructured or N:M) with second-order error feedback, optionally quantized",
 ))

@@ -60,6 +60,25 @@ def test_quantized_sparse_weight_is_exactly_zero_where_pruned():
     assert not res.weight[~res.mask].any()
 
 
+@pytest.mark.parametrize("kw", [dict(pattern="2:4"), dict(sparsity=0.5, block_size=48), dict(sparsity=0.3)])
+def test_the_compressor_counts_kept_weights_by_the_mask_even_when_codes_round_to_zero(kw):
+    # at 2 bits many kept weights round to zero: counting nonzeros under-reported what is stored
+    from torch import nn
+
+    from compress import CompressionConfig
+    from compress.compressors import get_compressor
+
+    W, C = _layer()
+    res = sparsegpt_prune(W, C, kw.get("sparsity"), pattern=kw.get("pattern", "unstructured"), bits=2,
+                          group_size=16, block_size=kw.get("block_size", 128))
+    assert int(torch.count_nonzero(res.weight)) < int(res.mask.sum())
+    layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(res.weight)
+    config = CompressionConfig(method="sparsegpt", sparse_bits=2, group_size=16, **kw)
+    assert get_compressor("sparsegpt").parameters(layer, config) == int(res.mask.sum())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
