@@ -81,6 +81,9 @@ class Compressor:
         validate: checks of the method's own options, ``config -> None`` raising ``ValueError`` (run when the
             config is built, before any work).
         aliases: other names accepted for it (``"prune24"`` for ``"2:4"``).
+        reads: the :data:`QUANT_OPTIONS` fields of :class:`CompressionConfig` the method uses (``bits``,
+            ``sparsity``, ...); the CLI refuses the flags of the others instead of ignoring them. ``None``: unknown
+            (every flag accepted), the default for compressors registered without it.
         help: one line for ``--help``.
     """
 
@@ -95,7 +98,12 @@ class Compressor:
     validate: Callable[[CompressionConfig], None] | None = None
     aliases: tuple[str, ...] = field(default=())
     help: str = ""
+    reads: frozenset[str] | None = None
 
+
+#: the quantization / pruning options of :class:`CompressionConfig` that a compressor may read (``Compressor.reads``)
+QUANT_OPTIONS = frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
+                           "block_size", "sparsity", "pattern", "sparse_bits"})
 
 _REGISTRY: dict[str, Compressor] = {}
 _ALIASES: dict[str, str] = {}
@@ -107,6 +115,9 @@ def register(compressor: Compressor) -> Compressor:
         raise TypeError(f"register takes a Compressor, got {type(compressor).__name__}")
     if compressor.kind not in ("dense", "factorized"):
         raise ValueError(f"Compressor {compressor.name!r}: kind={compressor.kind!r} must be 'dense' or 'factorized'")
+    if compressor.reads is not None and not compressor.reads <= QUANT_OPTIONS:
+        raise ValueError(f"Compressor {compressor.name!r}: reads={sorted(compressor.reads)} names fields outside "
+                         f"{sorted(QUANT_OPTIONS)}")
     for name in (compressor.name, *compressor.aliases):
         owner = _ALIASES.get(name)
         if owner is not None and owner != compressor.name:

@@ -172,9 +172,10 @@ for _name, _kind in LOWRANK_SCALINGS.items():
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_lowrank, needs_stats=_kind != "svd",
         parameters=_parameters, storage_bits=_storage_bits, label=_label, spectrum=lowrank_spectrum, help=_HELP[_name],
+        reads=frozenset(),
     ))
 for _name in TENSOR_FORMATS:
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_tensor, needs_stats=False, parameters=_parameters,
-        storage_bits=_storage_bits, label=_label, help=_HELP[_name],
+        storage_bits=_storage_bits, label=_label, help=_HELP[_name], reads=frozenset(),
     ))

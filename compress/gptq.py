@@ -136,4 +136,6 @@ register(Compressor(
     storage_bits=lambda shape, n, c: quantized_storage_bits(shape, c.bits, c.group_size, c.symmetric),
     label=quantizer_label, validate=_check_options,
     help="GPTQ: group-wise quantization with second-order error feedback",
+    reads=frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
+                     "block_size"}),
 ))

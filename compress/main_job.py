@@ -333,34 +333,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: the compressor flags, the built-in methods that read each, and the value a method that reads it gets by default
-_METHOD_FLAGS = {
-    "bits": ({"rtn", "gptq"}, DEFAULTS["bits"]),
-    "group_size": ({"rtn", "gptq", "sparsegpt"}, DEFAULTS["group_size"]),
-    "symmetric": ({"rtn", "gptq", "sparsegpt"}, False),
-    "observer": ({"rtn", "gptq", "sparsegpt"}, "minmax"),
-    "damp": ({"gptq", "sparsegpt"}, 0.01),
-    "sparsity": ({"magnitude", "sparsegpt"}, 0.5),
-    "pattern": ({"sparsegpt"}, "unstructured"),
-    "sparse_bits": ({"sparsegpt"}, None),
+#: compressor flag -> the :class:`CompressionConfig` field it sets and that field's CLI default
+_OPTION_FLAGS = {
+    "bits": ("bits", DEFAULTS["bits"]), "group_size": ("group_size", DEFAULTS["group_size"]),
+    "symmetric": ("symmetric", False), "observer": ("observer", "minmax"), "damp": ("percdamp", 0.01),
+    "sparsity": ("sparsity", 0.5), "pattern": ("pattern", "unstructured"), "sparse_bits": ("sparse_bits", None),
 }
-_BUILT_IN = set().union(*(methods for methods, _ in _METHOD_FLAGS.values())) | {
-    "2:4", "svd", "asvd", "whitened_svd", "tucker", "tt", "mpo", "btt", "cp"}
 
 
 def _check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a compressor flag the chosen built-in method does not read (it would be silently ignored), then fill
-    in the defaults; methods registered by a user take every flag."""
-    for flag, (methods, default) in _METHOD_FLAGS.items():
+    """Refuse a compressor flag whose field the method does not read (``Compressor.reads``; it would be silently
+    ignored), then fill in the defaults. Compressors registered without ``reads`` take every flag."""
+    from compress.compressors import available_compressors, get_compressor
+
+    reads = get_compressor(args.method).reads
+    for flag, (option, default) in _OPTION_FLAGS.items():
         value = getattr(args, flag)
-        if value is not None and args.method in _BUILT_IN and args.method not in methods:
+        if value is not None and reads is not None and option not in reads:
+            users = [n for n in available_compressors() if option in (get_compressor(n).reads or ())]
             parser.error(f"argument --{flag.replace('_', '-')}: --method {args.method} does not use it (it applies to "
-                         f"{', '.join(sorted(methods))}); drop it")
+                         f"{', '.join(users)}); drop it")
         if value is None:
             setattr(args, flag, default)
     if args.method == "sparsegpt" and args.sparse_bits is None:
         for flag in ("group_size", "symmetric", "observer"):
-            if getattr(args, flag) != _METHOD_FLAGS[flag][1]:
+            if getattr(args, flag) != _OPTION_FLAGS[flag][1]:
                 parser.error(f"argument --{flag.replace('_', '-')}: sparsegpt quantizes only with --sparse-bits; "
                              "add --sparse-bits B or drop it")
 

@@ -337,12 +337,13 @@ register(Compressor(
     name="rtn", kind="dense", compress_layer=_rtn_layer, needs_stats=False, parameters=dense_parameters,
     storage_bits=lambda shape, n, c: quantized_storage_bits(shape, c.bits, c.group_size, c.symmetric),
     label=quantizer_label, validate=check_quantizer_options, help="round-to-nearest group-wise quantization",
+    reads=frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype"}),
 ))
 register(Compressor(
     name="2:4", kind="dense", compress_layer=lambda job: LayerResult("2:4", weight=prune_2_4(job.weight)),
     needs_stats=False, parameters=nonzero_parameters,
     storage_bits=lambda shape, n, c: n * (16 + 2),  # 16-bit values + the 2-bit position of each kept weight in its 4
-    label=lambda c: "2:4 pruning", aliases=("prune24",), help="2:4 semi-structured magnitude pruning",
+    label=lambda c: "2:4 pruning", aliases=("prune24",), help="2:4 semi-structured magnitude pruning", reads=frozenset(),
 ))
 register(Compressor(
     name="magnitude", kind="dense",
@@ -351,5 +352,5 @@ register(Compressor(
     needs_stats=False, parameters=nonzero_parameters,
     storage_bits=lambda shape, n, c: n * 16 + shape[0] * shape[1],  # 16-bit values + a one-bit mask
     label=lambda c: f"magnitude pruning, sparsity {c.sparsity}", validate=_check_sparsity,
-    help="unstructured magnitude pruning",
+    help="unstructured magnitude pruning", reads=frozenset({"sparsity"}),
 ))

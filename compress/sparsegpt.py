@@ -216,4 +216,6 @@ register(Compressor(
     name="sparsegpt", kind="dense", compress_layer=_sparsegpt_layer, needs_stats=True, parameters=_sparsegpt_parameters,
     storage_bits=_sparsegpt_storage_bits, label=_label, validate=_check_options,
     help="SparseGPT: pruning (unstructured or N:M) with second-order error feedback, optionally quantized",
+    reads=frozenset({"sparsity", "pattern", "sparse_bits", "group_size", "symmetric", "observer", "scale_dtype",
+                     "percdamp", "block_size"}),
 ))

@@ -1,5 +1,7 @@
 """The compressor registry: every method is one entry, and a new one is one ``register`` call."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,15 @@ def test_labels_describe_the_setting():
     assert label(method="sparsegpt", sparsity=0.6) == "sparsegpt sparsity 0.6"
     assert label(method="2:4") == "2:4 pruning"
     assert label(method="whitened_svd", keep=0.8) == "whitened_svd, keep 0.8"
+
+
+def test_every_built_in_declares_the_options_it_reads():
+    # the CLI refuses a flag whose option the method never reads (--sparsity with rtn) from this declaration
+    reads = {n: get_compressor(n).reads for n in registry.available_compressors()}
+    assert all(r is not None and r <= registry.QUANT_OPTIONS for r in reads.values()), reads
+    assert reads["rtn"] == {"bits", "group_size", "symmetric", "observer", "scale_dtype"}
+    assert {"bits", "sparsity"}.isdisjoint(reads["whitened_svd"] | reads["2:4"])
+    assert "sparse_bits" in reads["sparsegpt"] and "bits" not in reads["sparsegpt"]
+    with pytest.raises(ValueError, match="names fields outside"):
+        registry.register(dataclasses.replace(get_compressor("rtn"), name="rtn_typo", aliases=(),
+                                              reads=frozenset({"bitz"})))
