@@ -137,7 +137,7 @@ def build(bits: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "compress.cli", "compress", "--method", "gptq", "--bits", str(bits),
            "--group-size", "64", "--eora-rank", str(args.eora_rank), "--calib-tokens", str(args.calib_tokens),
            "--eval-tokens", str(args.eval_tokens), "--device", args.build_device, "--output-dir", str(out),
-           "--json", str(summary), "--no-progress"]
+           "--json", str(summary), "--no-progress", "--overwrite"]  # a rerun in the same --work-dir rebuilds it
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
