@@ -631,9 +631,11 @@ def _cli_error(err: Exception) -> str:
 
 def _check_eora_rank(rank: int, targets: dict) -> None:
     """Refuse an ``--eora-rank`` above ``min(out, in)`` of a targeted layer before any work."""
+    from compress.targets import dense_weight
+
     if rank <= 0:
         return
-    small = {name: min(m.weight.shape[0], m.weight[0].numel()) for name, m in targets.items()}
+    small = {name: min(dense_weight(m).shape) for name, m in targets.items()}
     over = {name: full for name, full in small.items() if rank > full}
     if over:
         name, full = min(over.items(), key=lambda kv: kv[1])
@@ -645,10 +647,12 @@ def _check_eora_rank(rank: int, targets: dict) -> None:
 def _warn_if_too_few_tokens(calib: list, targets: dict, activation_aware: bool) -> None:
     """Warn when the calibration rows are fewer than a targeted layer's inputs: its ``X^T X`` is then singular and
     activation-aware fits (whitening, GPTQ, EoRA) match the calibration text rather than the model's inputs."""
+    from compress.targets import dense_weight
+
     if not activation_aware or not calib or not targets:
         return
     tokens = sum(batch.numel() for batch in calib)
-    widest = max(module.weight[0].numel() for module in targets.values())
+    widest = max(dense_weight(module).shape[1] for module in targets.values())  # (out, in), Conv1D and convs too
     if tokens < widest:
         print(f"tensornets compress: warning: {tokens} calibration tokens, fewer than the {widest} inputs of the widest "
               "targeted layer: its activation statistics are rank-deficient, and activation-aware fits overfit the "
