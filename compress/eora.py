@@ -192,20 +192,23 @@ class EoraAdapter:
                                  "cannot absorb a low-rank residual exactly; use apply() to add it as a side branch")
         return work
 
-    def lora_config(self, base_model_name_or_path: str | None = None) -> LoraConfig:
+    def lora_config(self, base_model_name_or_path: str | None = None, task_type: str | None = None) -> LoraConfig:
         """The ``peft.LoraConfig`` of the exported adapter (``r = lora_alpha = rank``, no dropout, no bias)."""
         return LoraConfig(
             r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none", target_modules=sorted(self.factors),
             fan_in_fan_out=any(k == "conv1d" for k in self.kinds.values()), init_lora_weights=True,
-            base_model_name_or_path=base_model_name_or_path,
+            base_model_name_or_path=base_model_name_or_path, task_type=task_type,
         )
 
     def save_pretrained(self, path: str | Path, base_model_name_or_path: str | None = None,
-                        dtype: torch.dtype | None = None) -> Path:
+                        dtype: torch.dtype | None = None, task_type: str | None = None) -> Path:
         """Write a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         ``dtype``: storage dtype of the factors (default: as computed); pass the base model's storage dtype
         (e.g. ``torch.bfloat16`` beside a :func:`compress.export.save_hf_directory` checkpoint).
+        ``base_model_name_or_path``: the model the residual compensates, i.e. the *compressed* checkpoint's directory
+        (not the dense original); with it and ``task_type`` (e.g. ``"CAUSAL_LM"``), PEFT's
+        ``AutoPeftModelForCausalLM.from_pretrained(path)`` loads base and adapter in one call.
 
         Tensors are ``base_model.model.<layer>.lora_A.weight = A`` ``(r, in)`` (``(r, C_in, kh, kw)`` for a conv) and
         ``...lora_B.weight = B`` ``(out, r)`` (``(out, r, 1, 1)``); load with
@@ -217,7 +220,7 @@ class EoraAdapter:
         tensors = self.lora_state_dict(dtype)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.lora_config(base_model_name_or_path).save_pretrained(str(path))
+        self.lora_config(base_model_name_or_path, task_type).save_pretrained(str(path))
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
         return path
 

@@ -567,7 +567,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     saved = {}
     if args.output_dir is not None:
         with stages("save"):
-            saved = _save(args, model_name, compressed, tok, adapters.get(_main_adapter(args)), report)
+            saved = _save(args, compressed, tok, adapters.get(_main_adapter(args)), report)
 
     # -------------------------------------------------------------------------------------- numbers
     target_before, target_after = report.params_before, report.params_after
@@ -796,7 +796,7 @@ def _user_texts(args: argparse.Namespace) -> dict[str, list[str]]:
     return texts
 
 
-def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict[str, Any]:
+def _save(args, compressed, tokenizer, adapter, report) -> dict[str, Any]:
     """Write ``--output-dir``: a Hugging Face directory (factorized models: :func:`compress.save_compressed`'s
     directory), the EoRA adapter and ``report.json``; return what was written where (with sizes)."""
     out = Path(args.output_dir)
@@ -807,7 +807,7 @@ def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict
         out.rename(previous / out.name)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        saved = _write_output_dir(args, out, model_name, compressed, tokenizer, adapter, report)
+        saved = _write_output_dir(args, out, compressed, tokenizer, adapter, report)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         if previous is not None:
@@ -819,7 +819,7 @@ def _save(args, model_name: str, compressed, tokenizer, adapter, report) -> dict
     return saved
 
 
-def _write_output_dir(args, out: Path, model_name: str, compressed, tokenizer, adapter, report) -> dict[str, Any]:
+def _write_output_dir(args, out: Path, compressed, tokenizer, adapter, report) -> dict[str, Any]:
     from compress import save_compressed
     from compress.export import EXPORT_DTYPES, save_hf_directory
     from tensornets import FactorizedConv2d, FactorizedLinear
@@ -842,8 +842,10 @@ def _write_output_dir(args, out: Path, model_name: str, compressed, tokenizer, a
         saved["export"] = export.to_dict()
     if adapter is not None:
         try:
-            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=args.model_path or model_name,
-                                    dtype=dtype)
+            # the residual compensates the compressed model written here, not the dense original: pointing PEFT at
+            # this directory lets AutoPeftModelForCausalLM.from_pretrained(out / "eora-adapter") load both
+            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=str(out.resolve()), dtype=dtype,
+                                    task_type="CAUSAL_LM")
             saved["adapter"] = str(out / "eora-adapter")
         except ValueError:
             # factorized layers: PEFT's LoRA cannot wrap them. Low-rank layers absorb BA exactly (rank r_c + r).

@@ -187,6 +187,11 @@ def test_rtn_eora_end_to_end_writes_loadable_model_and_adapter(tiny_model_dir, t
     peft_model = PeftModel.from_pretrained(compressed, str(out / "eora-adapter")).eval()
     assert perplexity(peft_model, held_out) == pytest.approx(ppl["compensated_eora"], rel=1e-4)
     assert json.loads((out / "report.json").read_text())["method"] == "rtn"
+    # the adapter names the compressed directory as its base: PEFT's auto class loads both in one call
+    from peft import AutoPeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(out / "eora-adapter"), dtype=torch.float32).eval()
+    assert perplexity(auto, held_out) == pytest.approx(ppl["compensated_eora"], rel=1e-4)
 
 
 def test_factorized_method_with_baselines_merges_the_residual(tiny_model_dir, tmp_path, capsys):
