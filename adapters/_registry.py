@@ -30,10 +30,37 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import PeftType
 
-__all__ = ["PEFT_REQUIREMENT", "RegisteredMethod", "check_peft_version", "register", "registered_methods"]
+__all__ = ["PEFT_REQUIREMENT", "PeftMethodType", "RegisteredMethod", "check_peft_version", "peft_type_name",
+           "register", "registered_methods"]
 
 #: PEFT versions this package is tested against (keep in sync with pyproject.toml).
 PEFT_REQUIREMENT = SpecifierSet(">=0.21,<0.22")
+
+
+class PeftMethodType(str):
+    """The peft type of one of our methods, behaving as a member of PEFT's ``PeftType`` enum does.
+
+    It equals and hashes as its plain name (``PeftMethodType("LOTR") == "LOTR"``), so it keys PEFT's mappings and
+    is written to ``adapter_config.json`` as ``"LOTR"``; like the enum's members it has ``.value`` / ``.name`` and
+    prints as ``PeftType.LOTR``, which ``get_model_status`` (``str(peft_type).partition(".")``) and PEFT's error
+    messages (``peft_type.value``) read.
+    """
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
+
+
+def peft_type_name(peft_type) -> str:
+    """The plain name of a peft type (``"LOTR"``, ``"LORA"``), from ours, PEFT's enum or a plain string."""
+    return getattr(peft_type, "value", None) or str(peft_type)
 
 
 @dataclass(frozen=True)

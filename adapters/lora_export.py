@@ -122,7 +122,7 @@ def _check_exportable(peft_model: nn.Module, adapter_name: str) -> str:
         raise ValueError(
             f"adapter_name={adapter_name!r} is not on this model; its adapters are {sorted(peft_model.peft_config)}"
         )
-    peft_type = str(peft_model.peft_config[adapter_name].peft_type)
+    peft_type = _registry.peft_type_name(peft_model.peft_config[adapter_name].peft_type)
     ours = _registry.registered_methods()
     if peft_type not in ours:
         raise ValueError(

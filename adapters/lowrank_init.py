@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import tensornets
-from adapters import flora, loretta, lotr, mos
+from adapters import _registry, flora, loretta, lotr, mos
 from adapters.flora.layer import FloraLayer
 from adapters.lotr.layer import LoTRLayer
 
@@ -102,7 +102,7 @@ def init_from_lowrank(
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"adapter_name={adapter_name!r} is not on this model; its adapters are "
                          f"{sorted(peft_model.peft_config)}")
-    peft_type = str(peft_model.peft_config[adapter_name].peft_type)
+    peft_type = _registry.peft_type_name(peft_model.peft_config[adapter_name].peft_type)
     if peft_type in _NOT_EXACT:
         raise ValueError(f"adapter {adapter_name!r} is {peft_type}, which cannot start exactly at a low-rank update: "
                          f"{_NOT_EXACT[peft_type]}. Start a LoRA (EoraAdapter.as_peft_init), FLoRA or LoTR from it")

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from adapters._delta import DeltaConfig
+from adapters._registry import PeftMethodType
 
 __all__ = ["PEFT_TYPE_ADP", "PEFT_TYPE_REP", "LoRETTAAdpConfig", "LoRETTABaseConfig", "LoRETTARepConfig"]
 
 #: The peft types written to ``adapter_config.json``.
-PEFT_TYPE_REP = "LORETTA_REP"
-PEFT_TYPE_ADP = "LORETTA_ADP"
+PEFT_TYPE_REP = PeftMethodType("LORETTA_REP")
+PEFT_TYPE_ADP = PeftMethodType("LORETTA_ADP")
 
 _REP_INITS = ("lora_rate", "zero", "paper")
 

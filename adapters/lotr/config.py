@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from adapters._delta import DeltaConfig
+from adapters._registry import PeftMethodType
 from adapters._step_match import INIT_WEIGHTS
 
 __all__ = ["PEFT_TYPE", "LoTRConfig"]
 
 #: The peft type written to ``adapter_config.json``.
-PEFT_TYPE = "LOTR"
+PEFT_TYPE = PeftMethodType("LOTR")
 
 _INITS = ("orthogonal", "normal", "svd")
 

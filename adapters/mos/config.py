@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adapters._delta import DeltaConfig
+from adapters._registry import PeftMethodType
 
 __all__ = ["PEFT_TYPE", "MoSConfig"]
 
 #: The peft type written to ``adapter_config.json``.
-PEFT_TYPE = "MOS"
+PEFT_TYPE = PeftMethodType("MOS")
 
 
 @dataclass

@@ -65,6 +65,11 @@ class MoSLayer(DeltaLayer):
     def _has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.mos_group
 
+    def _get_available_adapters(self) -> set[str]:
+        # PEFT reads adapter names from the per-layer parameter containers; a MoS layer holds none (its pools live on
+        # the tuner), so without this get_layer_status / get_model_status would list no adapter for it.
+        return set(self.mos_group)
+
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_l, B_lᵀ)`` of one adapter, shapes ``(r, d_in)`` and ``(r, d_out)``, gathered from the pools."""
         group, r = self.mos_group[adapter_name], self.mos_rank[adapter_name]

@@ -7,6 +7,7 @@ import json
 import warnings
 
 import adapter_conformance as conf
+import adapters
 import pytest
 import torch
 from peft import get_peft_model
@@ -177,6 +178,13 @@ def test_two_adapters_on_one_model(case):
     conf.train_step(case, model, inputs)
     with torch.no_grad():
         assert not torch.allclose(conf.output(case, model, inputs), base)
+
+    # PEFT's status reports see both adapters under our peft type on every adapted layer
+    status = model.get_model_status()
+    peft_type = adapters._registry.peft_type_name(case.config().peft_type)
+    assert status.peft_types == {"default": peft_type, "other": peft_type}
+    assert status.available_adapters == ["default", "other"] and status.active_adapters == ["other"]
+    assert all(layer.available_adapters == ["default", "other"] for layer in model.get_layer_status())
 
     model.set_adapter("default")
     assert all(torch.equal(p, first_state[n]) for n, p in conf.trainable(model).items())
