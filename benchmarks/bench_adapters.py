@@ -11,7 +11,7 @@ steps are interleaved (each round runs every method once, in a rotating order) a
 and the median per method is reported, so drifts in machine load hit all methods alike.
 
 Usage: ``python benchmarks/bench_adapters.py [--repeats 7] [--rank 8]``; prints the table and
-writes ``benchmarks/results/adapters.md``.
+writes ``benchmarks/results/adapters.md`` and ``adapters.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import copy
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,9 +32,11 @@ from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # benchmarks/_report.py, however the script is run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import adapters  # noqa: E402  (registers our adapters with PEFT)
+from _report import finish, header, machine_info, write_results  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 
@@ -191,18 +192,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method (interleaved)")
     parser.add_argument("--rank", type=int, default=8, help="rank r of every method")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "adapters.md"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"),
+                        help="directory of adapters.md / adapters.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    start, info = time.perf_counter(), machine_info(torch.get_num_threads(), device=str(device))
 
-    sections = [
-        "# Adapters: trainable parameters and train-step time vs PEFT LoRA",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, device {device}, float32. Step = forward + backward + AdamW step; median of "
-        f"{args.repeats} interleaved steps after 2 warm-up steps. Goal: step time within 1.3x LoRA. "
-        f"Load average at start: {os.getloadavg()[0]:.1f}.",
-    ]
+    sections: list[str] = []
+    payload: dict = {"args": vars(args), "models": {}}
     for make in (minilm_workload, smollm2_workload):
         work = make()
         if isinstance(work, str):
@@ -213,10 +210,16 @@ def main() -> None:
         text = table(work, rows, args.rank) + "\n\n" + "\n".join(goals(rows, args.rank))
         print(text + "\n")
         sections += ["", text]
+        payload["models"][work.name] = {"note": work.note, "rows": rows}
         del work
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(sections) + "\n")
-    print(f"wrote {args.out}")
+    finish(info, start)
+    command = "python benchmarks/bench_adapters.py " + " ".join(sys.argv[1:])
+    md = header("Adapters: trainable parameters and train-step time vs PEFT LoRA", command.strip(), info,
+                versions=["device"])
+    md += [f"Step = forward + backward + AdamW step, float32; median of {args.repeats} interleaved steps after 2 "
+           "warm-up steps. Goal: step time within 1.3x LoRA."] + sections
+    paths = write_results(Path(args.out), "adapters", md, {"machine": info, **payload})
+    print("wrote", *paths)
 
 
 if __name__ == "__main__":
