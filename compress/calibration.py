@@ -146,16 +146,32 @@ class StopForward(Exception):
     """Raised from a hook to end a calibration forward pass early (all wanted inputs are captured)."""
 
 
-def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def layer_inputs(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``(N, n)`` that ``module``'s weight matrix multiplies, from the module's input ``x``.
 
     Linear layers (``nn.Linear``, transformers' ``Conv1D``, factorized linears) see the last axis; an
     ``nn.Conv2d`` sees its unfolded patches ``(in_channels * kh * kw)``, matching ``weight.reshape(out, -1)``.
+
+    ``mask``: the batch's ``(B, T)`` real-token mask (:func:`token_mask`). A linear layer whose input is laid out as
+    the batch's tokens, ``x: (B, T, n)``, keeps the rows of real tokens only, so that padding never enters the
+    statistics; other inputs (a pooled head's ``(B, n)``, a conv's patches) keep every row.
     """
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if mask is not None and x.shape[:-1] == mask.shape:
+        return x[mask.to(x.device)]
     return x.reshape(-1, x.shape[-1])
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The ``(B, T)`` boolean mask of real tokens of a dict batch with a 2-D ``attention_mask``; ``None`` when the
+    batch has none or every token is real (then every row counts)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    mask = mask != 0
+    return None if bool(mask.all()) else mask
 
 
 def run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
@@ -197,7 +213,8 @@ def accumulate_stats(
     modules : Mapping[str, nn.Module]
         Name -> module whose inputs are recorded (the names key the result).
     batches : Iterable
-        Calibration batches, see :func:`run_batch`.
+        Calibration batches, see :func:`run_batch`; a dict batch's 2-D ``attention_mask`` leaves padding out
+        (:func:`token_mask`).
     stats_device : torch.device or str, optional
         Where the sums live; default: the device the activations are on.
     stop_after_all : bool
@@ -219,10 +236,11 @@ def accumulate_stats(
     """
     sums: dict[str, list] = {}
     seen: set[str] = set()
+    current: dict[str, torch.Tensor | None] = {"mask": None}  # the running batch's real-token mask
 
     def make_hook(name: str, module: nn.Module):
         def hook(_mod: nn.Module, args: tuple) -> None:
-            x = layer_inputs(module, args[0].detach())
+            x = layer_inputs(module, args[0].detach(), current["mask"])
             x = x.to(stats_device if stats_device is not None else x.device, torch.float32)
             if name not in sums:
                 n = x.shape[1]
@@ -247,6 +265,7 @@ def accumulate_stats(
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=None if progress is None else not progress, leave=False):
                 seen.clear()
+                current["mask"] = token_mask(batch)
                 try:
                     run_batch(model, batch, device)
                 except StopForward:
@@ -309,10 +328,11 @@ def _capture_inputs(
 ) -> None:
     """Run ``batch`` through ``model`` and call ``on_input(name, rows)`` with each module's input rows (fp32)."""
     seen: set[str] = set()
+    mask = token_mask(batch)
 
     def make_hook(name: str, module: nn.Module):
         def hook(_mod: nn.Module, args: tuple) -> None:
-            on_input(name, layer_inputs(module, args[0].detach()).to(torch.float32))
+            on_input(name, layer_inputs(module, args[0].detach(), mask).to(torch.float32))
             seen.add(name)
             if stop_after_all and len(seen) == len(modules):
                 raise StopForward
@@ -423,7 +443,9 @@ def collect_activation_stats(
         The (dense) model; it is run in ``eval`` mode under ``torch.no_grad`` and is not modified.
     calib_batches : Iterable
         Batches of model inputs: tensors (``model(x)``, e.g. ``input_ids`` of shape ``(B, T)``), tuples
-        (``model(*b)``) or dicts (``model(**b)``). Tensors are moved to the model's device.
+        (``model(*b)``) or dicts (``model(**b)``). Tensors are moved to the model's device. A dict's 2-D
+        ``attention_mask`` (a tokenizer's ``padding=True`` output) marks the real tokens: padded positions are left
+        out of every layer's statistics (see :func:`layer_inputs`).
     target_modules, exclude_modules : str or list of str, optional
         PEFT-style selection (see :func:`compress.targets.find_targets`).
     stats_device : torch.device or str, optional

@@ -61,6 +61,7 @@ from compress.calibration import (
     collect_activation_stats,
     model_device,
     run_batch,
+    token_mask,
 )
 from compress.config import CompressionConfig
 from compress.eora import (
@@ -289,7 +290,7 @@ def compress_blocks(
                  for i in range(len(blocks))]
 
     home = compute if compute is not None else _home_device(blocks[0])
-    hidden, kwargs = capture_block_inputs(work, blocks[0], calib_batches, home)
+    hidden, kwargs, masks = capture_block_inputs(work, blocks[0], calib_batches, home)
     comp_h = hidden
     dense_h = list(hidden) if eora_rank else None  # both streams start equal
     layers, quantized, factors, kinds, eora_rows, conv_kernels = [], {}, {}, {}, [], {}
@@ -298,8 +299,8 @@ def compress_blocks(
         prefix = f"{path}.{i}."
         execution_device = _onload(blocks[i]) if i in offloaded else None
         try:
-            out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, config, eora_rank, eora_method,
-                                 eora_sequential, eora_ridge, eora_rounds,
+            out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, masks, config, eora_rank,
+                                 eora_method, eora_sequential, eora_ridge, eora_rounds,
                                  compute if compute is not None else execution_device)
         except ValueError as err:  # name the layers by their paths in the model, not in the block
             message = str(err)
@@ -330,7 +331,7 @@ def capture_block_inputs(
     block: nn.Module,
     calib_batches: Iterable[Any],
     device: torch.device | None = None,
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[torch.Tensor | None]]:
     """Inputs of ``block`` for every calibration batch, captured by running ``model`` up to it.
 
     A forward pre-hook (``with_kwargs=True``) on ``block`` records its hidden states ``(B, T, d)`` and keyword
@@ -340,13 +341,16 @@ def capture_block_inputs(
 
     Returns
     -------
-    (list of torch.Tensor, list of dict)
+    (list of torch.Tensor, list of dict, list of torch.Tensor or None)
         Per batch: the hidden states and the keyword arguments, floating-point tensors in float32, all on ``device``
-        (default: where the block is stored).
+        (default: where the block is stored), and the batch's ``(B, T)`` real-token mask
+        (:func:`compress.calibration.token_mask`; ``None`` without padding), which keeps padded positions out of
+        every block's statistics.
     """
     device = device if device is not None else model_device(block)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
+    masks: list[torch.Tensor | None] = []
 
     def hook(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
         kw = dict(kw)
@@ -377,6 +381,9 @@ def capture_block_inputs(
                     run_batch(model, batch, model_device(model))
                 except StopForward:
                     pass
+                if len(masks) < len(hidden):
+                    mask = token_mask(batch)
+                    masks.append(None if mask is None else mask.to(device))
     finally:
         handle.remove()
         model.train(was_training)
@@ -385,7 +392,7 @@ def capture_block_inputs(
     if not hidden:
         raise ValueError("calib_batches is empty, or the model never ran its first block; pass at least one batch "
                          "of model inputs (e.g. 64-256 sequences)")
-    return hidden, kwargs
+    return hidden, kwargs, masks
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -405,7 +412,7 @@ class _Feed(nn.Module):
     """``forward(i) = block(hidden[i], **kwargs[i])``: a block fed from a recorded stream (outputs optionally kept).
 
     Lets the calibration accumulators, which run batches through a model, run a block on the stream of its own
-    inputs (``batches = [tensor(0), tensor(1), ...]``).
+    inputs (``batches = [tensor(0), tensor(1), ...]``, see :func:`_stream_batches`).
     """
 
     def __init__(self, block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
@@ -414,7 +421,9 @@ class _Feed(nn.Module):
         self.block = block
         self.hidden, self.kw, self.outputs = hidden, kwargs, outputs
 
-    def forward(self, i: torch.Tensor) -> torch.Tensor:
+    def forward(self, i: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # attention_mask: the batch's real-token mask, read by the accumulators' hooks; the block gets its own
+        # recorded keyword arguments
         i = int(i)
         device = model_device(self.block)  # a no-op unless blocks sit on several devices
         out = self.block(_to(self.hidden[i], device), **_to(self.kw[i], device))
@@ -422,6 +431,15 @@ class _Feed(nn.Module):
         if self.outputs is not None:
             self.outputs[i] = out.detach()
         return out
+
+
+def _stream_batches(masks: Sequence[torch.Tensor | None], ids: Iterable[int] | None = None) -> list[Any]:
+    """The batches that make the accumulators run a :class:`_Feed` over recorded batches ``ids`` (default all):
+    ``tensor(i)``, or ``{"i": tensor(i), "attention_mask": mask}`` for a padded batch, so that its padded rows stay
+    out of the statistics as they do on the whole-model path."""
+    ids = range(len(masks)) if ids is None else ids
+    return [torch.tensor(i) if masks[i] is None else {"i": torch.tensor(i), "attention_mask": masks[i]}
+            for i in ids]
 
 
 @dataclass
@@ -439,6 +457,7 @@ def _process_block(
     comp_h: list[torch.Tensor],
     dense_h: list[torch.Tensor] | None,
     kwargs: list[dict[str, Any]],
+    masks: list[torch.Tensor | None],
     config: CompressionConfig,
     eora_rank: int,
     eora_method: str,
@@ -456,7 +475,7 @@ def _process_block(
     storage_device = ref.device if ref is not None else torch.device("cpu")
     device = device if device is not None else storage_device
     _place(block, device, torch.float32)
-    batches = [torch.tensor(i) for i in range(len(comp_h))]
+    batches = _stream_batches(masks)
     names = list(targets)
     next_dense = [None] * len(batches) if dense_h is not None else None
     dense = copy.deepcopy(block) if eora_rank else None  # float32 original: W of EoRA and the dense stream
@@ -465,7 +484,7 @@ def _process_block(
     if names:
         dense_stats = pre = None
         if sequential:  # one paired pass: compression statistics, drift of the earlier blocks, next dense inputs
-            pre = _cross(dense, dense_h, next_dense, block, comp_h, kwargs, names)
+            pre = _cross(dense, dense_h, next_dense, block, comp_h, kwargs, masks, names)
             comp_stats = ActivationStats({n: pre[n].current for n in names})
         else:
             comp_stats = accumulate_stats(_Feed(block, comp_h, kwargs), {n: block.get_submodule(n) for n in names},
@@ -482,7 +501,7 @@ def _process_block(
         _round_to(block, device, storage_dtype)
         if sequential:
             del pre
-            adapter = _sequential_adapter(dense, dense_h, block, comp_h, kwargs, names, eora_rank, ridge,
+            adapter = _sequential_adapter(dense, dense_h, block, comp_h, kwargs, masks, names, eora_rank, ridge,
                                           storage_dtype)
             dense_h.clear()
         elif eora_rank:
@@ -515,11 +534,11 @@ def _process_block(
 
 
 def _cross(dense: nn.Module, dense_h: Sequence[torch.Tensor], dense_out: list | None, block: nn.Module,
-           comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], names: list[str],
-           batch_ids: Sequence[int] | None = None) -> dict[str, CrossStats]:
+           comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], masks: Sequence[torch.Tensor | None],
+           names: list[str], batch_ids: Sequence[int] | None = None) -> dict[str, CrossStats]:
     """Cross moments of the layers ``names``: ``dense`` on the dense stream (outputs into ``dense_out`` if given),
     ``block`` on the compressed stream, paired row for row, over the batches ``batch_ids`` (default all)."""
-    batches = [torch.tensor(i) for i in (range(len(comp_h)) if batch_ids is None else batch_ids)]
+    batches = _stream_batches(masks, batch_ids)
     cross = accumulate_cross_stats(_Feed(dense, dense_h, kwargs, dense_out), _Feed(block, comp_h, kwargs),
                                    ["block." + n for n in names], batches, stop_after_all=dense_out is None,
                                    progress=False)
@@ -633,8 +652,9 @@ def _run_stream(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: Sequen
 
 
 def _sequential_adapter(dense: nn.Module, dense_h: Sequence[torch.Tensor], block: nn.Module,
-                        comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], names: list[str], rank: int,
-                        ridge: float, dtype: torch.dtype) -> EoraAdapter:
+                        comp_h: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]],
+                        masks: Sequence[torch.Tensor | None], names: list[str], rank: int, ridge: float,
+                        dtype: torch.dtype) -> EoraAdapter:
     """Cross-validated sequential EoRA residuals of the block's layers (relative names, in module order, which is
     execution order in transformers blocks), fitted one layer after the other.
 
@@ -650,7 +670,7 @@ def _sequential_adapter(dense: nn.Module, dense_h: Sequence[torch.Tensor], block
     for name in names:
         fitted = EoraAdapter(dict(factors), kinds, rank, "eora-sequential", [], conv_kernels)
         fitted.apply(block, inplace=True)
-        folds = [_cross(dense, dense_h, None, block, comp_h, kwargs, [name], part)[name] for part in parts]
+        folds = [_cross(dense, dense_h, None, block, comp_h, kwargs, masks, [name], part)[name] for part in parts]
         _unwrap(block, fitted)
         module = block.get_submodule(name)
         B, A, row = fit_sequential_layer(name, dense_weight(dense.get_submodule(name)), dense_weight(module), folds,

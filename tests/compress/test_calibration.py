@@ -104,3 +104,38 @@ def test_unused_target_is_refused():
     model.forward = lambda x: model["used"](x)
     with pytest.raises(ValueError, match=r"\['unused'\] received no input"):
         collect_activation_stats(model, [torch.randn(2, 4)], progress=False)
+
+
+def _padded(lengths, vocab=50, seq=12, seed=3):
+    """Right-padded token batch ``{"input_ids", "attention_mask"}`` of sequences of ``lengths``, and the sequences."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, vocab, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(len(seqs), seq, dtype=torch.long)
+    mask = torch.zeros(len(seqs), seq, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return {"input_ids": ids, "attention_mask": mask}, seqs
+
+
+def test_padding_is_left_out_of_the_statistics():
+    """A padded batch (a tokenizer's padding=True) gives the statistics of its unpadded sequences run one by one:
+    the attention mask's padded positions never reach any layer's sums; a pooled head keeps its rows."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=32)).eval()
+    batch, seqs = _padded([12, 7, 3])
+    got = collect_activation_stats(model, [batch], "all-linear", progress=False)
+    expected = collect_activation_stats(model, [s[None] for s in seqs], "all-linear", progress=False)
+    assert got.order == expected.order and "pooler.dense" in got.order
+    for name in got:
+        assert got[name].count == expected[name].count, name
+        assert_close(got[name].gram, expected[name].gram, tol=1e-5, what=name)
+    assert got["encoder.layer.0.attention.self.query"].count == 22  # real tokens only (36 positions)
+    assert got["pooler.dense"].count == 3  # one pooled row per sequence
+    # an all-ones mask changes nothing
+    full = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["attention_mask"])}
+    plain = collect_activation_stats(model, [batch["input_ids"]], "all-linear", progress=False)
+    assert all(torch.equal(collect_activation_stats(model, [full], "all-linear", progress=False)[n].gram,
+                           plain[n].gram) for n in plain)

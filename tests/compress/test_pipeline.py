@@ -105,6 +105,46 @@ def test_independent_eora_same_as_whole_model_path():
     assert_close(compensated, logits(expected.apply(expected_report.model), batches), tol=1e-4, what="logits")
 
 
+def padded_calib(pad_token: int, seed: int = 2) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Four right-padded batches of 3 sequences (lengths 3-16, 138 tokens: more than the width, so every Gram matrix
+    is well conditioned) with ``pad_token`` in the padding, and the sequences."""
+    g = torch.Generator().manual_seed(seed)
+    batches, seqs = [], []
+    for lengths in ([16, 9, 4], [12, 16, 6], [16, 16, 3], [10, 16, 14]):
+        ids = torch.full((3, 16), pad_token)
+        mask = torch.zeros(3, 16, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            seqs.append(torch.randint(0, VOCAB, (1, n), generator=g))
+            ids[i, :n], mask[i, :n] = seqs[-1][0], 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches, seqs
+
+
+def test_padding_is_left_out_of_every_blocks_statistics():
+    """Padded calibration batches (``attention_mask``) give the block pipeline the model the whole-model path builds
+    from the unpadded sequences; whatever sits in the padding changes nothing, sequential EoRA included."""
+    model = tiny_llama(layers=2)
+    padded, seqs = padded_calib(pad_token=0)
+    # independent EoRA on the dense statistics: the same residuals as the whole-model path
+    config = CompressionConfig(method="rtn", bits=3, group_size=16)
+    _, expected = whole_model(model, config, seqs, eora_rank=4)
+    out = compress_blocks(model, config, padded, eora_rank=4, progress=False)
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-3, what=name)
+
+    # statistics of the compressed stream (whitened SVD) and cross statistics (sequential EoRA) ignore the padding
+    config = CompressionConfig(method="whitened_svd", keep=0.5)
+    other_pad, _ = padded_calib(pad_token=VOCAB - 1)
+    runs = [compress_blocks(model, config, batches, eora_rank=4, eora_sequential=True, progress=False)
+            for batches in (padded, other_pad)]
+    for name, tensor in runs[0].model.state_dict().items():
+        assert_close(runs[1].model.state_dict()[name], tensor, tol=1e-4, what=name)
+    for name, (B, A) in runs[0].eora.factors.items():
+        Bg, Ag = runs[1].eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-3, what=name)
+
+
 def test_sequential_eora_without_drift_fits_the_compression_error():
     """Block 0's attention projections see the embeddings in both streams (``X̃ = X``): every candidate fits ``ΔW``
     (independent EoRA, or its ridge-penalised form), and the one cross-validation chose is refitted on all data."""
