@@ -420,6 +420,8 @@ class _Feed(nn.Module):
         super().__init__()
         self.block = block
         self.hidden, self.kw, self.outputs = hidden, kwargs, outputs
+        # the block's mode (not a new module's train mode): the accumulators restore this one on the block
+        self.training = block.training
 
     def forward(self, i: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         # attention_mask: the batch's real-token mask, read by the accumulators' hooks; the block gets its own

@@ -187,8 +187,9 @@ def weight_parameters(module: nn.Module) -> int:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted path ``name`` of ``model``."""
+    """Put ``new`` at the dotted path ``name`` of ``model``, in the train / eval mode of the module it replaces."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(model.get_submodule(name).training)
     setattr(parent, child, new)
 

@@ -83,6 +83,9 @@ def test_same_model_as_whole_model_path(config):
     assert [r.name for r in out.report.layers] == [r.name for r in expected.layers]
     assert out.report.params_after == expected.params_after
     assert_close(logits(out.model, batches), logits(expected.model, batches), tol=1e-4, what="logits")
+    # both come back in the eval mode the model went in with (dropout stays off), new layers included
+    for result in (out.model, expected.model):
+        assert not [name for name, m in result.named_modules() if m.training]
     # the dense model is left as it was
     assert_close(logits(model, batches), logits(tiny_llama(), batches), tol=0.0, what="original")
 
