@@ -111,5 +111,7 @@ def plan_cache_info():
 
 
 def clear_plan_cache() -> None:
-    """Drop every cached plan (the next forward of each layer plans again)."""
+    """Drop every cached contraction path: the next :func:`plan_contraction` of each equation and shapes searches
+    again with opt_einsum. Each layer keeps the strategy it chose per batch bucket (set a layer's strategy with
+    :meth:`Factorization.set_strategy <tensornets.formats.base.Factorization.set_strategy>`)."""
     _plan.cache_clear()

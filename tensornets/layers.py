@@ -106,7 +106,8 @@ class FactorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.factorization(x)
-        return y if self.bias is None else y + self.bias
+        # under torch.autocast y is in the autocast dtype: the bias joins it there, as in nn.Linear (no promotion)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def spec(self) -> dict[str, Any]:
         return {"factorization": self.factorization.spec(), "bias": self.bias is not None}

@@ -67,6 +67,13 @@ def traffic_weight(device_type: str) -> int:
     return TRAFFIC_WEIGHT.get(device_type, TRAFFIC_WEIGHT["cuda"])
 
 
+def _autocast_dtype_of(x: torch.Tensor) -> bool:
+    """Whether ``x`` is in the dtype ``torch.autocast`` computes in on its device (autocast on)."""
+    device = x.device.type
+    return (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and x.dtype == torch.get_autocast_dtype(device))
+
+
 def budget_limit(keep: float, in_features: int, out_features: int) -> int:
     """The parameter budget of ``keep`` (a fraction of ``in * out``), rounded down (:func:`~tensornets.decompositions.parameter_limit`)."""
     return parameter_limit(keep, in_features * out_features)
@@ -112,6 +119,8 @@ class Factorization(nn.Module, ABC):
         self.plan_strategy: str | None = None
         # (bucket, device, dtype, strategy, traced) -> the chosen plan
         self._plans: dict[tuple[int, str, str, str, bool], Plan] = {}
+        # the plans chosen while tracing, shared by every layer (see _traced_plan_key)
+        self._traced_plans = _TRACED_PLANS
 
     # ------------------------------------------------------------------ format hooks
     @classmethod
@@ -241,68 +250,77 @@ class Factorization(nn.Module, ABC):
         Returns ``{bucket: winning plan label}``.
         """
         self.set_strategy("measure")
-        ref = next(self.parameters())
+        device, dtype = self._planning_target()
         chosen = {}
         for batch in batches:
             bucket = batch_bucket(int(batch))
-            plan = self._measure(bucket, ref, timer or default_timer)
-            self._plans[self._plan_key(bucket, ref, "measure", False)] = plan
+            plan = self._measure(bucket, device, dtype, timer or default_timer)
+            self._plans[(bucket, str(device), str(dtype), "measure", False)] = plan
             chosen[bucket] = plan.label
+        _forget_traced_plans()  # the next trace reads the new wisdom
         return chosen
 
-    def _plan_key(self, bucket: int, ref: torch.Tensor, strategy: str, traced: bool) -> tuple[int, str, str, str, bool]:
-        return (bucket, str(ref.device), str(ref.dtype), strategy, traced)
+    def _plan_structure(self) -> tuple:
+        """What a plan choice depends on: format class, sizes, modes, ranks, device, dtype and strategy."""
+        ref = next(self.parameters())
+        return (type(self), self.in_features, self.out_features, self.in_modes, self.out_modes, self.ranks,
+                ref.device, ref.dtype, self.plan_strategy or get_strategy())
+
+    def _planning_target(self) -> tuple[torch.device, torch.dtype]:
+        """The device and dtype plans are chosen for: the cores', or those a shape-only stand-in plans for."""
+        ref = next(self.parameters())
+        return getattr(self, "_planning_device", ref.device), ref.dtype
 
     def _plan(self, bucket: int, traced: bool = False) -> Plan:
         """The plan ``forward`` runs on ``bucket`` rows (chosen once, then cached)."""
-        ref = next(self.parameters())
+        device, dtype = self._planning_target()
         strategy = self.plan_strategy or get_strategy()
-        key = self._plan_key(bucket, ref, strategy, traced)
+        key = (bucket, str(device), str(dtype), strategy, traced)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._choose(bucket, ref, strategy, can_measure=not traced)
+            plan = self._plans[key] = self._choose(bucket, device, dtype, strategy, can_measure=not traced)
         return plan
 
-    def _choose(self, bucket: int, ref: torch.Tensor, strategy: str, can_measure: bool) -> Plan:
-        weight = traffic_weight(ref.device.type)
+    def _choose(self, bucket: int, device: torch.device, dtype: torch.dtype, strategy: str, can_measure: bool) -> Plan:
+        weight = traffic_weight(device.type)
         if strategy == "formula":
             return cheapest(self._candidates(bucket), weight)
         if strategy == "measure":
-            known = self._known(bucket, ref)
+            known = self._known(bucket, device, dtype)
             if known is not None:
                 return known
-            if not can_measure or ref.device.type == "meta":
+            if not can_measure or device.type == "meta":
                 return cheapest(self._candidates(bucket), weight)
-            return self._measure(bucket, ref, default_timer)
+            return self._measure(bucket, device, dtype, default_timer)
         forced = [c for c in self._candidates(bucket) if c.name == strategy]
         if not forced:
             names = sorted({c.name for c in self._candidates(bucket)})
             raise ValueError(f"strategy={strategy!r} is not a plan of {self.format_name}; its plans are {names}")
         return cheapest(forced, weight)
 
-    def _wisdom_key(self, bucket: int, ref: torch.Tensor) -> str:
-        return wisdom.entry_key(self.format_name, self.out_modes, self.in_modes, self.ranks, bucket, ref.device, ref.dtype)
+    def _wisdom_key(self, bucket: int, device: torch.device, dtype: torch.dtype) -> str:
+        return wisdom.entry_key(self.format_name, self.out_modes, self.in_modes, self.ranks, bucket, device, dtype)
 
-    def _known(self, bucket: int, ref: torch.Tensor) -> Plan | None:
+    def _known(self, bucket: int, device: torch.device, dtype: torch.dtype) -> Plan | None:
         """The candidate the wisdom file names for this layer and bucket, if any."""
-        entry = wisdom.lookup(self._wisdom_key(bucket, ref))
+        entry = wisdom.lookup(self._wisdom_key(bucket, device, dtype))
         if entry is None:
             return None
         return next((c for c in self._candidates(bucket) if c.label == entry["plan"]), None)
 
-    def _measure(self, bucket: int, ref: torch.Tensor, timer: Timer) -> Plan:
+    def _measure(self, bucket: int, device: torch.device, dtype: torch.dtype, timer: Timer) -> Plan:
         """Time every candidate on ``bucket`` random rows, record the fastest, return it."""
         candidates = self._candidates(bucket)
         # a private generator: measuring inside a forward must not move the caller's random stream
-        gen = torch.Generator(device=ref.device).manual_seed(0)
-        x = torch.randn(bucket, self.padded_in, device=ref.device, dtype=ref.dtype, generator=gen)
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(bucket, self.padded_in, device=device, dtype=dtype, generator=gen)
         seconds = {c.label: float(timer(lambda c=c: c.apply(self, x))) for c in candidates}
         best = min(candidates, key=lambda c: seconds[c.label])  # ties: the earliest (rebuild first)
-        wisdom.record(self._wisdom_key(bucket, ref), best.label, seconds)
+        wisdom.record(self._wisdom_key(bucket, device, dtype), best.label, seconds)
         return best
 
     def _device_type(self) -> str:
-        return next(self.parameters()).device.type
+        return self._planning_target()[0].type
 
     def spec(self) -> dict[str, Any]:
         """Everything needed to rebuild this module's structure (see :mod:`tensornets.io`)."""
@@ -358,8 +376,12 @@ class Factorization(nn.Module, ABC):
             # eagerly at trace time, and the graph holds only the chosen plan's ops. The batch is
             # compared only with the buckets where the traced ops change (each comparison of a
             # symbolic batch is a guard, i.e. one more graph), not with every power of two.
-            bucket = next((b for b in _traced_change_points(self) if batch <= b), TRACED_MAX_BUCKET)
-            plan = self._plans[_traced_plan_key(self, bucket)]
+            # Plans are chosen for the layer's structure, not the layer: dynamo then guards on sizes, modes,
+            # ranks, device, dtype and strategy, so every layer of one structure shares the compiled code
+            # (compiling the blocks of a model one by one would otherwise recompile per layer).
+            structure = self._plan_structure()
+            bucket = next((b for b in _traced_change_points(structure) if batch <= b), TRACED_MAX_BUCKET)
+            plan = self._traced_plans[_traced_plan_key(structure, bucket)]
         else:
             plan = self._plan(batch_bucket(batch))
         y = plan.apply(self, x2)
@@ -373,7 +395,9 @@ class Factorization(nn.Module, ABC):
                 f"x has shape {tuple(x.shape)}; its last dimension must be in_features={self.in_features}"
             )
         ref = next(self.parameters())
-        if x.dtype != ref.dtype:
+        # under torch.autocast the products run in the autocast dtype whatever the cores' dtype, as for nn.Linear:
+        # activations already in that dtype (from an earlier autocast layer) are accepted
+        if x.dtype != ref.dtype and not _autocast_dtype_of(x):
             raise TypeError(f"x has dtype {x.dtype} but the {self.format_name} cores are {ref.dtype}; cast x or .to() the module")
         if x.device != ref.device:
             raise ValueError(f"x is on {x.device} but the {self.format_name} cores are on {ref.device}; move one of them")
@@ -571,8 +595,34 @@ class Factorization(nn.Module, ABC):
 TRACED_MAX_BUCKET = 1 << 20
 
 
+#: plans chosen while tracing, by ``repr((structure, bucket))``; see :func:`_traced_plan_key`
+_TRACED_PLANS: dict[str, Plan] = {}
+#: one shape-only stand-in (meta cores) per structure, that plans for the structure's device and dtype
+_STAND_INS: dict[tuple, Factorization] = {}
+
+
+def _stand_in(structure: tuple) -> Factorization:
+    """A meta-device module of ``structure`` (format class, sizes, modes, ranks, device, dtype, strategy) that
+    chooses plans as a layer of that structure would, without holding any layer."""
+    module = _STAND_INS.get(structure)
+    if module is None:
+        cls, in_features, out_features, in_modes, out_modes, ranks, device, dtype, strategy = structure
+        module = cls.empty(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks,
+                           dtype=dtype, device="meta")
+        module._planning_device = device
+        module.plan_strategy = strategy
+        _STAND_INS[structure] = module
+    return module
+
+
+def _forget_traced_plans() -> None:
+    """Drop the plans chosen while tracing (after new measurements); compiled graphs keep theirs."""
+    _TRACED_PLANS.clear()
+    _STAND_INS.clear()
+
+
 @torch.compiler.assume_constant_result
-def _traced_change_points(fact: Factorization) -> tuple[int, ...]:
+def _traced_change_points(structure: tuple) -> tuple[int, ...]:
     """The buckets ``b`` (powers of two up to :data:`TRACED_MAX_BUCKET`, ascending) after which the
     plan's traced ops change (:attr:`Plan.graph_key <tensornets.plans.Plan.graph_key>` of bucket
     ``b`` differs from bucket ``2b``'s), then ``TRACED_MAX_BUCKET``.
@@ -582,22 +632,27 @@ def _traced_change_points(fact: Factorization) -> tuple[int, ...]:
     two (dynamo's ``recompile_limit``, 8 by default, would stop it at the 9th).
     """
     buckets = [1 << k for k in range(TRACED_MAX_BUCKET.bit_length())]
-    keys = [fact._plan(b, traced=True).graph_key for b in buckets]
+    keys = [_stand_in(structure)._plan(b, traced=True).graph_key for b in buckets]
     return (*(b for b, k, nxt in zip(buckets, keys, keys[1:]) if k != nxt), TRACED_MAX_BUCKET)
 
 
 @torch.compiler.assume_constant_result
-def _traced_plan_key(fact: Factorization, bucket: int) -> tuple[int, str, str, str, bool]:
-    """Choose ``fact``'s plan for ``bucket`` rows while ``torch.compile`` traces its forward.
+def _traced_plan_key(structure: tuple, bucket: int) -> str:
+    """Choose the plan of layers of ``structure`` for ``bucket`` rows while ``torch.compile`` traces a forward.
 
     Dynamo calls this eagerly at trace time (``assume_constant_result``) and bakes the returned key
-    into the graph; the plan itself is then read from ``fact._plans``, which dynamo guards. Wisdom
-    is used when ``strategy="measure"``, but nothing is timed while tracing (the formula decides
-    where nothing was measured: call :meth:`Factorization.tune` before compiling). Changing the
-    strategy after compiling takes a recompile (``torch._dynamo.reset()``).
+    into the graph; the plan itself is then read from ``Factorization._traced_plans``. Its inputs are
+    the layer's structure, not the layer, so dynamo guards on the structure and layers alike share
+    compiled code. Wisdom is used when ``strategy="measure"``, but nothing is timed while tracing
+    (the formula decides where nothing was measured: call :meth:`Factorization.tune` before
+    compiling). Changing the strategy after compiling takes a recompile (``torch._dynamo.reset()``).
     """
-    fact._plan(bucket, traced=True)
-    return fact._plan_key(bucket, next(fact.parameters()), fact.plan_strategy or get_strategy(), True)
+    # a string key: dynamo guards a dict read at a constant string key on that entry alone (a key holding classes,
+    # devices and dtypes made it guard the dict's length, i.e. recompile whenever another plan was added)
+    key = repr((structure, bucket))
+    if key not in _TRACED_PLANS:
+        _TRACED_PLANS[key] = _stand_in(structure)._plan(bucket, traced=True)
+    return key
 
 
 class EinsumFactorization(Factorization):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -38,7 +39,6 @@ class TensorTrain(EinsumFactorization):
             raise ValueError(f"tt needs {len(sizes) - 1} internal ranks, got ranks={self.ranks}")
         bonds = (1, *self.ranks, 1)
         self.cores = nn.ParameterList([nn.Parameter(torch.zeros(bonds[k], n, bonds[k + 1])) for k, n in enumerate(sizes)])
-        self._rebuild_splits: dict[str, int] = {}  # device type -> bond the rebuild meets at
 
     @classmethod
     def parameter_count(cls, in_modes, out_modes, ranks) -> int:
@@ -85,10 +85,11 @@ class TensorTrain(EinsumFactorization):
     def _dense(self) -> torch.Tensor:
         return self.dense_of(self._cores())
 
-    def dense_of(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    def dense_of(self, cores: Sequence[torch.Tensor], split: int | None = None) -> torch.Tensor:
         """The padded ``(padded_out, padded_in)`` matrix of this train's shapes with ``cores`` in place of its own
-        (same shapes; e.g. rescaled cores), contracted at the cheapest bond as :meth:`to_dense` does."""
-        split = self._rebuild_split()
+        (same shapes; e.g. rescaled cores), contracted at bond ``split`` (default: the cheapest, as :meth:`to_dense`
+        does)."""
+        split = self._rebuild_split() if split is None else split
         left = cores[0].reshape(-1, cores[0].shape[-1])
         for core in cores[1:split]:
             left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
@@ -99,32 +100,44 @@ class TensorTrain(EinsumFactorization):
 
     def _sweep_cost(self, split: int) -> tuple[int, int]:
         """``(flops, traffic)`` of the rebuild that meets at bond ``split`` (1 <= split < number of cores)."""
-        sizes, bonds = self.out_modes + self.in_modes, (1, *self.ranks, 1)
-        flops = traffic = 0
-        rows = sizes[0]  # left sweep: (rows, R_{k-1}) @ (R_{k-1}, n_k R_k)
-        for k in range(1, split):
-            flops += 2 * rows * bonds[k] * sizes[k] * bonds[k + 1]
-            traffic += rows * bonds[k] + bonds[k] * sizes[k] * bonds[k + 1] + rows * sizes[k] * bonds[k + 1]
-            rows *= sizes[k]
-        cols = sizes[-1]  # right sweep: (R_k n_k, R_{k+1}) @ (R_{k+1}, cols)
-        for k in range(len(sizes) - 2, split - 1, -1):
-            flops += 2 * bonds[k] * sizes[k] * bonds[k + 1] * cols
-            traffic += bonds[k] * sizes[k] * bonds[k + 1] + bonds[k + 1] * cols + bonds[k] * sizes[k] * cols
-            cols *= sizes[k]
-        flops += 2 * rows * bonds[split] * cols
-        traffic += rows * bonds[split] + bonds[split] * cols + rows * cols
-        return flops, traffic
+        return _sweep_cost(self.out_modes + self.in_modes, self.ranks, split)
 
     def _rebuild_split(self) -> int:
-        device = self._device_type()
-        split = self._rebuild_splits.get(device)
-        if split is None:
-            splits = range(1, len(self.ranks) + 1)
-            split = self._rebuild_splits[device] = cheapest(splits, traffic_weight(device), cost=self._sweep_cost)
-        return split
+        return _cheapest_bond(self.out_modes + self.in_modes, self.ranks, self._device_type())
 
     def _rebuild_cost(self) -> tuple[int, int]:
         return self._sweep_cost(self._rebuild_split())
 
     def init_chain(self):
         return self._cores(), math.prod(self.ranks)
+
+
+def _sweep_cost(sizes: tuple[int, ...], ranks: tuple[int, ...], split: int) -> tuple[int, int]:
+    """``(flops, traffic)`` of rebuilding a train of mode ``sizes`` and bond ``ranks`` that meets at bond ``split``."""
+    bonds = (1, *ranks, 1)
+    flops = traffic = 0
+    rows = sizes[0]  # left sweep: (rows, R_{k-1}) @ (R_{k-1}, n_k R_k)
+    for k in range(1, split):
+        flops += 2 * rows * bonds[k] * sizes[k] * bonds[k + 1]
+        traffic += rows * bonds[k] + bonds[k] * sizes[k] * bonds[k + 1] + rows * sizes[k] * bonds[k + 1]
+        rows *= sizes[k]
+    cols = sizes[-1]  # right sweep: (R_k n_k, R_{k+1}) @ (R_{k+1}, cols)
+    for k in range(len(sizes) - 2, split - 1, -1):
+        flops += 2 * bonds[k] * sizes[k] * bonds[k + 1] * cols
+        traffic += bonds[k] * sizes[k] * bonds[k + 1] + bonds[k + 1] * cols + bonds[k] * sizes[k] * cols
+        cols *= sizes[k]
+    flops += 2 * rows * bonds[split] * cols
+    traffic += rows * bonds[split] + bonds[split] * cols + rows * cols
+    return flops, traffic
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: a constant of the graph, chosen at trace time
+def _cheapest_bond(sizes: tuple[int, ...], ranks: tuple[int, ...], device_type: str) -> int:
+    """The bond where the rebuild of a train of these shapes costs least on ``device_type``."""
+    return _cheapest_bond_cached(sizes, ranks, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _cheapest_bond_cached(sizes: tuple[int, ...], ranks: tuple[int, ...], device_type: str) -> int:
+    splits = range(1, len(ranks) + 1)
+    return cheapest(splits, traffic_weight(device_type), cost=lambda split: _sweep_cost(sizes, ranks, split))

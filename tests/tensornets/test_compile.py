@@ -88,7 +88,7 @@ SWEEP = [2, 3, 5, 9, 17, 33, 65, 129, 257, 513, 1025, 2049, 4096, 700, 6]
 def test_dynamic_batch_compiles_one_graph_per_plan_change_not_per_bucket(fmt, kw):
     torch.manual_seed(0)
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), fmt, rank=3, **kw)
-    points = tensornets.formats.base._traced_change_points(fact)
+    points = tensornets.formats.base._traced_change_points(fact._plan_structure())
     # the graphs dynamo must build: one per interval between the buckets where the plan's ops change
     expected = len({next(p for p in points if b <= p) for b in SWEEP})
     counter = torch._dynamo.testing.CompileCounter()
@@ -97,6 +97,24 @@ def test_dynamic_batch_compiles_one_graph_per_plan_change_not_per_bucket(fmt, kw
         x = torch.randn(batch, IN)
         assert_close(compiled(x), fact(x), what=f"batch {batch}")
     assert counter.frame_count == expected < 12
+
+
+@pytest.mark.parametrize("fmt, kw", [("lowrank", {}), ("mpo", {"num_cores": 3}), ("btt", {})])
+def test_layers_of_one_structure_share_compiled_code(fmt, kw):
+    """Regional compilation (each block or layer compiled on its own): the layers run one compiled code, as
+    nn.Linear layers do, instead of recompiling per layer (dynamo's recompile_limit of 8 would stop the 9th).
+    A layer of another structure compiles its own graph."""
+    torch.manual_seed(0)
+    layers = [tensornets.FactorizedLinear(tensornets.decompose(torch.randn(OUT, IN), fmt, rank=3, **kw),
+                                          torch.randn(OUT)) for _ in range(12)]
+    counter = torch._dynamo.testing.CompileCounter()
+    x = torch.randn(4, IN)
+    for layer in layers:
+        assert_close(torch.compile(layer, fullgraph=True, backend=counter)(x), layer(x))
+    assert counter.frame_count == 1
+    other = tensornets.FactorizedLinear(tensornets.decompose(torch.randn(OUT, IN), fmt, rank=2, **kw), None)
+    assert_close(torch.compile(other, fullgraph=True, backend=counter)(x), other(x))
+    assert counter.frame_count == 2
 
 
 def test_a_forced_plan_compiles_once_for_every_batch():

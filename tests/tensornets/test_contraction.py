@@ -151,9 +151,8 @@ def test_tt_rebuild_at_every_bond_equals_the_einsum_over_all_cores(modes, ranks)
     chosen = tt._rebuild_split()
     costs = {}
     for split in range(1, len(ranks) + 1):
-        tt._rebuild_splits["cpu"] = split
-        assert_close(tt._dense(), expected)
-        costs[split] = tt._rebuild_cost()
+        assert_close(tt.dense_of(tt._cores(), split), expected)
+        costs[split] = tt._sweep_cost(split)
     weight = tensornets.formats.base.traffic_weight("cpu")
     assert chosen == min(costs, key=lambda s: costs[s][0] + weight * costs[s][1])
     # other cores of the same shapes (LoRETTA-rep's rescaled ones) contract by the same rule

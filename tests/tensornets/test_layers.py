@@ -25,6 +25,29 @@ def test_from_linear_full_rank_matches_the_linear(format_case):
     assert layer.num_parameters == sum(p.numel() for p in layer.parameters())
 
 
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(format_case):
+    """Under ``torch.autocast`` a float32 layer takes float32 or bfloat16 activations (the output of an earlier
+    autocast layer) and returns bfloat16, bias included, as ``nn.Linear`` does; gradients reach the float32
+    parameters."""
+    fmt, kw = format_case
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT)
+    layer = FactorizedLinear.from_linear(linear, fmt, rank=full_rank(fmt, kw), **kw)
+    x = torch.randn(5, IN)
+    for xin in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, expected = layer(xin), linear(xin)
+        assert y.dtype == expected.dtype == torch.bfloat16
+        # both round the products to bfloat16 (8 significant bits), in different orders
+        assert_close(y.float(), expected.float(), tol=5e-2)
+        y.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+        layer.zero_grad()
+    # outside autocast the dtype check stands
+    with pytest.raises(TypeError, match="cast x or .to"):
+        layer(x.bfloat16())
+
+
 def test_from_linear_keeps_no_bias_and_rejects_non_linear():
     layer = FactorizedLinear.from_linear(nn.Linear(IN, OUT, bias=False), "lowrank", rank=4)
     assert layer.bias is None

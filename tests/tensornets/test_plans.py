@@ -156,11 +156,11 @@ def test_corrupt_wisdom_warns_and_is_replaced(wisdom_file):
 def test_stale_wisdom_entry_is_measured_again(wisdom_file, monkeypatch):
     # an entry naming a plan this layer does not have (hand-edited file) is not trusted
     fact = _mpo()
-    wisdom.record(fact._wisdom_key(512, next(fact.parameters())), "split@9", {})
+    wisdom.record(fact._wisdom_key(512, *fact._planning_target()), "split@9", {})
     monkeypatch.setattr(tensornets.formats.base, "default_timer", lambda fn: 1.0)
     fact.set_strategy("measure")
     assert fact._plan(512).label == "rebuild"  # measured again (all tie: the first wins)
-    assert wisdom.lookup(fact._wisdom_key(512, next(fact.parameters())))["plan"] == "rebuild"
+    assert wisdom.lookup(fact._wisdom_key(512, *fact._planning_target()))["plan"] == "rebuild"
 
 
 def test_measuring_leaves_the_random_stream_alone(wisdom_file):
