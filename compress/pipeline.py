@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import inspect
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -290,7 +291,15 @@ def compress_blocks(
                  for i in range(len(blocks))]
 
     home = compute if compute is not None else _home_device(blocks[0])
-    hidden, kwargs, masks = capture_block_inputs(work, blocks[0], calib_batches, home)
+    try:
+        hidden, kwargs, masks = capture_block_inputs(work, blocks[0], calib_batches, home)
+    except UnsupportedBlockCall as err:
+        if offloaded:
+            raise
+        warnings.warn(f"block-sequential compression is not possible: {err}; compressing the whole model at once "
+                      "(float32 statistics of every layer in memory)", UserWarning, stacklevel=2)
+        return _whole_model(model, config, calib_batches, list(targets), eora_rank, eora_method,
+                            eora_sequential, eora_ridge, eora_rounds, inplace, progress)
     comp_h = hidden
     dense_h = list(hidden) if eora_rank else None  # both streams start equal
     layers, quantized, factors, kinds, eora_rows, conv_kernels = [], {}, {}, {}, [], {}
@@ -353,11 +362,7 @@ def capture_block_inputs(
     masks: list[torch.Tensor | None] = []
 
     def hook(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-        kw = dict(kw)
-        h = args[0] if args else kw.pop("hidden_states")
-        if len(args) > 1:
-            raise ValueError(f"block {type(block).__name__} is called with {len(args)} positional arguments; the "
-                             "block pipeline supports (hidden_states, **kwargs) blocks: compress with compress_model")
+        h, kw = _by_name(block, args, kw)
         for key in _CACHE_KWARGS:
             if key in kw:
                 kw[key] = None
@@ -393,6 +398,31 @@ def capture_block_inputs(
         raise ValueError("calib_batches is empty, or the model never ran its first block; pass at least one batch "
                          "of model inputs (e.g. 64-256 sequences)")
     return hidden, kwargs, masks
+
+
+class UnsupportedBlockCall(ValueError):
+    """The model calls its blocks in a way the block pipeline cannot replay (e.g. ``*args`` forwards)."""
+
+
+def _by_name(block: nn.Module, args: tuple, kw: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A block call's hidden states and every other argument by name.
+
+    GPT-2's and BERT's blocks take the attention mask and friends positionally; naming them from ``block.forward``'s
+    signature lets the pipeline null the cache arguments and replay the call as ``block(hidden, **kwargs)``.
+    """
+    kw = dict(kw)
+    if not args:
+        if "hidden_states" not in kw:
+            raise UnsupportedBlockCall(f"block {type(block).__name__} is called without positional arguments or "
+                                       "hidden_states=")
+        return kw.pop("hidden_states"), kw
+    params = list(inspect.signature(block.forward).parameters.values())
+    named = [p for p in params if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD][1:len(args)]
+    if len(named) < len(args) - 1 or (params and params[0].kind == inspect.Parameter.VAR_POSITIONAL):
+        raise UnsupportedBlockCall(f"block {type(block).__name__} is called with {len(args)} positional arguments "
+                                   "that its forward does not name")
+    kw.update({p.name: value for p, value in zip(named, args[1:])})
+    return args[0], kw
 
 
 def _to(obj: Any, device: torch.device) -> Any:

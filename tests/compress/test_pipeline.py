@@ -202,6 +202,69 @@ def test_fallback_without_blocks_warns_and_works():
         assert_close(out.eora.factors[name][0] @ out.eora.factors[name][1], B @ A, what=name)
 
 
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_blocks_called_with_positional_arguments(build, recwarn):
+    """GPT-2's and BERT's blocks take the attention mask (and more) positionally: the pipeline names them from the
+    block's signature and runs block by block, to the whole-model path's residuals (Conv1D layers included)."""
+    model = build()
+    config = CompressionConfig(method="rtn", bits=3, group_size=16, exclude_modules=["lm_head", "pooler.dense"])
+    out = compress_blocks(model, config, calib(), eora_rank=4, progress=False)
+    assert out.block_path is not None and not [w for w in recwarn if "block-sequential" in str(w.message)]
+    _, expected = whole_model(model, config, calib(), eora_rank=4)
+    assert sorted(out.eora.factors) == sorted(expected.factors) and len(expected.factors) >= 8
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
+
+
+class _VarArgsBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fc(args[0]) * args[1]
+
+
+class _VarArgsModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_VarArgsBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, torch.ones(()))
+        return x
+
+
+def test_blocks_the_pipeline_cannot_replay_fall_back_to_the_whole_model():
+    torch.manual_seed(0)
+    model = _VarArgsModel().eval()
+    batches = [torch.randn(8, 16) for _ in range(3)]
+    config = CompressionConfig(method="rtn", bits=3, group_size=8)
+    with pytest.warns(UserWarning, match="positional arguments that its forward does not name"):
+        out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
+    expected, _ = whole_model(model, config, batches, eora_rank=4)
+    for name, tensor in expected.model.state_dict().items():
+        assert torch.equal(out.model.state_dict()[name], tensor), name
+
+
 def test_fallback_for_targets_outside_the_blocks():
     model = tiny_llama(layers=2)
     config = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules=["lm_head", "up_proj"])
