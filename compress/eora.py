@@ -52,7 +52,7 @@ from compress.sequential_eora import (
     select_sequential_factors,
 )
 from compress.targets import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
-from tensornets import FactorizedLinear, get_format
+from tensornets import FactorizedConv2d, FactorizedLinear, get_format
 
 #: EoRA and its baselines -> the weighting of :mod:`compress.lowrank`
 EORA_METHODS = {"eora": "whitened", "svd": "svd", "asvd": "asvd"}
@@ -86,7 +86,7 @@ class CompensatedLayer(nn.Module):
         self.base_layer = base_layer
         r = A.shape[0]
         ref = next(base_layer.parameters())
-        if isinstance(base_layer, nn.Conv2d):
+        if isinstance(base_layer, (nn.Conv2d, FactorizedConv2d)):
             self.lora_A = nn.Conv2d(base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride,
                                     base_layer.padding, base_layer.dilation, bias=False, device="meta")
             self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False, device="meta")
@@ -159,7 +159,8 @@ class EoraAdapter:
         return work
 
     def merge(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
-        """Fold the residual into the layers: dense ``W_c + BA``, or a low-rank ``[U B] [V; A]`` (rank ``r_c + r``).
+        """Fold the residual into the layers: dense ``W_c + BA``, or a low-rank ``[U B] [V; A]`` (rank ``r_c + r``; low-rank
+        linears and convs).
 
         Merged dense weights leave the quantization grid / sparsity pattern of the compressor. Tensor-format layers
         other than low rank cannot absorb ``BA`` exactly: use :meth:`apply` for them.
@@ -168,7 +169,7 @@ class EoraAdapter:
         for name, module in self._check_model(work).items():
             B, A = self.factors[name]
             kind = layer_kind(module)
-            if kind == "factorized_linear" and module.factorization.format_name == "lowrank":
+            if kind in ("factorized_linear", "factorized_conv2d") and module.factorization.format_name == "lowrank":
                 fact = module.factorization
                 U = torch.cat([fact.U.detach(), B.to(fact.U)], 1)
                 V = torch.cat([fact.V.detach(), A.to(fact.V)], 0)
@@ -178,7 +179,13 @@ class EoraAdapter:
                 with torch.no_grad():
                     new.U.copy_(U)
                     new.V.copy_(V)
-                replace_module(work, name, FactorizedLinear(new, module.bias))
+                if kind == "factorized_linear":
+                    merged = FactorizedLinear(new, module.bias)
+                else:  # A is (r, C_in kh kw), the layout of the conv's V
+                    merged = FactorizedConv2d.from_factorization(new, module.kernel_size, stride=module.stride,
+                                                                 padding=module.padding, dilation=module.dilation,
+                                                                 bias=module.bias)
+                replace_module(work, name, merged)
             elif kind in ("linear", "conv1d", "conv2d"):
                 W = dense_weight(module)
                 with torch.no_grad():

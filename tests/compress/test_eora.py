@@ -169,6 +169,32 @@ def test_conv_layers_export_to_peft(tmp_path, kind):
         assert torch.linalg.norm(want - model(batches[0])) < torch.linalg.norm(quant(batches[0]) - model(batches[0]))
 
 
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_factorized_convs_take_the_residual_as_a_conv_branch(method):
+    """EoRA on FactorizedConv2d layers: ``apply`` adds ``BA`` as a conv branch (the model then equals dense convs of
+    kernel ``W_c + BA``); ``merge`` folds it into low-rank convs exactly (rank ``r_c + r``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)).eval()
+    batches = [torch.randn(2, 3, 9, 9) for _ in range(3)]
+    stats = collect_activation_stats(model, batches, target_modules=["0", "2"], progress=False)
+    small = compress_model(model, CompressionConfig(method=method, keep=0.5, target_modules=["0", "2"]), stats,
+                           progress=False).model
+    assert isinstance(small[0], tensornets.FactorizedConv2d)
+    eora = eora_compensate(model, small, stats, rank=2, progress=False)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (B, A) in eora.factors.items():
+            conv = reference.get_submodule(name)
+            conv.weight.copy_((dense_weight(small.get_submodule(name)) + B @ A).reshape(conv.weight.shape))
+            conv.bias.copy_(small.get_submodule(name).bias)
+        x = torch.randn(2, 3, 9, 9)
+        assert_close(eora.apply(small)(x), reference(x), tol=1e-5)
+        if method == "svd":
+            merged = eora.merge(small)
+            assert merged[0].factorization.ranks[0] == small[0].factorization.ranks[0] + 2
+            assert_close(merged(x), reference(x), tol=1e-5)
+
+
 def test_bad_eora_calls(llama_rtn):
     model, quant, stats, _ = llama_rtn
     with pytest.raises(ValueError, match=r"rank=40 for layer 'model.layers.0.self_attn.k_proj' of shape \(32, 64\)"):
