@@ -71,7 +71,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+#: --targets mlp: the model's feed-forward linears, found once it is loaded (compress.targets.mlp_targets)
+MLP = "mlp"
 
 DEFAULTS = dict(method="rtn", keep=0.8, bits=3, group_size=64, eora_rank=64, calib_tokens=16 * 256,
                 eval_tokens=16 * 256, seq_len=256)
@@ -186,7 +187,8 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    help="sparsegpt: also quantize the kept weights to B bits (with --group-size, --symmetric) "
                    "(default: keep them in full precision)")
     g.add_argument("--targets", default="auto", metavar="SPEC",
-                   help="layers to compress: 'all-linear' (every linear but the LM head), 'mlp' (gate/up/down_proj), "
+                   help="layers to compress: 'all-linear' (every linear but the LM head), 'mlp' (the feed-forward "
+                   "linears: gate/up/down_proj, fc1/fc2, mlp.c_fc/c_proj, ... by architecture), "
                    "a comma-separated list of module names or suffixes (q_proj,v_proj), or a regex matching full "
                    "names; 'auto' = all-linear for the methods that keep dense weights (rtn, gptq, prune24, magnitude, "
                    "sparsegpt), mlp for the factorizing methods "
@@ -255,10 +257,8 @@ def _target_spec(text: str, method: str) -> str | list[str]:
     from compress.compressors import get_compressor
 
     if text == "auto":
-        return "all-linear" if get_compressor(method).kind == "dense" else list(MLP_TARGETS)
-    if text == "mlp":
-        return list(MLP_TARGETS)
-    if text == "all-linear":
+        return "all-linear" if get_compressor(method).kind == "dense" else MLP
+    if text in (MLP, "all-linear"):
         return text
     if "," in text or text.replace("_", "").replace(".", "").isalnum():
         return [t.strip() for t in text.split(",") if t.strip()]
@@ -509,7 +509,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from compress import CompressionConfig, find_targets
     from compress.export import EXPORT_DTYPES
     from compress.models import token_slices
-    from compress.targets import layer_kind
+    from compress.targets import layer_kind, mlp_targets
 
     total_start = time.perf_counter()
     progress = args.progress
@@ -519,6 +519,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     with stages("load model"):
         model, tok, model_name = _load(args, device)
+    if args.target_spec == MLP:
+        try:
+            args.target_spec = mlp_targets(model)
+        except ValueError as err:
+            raise SystemExit(_cli_error(err)) from None
     with stages("tokenize"):
         try:
             calib, held_out = token_slices(tok, args.calib_tokens, args.eval_tokens, args.seq_len,
@@ -617,7 +622,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 #: the library's argument names in error messages -> the flags that set them (``group_size=None`` is ``0`` here)
-_FLAG_OF = {"group_size=None": "--group-size 0", "group_size=": "--group-size ", "bits=": "--bits ",
+_FLAG_OF = {"target_modules=": "--targets ", "target_modules entry": "--targets entry",
+            "group_size=None": "--group-size 0", "group_size=": "--group-size ", "bits=": "--bits ",
             "sparsity=": "--sparsity ", "sparse_bits=": "--sparse-bits ", "percdamp=": "--damp ", "keep=": "--keep "}
 
 

@@ -46,6 +46,38 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+#: where transformers architectures keep their feed-forward linears, tried in order by :func:`mlp_targets`
+MLP_PATTERNS = (
+    r".*\.(mlp|feed_forward|ffn)\..*",  # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-2
+    r".*\.(fc1|fc2)",  # OPT (the block's own fc1 / fc2)
+    r".*\.(intermediate\.dense|\d+\.output\.dense)",  # BERT-style encoders
+)
+
+
+def mlp_targets(model: nn.Module) -> str:
+    """The regex of ``model``'s feed-forward (MLP) linears: the first of :data:`MLP_PATTERNS` that selects any.
+
+    Feed-forward layers hold most of a transformer's parameters and tolerate factorization better than attention,
+    so factorizing methods default to them; their names differ by architecture (``gate_proj / up_proj /
+    down_proj``, ``fc1 / fc2``, ``dense_h_to_4h``, GPT-2's ``mlp.c_fc / mlp.c_proj``).
+
+    Raises
+    ------
+    ValueError
+        If no pattern selects a linear layer (name the layers instead).
+    """
+    for pattern in MLP_PATTERNS:
+        try:
+            find_targets(model, pattern)
+        except ValueError:
+            continue
+        return pattern
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))][:6]
+    raise ValueError(f"target_modules='mlp' found no feed-forward linears in {type(model).__name__} (none under an "
+                     f"'mlp' / 'feed_forward' / 'ffn' module, no fc1 / fc2); name the layers instead, e.g. from "
+                     f"{names}")
+
+
 def find_targets(
     model: nn.Module,
     target_modules: TargetSpec = "all-linear",

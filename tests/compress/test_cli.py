@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from compress import load_compressed, load_compressed_directory
 from compress.cli import main as cli_main
@@ -151,7 +152,7 @@ def test_defaults_and_aliases():
     args = parse_args(["--method", "prune24"])
     assert args.method == "2:4" and args.keep is None
     args = parse_args(["--method", "whitened_svd"])
-    assert args.keep == 0.8 and args.target_spec == ["gate_proj", "up_proj", "down_proj"]
+    assert args.keep == 0.8 and args.target_spec == "mlp"  # resolved on the loaded model (compress.targets.mlp_targets)
     assert parse_args(["--targets", "q_proj,v_proj"]).target_spec == ["q_proj", "v_proj"]
     assert parse_args(["--targets", r".*\.mlp\..*"]).target_spec == r".*\.mlp\..*"
     assert parse_args(["--threads", "3"]).threads == 3 and parse_args([]).threads >= 1
@@ -217,6 +218,44 @@ def test_factorized_method_with_baselines_merges_the_residual(tiny_model_dir, tm
         summary["perplexity"]["compressed"], rel=1e-4)
     assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
     assert "compress.load_compressed_directory" in text
+
+
+def _tiny_dir(arch: str, tokenizer_dir, path):
+    """A random-init 2-layer OPT or GPT-2 (width 32) saved with the tiny Llama's tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if arch == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=64, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch, names", [("opt", ("fc1", "fc2")), ("gpt2", ("mlp.c_fc", "mlp.c_proj"))])
+def test_factorizing_default_targets_the_feed_forward_layers_of_other_architectures(arch, names, tiny_model_dir,
+                                                                                     tmp_path, capsys):
+    """--targets auto (= mlp) for a factorizing method finds each architecture's feed-forward linears."""
+    from compress.targets import find_targets, mlp_targets
+
+    path = _tiny_dir(arch, tiny_model_dir, tmp_path / arch)
+    summary = cli_main_summary(["--model-path", str(path), "--method", "whitened_svd", "--keep", "0.5",
+                                "--eora-rank", "2", *SMALL])
+    assert summary["targets"]["layers"] == 4 and summary["params"]["keep_targets"] <= 0.5
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert sorted(find_targets(model, mlp_targets(model))) == sorted(f"{prefix}.{i}.{n}" for i in range(2)
+                                                                     for n in names for prefix in [
+                                                                         "model.decoder.layers" if arch == "opt"
+                                                                         else "transformer.h"])
+    with pytest.raises(ValueError, match="target_modules='mlp' found no feed-forward linears"):
+        mlp_targets(nn.Sequential(nn.Linear(4, 4)))
 
 
 def test_prune24_without_compensation(tiny_model_dir, capsys):
