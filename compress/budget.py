@@ -12,10 +12,17 @@ where ``σ_{l,i}`` are the singular values of the *weighted* weight ``W_l S_l`` 
 ``m_l + n_l`` parameters; these gains are non-increasing in ``k``, so taking increments greedily by gain per
 parameter (all layers at once) until the budget is spent minimizes ``Σ_l e_l`` among allocations on the same
 spent budget, up to the one increment that no longer fits.
+
+Calibration data of ``N`` rows gives a whitened spectrum of at most ``N`` non-zero values: past them a rank costs
+parameters and measures no gain. When every measured gain is taken and budget remains, the rest is spread over the
+layers evenly by rank fraction ``k_l / cap_l`` (with a warning), so that ``keep`` stays the fraction of parameters
+kept.
 """
 
 from __future__ import annotations
 
+import heapq
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -42,7 +49,7 @@ def allocate_ranks(
     floors : Mapping[str, int], optional
         Minimum rank per layer (default 1).
     caps : Mapping[str, int], optional
-        Maximum rank per layer (default ``len(σ)``).
+        Maximum rank per layer (default ``min(out, in)``, or ``len(σ)`` when longer).
 
     Returns
     -------
@@ -64,23 +71,46 @@ def allocate_ranks(
             f"the per-layer rank floors need {spent} parameters but the budget is {budget}; "
             "lower min_rank / min_keep or raise keep"
         )
+    limit = {n: caps.get(n, max(len(sq), min(shapes[n]))) for n, sq in sq_spectra.items()}
     names, gains, costs = [], [], []
     for n, sq in sq_spectra.items():
         sq = sq.double().cpu()
         total = float(sq.sum())
-        cap = min(caps.get(n, sq.numel()), sq.numel())
+        cap = min(limit[n], sq.numel())
         if total <= 0 or cap <= ranks[n]:
             continue
         inc = sq[ranks[n]:cap] / (total * cost[n])
+        inc = inc[inc > 0]  # no measured gain: left to the even fill below
         names += [n] * inc.numel()
         gains.append(inc)
         costs += [cost[n]] * inc.numel()
-    if not gains:
-        return ranks
-    order = torch.argsort(torch.cat(gains), descending=True, stable=True).tolist()
+    order = torch.argsort(torch.cat(gains), descending=True, stable=True).tolist() if gains else []
     for i in order:
         if spent + costs[i] > budget:
-            break
+            return ranks
         ranks[names[i]] += 1
         spent += costs[i]
+    return _fill_evenly(ranks, limit, cost, budget, spent)
+
+
+def _fill_evenly(ranks: dict[str, int], limit: Mapping[str, int], cost: Mapping[str, int], budget: int,
+                 spent: int) -> dict[str, int]:
+    """Spend what the measured gains left of ``budget`` by raising the layer of lowest rank fraction first."""
+    heap = [(ranks[n] / limit[n], n) for n in ranks if ranks[n] < limit[n] and spent + cost[n] <= budget]
+    if not heap:
+        return ranks
+    before = spent
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        if spent + cost[n] > budget:
+            continue  # a cheaper layer may still fit
+        ranks[n] += 1
+        spent += cost[n]
+        if ranks[n] < limit[n]:
+            heapq.heappush(heap, (ranks[n] / limit[n], n))
+    warnings.warn(f"the calibration statistics measure no error reduction for {spent - before} of the {budget} "
+                  "budgeted parameters (each weighted spectrum has no more non-zero values than the calibration "
+                  "data has rows); they were spread over the layers evenly by rank fraction. More calibration "
+                  "tokens let the global allocation place them", UserWarning, stacklevel=3)
     return ranks

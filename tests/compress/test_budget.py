@@ -1,6 +1,7 @@
 """Global rank allocation: greedy by error reduction per parameter."""
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -49,3 +50,22 @@ def test_floors_and_caps():
     assert ranks["a"] >= 3 and ranks["b"] <= 4
     with pytest.raises(ValueError, match="floors need 120 parameters but the budget is 100"):
         allocate_ranks(sq, shapes, 100, floors={"a": 3, "b": 3})
+
+
+def test_budget_without_measured_gains_is_spread_evenly_and_spent():
+    """Few calibration rows: the spectra have 3 non-zero values each. keep stays the fraction of parameters kept:
+    the measured gains go first, the rest of the budget is spread by rank fraction, with a warning."""
+    sq = {"a": torch.tensor([4.0, 2.0, 1.0]), "b": torch.tensor([9.0, 1.0, 0.5]), "c": torch.tensor([1.0, 1.0, 1.0])}
+    shapes = {"a": (32, 32), "b": (32, 64), "c": (64, 64)}
+    budget = int(0.5 * sum(o * i for o, i in shapes.values()))
+    with pytest.warns(UserWarning, match="spread over the layers evenly"):
+        ranks = allocate_ranks(sq, shapes, budget)
+    spent = sum(ranks[n] * sum(shapes[n]) for n in ranks)
+    assert budget - min(sum(s) for s in shapes.values()) < spent <= budget
+    assert all(ranks[n] >= 3 for n in ranks)  # every measured gain taken
+    fractions = [ranks[n] / min(shapes[n]) for n in ranks]
+    assert max(fractions) - min(fractions) < 0.1
+    # a budget the measured gains exhaust takes the best of them, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert allocate_ranks(sq, shapes, 288 + 64) == {"a": 2, "b": 1, "c": 1}
