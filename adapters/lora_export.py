@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,9 +76,12 @@ def _conv_entries(key: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor) -
     ``lora_B`` a 1x1 conv ``R -> C_out`` with the base's groups.
 
     Ungrouped: ``lora_A.weight = a: (R, C_in, k...)``, ``lora_B.weight = b: (C_out, R, 1...)``. With
-    ``g`` groups ``ΔW`` is block diagonal over the groups; ``lora_A`` is ungrouped in PEFT, so it
-    gets ``g R`` output channels, block ``j`` holding ``a`` on group ``j``'s input channels and zeros
-    elsewhere, and the grouped ``lora_B`` sends block ``j`` through ``b`` to group ``j``'s outputs.
+    ``g`` groups ``ΔW`` is block diagonal over the groups, block ``j`` being ``ΔW_j = b_j a`` of shape
+    ``(C_out / g, C_in / g · k)`` and rank ``r_g = min(R, C_out / g, C_in / g · k)`` (1 for a depthwise
+    conv). ``lora_A`` is ungrouped in PEFT, so it gets ``g r_g`` output channels, block ``j`` holding
+    group ``j``'s ``A_j`` on its input channels and zeros elsewhere, and the grouped ``lora_B`` sends
+    block ``j`` through ``B_j`` to group ``j``'s outputs, with ``B_j A_j = ΔW_j`` exactly: ``(b_j, a)``,
+    ``(I, b_j a)`` or ``(b_j a, I)``, whichever is narrowest.
     """
     name = key.removeprefix(_PEFT_PREFIX)
     ones = (1,) * (base.weight.dim() - 2)
@@ -88,13 +92,32 @@ def _conv_entries(key: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor) -
             "so no LoRA reproduces its update; leave this layer out of target_modules to export"
         )
     groups, rank = base.groups, a.shape[0]
-    if groups > 1:
-        per_group = base.in_channels // groups
-        blocks = a.new_zeros(groups * rank, base.in_channels, *a.shape[2:])
-        for j in range(groups):
-            blocks[j * rank : (j + 1) * rank, j * per_group : (j + 1) * per_group] = a
-        a = blocks
-    return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b.reshape(*b.shape, *ones)}, groups * rank
+    if groups == 1:
+        return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b.reshape(*b.shape, *ones)}, rank
+    out_g, in_g = base.out_channels // groups, base.in_channels // groups
+    flat = a.reshape(rank, -1)  # (R, C_in / g · k)
+    width = flat.shape[1]
+    r = min(rank, out_g, width)
+    blocks = a.new_zeros(groups * r, base.in_channels, *a.shape[2:])
+    b_out = b.new_zeros(base.out_channels, r)
+    for j in range(groups):
+        b_j = b[j * out_g : (j + 1) * out_g]
+        if r == rank:
+            a_j = flat
+        elif r == out_g:
+            a_j, b_j = b_j @ flat, torch.eye(out_g, dtype=b.dtype, device=b.device)
+        else:
+            a_j, b_j = torch.eye(width, dtype=a.dtype, device=a.device), b_j @ flat
+        blocks[j * r : (j + 1) * r, j * in_g : (j + 1) * in_g] = a_j.reshape(r, in_g, *a.shape[2:])
+        b_out[j * out_g : (j + 1) * out_g] = b_j
+    warnings.warn(
+        f"layer {name!r} is a grouped {type(base).__name__} (groups={groups}): PEFT's conv LoRA keeps lora_A "
+        f"ungrouped, so the export holds a dense ({groups * r}, {base.in_channels}, ...) lora_A, mostly zeros "
+        f"({blocks.numel():,} values against {a.numel() + b.numel():,} in the adapter), and PEFT cannot merge it "
+        "(merge_and_unload raises); leave grouped convs out of target_modules for a compact, mergeable LoRA",
+        UserWarning, stacklevel=4,
+    )
+    return {f"{key}.lora_A.weight": blocks, f"{key}.lora_B.weight": b_out.reshape(*b_out.shape, *ones)}, groups * r
 
 
 #: PEFT LoRA layout per base layer type (looked up along the type's MRO).

@@ -100,13 +100,14 @@ CASES = [
         lambda: FLORA(r=[6, 3], target_modules=["query", "word_embeddings"], modules_to_save=["pooler"]),
         ranks={"query": 3, "word_embeddings": 3},
     ),
-    # Conv ranks: r_out, times the groups for grouped convs (2 and 8 here).
+    # Conv ranks: r_out, times the groups for grouped convs (2 here); a depthwise group has one output channel, so
+    # rank 1 per group (8 groups).
     ExportCase(
         "flora-conv2d-grouped-depthwise",
         lambda: FLORA(r=3, target_modules=["0", "2", "4"]),
         _CONV2D,
         "conv2d",
-        ranks={"0": 3, "2": 6, "4": 24},
+        ranks={"0": 3, "2": 6, "4": 8},
     ),
     ExportCase(
         "flora-conv2d-in-rank-smaller", lambda: FLORA(r=[4, 1, 2, 1], target_modules=["0"]), _CONV2D, "conv2d", {"0": 2}
@@ -389,6 +390,15 @@ def test_conv_peft_lora_cannot_express_raises_naming_the_layer(conv_kwargs: dict
     model = get_peft_model(base, FLORA(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="layer '0' is a Conv2d"):
         adapters.to_lora(model)
+
+
+def test_grouped_conv_export_warns_and_keeps_one_rank_per_depthwise_group() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16))
+    model = get_peft_model(base, FLORA(r=4, target_modules=["0"]))
+    with pytest.warns(UserWarning, match=r"grouped Conv2d \(groups=16\).*cannot merge it"):
+        config, state = adapters.to_lora(model)
+    assert state["base_model.model.0.lora_A.weight"].shape == (16, 16, 3, 3)  # rank 1 per group, not 4
 
 
 def test_bad_arguments(bert_dir: Path) -> None:
