@@ -47,6 +47,8 @@ class FactorizedLinear(nn.Module):
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            if not bias.is_meta and not torch.isfinite(bias).all():
+                raise ValueError("bias has NaN/inf entries; clean it before building the layer")
             ref = next(factorization.parameters())
             self.bias = nn.Parameter(bias.detach().clone().to(device=ref.device, dtype=ref.dtype))
         else:
@@ -151,6 +153,8 @@ class FactorizedConv2d(nn.Module):
         padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
@@ -158,6 +162,7 @@ class FactorizedConv2d(nn.Module):
         self.stride = nn.modules.utils._pair(stride)
         self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
         self.dilation = nn.modules.utils._pair(dilation)
+        self._check_geometry()
         self.format = format
         fmt, in_modes, out_modes = self.core_structure(format, in_channels, out_channels, self.kernel_size)
         ranks = self.resolve_ranks(format, rank, in_channels, out_channels, self.kernel_size)
@@ -165,6 +170,23 @@ class FactorizedConv2d(nn.Module):
             in_channels * math.prod(self.kernel_size), out_channels, in_modes=in_modes, out_modes=out_modes, ranks=ranks
         )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        if dtype is not None or device is not None:
+            self.to(dtype=dtype, device=device)
+
+    def _check_geometry(self) -> None:
+        """Refuse sizes ``nn.Conv2d`` would refuse, naming the argument, before any core is built."""
+        for name, value in (("in_channels", (self.in_channels,)), ("out_channels", (self.out_channels,)),
+                            ("kernel_size", self.kernel_size), ("stride", self.stride),
+                            ("dilation", self.dilation)):
+            if any(int(v) < 1 for v in value):
+                raise ValueError(f"{name}={value if len(value) > 1 else value[0]} must be positive")
+        if isinstance(self.padding, str):
+            if self.padding not in ("same", "valid"):
+                raise ValueError(f"padding={self.padding!r} must be 'same', 'valid', an int or a pair of ints")
+            if self.padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride=1 (got stride={self.stride}), as in nn.Conv2d")
+        elif any(int(v) < 0 for v in self.padding):
+            raise ValueError(f"padding={self.padding} must be >= 0")
 
     # ------------------------------------------------------------------ structure
     @staticmethod
@@ -267,6 +289,9 @@ class FactorizedConv2d(nn.Module):
         ``budget`` is the deprecated name of ``keep``.
         """
         cls._check_conv(conv)
+        if format != "tucker" and algorithm != "hosvd":
+            raise ValueError(f"algorithm={algorithm!r} applies to format='tucker' (HOSVD / HOOI); format={format!r} "
+                             "takes the truncated SVD: leave algorithm at its default")
         keep = resolve_keep(keep, budget, "FactorizedConv2d.from_conv")
         c_out, c_in, kh, kw = conv.weight.shape
         fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, (kh, kw))
@@ -335,7 +360,8 @@ class FactorizedConv2d(nn.Module):
         **conv_kwargs: Any,
     ) -> "FactorizedConv2d":
         """Random init for training from scratch (:func:`~tensornets.init.init_factorization_`): dense-kernel
-        std ``std`` (default ``(C_in kh kw)^-1/2``); the bias starts at zero."""
+        std ``std`` (default ``(C_in kh kw)^-1/2``); the bias starts at zero. ``conv_kwargs``: ``stride``,
+        ``padding``, ``dilation``, ``bias``, ``dtype``, ``device``."""
         layer = cls(in_channels, out_channels, kernel_size, rank=rank, format=format, **conv_kwargs)
         init_factorization_(layer.factorization, std=std, generator=generator)
         return layer
@@ -353,6 +379,8 @@ class FactorizedConv2d(nn.Module):
             raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; FactorizedConv2d supports 'zeros' only")
         if not torch.isfinite(conv.weight).all():
             raise ValueError("conv.weight has NaN/inf entries; clean the weight before decomposing it")
+        if conv.bias is not None and not torch.isfinite(conv.bias).all():
+            raise ValueError("conv.bias has NaN/inf entries; clean it before decomposing the conv")
 
     @classmethod
     def rank_for_keep(cls, format: str, keep: float, c_in: int, c_out: int, kernel_size: tuple[int, int]) -> int:
@@ -475,5 +503,6 @@ class FactorizedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, format={self.format}, "
-            f"ranks={self.ranks}, stride={self.stride}, padding={self.padding}"
+            f"ranks={self.ranks}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}"
         )

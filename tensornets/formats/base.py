@@ -119,8 +119,6 @@ class Factorization(nn.Module, ABC):
         self.plan_strategy: str | None = None
         # (bucket, device, dtype, strategy, traced) -> the chosen plan
         self._plans: dict[tuple[int, str, str, str, bool], Plan] = {}
-        # the plans chosen while tracing, shared by every layer (see _traced_plan_key)
-        self._traced_plans = _TRACED_PLANS
 
     # ------------------------------------------------------------------ format hooks
     @classmethod
@@ -381,7 +379,7 @@ class Factorization(nn.Module, ABC):
             # (compiling the blocks of a model one by one would otherwise recompile per layer).
             structure = self._plan_structure()
             bucket = next((b for b in _traced_change_points(structure) if batch <= b), TRACED_MAX_BUCKET)
-            plan = self._traced_plans[_traced_plan_key(structure, bucket)]
+            plan = getattr(_TRACED_PLANS, _traced_plan_key(structure, bucket))
         else:
             plan = self._plan(batch_bucket(batch))
         y = plan.apply(self, x2)
@@ -595,8 +593,17 @@ class Factorization(nn.Module, ABC):
 TRACED_MAX_BUCKET = 1 << 20
 
 
-#: plans chosen while tracing, by ``repr((structure, bucket))``; see :func:`_traced_plan_key`
-_TRACED_PLANS: dict[str, Plan] = {}
+class _PlanTable:
+    """Plans chosen while tracing, as attributes ``plan_<n>``, one per (structure, bucket) (see :func:`_traced_plan_key`).
+
+    Attributes, not a dict: dynamo copies a dict once per trace, so a plan added by a later layer of the same
+    trace (another structure) would be missing from its copy; an attribute is read from the object each time.
+    """
+
+
+_TRACED_PLANS = _PlanTable()
+#: (structure, bucket) -> the name of its plan in ``_TRACED_PLANS``
+_TRACED_NAMES: dict[tuple, str] = {}
 #: one shape-only stand-in (meta cores) per structure, that plans for the structure's device and dtype
 _STAND_INS: dict[tuple, Factorization] = {}
 
@@ -617,7 +624,8 @@ def _stand_in(structure: tuple) -> Factorization:
 
 def _forget_traced_plans() -> None:
     """Drop the plans chosen while tracing (after new measurements); compiled graphs keep theirs."""
-    _TRACED_PLANS.clear()
+    _TRACED_PLANS.__dict__.clear()
+    _TRACED_NAMES.clear()
     _STAND_INS.clear()
 
 
@@ -640,19 +648,18 @@ def _traced_change_points(structure: tuple) -> tuple[int, ...]:
 def _traced_plan_key(structure: tuple, bucket: int) -> str:
     """Choose the plan of layers of ``structure`` for ``bucket`` rows while ``torch.compile`` traces a forward.
 
-    Dynamo calls this eagerly at trace time (``assume_constant_result``) and bakes the returned key
-    into the graph; the plan itself is then read from ``Factorization._traced_plans``. Its inputs are
+    Dynamo calls this eagerly at trace time (``assume_constant_result``) and bakes the returned name
+    into the graph; the plan itself is then read as that attribute of ``_TRACED_PLANS``. Its inputs are
     the layer's structure, not the layer, so dynamo guards on the structure and layers alike share
     compiled code. Wisdom is used when ``strategy="measure"``, but nothing is timed while tracing
     (the formula decides where nothing was measured: call :meth:`Factorization.tune` before
     compiling). Changing the strategy after compiling takes a recompile (``torch._dynamo.reset()``).
     """
-    # a string key: dynamo guards a dict read at a constant string key on that entry alone (a key holding classes,
-    # devices and dtypes made it guard the dict's length, i.e. recompile whenever another plan was added)
-    key = repr((structure, bucket))
-    if key not in _TRACED_PLANS:
-        _TRACED_PLANS[key] = _stand_in(structure)._plan(bucket, traced=True)
-    return key
+    name = _TRACED_NAMES.get((structure, bucket))
+    if name is None:
+        name = _TRACED_NAMES[(structure, bucket)] = f"plan_{len(_TRACED_NAMES)}"
+        setattr(_TRACED_PLANS, name, _stand_in(structure)._plan(bucket, traced=True))
+    return name
 
 
 class EinsumFactorization(Factorization):

@@ -117,6 +117,24 @@ def test_layers_of_one_structure_share_compiled_code(fmt, kw):
     assert counter.frame_count == 2
 
 
+def test_one_graph_holds_layers_of_several_structures(monkeypatch, tmp_path):
+    """A block compiled as one graph traces layers of different structures (a Llama MLP's up and down projections);
+    plans chosen earlier in the same trace, or measured before it (tune), are found."""
+    monkeypatch.setenv("TENSORNETS_CACHE", str(tmp_path))
+    tensornets.wisdom.forget()
+    torch.manual_seed(0)
+    up = tensornets.FactorizedLinear(tensornets.decompose(torch.randn(OUT, IN), "lowrank", rank=3), torch.randn(OUT))
+    down = tensornets.FactorizedLinear(tensornets.decompose(torch.randn(IN, OUT), "tt", rank=2, num_cores=2), None)
+    block = lambda x: down(torch.relu(up(x)))
+    x = torch.randn(5, IN)
+    for _ in range(2):
+        counter = torch._dynamo.testing.CompileCounter()
+        assert_close(torch.compile(block, fullgraph=True, backend=counter)(x), block(x))
+        assert counter.frame_count == 1
+        up.factorization.tune([5])  # new wisdom: the next trace chooses again
+        torch._dynamo.reset()
+
+
 def test_a_forced_plan_compiles_once_for_every_batch():
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "tt", rank=3, num_cores=2)
     fact.set_strategy("rebuild")

@@ -185,6 +185,32 @@ def test_conv_int_rank_and_keep_cap_each_channel_mode(c_in, c_out):
             assert more > keep * dense
 
 
+def test_conv_geometry_and_values_are_checked_like_nn_conv2d():
+    for kwargs, match in [(dict(padding="bogus"), "padding='bogus' must be 'same', 'valid'"),
+                          (dict(kernel_size=0), r"kernel_size=\(0, 0\) must be positive"),
+                          (dict(stride=(1, 0)), r"stride=\(1, 0\) must be positive"),
+                          (dict(padding="same", stride=2), "padding='same' needs stride=1"),
+                          (dict(padding=-1), "must be >= 0")]:
+        args = dict(kernel_size=3, rank=2) | kwargs
+        with pytest.raises(ValueError, match=match):
+            FactorizedConv2d(4, 6, **args)
+    layer = FactorizedConv2d.create(4, 6, 3, rank=2, dilation=2, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    assert "dilation=(2, 2)" in repr(layer) and "bias=True" in repr(layer)
+    conv = nn.Conv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="algorithm='hooi' applies to format='tucker'"):
+        FactorizedConv2d.from_conv(conv, "lowrank", rank=2, algorithm="hooi")
+    with torch.no_grad():
+        conv.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="conv.bias has NaN/inf"):
+        FactorizedConv2d.from_conv(conv, rank=2)
+    linear = nn.Linear(8, 4)
+    with torch.no_grad():
+        linear.bias[1] = float("inf")
+    with pytest.raises(ValueError, match="bias has NaN/inf"):
+        FactorizedLinear.from_linear(linear, "lowrank", rank=2)
+
+
 def test_conv_bad_ranks():
     conv = nn.Conv2d(4, 6, 3)
     with pytest.raises(ValueError, match="does not fit"):
