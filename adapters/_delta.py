@@ -21,6 +21,7 @@ and a layer module never needs its tuner (``layer.py`` never imports ``model.py`
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -126,6 +127,12 @@ class DeltaConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        for name in ("dropout", "alpha", "scale"):  # the scales each method has, checked before any layer is built
+            if not hasattr(self, name) or (name == "scale" and self.scale is None):
+                continue
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name}={value!r} must be a finite real number (int or float)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
         if self.layers_pattern and self.layers_to_transform is None:

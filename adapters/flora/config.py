@@ -76,7 +76,9 @@ class FloraConfig(DeltaConfig):
         if self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"init_weights={self.init_weights!r} is unknown; use one of {INIT_WEIGHTS}")
         ranks = [self.r] if isinstance(self.r, int) else self.r
-        if not isinstance(ranks, (list, tuple)) or not ranks or any(not isinstance(x, int) or x < 1 for x in ranks):
+        if not isinstance(ranks, (list, tuple)) or not ranks or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in ranks
+        ):
             raise ValueError(
                 f"r={self.r!r} must be a positive int or a list of positive ints, e.g. r=8 or [8, 8, 2, 2]"
             )

@@ -82,7 +82,7 @@ class LoTRConfig(DeltaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if not isinstance(self.r, int) or self.r < 1:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r={self.r!r} must be a positive int, e.g. r=8")
         if self.init_weights not in INIT_WEIGHTS:
             raise ValueError(f"init_weights={self.init_weights!r} is unknown; use one of {INIT_WEIGHTS}")

@@ -55,7 +55,8 @@ class MoSModel(DeltaTuner):
         """
         groups = group_targets(targets, "suffix")
         for group, members in groups.items():
-            check_feasible(config, group, len(members), tuple(members[0].layer.weight.shape))
+            check_feasible(config, group, len(members), tuple(members[0].layer.weight.shape),
+                           [member.key for member in members])
         plan, pools_a, pools_b = {}, nn.ParameterDict(), nn.ParameterDict()
         containers = (self.mos_A, self.mos_B)
         for group, members in groups.items():

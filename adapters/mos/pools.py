@@ -10,6 +10,7 @@ the ``c`` shards ``P_A[idx_A[j c + i]]``, ``i < c``; columns of ``B_l`` likewise
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 
@@ -23,23 +24,27 @@ def pool_size(num_layers: int, v: int, c: int) -> int:
     return v * num_layers * c
 
 
-def check_feasible(config: MoSConfig, group: str, num_layers: int, shape: tuple[int, int]) -> None:
+def check_feasible(config: MoSConfig, group: str, num_layers: int, shape: tuple[int, int],
+                   names: Sequence[str] = ()) -> None:
     """Raise ``ValueError`` unless module type ``group`` (``L`` layers of ``(d_out, d_in)``) fits ``config``.
 
     Needs ``c | d_in``, ``c | d_out`` and ``(v - p) L >= r - p`` (each layer draws ``r - p``
-    distinct shared rank vectors from the ``(v - p) L`` the shared range holds).
+    distinct shared rank vectors from the ``(v - p) L`` the shared range holds). ``names``: the
+    group's module names, for the message.
     """
     d_out, d_in = shape
     r, v, p, c = config.r, config.v, config.p, config.c
+    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    which = f"module type {group!r}" + (f" ({listed})" if names else "")
     if d_in % c or d_out % c:
-        raise ValueError(
-            f"c={c} must divide d_in={d_in} and d_out={d_out} of module type {group!r}; pass a c dividing both"
-        )
+        raise ValueError(f"c={c} must divide d_in={d_in} and d_out={d_out} of {which}; pass a c dividing both")
     if (v - p) * num_layers < r - p:
+        need_v = p + -(-(r - p) // num_layers)
         raise ValueError(
-            f"MoS is infeasible for module type {group!r}: its {num_layers} layer(s) share (v - p) * L = "
+            f"MoS is infeasible for {which}: its {num_layers} layer(s) share (v - p) * L = "
             f"({v} - {p}) * {num_layers} = {(v - p) * num_layers} rank vectors but each layer draws r - p = {r - p} "
-            "distinct ones; raise v, lower r, or adapt more layers of this type"
+            f"distinct ones; pass v >= {need_v}, or r <= {p + (v - p) * num_layers}, or leave these layers out "
+            "(exclude_modules) or adapt more layers of this type"
         )
 
 

@@ -294,6 +294,10 @@ BAD_CASES: list[BadCase] = [
     ),
     BadCase("mos-c-divides", "mlp", lambda: MOS(r=4, v=2, p=1, c=3, target_modules=["q"]), ValueError, r"c=3 must divide"),
     BadCase("mos-private-above-v", "mlp", lambda: MOS(v=2, p=3), ValueError, r"p=3 must be"),
+    BadCase("flora-string-scale", "mlp", lambda: FLORA(scale="1"), TypeError, r"scale='1' must be a finite real"),
+    BadCase("lotr-string-alpha", "mlp", lambda: LOTR(alpha="16"), TypeError, r"alpha='16' must be a finite real"),
+    BadCase("lotr-bool-rank", "mlp", lambda: LOTR(r=True), ValueError, r"r=True must be a positive int"),
+    BadCase("flora-bool-rank", "mlp", lambda: FLORA(r=[4, True]), ValueError, r"must be a positive int"),
     BadCase("mos-conv-target", "conv", lambda: MOS(r=2, v=1, p=0, c=1, target_modules=["c1"]), TypeError, r"nn.Linear"),
 ]
 
