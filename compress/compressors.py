@@ -82,8 +82,9 @@ class Compressor:
             config is built, before any work).
         aliases: other names accepted for it (``"prune24"`` for ``"2:4"``).
         reads: the :data:`QUANT_OPTIONS` fields of :class:`CompressionConfig` the method uses (``bits``,
-            ``sparsity``, ...); the CLI refuses the flags of the others instead of ignoring them. ``None``: unknown
-            (every flag accepted), the default for compressors registered without it.
+            ``sparsity``, ...); ``CompressionConfig`` and the CLI refuse the others set away from their defaults
+            instead of ignoring them. ``None``: unknown (every option accepted), the default for compressors
+            registered without it.
         help: one line for ``--help``.
     """
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from compress.compressors import Compressor, available_compressors, get_compressor
+from compress.compressors import QUANT_OPTIONS, Compressor, available_compressors, get_compressor
 
 
 @dataclass
@@ -148,8 +149,23 @@ class CompressionConfig:
             )
         if self.svd not in ("full", "randomized"):
             raise ValueError(f"svd={self.svd!r} must be 'full' or 'randomized'")
+        unused = self._unused_options()
+        if unused:
+            raise ValueError(f"method={self.method!r} does not use {', '.join(unused)}; drop "
+                             f"{'it' if len(unused) == 1 else 'them'} (or pick a method that reads "
+                             f"{'it' if len(unused) == 1 else 'them'})")
         if self.compressor.validate is not None:
             self.compressor.validate(self)
+
+    def _unused_options(self) -> list[str]:
+        """The quantization / pruning options set away from their defaults that the method never reads
+        (``Compressor.reads``); ``scale_dtype`` is an export setting any method may be given."""
+        reads = self.compressor.reads
+        if reads is None:
+            return []
+        return [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if f.name in QUANT_OPTIONS and f.name not in reads and f.name != "scale_dtype"
+                and getattr(self, f.name) != f.default]
 
     @property
     def compressor(self) -> Compressor:

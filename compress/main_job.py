@@ -381,8 +381,9 @@ def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         path = Path(args.json).expanduser()
         if path.is_dir():
             parser.error(f"argument --json: {path} is a directory; pass a file path")
-        if not path.parent.is_dir():
-            parser.error(f"argument --json: the directory {path.parent} does not exist; create it first")
+        blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            parser.error(f"argument --json: {blocked} is a file, not a directory; pass another path")
         args.json = str(path)
 
 
@@ -509,6 +510,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from compress import CompressionConfig, find_targets
     from compress.export import EXPORT_DTYPES
     from compress.models import token_slices
+    from compress.compressors import get_compressor
     from compress.targets import layer_kind, mlp_targets
 
     total_start = time.perf_counter()
@@ -535,10 +537,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"tensornets compress: error: {flags}") from None
 
     try:
+        options = dict(bits=args.bits, group_size=args.group_size or None, sparsity=args.sparsity,
+                       symmetric=args.symmetric, act_order=args.act_order, observer=args.observer, percdamp=args.damp,
+                       pattern=args.pattern, sparse_bits=args.sparse_bits)
+        reads = get_compressor(args.method).reads  # the CLI's own defaults of the options this method ignores stay out
         config = CompressionConfig(
-            method=args.method, keep=args.keep, target_modules=args.target_spec, bits=args.bits,
-            group_size=args.group_size or None, sparsity=args.sparsity, symmetric=args.symmetric,
-            act_order=args.act_order, observer=args.observer, percdamp=args.damp, pattern=args.pattern, sparse_bits=args.sparse_bits,
+            method=args.method, keep=args.keep, target_modules=args.target_spec,
+            **{k: v for k, v in options.items() if reads is None or k in reads},
             scale_dtype=EXPORT_DTYPES[args.export_dtype],  # the exported directory holds exactly the evaluated weights
         )
         targets = find_targets(model, config.target_modules)
@@ -616,7 +621,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     }
     summary["times_s"]["total"] = time.perf_counter() - total_start
     _print(summary, args, report, adapters)
-    if args.json:
+    if args.json:  # its directory is made as --output-dir's is (it may lie inside it)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 

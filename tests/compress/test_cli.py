@@ -104,7 +104,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch)
     for argv, message in (
         (["--output-dir", str(tmp_path / "afile")], "argument --output-dir: " + str(tmp_path / "afile") + " is a file"),
         (["--output-dir", str(tmp_path / "used")], "is not empty; choose a new directory, or pass --overwrite"),
-        (["--json", str(tmp_path / "nodir" / "s.json")], "argument --json: the directory"),
+        (["--json", str(tmp_path / "afile" / "s.json")], "argument --json: " + str(tmp_path / "afile") + " is a file"),
         (["--json", str(tmp_path)], "is a directory"),
     ):
         with pytest.raises(SystemExit) as exc:
@@ -161,7 +161,7 @@ def test_defaults_and_aliases():
 def test_rtn_eora_end_to_end_writes_loadable_model_and_adapter(tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
 
-    out, report = tmp_path / "out", tmp_path / "summary.json"
+    out, report = tmp_path / "out", tmp_path / "out" / "summary" / "summary.json"  # made as --output-dir is
     cli_main(["compress", "--model-path", str(tiny_model_dir), "--eora-rank", "4", "--output-dir", str(out),
               "--export-dtype", "float32", "--json", str(report), *SMALL])
     text = capsys.readouterr().out
