@@ -135,6 +135,29 @@ def test_one_graph_holds_layers_of_several_structures(monkeypatch, tmp_path):
         torch._dynamo.reset()
 
 
+def test_regional_compilation_of_a_llama_with_factorized_mlps():
+    """`for block in model.model.layers: block.compile(fullgraph=True)`: the blocks share one compiled code, the MLPs'
+    up / gate / down projections (two structures) inside it, and the model equals eager."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            dense = getattr(layer.mlp, name)
+            setattr(layer.mlp, name, tensornets.FactorizedLinear.from_linear(dense, "lowrank", rank=4))
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        counter = torch._dynamo.testing.CompileCounter()
+        for layer in model.model.layers:
+            layer.compile(fullgraph=True, backend=counter)
+        # use_cache=False: a KV cache recompiles per block, with nn.Linear layers too
+        assert_close(model(ids, use_cache=False).logits, expected)
+    assert counter.frame_count == 1
+
+
 def test_a_forced_plan_compiles_once_for_every_batch():
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32), "tt", rank=3, num_cores=2)
     fact.set_strategy("rebuild")
