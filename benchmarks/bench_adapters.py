@@ -94,7 +94,8 @@ def configs(rank: int, targets: list[str]) -> dict[str, object]:
         "LoRA (PEFT)": LoraConfig(r=rank, lora_alpha=rank, target_modules=targets),
         "LoTR": adapters.LoTRConfig(r=rank, alpha=rank, target_modules=targets),
         "FLoRA": adapters.FloraConfig(r=rank, alpha=rank, target_modules=targets),
-        "LoRETTA-rep (defaults: TT rank 4)": adapters.LoRETTARepConfig(r=rank, alpha=rank, dropout=0.0, target_modules=targets),
+        "LoRETTA-rep (defaults: TT rank 4)": adapters.LoRETTARepConfig(r=rank, alpha=rank, dropout=0.0,
+                                                                       target_modules=targets),
         # the default splits each model dimension into 3 modes (the paper's 768 -> [8, 8, 12]); 4 smaller modes cost less
         "LoRETTA-rep (TT rank 4, 4 modes per dimension)": adapters.LoRETTARepConfig(
             r=rank, alpha=rank, dropout=0.0, num_modes=4, target_modules=targets

@@ -159,8 +159,8 @@ class EoraAdapter:
         return work
 
     def merge(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
-        """Fold the residual into the layers: dense ``W_c + BA``, or a low-rank ``[U B] [V; A]`` (rank ``r_c + r``; low-rank
-        linears and convs).
+        """Fold the residual into the layers: dense ``W_c + BA``, or a low-rank ``[U B] [V; A]`` (rank ``r_c + r``;
+        low-rank linears and convs).
 
         Merged dense weights leave the quantization grid / sparsity pattern of the compressor. Tensor-format layers
         other than low rank cannot absorb ``BA`` exactly: use :meth:`apply` for them.

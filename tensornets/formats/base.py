@@ -594,7 +594,7 @@ TRACED_MAX_BUCKET = 1 << 20
 
 
 class _PlanTable:
-    """Plans chosen while tracing, as attributes ``plan_<n>``, one per (structure, bucket) (see :func:`_traced_plan_key`).
+    """Plans chosen while tracing: attributes ``plan_<n>``, one per (structure, bucket) (:func:`_traced_plan_key`).
 
     Attributes, not a dict: dynamo copies a dict once per trace, so a plan added by a later layer of the same
     trace (another structure) would be missing from its copy; an attribute is read from the object each time.

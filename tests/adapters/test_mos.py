@@ -114,7 +114,7 @@ def test_assembly_and_scatter_add_gradient_match_explicit_formulas():
 
 def test_feasibility_is_checked_before_the_model_changes():
     base = Stack(n_layers=2)
-    with pytest.raises(ValueError, match=r"infeasible for module type 'q_16x16' \(\S+\.q, \S+\.q\).*pass v >= 5, or r <= 5, or "
-                       r"leave these layers out \(exclude_modules\)"):
+    with pytest.raises(ValueError, match=r"infeasible for module type 'q_16x16' \(\S+\.q, \S+\.q\).*pass v >= 5, "
+                       r"or r <= 5, or leave these layers out \(exclude_modules\)"):
         get_peft_model(base, adapters.MoSConfig(r=8, v=3, p=1, c=4, target_modules=["q"]))
     assert not any(isinstance(m, MoSLayer) for m in base.modules())
