@@ -418,7 +418,7 @@ def _by_name(block: nn.Module, args: tuple, kw: dict[str, Any]) -> tuple[torch.T
         return kw.pop("hidden_states"), kw
     params = list(inspect.signature(block.forward).parameters.values())
     named = [p for p in params if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD][1:len(args)]
-    if len(named) < len(args) - 1 or (params and params[0].kind == inspect.Parameter.VAR_POSITIONAL):
+    if len(named) < len(args) - 1:  # *args or positional-only parameters: no names to replay them by
         raise UnsupportedBlockCall(f"block {type(block).__name__} is called with {len(args)} positional arguments "
                                    "that its forward does not name")
     kw.update({p.name: value for p, value in zip(named, args[1:])})
