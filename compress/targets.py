@@ -48,7 +48,8 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
 
 #: where transformers architectures keep their feed-forward linears, tried in order by :func:`mlp_targets`
 MLP_PATTERNS = (
-    r".*\.(mlp|feed_forward|ffn)\..*",  # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-2
+    # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-2; experts too, but not a mixture's router
+    r".*\.(mlp|feed_forward|ffn)\.(?!(gate|router|shared_expert_gate)$).*",
     r".*\.(fc1|fc2)",  # OPT (the block's own fc1 / fc2)
     r".*\.(intermediate\.dense|\d+\.output\.dense)",  # BERT-style encoders
 )

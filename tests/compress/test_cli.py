@@ -258,6 +258,20 @@ def test_factorizing_default_targets_the_feed_forward_layers_of_other_architectu
         mlp_targets(nn.Sequential(nn.Linear(4, 4)))
 
 
+def test_mlp_targets_leave_a_mixtures_router_alone():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from compress.targets import find_targets, mlp_targets
+
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2))
+    names = sorted(find_targets(model, mlp_targets(model)))
+    assert names == [f"model.layers.0.mlp.shared_expert.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+
+
 def test_prune24_without_compensation(tiny_model_dir, capsys):
     summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "prune24", "--eora-rank", "0",
                                 *SMALL])
