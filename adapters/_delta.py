@@ -57,7 +57,7 @@ __all__ = [
     "legacy_checkpoint_keys",
 ]
 
-#: Adapters are created in float32 whatever the base dtype (PEFT's ``autocast_adapter_dtype``).
+#: Adapters are created in float32 (PEFT's ``autocast_adapter_dtype``), float64 on a float64 base.
 ADAPTER_DTYPE = torch.float32
 
 #: What a ``PeftModel`` puts before the base model's keys (and a checkpoint keeps).
@@ -147,8 +147,9 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
     Subclasses set ``adapter_layer_names`` (containers of trainable per-adapter parameters)
     and implement :meth:`get_delta_weight` (``ΔW`` in the base weight's shape, for merging)
     and :meth:`delta_forward` (the factorized ``Δ(x)``, never building ``ΔW`` for a linear
-    layer). Adapter parameters stay in their own dtype (float32 by default); inputs are cast
-    to it at the boundary and the update is cast back to the base output's dtype.
+    layer). Adapter parameters stay in their own dtype (float32 by default, float64 on a float64
+    base); inputs are cast to it at the boundary and the update is cast back to the base output's
+    dtype.
     """
 
     other_param_names: tuple[str, ...] = ("delta_dropout",)
@@ -444,13 +445,16 @@ class DeltaTuner(BaseTuner):
                 del container[adapter_name]
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Adapters are created in float32; with ``autocast_adapter_dtype=False`` they follow the base dtype."""
-        if autocast_adapter_dtype:
-            return
+        """Adapters are created in float32, as PEFT's LoRA upcasts float16 / bfloat16 ones
+        (``autocast_adapter_dtype=True``); on a float64 base they follow it (float64, as PEFT's LoRA), and with
+        ``autocast_adapter_dtype=False`` they follow any base dtype."""
         base_dtype = None
         for module in self.model.modules():
             if isinstance(module, self.tuner_layer_cls) and module._has_adapter(adapter_name):
-                base_dtype = module.get_base_layer().weight.dtype
+                dtype = module.get_base_layer().weight.dtype
+                if autocast_adapter_dtype and dtype != torch.float64:
+                    continue
+                base_dtype = dtype
                 for param in module.adapter_parameters(adapter_name):
                     param.data = param.data.to(base_dtype)
         if base_dtype is not None:

@@ -214,6 +214,17 @@ def test_fp32_adapter_on_bf16_base(case):
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in FAST_CASES])
+def test_float64_base_gets_a_float64_adapter(case):
+    """As PEFT's LoRA: autocast upcasts half-precision adapters to float32 but keeps a float64 base's precision."""
+    model, inputs = conf.build(case, dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in conf.trainable(model).values())
+    conf.train_step(case, model, inputs)
+    with torch.no_grad():
+        out = conf.output(case, model, inputs)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in FAST_CASES])
 def test_adapter_follows_base_dtype_without_autocast(case):
     base = case.spec.build().to(torch.bfloat16)
     model = get_peft_model(base, case.config(), autocast_adapter_dtype=False)
