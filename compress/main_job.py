@@ -942,6 +942,9 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
             lines.append(f"  load: model = transformers.AutoModelForCausalLM.from_pretrained({args.output_dir!r})"
                          + ("; peft.PeftModel.from_pretrained(model, "
                             f"{str(Path(args.output_dir) / 'eora-adapter')!r})" if "adapter" in s["saved"] else ""))
+            if "adapter" in s["saved"]:
+                lines.append("     or both at once: peft.AutoPeftModelForCausalLM.from_pretrained("
+                             f"{str(Path(args.output_dir) / 'eora-adapter')!r})")
         elif "compressed" in s["saved"]:
             adapter_saved = "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved")
             lines.append(f"  load: model = compress.load_compressed_directory({args.output_dir!r})"

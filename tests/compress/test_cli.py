@@ -191,6 +191,8 @@ def test_rtn_eora_end_to_end_writes_loadable_model_and_adapter(tiny_model_dir, t
     # the adapter names the compressed directory as its base: PEFT's auto class loads both in one call
     from peft import AutoPeftModelForCausalLM
 
+    assert f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out / 'eora-adapter')!r})" in text
+
     auto = AutoPeftModelForCausalLM.from_pretrained(str(out / "eora-adapter"), dtype=torch.float32).eval()
     assert perplexity(auto, held_out) == pytest.approx(ppl["compensated_eora"], rel=1e-4)
 
