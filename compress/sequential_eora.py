@@ -148,6 +148,10 @@ def sequential_eora_factors(
         ``λ`` relative to ``mean(diag C̃)``; 0 is the exact objective ``‖W X − (W_c + BA) X̃‖``.
     eps : float, optional
         Relative eigenvalue cutoff of the pseudo-inverse (:func:`compress.lowrank.eigenvalue_cutoff`).
+    device : torch.device or str, optional
+        Where the float64 linear algebra runs (default: ``W``'s device).
+    name : str
+        The layer's name, for error messages.
     """
     lr.check_rank(rank, W.shape[0], W.shape[1], name)
     _check_ridge(ridge)

@@ -168,6 +168,9 @@ def truncated_svd(
         ``"randomized"`` (Halko et al., seeded) needs ``rank`` and costs ``O(m n rank)``.
     seed : int
         Seed of the randomized sketch (CPU generator, so results match across devices).
+    oversample, n_iter : int
+        Randomized method: extra sketch columns beyond ``rank`` and power iterations (Halko et al.'s ``p`` and
+        ``q``); more of either costs time and brings the result closer to the exact SVD.
 
     Returns
     -------

@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,21 +55,22 @@ def _paired_median_ms(fn, reference, reps: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def run(budgets: tuple[float, ...] = (0.25, 0.5), batches: tuple[int, ...] = (1, 512), reps: int = 20) -> list[dict]:
-    """Decompose the MiniLM FFN weight at each budget in every format; return one row per case."""
+def run(keeps: tuple[float, ...] = (0.25, 0.5), batches: tuple[int, ...] = (1, 512), reps: int = 20) -> list[dict]:
+    """Decompose the MiniLM FFN weight keeping each fraction ``keeps`` of its parameters in every format; return one
+    row per case."""
     W = minilm_weight()
     out, inp = W.shape
     rows = []
     with torch.no_grad():
         xs = {b: torch.randn(b, inp) for b in batches}
-        for budget in budgets:
+        for keep in keeps:
             for fmt in available_formats():
                 start = time.perf_counter()
-                fact = decompose(W, fmt, keep=budget, **FORMAT_OPTIONS.get(fmt, {}))
+                fact = decompose(W, fmt, keep=keep, **FORMAT_OPTIONS.get(fmt, {}))
                 seconds = time.perf_counter() - start
                 err = float((fact.to_dense() - W).norm() / W.norm())
                 row = {
-                    "format": fmt, "budget": budget, "params": fact.num_parameters,
+                    "format": fmt, "keep": keep, "params": fact.num_parameters,
                     "kept": fact.num_parameters / W.numel(), "ranks": fact.ranks, "rel_error": err,
                     "decompose_s": seconds,
                 }
@@ -81,13 +83,13 @@ def run(budgets: tuple[float, ...] = (0.25, 0.5), batches: tuple[int, ...] = (1,
 
 def format_table(rows: list[dict], batches: tuple[int, ...] = (1, 512)) -> str:
     """Rows of :func:`run` as an aligned text table."""
-    head = f"{'format':8} {'budget':>6} {'params':>8} {'kept':>6} {'rel.err':>8} {'decomp s':>8} " + " ".join(
+    head = f"{'format':8} {'keep':>6} {'params':>8} {'kept':>6} {'rel.err':>8} {'decomp s':>8} " + " ".join(
         f"{'ms B=' + str(b):>9} {'x dense':>7}" for b in batches
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['format']:8} {r['budget']:6.2f} {r['params']:8d} {r['kept']:6.3f} {r['rel_error']:8.4f} {r['decompose_s']:8.3f} "
+            f"{r['format']:8} {r['keep']:6.2f} {r['params']:8d} {r['kept']:6.3f} {r['rel_error']:8.4f} {r['decompose_s']:8.3f} "
             + " ".join(f"{r[f'ms_B{b}']:9.3f} {r[f'vs_dense_B{b}']:7.2f}" for b in batches)
         )
     return "\n".join(lines)
@@ -95,13 +97,18 @@ def format_table(rows: list[dict], batches: tuple[int, ...] = (1, 512)) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tensornets demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5], help="fractions of parameters kept")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.25, 0.5], help="fractions of parameters kept")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None, help="deprecated name of --keep")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median reported)")
     args = parser.parse_args(argv)
+    if args.budgets is not None:
+        warnings.warn("tensornets demo --budgets is deprecated (removed in the next release): use --keep",
+                      DeprecationWarning, stacklevel=2)
+        args.keep = args.budgets
     torch.manual_seed(0)
     W = minilm_weight()
     print(f"MiniLM {DEFAULT_WEIGHT} {tuple(W.shape)}, {W.numel()} parameters; torch threads = {torch.get_num_threads()}")
-    print(format_table(run(tuple(args.budgets), reps=args.reps)))
+    print(format_table(run(tuple(args.keep), reps=args.reps)))
     print("Plain SVD (lowrank) is the most accurate per parameter on trained weights; tensor formats pay off "
           "when training in factorized form and for adapters.")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from adapters._delta import DeltaConfig
 from adapters._registry import PeftMethodType
@@ -180,6 +180,14 @@ class LoRETTAAdpConfig(LoRETTABaseConfig):
     so the adapter starts as the identity. Not mergeable (it is nonlinear in ``h``).
     """
 
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex of the layers whose outputs get an adapter. Default: the attention and "
+            "FFN output projections (adapters.loretta.ADP_TARGET_MODULES per architecture, else found by "
+            "find_adp_placement), not PEFT's LoRA defaults."
+        },
+    )
     bottleneck: int = field(default=64, metadata={"help": "Bottleneck width m of D: d -> m and U: m -> d."})
     scale: float = field(default=1.0, metadata={"help": "Scale s of the adapter branch (initial value if learned)."})
     learn_scale: bool = field(default=False, metadata={"help": "Train s as a parameter of each adapter layer."})

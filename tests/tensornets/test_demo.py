@@ -13,7 +13,7 @@ from tensornets.demo import format_table, run
 @pytest.fixture(scope="module")
 def rows():
     torch.manual_seed(0)
-    return run(budgets=(0.25,), batches=(1,), reps=1)
+    return run(keeps=(0.25,), batches=(1,), reps=1)
 
 
 def test_every_format_decomposes_the_real_weight_within_its_budget(rows):
@@ -28,3 +28,15 @@ def test_plain_svd_is_the_most_accurate_per_parameter_as_printed(rows):
     error = {r["format"]: r["rel_error"] for r in rows}
     assert error["lowrank"] == min(error.values())
     assert "lowrank" in format_table(rows, batches=(1,))
+
+
+def test_budgets_flag_is_a_deprecated_alias_of_keep(monkeypatch, capsys):
+    import tensornets.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda keeps, reps: seen.append(keeps) or [])
+    monkeypatch.setattr(demo, "format_table", lambda rows: "")
+    demo.main(["--keep", "0.3", "--reps", "1"])
+    with pytest.warns(DeprecationWarning, match="--budgets is deprecated"):
+        demo.main(["--budgets", "0.4", "--reps", "1"])
+    assert seen == [(0.3,), (0.4,)]
