@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.targets import TargetSpec, find_targets
+from compress.targets import TargetSpec, find_targets, unwrap_compiled
 
 
 @dataclass
@@ -466,5 +466,6 @@ def collect_activation_stats(
     >>> stats["model.layers.0.mlp.up_proj"].gram.shape
     torch.Size([576, 576])
     """
+    model = unwrap_compiled(model)
     targets = find_targets(model, target_modules, exclude_modules)
     return accumulate_stats(model, targets, calib_batches, stats_device=stats_device, progress=progress)

@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.targets import replace_module
+from compress.targets import replace_module, unwrap_compiled
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
 from tensornets.io import build_from_spec, module_spec
 
@@ -119,6 +119,20 @@ def _transformers_class(model: nn.Module) -> str | None:
     return name if getattr(transformers, name, None) is type(model) and hasattr(model, "config") else None
 
 
+def refuse_side_branches(model: nn.Module, caller: str) -> None:
+    """Refuse a model with EoRA side branches (:meth:`compress.EoraAdapter.apply`) or PEFT adapter layers: a checkpoint
+    of it would name ``<layer>.base_layer`` and ``lora_A`` / ``lora_B`` tensors that no plain model has."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from compress.eora import CompensatedLayer
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, (CompensatedLayer, BaseTunerLayer))]
+    if wrapped:
+        raise ValueError(f"{caller}: layers {wrapped[:3]} carry an adapter side branch (EoraAdapter.apply or PEFT); "
+                         "save the model without it and the adapter beside it (EoraAdapter.save_pretrained, "
+                         "PeftModel.save_pretrained), or fold it in first (EoraAdapter.merge, merge_and_unload)")
+
+
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike,
@@ -151,6 +165,8 @@ def save_compressed(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r} must be a floating torch dtype (e.g. torch.bfloat16) or None")
+    model = unwrap_compiled(model)
+    refuse_side_branches(model, "save_compressed")
     out = Path(path)
     refuse_other_checkpoint(out, transformers_weights(out), "save_compressed")
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +280,16 @@ def _header(file: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
 
 def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(file), device=str(device))
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {e}") from None
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data: load to 'cpu' or a GPU (build a model on meta with "
+                         "accelerate.init_empty_weights and load_compressed to fill it)")
+    # safetensors names devices its own way: "cpu" (not "cpu:0"), "cuda:<index>"
+    name = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+    try:
+        return load_file(str(file), device=name)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); it is corrupt or truncated: write it "
                          "again with compress.save_compressed") from None
@@ -350,8 +375,16 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
     if "shared" not in ckpt.manifest:  # 0.1.0 did not record the names it left out as shared: find them
         ckpt = _Checkpoint(ckpt.weights, ckpt.manifest_file, {**ckpt.manifest, "shared": _aliases(base_model, shapes)})
     _check_fit(base_model, ckpt, shapes)
-    base_model.load_state_dict(_read_tensors(ckpt.weights, "cpu"), strict=False)
+    # a base built on meta (accelerate.init_empty_weights) takes the loaded tensors as they are; a real one keeps
+    # its parameters and copies into them
+    on_meta = any(t.is_meta for t in base_model.state_dict().values())
+    base_model.load_state_dict(_read_tensors(ckpt.weights, "cpu"), strict=False, assign=on_meta)
     _tie(base_model, ckpt.manifest["shared"])
+    left = [n for n, t in (*base_model.named_parameters(), *base_model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"base_model keeps {left[:5]} on the meta device: {ckpt.weights} does not hold them "
+                         "(build the model with accelerate.init_empty_weights(), whose buffers are real, or load it "
+                         "with its weights)")
     return base_model
 
 

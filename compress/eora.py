@@ -51,7 +51,15 @@ from compress.sequential_eora import (
     merge_cross_stats,
     select_sequential_factors,
 )
-from compress.targets import ANY_TYPES, TargetSpec, dense_weight, find_targets, layer_kind, replace_module
+from compress.targets import (
+    ANY_TYPES,
+    TargetSpec,
+    dense_weight,
+    find_targets,
+    layer_kind,
+    replace_module,
+    unwrap_compiled,
+)
 from tensornets import FactorizedConv2d, FactorizedLinear, get_format
 
 #: EoRA and its baselines -> the weighting of :mod:`compress.lowrank`
@@ -77,8 +85,9 @@ class CompensatedLayer(nn.Module):
     ``lora_A`` / ``lora_B`` are ``nn.Linear(in, r)`` / ``nn.Linear(r, out)`` without bias, or for a convolution a
     ``kh × kw`` conv to ``r`` channels and a 1×1 conv — the modules PEFT's LoRA uses. Their weights are the factors
     themselves (views of ``A`` and ``B`` on the base layer's device, in the factors' dtype: applying an adapter
-    holds no second copy of it). The residual is computed in float32, or in the factors' dtype when wider, as PEFT
-    computes a bfloat16 / float16 adapter (``autocast_adapter_dtype``), so outputs match the exported adapter.
+    holds no second copy of it), frozen (``requires_grad=False``; train from :meth:`EoraAdapter.as_peft_init`).
+    The residual is computed in float32, or in the factors' dtype when wider, as PEFT computes a bfloat16 / float16
+    adapter (``autocast_adapter_dtype``), so outputs match the exported adapter.
     """
 
     def __init__(self, base_layer: nn.Module, B: torch.Tensor, A: torch.Tensor) -> None:
@@ -94,8 +103,10 @@ class CompensatedLayer(nn.Module):
             self.lora_A = nn.Linear(A.shape[1], r, bias=False, device="meta")
             self.lora_B = nn.Linear(r, B.shape[0], bias=False, device="meta")
         device = _execution_device(base_layer, ref.device)
-        self.lora_A.weight = nn.Parameter(A.detach().to(device).reshape(self.lora_A.weight.shape))
-        self.lora_B.weight = nn.Parameter(B.detach().to(device).reshape(self.lora_B.weight.shape))
+        # frozen: they are views of the adapter's factors, which a training step would change under every other
+        # model the adapter was applied to (fine-tune with EoraAdapter.as_peft_init instead)
+        self.lora_A.weight = nn.Parameter(A.detach().to(device).reshape(self.lora_A.weight.shape), requires_grad=False)
+        self.lora_B.weight = nn.Parameter(B.detach().to(device).reshape(self.lora_B.weight.shape), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -462,6 +473,7 @@ def eora_compensate(
     _check_method_and_rank(method, rank)
     if compressed is None:
         raise ValueError("pass the compressed model: eora_compensate(original, compressed, stats, rank=...)")
+    original, compressed = unwrap_compiled(original), unwrap_compiled(compressed)
     chosen = target_modules is not None
     if not chosen and stats is not None:
         target_modules = list(stats)

@@ -59,8 +59,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, refuse_other_checkpoint, transformers_weights
+from compress.checkpoint import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    refuse_other_checkpoint,
+    refuse_side_branches,
+    transformers_weights,
+)
 from compress.quantized import PackedQuantizedWeight, QuantizedWeight
+from compress.targets import unwrap_compiled
 
 #: a quantized layer as the exporter takes it: int8 codes, or codes already packed (the block pipeline keeps them so)
 Quantized = QuantizedWeight | PackedQuantizedWeight
@@ -261,7 +268,25 @@ def _check_quantized(model: nn.Module, quantized: Mapping[str, Quantized]) -> di
         if tuple(module.weight.shape) != tuple(qw.shape):
             raise ValueError(f"quantized[{name!r}] has shape {tuple(qw.shape)}, the layer's weight is "
                              f"{tuple(module.weight.shape)}; pass the model the weights were quantized from")
+        _check_still_quantized(name, module.weight, qw)
     return not_packed
+
+
+#: largest relative Frobenius distance between a layer's weight and its codes' dequantization that still counts as the
+#: same weight: storage-dtype rounding (bf16: ~2e-3 per entry, far less over a matrix); a merged residual moves it more
+_SAME_WEIGHT_TOL = 1e-3
+
+
+def _check_still_quantized(name: str, weight: torch.Tensor, qw: Quantized) -> None:
+    """Refuse to pack codes that no longer describe the layer's weight: the checkpoint would silently drop what was
+    merged into it since quantization (an EoRA residual, a fine-tuned LoRA)."""
+    dequantized = qw.dequantize(weight.dtype).to(weight.device, torch.float32)
+    err = float((weight.detach().to(torch.float32) - dequantized).norm() / dequantized.norm().clamp_min(1e-30))
+    if err > _SAME_WEIGHT_TOL:
+        raise ValueError(f"layer {name!r}: its weight differs from its quantized codes by {err:.2e} (relative); a "
+                         "residual or adapter was merged into it after quantization, and packing the codes would drop "
+                         "it. Save the codes from the compressed model and the adapter beside them "
+                         "(EoraAdapter.save_pretrained / PeftModel.save_pretrained), or quantize the merged model again")
 
 
 def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dtype: torch.dtype,
@@ -331,12 +356,14 @@ def save_hf_directory(
 
     from tensornets import Factorization, FactorizedConv2d, FactorizedLinear
 
+    model = unwrap_compiled(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel (it needs a config to write), got "
                         f"{type(model).__name__}; save other modules with compress.save_compressed")
     if dtype not in EXPORT_DTYPES.values():
         raise ValueError(f"dtype={dtype!r} is not a storage dtype; pass one of "
                          f"{', '.join('torch.' + k for k in EXPORT_DTYPES)}")
+    refuse_side_branches(model, "save_hf_directory")
     factorized = [n for n, m in model.named_modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d,
                                                                         Factorization))]
     if factorized:

@@ -75,7 +75,7 @@ from compress.eora import (
 from compress.eora_rounds import check_rounds, refine_rounds
 from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
-from compress.targets import check_not_shared, dense_weight, find_targets, layer_kind, replace_module
+from compress.targets import check_not_shared, dense_weight, find_targets, layer_kind, replace_module, unwrap_compiled
 
 #: keyword arguments of a block that hold a KV cache: dropped from the captured inputs (every pass starts afresh)
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -248,6 +248,7 @@ def compress_blocks(
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    model = unwrap_compiled(model)
     if isinstance(eora_rank, bool) or not isinstance(eora_rank, int) or eora_rank < 0:
         raise ValueError(f"eora_rank={eora_rank!r} must be an int >= 0 (0: no compensation)")
     if eora_method not in EORA_METHODS:

@@ -21,7 +21,15 @@ from compress.calibration import ActivationStats
 from compress.compressors import LayerJob
 from compress.config import CompressionConfig
 from compress.quantized import QuantizedWeight
-from compress.targets import check_not_shared, dense_weight, find_targets, layer_kind, replace_module, set_dense_weight
+from compress.targets import (
+    check_not_shared,
+    dense_weight,
+    find_targets,
+    layer_kind,
+    replace_module,
+    set_dense_weight,
+    unwrap_compiled,
+)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -167,6 +175,7 @@ def compress_model(
             f"method={config.method!r}{' with whiten=True' if config.whiten else ''} needs activation statistics: "
             "stats = collect_activation_stats(model, calib_batches, target_modules=...)"
         )
+    model = unwrap_compiled(model)
     work = model if inplace else copy.deepcopy(model)
     targets = find_targets(work, config.target_modules, config.exclude_modules)
     check_not_shared(work, targets)

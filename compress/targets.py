@@ -46,6 +46,16 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (``model._orig_mod``), or ``model`` itself.
+
+    Compression, statistics and checkpoints work on the module: under the wrapper every layer's name would carry an
+    ``_orig_mod.`` prefix that neither transformers nor PEFT knows.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 #: where transformers architectures keep their feed-forward linears, tried in order by :func:`mlp_targets`
 MLP_PATTERNS = (
     # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-2; experts too, but not a mixture's router

@@ -152,6 +152,20 @@ def test_unreadable_manifest_and_missing_files(tmp_path, saved_lowrank):
             load(tmp_path / "missing")
 
 
+def test_load_onto_an_empty_base_and_device_names(tmp_path, saved_lowrank):
+    """A base built on meta (accelerate.init_empty_weights) is filled, not left on meta; 'cpu:0' is a device, 'meta'
+    is refused by name (not as a corrupt file)."""
+    from accelerate import init_empty_weights
+
+    model, out = saved_lowrank
+    with init_empty_weights():
+        base = tiny_llama(seed=1)
+    _assert_bitwise_equal(load_compressed(base, out), model)
+    _assert_bitwise_equal(load_compressed_directory(out, device="cpu:0"), model)
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        load_compressed_directory(out, device="meta")
+
+
 def test_plain_module_reloads_onto_a_rebuilt_model_only(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))

@@ -143,6 +143,9 @@ def test_dense_merge_equals_side_branch():
     eora = eora_compensate(model, quant, stats, rank=4, progress=False)
     with torch.no_grad():
         assert_close(eora.merge(quant)(held_out[0]), eora.apply(quant)(held_out[0]))
+    # the side branch shares the adapter's factors, frozen: training the applied model cannot change the adapter
+    applied = eora.apply(quant)
+    assert not any(p.requires_grad for n, p in applied.named_parameters() if "lora_" in n)
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv1d"])

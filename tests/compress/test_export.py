@@ -309,6 +309,8 @@ def test_mixed_schemes_and_a_dense_linear_reload(tmp_path):
             assert torch.equal(reloaded.get_submodule(name).weight, module.weight), name
 
     quantized["model.layers.0.mlp.up_proj"] = _rtn(model.model.layers[0].mlp.up_proj.weight, 3, 64, False)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.copy_(quantized["model.layers.0.mlp.up_proj"].dequantize())
     with pytest.raises(ValueError, match="asymmetric"):
         save_hf_directory(model, tmp_path / "mixed", quantized=quantized)
 
@@ -325,6 +327,8 @@ def test_partly_quantized_fused_shards_warn_for_vllm(tmp_path):
         save_hf_directory(model, tmp_path / "all", quantized=quantized)
     del quantized["model.layers.1.self_attn.k_proj"]
     quantized["model.layers.0.mlp.up_proj"] = _rtn(model.model.layers[0].mlp.up_proj.weight, 3, 32, True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.copy_(quantized["model.layers.0.mlp.up_proj"].dequantize())
     with pytest.warns(UserWarning, match=r"vLLM fuses model\.layers\.1\.self_attn\.\{q_proj,k_proj,v_proj\}, "
                       r"model\.layers\.0\.mlp\.\{gate_proj,up_proj\} into one layer .*\(2 such groups\)"):
         report = save_hf_directory(model, tmp_path / "partial", quantized=quantized)
@@ -366,6 +370,46 @@ def test_factorized_model_is_refused(tmp_path):
     report = compress_model(model, CompressionConfig(method="svd", keep=0.5, target_modules=["up_proj"]))
     with pytest.raises(ValueError, match="save_compressed"):
         save_hf_directory(report.model, tmp_path)
+
+
+def test_weights_changed_after_quantization_or_side_branches_are_refused(tmp_path):
+    """A residual merged into quantized layers, or applied as a side branch, is never silently dropped: packing the
+    codes would lose it (and a side branch's tensors have names no plain model has)."""
+    from compress import CompressionConfig, collect_activation_stats, compress_model, eora_compensate, save_compressed
+
+    model = tiny_llama()
+    calib = [torch.randint(0, 62, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    targets = ["up_proj", "down_proj"]
+    stats = collect_activation_stats(model, calib, targets, progress=False)
+    report = compress_model(model, CompressionConfig(method="rtn", bits=3, group_size=32, target_modules=targets),
+                            stats, progress=False)
+    eora = eora_compensate(model, report.model, stats, rank=4, progress=False)
+    save_hf_directory(report.model, tmp_path / "plain", quantized=report.quantized)  # the codes' own weights pass
+    with pytest.raises(ValueError, match="differs from its quantized codes .* merged into it after quantization"):
+        save_hf_directory(eora.merge(report.model), tmp_path / "merged", quantized=report.quantized)
+    applied = eora.apply(report.model)
+    with pytest.raises(ValueError, match="save_hf_directory: layers .* carry an adapter side branch"):
+        save_hf_directory(applied, tmp_path / "applied", quantized=report.quantized)
+    with pytest.raises(ValueError, match="save_compressed: layers .* carry an adapter side branch"):
+        save_compressed(applied, tmp_path / "applied-ours")
+
+
+def test_a_compiled_model_compresses_and_saves_as_the_module_it_wraps(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compress import CompressionConfig, collect_activation_stats, compress_model
+
+    model = tiny_llama()
+    compiled = torch.compile(model)
+    calib = [torch.randint(0, 62, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    stats = collect_activation_stats(compiled, calib, ["up_proj"], progress=False)
+    assert all(not name.startswith("_orig_mod.") for name in stats)
+    config = CompressionConfig(method="rtn", bits=4, group_size=32, target_modules=["up_proj"])
+    report = compress_model(compiled, config, stats, progress=False)
+    save_hf_directory(torch.compile(report.model), tmp_path, quantized=report.quantized, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    with torch.no_grad():
+        assert_close(reloaded(calib[0]).logits, report.model(calib[0]).logits, what="logits")
 
 
 @pytest.mark.slow
