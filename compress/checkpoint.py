@@ -369,6 +369,7 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
         ``base_model``, now bitwise equal to the saved compressed model. Nothing is unpickled.
         :func:`load_compressed_directory` needs no base model.
     """
+    wrapper, base_model = base_model, unwrap_compiled(base_model)  # a torch.compile wrapper: load into its module
     ckpt = _read_checkpoint(path)
     _, shapes = _header(ckpt.weights)
     _build_layers(base_model, ckpt, like_replaced=True)
@@ -385,7 +386,7 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
         raise ValueError(f"base_model keeps {left[:5]} on the meta device: {ckpt.weights} does not hold them "
                          "(build the model with accelerate.init_empty_weights(), whose buffers are real, or load it "
                          "with its weights)")
-    return base_model
+    return wrapper
 
 
 @contextmanager

@@ -54,8 +54,14 @@ def build_from_spec(manifest: dict[str, Any]) -> nn.Module:
 
 def save(module: nn.Module, path: str | Path) -> None:
     """Write ``module`` (a factorized module) to ``path`` (``.safetensors``)."""
+    module = getattr(module, "_orig_mod", module)  # a torch.compile wrapper saves the module it holds
     manifest = {"version": _VERSION, **module_spec(module)}
-    tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    state = module.state_dict()
+    on_meta = [name for name, t in state.items() if t.is_meta]
+    if on_meta:
+        raise ValueError(f"module has tensors on the meta device ({on_meta[:3]}), which hold no values; load or "
+                         "initialize them before saving")
+    tensors = {name: t.detach().contiguous() for name, t in state.items()}
     save_file(tensors, str(path), metadata={_MANIFEST_KEY: json.dumps(manifest)})
 
 

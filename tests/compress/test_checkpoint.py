@@ -162,6 +162,9 @@ def test_load_onto_an_empty_base_and_device_names(tmp_path, saved_lowrank):
         base = tiny_llama(seed=1)
     _assert_bitwise_equal(load_compressed(base, out), model)
     _assert_bitwise_equal(load_compressed_directory(out, device="cpu:0"), model)
+    compiled = torch.compile(tiny_llama(seed=1))  # loads into the module the wrapper holds, returns the wrapper
+    assert load_compressed(compiled, out) is compiled
+    _assert_bitwise_equal(compiled._orig_mod, model)
     with pytest.raises(ValueError, match="device='meta' holds no data"):
         load_compressed_directory(out, device="meta")
 

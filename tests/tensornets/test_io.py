@@ -75,3 +75,13 @@ def test_load_rejects_foreign_files(tmp_path):
         tensornets.load(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match="cannot save a Linear"):
         tensornets.save(nn.Linear(2, 2), tmp_path / "y.safetensors")
+
+
+def test_compiled_layers_save_as_their_module_and_meta_layers_are_refused(tmp_path):
+    torch.manual_seed(0)
+    layer = FactorizedLinear.create(IN, OUT, "lowrank", rank=3)
+    tensornets.save(torch.compile(layer), tmp_path / "compiled.safetensors")
+    loaded = tensornets.load(tmp_path / "compiled.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), layer.state_dict().values()))
+    with pytest.raises(ValueError, match="meta device"):
+        tensornets.save(layer.to("meta"), tmp_path / "meta.safetensors")
