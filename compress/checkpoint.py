@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -378,8 +379,16 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
     _check_fit(base_model, ckpt, shapes)
     # a base built on meta (accelerate.init_empty_weights) takes the loaded tensors as they are; a real one keeps
     # its parameters and copies into them
-    on_meta = any(t.is_meta for t in base_model.state_dict().values())
-    base_model.load_state_dict(_read_tensors(ckpt.weights, "cpu"), strict=False, assign=on_meta)
+    state = base_model.state_dict()
+    on_meta = any(t.is_meta for t in state.values())
+    tensors = _read_tensors(ckpt.weights, "cpu")
+    cast = sorted({f"{t.dtype} -> {state[k].dtype}" for k, t in tensors.items()
+                   if not on_meta and k in state and t.dtype != state[k].dtype})
+    if cast:
+        warnings.warn(f"load_compressed copies {ckpt.weights}'s tensors into base_model's dtypes ({', '.join(cast)}); "
+                      "build the base in the file's dtype (or use load_compressed_directory) for a bitwise copy",
+                      UserWarning, stacklevel=2)
+    base_model.load_state_dict(tensors, strict=False, assign=on_meta)
     _tie(base_model, ckpt.manifest["shared"])
     left = [n for n, t in (*base_model.named_parameters(), *base_model.named_buffers()) if t.is_meta]
     if left:

@@ -147,6 +147,10 @@ class EoraAdapter:
     conv_kernels: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def _check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        if isinstance(model, PeftModel):
+            raise TypeError("pass the compressed model itself, not a PeftModel (its layers sit under "
+                            "base_model.model): peft_model.get_base_model(), or merge_and_unload() first; to train "
+                            "the residual with PEFT, use as_peft_init")
         modules = {}
         for name, (B, A) in self.factors.items():
             try:

@@ -162,6 +162,8 @@ def test_load_onto_an_empty_base_and_device_names(tmp_path, saved_lowrank):
         base = tiny_llama(seed=1)
     _assert_bitwise_equal(load_compressed(base, out), model)
     _assert_bitwise_equal(load_compressed_directory(out, device="cpu:0"), model)
+    with pytest.warns(UserWarning, match=r"torch.float32 -> torch.float16"):  # a half base is not a bitwise copy
+        load_compressed(tiny_llama(seed=1).half(), out)
     compiled = torch.compile(tiny_llama(seed=1))  # loads into the module the wrapper holds, returns the wrapper
     assert load_compressed(compiled, out) is compiled
     _assert_bitwise_equal(compiled._orig_mod, model)

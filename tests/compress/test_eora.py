@@ -146,6 +146,8 @@ def test_dense_merge_equals_side_branch():
     # the side branch shares the adapter's factors, frozen: training the applied model cannot change the adapter
     applied = eora.apply(quant)
     assert not any(p.requires_grad for n, p in applied.named_parameters() if "lora_" in n)
+    with pytest.raises(TypeError, match="not a PeftModel"):
+        eora.apply(eora.as_peft_init(quant))
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
