@@ -353,6 +353,13 @@ def _tie(model: nn.Module, shared: Mapping[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- load
+def _refuse_meta_left(model: nn.Module, message: str) -> None:
+    """Raise ``ValueError(message.format(names))`` if a parameter or buffer of ``model`` is still on meta."""
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(message.format(left[:5]))
+
+
 def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Re-apply the surgery recorded by :func:`save_compressed` to ``base_model`` (in place) and load the weights.
 
@@ -390,11 +397,9 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
                       UserWarning, stacklevel=2)
     base_model.load_state_dict(tensors, strict=False, assign=on_meta)
     _tie(base_model, ckpt.manifest["shared"])
-    left = [n for n, t in (*base_model.named_parameters(), *base_model.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"base_model keeps {left[:5]} on the meta device: {ckpt.weights} does not hold them "
-                         "(build the model with accelerate.init_empty_weights(), whose buffers are real, or load it "
-                         "with its weights)")
+    _refuse_meta_left(base_model, f"base_model keeps {{}} on the meta device: {ckpt.weights} does not hold them "
+                      "(build the model with accelerate.init_empty_weights(), whose buffers are real, or load it with "
+                      "its weights)")
     return wrapper
 
 
@@ -465,8 +470,6 @@ def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.de
     model.load_state_dict(_read_tensors(ckpt.weights, device), strict=False, assign=True)
     _tie(model, ckpt.manifest["shared"])
     model.to(device)  # the buffers built at construction
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"{ckpt.weights} leaves {left[:5]} without values; rewrite the directory with "
-                         "compress.save_compressed")
+    _refuse_meta_left(model, f"{ckpt.weights} leaves {{}} without values; rewrite the directory with "
+                      "compress.save_compressed")
     return model.eval()

@@ -279,14 +279,18 @@ _SAME_WEIGHT_TOL = 1e-3
 
 def _check_still_quantized(name: str, weight: torch.Tensor, qw: Quantized) -> None:
     """Refuse to pack codes that no longer describe the layer's weight: the checkpoint would silently drop what was
-    merged into it since quantization (an EoRA residual, a fine-tuned LoRA)."""
+    merged into it since quantization (an EoRA residual, a fine-tuned LoRA). An offloaded (meta) weight is left to the
+    offload check, which names it."""
+    if weight.is_meta:
+        return
     dequantized = qw.dequantize(weight.dtype).to(weight.device, torch.float32)
     err = float((weight.detach().to(torch.float32) - dequantized).norm() / dequantized.norm().clamp_min(1e-30))
     if err > _SAME_WEIGHT_TOL:
         raise ValueError(f"layer {name!r}: its weight differs from its quantized codes by {err:.2e} (relative); a "
                          "residual or adapter was merged into it after quantization, and packing the codes would drop "
                          "it. Save the codes from the compressed model and the adapter beside them "
-                         "(EoraAdapter.save_pretrained / PeftModel.save_pretrained), or quantize the merged model again")
+                         "(EoraAdapter.save_pretrained / PeftModel.save_pretrained), or quantize the merged model "
+                         "again")
 
 
 def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dtype: torch.dtype,
