@@ -28,6 +28,7 @@ this package.
 from __future__ import annotations
 
 import copy
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,10 @@ from compress.targets import (
     unwrap_compiled,
 )
 from tensornets import FactorizedConv2d, FactorizedLinear, get_format
+
+#: attribute of a layer that :meth:`EoraAdapter.merge` folded residuals into: the set of those adapters' tokens
+#: (merging one adapter twice would add its residual twice; another adapter, e.g. a second EoRA round, may merge)
+_MERGED_MARK = "_eora_merged_adapters"
 
 #: EoRA and its baselines -> the weighting of :mod:`compress.lowrank`
 EORA_METHODS = {"eora": "whitened", "svd": "svd", "asvd": "asvd"}
@@ -145,6 +150,8 @@ class EoraAdapter:
     method: str
     layers: list[EoraLayerReport]
     conv_kernels: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: identifies this adapter on the layers :meth:`merge` folded it into
+    _token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False, compare=False)
 
     def _check_model(self, model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(model, PeftModel):
@@ -157,6 +164,12 @@ class EoraAdapter:
                 module = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"model has no layer {name!r}; pass the compressed model the adapter was computed for") from None
+            if isinstance(module, CompensatedLayer):
+                raise ValueError(f"layer {name!r} already carries an EoRA side branch (apply() was called on this "
+                                 "model); pass the model as it was before apply()")
+            if self._token in getattr(module, _MERGED_MARK, ()):
+                raise ValueError(f"layer {name!r} already holds this adapter's residual (merge() was called on this "
+                                 "model); merging again would add it twice: pass the model as it was before merge()")
             # a layer an earlier PEFT adapter wrapped is checked on its base layer (as_peft_init on a PeftModel)
             W = dense_weight(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
             if tuple(W.shape) != (B.shape[0], A.shape[1]):
@@ -178,7 +191,8 @@ class EoraAdapter:
         low-rank linears and convs).
 
         Merged dense weights leave the quantization grid / sparsity pattern of the compressor. Tensor-format layers
-        other than low rank cannot absorb ``BA`` exactly: use :meth:`apply` for them.
+        other than low rank cannot absorb ``BA`` exactly: use :meth:`apply` for them. The merged layers remember this
+        adapter: merging it into them again (which would add ``BA`` twice) raises ``ValueError``.
         """
         work = model if inplace else copy.deepcopy(model)
         for name, module in self._check_model(work).items():
@@ -201,6 +215,7 @@ class EoraAdapter:
                                                                  padding=module.padding, dilation=module.dilation,
                                                                  bias=module.bias)
                 replace_module(work, name, merged)
+                setattr(merged, _MERGED_MARK, getattr(module, _MERGED_MARK, frozenset()) | {self._token})
             elif kind in ("linear", "conv1d", "conv2d"):
                 W = dense_weight(module)
                 with torch.no_grad():
@@ -209,6 +224,7 @@ class EoraAdapter:
                         module.weight.add_(delta.T)
                     else:
                         module.weight.add_(delta.reshape(module.weight.shape))
+                setattr(module, _MERGED_MARK, getattr(module, _MERGED_MARK, frozenset()) | {self._token})
             else:
                 raise ValueError(f"layer {name!r} ({kind}, {getattr(getattr(module, 'factorization', None), 'format_name', '')}) "
                                  "cannot absorb a low-rank residual exactly; use apply() to add it as a side branch")

@@ -129,6 +129,8 @@ def test_residual_of_low_rank_compression_merges_exactly():
         assert isinstance(merged[0], tensornets.FactorizedLinear)
         assert merged[0].factorization.ranks[0] == small[0].factorization.ranks[0] + 3
         assert_close(merged(x), eora.apply(small)(x))
+    with pytest.raises(ValueError, match="already holds this adapter's residual"):
+        eora.merge(merged)  # the lowrank layer was replaced: the mark travels with the new layer
     with pytest.raises(ValueError, match="PEFT LoRA wraps dense"):
         eora.save_pretrained("unused")
     mpo = compress_model(model, CompressionConfig(method="mpo", keep=0.5), stats, progress=False).model
@@ -142,7 +144,16 @@ def test_dense_merge_equals_side_branch():
     quant = compress_model(model, CompressionConfig(method="magnitude", sparsity=0.5), stats, progress=False).model
     eora = eora_compensate(model, quant, stats, rank=4, progress=False)
     with torch.no_grad():
-        assert_close(eora.merge(quant)(held_out[0]), eora.apply(quant)(held_out[0]))
+        merged = eora.merge(quant)
+        assert_close(merged(held_out[0]), eora.apply(quant)(held_out[0]))
+    # once per model: a second merge (or apply on a compensated model) would add the residual twice
+    with pytest.raises(ValueError, match="already holds this adapter's residual"):
+        eora.merge(copy.deepcopy(merged), inplace=True)
+    with pytest.raises(ValueError, match="already carries an EoRA side branch"):
+        eora.apply(eora.apply(quant))
+    # another adapter (a second round computed on the merged model) merges on top
+    again = eora_compensate(model, merged, stats, rank=2, progress=False)
+    assert again.merge(merged) is not merged
     # the side branch shares the adapter's factors, frozen: training the applied model cannot change the adapter
     applied = eora.apply(quant)
     assert not any(p.requires_grad for n, p in applied.named_parameters() if "lora_" in n)
