@@ -73,13 +73,42 @@ class ContractionPlan:
 def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan:
     optimize = "optimal" if len(shapes) <= _OPTIMAL_MAX_OPERANDS else "dp"
     path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-    flat = tuple(i for pair in path for i in pair)
+    flat = tuple(i for pair in _pairwise(path, len(shapes)) for i in pair)
     sizes = {c: d for term, shape in zip(equation.split("->")[0].split(","), shapes) for c, d in zip(term, shape)}
     traffic = 0
     for step in info.contraction_list:
         inputs, output = step[2].split("->")
         traffic += sum(math.prod(sizes[c] for c in term) for term in (*inputs.split(","), output))
     return ContractionPlan(equation=equation, shapes=shapes, path=flat, flops=int(info.opt_cost), traffic=traffic)
+
+
+def _pairwise(path: Sequence[tuple[int, ...]], n_operands: int) -> list[tuple[int, int]]:
+    """opt_einsum's path as pairs only, which is all ATen's einsum takes.
+
+    opt_einsum's "dp" search may emit single-operand steps ``(i,)`` (summing out an index only
+    that operand has, e.g. a TT end core's bond of size 1); ATen sums such indices itself inside
+    the next pairwise step. Both move each step's result to the end of the operand list, so a
+    single step becomes a relabelling: the operand keeps its position in ATen's list, and the later
+    steps are renumbered to find it there.
+    """
+    ssa = list(range(n_operands))  # opt_einsum's operand list, as ids
+    aten = list(range(n_operands))  # ATen's operand list, as ids
+    alias: dict[int, int] = {}  # id a single step produced -> the id of the operand it stands for
+    next_id, pairs = n_operands, []
+    for step in path:
+        ids = [ssa[i] for i in step]
+        for i in sorted(step, reverse=True):
+            del ssa[i]
+        ssa.append(next_id)
+        if len(step) == 1:
+            alias[next_id] = alias.get(ids[0], ids[0])
+        else:
+            a, b = sorted(aten.index(alias.get(i, i)) for i in ids)
+            pairs.append((a, b))
+            del aten[b], aten[a]
+            aten.append(next_id)
+        next_id += 1
+    return pairs
 
 
 def plan_contraction(equation: str, shapes: Sequence[Sequence[int]]) -> ContractionPlan:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tensornets
-from tensornets.contraction import batch_bucket, clear_plan_cache, plan_cache_info, plan_contraction
+from tensornets.contraction import _pairwise, batch_bucket, clear_plan_cache, plan_cache_info, plan_contraction
 from format_cases import IN, OUT, low_rank_plus_noise
 from tolerance import assert_close
 
@@ -124,6 +124,43 @@ def test_plan_flops_match_opt_einsum():
     assert plan.path == (0, 1, 0, 1) and plan.traffic == 640
     a, b, c = torch.randn(8, 16), torch.randn(16, 4), torch.randn(4, 32)
     assert_close(plan(a, b, c), a @ b @ c)
+
+
+@pytest.mark.parametrize("fmt,num_cores", [("tt", 4), ("tt", 5), ("tucker", 4), ("cp", 4), ("mpo", 4)])
+def test_einsums_of_many_operands_equal_dense(fmt, num_cores):
+    # 8+ operands plan with opt_einsum's "dp" search, whose paths hold single-operand steps (TT's end-core bonds of
+    # size 1) that ATen's einsum does not take: TT at 4 cores failed in every forward
+    torch.manual_seed(0)
+    layer = tensornets.FactorizedLinear.create(256, 256, fmt, rank=4, num_cores=num_cores, dtype=torch.float64)
+    W = layer.factorization.to_dense()
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 256, dtype=torch.float64, requires_grad=True)
+        assert_close(layer(x), x @ W.T + layer.bias)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x)
+    y = x @ W.T + layer.bias
+    assert_close(gx, torch.autograd.grad(y.square().sum(), x)[0])
+
+
+def test_single_operand_steps_become_pairwise_paths():
+    # a random sample of equations with indices only one operand has: every opt_einsum search, planned as ATen runs it
+    gen = torch.Generator().manual_seed(0)
+    letters = "abcdefg"
+    singles = 0
+    for _ in range(60):
+        n = int(torch.randint(3, 8, (), generator=gen))
+        terms = ["".join(letters[int(i)] for i in torch.randperm(7, generator=gen)[: int(torch.randint(1, 4, (), generator=gen))])
+                 for _ in range(n)]
+        used = sorted(set("".join(terms)))
+        equation = ",".join(terms) + "->" + "".join(used[: int(torch.randint(0, 3, (), generator=gen))])
+        sizes = {c: int(torch.randint(1, 4, (), generator=gen)) for c in letters}
+        ops = [torch.randn(*[sizes[c] for c in t], dtype=torch.float64, generator=gen) for t in terms]
+        want = torch.as_tensor(opt_einsum.contract(equation, *[o.numpy() for o in ops]))
+        for optimize in ("dp", "greedy", "optimal"):
+            path, _ = opt_einsum.contract_path(equation, *ops, optimize=optimize)
+            singles += sum(len(step) == 1 for step in path)
+            flat = [i for pair in _pairwise(path, n) for i in pair]
+            assert_close(torch._VF.einsum(equation, ops, path=flat), want, what=f"{equation} {optimize} {path}")
+    assert singles > 20  # the sample exercises the relabelling
 
 
 @pytest.mark.parametrize("batch", [1, 512])
