@@ -438,11 +438,15 @@ class DeltaTuner(BaseTuner):
         self._set_shared_requires_grad(names, requires_grad, others=None)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         for attr in self.shared_state_names:
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
+        if was_active:
+            # PEFT's layers make the adapter that takes over trainable (as LoRA's are); its shared state must follow
+            self._set_shared_requires_grad(self.active_adapters, True, others=False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Adapters are created in float32, as PEFT's LoRA upcasts float16 / bfloat16 ones
@@ -507,6 +511,7 @@ class DeltaTuner(BaseTuner):
         legacy = legacy_checkpoint_keys(cls, model, adapter_name, state_dict)
         if legacy:
             state_dict = {legacy.get(key, key): value for key, value in state_dict.items()}
+        _check_shared_keys(cls, model, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
@@ -591,6 +596,35 @@ def legacy_checkpoint_keys(
             "and in the current one; keep one copy of each tensor in the adapter_model.safetensors"
         )
     return renamed
+
+
+def _check_shared_keys(
+    tuner_cls: type[DeltaTuner], model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a checkpoint whose shared (tuner-level) tensors name layer groups this model does not have.
+
+    Shared tensors are keyed by group, and a group by module type and shape (``lotr_A.self_attn_q_proj_64x64``):
+    on a base of other widths the saved groups match nothing. PEFT would only warn that keys are missing and keep
+    the fresh shared tensors beside the loaded per-layer ones, an arbitrary update; LoRA fails on the shape instead.
+    """
+    shared = set(tuner_cls.shared_state_names)
+    if not shared:
+        return
+    expected = expected_checkpoint_keys(tuner_cls, model, adapter_name)
+    def groups(keys) -> list[str]:
+        found = set()
+        for key in keys:
+            parts = key.split(".")
+            found.update(parts[i + 1] for i, part in enumerate(parts[:-1]) if part in shared)
+        return sorted(found)
+
+    stray = [k for k in state_dict if k not in expected and shared & set(k.split("."))]
+    if stray:
+        raise ValueError(
+            f"the checkpoint's shared tensors are for layer groups {groups(stray)}, this model's are "
+            f"{groups(expected)} (a group is a module type and shape): the adapter was saved on a base with other "
+            "layer shapes; load it onto that base model"
+        )
 
 
 def _parameters_of(entry: nn.Parameter | nn.Module) -> list[nn.Parameter]:

@@ -19,12 +19,13 @@ the column-by-column sweep up to rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from compress.sources import quantization_grid
+from compress.sources import check_finite_weight, quantization_grid
 
 
 def prepare_hessian(W: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +48,7 @@ def prepare_hessian(W: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, 
         )
     if not torch.isfinite(gram).all():
         raise ValueError("gram contains NaN or inf; recollect the calibration statistics (float32 model inputs)")
+    check_finite_weight(W)
     W = W.detach().to(torch.float64).clone()
     H = 2 * gram.detach().to(W.device, torch.float64)
     dead = torch.diagonal(H) == 0
@@ -57,8 +59,9 @@ def prepare_hessian(W: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, 
 
 def check_sweep_options(percdamp: float, block_size: int) -> None:
     """Raise ``ValueError`` naming ``percdamp`` (must be ``>= 0``) or ``block_size`` (must be ``>= 1``)."""
-    if not percdamp >= 0.0:
-        raise ValueError(f"percdamp={percdamp} must be >= 0 (fraction of mean(diag H) added to the diagonal, e.g. 0.01)")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0.0 <= percdamp < math.inf:
+        raise ValueError(f"percdamp={percdamp!r} must be a finite number >= 0 (fraction of mean(diag H) added to the "
+                         "diagonal, e.g. 0.01)")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive int (128 is the reference)")
 

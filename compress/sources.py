@@ -46,6 +46,14 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits!r} must be an int in [2, 8] (codes are stored as int8); pass e.g. bits=4")
 
 
+def check_finite_weight(W: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``W`` holds NaN or inf: a quantizer would give its whole group a NaN range and zero
+    it, or (GPTQ, SparseGPT) spread it through the error feedback, without a word."""
+    if not W.is_meta and not torch.isfinite(W).all():
+        raise ValueError(f"W of shape {tuple(W.shape)} contains NaN or inf; fix the weights (or leave the layer out) "
+                         "before quantizing or pruning it")
+
+
 def check_group_size(group_size: int | None) -> None:
     """Raise ``ValueError`` unless ``group_size`` is a positive int or ``None`` (one group per row)."""
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
@@ -210,6 +218,7 @@ def rtn_quantize_weight(
     check_bits(bits)
     if W.dim() != 2:
         raise ValueError(f"W must be a (out, in) matrix, got shape {tuple(W.shape)}")
+    check_finite_weight(W)
     out_f, in_f = W.shape
     g = resolve_group_size(group_size, in_f)
     groups = W.float().reshape(-1, g)

@@ -19,6 +19,7 @@ as GPTQ's without act-order: a group's grid is computed when the sweep reaches i
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -186,11 +187,19 @@ def _label(config) -> str:
 
 
 def _check_options(config) -> None:
-    parse_pattern(config.pattern)
-    if config.pattern == "unstructured" and not 0.0 <= config.sparsity < 1.0:
+    n_of_m = parse_pattern(config.pattern)
+    if n_of_m is None and not 0.0 <= config.sparsity < 1.0:
         raise ValueError(f"sparsity={config.sparsity} must be in [0, 1): the fraction of weights set to zero")
+    if n_of_m is not None:
+        implied = 1 - n_of_m[0] / n_of_m[1]
+        default = next(f.default for f in dataclasses.fields(config) if f.name == "sparsity")
+        if config.sparsity not in (default, implied):
+            raise ValueError(f"sparsity={config.sparsity} contradicts pattern={config.pattern!r} (which prunes "
+                             f"{implied:g}); drop sparsity, or pass pattern='unstructured'")
+        config.sparsity = implied  # what the report and the saved config then say was done
     if config.sparse_bits is not None:
-        if isinstance(config.sparse_bits, bool) or config.sparse_bits not in range(2, 9):
+        if (isinstance(config.sparse_bits, bool) or not isinstance(config.sparse_bits, int)
+                or config.sparse_bits not in range(2, 9)):
             raise ValueError(f"sparse_bits={config.sparse_bits!r} must be an int in [2, 8], or None to keep the "
                              "kept weights in full precision")
         check_group_size(config.group_size)

@@ -10,7 +10,7 @@ import adapter_conformance as conf
 import adapters
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file
@@ -197,6 +197,13 @@ def test_two_adapters_on_one_model(case):
     with torch.no_grad():
         assert torch.equal(conf.output(case, model, inputs), first)
 
+    # deleting the active adapter hands over to the remaining one, trainable in full (shared tensors included), as LoRA
+    model.add_adapter("third", case.config())
+    model.delete_adapter("default")
+    assert model.active_adapters == ["third"]
+    third = {n for n, _ in model.named_parameters() if ".third" in n}
+    assert third and set(conf.trainable(model)) == third
+
 
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_adapter_on_bf16_base(case):
@@ -355,3 +362,14 @@ def test_checkpoint_with_adapter_name_inside_keys_still_loads(case, tmp_path, mo
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
         with torch.no_grad():
             assert torch.equal(conf.output(case, model, inputs), out)
+
+
+@pytest.mark.parametrize("case", [param for param in CASES if param.values[0].model == "mlp"])
+def test_load_onto_a_base_of_other_widths_fails(case, tmp_path):
+    # LoRA fails on the shapes; shared tensors (LoTR, MoS) are keyed by layer shape and matched nothing, so PEFT
+    # only warned and kept them at their initial values beside the loaded per-layer tensors
+    conf.save_perturbed(case, tmp_path / "a", seed=11)
+    torch.manual_seed(0)
+    wider = conf.TinyMLP(d=24).eval()
+    with pytest.raises((ValueError, RuntimeError), match="other layer shapes|size mismatch"):
+        PeftModel.from_pretrained(wider, str(tmp_path / "a"))

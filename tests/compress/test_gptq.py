@@ -69,6 +69,10 @@ def test_bad_arguments_name_the_fix():
         gptq_quantize(W, -C, 4, 16)
     with pytest.raises(ValueError, match="observer='max'.*'minmax', 'mse'"):
         gptq_quantize(W, C, 4, 16, observer="max")
+    W[0, 3] = float("nan")  # a NaN would zero its group (RTN) or spread through the error feedback (GPTQ)
+    for quantize in (lambda: gptq_quantize(W, C, 4, 16), lambda: rtn_quantize_weight(W, 4, 16)):
+        with pytest.raises(ValueError, match="contains NaN or inf"):
+            quantize()
 
 
 @pytest.mark.slow

@@ -217,14 +217,23 @@ def test_inplace_modifies_the_given_model(mlp_setup):
     (dict(method="gptq", bits=9), r"bits=9 must be an int in \[2, 8\]"),
     (dict(method="rtn", bits=1), r"bits=1 must be an int in \[2, 8\]"),
     (dict(method="gptq", group_size=0), "group_size=0 must be a positive int or None"),
-    (dict(method="gptq", percdamp=-0.1), "percdamp=-0.1 must be >= 0"),
+    (dict(method="gptq", percdamp=-0.1), "percdamp=-0.1 must be a finite number >= 0"),
+    (dict(method="gptq", percdamp=float("inf")), "percdamp=inf must be a finite number >= 0"),
     (dict(method="sparsegpt", pattern="4:2"), "pattern='4:2' must be 'unstructured' or 'N:M'"),
     (dict(method="sparsegpt", sparse_bits=1), r"sparse_bits=1 must be an int in \[2, 8\]"),
+    (dict(method="sparsegpt", sparse_bits=4.0), r"sparse_bits=4.0 must be an int in \[2, 8\]"),
+    (dict(method="sparsegpt", pattern="2:4", sparsity=0.7), "sparsity=0.7 contradicts pattern='2:4'"),
     (dict(method="magnitude", sparsity=1.0), r"sparsity=1.0 must be in \[0, 1\)"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         CompressionConfig(**{"method": "whitened_svd", **kw})
+
+
+def test_n_of_m_pattern_sets_the_sparsity_it_prunes():
+    # the saved config and report say what was done (the field's default 0.5 is not a request)
+    assert CompressionConfig(method="sparsegpt", pattern="1:4").sparsity == 0.75
+    assert CompressionConfig(method="sparsegpt", pattern="2:4", sparsity=0.5).to_dict()["sparsity"] == 0.5
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
