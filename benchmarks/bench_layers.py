@@ -254,7 +254,7 @@ def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], f
                     "n": n, "rank": rank, "B": B, "mode": mode, "format": fmt,
                     "modes": [list(f.out_modes), list(f.in_modes)], "ranks": list(f.ranks),
                     "params": f.num_parameters, "dense_params": n * n, "flops": f.flops(B),
-                    "strategy": f.strategy(B), "loadavg_1min": os.getloadavg()[0],
+                    "strategy": f.strategy(B, grad=mode != "forward"), "loadavg_1min": os.getloadavg()[0],
                 }
                 for stat in ("median", "min"):
                     sfx = "" if stat == "median" else "_min"
@@ -326,8 +326,9 @@ def stack_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int) -> dict:
-    """One layer at batch ``B``, forward: the formula's choice, the measured choice, and every plan forced.
+def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int, grad: bool = False) -> dict:
+    """One layer at batch ``B``: the formula's choice, the measured choice, and every plan forced; the forward
+    (``grad=False``) or a training step (forward + backward, the plans a forward autograd records runs).
 
     Each variant is its own layer with the same weights (same seed), so all run interleaved.
     """
@@ -335,7 +336,8 @@ def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int) -> dict:
     f = variants["formula"].factorization
     measured = our_layer(n, fmt, rank)
     t = time.perf_counter()
-    measured.factorization.tune([B])  # times every candidate once (tensornets.plans.default_timer), records the winner
+    # times the candidates once (tensornets.plans.default_timer), records the winner
+    measured.factorization.tune([B], grad=grad)
     tune_s = time.perf_counter() - t
     variants["measured"] = measured
     names = [c.name for c in f._candidates(tensornets.batch_bucket(B))]
@@ -344,14 +346,17 @@ def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int) -> dict:
         variants[name].factorization.set_strategy(name)
     x = torch.randn(B, n)
     t = time.perf_counter()
-    res = interleaved({k: forward_fn(v, x) for k, v in variants.items()}, rounds)
-    print(f"  strategies {fmt} n={n} r={rank} B={B}: {time.perf_counter() - t:.1f}s (tune {tune_s:.1f}s)", flush=True)
+    make = train_fn if grad else forward_fn
+    res = interleaved({k: make(v, x) for k, v in variants.items()}, rounds)
+    mode = "forward+backward" if grad else "forward"
+    print(f"  strategies {fmt} n={n} r={rank} B={B} {mode}: {time.perf_counter() - t:.1f}s (tune {tune_s:.1f}s)", flush=True)
     weight = traffic_weight("cpu")
-    candidates = f._candidates(tensornets.batch_bucket(B))
-    row = {"n": n, "rank": rank, "B": B, "format": fmt, "mode": "forward", "tune_s": tune_s,
-           "formula_picks": f._plan(tensornets.batch_bucket(B)).label,
-           "measured_picks": measured.factorization._plan(tensornets.batch_bucket(B)).label,
-           "cost_model": {c.label: c.cost(weight) for c in candidates}}
+    bucket = tensornets.batch_bucket(B)
+    candidates = f._candidates(bucket)
+    row = {"n": n, "rank": rank, "B": B, "format": fmt, "mode": mode, "tune_s": tune_s,
+           "formula_picks": f._plan(bucket, grad=grad).label,
+           "measured_picks": measured.factorization._plan(bucket, grad=grad).label,
+           "cost_model": {c.label: c.cost(weight, grad) for c in candidates}}
     row.update({f"{k}_ms": v["median_s"] * 1e3 for k, v in res.items()})
     row.update({f"{k}_ms_min": v["min_s"] * 1e3 for k, v in res.items()})
     forced = [k for k in variants if k in FORCED]
@@ -451,13 +456,15 @@ def evaluate_goals(rows: list[dict], strategies: list[dict], stacks: list[dict] 
                           worst["compiled_ms"] / worst["eager_ms"],
                           max(r["compiled_ms_min"] / r["eager_ms_min"] for r in ours_stacks), 1.0, higher_is_better=False,
                           detail=f"worst on medians: {worst['n']}² {worst['format']} r={worst['rank']} B={worst['B']} {worst['mode']}"))
-    for key, label in (("formula", "formula (default)"), ("measured", "measured (strategy='measure')")):
-        if strategies:
-            worst = max(strategies, key=lambda s: s[f"{key}_over_best"])
-            goals.append(goal(f"forward: {label} choice <= 1.1x the best forced plan at every size/format/rank/batch",
-                              worst[f"{key}_over_best"], max(s[f"{key}_over_best_min"] for s in strategies), 1.1,
-                              higher_is_better=False,
-                              detail=f"worst on medians: {worst['n']}² {worst['format']} r={worst['rank']} B={worst['B']}"))
+    for mode in ("forward", "forward+backward"):
+        of_mode = [s for s in strategies if s["mode"] == mode]
+        for key, label in (("formula", "formula (default)"), ("measured", "measured (strategy='measure')")):
+            if of_mode:
+                worst = max(of_mode, key=lambda s: s[f"{key}_over_best"])
+                goals.append(goal(f"{mode}: {label} choice <= 1.1x the best forced plan at every size/format/rank/batch",
+                                  worst[f"{key}_over_best"], max(s[f"{key}_over_best_min"] for s in of_mode), 1.1,
+                                  higher_is_better=False,
+                                  detail=f"worst on medians: {worst['n']}² {worst['format']} r={worst['rank']} B={worst['B']}"))
     r = find(4096, "btt", 1, 512)
     if r:
         goals.append(goal("BTT 4096² r=1 B=512 forward >= 5x faster than dense",
@@ -530,7 +537,8 @@ def main(argv=None) -> None:
         for rank in ranks:
             for fmt in OUR_FORMATS:
                 for B in batches:
-                    strategies.append(bench_strategies(n, rank, fmt, B, strat_rounds))
+                    for grad in (False, True):
+                        strategies.append(bench_strategies(n, rank, fmt, B, strat_rounds, grad))
 
     floor, stacks = None, []
     if args.compile and args.stack_depth > 0:
@@ -570,15 +578,20 @@ def main(argv=None) -> None:
                "compiled with the same options, time per layer (stack time / depth). Dense `nn.Linear` stacks "
                "for reference.", ""]
         md += stack_table(stacks)
-    md += ["", "## Plans: formula and measured choice vs each plan forced (forward)", "",
+    md += ["", "## Plans: formula and measured choice vs each plan forced", "",
            "`formula` = the default strategy (cost model: FLOPs + "
            f"{traffic_weight('cpu')} x elements moved); `measured` = `strategy='measure'` after `tune([B])` (each "
            "candidate timed once, the fastest kept); the other columns force one plan by name (`set_strategy`): "
            "`rebuild` = rebuild W then one GEMM, `einsum` = the planned einsum over x and every core, `split` = the "
            "MPO's cheapest split into two GEMMs (by the formula), `contract` = the format's own contraction (low rank, "
            f"BTT). `tune s` = the time `tune` took. {strat_rounds} interleaved rounds per row (the measured variant "
-           "and the forced plan it picked are separate layers running the same ops: their gap is the noise floor).", ""]
-    md += strategy_table(strategies)
+           "and the forced plan it picked are separate layers running the same ops: their gap is the noise floor).",
+           "", "A forward that autograd records (training) runs the plans of least forward + backward cost "
+           "(`Plan.cost(w, grad=True)`; `tune(..., grad=True)` measures forward + backward): the second table times "
+           "them on a training step (gradients of the input and of every core).", "", "### Forward", ""]
+    md += strategy_table([s for s in strategies if s["mode"] == "forward"])
+    md += ["", "### Forward + backward", ""]
+    md += strategy_table([s for s in strategies if s["mode"] == "forward+backward"])
     md += goal_section(goals, "Value = speed-up (or time ratio) on medians · on minima; the verdict uses the medians.")
 
     write_results(args.out, stem, md, {"machine": info, "rounds": rounds, "strategy_rounds": strat_rounds, "layers": rows, "strategies": strategies,

@@ -376,6 +376,12 @@ def save_hf_directory(
                          "it)")
     quantized = dict(quantized or {})
     not_packed = _check_quantized(model, quantized)
+    if not_packed:
+        # the quantized values still load (stored dense, on their grid), but the file is not smaller for them
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in not_packed})
+        warnings.warn(f"{len(not_packed)} quantized layer(s) ({', '.join(kinds)}: {sorted(not_packed)[:3]}) are not "
+                      "nn.Linear and are stored dense: compressed-tensors packs linears only, so they take their full "
+                      "size on disk (ExportReport.not_packed lists them)", UserWarning, stacklevel=2)
     packable = {n: q for n, q in quantized.items() if n not in not_packed}
     packable = _common_group_size(packable)
     schemes = {_scheme_key(q) for q in packable.values()}

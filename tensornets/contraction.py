@@ -49,6 +49,10 @@ class ContractionPlan:
     traffic : int
         Elements read and written by the pairwise steps (each step's two inputs and its output):
         the memory side of the cost, which dominates when intermediates are large.
+    backward_traffic : int
+        Elements the backward of the steps moves: per step ``(A, B) -> C``, ``∂C`` and both inputs
+        read, ``∂A`` and ``∂B`` written (``|C| + 2 |A| + 2 |B|``). Its FLOPs are twice :attr:`flops`
+        (two products of the step's size per step).
     """
 
     equation: str
@@ -56,6 +60,7 @@ class ContractionPlan:
     path: tuple[int, ...]
     flops: int
     traffic: int
+    backward_traffic: int = 0
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         """Contract ``operands`` along the planned path (one C++ call, no path search)."""
@@ -75,11 +80,15 @@ def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan
     path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
     flat = tuple(i for pair in _pairwise(path, len(shapes)) for i in pair)
     sizes = {c: d for term, shape in zip(equation.split("->")[0].split(","), shapes) for c, d in zip(term, shape)}
-    traffic = 0
+    traffic = backward = 0
     for step in info.contraction_list:
         inputs, output = step[2].split("->")
-        traffic += sum(math.prod(sizes[c] for c in term) for term in (*inputs.split(","), output))
-    return ContractionPlan(equation=equation, shapes=shapes, path=flat, flops=int(info.opt_cost), traffic=traffic)
+        read = sum(math.prod(sizes[c] for c in term) for term in inputs.split(","))
+        written = math.prod(sizes[c] for c in output)
+        traffic += read + written
+        backward += written + 2 * read
+    return ContractionPlan(equation=equation, shapes=shapes, path=flat, flops=int(info.opt_cost), traffic=traffic,
+                           backward_traffic=backward)
 
 
 def _pairwise(path: Sequence[tuple[int, ...]], n_operands: int) -> list[tuple[int, int]]:

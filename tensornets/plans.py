@@ -9,13 +9,22 @@ for, and an :meth:`~Plan.apply` that runs it. Each format lists its candidates
 - :class:`ContractPlan` (hand-written contractions: low rank, BTT);
 - :class:`~tensornets.formats.mpo.SplitPlan` (MPO): two GEMMs around a bond, one candidate per bond.
 
-Which candidate runs is decided per (layer, batch bucket, device, dtype) by the *strategy*:
+Which candidate runs is decided per (layer, batch bucket, device, dtype, training or not) by the *strategy*:
 
 - ``"formula"`` (default): the minimum of ``flops + w * traffic`` (:func:`cheapest`, ``w`` =
   :func:`~tensornets.formats.base.traffic_weight` of the device): no measurement, no disk access.
-- ``"measure"``: time every candidate once on the device (the forward, under ``torch.no_grad``,
-  on random rows of the bucket's size) and keep the fastest, remembered in the on-disk wisdom
-  (:mod:`tensornets.wisdom`) so later processes on the same machine reuse it.
+- ``"measure"``: time the candidates once on the device (on random rows of the bucket's size) and
+  keep the fastest, remembered in the on-disk wisdom (:mod:`tensornets.wisdom`) so later processes
+  on the same machine reuse it. Candidates the formula puts over
+  :data:`~tensornets.formats.base.MEASURE_CUTOFF` times behind the cheapest are not timed.
+
+A forward that autograd records (grad mode on, and the input or a core requires grad: training)
+has plans of its own, chosen on forward + backward: the formula adds each candidate's
+``backward_flops`` and ``backward_traffic``, the measurement times the forward and the gradients
+of the input and every core. A plan can be right for inference and wrong for training: on MPO
+4096², 4 cores, r = 16, 512 rows, the split into two GEMMs is the fastest forward (35 ms against
+51 ms for rebuild + GEMM) but the slower training step (231 ms against 185 ms), and it keeps the
+B x 64 x 64 x r hidden product for backward, twice the rebuilt W (benchmarks/results/layers.md).
   Where nothing has been measured yet and measuring is impossible (inside ``torch.compile``'s
   tracing), the formula decides.
 - a candidate name (``"rebuild"``, ``"contract"``, ``"einsum"``, ``"split"``): force it (for
@@ -46,7 +55,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
@@ -70,6 +79,7 @@ __all__ = [
     "FORCEABLE",
     "Timer",
     "default_timer",
+    "time_once",
 ]
 
 #: strategies that choose among the candidates (any other accepted value is a candidate name)
@@ -96,11 +106,17 @@ class Plan:
         Floating-point operations (a multiply-add counts 2) for the batch the plan was made for.
     traffic : int
         Elements read and written by the plan's steps (its memory side).
+    backward_flops, backward_traffic : int
+        The same for the backward of the plan's steps (gradients of the input and of every core),
+        what a training step adds: the formula ranks plans on forward + backward when autograd
+        records the forward (:meth:`cost` with ``grad=True``).
     """
 
     name: str
     flops: int
     traffic: int
+    backward_flops: int = field(default=0, kw_only=True)
+    backward_traffic: int = field(default=0, kw_only=True)
 
     @property
     def label(self) -> str:
@@ -113,9 +129,10 @@ class Plan:
         the same graph for any batch, so one compiled graph serves the buckets of both."""
         return (self.label,)
 
-    def cost(self, weight: float) -> float:
-        """``flops + weight * traffic``: the formula's cost in FLOP equivalents."""
-        return self.flops + weight * self.traffic
+    def cost(self, weight: float, grad: bool = False) -> float:
+        """``flops + weight * traffic``: the formula's cost in FLOP equivalents; with ``grad``, of forward + backward."""
+        forward = self.flops + weight * self.traffic
+        return forward + self.backward_flops + weight * self.backward_traffic if grad else forward
 
     def apply(self, fact: "Factorization", x: torch.Tensor) -> torch.Tensor:
         """``(B, padded_in) -> (B, padded_out)``: run this plan on ``fact``'s cores."""
@@ -157,17 +174,23 @@ class EinsumPlan(Plan):
 P = TypeVar("P")
 
 
-def cheapest(candidates: Sequence[P], weight: float, cost: Callable[[P], tuple[int, int]] | None = None) -> P:
+def cheapest(candidates: Sequence[P], weight: float, cost: Callable[[P], tuple[int, int]] | None = None,
+             grad: bool = False) -> P:
     """The candidate of least ``flops + weight * traffic``; ties go to the earliest one.
 
     ``cost(c)`` gives ``(flops, traffic)`` (default: the candidate's ``flops`` and ``traffic``
-    attributes). The one place the formula is written: strategy choice, MPO split choice and TT's
-    rebuild sweep all call it. Candidate order encodes the tie rule: formats list rebuild + GEMM
-    first (one large GEMM runs at the best rate there is), then their contractions.
+    attributes, plus its ``backward_flops`` and ``backward_traffic`` with ``grad``). The one place
+    the formula is written: strategy choice, MPO split choice and TT's rebuild sweep all call it.
+    Candidate order encodes the tie rule: formats list rebuild + GEMM first (one large GEMM runs at
+    the best rate there is), then their contractions.
     """
     if not candidates:
         raise ValueError("cheapest() needs at least one candidate")
-    cost = cost or (lambda c: (c.flops, c.traffic))  # type: ignore[attr-defined]
+    if cost is None:
+        if grad:
+            cost = lambda c: (c.flops + c.backward_flops, c.traffic + c.backward_traffic)  # type: ignore[attr-defined]  # noqa: E731
+        else:
+            cost = lambda c: (c.flops, c.traffic)  # type: ignore[attr-defined]  # noqa: E731
 
     def total(c: P) -> float:
         flops, traffic = cost(c)
@@ -203,25 +226,39 @@ def get_strategy() -> str:
     return _strategy
 
 
-def default_timer(fn: Callable[[], object], repeats: int = 3, sample_s: float = 1e-3) -> float:
-    """Median seconds per call of ``fn``: ``repeats`` samples, each looping ``fn`` for about ``sample_s``.
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
-    One warm-up call first (it also sizes the loop, at most 100 calls per sample). On CUDA the
-    device is synchronized around each sample (this runs only while measuring, never in a forward).
-    """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+
+def time_once(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (first call included: allocations, caches), device synchronized."""
     with torch.no_grad():
-        sync()
+        _sync()
         t0 = time.perf_counter()
         fn()
-        sync()
-        once = time.perf_counter() - t0
+        _sync()
+        return time.perf_counter() - t0
+
+
+def default_timer(fn: Callable[[], object], repeats: int = 3, sample_s: float = 1e-3, long_s: float = 0.1) -> float:
+    """Median seconds per call of ``fn``: ``repeats`` samples, each looping ``fn`` for about ``sample_s``.
+
+    One warm-up call first (it also sizes the loop, at most 100 calls per sample); a call that took
+    over ``long_s`` is sampled once (its noise is small next to its length, and each sample costs
+    that long). On CUDA the device is synchronized around each sample (this runs only while
+    measuring, never in a forward).
+    """
+    once = time_once(fn)
+    if once > long_s:
+        repeats = 1
+    with torch.no_grad():
         loops = max(1, min(100, math.ceil(sample_s / max(once, 1e-7))))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(loops):
                 fn()
-            sync()
+            _sync()
             times.append((time.perf_counter() - t0) / loops)
     return statistics.median(times)

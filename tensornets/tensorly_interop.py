@@ -26,7 +26,7 @@ PyTorch backend (``tl.set_backend("pytorch")`` or ``with tl.backend_context("pyt
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import tensorly as tl
 import torch

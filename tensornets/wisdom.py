@@ -13,7 +13,7 @@ File: ``wisdom.json`` in the cache directory (:func:`tensornets.cache_dir.cache_
 - The machine key (:func:`machine_key`) holds the platform, CPU model, torch thread count and
   torch version: a measurement never travels to another machine, thread setting or torch.
 - The entry key (:func:`entry_key`) holds the format, modes, ranks, batch bucket, device (with the
-  GPU's name) and dtype.
+  GPU's name) and dtype, and whether forward + backward was measured (``|grad``: the plans of training).
 - Writes are atomic (a temporary file in the same directory, then ``os.replace``): a crash or a
   concurrent reader never sees half a file. A writer holds a lock on the directory while it
   re-reads the file, adds its entry and replaces the file, so concurrent processes keep each
@@ -71,12 +71,15 @@ def entry_key(
     bucket: int,
     device: torch.device,
     dtype: torch.dtype,
+    grad: bool = False,
 ) -> str:
-    """The key of one measurement: format, shapes, batch bucket, device (GPU name included) and dtype."""
+    """The key of one measurement: format, shapes, batch bucket, device (GPU name included) and dtype, and
+    ``|grad`` for a measurement of forward + backward (the plans of training)."""
     dev = device.type
     if device.type == "cuda":
         dev = f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{format_name}|out={list(out_modes)}|in={list(in_modes)}|ranks={list(ranks)}|B={bucket}|{dev}|{str(dtype).removeprefix('torch.')}"
+    key = f"{format_name}|out={list(out_modes)}|in={list(in_modes)}|ranks={list(ranks)}|B={bucket}|{dev}|{str(dtype).removeprefix('torch.')}"
+    return key + "|grad" if grad else key
 
 
 def _read(path: Path, warn: bool = True) -> dict[str, Any]:

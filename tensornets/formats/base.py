@@ -24,7 +24,8 @@ from torch import nn
 from .. import wisdom
 from ..contraction import ContractionPlan, batch_bucket, plan_contraction
 from ..decompositions import parameter_limit, rank_for_keep, resolve_eps, resolve_keep
-from ..plans import ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy, default_timer, get_strategy
+from ..plans import (ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy, default_timer,
+                     get_strategy, time_once)
 from ..shapes import check_weight, factorize, padded_size, validate_modes
 
 __all__ = ["Factorization", "EinsumFactorization", "RankSpec", "normalize_rank", "budget_limit", "traffic_weight", "TRAFFIC_WEIGHT"]
@@ -60,6 +61,15 @@ def normalize_rank(rank: int | Sequence[int], argument: str = "rank") -> int | t
 #: bandwidth of current data-centre GPUs, not yet measured here. Where the formula is wrong for a
 #: machine, ``strategy="measure"`` (:mod:`tensornets.plans`) times the candidates instead.
 TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 64}
+
+#: ``strategy="measure"`` times only the candidates whose formula cost is within this factor of the cheapest one's.
+#: The measured winner's cost was within 1.9x (forward) and 2.1x (training step) of the cheapest on every size, rank,
+#: batch and format of benchmarks/results/layers.md; the plans it skips are the ones that take seconds and gigabytes
+#: on a large bucket (MPO 4096², 4 cores, r=16, 4096 rows: split@3 4.8 s per call against 0.7 s for rebuild).
+MEASURE_CUTOFF = 4.0
+#: while measuring, a candidate whose second call takes over this factor times the fastest candidate timed so far is
+#: recorded at that call and not sampled further
+PROBE_FACTOR = 2.0
 
 
 def traffic_weight(device_type: str) -> int:
@@ -171,9 +181,17 @@ class Factorization(nn.Module, ABC):
         """
 
     def _contract_candidates(self, batch: int) -> list[Plan]:
-        """The contractions through the cores for ``batch`` rows (default: the format's one ``_contract``)."""
+        """The contractions through the cores for ``batch`` rows (default: the format's one ``_contract``).
+
+        Its backward is estimated as twice its forward (each product of the contraction has two of its size
+        in the backward, each moving about twice what it moved forward)."""
         flops, traffic = self._contract_cost(batch)
-        return [ContractPlan("contract", flops, traffic)]
+        return [ContractPlan("contract", flops, traffic, backward_flops=2 * flops, backward_traffic=2 * traffic)]
+
+    def _rebuild_backward_cost(self) -> tuple[int, int]:
+        """``(flops, traffic)`` of the backward of :meth:`_dense` (``∂W`` to the cores); default twice the forward."""
+        flops, traffic = self._rebuild_cost()
+        return 2 * flops, 2 * traffic
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -201,8 +219,13 @@ class Factorization(nn.Module, ABC):
     def _rebuild_candidate(self, batch: int) -> RebuildPlan:
         """Rebuild ``W`` (:meth:`_dense`), then one GEMM of ``batch`` rows."""
         flops, traffic = self._rebuild_cost()
+        back_flops, back_traffic = self._rebuild_backward_cost()
         dense = self.padded_in * self.padded_out
-        return RebuildPlan("rebuild", flops + 2 * batch * dense, traffic + dense + batch * (self.padded_in + self.padded_out))
+        n_in, n_out = batch * self.padded_in, batch * self.padded_out
+        # backward of the GEMM: ∂x = ∂y W and ∂W = ∂yᵀ x (∂y, W, x read; ∂x, ∂W written), then ∂W to the cores
+        return RebuildPlan("rebuild", flops + 2 * batch * dense, traffic + dense + n_in + n_out,
+                           backward_flops=back_flops + 4 * batch * dense,
+                           backward_traffic=back_traffic + n_out + 2 * n_in + 2 * dense)
 
     def _candidates(self, batch: int) -> list[Plan]:
         """Every plan that can run ``forward`` on ``batch`` rows; rebuild first (ties go to it)."""
@@ -227,11 +250,15 @@ class Factorization(nn.Module, ABC):
         """Whether ``forward`` on ``batch`` rows rebuilds ``W`` and runs one GEMM."""
         return self._plan(batch_bucket(batch)).name == "rebuild"
 
-    def strategy(self, batch: int) -> str:
+    def strategy(self, batch: int, grad: bool = False) -> str:
         """How ``forward`` runs on ``batch`` rows: ``"rebuild"`` (``W``, then one GEMM), ``"einsum"``
         (one planned einsum over the cores), ``"split"`` (MPO: two GEMMs around a bond) or
-        ``"contract"`` (the format's hand-written contraction: low rank, BTT)."""
-        return self._plan(batch_bucket(batch)).name
+        ``"contract"`` (the format's hand-written contraction: low rank, BTT).
+
+        ``grad=True``: the plan of a forward that autograd records (training), chosen on the cost of
+        forward + backward; without it, of a forward under ``torch.no_grad`` or of frozen cores and input.
+        """
+        return self._plan(batch_bucket(batch), grad=grad).name
 
     def set_strategy(self, strategy: str | None) -> "Factorization":
         """Choose how this layer picks its plan: ``"formula"``, ``"measure"``, a candidate name, or
@@ -239,12 +266,14 @@ class Factorization(nn.Module, ABC):
         self.plan_strategy = check_strategy(strategy)
         return self
 
-    def tune(self, batches: Sequence[int], timer: Timer | None = None) -> dict[int, str]:
+    def tune(self, batches: Sequence[int], timer: Timer | None = None, grad: bool = False) -> dict[int, str]:
         """Measure every candidate plan for the buckets of ``batches`` now, record the winners in the
         wisdom file (:mod:`tensornets.wisdom`), and switch this layer to ``strategy="measure"``.
 
         Use it before ``torch.compile`` (tracing cannot measure) or to refresh old wisdom.
         ``timer(fn)`` returns seconds per call of ``fn`` (default :func:`tensornets.plans.default_timer`).
+        ``grad=True`` measures the plans of training (forward + backward of the input and every core),
+        which a forward autograd records uses; without it, those of inference.
         Returns ``{bucket: winning plan label}``.
         """
         self.set_strategy("measure")
@@ -252,8 +281,8 @@ class Factorization(nn.Module, ABC):
         chosen = {}
         for batch in batches:
             bucket = batch_bucket(int(batch))
-            plan = self._measure(bucket, device, dtype, timer or default_timer)
-            self._plans[(bucket, str(device), str(dtype), "measure", False)] = plan
+            plan = self._measure(bucket, device, dtype, timer or default_timer, grad)
+            self._plans[(bucket, str(device), str(dtype), "measure", False, grad)] = plan
             chosen[bucket] = plan.label
         _forget_traced_plans()  # the next trace reads the new wisdom
         return chosen
@@ -269,52 +298,88 @@ class Factorization(nn.Module, ABC):
         ref = next(self.parameters())
         return getattr(self, "_planning_device", ref.device), ref.dtype
 
-    def _plan(self, bucket: int, traced: bool = False) -> Plan:
-        """The plan ``forward`` runs on ``bucket`` rows (chosen once, then cached)."""
+    def _plan(self, bucket: int, traced: bool = False, grad: bool = False) -> Plan:
+        """The plan ``forward`` runs on ``bucket`` rows (chosen once, then cached); ``grad``: of a forward
+        autograd records, chosen on forward + backward."""
         device, dtype = self._planning_target()
         strategy = self.plan_strategy or get_strategy()
-        key = (bucket, str(device), str(dtype), strategy, traced)
+        key = (bucket, str(device), str(dtype), strategy, traced, grad)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._choose(bucket, device, dtype, strategy, can_measure=not traced)
+            plan = self._plans[key] = self._choose(bucket, device, dtype, strategy, not traced, grad)
         return plan
 
-    def _choose(self, bucket: int, device: torch.device, dtype: torch.dtype, strategy: str, can_measure: bool) -> Plan:
+    def _choose(self, bucket: int, device: torch.device, dtype: torch.dtype, strategy: str, can_measure: bool,
+                grad: bool) -> Plan:
         weight = traffic_weight(device.type)
         if strategy == "formula":
-            return cheapest(self._candidates(bucket), weight)
+            return cheapest(self._candidates(bucket), weight, grad=grad)
         if strategy == "measure":
-            known = self._known(bucket, device, dtype)
+            known = self._known(bucket, device, dtype, grad)
             if known is not None:
                 return known
             if not can_measure or device.type == "meta":
-                return cheapest(self._candidates(bucket), weight)
-            return self._measure(bucket, device, dtype, default_timer)
+                return cheapest(self._candidates(bucket), weight, grad=grad)
+            return self._measure(bucket, device, dtype, default_timer, grad)
         forced = [c for c in self._candidates(bucket) if c.name == strategy]
         if not forced:
             names = sorted({c.name for c in self._candidates(bucket)})
             raise ValueError(f"strategy={strategy!r} is not a plan of {self.format_name}; its plans are {names}")
-        return cheapest(forced, weight)
+        return cheapest(forced, weight, grad=grad)
 
-    def _wisdom_key(self, bucket: int, device: torch.device, dtype: torch.dtype) -> str:
-        return wisdom.entry_key(self.format_name, self.out_modes, self.in_modes, self.ranks, bucket, device, dtype)
+    def _wisdom_key(self, bucket: int, device: torch.device, dtype: torch.dtype, grad: bool = False) -> str:
+        return wisdom.entry_key(self.format_name, self.out_modes, self.in_modes, self.ranks, bucket, device, dtype,
+                                grad=grad)
 
-    def _known(self, bucket: int, device: torch.device, dtype: torch.dtype) -> Plan | None:
+    def _known(self, bucket: int, device: torch.device, dtype: torch.dtype, grad: bool = False) -> Plan | None:
         """The candidate the wisdom file names for this layer and bucket, if any."""
-        entry = wisdom.lookup(self._wisdom_key(bucket, device, dtype))
+        entry = wisdom.lookup(self._wisdom_key(bucket, device, dtype, grad))
         if entry is None:
             return None
         return next((c for c in self._candidates(bucket) if c.label == entry["plan"]), None)
 
-    def _measure(self, bucket: int, device: torch.device, dtype: torch.dtype, timer: Timer) -> Plan:
-        """Time every candidate on ``bucket`` random rows, record the fastest, return it."""
+    def _measure(self, bucket: int, device: torch.device, dtype: torch.dtype, timer: Timer, grad: bool = False) -> Plan:
+        """Time the candidates on ``bucket`` random rows, record the fastest, return it.
+
+        ``grad``: time forward + backward (gradients of the input and of every core). Candidates whose formula
+        cost is over :data:`MEASURE_CUTOFF` times the cheapest one's are not timed (on a large bucket such a plan
+        takes seconds and its intermediates gigabytes, and the formula's ranking is never that far off); the others
+        are timed cheapest first, and one whose second call is over :data:`PROBE_FACTOR` times slower than the
+        fastest so far keeps that call's time.
+        """
+        weight = traffic_weight(device.type)
         candidates = self._candidates(bucket)
+        least = min(c.cost(weight, grad) for c in candidates)
+        candidates = [c for c in candidates if c.cost(weight, grad) <= MEASURE_CUTOFF * least]
         # a private generator: measuring inside a forward must not move the caller's random stream
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(bucket, self.padded_in, device=device, dtype=dtype, generator=gen)
-        seconds = {c.label: float(timer(lambda c=c: c.apply(self, x))) for c in candidates}
+        if grad:
+            x.requires_grad_(True)
+            wrt = (x, *self.parameters())
+            dy = torch.randn(bucket, self.padded_out, device=device, dtype=dtype, generator=gen)
+
+            def run(c: Plan) -> object:
+                with torch.enable_grad():  # timers run the call under no_grad
+                    return torch.autograd.grad(c.apply(self, x), wrt, dy, allow_unused=True)
+        else:
+            def run(c: Plan) -> object:
+                return c.apply(self, x)
+        seconds: dict[str, float] = {}
+        fastest = math.inf
+        for c in sorted(candidates, key=lambda c: c.cost(weight, grad)):  # the likely winner first
+            if seconds:
+                # a plan already PROBE_FACTOR x slower than the fastest so far on its second call is not sampled
+                # further (the first call pays for fresh memory: 3.6 s against 0.8 s for an MPO split over 4096 rows)
+                time_once(lambda c=c: run(c))
+                once = time_once(lambda c=c: run(c))
+                if once > PROBE_FACTOR * fastest:
+                    seconds[c.label] = once
+                    continue
+            seconds[c.label] = float(timer(lambda c=c: run(c)))
+            fastest = min(fastest, seconds[c.label])
         best = min(candidates, key=lambda c: seconds[c.label])  # ties: the earliest (rebuild first)
-        wisdom.record(self._wisdom_key(bucket, device, dtype), best.label, seconds)
+        wisdom.record(self._wisdom_key(bucket, device, dtype, grad), best.label, seconds)
         return best
 
     def _device_type(self) -> str:
@@ -369,6 +434,8 @@ class Factorization(nn.Module, ABC):
         # no rows: the one-row plan still runs, so that y keeps its graph and backward gives zero
         # gradients, as nn.Linear does
         batch = max(x2.shape[0], 1)
+        # a forward autograd records (training) runs the plan of least forward + backward cost
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if torch.compiler.is_compiling():
             # Choosing a plan searches einsum paths (opt_einsum), which dynamo cannot trace: it runs
             # eagerly at trace time, and the graph holds only the chosen plan's ops. The batch is
@@ -378,10 +445,10 @@ class Factorization(nn.Module, ABC):
             # ranks, device, dtype and strategy, so every layer of one structure shares the compiled code
             # (compiling the blocks of a model one by one would otherwise recompile per layer).
             structure = self._plan_structure()
-            bucket = next((b for b in _traced_change_points(structure) if batch <= b), TRACED_MAX_BUCKET)
-            plan = getattr(_TRACED_PLANS, _traced_plan_key(structure, bucket))
+            bucket = next((b for b in _traced_change_points(structure, grad) if batch <= b), TRACED_MAX_BUCKET)
+            plan = getattr(_TRACED_PLANS, _traced_plan_key(structure, bucket, grad))
         else:
-            plan = self._plan(batch_bucket(batch))
+            plan = self._plan(batch_bucket(batch), grad=grad)
         y = plan.apply(self, x2)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
@@ -594,7 +661,7 @@ TRACED_MAX_BUCKET = 1 << 20
 
 
 class _PlanTable:
-    """Plans chosen while tracing: attributes ``plan_<n>``, one per (structure, bucket) (:func:`_traced_plan_key`).
+    """Plans chosen while tracing: attributes ``plan_<n>``, one per (structure, bucket, grad) (:func:`_traced_plan_key`).
 
     Attributes, not a dict: dynamo copies a dict once per trace, so a plan added by a later layer of the same
     trace (another structure) would be missing from its copy; an attribute is read from the object each time.
@@ -602,7 +669,7 @@ class _PlanTable:
 
 
 _TRACED_PLANS = _PlanTable()
-#: (structure, bucket) -> the name of its plan in ``_TRACED_PLANS``
+#: (structure, bucket, grad) -> the name of its plan in ``_TRACED_PLANS``
 _TRACED_NAMES: dict[tuple, str] = {}
 #: one shape-only stand-in (meta cores) per structure, that plans for the structure's device and dtype
 _STAND_INS: dict[tuple, Factorization] = {}
@@ -630,7 +697,7 @@ def _forget_traced_plans() -> None:
 
 
 @torch.compiler.assume_constant_result
-def _traced_change_points(structure: tuple) -> tuple[int, ...]:
+def _traced_change_points(structure: tuple, grad: bool) -> tuple[int, ...]:
     """The buckets ``b`` (powers of two up to :data:`TRACED_MAX_BUCKET`, ascending) after which the
     plan's traced ops change (:attr:`Plan.graph_key <tensornets.plans.Plan.graph_key>` of bucket
     ``b`` differs from bucket ``2b``'s), then ``TRACED_MAX_BUCKET``.
@@ -640,12 +707,12 @@ def _traced_change_points(structure: tuple) -> tuple[int, ...]:
     two (dynamo's ``recompile_limit``, 8 by default, would stop it at the 9th).
     """
     buckets = [1 << k for k in range(TRACED_MAX_BUCKET.bit_length())]
-    keys = [_stand_in(structure)._plan(b, traced=True).graph_key for b in buckets]
+    keys = [_stand_in(structure)._plan(b, traced=True, grad=grad).graph_key for b in buckets]
     return (*(b for b, k, nxt in zip(buckets, keys, keys[1:]) if k != nxt), TRACED_MAX_BUCKET)
 
 
 @torch.compiler.assume_constant_result
-def _traced_plan_key(structure: tuple, bucket: int) -> str:
+def _traced_plan_key(structure: tuple, bucket: int, grad: bool) -> str:
     """Choose the plan of layers of ``structure`` for ``bucket`` rows while ``torch.compile`` traces a forward.
 
     Dynamo calls this eagerly at trace time (``assume_constant_result``) and bakes the returned name
@@ -655,10 +722,10 @@ def _traced_plan_key(structure: tuple, bucket: int) -> str:
     (the formula decides where nothing was measured: call :meth:`Factorization.tune` before
     compiling). Changing the strategy after compiling takes a recompile (``torch._dynamo.reset()``).
     """
-    name = _TRACED_NAMES.get((structure, bucket))
+    name = _TRACED_NAMES.get((structure, bucket, grad))
     if name is None:
-        name = _TRACED_NAMES[(structure, bucket)] = f"plan_{len(_TRACED_NAMES)}"
-        setattr(_TRACED_PLANS, name, _stand_in(structure)._plan(bucket, traced=True))
+        name = _TRACED_NAMES[(structure, bucket, grad)] = f"plan_{len(_TRACED_NAMES)}"
+        setattr(_TRACED_PLANS, name, _stand_in(structure)._plan(bucket, traced=True, grad=grad))
     return name
 
 
@@ -682,7 +749,8 @@ class EinsumFactorization(Factorization):
 
     def _contract_candidates(self, batch: int) -> list[Plan]:
         plan = self._einsum_plan(batch)
-        return [EinsumPlan("einsum", plan.flops, plan.traffic, plan)]
+        return [EinsumPlan("einsum", plan.flops, plan.traffic, plan, backward_flops=2 * plan.flops,
+                           backward_traffic=plan.backward_traffic)]
 
     def _dense_plan(self) -> ContractionPlan:
         return plan_contraction(self._equations()[1], self._core_shapes())
@@ -707,3 +775,7 @@ class EinsumFactorization(Factorization):
     def _rebuild_cost(self) -> tuple[int, int]:
         plan = self._dense_plan()
         return plan.flops, plan.traffic
+
+    def _rebuild_backward_cost(self) -> tuple[int, int]:
+        plan = self._dense_plan()
+        return 2 * plan.flops, plan.backward_traffic

@@ -108,6 +108,10 @@ class TensorTrain(EinsumFactorization):
     def _rebuild_cost(self) -> tuple[int, int]:
         return self._sweep_cost(self._rebuild_split())
 
+    def _rebuild_backward_cost(self) -> tuple[int, int]:
+        flops, traffic = self._rebuild_cost()  # the sweep's GEMMs, not the einsum over all cores
+        return 2 * flops, 2 * traffic
+
     def init_chain(self):
         return self._cores(), math.prod(self.ranks)
 

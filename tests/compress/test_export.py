@@ -348,6 +348,24 @@ def test_dense_model_and_untied_head(tmp_path):
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight.to(torch.float16))
 
 
+def test_quantized_conv1d_layers_are_stored_dense_with_a_warning(tmp_path):
+    """GPT-2's Conv1D projections cannot be packed (compressed-tensors packs nn.Linear): they keep their full size,
+    which the export says, and still reload as the quantized values."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D: weight (in, out)
+    qw = _rtn(conv.weight.T, bits=4, group_size=16, symmetric=True)
+    with torch.no_grad():
+        conv.weight.copy_(qw.dequantize().T)
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) \(Conv1D.*stored dense"):
+        report = save_hf_directory(model, tmp_path, quantized={"transformer.h.0.mlp.c_fc": qw}, dtype=torch.float32)
+    assert list(report.not_packed) == ["transformer.h.0.mlp.c_fc"] and report.packed == []
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert torch.equal(reloaded.transformer.h[0].mlp.c_fc.weight, conv.weight)
+
+
 def test_bad_input_names_the_argument(tmp_path):
     model = tiny_llama()
     qw = _rtn(model.model.layers[0].mlp.up_proj.weight, 4, 32, False)

@@ -43,6 +43,8 @@ def test_every_candidate_of_every_format_computes_x_w_t(format_case):
     assert candidates[0].name == "rebuild" and len({c.label for c in candidates}) == len(candidates)
     for plan in candidates:
         assert isinstance(plan, plans.Plan) and plan.flops > 0 and plan.traffic > 0
+        # a backward has two products per forward product and moves more than the forward did
+        assert plan.backward_flops >= 2 * plan.flops - 2 * 8 * IN and plan.backward_traffic > plan.traffic
         assert_close(plan.apply(fact, x)[:, :OUT], expected, what=plan.label)
         # forcing the candidate by name runs it in forward
         fact.set_strategy(plan.name)
@@ -55,8 +57,9 @@ def test_formula_is_the_cheapest_candidate_and_ties_go_first():
     weight = traffic_weight("cpu")
     for batch in (1, 64, 4096):
         candidates = fact._candidates(batch)
-        best = min(c.cost(weight) for c in candidates)
-        assert fact.strategy(batch) == next(c for c in candidates if c.cost(weight) == best).name
+        for grad in (False, True):
+            best = min(c.cost(weight, grad) for c in candidates)
+            assert fact.strategy(batch, grad=grad) == next(c for c in candidates if c.cost(weight, grad) == best).name
     a, b = plans.RebuildPlan("rebuild", 10, 1), plans.ContractPlan("contract", 10, 1)
     assert plans.cheapest([a, b], 384) is a and plans.cheapest([b, a], 384) is b
     with pytest.raises(ValueError, match="at least one"):
@@ -90,14 +93,17 @@ def test_wisdom_round_trips(wisdom_file):
 
 def test_measured_choice_is_stored_and_reused(wisdom_file, monkeypatch):
     fact = _mpo()
-    labels = [c.label for c in fact._candidates(512)]
+    weight = traffic_weight("cpu")
+    candidates = fact._candidates(512)
+    labels = [c.label for c in candidates]
+    timed_order = [c.label for c in sorted(candidates, key=lambda c: c.cost(weight))]  # cheapest first
     winner = next(label for label in labels if label != fact._plan(512).label)  # not what the formula picks
 
     calls: list[str] = []
 
     def timer(fn):
         calls.append(fn)
-        return 1.0 if len(calls) == labels.index(winner) + 1 else 2.0  # candidates are timed in order
+        return 1.0 if len(calls) == timed_order.index(winner) + 1 else 2.0
 
     assert fact.tune([300], timer=timer) == {512: winner}
     assert len(calls) == len(labels)
@@ -117,7 +123,8 @@ def test_measured_choice_is_stored_and_reused(wisdom_file, monkeypatch):
     twin = _mpo().set_strategy("measure")
     assert twin._plan(512).label == winner
     x = torch.randn(300, IN, dtype=torch.float64)
-    assert_close(twin(x), x @ twin.to_dense().T)
+    with torch.no_grad():  # tune measured the plans of inference
+        assert_close(twin(x), x @ twin.to_dense().T)
 
 
 def test_measure_times_once_per_bucket_in_forward(wisdom_file, monkeypatch):
@@ -125,18 +132,65 @@ def test_measure_times_once_per_bucket_in_forward(wisdom_file, monkeypatch):
 
     def timer(fn):
         calls.append(fn)
-        return float(len(calls))  # the first candidate (rebuild) wins
+        return float(len(calls))  # the first candidate timed (the formula's pick) wins
 
     monkeypatch.setattr(tensornets.formats.base, "default_timer", timer)
-    tensornets.set_strategy("measure")
     fact = _mpo()
+    formula_pick = fact.strategy(3)
+    tensornets.set_strategy("measure")
     n = len(fact._candidates(4))
     x = torch.randn(3, IN, dtype=torch.float64)
-    assert_close(fact(x), x @ fact.to_dense().T)
-    fact(x[:4])  # same bucket: no new measurement
-    assert len(calls) == n and fact.strategy(3) == "rebuild"
-    fact(torch.randn(5, IN, dtype=torch.float64))  # next bucket
+    with torch.no_grad():
+        assert_close(fact(x), x @ fact.to_dense().T)
+        fact(x[:4])  # same bucket: no new measurement
+        assert len(calls) == n and fact.strategy(3) == formula_pick
+        fact(torch.randn(5, IN, dtype=torch.float64))  # next bucket
     assert len(calls) == 2 * n
+
+
+def test_training_forward_measures_forward_and_backward_apart(wisdom_file, monkeypatch):
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())  # the measured call returns the gradients of the input and of every core
+        return float(len(calls))
+
+    monkeypatch.setattr(tensornets.formats.base, "default_timer", timer)
+    fact = _mpo().set_strategy("measure")
+    x = torch.randn(3, IN, dtype=torch.float64)
+    fact(x)  # the cores require grad: autograd records this forward
+    n_params = len(list(fact.parameters()))
+    assert calls and all(len(grads) == 1 + n_params and all(g is not None for g in grads) for grads in calls)
+    stored = json.loads(wisdom_file.read_text())["machines"][wisdom.machine_key()]
+    assert [k.endswith("|grad") for k in stored] == [True]
+    with torch.no_grad():
+        fact(x)  # inference: a measurement of its own (the forward alone)
+    stored = json.loads(wisdom_file.read_text())["machines"][wisdom.machine_key()]
+    assert sorted(k.endswith("|grad") for k in stored) == [False, True]
+    assert isinstance(calls[-1], torch.Tensor)
+
+
+def test_measuring_skips_candidates_far_behind_by_formula_or_by_a_first_call(wisdom_file, monkeypatch):
+    fact = _mpo()
+    weight = traffic_weight("cpu")
+    candidates = fact._candidates(1)
+    least = min(c.cost(weight) for c in candidates)
+    far = {c.label for c in candidates if c.cost(weight) > tensornets.formats.base.MEASURE_CUTOFF * least}
+    assert far == {"rebuild"}  # one row: rebuilding W costs 7x the einsum
+    timed = []
+    fact.tune([1], timer=lambda fn: timed.append(fn) or 1.0)
+    entry = wisdom.lookup(fact._wisdom_key(1, *fact._planning_target()))
+    assert len(timed) == len(candidates) - len(far) and not far & set(entry["seconds"])
+
+    # a candidate whose second call already takes PROBE_FACTOR x the fastest one timed is not sampled further
+    slow = {"calls": 0}
+    monkeypatch.setattr(tensornets.formats.base, "time_once", lambda fn: slow.__setitem__("calls", slow["calls"] + 1) or 3.0)
+    timed.clear()
+    fact.tune([64], timer=lambda fn: timed.append(fn) or 1.0)
+    n = len([c for c in fact._candidates(64) if c.cost(weight) <= tensornets.formats.base.MEASURE_CUTOFF *
+             min(c.cost(weight) for c in fact._candidates(64))])
+    entry = wisdom.lookup(fact._wisdom_key(64, *fact._planning_target()))
+    assert len(timed) == 1 and slow["calls"] == 2 * (n - 1) and sorted(entry["seconds"].values()) == [1.0] + [3.0] * (n - 1)
 
 
 def test_corrupt_wisdom_warns_and_is_replaced(wisdom_file):
