@@ -22,9 +22,10 @@ A forward that autograd records (grad mode on, and the input or a core requires 
 has plans of its own, chosen on forward + backward: the formula adds each candidate's
 ``backward_flops`` and ``backward_traffic``, the measurement times the forward and the gradients
 of the input and every core. A plan can be right for inference and wrong for training: on MPO
-4096², 4 cores, r = 16, 512 rows, the split into two GEMMs is the fastest forward (35 ms against
-51 ms for rebuild + GEMM) but the slower training step (231 ms against 185 ms), and it keeps the
-B x 64 x 64 x r hidden product for backward, twice the rebuilt W (benchmarks/results/layers.md).
+4096², 4 cores, r = 16, 512 rows, the split into two GEMMs, the formula's forward plan, runs the
+forward as fast as rebuild + GEMM (53.6 against 52.3 ms) but the training step 1.2x slower (224
+against 186 ms), and it keeps the B x 64 x 64 x r hidden product for backward, twice the rebuilt W
+(benchmarks/results/layers.md).
   Where nothing has been measured yet and measuring is impossible (inside ``torch.compile``'s
   tracing), the formula decides.
 - a candidate name (``"rebuild"``, ``"contract"``, ``"einsum"``, ``"split"``): force it (for

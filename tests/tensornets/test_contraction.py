@@ -85,8 +85,9 @@ def test_switching_batch_size_picks_the_cheaper_strategy(monkeypatch):
 
 
 def test_mpo_strategy_follows_the_measured_order():
-    # benchmarks/bench_layers.py, 4096^2, modes 8^4 on CPU: at r = 16 the split into two GEMMs is the
-    # fastest at B = 1 and B = 512 (0.21 / 63 ms vs einsum 0.31 / 103 ms and rebuild + GEMM 92 ms);
+    # benchmarks/bench_layers.py, 4096^2, modes 8^4, forward on CPU: at r = 16 the split into two GEMMs is the
+    # fastest at B = 1 and B = 512 on an AMD EPYC (0.21 / 63 ms vs einsum 0.31 / 103 ms and rebuild + GEMM 92 ms;
+    # on the Intel Xeon of benchmarks/results/layers.md it ties rebuild + GEMM at B = 512);
     # at r = 32, B = 512 its hidden (B x 64 x r x 64) outweighs W and rebuild + GEMM wins.
     def mpo(rank):
         return tensornets.MPO.empty(4096, 4096, in_modes=(8, 8, 8, 8), out_modes=(8, 8, 8, 8), ranks=(rank,) * 3)
