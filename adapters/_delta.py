@@ -611,6 +611,7 @@ def _check_shared_keys(
     if not shared:
         return
     expected = expected_checkpoint_keys(tuner_cls, model, adapter_name)
+
     def groups(keys) -> list[str]:
         found = set()
         for key in keys:

@@ -60,7 +60,7 @@ class ContractionPlan:
     path: tuple[int, ...]
     flops: int
     traffic: int
-    backward_traffic: int = 0
+    backward_traffic: int
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         """Contract ``operands`` along the planned path (one C++ call, no path search)."""

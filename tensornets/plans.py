@@ -21,7 +21,7 @@ Which candidate runs is decided per (layer, batch bucket, device, dtype, trainin
 A forward that autograd records (grad mode on, and the input or a core requires grad: training)
 has plans of its own, chosen on forward + backward: the formula adds each candidate's
 ``backward_flops`` and ``backward_traffic``, the measurement times the forward and the gradients
-of the input and every core. A plan can be right for inference and wrong for training: on MPO
+of the input and of the cores that require grad. A plan can be right for inference and wrong for training: on MPO
 4096², 4 cores, r = 16, 512 rows, the split into two GEMMs, the formula's forward plan, runs the
 forward as fast as rebuild + GEMM (53.6 against 52.3 ms) but the training step 1.2x slower (224
 against 186 ms), and it keeps the B x 64 x 64 x r hidden product for backward, twice the rebuilt W
@@ -110,14 +110,21 @@ class Plan:
     backward_flops, backward_traffic : int
         The same for the backward of the plan's steps (gradients of the input and of every core),
         what a training step adds: the formula ranks plans on forward + backward when autograd
-        records the forward (:meth:`cost` with ``grad=True``).
+        records the forward (:meth:`cost` with ``grad=True``). Not given: twice the forward's
+        (each product has two of its size in the backward).
     """
 
     name: str
     flops: int
     traffic: int
-    backward_flops: int = field(default=0, kw_only=True)
-    backward_traffic: int = field(default=0, kw_only=True)
+    backward_flops: int | None = field(default=None, kw_only=True)
+    backward_traffic: int | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.backward_flops is None:
+            object.__setattr__(self, "backward_flops", 2 * self.flops)
+        if self.backward_traffic is None:
+            object.__setattr__(self, "backward_traffic", 2 * self.traffic)
 
     @property
     def label(self) -> str:

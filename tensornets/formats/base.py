@@ -64,8 +64,9 @@ TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 64}
 
 #: ``strategy="measure"`` times only the candidates whose formula cost is within this factor of the cheapest one's.
 #: The measured winner's cost was within 1.9x (forward) and 2.1x (training step) of the cheapest on every size, rank,
-#: batch and format of benchmarks/results/layers.md; the plans it skips are the ones that take seconds and gigabytes
-#: on a large bucket (MPO 4096², 4 cores, r=16, 4096 rows: split@3 4.8 s per call against 0.7 s for rebuild).
+#: batch and format of benchmarks/results/layers.md; on a large bucket a plan that far behind takes seconds and
+#: gigabytes per call. Plans the formula underrates are cut short by :data:`PROBE_FACTOR` instead (MPO 4096²,
+#: 4 cores, r=16, 4096 rows: split@3, costed 2.4x the cheapest, 5.5 s per call against 0.7 s for rebuild).
 MEASURE_CUTOFF = 4.0
 #: while measuring, a candidate whose second call takes over this factor times the fastest candidate timed so far is
 #: recorded at that call and not sampled further
@@ -181,12 +182,10 @@ class Factorization(nn.Module, ABC):
         """
 
     def _contract_candidates(self, batch: int) -> list[Plan]:
-        """The contractions through the cores for ``batch`` rows (default: the format's one ``_contract``).
-
-        Its backward is estimated as twice its forward (each product of the contraction has two of its size
-        in the backward, each moving about twice what it moved forward)."""
+        """The contractions through the cores for ``batch`` rows (default: the format's one ``_contract``, whose
+        backward :class:`~tensornets.plans.Plan` estimates as twice its forward)."""
         flops, traffic = self._contract_cost(batch)
-        return [ContractPlan("contract", flops, traffic, backward_flops=2 * flops, backward_traffic=2 * traffic)]
+        return [ContractPlan("contract", flops, traffic)]
 
     def _rebuild_backward_cost(self) -> tuple[int, int]:
         """``(flops, traffic)`` of the backward of :meth:`_dense` (``∂W`` to the cores); default twice the forward."""
@@ -341,7 +340,7 @@ class Factorization(nn.Module, ABC):
     def _measure(self, bucket: int, device: torch.device, dtype: torch.dtype, timer: Timer, grad: bool = False) -> Plan:
         """Time the candidates on ``bucket`` random rows, record the fastest, return it.
 
-        ``grad``: time forward + backward (gradients of the input and of every core). Candidates whose formula
+        ``grad``: time forward + backward (gradients of the input and of the cores that require grad). Candidates whose formula
         cost is over :data:`MEASURE_CUTOFF` times the cheapest one's are not timed (on a large bucket such a plan
         takes seconds and its intermediates gigabytes, and the formula's ranking is never that far off); the others
         are timed cheapest first, and one whose second call is over :data:`PROBE_FACTOR` times slower than the
@@ -356,7 +355,7 @@ class Factorization(nn.Module, ABC):
         x = torch.randn(bucket, self.padded_in, device=device, dtype=dtype, generator=gen)
         if grad:
             x.requires_grad_(True)
-            wrt = (x, *self.parameters())
+            wrt = (x, *(p for p in self.parameters() if p.requires_grad))  # frozen cores have no gradient
             dy = torch.randn(bucket, self.padded_out, device=device, dtype=dtype, generator=gen)
 
             def run(c: Plan) -> object:

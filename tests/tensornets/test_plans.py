@@ -232,3 +232,19 @@ def test_wisdom_of_another_machine_is_not_used(wisdom_file, monkeypatch):
     assert wisdom.lookup("k") is None
     wisdom.record("k", "einsum", {"einsum": 1.0})  # both machines' entries are kept side by side
     assert len(json.loads(wisdom_file.read_text())["machines"]) == 2
+
+
+def test_training_measure_with_frozen_cores_times_the_input_gradient(wisdom_file):
+    # a frozen factorized base under a trainable input (an adapter above it): autograd records the forward, and the
+    # measurement must not ask for gradients of cores that have none
+    fact = _mpo().set_strategy("measure").requires_grad_(False)
+    x = torch.randn(3, IN, dtype=torch.float64, requires_grad=True)
+    y = fact(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert_close(gx, fact.to_dense().sum(0).expand(3, -1))
+    assert fact._plans and all(key[-1] for key in fact._plans)  # the plan of a recorded forward
+
+
+def test_a_plan_without_backward_costs_counts_twice_its_forward():
+    plan = plans.ContractPlan("contract", 10, 3)
+    assert (plan.backward_flops, plan.backward_traffic) == (20, 6) and plan.cost(2.0, grad=True) == 3 * 10 + 3 * 2 * 3
