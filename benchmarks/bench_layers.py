@@ -580,8 +580,8 @@ def main(argv=None) -> None:
         md += stack_table(stacks)
     md += ["", "## Plans: formula and measured choice vs each plan forced", "",
            "`formula` = the default strategy (cost model: FLOPs + "
-           f"{traffic_weight('cpu')} x elements moved); `measured` = `strategy='measure'` after `tune([B])` (each "
-           "candidate timed once, the fastest kept); the other columns force one plan by name (`set_strategy`): "
+           f"{traffic_weight('cpu')} x elements moved); `measured` = `strategy='measure'` after `tune([B])` (the "
+           "candidates timed once, cheapest by the formula first, those far behind skipped; the fastest kept); the other columns force one plan by name (`set_strategy`): "
            "`rebuild` = rebuild W then one GEMM, `einsum` = the planned einsum over x and every core, `split` = the "
            "MPO's cheapest split into two GEMMs (by the formula), `contract` = the format's own contraction (low rank, "
            f"BTT). `tune s` = the time `tune` took. {strat_rounds} interleaved rounds per row (the measured variant "
