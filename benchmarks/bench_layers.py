@@ -53,7 +53,8 @@ gradient is one such 4096-element loop) took 7.9 ms per call instead of 0.29 ms 
 process, while eager stayed at 0.20 ms, and with ``torch.set_num_threads(1)`` compiled stayed at 0.30 ms.
 
 Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
-``benchmarks/results/layers.json`` (raw medians and every sample); ``--quick`` writes
+``benchmarks/results/layers.json`` (raw medians and every sample; ``flops`` is the model's count for the plan
+the row runs, forward + backward on ``forward+backward`` rows); ``--quick`` writes
 ``layers_quick.md`` / ``layers_quick.json`` instead so it never overwrites a full run.
 """
 
@@ -253,7 +254,7 @@ def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], f
                 row = {
                     "n": n, "rank": rank, "B": B, "mode": mode, "format": fmt,
                     "modes": [list(f.out_modes), list(f.in_modes)], "ranks": list(f.ranks),
-                    "params": f.num_parameters, "dense_params": n * n, "flops": f.flops(B),
+                    "params": f.num_parameters, "dense_params": n * n, "flops": f.flops(B, grad=mode != "forward"),
                     "strategy": f.strategy(B, grad=mode != "forward"), "loadavg_1min": os.getloadavg()[0],
                 }
                 for stat in ("median", "min"):

@@ -240,10 +240,15 @@ class Factorization(nn.Module, ABC):
         best = cheapest(contract, traffic_weight(self._device_type()))
         return {"contract": (best.flops, best.traffic), "rebuild": (rebuild.flops, rebuild.traffic)}
 
-    def flops(self, batch: int) -> int:
-        """FLOPs of ``forward`` on ``batch`` rows, for the plan it uses (see :meth:`strategy`)."""
-        label = self._plan(batch_bucket(batch)).label
-        return next(c.flops for c in self._candidates(batch) if c.label == label)
+    def flops(self, batch: int, grad: bool = False) -> int:
+        """FLOPs of ``forward`` on ``batch`` rows, for the plan it uses (see :meth:`strategy`).
+
+        ``grad=True``: forward + backward FLOPs (gradients of the input and every core) of the plan a
+        forward that autograd records uses, i.e. the model's cost of one training step of the layer.
+        """
+        label = self._plan(batch_bucket(batch), grad=grad).label
+        plan = next(c for c in self._candidates(batch) if c.label == label)
+        return plan.flops + plan.backward_flops if grad else plan.flops
 
     def uses_rebuild(self, batch: int) -> bool:
         """Whether ``forward`` on ``batch`` rows rebuilds ``W`` and runs one GEMM."""
