@@ -39,6 +39,12 @@ Decisions where the formats leave a choice:
 - Sparse weights (2:4, magnitude pruning) are stored dense: compressed-tensors 0.20 has no sparse compressor any
   more (``sparse-24-bitmask`` / ``sparse-bitmask`` survive only as legacy config names; ``ModelCompressor`` writes
   ``sparsity_config: {}``).
+- Models that transformers converts on load (Mixture-of-Experts checkpoints stored per expert, fused into 3-D
+  ``experts.gate_up_proj`` / ``down_proj`` parameters in memory; q/k/v split from a fused tensor) are written in
+  their in-memory layout when they have packed layers (``save_pretrained(..., save_original_format=False)``):
+  beside a ``quantization_config``, transformers 5's loader does not run those conversions (the per-expert layout
+  fails with "Concatenate on tensors destined for ...experts.gate_up_proj. Ckpt contains: 0"), while the in-memory
+  names load as they are. Without packed layers the original layout is kept.
 - Factorized layers (low rank, tensor formats) are not a transformers layer type: use
   :func:`compress.save_compressed` for them (config, tokenizer, weights and a manifest;
   :func:`compress.load_compressed_directory` reloads that directory alone).
@@ -320,6 +326,21 @@ def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dt
     return state, packed
 
 
+def _has_weight_converters(model: nn.Module) -> bool:
+    """Whether transformers converts some of ``model``'s tensors between checkpoint and memory by more than a
+    renaming (splits, concatenations: MoE experts, fused q/k/v), which it cannot do beside packed layers on load."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # a transformers without load-time conversions writes what it loads
+        return False
+    # what save_pretrained reverts: the conversions of the load, or the architecture's own
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    return any(isinstance(c, WeightConverter) for c in conversions or ())
+
+
 def save_hf_directory(
     model: nn.Module,
     path: str | os.PathLike,
@@ -422,7 +443,9 @@ def save_hf_directory(
     try:
         if hasattr(model.config, "quantization_config"):  # e.g. a GGUF-loaded model's: not what is written here
             del model.config.quantization_config
-        model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
+        # (a transformers without load-time conversions has no save_original_format either)
+        layout = {"save_original_format": False} if packed and _has_weight_converters(model) else {}
+        model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True, **layout)
     finally:
         model.config = original_config
     _write_config(out, dtype, packable, linear_names, dequantize_on_load)

@@ -193,6 +193,9 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "names; 'auto' = all-linear for the methods that keep dense weights (rtn, gptq, prune24, magnitude, "
                    "sparsegpt), mlp for the factorizing methods "
                    "(default: auto)")
+    g.add_argument("--exclude", default=None, metavar="SPEC",
+                   help="layers to leave out of --targets: a comma-separated list of module names or suffixes "
+                   "(shared_expert_gate), or a regex matching full names (default: none)")
 
     g = p.add_argument_group("EoRA compensation")
     g.add_argument("--eora-rank", type=_int_at_least(0, "residual rank; 0 disables compensation"),
@@ -260,6 +263,11 @@ def _target_spec(text: str, method: str) -> str | list[str]:
         return "all-linear" if get_compressor(method).kind == "dense" else MLP
     if text in (MLP, "all-linear"):
         return text
+    return _names_or_regex(text)
+
+
+def _names_or_regex(text: str) -> str | list[str]:
+    """``"q_proj,v_proj"`` -> a list of names or suffixes; anything else that is not a plain name is a regex."""
     if "," in text or text.replace("_", "").replace(".", "").isalnum():
         return [t.strip() for t in text.split(",") if t.strip()]
     return text
@@ -328,6 +336,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError as err:
             parser.error(f"argument --pattern: {err}")
     args.target_spec = _target_spec(args.targets, args.method)
+    args.exclude_spec = None if args.exclude is None else _names_or_regex(args.exclude)
     args.threads = _threads(parser, args.threads)
     _check_outputs(parser, args)
     return args
@@ -532,8 +541,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                                            **_user_texts(args))
         except ValueError as err:
             # token_slices names its arguments; on the command line they are flags
-            flags = re.sub(r"\b(calib_tokens|eval_tokens|seq_len)(?=[=<])",
-                           lambda m: "--" + m.group(1).replace("_", "-") + " ", str(err))
+            flags = re.sub(r"\b(calib_tokens|eval_tokens|seq_len)(<=|>=|=|<)",
+                           lambda m: "--" + m.group(1).replace("_", "-") + " " + ("" if m.group(2) == "=" else
+                                                                                 m.group(2) + " "), str(err))
             raise SystemExit(f"tensornets compress: error: {flags}") from None
 
     try:
@@ -542,11 +552,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                        pattern=args.pattern, sparse_bits=args.sparse_bits)
         reads = get_compressor(args.method).reads  # the CLI's own defaults of the options this method ignores stay out
         config = CompressionConfig(
-            method=args.method, keep=args.keep, target_modules=args.target_spec,
+            method=args.method, keep=args.keep, target_modules=args.target_spec, exclude_modules=args.exclude_spec,
             **{k: v for k, v in options.items() if reads is None or k in reads},
             scale_dtype=EXPORT_DTYPES[args.export_dtype],  # the exported directory holds exactly the evaluated weights
         )
-        targets = find_targets(model, config.target_modules)
+        targets = find_targets(model, config.target_modules, config.exclude_modules)
     except ValueError as err:
         raise SystemExit(_cli_error(err)) from None
     _check_eora_rank(args.eora_rank, targets)
@@ -597,8 +607,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device),
         "method": args.method,
         "path": path.describe(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("target_spec",)},
-        "targets": {"spec": args.target_spec, "layers": len(targets),
+        "config": {k: v for k, v in vars(args).items() if k not in ("target_spec", "exclude_spec")},
+        "targets": {"spec": args.target_spec, "exclude": args.exclude_spec, "layers": len(targets),
                     "kinds": sorted({layer_kind(m) for m in targets.values()})},
         "data": {"calib_sequences": len(calib), "eval_sequences": len(held_out), "seq_len": args.seq_len},
         "perplexity": ppl,
@@ -629,6 +639,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 #: the library's argument names in error messages -> the flags that set them (``group_size=None`` is ``0`` here)
 _FLAG_OF = {"target_modules=": "--targets ", "target_modules entry": "--targets entry",
+            "exclude_modules=": "--exclude ",
             "group_size=None": "--group-size 0", "group_size=": "--group-size ", "bits=": "--bits ",
             "sparsity=": "--sparsity ", "sparse_bits=": "--sparse-bits ", "percdamp=": "--damp ", "keep=": "--keep "}
 
@@ -653,7 +664,8 @@ def _check_eora_rank(rank: int, targets: dict) -> None:
         name, full = min(over.items(), key=lambda kv: kv[1])
         raise SystemExit(f"tensornets compress: error: --eora-rank {rank} exceeds min(out, in) = {full} of layer "
                          f"{name!r} ({len(over)} targeted layer{'s' if len(over) > 1 else ''} that small); pass "
-                         f"--eora-rank <= {min(over.values())}")
+                         f"--eora-rank <= {min(over.values())}, or leave such layers out with --exclude "
+                         f"{name.rsplit('.', 1)[-1]}")
 
 
 def _warn_if_too_few_tokens(calib: list, targets: dict, activation_aware: bool) -> None:
@@ -879,7 +891,8 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
     lines = [
         "",
         f"tensornets compress: {s['model']}",
-        f"  compressor   {what}, on {s['targets']['layers']} layers ({_describe_spec(s['targets']['spec'])})",
+        f"  compressor   {what}, on {s['targets']['layers']} layers ({_describe_spec(s['targets']['spec'])}"
+        + (f"; excluded: {_describe_spec(s['targets']['exclude'])}" if s["targets"]["exclude"] else "") + ")",
         "  compensation " + (f"{args.eora_method} r={args.eora_rank}" + (" and sequential EoRA" if args.sequential else "")
                               + (f", {args.eora_rounds} rounds with the compressor" if args.eora_rounds else "")
                               if args.eora_rank else "none"),

@@ -75,7 +75,15 @@ from compress.eora import (
 from compress.eora_rounds import check_rounds, refine_rounds
 from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
-from compress.targets import check_not_shared, dense_weight, find_targets, layer_kind, replace_module, unwrap_compiled
+from compress.targets import (
+    check_not_shared,
+    dense_weight,
+    exact_names,
+    find_targets,
+    layer_kind,
+    replace_module,
+    unwrap_compiled,
+)
 
 #: keyword arguments of a block that hold a KV cache: dropped from the captured inputs (every pass starts afresh)
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -287,7 +295,7 @@ def compress_blocks(
         raise ValueError("a model with offloaded blocks cannot be copied: pass inplace=True")
     work = model if inplace else copy.deepcopy(model)
     blocks = work.get_submodule(path)
-    work_targets = find_targets(work, list(targets))
+    work_targets = find_targets(work, exact_names(list(targets)))
     per_block = [{n[len(f"{path}.{i}."):]: m for n, m in work_targets.items() if n.startswith(f"{path}.{i}.")}
                  for i in range(len(blocks))]
 
@@ -526,7 +534,9 @@ def _process_block(
                 dense_stats = accumulate_stats(_Feed(dense, dense_h, kwargs, next_dense),
                                                {n: dense.get_submodule(n) for n in names}, batches, progress=False)
                 dense_h.clear()  # consumed (see below)
-        block_config = dataclasses.replace(config, target_modules=names, exclude_modules=None)
+        # the layers by their exact block-relative names: a list would select by suffix ("output.dense" is also
+        # "attention.output.dense")
+        block_config = dataclasses.replace(config, target_modules=exact_names(names), exclude_modules=None)
         block_report = compress_model(block, block_config, comp_stats, inplace=True, progress=False)
         if not rounds:  # free the codes and statistics before the residuals are fitted (the peak of the block)
             layers, quantized = _packed(block_report)
@@ -539,7 +549,7 @@ def _process_block(
             dense_h.clear()
         elif eora_rank:
             adapter = eora_compensate(dense, block, dense_stats, rank=eora_rank, method=eora_method, ridge=ridge,
-                                      target_modules=names, progress=False)
+                                      target_modules=exact_names(names), progress=False)
             if rounds:
                 block_report, adapter = refine_rounds(dense, block, block_report, adapter, comp_stats, dense_stats,
                                                       rounds, ridge=ridge, storage_dtype=storage_dtype)

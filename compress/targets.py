@@ -8,6 +8,7 @@ Supported layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 style, weight s
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,17 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def exact_names(names: Sequence[str]) -> str:
+    """A ``target_modules`` regex that selects exactly the modules called ``names``.
+
+    A list of names selects by suffix (PEFT's rule): within one decoder block ``["output.dense"]`` also selects
+    ``attention.output.dense``. Code that has resolved its layers already passes them on with this instead.
+    """
+    if not names:
+        raise ValueError("names is empty: there is no layer to select")
+    return "|".join(re.escape(n) for n in names)
+
+
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper holds (``model._orig_mod``), or ``model`` itself.
 
@@ -56,9 +68,42 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def fused_weights(model: nn.Module) -> dict[str, int]:
+    """Modules holding weights that compression cannot target, name -> their parameter count.
+
+    These are parameters of three or more dimensions owned by a module that is not a convolution: transformers 5
+    keeps a mixture's experts as such tensors (``MixtralExperts.gate_up_proj``, ``(experts, 2 · inter, hidden)``),
+    not as ``nn.Linear`` layers. Target selection leaves them out; callers say so.
+    """
+    found = {}
+    factorized = [n + "." for n, m in model.named_modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d))]
+    for name, module in model.named_modules():
+        # convolution kernels are 4-D; a factorized layer's cores are targeted through the layer (their
+        # containers, and an adapter's, are parameter lists / dicts)
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.ParameterList, nn.ParameterDict)) or any(
+                name.startswith(prefix) for prefix in factorized):
+            continue
+        count = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 3)
+        if count:
+            found[name] = count
+    return found
+
+
+def _warn_fused(model: nn.Module, target_modules: str) -> None:
+    """Warn that ``target_modules`` leaves the model's fused 3-D weights (:func:`fused_weights`) dense."""
+    fused = fused_weights(model)
+    if fused:
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in fused})
+        warnings.warn(f"target_modules={target_modules!r} leaves {sum(fused.values()):,} parameters dense: "
+                      f"{len(fused)} {'/'.join(kinds)} module(s) ({list(fused)[:2]}) hold them as fused 3-D tensors "
+                      "(a mixture's experts), and compression supports nn.Linear, Conv1D and Conv2d layers only",
+                      UserWarning, stacklevel=3)
+
+
 #: where transformers architectures keep their feed-forward linears, tried in order by :func:`mlp_targets`
 MLP_PATTERNS = (
-    # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-2; experts too, but not a mixture's router
+    # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, GPT-2; experts held as linears too (a mixture's shared
+    # expert; transformers 4), but not a mixture's router
     r".*\.(mlp|feed_forward|ffn)\.(?!(gate|router|shared_expert_gate)$).*",
     r".*\.(fc1|fc2)",  # OPT (the block's own fc1 / fc2)
     r".*\.(intermediate\.dense|\d+\.output\.dense)",  # BERT-style encoders
@@ -82,11 +127,14 @@ def mlp_targets(model: nn.Module) -> str:
             find_targets(model, pattern)
         except ValueError:
             continue
+        _warn_fused(model, "mlp")
         return pattern
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))][:6]
-    raise ValueError(f"target_modules='mlp' found no feed-forward linears in {type(model).__name__} (none under an "
-                     f"'mlp' / 'feed_forward' / 'ffn' module, no fc1 / fc2); name the layers instead, e.g. from "
-                     f"{names}")
+    fused = fused_weights(model)
+    why = (f"its feed-forward weights are fused 3-D tensors ({list(fused)[:2]}), which compression does not support"
+           if fused else "none under an 'mlp' / 'feed_forward' / 'ffn' module, no fc1 / fc2")
+    raise ValueError(f"target_modules='mlp' found no feed-forward linears in {type(model).__name__} ({why}); name "
+                     f"the layers instead, e.g. from {names}")
 
 
 def find_targets(
@@ -130,6 +178,7 @@ def find_targets(
             n: m for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, Conv1D, FactorizedLinear)) and isinstance(m, types) and n != head
         }
+        _warn_fused(model, target_modules)
     else:
         entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
         found = {}

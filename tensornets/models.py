@@ -562,11 +562,10 @@ def token_slices(
             most = (source.numel() // text_len) * seq_len
             fix = (f"pass {name}<={most}" if most else
                    f"that is less than one window of seq_len={seq_len} ({text_len} text tokens): give more text or "
-                   "a smaller seq_len")
+                   f"pass seq_len<{seq_len}")
             raise ValueError(
                 f"{name}={windows[name] * seq_len} exceeds the text available to it: its "
-                f"{windows[name]} windows need {need[name]} text tokens, {where} gives "
-                f"{source.numel()}; {fix}"
+                f"{windows[name]} windows need {need[name]} text tokens, found {source.numel()} in {where}; {fix}"
             )
         body = source[: need[name]].view(-1, text_len)
         ends = [torch.tensor(prefix, dtype=torch.long).expand(body.shape[0], -1), body,

@@ -270,8 +270,46 @@ def test_mlp_targets_leave_a_mixtures_router_alone():
         vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
         shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2))
-    names = sorted(find_targets(model, mlp_targets(model)))
+    # 4 experts x (gate_up 2·16 x 32 + down 32 x 16) = 6,144 parameters
+    with pytest.warns(UserWarning, match=r"target_modules='mlp' leaves 6,144 parameters dense: 1 Qwen2MoeExperts "
+                      r"module\(s\) \(\['model.layers.0.mlp.experts'\]\) hold them as fused 3-D tensors"):
+        spec = mlp_targets(model)
+    names = sorted(find_targets(model, spec))
     assert names == [f"model.layers.0.mlp.shared_expert.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+
+
+def _tiny_qwen2_moe(tokenizer_dir, path):
+    """A random-init 2-layer Qwen2-MoE (width 32, 4 fused experts, a shared expert and its 1 x 32 gate)."""
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_mixture_says_what_it_leaves_dense_and_exclude_drops_its_gate(tiny_model_dir, tmp_path, capsys):
+    """all-linear on a mixture: its fused 3-D experts stay dense with a warning; the shared expert's 1 x 32 gate
+    caps the EoRA rank at 1, and the refusal names --exclude, which leaves the gate out."""
+    path = _tiny_qwen2_moe(tiny_model_dir, tmp_path / "moe")
+    argv = ["--model-path", str(path), "--method", "rtn", "--bits", "4", "--group-size", "16", "--eora-rank", "4",
+            *SMALL]
+    with pytest.raises(SystemExit, match=r"--eora-rank 4 exceeds min\(out, in\) = 1 of layer "
+                       r"'model.layers.\d.mlp.shared_expert_gate' \(2 targeted layers that small\); pass "
+                       r"--eora-rank <= 1, or leave such layers out with --exclude shared_expert_gate"):
+        cli_main_summary(argv)
+    with pytest.warns(UserWarning, match=r"target_modules='all-linear' leaves 12,288 parameters dense: 2 "
+                      "Qwen2MoeExperts"):
+        summary = cli_main_summary([*argv, "--exclude", "shared_expert_gate"])
+    assert summary["targets"]["exclude"] == ["shared_expert_gate"]
+    # q/k/v/o and the shared expert's gate/up/down in each of 2 layers
+    assert summary["targets"]["layers"] == 14
+    assert "excluded: shared_expert_gate" in capsys.readouterr().out
 
 
 def test_prune24_without_compensation(tiny_model_dir, capsys):

@@ -240,6 +240,45 @@ def test_reload_without_our_packages_gives_the_same_model(tmp_path, dtype):
     assert relative_error(got["peft_logits"], got["logits"]) > 10 * relative_error(got["peft_logits"], compensated)
 
 
+def tiny_mixtral() -> nn.Module:
+    """A random ``MixtralForCausalLM`` (4 experts, fused 3-D expert weights in memory), float32, eval mode."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=62, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False)
+    return MixtralForCausalLM(config).eval()
+
+
+def test_mixture_of_experts_with_packed_layers_reloads_in_its_in_memory_layout(tmp_path):
+    """transformers stores Mixtral's experts per expert and fuses them on load, a conversion its loader does not
+    run beside a quantization_config: the directory holds the fused in-memory tensors and reloads to the same
+    logits; without packed layers the original per-expert layout is kept."""
+    from safetensors import safe_open
+
+    model = tiny_mixtral()
+    quantized = _quantize_model(model, bits=4, group_size=32)
+    assert sorted(quantized) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo")
+    out = tmp_path / "out"
+    save_hf_directory(model, out, quantized=quantized, dtype=torch.float32)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys and not any(".experts.0." in k for k in keys)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 62, (2, 16))
+    got = _reload_elsewhere(tmp_path, out, ids)
+    with torch.no_grad():
+        assert_close(got["logits"], model(ids).logits, tol=1e-5, what="reloaded logits")
+    for name, qw in quantized.items():
+        assert torch.equal(got[f"{name}.weight"], qw.dequantize()), name
+
+    dense = tmp_path / "dense"
+    save_hf_directory(tiny_mixtral(), dense, dtype=torch.float32)
+    with safe_open(str(dense / "model.safetensors"), "pt") as f:
+        assert any(".block_sparse_moe.experts.0." in k for k in f.keys())
+
+
 def test_bf16_export_error_is_the_bf16_evaluation_error(tmp_path):
     """Against the float32 in-memory model, the bf16 directory is as close as the in-memory model cast to bf16.
 

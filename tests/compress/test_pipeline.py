@@ -233,6 +233,28 @@ def test_blocks_called_with_positional_arguments(build, recwarn):
         assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
 
 
+@pytest.mark.parametrize("eora_rank", [0, 4])
+def test_targets_whose_names_end_another_layers_name_select_only_themselves(eora_rank):
+    """BERT's FFN output ``output.dense`` is also the end of ``attention.output.dense``: each block compresses
+    exactly the layers the model-level regex selected, as the whole-model path does."""
+    model = _bert()
+    ffn = r".*layer\.\d+\.(intermediate|output)\.dense"
+    config = CompressionConfig(method="rtn", bits=3, group_size=16, target_modules=ffn)
+    selected = sorted(find_targets(model, ffn))
+    assert len(selected) == 4
+    out = compress_blocks(model, config, calib(), eora_rank=eora_rank, progress=False)
+    assert out.block_path == "encoder.layer"
+    assert sorted(r.name for r in out.report.layers) == selected
+    if eora_rank:
+        assert sorted(out.eora.factors) == selected
+    for i in range(2):
+        name = f"encoder.layer.{i}.attention.output.dense.weight"
+        assert torch.equal(out.model.state_dict()[name], model.state_dict()[name]), name
+    expected, _ = whole_model(model, config, calib())
+    for name, tensor in expected.model.state_dict().items():
+        assert torch.equal(out.model.state_dict()[name], tensor), name
+
+
 class _VarArgsBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -73,9 +73,10 @@ def test_windows_keep_bos_and_read_consecutive_text():
     assert all(w[0, 0] == 1 for w in held_out)
     # evaluation keeps its pydoc half when only the calibration text is replaced
     assert all(torch.equal(a, b) for a, b in zip(held_out, token_slices(tok, 0, 2 * 16, 16)[1]))
-    with pytest.raises(ValueError, match="calib_tokens=6400 exceeds the text available"):
+    with pytest.raises(ValueError, match="calib_tokens=6400 exceeds the text available to it: its 400 windows need "
+                                         "6000 text tokens, found 3 in the calibration texts; that is less"):
         token_slices(tok, 400 * 16, 0, 16, calib_texts=["w1 w2 w3"])
-    with pytest.raises(ValueError, match="less than one window of seq_len=16 .* give more text or a smaller seq_len"):
+    with pytest.raises(ValueError, match="less than one window of seq_len=16 .* give more text or pass seq_len<16"):
         token_slices(tok, 2 * 16, 0, 16, calib_texts=["w1 w2 w3"])
     with pytest.raises(ValueError, match="leaves no room"):
         token_slices(_BosEos(), 4, 0, 2)
@@ -152,7 +153,11 @@ def test_cli_data_errors_name_the_flag(bos_model_dir, tmp_path, flag, capsys):
               "--eval-tokens", "640", "--seq-len", "32", "--no-progress"])
     message = str(err.value)
     assert "exceeds the text available" in message and "_tokens" not in message, message
-    assert "--calib-tokens" in message or "--eval-tokens" in message
+    assert ("--calib-tokens 640 exceeds" in message or "--eval-tokens 640 exceeds" in message), message
+    assert " =" not in message and "seq_len" not in message, message
+    with pytest.raises(SystemExit, match=r"one window of --seq-len 64 .* give more text or pass --seq-len < 64"):
+        main(["--model-path", str(bos_model_dir), flag, str(tmp_path / "short.txt"), "--calib-tokens", "64",
+              "--eval-tokens", "64", "--seq-len", "64", "--no-progress"])
     (tmp_path / "same.txt").write_text(_words(100, 0))
     with pytest.raises(SystemExit, match="both name"):
         main(["--model-path", str(bos_model_dir), "--calib-data", str(tmp_path / "same.txt"), "--eval-data",
