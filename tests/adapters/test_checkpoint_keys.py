@@ -10,7 +10,6 @@ from adapters._delta import legacy_checkpoint_keys
 from adapters.loretta import LoRETTAAdpModel, LoRETTARepModel
 from adapters.lotr import LoTRModel
 from adapters.mos import MoSModel
-from peft import get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 QUERY = "base_model.model.encoder.layer.0.attention.self.query"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tensornets
 from tensornets import FactorizedLinear, init_factorization_, mup_param_groups
 
 CASES = [

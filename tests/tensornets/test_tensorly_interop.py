@@ -12,7 +12,7 @@ from tensorly.tucker_tensor import TuckerTensor, tucker_to_tensor
 
 import tensornets
 from tensornets import Factorization
-from tensornets.tensorly_interop import from_tensorly, to_tensorly
+from tensornets.tensorly_interop import from_tensorly
 from format_cases import IN, OUT, low_rank_plus_noise
 from tolerance import assert_close
 
