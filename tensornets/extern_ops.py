@@ -48,8 +48,10 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.bmm(a, b)`` for ``a: (k, p, m)``, ``b: (k, m, n)``; the same numbers in eager and compiled code.
 
     While ``torch.compile`` traces a CPU product with ``p == 1``, it goes through the opaque ``tensornets::bmm`` so
-    that inductor keeps the BLAS call (see the module docstring); otherwise this is ``torch.bmm`` itself.
+    that inductor keeps the BLAS call (see the module docstring); otherwise, ``torch.export`` included, this is
+    ``torch.bmm`` itself.
     """
-    if torch.compiler.is_compiling() and a.device.type == "cpu" and a.shape[1] == 1:
+    # not while exporting: an exported program must hold only ATen ops (a plain torch loads it without this package)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and a.device.type == "cpu" and a.shape[1] == 1:
         return _opaque_bmm(a, b)
     return torch.bmm(a, b)

@@ -437,10 +437,11 @@ class Factorization(nn.Module, ABC):
             x2 = F.pad(x2, (0, self.padded_in - self.in_features))
         # no rows: the one-row plan still runs, so that y keeps its graph and backward gives zero
         # gradients, as nn.Linear does
-        batch = max(x2.shape[0], 1)
+        # (int(): torch.jit.trace records sizes as tensors; its graph is fixed to this batch's plan anyway)
+        batch = max(int(x2.shape[0]), 1) if torch.jit.is_tracing() else max(x2.shape[0], 1)
         # a forward autograd records (training) runs the plan of least forward + backward cost
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             # Choosing a plan searches einsum paths (opt_einsum), which dynamo cannot trace: it runs
             # eagerly at trace time, and the graph holds only the chosen plan's ops. The batch is
             # compared only with the buckets where the traced ops change (each comparison of a
@@ -451,6 +452,12 @@ class Factorization(nn.Module, ABC):
             structure = self._plan_structure()
             bucket = next((b for b in _traced_change_points(structure, grad) if batch <= b), TRACED_MAX_BUCKET)
             plan = getattr(_TRACED_PLANS, _traced_plan_key(structure, bucket, grad))
+        elif torch.compiler.is_compiling():
+            # Traced without dynamo (non-strict torch.export): Python runs as in eager mode, on fake tensors, so
+            # the layer plans for itself (a meta stand-in cannot be built inside such a trace); nothing is timed,
+            # and the batch is compared only with the change points, as under dynamo.
+            bucket = next((b for b in _change_points(self, grad) if batch <= b), TRACED_MAX_BUCKET)
+            plan = self._plan(bucket, traced=True, grad=grad)
         else:
             plan = self._plan(batch_bucket(batch), grad=grad)
         y = plan.apply(self, x2)
@@ -710,8 +717,14 @@ def _traced_change_points(structure: tuple, grad: bool) -> tuple[int, ...]:
     is the same from 2 rows to a million compiles one graph for a dynamic batch, not one per power of
     two (dynamo's ``recompile_limit``, 8 by default, would stop it at the 9th).
     """
+    return _change_points(_stand_in(structure), grad)
+
+
+def _change_points(planner: Factorization, grad: bool) -> tuple[int, ...]:
+    """The buckets after which ``planner``'s traced plan changes, then ``TRACED_MAX_BUCKET``
+    (see :func:`_traced_change_points`)."""
     buckets = [1 << k for k in range(TRACED_MAX_BUCKET.bit_length())]
-    keys = [_stand_in(structure)._plan(b, traced=True, grad=grad).graph_key for b in buckets]
+    keys = [planner._plan(b, traced=True, grad=grad).graph_key for b in buckets]
     return (*(b for b, k, nxt in zip(buckets, keys, keys[1:]) if k != nxt), TRACED_MAX_BUCKET)
 
 
