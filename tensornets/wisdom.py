@@ -19,7 +19,8 @@ File: ``wisdom.json`` in the cache directory (:func:`tensornets.cache_dir.cache_
   re-reads the file, adds its entry and replaces the file, so concurrent processes keep each
   other's entries.
 - A file that cannot be read or parsed gives a warning and is ignored (it is replaced at the next
-  write).
+  write). A location that cannot be written (a read-only container, an unwritable home) gives one
+  warning: measurements are then remembered by this process only.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any
 
 import torch
 
-from .cache_dir import cache_root, exclusive_lock
+from .cache_dir import CACHE_ENV, cache_root, exclusive_lock
 
 __all__ = ["wisdom_path", "machine_key", "entry_key", "lookup", "record", "forget"]
 
 VERSION = 1
 _loaded: dict[Path, dict[str, Any]] = {}  # path -> parsed file, read once per process
+_unwritable: set[Path] = set()  # files a write failed for (warned once)
 
 
 def wisdom_path() -> Path:
@@ -90,8 +92,9 @@ def _read(path: Path, warn: bool = True) -> dict[str, Any]:
     if path.exists():
         try:
             parsed = json.loads(path.read_text())
-            if not (isinstance(parsed, dict) and parsed.get("version") == VERSION and isinstance(parsed.get("machines"), dict)):
-                raise ValueError(f"expected {{'version': {VERSION}, 'machines': {{...}}}}")
+            if not (isinstance(parsed, dict) and parsed.get("version") == VERSION and isinstance(parsed.get("machines"), dict)
+                    and all(isinstance(entries, dict) for entries in parsed["machines"].values())):
+                raise ValueError(f"expected {{'version': {VERSION}, 'machines': {{machine: {{entry: {{...}}}}}}}}")
             data = parsed
         except (OSError, ValueError) as exc:
             if warn:
@@ -118,22 +121,38 @@ def record(key: str, plan: str, seconds: dict[str, float]) -> None:
     one last read it are kept.
     """
     path = wisdom_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(path.parent):
-        # Read again (other processes may have written since); warn only if this process has not read it yet.
-        read_before = _loaded.pop(path, None) is not None
-        data = _read(path, warn=not read_before)
-        data["machines"].setdefault(machine_key(), {})[key] = {"plan": plan, "seconds": seconds}
-        fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    entry = {"plan": plan, "seconds": seconds}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(path.parent):
+            # Read again (other processes may have written since); warn only if this process has not read it yet.
+            read_before = _loaded.pop(path, None) is not None
+            data = _read(path, warn=not read_before)
+            data["machines"].setdefault(machine_key(), {})[key] = entry
+            _write(path, data)
+    except OSError as exc:
+        # A measurement must not fail a forward: keep it for this process, say once that it is not saved.
+        _read(path, warn=False)["machines"].setdefault(machine_key(), {})[key] = entry
+        if path not in _unwritable:
+            _unwritable.add(path)
+            warnings.warn(f"tensornets cannot write its wisdom file {path} ({exc}); measured plans are remembered by "
+                          f"this process only. Set {CACHE_ENV} to a writable directory to keep them.", RuntimeWarning,
+                          stacklevel=3)
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` atomically (a temporary file in its directory, then ``os.replace``)."""
+    fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def forget() -> None:
     """Drop what this process has read (the next lookup reads the file again); the file is untouched."""
     _loaded.clear()
+    _unwritable.clear()

@@ -205,6 +205,34 @@ def test_corrupt_wisdom_warns_and_is_replaced(wisdom_file):
     wisdom.forget()
     with pytest.warns(RuntimeWarning, match="unreadable"):
         assert wisdom.lookup("k") is None
+    wisdom_file.write_text(json.dumps({"version": 1, "machines": {wisdom.machine_key(): []}}))  # wrong layout inside
+    wisdom.forget()
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert wisdom.lookup("k") is None
+    wisdom.record("k", "rebuild", {"rebuild": 1.0})
+    wisdom.forget()
+    assert wisdom.lookup("k")["plan"] == "rebuild"
+
+
+def test_an_unwritable_cache_measures_and_remembers_in_this_process_only(monkeypatch, tmp_path):
+    # a cache path below a regular file cannot be created, whoever runs the test (root included)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TENSORNETS_CACHE", str(tmp_path / "file" / "cache"))
+    wisdom.forget()
+    timed = []
+    monkeypatch.setattr(tensornets.formats.base, "default_timer", lambda fn: timed.append(fn) or 1.0)
+    fact = _mpo().set_strategy("measure")
+    x = torch.randn(300, IN, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="cannot write its wisdom file .*remembered by this process only"):
+        with torch.no_grad():
+            assert_close(fact(x), x @ fact.to_dense().T)
+    assert timed and wisdom.lookup(fact._wisdom_key(512, *fact._planning_target())) is not None
+    count = len(timed)
+    twin = _mpo().set_strategy("measure")  # the same structure: this process knows the answer
+    with torch.no_grad():
+        twin(x)
+    assert len(timed) == count
+    wisdom.forget()
 
 
 def test_stale_wisdom_entry_is_measured_again(wisdom_file, monkeypatch):
