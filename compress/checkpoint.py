@@ -183,8 +183,16 @@ def save_compressed(
         "layers": _factorized_layers(model),
         "shared": shared,
     }
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    # both files are written aside, then renamed into place: a failed write leaves an earlier checkpoint whole
+    weights_tmp, manifest_tmp = out / f".{WEIGHTS_FILE}.tmp", out / f".{MANIFEST_FILE}.tmp"
+    try:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(weights_tmp, out / WEIGHTS_FILE)
+        os.replace(manifest_tmp, out / MANIFEST_FILE)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        manifest_tmp.unlink(missing_ok=True)
     if architecture is not None:
         config = copy.deepcopy(model.config)
         config.architectures = [architecture]
@@ -296,9 +304,15 @@ def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Ten
                          "again with compress.save_compressed") from None
 
 
-def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -> None:
-    """Put an un-initialized module of each manifest entry's structure at its path (on the replaced module's
-    device and dtype when ``like_replaced``, else wherever the ambient context creates it)."""
+#: what a layer's callers see of it: a rebuilt layer must have the values of the one it replaces
+_INTERFACE = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+              "dilation", "groups")
+
+
+def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -> dict[str, nn.Module]:
+    """An un-initialized module of each manifest entry's structure, by path (on the module it replaces' device and
+    dtype when ``like_replaced``, else wherever the ambient context creates it). ``model`` is not changed."""
+    built = {}
     for name, spec in ckpt.manifest["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -309,16 +323,31 @@ def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -
             new = build_from_spec(spec)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{ckpt.manifest_file}: layer {name!r} has an invalid structure {spec!r} ({e})") from None
+        differ = [f"{a} {getattr(old, a)} (model) vs {getattr(new, a)} (file)" for a in _INTERFACE
+                  if hasattr(old, a) and hasattr(new, a) and getattr(old, a) != getattr(new, a)]
+        if differ:
+            raise ValueError(f"{ckpt.manifest_file}: layer {name!r} was saved with {', '.join(differ)}; build the "
+                             "model of the checkpoint's configuration (e.g. its number of classes)")
         if like_replaced:
             ref = next(old.parameters(), None)
             if ref is not None:
                 new = new.to(ref.device, ref.dtype)
-        replace_module(model, name, new)
+        built[name] = new
+    return built
 
 
-def _check_fit(model: nn.Module, ckpt: _Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """The file holds exactly the model's tensors (aliases excepted), each of the model's shape."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _state_after(model: nn.Module, built: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as it will be once the ``built`` modules replace theirs (the model is not changed)."""
+    state = {k: t for k, t in model.state_dict().items() if not any(k.startswith(n + ".") for n in built)}
+    for name, module in built.items():
+        state.update({f"{name}.{k}": t for k, t in module.state_dict().items()})
+    return state
+
+
+def _check_fit(state: Mapping[str, torch.Tensor], ckpt: _Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """The file holds exactly the model's tensors (aliases excepted), each of the model's shape; every alias names
+    a tensor of the model and a stored one."""
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     shared = ckpt.manifest.get("shared", {})
     missing = sorted(k for k in expected if k not in shapes and k not in shared)
     unexpected = sorted(k for k in shapes if k not in expected)
@@ -330,12 +359,29 @@ def _check_fit(model: nn.Module, ckpt: _Checkpoint, shapes: Mapping[str, tuple[i
             f"unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}; the manifest and the weights must come "
             "from the same compress.save_compressed call"
         )
+    bad = sorted(f"{alias} -> {stored}" for alias, stored in shared.items()
+                 if not (isinstance(alias, str) and isinstance(stored, str) and alias in expected and stored in shapes))
+    if bad:
+        raise ValueError(f"{ckpt.manifest_file}: shared tensors {bad[:5]} name a tensor the model or "
+                         f"{ckpt.weights.name} does not have; rewrite the directory with compress.save_compressed")
 
 
-def _aliases(model: nn.Module, stored: Mapping[str, Any]) -> dict[str, str]:
-    """``alias -> stored name`` for the model's state-dict names absent from ``stored`` whose tensor is shared
-    with one present in it."""
-    state = model.state_dict()
+def _check_dtypes(state: Mapping[str, torch.Tensor], ckpt: _Checkpoint, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every stored tensor is floating where the model's is (and only there), in the manifest's dtype if it
+    records one."""
+    recorded = ckpt.manifest.get("dtype")
+    wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items() if k in state and (
+        t.is_floating_point() != state[k].is_floating_point()
+        or (recorded is not None and t.is_floating_point() and str(t.dtype) != f"torch.{recorded}")))
+    if wrong:
+        want = f"{recorded} (the manifest's dtype)" if recorded is not None else "the model's kind"
+        raise ValueError(f"{ckpt.weights} holds tensors of another dtype than {want}: {wrong[:5]}; the manifest and "
+                         "the weights must come from the same compress.save_compressed call")
+
+
+def _aliases(state: Mapping[str, torch.Tensor], stored: Mapping[str, Any]) -> dict[str, str]:
+    """``alias -> stored name`` for the state-dict names absent from ``stored`` whose tensor is shared with one
+    present in it."""
     by_tensor = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): k
                  for k, t in state.items() if k in stored}
     return {k: by_tensor[key] for k, t in state.items() if k not in stored
@@ -380,15 +426,20 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
     wrapper, base_model = base_model, unwrap_compiled(base_model)  # a torch.compile wrapper: load into its module
     ckpt = _read_checkpoint(path)
     _, shapes = _header(ckpt.weights)
-    _build_layers(base_model, ckpt, like_replaced=True)
+    # everything is checked before base_model is touched: a bad checkpoint leaves it as it was
+    built = _build_layers(base_model, ckpt, like_replaced=True)
+    state = _state_after(base_model, built)
     if "shared" not in ckpt.manifest:  # 0.1.0 did not record the names it left out as shared: find them
-        ckpt = _Checkpoint(ckpt.weights, ckpt.manifest_file, {**ckpt.manifest, "shared": _aliases(base_model, shapes)})
-    _check_fit(base_model, ckpt, shapes)
+        ckpt = _Checkpoint(ckpt.weights, ckpt.manifest_file, {**ckpt.manifest, "shared": _aliases(state, shapes)})
+    _check_fit(state, ckpt, shapes)
+    tensors = _read_tensors(ckpt.weights, "cpu")
+    _check_dtypes(state, ckpt, tensors)
+    for name, module in built.items():
+        replace_module(base_model, name, module)
     # a base built on meta (accelerate.init_empty_weights) takes the loaded tensors as they are; a real one keeps
     # its parameters and copies into them
     state = base_model.state_dict()
     on_meta = any(t.is_meta for t in state.values())
-    tensors = _read_tensors(ckpt.weights, "cpu")
     cast = sorted({f"{t.dtype} -> {state[k].dtype}" for k, t in tensors.items()
                    if not on_meta and k in state and t.dtype != state[k].dtype})
     if cast:
@@ -465,9 +516,12 @@ def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.de
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     with _empty_weights():
         model = cls(config)
-        _build_layers(model, ckpt, like_replaced=False)
-    _check_fit(model, ckpt, shapes)
-    model.load_state_dict(_read_tensors(ckpt.weights, device), strict=False, assign=True)
+        for name, module in _build_layers(model, ckpt, like_replaced=False).items():
+            replace_module(model, name, module)
+    _check_fit(model.state_dict(), ckpt, shapes)
+    tensors = _read_tensors(ckpt.weights, device)
+    _check_dtypes(model.state_dict(), ckpt, tensors)
+    model.load_state_dict(tensors, strict=False, assign=True)
     _tie(model, ckpt.manifest["shared"])
     model.to(device)  # the buffers built at construction
     _refuse_meta_left(model, f"{ckpt.weights} leaves {{}} without values; rewrite the directory with "

@@ -326,6 +326,12 @@ def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dt
     return state, packed
 
 
+def _identity(file: Path) -> tuple[int, int, int]:
+    """``(inode, size, mtime)``: what tells a file from the one written over it."""
+    st = file.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _has_weight_converters(model: nn.Module) -> bool:
     """Whether transformers converts some of ``model``'s tensors between checkpoint and memory by more than a
     renaming (splits, concatenations: MoE experts, fused q/k/v), which it cannot do beside packed layers on load."""
@@ -433,9 +439,10 @@ def save_hf_directory(
     out.mkdir(parents=True, exist_ok=True)
     state, packed = _storage_state_dict(model, packable, dtype)
     # save_pretrained removes stale shards of its own naming but not a single model.safetensors (nor an index)
-    # left by an earlier save: beside new shards, transformers would load the old weights
-    for stale in transformers_weights(out):
-        stale.unlink()
+    # left by an earlier save: beside new shards, transformers would load the old weights. They are removed once
+    # the new weights are written (a failed save leaves the earlier checkpoint whole): every file of the earlier
+    # save that this one did not replace (safetensors writes a new file and renames it over the old one).
+    earlier = {f: _identity(f) for f in transformers_weights(out)}
     # save_pretrained records the in-memory dtype and fills in `architectures` on the model's own config:
     # give it a copy so the caller's model is left as it was.
     original_config = model.config
@@ -448,6 +455,9 @@ def save_hf_directory(
         model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True, **layout)
     finally:
         model.config = original_config
+    for stale, identity in earlier.items():
+        if stale.exists() and _identity(stale) == identity:
+            stale.unlink()
     _write_config(out, dtype, packable, linear_names, dequantize_on_load)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -231,3 +231,78 @@ def test_loading_never_allocates_the_dense_model(tmp_path):
     grown = _peak_rss_bytes() - before
     assert grown < dense_bytes / 8, f"peak RSS grew {grown / 1e6:.0f} MB while loading; dense is {dense_bytes / 1e6:.0f} MB"
     assert isinstance(loaded.model.layers[3].mlp.down_proj, FactorizedLinear)
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _stray_tensor(out: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / WEIGHTS_FILE))
+    tensors["stray"] = torch.zeros(2)
+    save_file(tensors, str(out / WEIGHTS_FILE))
+
+
+def _half_core(out: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / WEIGHTS_FILE))
+    key = next(k for k in tensors if ".factorization." in k)
+    tensors[key] = tensors[key].half()
+    save_file(tensors, str(out / WEIGHTS_FILE))
+
+
+def _alias_of_nothing(out: Path) -> None:
+    _edit_manifest(out, lambda m: m["shared"].update({"lm_head.weight": "model.no_such.weight"}))
+
+
+@pytest.mark.parametrize("damage,match", [
+    (_stray_tensor, r"does not fit .*unexpected keys \['stray'\]"),
+    (_half_core, r"holds tensors of another dtype than float32 \(the manifest's dtype\): \[.*torch.float16"),
+    (_alias_of_nothing, r"shared tensors \['lm_head.weight -> model.no_such.weight'\]"),
+    (lambda out: _edit_manifest(out, _unknown_layer), "lists layer 'model.layers.7.mlp.up_proj'"),
+], ids=["stray-tensor", "dtype", "shared", "unknown-layer"])
+def test_a_checkpoint_that_does_not_fit_leaves_the_base_model_as_it_was(tmp_path, saved_lowrank, damage, match):
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    damage(out)
+    base = tiny_llama(seed=1)
+    before = _state_copy(base)
+    with pytest.raises(ValueError, match=match):
+        load_compressed(base, out)
+    assert not any(isinstance(m, FactorizedLinear) for m in base.modules())
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match=match):  # the directory loader checks the same, before assigning anything
+        load_compressed_directory(out)
+
+
+def test_a_base_whose_layer_has_other_sizes_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 100))
+    stats = collect_activation_stats(model, [torch.randn(64, 32) for _ in range(2)], progress=False)
+    out = save_compressed(compress_model(model, CompressionConfig(method="svd", keep=0.5), stats,
+                                         progress=False).model, tmp_path)
+    base = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10))  # another number of classes
+    with pytest.raises(ValueError, match=r"layer '2' was saved with out_features 10 \(model\) vs 100 \(file\)"):
+        load_compressed(base, out)
+    assert isinstance(base[2], nn.Linear) and base[2].out_features == 10
+
+
+def test_a_failed_resave_leaves_the_earlier_checkpoint_whole(tmp_path, saved_lowrank, monkeypatch):
+    import compress.checkpoint as checkpoint
+
+    model, saved = saved_lowrank
+    out = _copy(saved, tmp_path / "d")
+    other = _compressed("tt", keep=0.5)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.json, "dumps", fail)  # the manifest write fails after the weights are written
+    with pytest.raises(OSError, match="No space left"):
+        save_compressed(other, out)
+    monkeypatch.undo()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    _assert_bitwise_equal(load_compressed_directory(out), model)

@@ -164,6 +164,26 @@ def test_a_resave_into_the_same_directory_leaves_no_stale_weights(tmp_path):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits, want)
 
 
+def test_a_failed_resave_leaves_the_earlier_directory_loadable(tmp_path, monkeypatch):
+    """The earlier weights go only once the new ones are written (a full disk used to leave no weights at all)."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    first = tiny_llama()
+    save_hf_directory(first, tmp_path, dtype=torch.float32)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_directory(tiny_llama(seed=1), tmp_path, dtype=torch.float32, max_shard_size="50KB")
+    monkeypatch.undo()
+    ids = torch.randint(0, 62, (1, 8))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits
+        assert torch.equal(got, first(ids).logits)
+
+
 _RELOAD = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import save_file
