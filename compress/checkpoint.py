@@ -269,7 +269,14 @@ def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
     meta, _ = _header(weights)
     if _V1_HEADER_KEY not in meta:
         raise ValueError(f"{weights} has no compression manifest; was it written by compress.save_compressed?")
-    manifest = json.loads(meta[_V1_HEADER_KEY])
+    try:
+        manifest = json.loads(meta[_V1_HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{weights}: its compression manifest is not valid JSON ({e}); write it again with "
+                         "compress.save_compressed") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
+        raise ValueError(f"{weights}: its compression manifest lacks its 'layers' table; write it again with "
+                         "compress.save_compressed")
     if manifest.get("version") != 1:
         raise ValueError(f"{weights} has manifest version {manifest.get('version')}; this version reads 1 and "
                          f"{_VERSION}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -66,24 +66,51 @@ def save(module: nn.Module, path: str | Path) -> None:
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Read a module written by :func:`save`; parameters keep their saved dtype."""
+    """Read a module written by :func:`save`; parameters keep their saved dtype.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    ValueError
+        Naming ``path``: not a readable safetensors file (corrupt, truncated), no or an unreadable manifest, or
+        tensors that do not fit the structure the manifest describes.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        metadata = f.metadata() or {}
-        if _MANIFEST_KEY not in metadata:
-            raise ValueError(f"{path} has no tensornets manifest; was it written by tensornets.save?")
-        manifest = json.loads(metadata[_MANIFEST_KEY])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raise FileNotFoundError(f"path={str(path)!r} " + ("is a directory; pass the .safetensors file tensornets.save "
+                                                         "wrote" if path.is_dir() else "does not exist"))
+    redo = "; write it again with tensornets.save"
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if _MANIFEST_KEY not in metadata:
+                raise ValueError(f"{path} has no tensornets manifest; was it written by tensornets.save?")
+            raw = metadata[_MANIFEST_KEY]
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated{redo}") from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its tensornets manifest is not valid JSON ({e}){redo}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: its tensornets manifest is not a JSON object{redo}")
     if manifest.get("version") != _VERSION:
         raise ValueError(f"{path} has manifest version {manifest.get('version')}; this tensornets reads version {_VERSION}")
-    module = build_from_spec(manifest)
+    try:
+        module = build_from_spec(manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its manifest describes no module this tensornets can build ({e!r}){redo}") from None
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) == 1:
         module.to(dtype=dtypes.pop())
     module.to(device)
     # assign: each parameter and buffer takes the saved tensor itself, dtype included (a float64 bias
     # next to float32 cores comes back float64, not cast to the module's dtype)
-    module.load_state_dict(tensors, strict=True, assign=True)
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        why = " ".join(str(e).split())  # load_state_dict's message, on one line
+        raise ValueError(f"{path}: its tensors do not fit the module its manifest describes ({why}){redo}") from None
     return module

@@ -196,6 +196,10 @@ def test_release_0_1_0_file_still_loads(tmp_path, saved_lowrank):
     loaded = load_compressed(tiny_llama(seed=1), tmp_path)
     _assert_bitwise_equal(loaded, model)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    for header, match in (("{not json", "manifest is not valid JSON"), ("[1]", "lacks its 'layers' table")):
+        save_model(model, str(tmp_path / "model.safetensors"), metadata={"tensornets.compress": header})
+        with pytest.raises(ValueError, match=match):
+            load_compressed(tiny_llama(seed=1), tmp_path)
 
 
 def _peak_rss_bytes() -> int:

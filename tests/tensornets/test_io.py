@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -75,6 +76,38 @@ def test_load_rejects_foreign_files(tmp_path):
         tensornets.load(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match="cannot save a Linear"):
         tensornets.save(nn.Linear(2, 2), tmp_path / "y.safetensors")
+
+
+def _rewrite(path, edit_tensors=None, edit_manifest=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()["tensornets"]
+    tensors = load_file(str(path))
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_manifest:
+        raw = edit_manifest(raw)
+    save_file(tensors, str(path), metadata={"tensornets": raw})
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), "is not a readable safetensors file .* corrupt or truncated"),
+    (lambda p: _rewrite(p, edit_manifest=lambda raw: "{not json"), "manifest is not valid JSON"),
+    (lambda p: _rewrite(p, edit_manifest=lambda raw: "[1, 2]"), "manifest is not a JSON object"),
+    (lambda p: _rewrite(p, edit_manifest=lambda raw: json.dumps({"version": 1})), "describes no module .*'kind'"),
+    (lambda p: _rewrite(p, edit_tensors=lambda t: t.update(stray=torch.zeros(1))), "do not fit .*stray"),
+    (lambda p: _rewrite(p, edit_tensors=lambda t: t.update(
+        {k: torch.zeros(1) for k in list(t)[:1]})), "do not fit .*size mismatch"),
+], ids=["truncated", "not-json", "not-object", "no-kind", "extra-tensor", "wrong-shape"])
+def test_damaged_files_name_the_file(tmp_path, damage, match):
+    path = tmp_path / "f.safetensors"
+    tensornets.save(tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "tt", rank=3, num_cores=2), path)
+    damage(path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + match):
+        tensornets.load(path)
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        tensornets.load(tmp_path)
 
 
 def test_compiled_layers_save_as_their_module_and_meta_layers_are_refused(tmp_path):
