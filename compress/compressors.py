@@ -80,6 +80,9 @@ class Compressor:
             layer, ``LayerJob -> (k,) tensor``; ``None`` when the method has no rank to allocate.
         validate: checks of the method's own options, ``config -> None`` raising ``ValueError`` (run when the
             config is built, before any work).
+        check_layer: checks that one layer can take the method, ``(name, layer, (out, in), config) -> None`` raising
+            ``ValueError`` naming the layer (a group size that does not divide its width, a pattern, a layer type);
+            :func:`compress.compress_model` runs it on every target before it changes any.
         aliases: other names accepted for it (``"prune24"`` for ``"2:4"``).
         reads: the :data:`QUANT_OPTIONS` fields of :class:`CompressionConfig` the method uses (``bits``,
             ``sparsity``, ...); ``CompressionConfig`` and the CLI refuse the others set away from their defaults
@@ -97,6 +100,7 @@ class Compressor:
     label: Callable[[CompressionConfig], str]
     spectrum: Callable[[LayerJob], torch.Tensor] | None = None
     validate: Callable[[CompressionConfig], None] | None = None
+    check_layer: Callable[[str, nn.Module, tuple[int, int], CompressionConfig], None] | None = None
     aliases: tuple[str, ...] = field(default=())
     help: str = ""
     reads: frozenset[str] | None = None

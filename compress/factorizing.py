@@ -123,23 +123,30 @@ def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScalin
     return FactorizedLinear(fact, _bias(module))
 
 
+def check_tensor_layer(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
+    """``Compressor.check_layer`` of the tensor formats: a Conv2d takes Tucker-2 only, and not whitened."""
+    if not isinstance(module, nn.Conv2d):
+        return
+    if config.whiten:
+        raise ValueError(
+            f"layer {name!r}: whiten=True needs the whitened input to be one factor, but a Conv2d's Tucker-2 input "
+            "factor acts on channels only; use method='whitened_svd' for convolutions"
+        )
+    if config.method != "tucker":
+        raise ValueError(
+            f"layer {name!r} is a Conv2d: method={config.method!r} applies to linear layers; use 'tucker' "
+            "(Tucker-2 on the channels) or a low-rank method, or exclude it"
+        )
+
+
 def compress_tensor(job: LayerJob) -> LayerResult:
     """Tensor-format decomposition of the weight (``whiten=True``: whitened Tucker-2) as a factorized layer."""
     module, W, config, name = job.module, job.weight, job.config, job.name
     size = {k: v for k, v in (("rank", config.rank), ("energy", config.energy), ("keep", config.keep)) if v is not None}
+    check_tensor_layer(name, module, tuple(W.shape), config)
     if config.whiten:
-        if isinstance(module, nn.Conv2d):
-            raise ValueError(
-                f"layer {name!r}: whiten=True needs the whitened input to be one factor, but a Conv2d's Tucker-2 input "
-                "factor acts on channels only; use method='whitened_svd' for convolutions"
-            )
         new = _whitened_tucker(module, W, _scaling(job, "whitened"), config)
     elif isinstance(module, nn.Conv2d):
-        if config.method != "tucker":
-            raise ValueError(
-                f"layer {name!r} is a Conv2d: method={config.method!r} applies to linear layers; use 'tucker' "
-                "(Tucker-2 on the channels) or a low-rank method, or exclude it"
-            )
         new = FactorizedConv2d.from_conv(module, "tucker", **size)
     else:
         fact = decompose(W, config.method, num_cores=config.num_cores, modes=config.modes, svd=config.svd,
@@ -177,5 +184,5 @@ for _name, _kind in LOWRANK_SCALINGS.items():
 for _name in TENSOR_FORMATS:
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_tensor, needs_stats=False, parameters=_parameters,
-        storage_bits=_storage_bits, label=_label, help=_HELP[_name], reads=frozenset(),
+        storage_bits=_storage_bits, label=_label, help=_HELP[_name], reads=frozenset(), check_layer=check_tensor_layer,
     ))

@@ -337,6 +337,17 @@ def _rtn_layer(job: LayerJob) -> LayerResult:
                        quantized=qw)
 
 
+def check_group_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
+    """``Compressor.check_layer`` of the group-wise quantizers: the group size divides the layer's width."""
+    resolve_group_size(config.group_size, shape[1], name)
+
+
+def _check_2_4_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
+    if shape[1] % 4:
+        raise ValueError(f"layer {name!r}: 2:4 pruning needs in_features divisible by 4, got {shape[1]}; exclude "
+                         "this layer or use method='magnitude'")
+
+
 def _check_sparsity(config: CompressionConfig) -> None:
     if not 0.0 <= config.sparsity < 1.0:
         raise ValueError(f"sparsity={config.sparsity} must be in [0, 1): the fraction of weights set to zero")
@@ -345,7 +356,8 @@ def _check_sparsity(config: CompressionConfig) -> None:
 register(Compressor(
     name="rtn", kind="dense", compress_layer=_rtn_layer, needs_stats=False, parameters=dense_parameters,
     storage_bits=lambda shape, n, c: quantized_storage_bits(shape, c.bits, c.group_size, c.symmetric),
-    label=quantizer_label, validate=check_quantizer_options, help="round-to-nearest group-wise quantization",
+    label=quantizer_label, validate=check_quantizer_options, check_layer=check_group_fits,
+    help="round-to-nearest group-wise quantization",
     reads=frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype"}),
 ))
 register(Compressor(
@@ -353,6 +365,7 @@ register(Compressor(
     needs_stats=False, parameters=nonzero_parameters,
     storage_bits=lambda shape, n, c: n * (16 + 2),  # 16-bit values + the 2-bit position of each kept weight in its 4
     label=lambda c: "2:4 pruning", aliases=("prune24",), help="2:4 semi-structured magnitude pruning", reads=frozenset(),
+    check_layer=_check_2_4_fits,
 ))
 register(Compressor(
     name="magnitude", kind="dense",

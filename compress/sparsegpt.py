@@ -29,6 +29,7 @@ from compress.obs import QuantGrid, check_sweep_options, inverse_hessian_factor,
 from compress.quantized import QuantizedWeight
 from compress.sources import (
     check_bits,
+    check_group_fits,
     check_group_size,
     check_observer,
     nonzero_parameters,
@@ -207,6 +208,15 @@ def _check_options(config) -> None:
     check_sweep_options(config.percdamp, config.block_size)
 
 
+def _check_layer(name: str, module: torch.nn.Module, shape: tuple[int, int], config) -> None:
+    n_of_m = parse_pattern(config.pattern)
+    if n_of_m is not None and shape[1] % n_of_m[1]:
+        raise ValueError(f"layer {name!r}: pattern={config.pattern!r} needs in_features ({shape[1]}) to be a multiple "
+                         f"of {n_of_m[1]}; exclude this layer or use pattern='unstructured'")
+    if config.sparse_bits is not None:
+        check_group_fits(name, module, shape, config)
+
+
 def _sparsegpt_parameters(module: torch.nn.Module, config) -> int:
     """Kept weights: the mask's count. With ``sparse_bits`` a kept weight may round to zero, so the nonzeros would
     under-count; the count then follows from the pattern (``N / M`` of every row) or, unstructured, from the
@@ -223,7 +233,7 @@ def _sparsegpt_parameters(module: torch.nn.Module, config) -> int:
 
 register(Compressor(
     name="sparsegpt", kind="dense", compress_layer=_sparsegpt_layer, needs_stats=True, parameters=_sparsegpt_parameters,
-    storage_bits=_sparsegpt_storage_bits, label=_label, validate=_check_options,
+    storage_bits=_sparsegpt_storage_bits, label=_label, validate=_check_options, check_layer=_check_layer,
     help="SparseGPT: pruning (unstructured or N:M) with second-order error feedback, optionally quantized",
     reads=frozenset({"sparsity", "pattern", "sparse_bits", "group_size", "symmetric", "observer", "scale_dtype",
                      "percdamp", "block_size"}),

@@ -195,6 +195,8 @@ def compress_model(
         if not W.is_meta and not torch.isfinite(W).all():
             raise ValueError(f"layer {name!r} has {int((~torch.isfinite(W)).sum())} NaN/inf weights; repair or "
                              "exclude it (exclude_modules=) before compressing")
+        if compressor.check_layer is not None:  # shapes the method cannot take, before any layer is changed
+            compressor.check_layer(name, module, tuple(W.shape), config)
     ranks = _global_ranks(targets, config, stats, config.device, progress) if config.allocation == "global" else {}
     layers, quantized = [], {}
     for name, module in tqdm(targets.items(), desc=f"compress ({config.method})",
@@ -204,7 +206,12 @@ def compress_model(
         W = dense_weight(module).clone()  # dense methods overwrite the weight in place
         job = LayerJob(name, module, W.to(device), config,
                        None if layer_stats is None else layer_stats.to(device), ranks.get(name))
-        result = compressor.compress_layer(job)
+        try:
+            result = compressor.compress_layer(job)
+        except ValueError as err:  # name the layer when the method's message does not
+            if repr(name) in str(err):
+                raise
+            raise ValueError(f"layer {name!r}: {err}") from err
         if result.weight is not None:
             set_dense_weight(module, result.weight)
             new = module

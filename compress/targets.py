@@ -41,6 +41,20 @@ def _supported(module: nn.Module, types: tuple[type, ...]) -> bool:
     return isinstance(module, types)
 
 
+def _is_layer(module: nn.Module) -> bool:
+    """A layer with a weight of its own (a linear or a convolution), not a container matched by a loose pattern."""
+    return isinstance(module, (nn.Linear, Conv1D, nn.modules.conv._ConvNd))
+
+
+def _describe(module: nn.Module) -> str:
+    """The class name, and for a convolution what makes it unsupported (groups, padding mode)."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"Conv2d, groups={module.groups}"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"Conv2d, padding_mode={module.padding_mode!r}"
+    return type(module).__name__
+
+
 def _matches(name: str, spec: str | Sequence[str]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
@@ -189,13 +203,19 @@ def find_targets(
             if not good:
                 available = [n for n, m in model.named_modules() if _supported(m, types)]
                 what = (
-                    f"it matched only unsupported modules {[f'{n} ({type(m).__name__})' for n, m in hits.items()][:4]}"
+                    f"it matched only unsupported modules {[f'{n} ({_describe(m)})' for n, m in hits.items()][:4]}"
                     if hits else "it matched no module"
                 )
                 raise ValueError(
                     f"target_modules entry {entry!r}: {what}; supported layers are "
-                    f"{', '.join(t.__name__ for t in types)} (Conv2d with groups=1), e.g. {available[:6]}"
+                    f"{', '.join(t.__name__ for t in types)} (Conv2d with groups=1 and zero padding), e.g. "
+                    f"{available[:6]}"
                 )
+            skipped = [n for n, m in hits.items() if n not in good and _is_layer(m)]
+            if skipped:
+                warnings.warn(f"target_modules entry {entry!r} also matches {len(skipped)} layer(s) compression does "
+                              f"not support, left as they are: {[f'{n} ({_describe(hits[n])})' for n in skipped][:4]}",
+                              UserWarning, stacklevel=2)
             found.update(good)
     if exclude_modules:
         found = {n: m for n, m in found.items() if not _matches(n, exclude_modules)}
@@ -219,7 +239,20 @@ def check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
         owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
     for name, module in targets.items():
         weight = getattr(module, "weight", None)
-        others = [o for o in owners.get(id(weight), []) if o != name and o not in targets]
+        others = [o for o in owners.get(id(weight), []) if o != name]
+        aliases = [o for o in others if model.get_submodule(o) is module]
+        if aliases:
+            raise ValueError(
+                f"target {name!r} is one module registered under several names ({[name, *aliases]}): replacing it "
+                f"would change {name!r} only; register it once, or exclude it"
+            )
+        tied = [o for o in others if o in targets]
+        if tied:
+            raise ValueError(
+                f"targets {name!r} and {tied[0]!r} share one weight (tied): compressed apart they would be untied "
+                f"and the shared weight counted twice; target one of them (exclude_modules=[{tied[0]!r}]), or "
+                "untie them first"
+            )
         if others:
             raise ValueError(
                 f"target {name!r} shares its weight with {others[0]!r} (tied weights), which compressing it would "

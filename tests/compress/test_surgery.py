@@ -76,6 +76,78 @@ def test_bad_targets_name_the_problem():
         find_targets(depthwise, ["0"])
 
 
+def test_targets_that_share_a_weight_or_a_module_are_refused():
+    from compress.targets import check_not_shared
+
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"targets '0' and '1' share one weight \(tied\).*exclude_modules=\['1'\]"):
+        check_not_shared(tied, find_targets(tied, ["0", "1"]))
+    config = CompressionConfig(method="svd", keep=0.5, target_modules=["0", "1"])
+    with pytest.raises(ValueError, match="share one weight"):
+        compress_model(tied, config)
+    with pytest.raises(ValueError, match="target '0' shares its weight with '1'"):  # the partner is not a target
+        check_not_shared(tied, find_targets(tied, ["0"]))
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.b = self.a
+
+    with pytest.raises(ValueError, match=r"one module registered under several names \(\['a', 'b'\]\)"):
+        compress_model(Aliased(), CompressionConfig(method="svd", keep=0.5, target_modules=["a"]))
+
+
+def test_unsupported_layers_a_pattern_also_matches_are_named():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, padding_mode="reflect"))
+    with pytest.warns(UserWarning, match=r"also matches 2 layer\(s\) .*'1 \(Conv2d, groups=8\)', \"2 \(Conv2d, "
+                      r"padding_mode='reflect'\)\""):
+        assert list(find_targets(model, r"\d")) == ["0"]
+    with pytest.raises(ValueError, match=r"only unsupported modules \[\"2 \(Conv2d, padding_mode='reflect'\)\"\].*"
+                       "Conv2d with groups=1 and zero padding"):
+        find_targets(model, ["2"])
+
+
+def _mlp(*widths: int) -> nn.Sequential:
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@pytest.mark.parametrize("build,config,match", [
+    (lambda: _mlp(64, 64, 48, 8), CompressionConfig(method="rtn", bits=4, group_size=32),
+     r"group_size=32 does not divide in_features=48 of layer '4'"),
+    (lambda: _mlp(64, 64, 48, 8), CompressionConfig(method="gptq", bits=4, group_size=32),
+     r"does not divide in_features=48 of layer '4'"),
+    (lambda: _mlp(64, 64, 48, 8), CompressionConfig(method="sparsegpt", pattern="2:4", sparse_bits=4, group_size=32),
+     r"does not divide in_features=48 of layer '4'"),
+    (lambda: _mlp(64, 64, 6, 8), CompressionConfig(method="2:4"),
+     r"layer '4': 2:4 pruning needs in_features divisible by 4, got 6"),
+    (lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Conv2d(8, 8, 1)),
+     CompressionConfig(method="tt", keep=0.5, target_modules=["0", "2"]),
+     r"layer '2' is a Conv2d: method='tt' applies to linear layers"),
+], ids=["rtn", "gptq", "sparsegpt", "2:4", "tt-conv"])
+def test_a_layer_the_method_cannot_take_is_refused_before_any_layer_changes(build, config, match):
+    torch.manual_seed(0)
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = collect_activation_stats(model, [torch.randn(16, 64)], progress=False) if config.needs_stats else None
+    with pytest.raises(ValueError, match=match):
+        compress_model(model, config, stats, inplace=True, progress=False)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_errors_inside_a_layer_function_name_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
+    with pytest.raises(ValueError, match=r"^layer '0': "):  # Tucker-2 of a conv with a budget below one rank
+        compress_model(model, CompressionConfig(method="tucker", keep=0.01, target_modules=["0"]), progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- methods
 METHOD_CASES = [
     ("svd", dict(keep=0.5)),
