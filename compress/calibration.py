@@ -157,7 +157,12 @@ def layer_inputs(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
     statistics; other inputs (a pooled head's ``(B, n)``, a conv's patches) keep every row.
     """
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        padding = module.padding
+        if isinstance(padding, str):  # 'valid': none; 'same': what the conv pads (the odd element on the right)
+            total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            padding = 0
+        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if mask is not None and x.shape[:-1] == mask.shape:
         return x[mask.to(x.device)]

@@ -44,6 +44,23 @@ def test_conv2d_statistics_are_those_of_unfolded_patches():
     assert_close(y, conv(x))
 
 
+@pytest.mark.parametrize("padding,kernel,dilation", [("same", 3, 1), ("same", 4, 1), ("same", (3, 4), (2, 1)),
+                                                      ("valid", 3, 1)])
+def test_conv2d_with_string_padding_unfolds_the_patches_the_conv_sees(padding, kernel, dilation):
+    """'same' pads dilation·(k − 1) per side pair, the odd element on the right, as the conv does; 'valid' none."""
+    from compress.calibration import layer_inputs
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel, padding=padding, dilation=dilation, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    rows = layer_inputs(conv, x)
+    y = conv(x)
+    patches = (rows @ conv.weight.reshape(5, -1).T + conv.bias).reshape(2, -1, 5).transpose(1, 2).reshape(y.shape)
+    assert_close(patches, y)
+    st = collect_activation_stats(nn.Sequential(conv), [x], target_modules=["0"], progress=False)["0"]
+    assert_close(st.gram, rows.T @ rows)
+
+
 def test_conv1d_and_dict_batches():
     class Block(nn.Module):
         def __init__(self):
