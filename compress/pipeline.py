@@ -302,6 +302,7 @@ def compress_blocks(
     home = compute if compute is not None else _home_device(blocks[0])
     try:
         hidden, kwargs, masks = capture_block_inputs(work, blocks[0], calib_batches, home)
+        check_blocks_chain(work, blocks, calib_batches[0])
     except UnsupportedBlockCall as err:
         if offloaded:
             raise
@@ -411,6 +412,48 @@ def capture_block_inputs(
 
 class UnsupportedBlockCall(ValueError):
     """The model calls its blocks in a way the block pipeline cannot replay (e.g. ``*args`` forwards)."""
+
+
+def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> None:
+    """Raise :class:`UnsupportedBlockCall` unless block 1's input is block 0's output (on one calibration batch).
+
+    The pipeline feeds each block the previous block's output. A model that transforms the hidden states between
+    its blocks (``h = 3 h + block(tanh(h))``) would be compressed on inputs it never produces.
+    """
+    if len(blocks) < 2:
+        return
+    seen: dict[str, torch.Tensor] = {}
+
+    def output(_module: nn.Module, _args: tuple, out: Any) -> None:
+        seen["out"] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+    def next_input(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+        seen["in"] = _by_name(blocks[1], args, kw)[0].detach()
+        raise StopForward
+
+    handles = [blocks[0].register_forward_hook(output), blocks[1].register_forward_pre_hook(next_input, with_kwargs=True)]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache is not None:
+            config.use_cache = False
+        with torch.no_grad():
+            try:
+                run_batch(model, batch, model_device(model))
+            except StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        if use_cache is not None:
+            config.use_cache = use_cache
+    out, given = seen.get("out"), seen.get("in")
+    if out is None or given is None or out.shape != given.shape or not torch.equal(out, given.to(out.device)):
+        raise UnsupportedBlockCall(f"block 1 of {type(model).__name__} does not take block 0's output as its input "
+                                   "(the model changes the hidden states between its blocks)")
 
 
 def _by_name(block: nn.Module, args: tuple, kw: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -255,6 +255,34 @@ def test_targets_whose_names_end_another_layers_name_select_only_themselves(eora
         assert torch.equal(out.model.state_dict()[name], tensor), name
 
 
+class _Mixed(nn.Module):
+    """Identical blocks in a ModuleList, but the model transforms the hidden states between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = 3 * x + block(torch.tanh(x))
+        return x
+
+
+def test_blocks_that_do_not_chain_fall_back_to_the_whole_model():
+    model = _Mixed()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    config = CompressionConfig(method="rtn", bits=3, group_size=16)
+    with pytest.warns(UserWarning, match="block 1 of _Mixed does not take block 0's output as its input"):
+        out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
+    assert out.block_path is None
+    expected_report, expected = whole_model(model, config, batches, eora_rank=4)
+    for name, tensor in expected_report.model.state_dict().items():
+        assert torch.equal(out.model.state_dict()[name], tensor), name
+    for name, (B, A) in expected.factors.items():
+        assert_close(out.eora.factors[name][0] @ out.eora.factors[name][1], B @ A, what=name)
+
+
 class _VarArgsBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -308,9 +336,11 @@ def test_one_float32_block_at_a_time():
     out = compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(), eora_rank=4,
                           inplace=True, progress=False)
     assert out.model is model
-    # the capture pass sees all blocks in bf16; every later block run sees exactly one float32 block
-    assert seen[0] == [torch.bfloat16] * 3
-    processing = seen[len(calib()):]
+    # the capture pass (block 0 per batch) and the check that blocks chain (blocks 0 and 1 on one batch) see all
+    # blocks in bf16; every later block run sees exactly one float32 block
+    before = len(calib()) + 2
+    assert seen[:before] == [[torch.bfloat16] * 3] * before
+    processing = seen[before:]
     assert processing and all(d.count(torch.float32) == 1 for d in processing)
     assert {d.index(torch.float32) for d in processing} == {0, 1, 2}
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
