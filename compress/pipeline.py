@@ -382,32 +382,44 @@ def capture_block_inputs(
         kwargs.append(_to(kw, device))
         raise StopForward
 
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    was_training = model.training
-    model.eval()
-    try:
-        if use_cache is not None:
-            config.use_cache = False
-        with torch.no_grad():
-            for batch in calib_batches:
-                try:
-                    run_batch(model, batch, model_device(model))
-                except StopForward:
-                    pass
-                if len(masks) < len(hidden):
-                    mask = token_mask(batch)
-                    masks.append(None if mask is None else mask.to(device))
-    finally:
-        handle.remove()
-        model.train(was_training)
-        if use_cache is not None:
-            config.use_cache = use_cache
+    with _hooked_run(model, [block.register_forward_pre_hook(hook, with_kwargs=True)]) as run:
+        for batch in calib_batches:
+            run(batch)
+            if len(masks) < len(hidden):
+                mask = token_mask(batch)
+                masks.append(None if mask is None else mask.to(device))
     if not hidden:
         raise ValueError("calib_batches is empty, or the model never ran its first block; pass at least one batch "
                          "of model inputs (e.g. 64-256 sequences)")
     return hidden, kwargs, masks
+
+
+@contextmanager
+def _hooked_run(model: nn.Module, handles: list) -> Iterator[Any]:
+    """Yield ``run(batch)``: ``model`` on one batch in eval mode, without grad or KV cache, until a hook raises
+    :class:`StopForward`; afterwards the ``handles`` are removed and the model's mode and ``use_cache`` restored."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    model.eval()
+
+    def run(batch: Any) -> None:
+        try:
+            with torch.no_grad():
+                run_batch(model, batch, model_device(model))
+        except StopForward:
+            pass
+
+    try:
+        if use_cache is not None:
+            config.use_cache = False
+        yield run
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        if use_cache is not None:
+            config.use_cache = use_cache
 
 
 class UnsupportedBlockCall(ValueError):
@@ -431,25 +443,9 @@ def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> N
         seen["in"] = _by_name(blocks[1], args, kw)[0].detach()
         raise StopForward
 
-    handles = [blocks[0].register_forward_hook(output), blocks[1].register_forward_pre_hook(next_input, with_kwargs=True)]
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    was_training = model.training
-    model.eval()
-    try:
-        if use_cache is not None:
-            config.use_cache = False
-        with torch.no_grad():
-            try:
-                run_batch(model, batch, model_device(model))
-            except StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-        if use_cache is not None:
-            config.use_cache = use_cache
+    with _hooked_run(model, [blocks[0].register_forward_hook(output),
+                             blocks[1].register_forward_pre_hook(next_input, with_kwargs=True)]) as run:
+        run(batch)
     out, given = seen.get("out"), seen.get("in")
     if out is None or given is None or out.shape != given.shape or not torch.equal(out, given.to(out.device)):
         raise UnsupportedBlockCall(f"block 1 of {type(model).__name__} does not take block 0's output as its input "

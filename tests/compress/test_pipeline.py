@@ -187,12 +187,34 @@ def test_sequential_eora_beats_independent_eora(layers, bits):
         assert row.error_after < row.error_before
 
 
-def test_fallback_without_blocks_warns_and_works():
+class _Mixed(nn.Module):
+    """Identical blocks in a ModuleList, but the model transforms the hidden states between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = 3 * x + block(torch.tanh(x))
+        return x
+
+
+def _no_blocks() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    batches = [torch.randn(8, 16) for _ in range(3)]
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+@pytest.mark.parametrize("build,why", [
+    (_no_blocks, "no decoder blocks"),
+    (_Mixed, "block 1 of _Mixed does not take block 0's output as its input"),  # it would get inputs it never sees
+], ids=["no-blocks", "blocks-that-do-not-chain"])
+def test_fallback_warns_and_gives_the_whole_model_result(build, why):
+    model = build()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     config = CompressionConfig(method="rtn", bits=3, group_size=8)
-    with pytest.warns(UserWarning, match="no decoder blocks"):
+    with pytest.warns(UserWarning, match=why):
         out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
     assert out.block_path is None
     expected, eora = whole_model(model, config, batches, eora_rank=4)
@@ -253,34 +275,6 @@ def test_targets_whose_names_end_another_layers_name_select_only_themselves(eora
     expected, _ = whole_model(model, config, calib())
     for name, tensor in expected.model.state_dict().items():
         assert torch.equal(out.model.state_dict()[name], tensor), name
-
-
-class _Mixed(nn.Module):
-    """Identical blocks in a ModuleList, but the model transforms the hidden states between them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = 3 * x + block(torch.tanh(x))
-        return x
-
-
-def test_blocks_that_do_not_chain_fall_back_to_the_whole_model():
-    model = _Mixed()
-    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    config = CompressionConfig(method="rtn", bits=3, group_size=16)
-    with pytest.warns(UserWarning, match="block 1 of _Mixed does not take block 0's output as its input"):
-        out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
-    assert out.block_path is None
-    expected_report, expected = whole_model(model, config, batches, eora_rank=4)
-    for name, tensor in expected_report.model.state_dict().items():
-        assert torch.equal(out.model.state_dict()[name], tensor), name
-    for name, (B, A) in expected.factors.items():
-        assert_close(out.eora.factors[name][0] @ out.eora.factors[name][1], B @ A, what=name)
 
 
 class _VarArgsBlock(nn.Module):
