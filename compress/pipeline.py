@@ -279,6 +279,9 @@ def compress_blocks(
 
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     check_not_shared(model, targets)
+    if config.compressor.check_layer is not None:  # every block's layers, before the first block is compressed
+        for name, module in targets.items():
+            config.compressor.check_layer(name, module, tuple(dense_weight(module).shape), config)
     reason = block_pipeline_obstacle(model, config)
     if reason is not None:
         warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "

@@ -383,6 +383,20 @@ def test_cuda_equals_cpu():
                  tol=1e-4, what="logits")
 
 
+def test_a_layer_the_method_cannot_take_is_refused_before_the_first_block():
+    model = tiny_llama(layers=3)
+    # every block's linears are 64 or 128 wide but for the last block's down_proj, made 96 wide here
+    model.model.layers[2].mlp.down_proj = nn.Linear(96, 64, bias=False)
+    model.model.layers[2].mlp.up_proj = nn.Linear(64, 96, bias=False)
+    model.model.layers[2].mlp.gate_proj = nn.Linear(64, 96, bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"group_size=64 does not divide in_features=96 of layer "
+                       r"'model.layers.2.mlp.down_proj'"):
+        compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=64), calib(), inplace=True,
+                        progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_bad_arguments_name_the_argument():
     model = tiny_llama(layers=1)
     config = CompressionConfig(method="rtn", bits=4, group_size=16)
