@@ -38,4 +38,6 @@ def test_pinned_threshold_serves_256k_temporaries_without_page_faults():
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = map(float, out.stdout.split()[-2:])
     assert before >= 32  # mmapped at 128 KiB: most of the buffer's 64 pages fault on every cycle
-    assert after <= 1  # pinned: the block is reused from the heap
+    # pinned: the block is reused from the heap; one full re-fault in the 50 cycles (64 pages, 1.28 per cycle: some
+    # other allocation of the process trimmed the heap once) was seen under load, every cycle faulting is 32+
+    assert after * 16 <= before
