@@ -28,6 +28,9 @@ this package.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -265,8 +268,16 @@ class EoraAdapter:
         tensors = self.lora_state_dict(dtype)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.lora_config(base_model_name_or_path, task_type).save_pretrained(str(path))
-        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        # both files are written aside, then renamed into place: a failed write leaves an earlier adapter whole
+        # (not a new rank's config beside the old weights)
+        aside = Path(tempfile.mkdtemp(prefix=".eora-", dir=path))
+        try:
+            self.lora_config(base_model_name_or_path, task_type).save_pretrained(str(aside))
+            save_file(tensors, str(aside / "adapter_model.safetensors"), metadata={"format": "pt"})
+            for file in sorted(aside.iterdir(), key=lambda f: f.suffix != ".safetensors"):  # weights first
+                os.replace(file, path / file.name)
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
         return path
 
     def lora_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

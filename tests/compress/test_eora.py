@@ -43,6 +43,26 @@ def llama_rtn():
     return model, quant, stats, batches
 
 
+def test_a_failed_adapter_resave_leaves_the_earlier_adapter_whole(tmp_path, llama_rtn, monkeypatch):
+    import compress.eora as eora_module
+
+    model, quant, stats, _ = llama_rtn
+    eora_compensate(model, quant, stats, rank=2, progress=False).save_pretrained(tmp_path / "adapter")
+    bigger = eora_compensate(model, quant, stats, rank=8, progress=False)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(eora_module, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        bigger.save_pretrained(tmp_path / "adapter")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    PeftModel.from_pretrained(copy.deepcopy(quant), tmp_path / "adapter")  # config and weights still agree
+
+
 def test_peft_adapter_reproduces_in_memory_outputs_without_our_packages(tmp_path, llama_rtn):
     model, quant, stats, _ = llama_rtn
     eora = eora_compensate(model, quant, stats, rank=8, progress=False)
