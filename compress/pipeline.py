@@ -440,7 +440,10 @@ def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> N
     seen: dict[str, torch.Tensor] = {}
 
     def output(_module: nn.Module, _args: tuple, out: Any) -> None:
-        seen["out"] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+        hidden = out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, Mapping) else out),
+                                                                 None)  # a tuple or a ModelOutput: hidden states first
+        if isinstance(hidden, torch.Tensor):
+            seen["out"] = hidden.detach()
 
     def next_input(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
         seen["in"] = _by_name(blocks[1], args, kw)[0].detach()
