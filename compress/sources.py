@@ -329,8 +329,7 @@ def nonzero_parameters(module: nn.Module, config: CompressionConfig) -> int:
 
 
 def _rtn_layer(job: LayerJob) -> LayerResult:
-    c = job.config
-    resolve_group_size(c.group_size, job.weight.shape[1], job.name)
+    c = job.config  # the group size was checked against every target first (check_group_fits)
     qw = rtn_quantize_weight(job.weight, c.bits, c.group_size, symmetric=c.symmetric, observer=c.observer,
                              scale_dtype=c.scale_dtype)
     return LayerResult(description=f"{c.bits}-bit g{qw.group_size}", weight=qw.dequantize(job.weight.dtype),
