@@ -75,6 +75,13 @@ def _rank_of(config: CompressionConfig, out_f: int, in_f: int, sq: torch.Tensor 
     return lr.rank_for_energy(sq, config.energy)
 
 
+def check_lowrank_layer(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
+    """``Compressor.check_layer`` of the low-rank methods: ``rank`` fits the layer, and ``keep`` leaves rank >= 1
+    (per layer; ``allocation='global'`` spreads ``keep`` over the model and checks it there)."""
+    if config.rank is not None or (config.keep is not None and config.allocation == "layer"):
+        _rank_of(config, *shape, None, name)
+
+
 def _scaling(job: LayerJob, kind: str) -> lr.InputScaling:
     c = job.config
     return lr.input_scaling(kind, job.stats, alpha=c.alpha, ridge=c.ridge, eps=c.eps, n=job.weight.shape[1],
@@ -96,21 +103,26 @@ def lowrank_spectrum(job: LayerJob) -> torch.Tensor:
     return torch.linalg.svdvals(_scaling(job, LOWRANK_SCALINGS[job.config.method]).scale(job.weight.to(torch.float64))).square()
 
 
-def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScaling, config: CompressionConfig) -> nn.Module:
-    """Tucker-2 of the whitened weight ``W S`` with ``S⁺`` folded into the single input factor."""
-    out_f, in_f = W.shape
+def _whitened_modes(out_f: int, in_f: int, config: CompressionConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(out_modes, (in_f,))`` of the whitened Tucker-2: the input stays one mode, the whitening's factor."""
     if config.modes is not None:
         out_modes, in_modes = tuple(config.modes[0]), tuple(config.modes[1])
         if len(in_modes) != 1:
             raise ValueError(
                 f"whiten=True needs one input mode (Tucker-2); got modes[1]={in_modes}: pass modes=(out_modes, ({in_f},))"
             )
-    else:
-        out_modes = factorize(out_f, config.num_cores) if config.num_cores else (out_f,)
+        return out_modes, in_modes
+    return (factorize(out_f, config.num_cores) if config.num_cores else (out_f,)), (in_f,)
+
+
+def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScaling, config: CompressionConfig) -> nn.Module:
+    """Tucker-2 of the whitened weight ``W S`` with ``S⁺`` folded into the single input factor."""
+    out_f, in_f = W.shape
+    out_modes, in_modes = _whitened_modes(out_f, in_f, config)
     tucker = get_format("tucker")
     rank = config.rank
-    if config.keep is not None:
-        rank = tucker.rank_for_keep(config.keep, in_f, out_f, (in_f,), out_modes)
+    if config.keep is not None:  # of the layer's parameters: W S may have fewer columns than W
+        rank = tucker.rank_for_keep(config.keep, in_f, out_f, in_modes, out_modes)
     Ws = scaling.scale(W.to(torch.float64))
     fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)))
     fact = tucker.empty(in_f, out_f, in_modes=(in_f,), out_modes=out_modes, ranks=fs.ranks,
@@ -123,26 +135,43 @@ def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScalin
     return FactorizedLinear(fact, _bias(module))
 
 
+def _size(config: CompressionConfig) -> dict:
+    return {k: v for k, v in (("rank", config.rank), ("energy", config.energy), ("keep", config.keep)) if v is not None}
+
+
 def check_tensor_layer(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
-    """``Compressor.check_layer`` of the tensor formats: a Conv2d takes Tucker-2 only, and not whitened."""
-    if not isinstance(module, nn.Conv2d):
-        return
-    if config.whiten:
-        raise ValueError(
-            f"layer {name!r}: whiten=True needs the whitened input to be one factor, but a Conv2d's Tucker-2 input "
-            "factor acts on channels only; use method='whitened_svd' for convolutions"
-        )
-    if config.method != "tucker":
-        raise ValueError(
-            f"layer {name!r} is a Conv2d: method={config.method!r} applies to linear layers; use 'tucker' "
-            "(Tucker-2 on the channels) or a low-rank method, or exclude it"
-        )
+    """``Compressor.check_layer`` of the tensor formats: the layer's sizes split into the format's modes and the
+    requested rank / keep fits them (checked without decomposing); a Conv2d takes Tucker-2 only, and not whitened."""
+    out_f, in_f = shape
+    if isinstance(module, nn.Conv2d):
+        if config.whiten:
+            raise ValueError(
+                f"layer {name!r}: whiten=True needs the whitened input to be one factor, but a Conv2d's Tucker-2 input "
+                "factor acts on channels only; use method='whitened_svd' for convolutions"
+            )
+        if config.method != "tucker":
+            raise ValueError(
+                f"layer {name!r} is a Conv2d: method={config.method!r} applies to linear layers; use 'tucker' "
+                "(Tucker-2 on the channels) or a low-rank method, or exclude it"
+            )
+    try:
+        if isinstance(module, nn.Conv2d):
+            FactorizedConv2d.resolve_structure("tucker", module.in_channels, module.out_channels, module.kernel_size,
+                                               **_size(config))
+        elif config.whiten:
+            get_format("tucker").resolve_structure(in_f, out_f, modes=_whitened_modes(out_f, in_f, config),
+                                                   **_size(config))
+        else:
+            get_format(config.method).resolve_structure(in_f, out_f, num_cores=config.num_cores, modes=config.modes,
+                                                        **_size(config))
+    except ValueError as err:
+        raise ValueError(f"layer {name!r} of shape {shape}: {err}") from None
 
 
 def compress_tensor(job: LayerJob) -> LayerResult:
     """Tensor-format decomposition of the weight (``whiten=True``: whitened Tucker-2) as a factorized layer."""
     module, W, config, name = job.module, job.weight, job.config, job.name
-    size = {k: v for k, v in (("rank", config.rank), ("energy", config.energy), ("keep", config.keep)) if v is not None}
+    size = _size(config)
     check_tensor_layer(name, module, tuple(W.shape), config)
     if config.whiten:
         new = _whitened_tucker(module, W, _scaling(job, "whitened"), config)
@@ -179,7 +208,7 @@ for _name, _kind in LOWRANK_SCALINGS.items():
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_lowrank, needs_stats=_kind != "svd",
         parameters=_parameters, storage_bits=_storage_bits, label=_label, spectrum=lowrank_spectrum, help=_HELP[_name],
-        reads=frozenset(),
+        reads=frozenset(), check_layer=check_lowrank_layer,
     ))
 for _name in TENSOR_FORMATS:
     register(Compressor(

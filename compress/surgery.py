@@ -187,9 +187,6 @@ def compress_model(
                 "target_modules / exclude_modules as the config"
             )
     compressor = config.compressor
-    if config.rank is not None and compressor.spectrum is not None:
-        for name, module in targets.items():  # low-rank methods: fail before any work is done
-            lr.check_rank(config.rank, *dense_weight(module).shape, name)
     for name, module in targets.items():  # before any work: quantizers would zero a NaN's whole group silently
         W = dense_weight(module)
         if not W.is_meta and not torch.isfinite(W).all():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decompositions import rank_for_keep, resolve_keep
+from .decompositions import rank_for_keep, resolve_eps, resolve_keep
 from .formats import Factorization, LowRank, Tucker, get_format
 from .formats.base import normalize_rank
 from .init import init_factorization_
@@ -294,22 +294,48 @@ class FactorizedConv2d(nn.Module):
                              "takes the truncated SVD: leave algorithm at its default")
         keep = resolve_keep(keep, budget, "FactorizedConv2d.from_conv")
         c_out, c_in, kh, kw = conv.weight.shape
+        ranks = cls.resolve_structure(format, c_in, c_out, (kh, kw), rank=rank, eps=eps, energy=energy, keep=keep)
         fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, (kh, kw))
-        if keep is not None:
-            if rank is not None:
-                raise ValueError(f"pass rank={rank} or keep={keep}, not both")
-            rank = cls.rank_for_keep(format, keep, c_in, c_out, (kh, kw))
-        if rank is None and eps is None and energy is None:
-            raise ValueError("FactorizedConv2d.from_conv needs rank=, eps=, energy= or keep=")
-        ranks = None if rank is None else cls.resolve_ranks(format, rank, c_in, c_out, (kh, kw))
-        if ranks is None and format == "tucker":  # eps alone: the spatial mode may shrink too, within the bound
-            ranks = fmt.full_ranks(in_modes, out_modes)
         options = {"algorithm": algorithm} if format == "tucker" else {}
         fact = fmt.from_dense(conv.weight.detach().reshape(c_out, -1), rank=ranks, eps=eps, energy=energy,
                               modes=(out_modes, in_modes), **options)
         layer = cls.from_factorization(fact, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                        bias=None if conv.bias is None else conv.bias.detach())
         return layer
+
+    @classmethod
+    def resolve_structure(
+        cls,
+        format: ConvFormat,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        rank: int | Sequence[int] | None = None,
+        eps: float | None = None,
+        energy: float | None = None,
+        keep: float | None = None,
+    ) -> tuple[int, ...] | None:
+        """The core ranks :meth:`from_conv` would use for a ``(C_out, C_in, kh, kw)`` kernel, without reading it.
+
+        Raises the same ``ValueError`` as :meth:`from_conv` for a size request that does not fit, so a
+        whole model's convs can be checked before the first is replaced. Returns the maximum ranks
+        (an ``eps`` / ``energy`` target may truncate below them), or ``None`` for lowrank sized by
+        ``eps`` / ``energy`` alone (its rank comes from the spectrum).
+        """
+        kernel_size = nn.modules.utils._pair(kernel_size)
+        fmt, in_modes, out_modes = cls.core_structure(format, in_channels, out_channels, kernel_size)
+        resolve_eps(eps, energy)
+        if keep is not None:
+            if rank is not None:
+                raise ValueError(f"pass rank={rank} or keep={keep}, not both")
+            rank = cls.rank_for_keep(format, keep, in_channels, out_channels, kernel_size)
+        if rank is None and eps is None and energy is None:
+            raise ValueError("FactorizedConv2d.from_conv needs rank=, eps=, energy= or keep=")
+        if rank is not None:
+            return cls.resolve_ranks(format, rank, in_channels, out_channels, kernel_size)
+        # eps alone: tucker starts from the full ranks (the spatial mode may shrink too, within the bound)
+        return fmt.full_ranks(in_modes, out_modes) if format == "tucker" else None
 
     @classmethod
     def from_factorization(

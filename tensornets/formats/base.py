@@ -640,16 +640,12 @@ class Factorization(nn.Module, ABC):
                 f"use svd='full' (randomized helps lowrank, tt and mpo)"
             )
         out_features, in_features = weight.shape
-        in_modes, out_modes = cls.resolve_modes(in_features, out_features, num_cores, modes, pad)
-        eps = resolve_eps(eps, energy)
         keep = resolve_keep(keep, budget, f"{cls.format_name}.from_dense")
-        if keep is not None:
-            if rank is not None:
-                raise ValueError(f"pass rank={rank} or keep={keep}, not both")
-            rank = cls.rank_for_keep(keep, in_features, out_features, in_modes, out_modes)
-        if rank is None and eps is None:
-            raise ValueError(f"{cls.format_name}.from_dense needs rank=, eps=, energy= or keep=")
-        ranks = cls.resolve_ranks(rank if rank is not None else max(cls.full_ranks(in_modes, out_modes)), in_modes, out_modes)
+        in_modes, out_modes, ranks = cls.resolve_structure(
+            in_features, out_features, rank=rank, eps=eps, energy=energy, keep=keep, num_cores=num_cores, modes=modes,
+            pad=pad,
+        )
+        eps = resolve_eps(eps, energy)
         # Half precision SVDs are unsupported/inaccurate: decompose in fp32 (fp64 stays fp64).
         work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
         padded = F.pad(work, (0, math.prod(in_modes) - in_features, 0, math.prod(out_modes) - out_features))
@@ -660,6 +656,38 @@ class Factorization(nn.Module, ABC):
             for name, tensor in tensors.items():
                 module.get_parameter(name).copy_(tensor)
         return module
+
+    @classmethod
+    def resolve_structure(
+        cls,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: RankSpec = None,
+        eps: float | None = None,
+        energy: float | None = None,
+        keep: float | None = None,
+        num_cores: int | None = None,
+        modes: tuple[Sequence[int], Sequence[int]] | None = None,
+        pad: bool = False,
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(in_modes, out_modes, ranks)`` that :meth:`from_dense` would use for an ``(out, in)`` weight.
+
+        No weight is read, so it costs nothing: it checks a size request (the arguments of
+        :meth:`from_dense`) before any decomposition, e.g. on every layer of a model before the first
+        is replaced, and raises the same ``ValueError`` as :meth:`from_dense`. ``ranks`` are the
+        maximum ranks; an ``eps`` / ``energy`` target may truncate below them.
+        """
+        in_modes, out_modes = cls.resolve_modes(in_features, out_features, num_cores, modes, pad)
+        eps = resolve_eps(eps, energy)
+        if keep is not None:
+            if rank is not None:
+                raise ValueError(f"pass rank={rank} or keep={keep}, not both")
+            rank = cls.rank_for_keep(keep, in_features, out_features, in_modes, out_modes)
+        if rank is None and eps is None:
+            raise ValueError(f"{cls.format_name}.from_dense needs rank=, eps=, energy= or keep=")
+        ranks = cls.resolve_ranks(rank if rank is not None else max(cls.full_ranks(in_modes, out_modes)), in_modes, out_modes)
+        return in_modes, out_modes, ranks
 
     @classmethod
     def _ranks_of(cls, tensors: dict[str, torch.Tensor], requested: tuple[int, ...]) -> tuple[int, ...]:

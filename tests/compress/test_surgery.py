@@ -1,6 +1,7 @@
 """Target selection, every compression method on small models, reports, save/load round trips, bad input
 (checkpoint files in detail: test_checkpoint.py)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from compress import (
     load_compressed,
     save_compressed,
 )
+from compress import compressors as registry
 from compress.targets import dense_weight
 from tolerance import assert_close
 
@@ -129,7 +131,29 @@ def _mlp(*widths: int) -> nn.Sequential:
     (lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Conv2d(8, 8, 1)),
      CompressionConfig(method="tt", keep=0.5, target_modules=["0", "2"]),
      r"layer '2' is a Conv2d: method='tt' applies to linear layers"),
-], ids=["rtn", "gptq", "sparsegpt", "2:4", "tt-conv"])
+    # sizes the format cannot split, ranks and keeps that do not fit one layer: found without decomposing
+    (lambda: _mlp(64, 64, 97, 8), CompressionConfig(method="tt", rank=4),
+     r"layer '2' of shape \(97, 64\): out_features=97: cannot factorize n=97"),
+    (lambda: _mlp(64, 64, 97, 8), CompressionConfig(method="mpo", keep=0.5, num_cores=2),
+     r"layer '2' of shape \(97, 64\): out_features=97: cannot factorize"),
+    (lambda: _mlp(64, 64, 64, 4), CompressionConfig(method="tucker", rank=16),
+     r"layer '4' of shape \(4, 64\): rank=16 does not fit the tucker format"),
+    (lambda: _mlp(64, 64, 64, 4), CompressionConfig(method="tucker", rank=16, whiten=True),
+     r"layer '4' of shape \(4, 64\): rank=16 does not fit"),
+    (lambda: _mlp(64, 64, 64, 4), CompressionConfig(method="btt", keep=0.5),
+     r"layer '4' of shape \(4, 64\): keep=0.5 keeps 128 parameters but btt at rank 1 needs 160"),
+    (lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Conv2d(8, 4, 3)),
+     CompressionConfig(method="tucker", rank=9, target_modules=["0", "2"]),
+     r"layer '2' of shape \(4, 72\): rank=9 does not fit a \(4, 8, 3, 3\) kernel"),
+    (lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Conv2d(8, 4, 3)),
+     CompressionConfig(method="tucker", keep=0.3, target_modules=["0", "2"]),
+     r"layer '2' of shape \(4, 72\): keep=0.3 is below the cost of rank 1"),
+    (lambda: _mlp(64, 64, 64, 4), CompressionConfig(method="svd", rank=8),
+     r"rank=8 for layer '4' of shape \(4, 64\) must be an int in \[1, 4\]"),
+    (lambda: _mlp(64, 64, 64, 4), CompressionConfig(method="asvd", keep=0.2),
+     r"keep=0.2 leaves rank 0 for layer '4' of shape \(4, 64\)"),
+], ids=["rtn", "gptq", "sparsegpt", "2:4", "tt-conv", "tt-prime", "mpo-prime", "tucker-rank", "tucker-whiten-rank",
+        "btt-keep", "tucker-conv-rank", "tucker-conv-keep", "svd-rank", "asvd-keep"])
 def test_a_layer_the_method_cannot_take_is_refused_before_any_layer_changes(build, config, match):
     torch.manual_seed(0)
     model = build()
@@ -141,11 +165,18 @@ def test_a_layer_the_method_cannot_take_is_refused_before_any_layer_changes(buil
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_errors_inside_a_layer_function_name_the_layer():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
-    with pytest.raises(ValueError, match=r"^layer '0': "):  # Tucker-2 of a conv with a budget below one rank
-        compress_model(model, CompressionConfig(method="tucker", keep=0.01, target_modules=["0"]), progress=False)
+def test_errors_inside_a_layer_function_name_the_layer(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+
+    def refuse(job):
+        raise ValueError("the weight is too round")  # a method whose check comes only with the weight
+
+    registry.register(dataclasses.replace(registry.get_compressor("rtn"), name="round", aliases=(), compress_layer=refuse,
+                                          check_layer=None))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"^layer '0': the weight is too round"):
+        compress_model(model, CompressionConfig(method="round", group_size=8), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- methods

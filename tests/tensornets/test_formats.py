@@ -171,6 +171,39 @@ def test_bad_arguments_raise_clear_errors(call, match):
         call(low_rank_plus_noise(OUT, IN, 6, 0.3))
 
 
+def test_resolve_structure_is_from_dense_without_the_weight(format_case):
+    """The modes and ranks a size request gives, found without decomposing (checks a whole model first)."""
+    fmt, kw = format_case
+    cls = tensornets.get_format(fmt)
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    for size in ({"rank": 3}, {"keep": 0.3}):
+        fact = tensornets.decompose(W, fmt, **size, **kw)
+        assert cls.resolve_structure(IN, OUT, **size, **kw) == (fact.in_modes, fact.out_modes, fact.ranks)
+    in_modes, out_modes, ranks = cls.resolve_structure(IN, OUT, eps=0.5, **kw)  # eps truncates below these
+    fact = tensornets.decompose(W, fmt, eps=0.5, **kw)
+    assert (in_modes, out_modes) == (fact.in_modes, fact.out_modes)
+    assert all(r >= a for r, a in zip(ranks, fact.ranks))
+
+
+@pytest.mark.parametrize("request_, match", [
+    (dict(fmt="lowrank", rank=49), r"rank=49 does not fit"),
+    (dict(fmt="mpo", rank=2, modes=((4, 12), (5, 11))), r"multiply to 55"),
+    (dict(fmt="tt", rank=2, num_cores=2, out=97), r"cannot factorize n=97"),
+    (dict(fmt="btt", keep=0.01), r"keep=0.01 keeps 28 parameters but btt at rank 1 needs"),
+    (dict(fmt="tt"), r"needs rank=, eps=, energy= or keep="),
+    (dict(fmt="tt", rank=2, keep=0.5), r"not both"),
+    (dict(fmt="cp", keep=1.5), r"keep=1.5 must be in \(0, 1\]"),
+    (dict(fmt="tucker", energy=0.0), r"energy=0.0 must be in \(0, 1\]"),
+])
+def test_resolve_structure_raises_what_from_dense_raises(request_, match):
+    request_ = dict(request_)
+    fmt, out = request_.pop("fmt"), request_.pop("out", OUT)
+    with pytest.raises(ValueError, match=match):
+        tensornets.get_format(fmt).resolve_structure(IN, out, **request_)
+    with pytest.raises(ValueError, match=match):
+        tensornets.decompose(low_rank_plus_noise(out, IN, 6, 0.3), fmt, **request_)
+
+
 @pytest.mark.parametrize("fmt", ["lowrank", "tucker", "tt", "mpo", "btt"])
 def test_bad_weights_raise_clear_errors(fmt):
     W = low_rank_plus_noise(OUT, IN, 6, 0.3)

@@ -174,11 +174,16 @@ def test_conv_int_rank_and_keep_cap_each_channel_mode(c_in, c_out):
     assert FactorizedConv2d(c_in, c_out, 3, rank=big).ranks == (f_out, f_in, 9)
     with pytest.raises(ValueError, match="does not fit"):
         FactorizedConv2d.from_conv(conv, rank=big + 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        FactorizedConv2d.resolve_structure("tucker", c_in, c_out, 3, rank=big + 1)
+    with pytest.raises(ValueError, match="below the cost of rank 1"):
+        FactorizedConv2d.resolve_structure("lowrank", c_in, c_out, 3, keep=0.5 * (c_out + 9 * c_in) / (9 * c_out * c_in))
     dense = conv.weight.numel()
     for keep in (0.5, 0.9):
         layer = FactorizedConv2d.from_conv(conv, keep=keep)
         r = max(layer.ranks[:2])
         assert layer.ranks == (min(r, f_out), min(r, f_in), 9)
+        assert FactorizedConv2d.resolve_structure("tucker", c_in, c_out, 3, keep=keep) == layer.ranks  # no kernel read
         assert layer.num_parameters - c_out <= keep * dense
         if r < big:  # the largest r that fits: one more does not
             more = tensornets.Tucker.parameter_count((c_in, 9), (c_out,), (min(r + 1, f_out), min(r + 1, f_in), 9))
