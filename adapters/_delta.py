@@ -22,6 +22,7 @@ and a layer module never needs its tuner (``layer.py`` never imports ``model.py`
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -45,6 +46,8 @@ from peft.utils.integrations import init_empty_weights
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+
+from tensornets.bypassed import weight_read_directly
 
 __all__ = [
     "ADAPTER_DTYPE",
@@ -316,19 +319,36 @@ class DeltaTuner(BaseTuner):
         from_state_dict = None
         if state_dict is not None:
             from_state_dict = {k.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
-        targets, tuner_layers = [], []
-        for key, module in model.named_modules():
-            if not key or any(key.startswith(prefix) for prefix in tuner_layers):
+        targets, tuner_layers, fast_path = [], [], []
+        for path, module in model.named_modules():
+            if not path or any(path.startswith(prefix) for prefix in tuner_layers):
                 continue
             if isinstance(module, BaseTunerLayer):
-                tuner_layers.append(key + ".")
+                tuner_layers.append(path + ".")
+            key = path
             if from_state_dict is not None:
                 key = key.removeprefix("_orig_mod.")
                 if key not in from_state_dict:
                     continue
             elif not self._check_target_module_exists(config, key):
                 continue
-            targets.append(Target(key, self._supported_base(key, module)))
+            base = self._supported_base(key, module)
+            bypass = weight_read_directly(model, path)
+            if bypass is not None and bypass[1]:
+                raise ValueError(f"{self.method_name}: target {key!r}: {bypass[0]}, so an adapter there would never "
+                                 f"run; leave it out of target_modules (with 'all-linear': exclude_modules="
+                                 f"[{key.rsplit('.', 1)[-1]!r}])")
+            if bypass is not None:
+                fast_path.append(key)
+            targets.append(Target(key, base))
+        if fast_path:
+            warnings.warn(
+                f"{self.method_name}: {len(fast_path)} target(s) such as {fast_path[0]!r} sit in an "
+                "nn.TransformerEncoderLayer, whose fused fast path (eval mode, no autograd) reads linear1.weight / "
+                "linear2.weight directly and skips adapters there: merge the adapter for inference (merge_and_unload) "
+                "or turn the fast path off (torch.backends.mha.set_fastpath_enabled(False))",
+                UserWarning, stacklevel=4,
+            )
         return targets
 
     def _plan_shared_state(
@@ -447,6 +467,18 @@ class DeltaTuner(BaseTuner):
         if was_active:
             # PEFT's layers make the adapter that takes over trainable (as LoRA's are); its shared state must follow
             self._set_shared_requires_grad(self.active_adapters, True, others=False)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: PEFT's weighted combination is LoRA's (AdaLoRA and VeRA do not have it either).
+
+        Export each adapter with :func:`adapters.export_lora` (exact for LoTR, LoRETTA-rep, MoS and FLoRA),
+        load the LoRAs on one model and call LoRA's ``add_weighted_adapter`` there.
+        """
+        raise TypeError(
+            f"{type(self).__name__} does not support add_weighted_adapter (PEFT's is LoRA's): export the adapters "
+            "as LoRA with adapters.export_lora(peft_model, dir, adapter_name=...), load them with "
+            "PeftModel.from_pretrained / load_adapter and combine the LoRAs"
+        )
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Adapters are created in float32, as PEFT's LoRA upcasts float16 / bfloat16 ones

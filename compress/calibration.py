@@ -17,6 +17,7 @@ The accumulation is a plain fp32 sum, so statistics gathered on several devices 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,8 @@ def layer_inputs(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
 
     ``mask``: the batch's ``(B, T)`` real-token mask (:func:`token_mask`). A linear layer whose input is laid out as
     the batch's tokens, ``x: (B, T, n)``, keeps the rows of real tokens only, so that padding never enters the
-    statistics; other inputs (a pooled head's ``(B, n)``, a conv's patches) keep every row.
+    statistics; other inputs (a pooled head's ``(B, n)``, a conv's patches) keep every row. A nested ``x`` (what
+    ``nn.TransformerEncoder`` passes on with a padding mask) holds only real tokens: all its rows count.
     """
     if isinstance(module, nn.Conv2d):
         padding = module.padding
@@ -164,6 +166,8 @@ def layer_inputs(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
             padding = 0
         cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if x.is_nested:  # nn.TransformerEncoder's padding-free batch (enable_nested_tensor): its real tokens only
+        return torch.cat([part.reshape(-1, part.shape[-1]) for part in x.unbind()])
     if mask is not None and x.shape[:-1] == mask.shape:
         return x[mask.to(x.device)]
     return x.reshape(-1, x.shape[-1])
@@ -295,7 +299,30 @@ def accumulate_stats(
                 "in execution order); check the calibration inputs and the model's dtype (fp16 overflow), or "
                 "run in float32"
             )
+    _warn_if_rank_deficient({n: (g.shape[0], c) for n, (g, _, c) in sums.items()})
     return ActivationStats({n: LayerStats(g, a, c) for n, (g, a, c) in sums.items()})
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration data too small for the layers it calibrates (fewer rows than a layer's inputs)."""
+
+
+def _warn_if_rank_deficient(sizes: Mapping[str, tuple[int, int]]) -> None:
+    """Warn when a layer saw fewer rows than it has inputs: its ``X^T X`` is then singular, and activation-aware fits
+    (whitening, GPTQ, EoRA) fit the calibration rows instead of the model's inputs. ``sizes``: name -> ``(n, rows)``.
+
+    The text names no layer, so compressing a model block by block warns once, not once per block.
+    """
+    short = {name: (n, rows) for name, (n, rows) in sizes.items() if rows < n}
+    if short:
+        widest = max(n for n, _ in short.values())
+        rows = min(r for _, r in short.values())
+        warnings.warn(
+            f"{len(short)} target layer(s) saw fewer calibration rows (down to {rows}) than they have inputs (up to "
+            f"{widest}): their activation statistics are rank-deficient and activation-aware fits (whitening, GPTQ, "
+            f"EoRA) overfit the calibration data; calibrate on several times {widest} rows (tokens)",
+            CalibrationWarning, stacklevel=2,
+        )
 
 
 @dataclass

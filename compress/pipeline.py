@@ -77,6 +77,7 @@ from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
 from compress.targets import (
     check_not_shared,
+    check_weights_writable,
     dense_weight,
     exact_names,
     find_targets,
@@ -279,6 +280,7 @@ def compress_blocks(
 
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     check_not_shared(model, targets)
+    check_weights_writable(model, targets, config.compressor.kind)
     if config.compressor.check_layer is not None:  # every block's layers, before the first block is compressed
         for name, module in targets.items():
             config.compressor.check_layer(name, module, tuple(dense_weight(module).shape), config)

@@ -23,6 +23,7 @@ from compress.config import CompressionConfig
 from compress.quantized import QuantizedWeight
 from compress.targets import (
     check_not_shared,
+    check_weights_writable,
     dense_weight,
     find_targets,
     layer_kind,
@@ -129,6 +130,18 @@ def _global_ranks(
     return allocate_ranks(spectra, shapes, budget, floors=floors, caps=caps)
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, or a ``ValueError`` saying why torch cannot make one and what to do instead."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as err:  # e.g. a pruned layer's .weight is a non-leaf tensor: torch refuses to copy it
+        raise ValueError(
+            f"compress_model could not copy the model to leave it unchanged ({err}); torch.nn.utils.prune and the old "
+            "weight_norm keep non-leaf tensors that deepcopy refuses: make them permanent (prune.remove / "
+            "remove_weight_norm), or compress in place with inplace=True"
+        ) from None
+
+
 def compress_model(
     model: nn.Module,
     config: CompressionConfig,
@@ -176,9 +189,11 @@ def compress_model(
             "stats = collect_activation_stats(model, calib_batches, target_modules=...)"
         )
     model = unwrap_compiled(model)
-    work = model if inplace else copy.deepcopy(model)
-    targets = find_targets(work, config.target_modules, config.exclude_modules)
-    check_not_shared(work, targets)
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    check_not_shared(model, targets)
+    check_weights_writable(model, targets, config.compressor.kind)
+    work = model if inplace else _copy(model)
+    targets = {name: work.get_submodule(name) for name in targets}
     if stats is not None:
         missing = [n for n in targets if n not in stats]
         if missing and config.needs_stats:

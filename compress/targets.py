@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tensornets import FactorizedConv2d, FactorizedLinear
+from tensornets.bypassed import weight_read_directly
 
 TargetSpec = str | Sequence[str] | None
 
@@ -258,6 +259,46 @@ def check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
                 f"target {name!r} shares its weight with {others[0]!r} (tied weights), which compressing it would "
                 f"change too; exclude {name!r}, or untie it first (e.g. {name}.weight = nn.Parameter("
                 f"{name}.weight.detach().clone()) and config.tie_word_embeddings = False)"
+            )
+
+
+def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind: str) -> None:
+    """Raise ``ValueError`` for a target whose compressed weight the model would not use.
+
+    - A weight recomputed by a forward pre-hook (``torch.nn.utils.prune``, the old ``torch.nn.utils.weight_norm``):
+      ``.weight`` is a stale copy of ``weight_orig * weight_mask``, and a written one is overwritten on the next
+      forward. Refused for every method.
+    - A parametrized weight (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` / ``orthogonal``):
+      ``.weight`` is computed on each access, so a dense method (``kind="dense"``) writing into it changes nothing.
+      A factorizing method replaces the layer by one built from the current weight, which is fine.
+    - A layer its parent reads without calling it (:func:`tensornets.bypassed.weight_read_directly`: an
+      ``nn.MultiheadAttention``'s ``out_proj``, an ``nn.TransformerEncoderLayer``'s linears): a factorizing method's
+      replacement would not run (or fail: it has no ``.weight``). Dense methods overwrite the weight the parent
+      reads, which is fine.
+    """
+    for name, module in targets.items():
+        if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+            if kind == "dense":
+                raise ValueError(
+                    f"target {name!r} has a parametrized weight (weight_norm / spectral_norm / orthogonal "
+                    "parametrization): its .weight is recomputed on every access, so writing the compressed weight "
+                    f"would change nothing; fold it first with torch.nn.utils.parametrize.remove_parametrizations("
+                    f"model.get_submodule({name!r}), 'weight'), or exclude it"
+                )
+        elif not isinstance(module._parameters.get("weight"), nn.Parameter):
+            raise ValueError(
+                f"target {name!r}: its weight is not a parameter but recomputed by a forward pre-hook "
+                "(torch.nn.utils.prune or the old torch.nn.utils.weight_norm), so it may be stale and a written one "
+                f"is overwritten on the next forward; make it permanent first (torch.nn.utils.prune.remove(module, "
+                "'weight') or torch.nn.utils.remove_weight_norm(module)), or exclude it"
+            )
+        bypass = weight_read_directly(model, name) if kind == "factorized" else None
+        if bypass is not None:
+            raise ValueError(
+                f"target {name!r}: {bypass[0]}, so a factorized replacement would not run; exclude it "
+                f"(exclude_modules=[{name.rsplit('.', 1)[-1]!r}]) or use a dense method (rtn, gptq, sparsegpt)"
             )
 
 

@@ -11,6 +11,7 @@ two projections structurally:
   (``attn``, ``attention``, ``self_attn``, ``BertAttention``, ``T5LayerCrossAttention`` ...);
   its **output projection** is its last ``nn.Linear`` (registration order) mapping back to the
   width ``d`` its first linear reads (``o_proj``, ``attention.output.dense``, ``attn.Wo``);
+  ``nn.MultiheadAttention`` has none (it never calls its ``out_proj``, whose weight it reads);
 - **FFN output**: the block's last ``nn.Linear`` outside attention and outside nested lists of
   same-class modules (mixture-of-experts expert lists: one expert is not the FFN) that maps to
   ``d`` (``mlp.down_proj``, ``output.dense``, ``mlp.Wo``).
@@ -89,7 +90,10 @@ def _block_placement(block: nn.Module) -> Optional[list[str]]:
             attention.append(name)
     outputs, width = [], None
     for outer in attention:
-        linears = _linears(block.get_submodule(outer))
+        module = block.get_submodule(outer)
+        if isinstance(module, nn.MultiheadAttention):
+            continue  # its forward reads out_proj.weight and never calls out_proj: an adapter there would not run
+        linears = _linears(module)
         if not linears:
             continue  # e.g. "post_attention_layernorm"
         d = linears[0][1].in_features
@@ -166,7 +170,8 @@ def adp_default_targets(model: nn.Module, model_type: Optional[str]) -> list[str
             f"LoRETTA-adp has no default placement for model_type={model_type!r}: it is not in ADP_TARGET_MODULES "
             "and no repeated blocks with an attention output projection and an FFN output projection (nn.Linear "
             "layers mapping back to the block width; mixture-of-experts FFNs count only through a shared expert "
-            "that is an nn.Linear) were recognised; pass target_modules= naming them, e.g. ['o_proj', 'down_proj']"
+            "that is an nn.Linear; nn.MultiheadAttention's out_proj does not count: it is never called) were "
+            "recognised; pass target_modules= naming them, e.g. ['o_proj', 'down_proj']"
         )
     full_names = [full for full, _ in placements]
     suffixes = sorted({rel for _, rel in placements})

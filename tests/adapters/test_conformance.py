@@ -191,6 +191,9 @@ def test_two_adapters_on_one_model(case):
     with torch.no_grad():
         assert torch.equal(conf.output(case, model, inputs), first)
 
+    with pytest.raises(TypeError, match="does not support add_weighted_adapter .*adapters.export_lora"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")  # LoRA's only, as in PEFT
+
     model.delete_adapter("other")
     assert not any(".other" in n for n, _ in model.named_parameters())
     assert list(model.peft_config) == ["default"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import adapters
@@ -201,6 +202,34 @@ def test_unsupported_target_raises_before_the_model_changes(config, names):
     with pytest.raises(TypeError, match=rf"{names}.*target 'norm' is LayerNorm\. Leave it out of target_modules"):
         get_peft_model(model, config())
     assert isinstance(model.proj, nn.Linear) and not any(isinstance(m, FloraLayer | LoTRLayer) for m in model.modules())
+
+
+def _encoder() -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+@pytest.mark.parametrize("config", [
+    lambda t: adapters.LoTRConfig(r=2, **t), lambda t: adapters.MoSConfig(r=2, v=2, p=0, c=1, **t),
+    lambda t: adapters.LoRETTARepConfig(**t), lambda t: adapters.FloraConfig(r=2, **t),
+], ids=["lotr", "mos", "loretta-rep", "flora"])
+def test_layers_torch_reads_without_calling_are_refused_or_warned(config):
+    # nn.MultiheadAttention never calls out_proj (an adapter there had no effect until merged); the encoder layer's
+    # fused inference path reads linear1 / linear2 weights directly (adapters there run in training only)
+    model = _encoder()
+    with pytest.raises(ValueError, match=r"target 'layers.0.self_attn.out_proj': nn.MultiheadAttention passes "
+                                         r"out_proj.weight .*exclude_modules=\['out_proj'\]"):
+        get_peft_model(model, config(dict(target_modules="all-linear")))
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    with pytest.warns(UserWarning, match=r"4 target\(s\) such as 'layers.0.linear1' sit in an "
+                                         r"nn.TransformerEncoderLayer.*set_fastpath_enabled\(False\)"):
+        get_peft_model(_encoder(), config(dict(target_modules=["linear1", "linear2"])))
+
+
+def test_adp_default_placement_skips_multihead_attention():
+    with pytest.raises(ValueError, match="nn.MultiheadAttention's out_proj does not count: it is never called"):
+        get_peft_model(_encoder(), adapters.LoRETTAAdpConfig())
 
 
 def test_injection_from_a_state_dict_plans_the_modules_it_names():

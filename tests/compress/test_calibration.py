@@ -1,6 +1,7 @@
 """Calibration statistics: exact second moments via hooks, merging, persistence, bad input."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from compress import ActivationStats, collect_activation_stats
+from compress.calibration import CalibrationWarning
 from tolerance import assert_close
 
 
@@ -102,6 +104,32 @@ def test_model_is_left_as_it_was():
 def test_empty_calibration_is_refused():
     with pytest.raises(ValueError, match="calibration batches are empty"):
         collect_activation_stats(mlp(), [], progress=False)
+
+
+def test_nested_inputs_of_a_transformer_encoder_count_their_real_tokens():
+    # nn.TransformerEncoder with a padding mask hands its layers a nested (padding-free) batch
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x, lengths = torch.randn(3, 7, 16), [7, 5, 3]
+    padding = torch.arange(7)[None, :] >= torch.tensor(lengths)[:, None]
+    stats = collect_activation_stats(encoder, [(x, None, padding)], target_modules=["linear1"], progress=False)
+    # the same sequences one by one, unpadded
+    alone = collect_activation_stats(encoder, [x[i:i + 1, :n] for i, n in enumerate(lengths)], target_modules=["linear1"],
+                                     progress=False)
+    for name in ("layers.0.linear1", "layers.1.linear1"):
+        assert stats[name].count == sum(lengths)
+        assert_close(stats[name].gram, alone[name].gram, tol=1e-5, what=f"{name} statistics")
+
+
+def test_fewer_rows_than_inputs_warn_once_per_cause():
+    # 15 rows: layer '0' (12 inputs) is fine, layer '2' (20 inputs) has a singular X^T X
+    with pytest.warns(CalibrationWarning, match=r"1 target layer\(s\) saw fewer calibration rows \(down to 15\) than "
+                      r"they have inputs \(up to 20\)"):
+        collect_activation_stats(mlp(), [torch.randn(5, 12), torch.randn(10, 12)], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        collect_activation_stats(mlp(), [torch.randn(20, 12)], progress=False)
 
 
 def test_nan_activations_are_refused_naming_the_layer():

@@ -3,10 +3,12 @@
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -402,3 +404,64 @@ def test_nan_weights_are_refused_before_any_work(method, kw):
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"layer 'model.layers.1.mlp.up_proj' has 1 NaN/inf weights"):
         compress_model(model, CompressionConfig(method=method, **kw), stats, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- torch.nn weights
+def _pruned_mlp(kind: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    if kind == "prune":
+        prune.l1_unstructured(model[2], "weight", 0.3)
+    elif kind == "old_weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch, still used
+            torch.nn.utils.weight_norm(model[2])
+    else:
+        torch.nn.utils.parametrizations.weight_norm(model[2])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["prune", "old_weight_norm"])
+@pytest.mark.parametrize("method,kw", [("rtn", dict(bits=4, group_size=32)), ("svd", dict(keep=0.5))])
+def test_a_weight_recomputed_by_a_hook_is_refused(kind, method, kw):
+    # prune's .weight is weight_orig * weight_mask as of the last forward: stale after an optimizer step, and a written
+    # one is overwritten by the next forward (the model silently stayed dense)
+    model = _pruned_mlp(kind)
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=r"target '2': its weight is not a parameter but recomputed by a forward "
+                                             r"pre-hook .*prune.remove"):
+            compress_model(model, CompressionConfig(method=method, target_modules=["0", "2"], **kw), inplace=inplace,
+                           progress=False)
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_a_parametrized_weight_is_refused_by_dense_methods_and_factorized_from_its_value():
+    model = _pruned_mlp("weight_norm")
+    with pytest.raises(ValueError, match=r"target '2' has a parametrized weight .*remove_parametrizations"):
+        compress_model(model, CompressionConfig(method="rtn", bits=4, group_size=32), progress=False)
+    report = compress_model(model, CompressionConfig(method="svd", rank=32), progress=False)  # full rank: exact
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        assert_close(report.model(x), model(x), what="full-rank svd of a weight_norm layer")
+
+
+def test_a_model_torch_cannot_copy_is_refused_with_the_fix():
+    model = _pruned_mlp("prune")  # a non-target pruned layer: its .weight is a non-leaf tensor deepcopy refuses
+    with pytest.raises(ValueError, match=r"could not copy the model .*inplace=True"):
+        compress_model(model, CompressionConfig(method="svd", keep=0.5, target_modules=["0"]), progress=False)
+
+
+def test_layers_torch_reads_without_calling_are_not_factorized():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1,
+                                    enable_nested_tensor=False).eval()
+    with pytest.raises(ValueError, match=r"target 'layers.0.self_attn.out_proj': nn.MultiheadAttention passes "
+                                         r"out_proj.weight .*exclude_modules=\['out_proj'\]"):
+        compress_model(encoder, CompressionConfig(method="svd", keep=0.5), progress=False)
+    with pytest.raises(ValueError, match=r"target 'layers.0.linear1': nn.TransformerEncoderLayer's fused fast path"):
+        compress_model(encoder, CompressionConfig(method="svd", keep=0.5, exclude_modules=["out_proj"]), progress=False)
+    # a dense method overwrites the weights the fused kernels read: the quantized model is the one that runs
+    report = compress_model(encoder, CompressionConfig(method="rtn", bits=4, group_size=32), progress=False)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert not torch.allclose(report.model(x), encoder(x))
