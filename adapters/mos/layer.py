@@ -38,6 +38,7 @@ class MoSLayer(DeltaLayer):
         self._init_delta_layer(base_layer)
         self.mos_index_A = BufferDict(persistent=False)
         self.mos_index_B = BufferDict(persistent=False)
+        self._mos_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU copies of the index tables
         self.mos_group: dict[str, str] = {}
         self.mos_scale: dict[str, float] = {}
         self.mos_rank: dict[str, int] = {}
@@ -55,12 +56,28 @@ class MoSLayer(DeltaLayer):
         self._mos_shared = plan.containers
         device = self.get_base_layer().weight.device
         self.mos_group[adapter_name] = plan.group
+        self._mos_tables[adapter_name] = (plan.tensors["index_A"].cpu(), plan.tensors["index_B"].cpu())
         self.mos_index_A[adapter_name] = plan.tensors["index_A"].to(device)
         self.mos_index_B[adapter_name] = plan.tensors["index_B"].to(device)
         self.mos_scale[adapter_name] = config.alpha / config.r
         self.mos_rank[adapter_name] = config.r
         self._set_dropout(adapter_name, config.dropout)
         self.set_adapter(self.active_adapters)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.to_empty``), then the index tables written again.
+
+        The tables are fixed by the seed, never learned nor saved, so no ``load_state_dict`` restores them: a model
+        built on the meta device and materialised with ``to_empty`` (FSDP's meta init) would otherwise route
+        through uninitialised memory.
+        """
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            for name, tables in self._mos_tables.items():
+                for buffers, table in zip((self.mos_index_A, self.mos_index_B), tables):
+                    if name in buffers and not buffers[name].is_meta:
+                        buffers[name].copy_(table)
+        return self
 
     def _has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.mos_group

@@ -118,3 +118,31 @@ def test_feasibility_is_checked_before_the_model_changes():
                        r"or r <= 5, or leave these layers out \(exclude_modules\)"):
         get_peft_model(base, adapters.MoSConfig(r=8, v=3, p=1, c=4, target_modules=["q"]))
     assert not any(isinstance(m, MoSLayer) for m in base.modules())
+
+
+def test_meta_built_model_materialised_with_to_empty_routes_like_the_cpu_built_one():
+    # FSDP-style meta init: the index tables are not saved, so no load restores them; to_empty must not leave them
+    # pointing at uninitialised memory
+    config = lambda: adapters.MoSConfig(r=4, v=4, p=2, c=2, target_modules=["0", "2"])
+    build = lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    torch.manual_seed(0)
+    reference = get_peft_model(build(), config())
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    with torch.device("meta"):
+        meta = build()
+    model = get_peft_model(meta, config())
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    model.eval()
+    reference.eval()  # MoS has dropout
+    for name, module in model.named_modules():
+        if isinstance(module, MoSLayer):
+            ref = reference.get_submodule(name)
+            assert torch.equal(module.mos_index_A["default"], ref.mos_index_A["default"])
+            assert torch.equal(module.mos_index_B["default"], ref.mos_index_B["default"])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
