@@ -578,7 +578,19 @@ def cp_als(
         # normalize_factors=True diverges in tensorly 0.10 (NaN or 1e27 on a 48 x 60 matrix at rank 4):
         # fit unnormalized, normalize once at the end.
         reached = None if stop_below is None else (lambda _, error: bool(error <= stop_below))
-        _, factors = parafac(tensor, rank, init=init, n_iter_max=n_iter_max, tol=tol, random_state=seed, callback=reached)
+        # ALS on T / max|T|: its Gram systems then neither overflow nor underflow (a weight scaled by 1e20 or 1e-20
+        # gave NaN factors; max|T|, unlike ||T||, cannot overflow itself); the scale goes back into the weights.
+        scale = tensor.abs().amax()
+        unit = tensor / scale if bool(scale > 0) else tensor
+        try:
+            _, factors = parafac(unit, rank, init=init, n_iter_max=n_iter_max, tol=tol, random_state=seed,
+                                 callback=reached)
+        except torch.linalg.LinAlgError as err:
+            raise ValueError(
+                f"CP-ALS at rank={rank} met a singular least-squares system ({err}); the tensor of shape "
+                f"{tuple(tensor.shape)} likely has a lower CP rank (e.g. a constant or low-rank weight): pass a "
+                "smaller rank, or eps= / energy= to pick the smallest rank that fits"
+            ) from None
     norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
-    weights = torch.stack(norms).prod(0)
+    weights = torch.stack(norms).prod(0) * (scale if bool(scale > 0) else 1.0)
     return weights, [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(factors, norms)]

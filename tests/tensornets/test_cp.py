@@ -127,3 +127,21 @@ def test_a_zero_weight_decomposes_exactly():
         fact = tensornets.decompose(W, "cp", **kw)
         assert torch.equal(fact.to_dense(), W)
     assert tensornets.decompose(W, "cp", eps=0.1).ranks == (1,)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_the_fit_does_not_depend_on_the_weight_scale(scale):
+    # ALS runs on W / max|W|: a weight scaled by 1e20 gave NaN factors and one scaled by 1e-30 a singular system
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32)
+    unit = tensornets.decompose(W, "cp", rank=4, num_cores=2)
+    scaled = tensornets.decompose(W * scale, "cp", rank=4, num_cores=2)
+    assert torch.isfinite(scaled.to_dense()).all()
+    assert relative_error(scaled.to_dense().double(), W.double() * scale) == pytest.approx(
+        relative_error(unit.to_dense().double(), W.double()), rel=1e-3)
+
+
+def test_a_rank_the_tensor_cannot_support_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"CP-ALS at rank=4 met a singular least-squares system .*pass a smaller rank, "
+                                         r"or eps= / energy="):
+        tensornets.decompose(torch.full((64, 96), 3.0), "cp", rank=4)  # exactly rank 1: ALS's systems are singular
+    assert tensornets.decompose(torch.full((64, 96), 3.0), "cp", eps=1e-4).ranks == (1,)
