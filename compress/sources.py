@@ -149,13 +149,29 @@ def quantization_grid(
     return scale, zero
 
 
+def _check_representable(scale: torch.Tensor, stored: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    """Refuse scales that ``scale_dtype`` turns into inf (overflow) or 0 (underflow): the groups would quantize to NaN
+    or to all zeros, silently."""
+    lost = ~torch.isfinite(stored) | ((stored == 0) & (scale > 0))
+    if bool(lost.any()):
+        bad = scale[lost]
+        raise ValueError(
+            f"{int(lost.sum())} quantization scale(s) (from {float(bad.min()):.3g} to {float(bad.max()):.3g}) do not "
+            f"fit scale_dtype={scale_dtype} (finite, nonzero range {torch.finfo(scale_dtype).smallest_normal:.3g} to "
+            f"{torch.finfo(scale_dtype).max:.3g}, subnormals below): the weights are too large or too small for it; "
+            "pass scale_dtype=torch.bfloat16 or torch.float32"
+        )
+
+
 def _range_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
                 scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point ``(rows,)`` of the grids spanning ``[lo, hi]`` (``lo <= 0 <= hi``)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2) if symmetric else (hi - lo) / (qmax - qmin)
-    scale = scale.to(scale_dtype).to(lo.dtype)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stored = scale.to(scale_dtype).to(lo.dtype)
+    if scale_dtype != lo.dtype:
+        _check_representable(scale, stored, scale_dtype)
+    scale = torch.where(stored > 0, stored, torch.ones_like(stored))
     if symmetric:
         return scale, torch.zeros_like(scale)
     return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)

@@ -609,7 +609,9 @@ class Factorization(nn.Module, ABC):
         Parameters
         ----------
         weight : Tensor, shape (out, in)
-            A finite floating matrix (e.g. ``nn.Linear.weight``).
+            A finite floating matrix (e.g. ``nn.Linear.weight``). float16 / bfloat16 weights are
+            decomposed in float32 and the cores cast back (the same cores as decomposing
+            ``weight.float()`` and casting); cores beyond float16's range raise ``ValueError``.
         rank : int or sequence of int, optional
             Maximum ranks (see :meth:`resolve_ranks`).
         eps, energy : float, optional
@@ -655,7 +657,23 @@ class Factorization(nn.Module, ABC):
         with torch.no_grad():
             for name, tensor in tensors.items():
                 module.get_parameter(name).copy_(tensor)
+        if work.dtype != weight.dtype:
+            cls._check_cast(tensors, module, weight.dtype)
         return module
+
+    @classmethod
+    def _check_cast(cls, tensors: dict[str, torch.Tensor], module: "Factorization", dtype: torch.dtype) -> None:
+        """Refuse cores that overflow the weight's half-precision dtype: some formats put the whole norm of ``W`` in
+        one core (Tucker's core, TT's last core), so a weight whose largest singular value exceeds float16's range
+        gives inf cores although every entry of ``W`` fits."""
+        bad = [name for name, _ in tensors.items() if not bool(torch.isfinite(module.get_parameter(name)).all())]
+        if bad:
+            largest = max(float(tensors[name].abs().max()) for name in bad)
+            raise ValueError(
+                f"{cls.format_name}: decomposed in float32, the cores {bad} have entries up to {largest:.3g}, beyond "
+                f"{dtype}'s range ({torch.finfo(dtype).max:.3g}); decompose a float32 copy of the weight "
+                "(weight.float()) and keep the layer in float32 or bfloat16, or scale the weight down"
+            )
 
     @classmethod
     def resolve_structure(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compress.sources import prune_2_4, prune_magnitude, quantization_grid, rtn_quantize, rtn_quantize_weight
-from tolerance import assert_close
+from tolerance import assert_close, relative_error
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -120,3 +120,15 @@ def test_prune_magnitude_exact_sparsity():
     assert torch.equal(prune_magnitude(W, 0.0), W)
     with pytest.raises(ValueError, match="sparsity=1.0"):
         prune_magnitude(W, 1.0)
+
+
+@pytest.mark.parametrize("magnitude", [1e7, 1e-30])
+def test_scales_the_scale_dtype_cannot_hold_are_refused(magnitude):
+    # float16 scales overflowed to inf (NaN weights) or underflowed to 0 (the group quantized to zeros), silently
+    torch.manual_seed(0)
+    W = torch.randn(8, 64) * magnitude
+    with pytest.raises(ValueError, match=r"quantization scale\(s\) .* do not fit scale_dtype=torch.float16 .*"
+                                         r"scale_dtype=torch.bfloat16 or torch.float32"):
+        rtn_quantize_weight(W, bits=4, group_size=32, scale_dtype=torch.float16)
+    q = rtn_quantize_weight(W, bits=4, group_size=32, scale_dtype=torch.bfloat16)
+    assert torch.isfinite(q.dequantize()).all() and relative_error(q.dequantize(), W) < 0.2

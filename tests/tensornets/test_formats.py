@@ -230,6 +230,18 @@ def test_low_precision_weight_keeps_its_dtype():
     fact = tensornets.decompose(W, "mpo", rank=4, num_cores=2)
     assert all(p.dtype == torch.bfloat16 for p in fact.parameters())
     assert fact(torch.randn(2, IN, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # decomposed in float32, then cast: the cores of W.float() cast to bfloat16
+    reference = tensornets.decompose(W.float(), "mpo", rank=4, num_cores=2)
+    assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(fact.parameters(), reference.parameters()))
+
+
+def test_float16_cores_beyond_its_range_are_refused():
+    # every entry (1500) fits float16, but Tucker's core holds sigma_max = 1500 * sqrt(48 * 60) ~ 8.05e4 > 65504
+    W = torch.full((OUT, IN), 1500.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"tucker: decomposed in float32, the cores \['core'\] have entries up to "
+                                         r".*beyond torch.float16's range .*weight.float\(\)"):
+        tensornets.decompose(W, "tucker", rank=2)
+    assert torch.isfinite(tensornets.decompose(W.to(torch.bfloat16), "tucker", rank=2).core).all()
 
 
 @pytest.mark.parametrize("fmt", ["tucker", "btt"])
