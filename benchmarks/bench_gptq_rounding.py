@@ -7,10 +7,11 @@ with only the *order* of the calibration windows changed. Each linear's statisti
 float32 over the windows, so a permutation changes them by float32 rounding (about 1e-7 relative) and nothing
 else; every row below is an equally valid GPTQ run of the same data.
 
-SmolLM2-135M, the CLI's data (16 x 256 calibration and 16 x 256 held-out tokens of the Python docs, BOS included),
-every block linear but the LM head compressed by the block pipeline (:func:`compress.compress_blocks`) with min-max
-grids, group size 64, asymmetric, act-order and damping 0.01: the settings of ``bench_quality.py``'s "GPTQ 3-bit" /
-"GPTQ 4-bit" rows and of llm-compressor's rows in ``results/llmcompressor.json``. Order 0 is the CLI's order,
+SmolLM2-135M, the CLI's data (16 x 256 calibration and 16 x 256 held-out tokens of the Python docs, with the special
+tokens the tokenizer adds: none for SmolLM2), every block linear but the LM head compressed by the block pipeline
+(:func:`compress.compress_blocks`) with min-max grids, group size 64, asymmetric, act-order and damping 0.01: the
+settings of ``bench_quality.py``'s "GPTQ 3-bit" / "GPTQ 4-bit" rows and of llm-compressor's rows in
+``results/llmcompressor.json``. Order 0 is the CLI's order,
 orders 1.. are seeded permutations.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_gptq_rounding.py --orders 4 --bits 3 4

@@ -1,8 +1,9 @@
 """How good are our compressed SmolLM2 models, and how big on disk? RTN / GPTQ / SparseGPT 2:4, with and without EoRA.
 
 SmolLM2-135M, the CLI's data (:func:`compress.models.token_slices` with ``tensornets compress``'s defaults: 16 x 256
-calibration tokens and 16 x 256 held-out tokens of the Python docs, BOS included). Every block linear but the LM head
-is compressed through the block pipeline (:func:`compress.compress_blocks`, statistics on the compressed stream) with
+calibration tokens and 16 x 256 held-out tokens of the Python docs, with the special tokens the tokenizer adds: none for
+SmolLM2). Every block linear but the LM head is compressed through the block pipeline (:func:`compress.compress_blocks`,
+statistics on the compressed stream) with
 
 - RTN and GPTQ (act-order, damping 0.01) at 3 and 4 bits, group size 64, asymmetric (the CLI's defaults), plus
   4-bit symmetric for the comparison with llm-compressor (no EoRA on those rows);
@@ -292,8 +293,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], dense: float, sizes: 
     md = (header("Quality and size of compressed SmolLM2-135M (RTN / GPTQ / SparseGPT 2:4, EoRA)", command, info,
                  versions=["commit"] if "commit" in info else [])
           + [f"Data: the CLI's windows, calibration {CALIB_TOKENS // SEQ_LEN} x {SEQ_LEN} tokens, evaluation "
-             f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (BOS included). Every block "
-             "linear but the LM head compressed by the block pipeline (`compress_blocks`) on the model stored in float32 "
+             f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (with the special tokens the "
+             "tokenizer adds: none for SmolLM2). Every block linear but the LM head compressed by the block pipeline "
+             "(`compress_blocks`) on the model stored in float32 "
              "(as llm-compressor loads it; the CLI stores bfloat16), asymmetric unless 'sym'; "
              "GPTQ with act-order and damping 0.01; 'mse' rows choose each group's range by the clipping search "
              "(`observer='mse'`, weighted by the Hessian diagonal on act-order's static groups), the other rows by "

@@ -322,7 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--build-device", default="cuda", help="--device of the build (cpu works, slower)")
     parser.add_argument("--ref-device", default="cuda", help="device of the transformers reference")
     parser.add_argument("--windows", type=int, default=4, help="held-out windows compared")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window, BOS included")
+    parser.add_argument("--seq-len", type=int, default=256,
+                        help="tokens per window, BOS included where the tokenizer adds one")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per window")
     parser.add_argument("--vllm-python", default=None, help="a Python interpreter with vllm installed")
     parser.add_argument("--vllm-venv", default=str(DEFAULT_VENV),

@@ -3,7 +3,8 @@
 llm-compressor (``oneshot`` with ``QuantizationModifier``, round-to-nearest, and ``GPTQModifier``) quantizes every
 block linear of SmolLM2-135M (not the LM head) at the settings of issue 11's table: 3-bit g64 asymmetric, 4-bit g64
 asymmetric, 4-bit g64 symmetric. It is calibrated on the CLI's calibration windows (16 x 256 tokens of the Python docs,
-BOS included: :func:`compress.models.token_slices`) and evaluated on the CLI's held-out windows (16 x 256 tokens).
+with the special tokens the tokenizer adds, none for SmolLM2: :func:`compress.models.token_slices`) and evaluated on
+the CLI's held-out windows (16 x 256 tokens).
 
 It runs in a virtual environment of its own (``--venv``, default ``~/.cache/tensornets-bench/llmcompressor-venv``),
 created on the first run: ``torch==2.13.0`` first (pip takes the CPU build from this machine's wheels), then
@@ -306,7 +307,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], versions: dict[str, s
     md = (header("llm-compressor on SmolLM2-135M (RTN and GPTQ, the CLI's windows)", command, info,
                  note="oneshot seconds are on a loaded machine")
           + [f"Peer venv: {versions_line}. Calibration {CALIB_TOKENS // SEQ_LEN} x {SEQ_LEN} tokens, evaluation "
-             f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (BOS included), as "
+             f"{EVAL_TOKENS // SEQ_LEN} x {SEQ_LEN} held-out tokens of the Python docs (with the special tokens the "
+             "tokenizer adds: none for SmolLM2), as "
              f"`tensornets compress`. Every block linear quantized (not the LM head), group size {GROUP_SIZE}; GPTQ "
              "with damping 0.01, actorder='static', block 128. Perplexity of the reloaded output directory, computed "
              "in the peer venv with the arithmetic of compress.evaluation.perplexity (float32 activations, NLL summed "

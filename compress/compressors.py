@@ -115,7 +115,11 @@ _ALIASES: dict[str, str] = {}
 
 
 def register(compressor: Compressor) -> Compressor:
-    """Add ``compressor`` under its name and aliases; returns it. A name already taken by another raises."""
+    """Add ``compressor`` under its name and aliases; returns it.
+
+    Registering under a name already registered replaces that compressor (so a module can be reloaded); a name or
+    alias that belongs to another compressor raises ``ValueError``.
+    """
     if not isinstance(compressor, Compressor):
         raise TypeError(f"register takes a Compressor, got {type(compressor).__name__}")
     if compressor.kind not in ("dense", "factorized"):

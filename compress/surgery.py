@@ -161,8 +161,8 @@ def compress_model(
         Method, size (``keep`` = fraction of parameters kept, ``rank`` or ``energy``), targets and options.
     stats : ActivationStats, optional
         From :func:`compress.collect_activation_stats` on the same targets. Required by ``asvd`` /
-        ``whitened_svd`` / ``whiten=True``; with it every method also reports the relative output error on the
-        calibration inputs.
+        ``whitened_svd`` / ``gptq`` / ``sparsegpt`` / ``whiten=True`` (``config.needs_stats``); with it every method
+        also reports the relative output error on the calibration inputs.
     inplace : bool
         Modify ``model`` itself.
     progress : bool, optional

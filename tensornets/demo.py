@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median reported)")
     args = parser.parse_args(argv)
     if args.budgets is not None:
+        # FutureWarning, not DeprecationWarning: Python shows the latter only for code in __main__, never for a CLI
         warnings.warn("tensornets demo --budgets is deprecated (removed in the next release): use --keep",
-                      DeprecationWarning, stacklevel=2)
+                      FutureWarning, stacklevel=2)
         args.keep = args.budgets
     torch.manual_seed(0)
     W = minilm_weight()

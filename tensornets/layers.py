@@ -112,6 +112,8 @@ class FactorizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def spec(self) -> dict[str, Any]:
+        """JSON-serialisable structure (the factorization's spec and whether there is a bias): what
+        :func:`tensornets.save` writes beside the tensors so :func:`tensornets.load` can rebuild the layer."""
         return {"factorization": self.factorization.spec(), "bias": self.bias is not None}
 
     def extra_repr(self) -> str:
@@ -255,6 +257,8 @@ class FactorizedConv2d(nn.Module):
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_channels)
 
     def spec(self) -> dict[str, Any]:
+        """JSON-serialisable structure (channels, kernel, ranks, format, geometry, bias): what
+        :func:`tensornets.save` writes beside the tensors so :func:`tensornets.load` can rebuild the layer."""
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,

@@ -37,6 +37,6 @@ def test_budgets_flag_is_a_deprecated_alias_of_keep(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run", lambda keeps, reps: seen.append(keeps) or [])
     monkeypatch.setattr(demo, "format_table", lambda rows: "")
     demo.main(["--keep", "0.3", "--reps", "1"])
-    with pytest.warns(DeprecationWarning, match="--budgets is deprecated"):
+    with pytest.warns(FutureWarning, match="--budgets is deprecated"):  # shown by default on the command line
         demo.main(["--budgets", "0.4", "--reps", "1"])
     assert seen == [(0.3,), (0.4,)]
