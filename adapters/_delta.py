@@ -300,6 +300,9 @@ class DeltaTuner(BaseTuner):
                 f"{self.method_name} adapts {names} layers only; target {key!r} is {type(base).__name__}. "
                 "Leave it out of target_modules"
             )
+        if isinstance(getattr(base, "weight", None), nn.parameter.UninitializedParameter):
+            raise ValueError(f"{self.method_name}: target {key!r} is a lazy module not materialized yet (its weight "
+                             "has no shape); run one forward pass of the model before adding the adapter")
         return base
 
     def _targets(self, model: nn.Module, config: Any, state_dict: Optional[Mapping[str, Any]] = None) -> list[Target]:

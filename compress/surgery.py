@@ -204,7 +204,13 @@ def compress_model(
     compressor = config.compressor
     for name, module in targets.items():  # before any work: quantizers would zero a NaN's whole group silently
         W = dense_weight(module)
-        if not W.is_meta and not torch.isfinite(W).all():
+        if W.is_meta:
+            raise ValueError(
+                f"target {name!r} has its weight on the meta device (no values: built under init_empty_weights or "
+                "device='meta', or offloaded by accelerate); load the weights first, or use compress_blocks, which "
+                "loads offloaded blocks one at a time"
+            )
+        if not torch.isfinite(W).all():
             raise ValueError(f"layer {name!r} has {int((~torch.isfinite(W)).sum())} NaN/inf weights; repair or "
                              "exclude it (exclude_modules=) before compressing")
         if compressor.check_layer is not None:  # shapes the method cannot take, before any layer is changed

@@ -98,7 +98,8 @@ def fused_weights(model: nn.Module) -> dict[str, int]:
         if isinstance(module, (nn.modules.conv._ConvNd, nn.ParameterList, nn.ParameterDict)) or any(
                 name.startswith(prefix) for prefix in factorized):
             continue
-        count = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 3)
+        count = sum(p.numel() for p in module.parameters(recurse=False)
+                    if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 3)
         if count:
             found[name] = count
     return found
@@ -263,8 +264,10 @@ def check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
 
 
 def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind: str) -> None:
-    """Raise ``ValueError`` for a target whose compressed weight the model would not use.
+    """Raise ``ValueError`` for a target whose weight cannot be read, or whose compressed weight the model would not
+    use.
 
+    - A lazy module not materialized yet (no weight to read).
     - A weight recomputed by a forward pre-hook (``torch.nn.utils.prune``, the old ``torch.nn.utils.weight_norm``):
       ``.weight`` is a stale copy of ``weight_orig * weight_mask``, and a written one is overwritten on the next
       forward. Refused for every method.
@@ -279,6 +282,10 @@ def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind
     for name, module in targets.items():
         if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
             continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"target {name!r} is a lazy module not materialized yet (its weight has no shape); run "
+                             "one forward pass of the model first")
         if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
             if kind == "dense":
                 raise ValueError(

@@ -8,6 +8,8 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .decompositions import rank_for_keep, resolve_eps, resolve_keep
 from .formats import Factorization, LowRank, Tucker, get_format
@@ -26,6 +28,22 @@ def decompose(weight: torch.Tensor, format: str, **kwargs: Any) -> Factorization
     ``keep``, ``num_cores``, ``modes``, ``svd``, ``seed``, ``pad``).
     """
     return get_format(format).from_dense(weight, **kwargs)
+
+
+def live_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as its next forward computes it.
+
+    ``torch.nn.utils.prune`` and the old ``torch.nn.utils.weight_norm`` recompute ``.weight`` in a forward pre-hook
+    (``weight_orig * weight_mask``, ``g v / ||v||``) and leave a copy that goes stale after an optimizer step; this
+    runs the hook's computation instead. Parametrized weights are computed on access anyway.
+    """
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, BasePruningMethod) and hook._tensor_name == "weight":
+                return hook.apply_mask(module)
+            if isinstance(hook, WeightNorm) and hook.name == "weight":
+                return hook.compute_weight(module)
+    return module.weight
 
 
 class FactorizedLinear(nn.Module):
@@ -56,10 +74,13 @@ class FactorizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str, **kwargs: Any) -> "FactorizedLinear":
-        """Decompose ``linear.weight`` (see :func:`decompose` for ``kwargs``) and keep its bias."""
+        """Decompose ``linear.weight`` (see :func:`decompose` for ``kwargs``) and keep its bias.
+
+        A pruned or weight-normed ``linear`` is decomposed from the weight its next forward computes
+        (:func:`live_weight`), not from the possibly stale ``.weight`` copy."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(decompose(linear.weight, format, **kwargs), linear.bias)
+        return cls(decompose(live_weight(linear), format, **kwargs), linear.bias)
 
     @classmethod
     def create(
@@ -297,11 +318,12 @@ class FactorizedConv2d(nn.Module):
             raise ValueError(f"algorithm={algorithm!r} applies to format='tucker' (HOSVD / HOOI); format={format!r} "
                              "takes the truncated SVD: leave algorithm at its default")
         keep = resolve_keep(keep, budget, "FactorizedConv2d.from_conv")
-        c_out, c_in, kh, kw = conv.weight.shape
+        weight = live_weight(conv)
+        c_out, c_in, kh, kw = weight.shape
         ranks = cls.resolve_structure(format, c_in, c_out, (kh, kw), rank=rank, eps=eps, energy=energy, keep=keep)
         fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, (kh, kw))
         options = {"algorithm": algorithm} if format == "tucker" else {}
-        fact = fmt.from_dense(conv.weight.detach().reshape(c_out, -1), rank=ranks, eps=eps, energy=energy,
+        fact = fmt.from_dense(weight.detach().reshape(c_out, -1), rank=ranks, eps=eps, energy=energy,
                               modes=(out_modes, in_modes), **options)
         layer = cls.from_factorization(fact, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                        bias=None if conv.bias is None else conv.bias.detach())
@@ -407,7 +429,7 @@ class FactorizedConv2d(nn.Module):
             )
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; FactorizedConv2d supports 'zeros' only")
-        if not torch.isfinite(conv.weight).all():
+        if not torch.isfinite(live_weight(conv)).all():
             raise ValueError("conv.weight has NaN/inf entries; clean the weight before decomposing it")
         if conv.bias is not None and not torch.isfinite(conv.bias).all():
             raise ValueError("conv.bias has NaN/inf entries; clean it before decomposing the conv")

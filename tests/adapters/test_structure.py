@@ -227,6 +227,19 @@ def test_layers_torch_reads_without_calling_are_refused_or_warned(config):
         get_peft_model(_encoder(), config(dict(target_modules=["linear1", "linear2"])))
 
 
+@pytest.mark.parametrize("config", [
+    lambda: adapters.LoTRConfig(r=2, target_modules=["0", "2"]), lambda: adapters.LoRETTARepConfig(target_modules=["0"]),
+    lambda: adapters.FloraConfig(r=2, target_modules=["0"]), lambda: adapters.MoSConfig(r=2, v=2, p=0, c=1,
+                                                                                     target_modules=["0", "2"]),
+], ids=["lotr", "loretta-rep", "flora", "mos"])
+def test_a_lazy_module_not_materialized_is_refused(config):
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"target '0' is a lazy module not materialized yet .*run one forward pass"):
+        get_peft_model(model, config())
+    model(torch.randn(2, 8))  # materialized: adaptable
+    get_peft_model(model, config())
+
+
 def test_adp_default_placement_skips_multihead_attention():
     with pytest.raises(ValueError, match="nn.MultiheadAttention's out_proj does not count: it is never called"):
         get_peft_model(_encoder(), adapters.LoRETTAAdpConfig())

@@ -465,3 +465,13 @@ def test_layers_torch_reads_without_calling_are_not_factorized():
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert not torch.allclose(report.model(x), encoder(x))
+
+
+def test_weights_without_values_are_refused():
+    with pytest.raises(ValueError, match=r"target '0' is a lazy module not materialized yet .*run one forward pass"):
+        compress_model(nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 16)),
+                       CompressionConfig(method="rtn", bits=4, group_size=16), progress=False)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"target '0' has its weight on the meta device .*compress_blocks"):
+        compress_model(model, CompressionConfig(method="svd", keep=0.5), progress=False)

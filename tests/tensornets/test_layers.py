@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import tensornets
 from tensornets import FactorizedConv2d, FactorizedLinear
@@ -230,3 +233,26 @@ def test_conv_bad_ranks():
         FactorizedConv2d.from_conv(conv, rank=2.0)
     with pytest.raises(TypeError, match="must be a Tucker or LowRank"):
         FactorizedConv2d.from_factorization(tensornets.decompose(torch.randn(6, 36), "tt", rank=2, num_cores=2), 3)
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm"])
+def test_from_linear_and_from_conv_read_the_weight_the_next_forward_computes(kind):
+    # prune / the old weight_norm recompute .weight in a forward pre-hook: after an optimizer step the attribute is stale
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(16, 12).double(), nn.Conv2d(3, 8, 3).double()
+    for module in (linear, conv):
+        if kind == "prune":
+            prune.l1_unstructured(module, "weight", amount=0.5)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch, still in use
+                nn.utils.weight_norm(module)
+    x, img = torch.randn(5, 16, dtype=torch.float64), torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    opt = torch.optim.SGD([*linear.parameters(), *conv.parameters()], lr=0.5)
+    (linear(x).square().sum() + conv(img).square().sum()).backward()
+    opt.step()  # .weight still holds the values of before the step
+    factorized_linear = FactorizedLinear.from_linear(linear, "lowrank", rank=12)  # full ranks: exact
+    factorized_conv = FactorizedConv2d.from_conv(conv, rank=8)
+    with torch.no_grad():  # the forwards recompute the weights
+        assert_close(factorized_linear(x), linear(x), what="linear")
+        assert_close(factorized_conv(img), conv(img), what="conv")
