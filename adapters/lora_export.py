@@ -28,6 +28,7 @@ on our linear layers (each declares ``supports_lora_conversion``); it takes an S
 from __future__ import annotations
 
 import collections
+import json
 import os
 import warnings
 from pathlib import Path
@@ -295,4 +296,9 @@ def export_lora(
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, str(path / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     config.save_pretrained(str(path))
+    # PEFT writes target_modules from a set, in the hash seed's order: sorted, an export is the same file every run
+    config_file = path / "adapter_config.json"
+    written = json.loads(config_file.read_text())
+    written["target_modules"] = sorted(written["target_modules"])
+    config_file.write_text(json.dumps(written, indent=2, sort_keys=True))
     return path

@@ -119,11 +119,10 @@ def child(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compress import CompressionConfig, compress_blocks
-    from compress.cli import _return_freed_memory
+    from compress import CompressionConfig, compress_blocks, return_freed_memory
     from compress.models import default_cache_dir, token_slices
 
-    _return_freed_memory()  # as `tensornets compress` does: freed float64 temporaries go back to the OS
+    return_freed_memory()  # as `tensornets compress` does: freed float64 temporaries go back to the OS
     torch.set_num_threads(args.threads)
     after_import = _status_mb("VmRSS")
     start = time.perf_counter()

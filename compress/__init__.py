@@ -36,6 +36,7 @@ from compress.targets import find_targets
 from compress.checkpoint import load_compressed, load_compressed_directory, save_compressed
 from compress.pipeline import PipelineResult, compress_blocks, find_decoder_blocks
 from compress.eora_rounds import refine_rounds
+from compress.memory import return_freed_memory
 
 __all__ = [
     "ActivationStats",
@@ -76,4 +77,5 @@ __all__ = [
     "SparseWeight",
     "prune_2_4",
     "prune_magnitude",
+    "return_freed_memory",
 ]

@@ -35,34 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv[:1])
     if args.command == "compress":
         from compress.main_job import main as compress_main
+        from compress.memory import return_freed_memory
 
-        _return_freed_memory()
+        return_freed_memory()
         compress_main(argv[1:])
     elif args.command == "demo":
         from tensornets.demo import main as demo_main
 
         demo_main(argv[1:])
-
-
-def _return_freed_memory(threshold: int = 128 * 1024) -> None:
-    """Fix glibc's ``M_MMAP_THRESHOLD`` at ``threshold`` bytes for this process (no-op off glibc).
-
-    glibc raises its mmap threshold after each large free (up to 32 MB), so the float64 temporaries of every layer's
-    eigh / SVD then stay in the heap after they are freed and the resident set grows block after block; a fixed
-    threshold serves them from ``mmap`` and returns them to the OS at once (measured on the defaults:
-    ``benchmarks/results/pipeline_memory.md``). Set here, by the command, never on importing the library.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_MMAP_THRESHOLD = -3
-    mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 if __name__ == "__main__":

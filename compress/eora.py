@@ -28,6 +28,7 @@ this package.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -273,6 +274,12 @@ class EoraAdapter:
         aside = Path(tempfile.mkdtemp(prefix=".eora-", dir=path))
         try:
             self.lora_config(base_model_name_or_path, task_type).save_pretrained(str(aside))
+            # PEFT turns target_modules into a set, written in the hash seed's order: sorted, the file is the same
+            # on every run
+            config_file = aside / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config["target_modules"] = sorted(config["target_modules"])
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(aside / "adapter_model.safetensors"), metadata={"format": "pt"})
             for file in sorted(aside.iterdir(), key=lambda f: f.suffix != ".safetensors"):  # weights first
                 os.replace(file, path / file.name)

@@ -431,8 +431,9 @@ def save_hf_directory(
     offloaded = [n for n, t in model.state_dict().items() if t.is_meta]
     if offloaded:
         raise ValueError(f"model tensor {offloaded[0]!r} ({len(offloaded)} in all) is on the meta device (offloaded "
-                         "or never loaded), so it has no values to save; load the model's weights (e.g. remove "
-                         "accelerate's offload hooks) first")
+                         "or never loaded), so it has no values to save; load the model's weights first (an "
+                         "offloaded model: accelerate.hooks.remove_hook_from_module(model, recurse=True) loads them "
+                         "back into memory)")
     out = Path(path)
     refuse_other_checkpoint(out, [f for f in (out / MANIFEST_FILE, out / WEIGHTS_FILE) if f.is_file()],
                             "save_hf_directory")

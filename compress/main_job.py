@@ -65,6 +65,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -285,6 +286,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --method: unknown method {args.method!r}; choose one of "
                      f"{', '.join(k for k in names if k != '2:4')}")
     args.method = names[args.method]
+    _check_device(parser, args.device)
     compressor = get_compressor(args.method)
     if compressor.kind == "dense":
         if args.keep is not None:
@@ -372,6 +374,32 @@ def _check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
                              "add --sparse-bits B or drop it")
 
 
+def _check_device(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--device`` names a device this torch can compute on (before the model is loaded)."""
+    import torch
+
+    if text == "auto":
+        return
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as err:
+        parser.error(f"argument --device: {text!r} is not a torch device ({err}); pass cpu, cuda, cuda:1 or auto")
+    if device.type == "meta":
+        parser.error("argument --device: meta holds no values to compute with; pass cpu, cuda or auto")
+    if device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        if device.type == "mps":
+            available = torch.backends.mps.is_available()
+        else:
+            available = getattr(module, "is_available", lambda: False)()
+        if not available:
+            parser.error(f"argument --device: {text}: this torch ({torch.__version__}) has no usable {device.type} "
+                         "device; pass cpu, or auto (cuda when available)")
+        count = getattr(module, "device_count", lambda: 1)()
+        if device.index is not None and device.index >= count:
+            parser.error(f"argument --device: {text}: there are {count} {device.type} device(s), numbered from 0")
+
+
 def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Settle ``--output-dir`` and ``--json`` before any work (a run of minutes must not end in a path error);
     ``~`` is expanded (a shell leaves it alone in ``--output-dir=~/x``)."""
@@ -386,6 +414,11 @@ def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if args.overwrite and (resolved in (Path.cwd(), *Path.cwd().parents) or resolved == Path.home().resolve()):
             parser.error(f"argument --overwrite: {out} is the working directory, one of its parents or the home "
                          "directory; --overwrite replaces a previous output directory, pass that one")
+        if args.model_path is not None:
+            source = Path(args.model_path).expanduser().resolve()
+            if resolved == source or resolved in source.parents:
+                parser.error(f"argument --output-dir: {out} holds the model being compressed ({args.model_path}); "
+                             "writing there would replace it, pass a directory of its own")
         args.output_dir = str(out)
     if args.json is not None:
         path = Path(args.json).expanduser()
@@ -830,26 +863,29 @@ def _save(args, compressed, tokenizer, adapter, report) -> dict[str, Any]:
     """Write ``--output-dir``: a Hugging Face directory (factorized models: :func:`compress.save_compressed`'s
     directory), the EoRA adapter and ``report.json``; return what was written where (with sizes)."""
     out = Path(args.output_dir)
-    # an earlier run's directory (--overwrite) steps aside until the new one is complete, then goes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written aside and swapped in once complete: an interrupted or failed save (even SIGTERM / SIGKILL) leaves an
+    # earlier run's directory (--overwrite) in place, and at worst a hidden .<name>.new-* directory beside it
+    staging = out.parent / f".{out.name}.new-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # with the umask's permissions (tempfile.mkdtemp's 0700 would stay on the output directory)
+    try:
+        saved = _write_output_dir(args, staging, out, compressed, tokenizer, adapter, report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     previous = None
-    if out.is_dir() and any(out.iterdir()):
+    if out.exists():
         previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
         out.rename(previous / out.name)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        saved = _write_output_dir(args, out, compressed, tokenizer, adapter, report)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        if previous is not None:
-            (previous / out.name).rename(out)
-            previous.rmdir()
-        raise
+    staging.rename(out)
     if previous is not None:
         shutil.rmtree(previous)
     return saved
 
 
-def _write_output_dir(args, out: Path, compressed, tokenizer, adapter, report) -> dict[str, Any]:
+def _write_output_dir(args, out: Path, final: Path, compressed, tokenizer, adapter, report) -> dict[str, Any]:
+    """Write the output directory's files into ``out``, which becomes ``final`` once complete (what the files and
+    the returned paths refer to)."""
     from compress import save_compressed
     from compress.export import EXPORT_DTYPES, save_hf_directory
     from tensornets import FactorizedConv2d, FactorizedLinear
@@ -862,21 +898,21 @@ def _write_output_dir(args, out: Path, compressed, tokenizer, adapter, report) -
     if factorized:
         save_compressed(compressed, out, tokenizer=tokenizer, dtype=dtype)
         size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        saved["compressed"] = f"{out} ({size / 1e6:.1f} MB, factorized layers in {args.export_dtype})"
+        saved["compressed"] = f"{final} ({size / 1e6:.1f} MB, factorized layers in {args.export_dtype})"
     else:
         export = save_hf_directory(compressed, out, tokenizer=tokenizer, quantized=getattr(report, "quantized", {}),
                                    dtype=dtype)
         packed = sum(p.packed_bytes for p in export.packed)
-        saved["model"] = (f"{out} ({export.total_bytes / 1e6:.1f} MB: {len(export.packed)} packed layers "
+        saved["model"] = (f"{final} ({export.total_bytes / 1e6:.1f} MB: {len(export.packed)} packed layers "
                           f"{packed / 1e6:.1f} MB, the rest in {args.export_dtype})")
-        saved["export"] = export.to_dict()
+        saved["export"] = {**export.to_dict(), "path": str(final)}
     if adapter is not None:
         try:
             # the residual compensates the compressed model written here, not the dense original: pointing PEFT at
             # this directory lets AutoPeftModelForCausalLM.from_pretrained(out / "eora-adapter") load both
-            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=str(out.resolve()), dtype=dtype,
+            adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=str(final.resolve()), dtype=dtype,
                                     task_type="CAUSAL_LM")
-            saved["adapter"] = str(out / "eora-adapter")
+            saved["adapter"] = str(final / "eora-adapter")
         except ValueError:
             # factorized layers: PEFT's LoRA cannot wrap them. Low-rank layers absorb BA exactly (rank r_c + r).
             try:
@@ -884,10 +920,10 @@ def _write_output_dir(args, out: Path, compressed, tokenizer, adapter, report) -
             except ValueError:
                 saved["adapter"] = "not saved: PEFT LoRA cannot wrap tensor-format layers, and they cannot absorb BA"
             else:
-                saved["compensated_merged"] = str(save_compressed(merged, out / "compensated-merged",
-                                                                  tokenizer=tokenizer, dtype=dtype))
+                save_compressed(merged, out / "compensated-merged", tokenizer=tokenizer, dtype=dtype)
+                saved["compensated_merged"] = str(final / "compensated-merged")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    saved["report"] = str(out / "report.json")
+    saved["report"] = str(final / "report.json")
     return saved
 
 

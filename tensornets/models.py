@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,9 @@ import torch
 from torch import nn
 
 from .cache_dir import CACHE_ENV, cache_root, exclusive_lock
+
+#: held while a model loads in this process (see :func:`load_smollm2`)
+_LOAD_LOCK = threading.RLock()
 
 __all__ = [
     "SMOLLM2_CACHE_ENV",
@@ -232,9 +236,8 @@ def load_smollm2(
     place), and a lock on its parent directory (:func:`tensornets.cache_dir.exclusive_lock`) makes a second process that
     finds no cache wait for the first one's conversion and load its cache, instead of
     converting as well. A valid cache is never replaced while another process may read it.
+    Threads of one process load one at a time (transformers' loading is not thread-safe).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(
             f"dtype={dtype!r} is not a floating torch dtype; pass e.g. torch.float32 or torch.bfloat16"
@@ -248,6 +251,15 @@ def load_smollm2(
             f"cache_dir={str(cache)!r} is the GGUF's package directory; pass a directory of "
             f"its own, e.g. {str(default_cache_dir())!r}"
         )
+
+    # transformers' loading is not thread-safe (its empty-weight init patches torch globally): two threads loading at
+    # once left parameters on the meta device for later models. The file lock orders processes, this one threads.
+    with _LOAD_LOCK:
+        return _load_smollm2(cache, gguf_path, manifest, dtype)
+
+
+def _load_smollm2(cache: Path, gguf_path: Path, manifest: dict, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if _read_manifest(cache) != manifest:
         # Two processes that find no cache at once would both convert (~20 s each), and the later one would move
@@ -263,9 +275,11 @@ def load_smollm2(
                         f"could not write the SmolLM2 cache to {str(cache)!r} ({err}); the next load will "
                         f"convert the GGUF again. Set {SMOLLM2_CACHE_ENV} to a writable directory.",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
-                return model.to(dtype).eval(), tokenizer
+                    return _to_dtype(model, dtype).eval(), tokenizer
+                # the first call returns what every later call loads from the cache (the same model, bit for bit)
+                del model
 
     if dtype == torch.float32:
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
@@ -367,7 +381,22 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
             f"directory of its own"
         )
     model, tokenizer = _convert_gguf(gguf_path)
-    return model.to(dtype).eval(), tokenizer
+    return _to_dtype(model, dtype).eval(), tokenizer
+
+
+def _to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` with its parameters and saved floating buffers in ``dtype``, as ``from_pretrained(dtype=...)``
+    loads it: non-persistent buffers (the rotary frequencies ``inv_freq``) keep the float32 they are computed in
+    (``model.to(torch.bfloat16)`` would round them, and the model would differ from its reloaded export)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                    module._buffers[name] = buffer.to(dtype)
+    return model
 
 
 def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:

@@ -19,6 +19,7 @@ from torch import nn
 from compress import load_compressed, load_compressed_directory
 from compress.cli import main as cli_main
 from compress.evaluation import perplexity
+from compress import main_job
 from compress.main_job import build_parser, parse_args
 from compress.models import pydoc_text, token_slices
 
@@ -112,6 +113,11 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
     assert parse_args(["--output-dir", str(tmp_path / "used"), "--overwrite"]).overwrite
+    for out in ("used", "."):  # the model's own directory, or one above it: --overwrite would replace the model
+        with pytest.raises(SystemExit):
+            parse_args(["--model-path", str(tmp_path / "used"), "--output-dir", str(tmp_path / out), "--overwrite"])
+        assert "holds the model being compressed" in capsys.readouterr().err
+    assert parse_args(["--model-path", str(tmp_path / "used"), "--output-dir", str(tmp_path / "used" / "out")])
     monkeypatch.chdir(tmp_path / "used")
     for where in (".", ".."):
         with pytest.raises(SystemExit):
@@ -121,6 +127,20 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     args = parse_args(["--output-dir=~/out", "--json=~/s.json"])
     assert (args.output_dir, args.json) == (str(tmp_path / "out"), str(tmp_path / "s.json"))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "'gpu' is not a torch device"), ("", "'' is not a torch device"), ("meta", "meta holds no values"),
+    pytest.param("cuda:1", "no usable cuda device", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                            reason="a GPU is present")),
+])
+def test_a_device_this_torch_cannot_use_is_refused_at_parsing(device, message, capsys):
+    # they ended in raw torch tracebacks after the model had loaded
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--device", device])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --device: " in err and message in err
+    assert parse_args(["--device", "cpu:0"]).device == "cpu:0"
 
 
 def test_overwrite_replaces_an_earlier_runs_directory_whole(tiny_model_dir, tmp_path, capsys):
@@ -135,9 +155,29 @@ def test_overwrite_replaces_an_earlier_runs_directory_whole(tiny_model_dir, tmp_
               "--output-dir", str(out), "--overwrite", *SMALL])
     capsys.readouterr()
     assert not (out / "eora-adapter").exists() and not (out / "notes.txt").exists()
-    assert not any(p.name.startswith(".out.previous-") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith((".out.previous-", ".out.new-")) for p in tmp_path.iterdir())
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert json.loads((out / "report.json").read_text())["method"] == "whitened_svd"
+
+
+def test_a_failed_save_leaves_the_earlier_directory_in_place(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # written aside and swapped in whole: a save that fails (or a process killed while saving) keeps the earlier run
+    out = tmp_path / "out"
+    cli_main(["compress", "--model-path", str(tiny_model_dir), "--eora-rank", "0", "--output-dir", str(out), *SMALL])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = main_job._write_output_dir
+
+    def fail_midway(args, target, final, *rest):
+        real(args, target, final, *rest)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(main_job, "_write_output_dir", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        cli_main(["compress", "--model-path", str(tiny_model_dir), "--method", "whitened_svd", "--eora-rank", "0",
+                  "--output-dir", str(out), "--overwrite", *SMALL])
+    capsys.readouterr()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):

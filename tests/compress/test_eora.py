@@ -74,6 +74,8 @@ def test_peft_adapter_reproduces_in_memory_outputs_without_our_packages(tmp_path
     eora.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
+    # sorted, not in the hash seed's order (PEFT stores a set): the file is the same on every run
+    assert config["target_modules"] == sorted(eora.factors) and len(config["target_modules"]) > 1
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].shape == (8, 64)
     assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].shape == (128, 8)

@@ -110,11 +110,28 @@ def test_cache_round_trip_is_bitwise(tmp_path, fake_gguf):
 
 
 def test_cache_dtype(tmp_path, fake_gguf):
-    model, _ = load_smollm2(cache_dir=tmp_path / "smol", dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    model, _ = load_smollm2(cache_dir=tmp_path / "smol", dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # the converting (first) call returns the model every later call loads: the rotary frequencies stay float32 (a
+    # bfloat16 inv_freq changed the first CLI run's numbers and adapter)
+    first, _ = load_smollm2(cache_dir=tmp_path / "smol", dtype=torch.bfloat16)
+    assert {p.dtype for p in first.parameters()} == {torch.bfloat16}
+    later, _ = load_smollm2(cache_dir=tmp_path / "smol", dtype=torch.bfloat16)
     assert len(fake_gguf) == 1
+    _assert_same_weights(first, later)
+    first_buffers, later_buffers = dict(first.named_buffers()), dict(later.named_buffers())
+    assert first_buffers.keys() == later_buffers.keys() and first_buffers
+    assert all(b.dtype == later_buffers[n].dtype and torch.equal(b, later_buffers[n]) for n, b in first_buffers.items())
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, later(ids).logits)
+
+
+def test_unwritable_cache_keeps_the_float32_rotary_frequencies(tmp_path, fake_gguf):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.warns(RuntimeWarning, match="TENSORNETS_CACHE"):
+        model, _ = load_smollm2(cache_dir=blocker / "smol", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
 def test_bf16_load_converts_tensor_by_tensor_to_what_from_pretrained_gives(tmp_path, fake_gguf):
