@@ -339,8 +339,7 @@ class DeltaTuner(BaseTuner):
             bypass = weight_read_directly(model, path)
             if bypass is not None and bypass[1]:
                 raise ValueError(f"{self.method_name}: target {key!r}: {bypass[0]}, so an adapter there would never "
-                                 f"run; leave it out of target_modules (with 'all-linear': exclude_modules="
-                                 f"[{key.rsplit('.', 1)[-1]!r}])")
+                                 f"run; leave it out of target_modules (or exclude_modules=[{key!r}])")
             if bypass is not None:
                 fast_path.append(key)
             targets.append(Target(key, base))
@@ -577,6 +576,15 @@ def _include_all_linear_layers(config: Any, model: nn.Module) -> Any:
             if isinstance(module.get_base_layer(), (nn.Linear, Conv1D)) and module not in heads:
                 wrapped.add(name)
     config.target_modules = set(config.target_modules) | wrapped
+    # linears torch reads without calling (nn.MultiheadAttention.out_proj) are not "linear layers" an adapter can
+    # wrap: left out by their full names (a suffix such as "out_proj" would also drop the model's other out_proj)
+    never_called = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))
+                    and (weight_read_directly(model, name) or ("", False))[1]]
+    if never_called and not isinstance(config.exclude_modules, str):
+        config.exclude_modules = set(config.exclude_modules or ()) | set(never_called)
+        warnings.warn(f"target_modules='all-linear' leaves out {len(never_called)} layer(s) that torch never calls, "
+                      f"such as {never_called[0]!r} (nn.MultiheadAttention reads out_proj.weight directly)",
+                      UserWarning, stacklevel=5)
     return config
 
 

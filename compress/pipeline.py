@@ -78,6 +78,7 @@ from compress.surgery import CompressionReport, compress_model
 from compress.targets import (
     check_not_shared,
     check_weights_writable,
+    drop_bypassed,
     dense_weight,
     exact_names,
     find_targets,
@@ -278,7 +279,8 @@ def compress_blocks(
         raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {err}") from None
     _check_compute_device(compute, device)
 
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    targets = drop_bypassed(model, find_targets(model, config.target_modules, config.exclude_modules),
+                            config.target_modules, config.compressor.kind)
     check_not_shared(model, targets)
     check_weights_writable(model, targets, config.compressor.kind)
     if config.compressor.check_layer is not None:  # every block's layers, before the first block is compressed

@@ -24,6 +24,7 @@ from compress.quantized import QuantizedWeight
 from compress.targets import (
     check_not_shared,
     check_weights_writable,
+    drop_bypassed,
     dense_weight,
     find_targets,
     layer_kind,
@@ -189,7 +190,8 @@ def compress_model(
             "stats = collect_activation_stats(model, calib_batches, target_modules=...)"
         )
     model = unwrap_compiled(model)
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    targets = drop_bypassed(model, find_targets(model, config.target_modules, config.exclude_modules),
+                            config.target_modules, config.compressor.kind)
     check_not_shared(model, targets)
     check_weights_writable(model, targets, config.compressor.kind)
     work = model if inplace else _copy(model)

@@ -305,8 +305,30 @@ def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind
         if bypass is not None:
             raise ValueError(
                 f"target {name!r}: {bypass[0]}, so a factorized replacement would not run; exclude it "
-                f"(exclude_modules=[{name.rsplit('.', 1)[-1]!r}]) or use a dense method (rtn, gptq, sparsegpt)"
+                f"(exclude_modules=[{name!r}]) or use a dense method (rtn, gptq, sparsegpt)"
             )
+
+
+def drop_bypassed(model: nn.Module, targets: dict[str, nn.Module], spec: TargetSpec, kind: str) -> dict[str, nn.Module]:
+    """``targets`` without the layers a factorized replacement could not serve, when ``spec`` is ``"all-linear"``.
+
+    ``"all-linear"`` means every layer that can take the method, so the layers torch reads without calling them
+    (:func:`tensornets.bypassed.weight_read_directly`) are left out with a warning; named targets are left to
+    :func:`check_weights_writable`, which refuses them.
+    """
+    if kind != "factorized" or spec != "all-linear":
+        return targets
+    dropped = [name for name in targets if weight_read_directly(model, name) is not None]
+    if dropped and len(dropped) == len(targets):
+        raise ValueError(f"target_modules='all-linear' found no target a factorized layer can replace: torch reads "
+                         f"the weights of all {len(dropped)} linears (such as {dropped[0]!r}) without calling them; "
+                         "use a dense method (rtn, gptq, sparsegpt)")
+    if dropped:
+        warnings.warn(f"target_modules='all-linear' leaves {len(dropped)} layer(s) such as {dropped[0]!r} dense: torch "
+                      "reads their weights without calling them (nn.MultiheadAttention's out_proj, a batch_first "
+                      "nn.TransformerEncoderLayer's linears), so a factorized layer there would not run",
+                      UserWarning, stacklevel=3)
+    return {name: module for name, module in targets.items() if name not in dropped}
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -18,14 +18,17 @@ def weight_read_directly(model: nn.Module, name: str) -> tuple[str, bool] | None
     Returns ``(reason, always)``: ``always`` is ``True`` where the layer is never called
     (``nn.MultiheadAttention.out_proj``: its forward passes ``out_proj.weight`` to
     ``F.multi_head_attention_forward``), ``False`` where only a fast path skips it
-    (``nn.TransformerEncoderLayer.linear1`` / ``linear2``: the fused inference kernel reads their weights when
-    autograd is off and the layer is in eval mode; ``torch.backends.mha.set_fastpath_enabled(False)`` turns it off).
+    (``nn.TransformerEncoderLayer.linear1`` / ``linear2`` with ``batch_first=True``: the fused inference kernel reads
+    their weights when autograd is off and the layer is in eval mode; ``torch.backends.mha.set_fastpath_enabled(False)``
+    turns it off).
     """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
         return "nn.MultiheadAttention passes out_proj.weight to its functional forward and never calls out_proj", True
-    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+    # the fast path is taken only by batch_first layers (torch checks self_attn.batch_first before the weights)
+    fused = isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn.batch_first
+    if fused and child in ("linear1", "linear2"):
         return (f"nn.TransformerEncoderLayer's fused fast path (eval mode, no autograd) reads {child}.weight "
                 f"directly, skipping {child}"), False
     return None

@@ -227,18 +227,21 @@ class FactorizedConv2d(nn.Module):
     def core_rank(
         format: str, rank: int | Sequence[int], kernel_size: tuple[int, int], in_channels: int, out_channels: int
     ) -> int | tuple[int, ...]:
-        """The core format's ranks for a conv ``rank``: tucker ``r`` -> ``(min(r, F_out), min(r, F_in), kh kw)``
-        with ``F`` the channel modes' full ranks (``F_out = min(C_out, C_in kh kw)``, ``F_in = min(C_in, C_out kh kw)``):
-        an int is capped per channel mode, as every format caps an int rank, and raises above both;
-        ``(R_out, R_in)`` -> ``(R_out, R_in, kh kw)``; lowrank ``r`` unchanged."""
+        """The core format's ranks for a conv ``rank``: tucker ``r`` -> ``(min(r, F_out), min(r, F_in), F_s)``
+        with ``F`` the modes' full ranks (``F_out = min(C_out, C_in kh kw)``, ``F_in = min(C_in, C_out kh kw)``,
+        ``F_s = min(kh kw, C_out C_in)``, the spatial mode kept whole): an int is capped per channel mode, as every
+        format caps an int rank, and raises above both; ``(R_out, R_in)`` -> ``(R_out, R_in, F_s)``; lowrank ``r``
+        unchanged."""
         rank = normalize_rank(rank)
+        k = math.prod(kernel_size)
+        # the spatial mode "whole" is its full rank: kh kw, or C_out C_in when that is smaller (a 7x7 stem conv
+        # with 3 in and 8 out channels has spatial rank 24, not 49)
+        full_out, full_in, full_spatial = Tucker.full_ranks((in_channels, k), (out_channels,))
         if format == "tucker" and isinstance(rank, int):
-            k = math.prod(kernel_size)
-            full_out, full_in, _ = Tucker.full_ranks((in_channels, k), (out_channels,))
             if not 1 <= rank <= max(full_out, full_in):
                 raise ValueError(f"rank={rank} does not fit: pass 1 <= rank <= {max(full_out, full_in)} (the channel "
                                  f"modes' full ranks are {full_out} out, {full_in} in)")
-            return min(rank, full_out), min(rank, full_in), k
+            return min(rank, full_out), min(rank, full_in), full_spatial
         if isinstance(rank, int):
             return rank
         ranks = rank
@@ -246,7 +249,7 @@ class FactorizedConv2d(nn.Module):
             if len(ranks) == 1:  # (r,) reads as r
                 return FactorizedConv2d.core_rank(format, ranks[0], kernel_size, in_channels, out_channels)
             if len(ranks) == 2:
-                return (*ranks, math.prod(kernel_size))
+                return (*ranks, full_spatial)
             if len(ranks) != 3:
                 raise ValueError(f"rank={rank!r}: tucker conv takes an int, (R_out, R_in) or (R_out, R_in, R_spatial)")
         elif len(ranks) != 1:
@@ -442,10 +445,16 @@ class FactorizedConv2d(nn.Module):
         fmt, in_modes, out_modes = cls.core_structure(format, c_in, c_out, kernel_size)
         ranks = lambda r: fmt.resolve_ranks(cls.core_rank(format, r, kernel_size, c_in, c_out), in_modes, out_modes)
         full = fmt.full_ranks(in_modes, out_modes)
-        rank = rank_for_keep(keep, c_out * c_in * math.prod(kernel_size),
-                             lambda r: fmt.parameter_count(in_modes, out_modes, ranks(r)), max(full[:2]))
+        dense = c_out * c_in * math.prod(kernel_size)
+        count = lambda r: fmt.parameter_count(in_modes, out_modes, ranks(r))
+        rank = rank_for_keep(keep, dense, count, max(full[:2]))
         if rank == 0:
-            raise ValueError(f"keep={keep} is below the cost of rank 1 for a ({c_out}, {c_in}, *{kernel_size}) kernel; raise it")
+            if count(1) > dense:  # tucker's whole spatial factor alone outweighs a kernel with few channels
+                raise ValueError(f"format={format!r} cannot compress a ({c_out}, {c_in}, *{kernel_size}) kernel: rank 1 "
+                                 f"already needs {count(1)} parameters of its {dense}; use format='lowrank' or leave "
+                                 "the layer dense")
+            raise ValueError(f"keep={keep} is below the cost of rank 1 for a ({c_out}, {c_in}, *{kernel_size}) kernel "
+                             f"({count(1)} of its {dense} parameters); raise it")
         return rank
 
     # ------------------------------------------------------------------ apply

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -204,9 +205,9 @@ def test_unsupported_target_raises_before_the_model_changes(config, names):
     assert isinstance(model.proj, nn.Linear) and not any(isinstance(m, FloraLayer | LoTRLayer) for m in model.modules())
 
 
-def _encoder() -> nn.TransformerEncoder:
+def _encoder(batch_first: bool = True) -> nn.TransformerEncoder:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=batch_first)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
 
 
@@ -214,17 +215,25 @@ def _encoder() -> nn.TransformerEncoder:
     lambda t: adapters.LoTRConfig(r=2, **t), lambda t: adapters.MoSConfig(r=2, v=2, p=0, c=1, **t),
     lambda t: adapters.LoRETTARepConfig(**t), lambda t: adapters.FloraConfig(r=2, **t),
 ], ids=["lotr", "mos", "loretta-rep", "flora"])
-def test_layers_torch_reads_without_calling_are_refused_or_warned(config):
-    # nn.MultiheadAttention never calls out_proj (an adapter there had no effect until merged); the encoder layer's
-    # fused inference path reads linear1 / linear2 weights directly (adapters there run in training only)
+def test_layers_torch_reads_without_calling_are_refused_skipped_or_warned(config):
+    # nn.MultiheadAttention never calls out_proj (an adapter there had no effect until merged); a batch_first encoder
+    # layer's fused inference path reads linear1 / linear2 weights directly (adapters there run in training only)
     model = _encoder()
     with pytest.raises(ValueError, match=r"target 'layers.0.self_attn.out_proj': nn.MultiheadAttention passes "
-                                         r"out_proj.weight .*exclude_modules=\['out_proj'\]"):
-        get_peft_model(model, config(dict(target_modules="all-linear")))
+                                         r"out_proj.weight .*exclude_modules=\['layers.0.self_attn.out_proj'\]"):
+        get_peft_model(model, config(dict(target_modules=["out_proj", "linear1"])))
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves out 2 layer\(s\) that torch never calls, such as "
+                                         r"'layers.0.self_attn.out_proj'"):
+        adapted = get_peft_model(model, config(dict(target_modules="all-linear")))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in adapted.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert wrapped == {f"layers.{i}.{name}" for i in range(2) for name in ("linear1", "linear2")}
     with pytest.warns(UserWarning, match=r"4 target\(s\) such as 'layers.0.linear1' sit in an "
                                          r"nn.TransformerEncoderLayer.*set_fastpath_enabled\(False\)"):
         get_peft_model(_encoder(), config(dict(target_modules=["linear1", "linear2"])))
+    with warnings.catch_warnings():  # batch_first=False: torch never takes the fast path, the adapters always run
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(_encoder(batch_first=False), config(dict(target_modules=["linear1", "linear2"])))
 
 
 @pytest.mark.parametrize("config", [

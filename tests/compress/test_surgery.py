@@ -451,16 +451,38 @@ def test_a_model_torch_cannot_copy_is_refused_with_the_fix():
         compress_model(model, CompressionConfig(method="svd", keep=0.5, target_modules=["0"]), progress=False)
 
 
-def test_layers_torch_reads_without_calling_are_not_factorized():
+def _encoder(batch_first: bool) -> nn.TransformerEncoder:
     torch.manual_seed(0)
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1,
-                                    enable_nested_tensor=False).eval()
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first, dropout=0.0)
+    return nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+
+
+def test_layers_torch_reads_without_calling_are_not_factorized():
+    encoder = _encoder(batch_first=True)
     with pytest.raises(ValueError, match=r"target 'layers.0.self_attn.out_proj': nn.MultiheadAttention passes "
-                                         r"out_proj.weight .*exclude_modules=\['out_proj'\]"):
-        compress_model(encoder, CompressionConfig(method="svd", keep=0.5), progress=False)
+                                         r"out_proj.weight .*exclude_modules=\['layers.0.self_attn.out_proj'\]"):
+        compress_model(encoder, CompressionConfig(method="svd", keep=0.5, target_modules=["out_proj", "linear1"]),
+                       progress=False)
     with pytest.raises(ValueError, match=r"target 'layers.0.linear1': nn.TransformerEncoderLayer's fused fast path"):
-        compress_model(encoder, CompressionConfig(method="svd", keep=0.5, exclude_modules=["out_proj"]), progress=False)
+        compress_model(encoder, CompressionConfig(method="svd", keep=0.5, target_modules=["linear1"]), progress=False)
+    # 'all-linear' means every layer that can take the method: these stay dense, with a warning
+    with pytest.raises(ValueError, match="'all-linear' found no target a factorized layer can replace"):
+        compress_model(encoder, CompressionConfig(method="svd", keep=0.5), progress=False)
+    model = nn.Sequential(encoder, nn.Linear(32, 8))  # one linear a factorized layer can replace
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves 3 layer\(s\) such as "
+                                         r"'0.layers.0.self_attn.out_proj' dense"):
+        report = compress_model(model, CompressionConfig(method="svd", keep=0.5), progress=False)
+    assert [layer.name for layer in report.layers] == ["1"]
+    # batch_first=False: torch never takes the fast path, the factorized linears run
+    encoder = _encoder(batch_first=False)
+    report = compress_model(encoder, CompressionConfig(method="svd", rank=32, exclude_modules=["out_proj"]),
+                            progress=False)
+    assert isinstance(report.model.layers[0].linear1, tensornets.FactorizedLinear)
+    x = torch.randn(5, 2, 32)
+    with torch.no_grad():
+        assert_close(report.model(x), encoder(x), what="full-rank svd of the encoder's linears")
     # a dense method overwrites the weights the fused kernels read: the quantized model is the one that runs
+    encoder = _encoder(batch_first=True)
     report = compress_model(encoder, CompressionConfig(method="rtn", bits=4, group_size=32), progress=False)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():

@@ -256,3 +256,18 @@ def test_from_linear_and_from_conv_read_the_weight_the_next_forward_computes(kin
     with torch.no_grad():  # the forwards recompute the weights
         assert_close(factorized_linear(x), linear(x), what="linear")
         assert_close(factorized_conv(img), conv(img), what="conv")
+
+
+def test_a_stem_conv_keeps_its_spatial_mode_at_its_full_rank():
+    # 3 -> 8 channels, 7x7: the spatial mode's full rank is 8 * 3 = 24, not 49 (keep= chose (1, 1, 49) and then
+    # told the user to lower it)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 7).double()
+    layer = FactorizedConv2d.from_conv(conv, rank=8)
+    assert layer.ranks == (8, 3, 24)
+    assert_close(layer.weight_dense(), conv.weight, what="kernel at full ranks")
+    assert FactorizedConv2d.from_conv(conv, rank=(2, 2)).ranks == (2, 2, 24)
+    with pytest.raises(ValueError, match=r"format='tucker' cannot compress a \(8, 3, \*\(7, 7\)\) kernel: rank 1 already "
+                                         r"needs 1211 parameters of its 1176; use format='lowrank'"):
+        FactorizedConv2d.from_conv(conv, keep=0.5)
+    assert FactorizedConv2d.from_conv(conv, "lowrank", keep=0.5).ranks == (3,)  # 3 * (8 + 147) <= 588
