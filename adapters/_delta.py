@@ -144,6 +144,24 @@ class DeltaConfig(PeftConfig):
             )
 
 
+def unmergeable_weight(base: nn.Module) -> Optional[str]:
+    """Why adding ``ΔW`` to ``base.weight`` in place would be lost, or ``None``.
+
+    A parametrized weight (weight_norm / spectral_norm / orthogonal, e.g. Wav2Vec2's positional conv) is recomputed
+    on every access, and a pruned (or old-style weight-normed) one is recomputed by a forward pre-hook: the merged
+    values would vanish and ``merge_and_unload`` would return the base model without the update.
+    """
+    if torch.nn.utils.parametrize.is_parametrized(base, "weight"):
+        return ("its weight is parametrized (weight_norm / spectral_norm / orthogonal) and recomputed on every access, "
+                "so a merged update would be lost; keep the adapter unmerged, or fold the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
+    if not isinstance(base._parameters.get("weight"), nn.Parameter):
+        return ("its weight is recomputed by a forward pre-hook (torch.nn.utils.prune or the old weight_norm), so a "
+                "merged update would be overwritten; keep the adapter unmerged, or make the hook's weight permanent "
+                "first (torch.nn.utils.prune.remove / remove_weight_norm)")
+    return None
+
+
 class DeltaLayer(nn.Module, BaseTunerLayer):
     """Base of a tuner layer computing ``y = base(x) + Σ_{a active} Δ_a(x)``.
 
@@ -202,6 +220,9 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
+        reason = unmergeable_weight(base)
+        if reason is not None and adapter_names:
+            raise ValueError(f"cannot merge into this {type(base).__name__}: {reason}")
         for name in adapter_names:
             if not self._has_adapter(name):
                 continue
@@ -469,6 +490,16 @@ class DeltaTuner(BaseTuner):
         if was_active:
             # PEFT's layers make the adapter that takes over trainable (as LoRA's are); its shared state must follow
             self._set_shared_requires_grad(self.active_adapters, True, others=False)
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT's checks, then every adapted layer's weight (before any layer is merged: ``merge_and_unload`` would
+        otherwise stop halfway, some layers merged and unloaded)."""
+        super()._check_merge_allowed()
+        for name, module in self.model.named_modules():
+            if isinstance(module, self.tuner_layer_cls):
+                reason = unmergeable_weight(module.get_base_layer())
+                if reason is not None:
+                    raise ValueError(f"{self.method_name}: cannot merge into {name!r}: {reason}")
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Not supported: PEFT's weighted combination is LoRA's (AdaLoRA and VeRA do not have it either).

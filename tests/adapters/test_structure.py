@@ -14,6 +14,7 @@ import torch
 from peft import get_peft_model, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.utils import prune
 
 import adapters
 from adapters._delta import LayerPlan
@@ -264,3 +265,25 @@ def test_injection_from_a_state_dict_plans_the_modules_it_names():
     state_dict = {"q.flr_core": torch.zeros(2, 2), "v.flr_core": torch.zeros(2, 2)}
     model = inject_adapter_in_model(adapters.FloraConfig(r=2, target_modules=["q"]), Two(), state_dict=state_dict)
     assert isinstance(model.q, FloraLayer) and isinstance(model.v, FloraLayer)
+
+
+@pytest.mark.parametrize("kind", ["parametrized", "pruned"])
+@pytest.mark.parametrize("config", [adapters.LoTRConfig, adapters.FloraConfig], ids=["lotr", "flora"])
+def test_merging_into_a_recomputed_weight_is_refused_before_any_layer_merges(kind, config):
+    # Wav2Vec2's positional conv is weight-normed: the merged update was lost and merge_and_unload returned the base
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("plain", nn.Linear(8, 8))
+    model.add_module("normed", nn.Linear(8, 8))
+    if kind == "parametrized":
+        nn.utils.parametrizations.weight_norm(model.normed)
+    else:
+        prune.l1_unstructured(model.normed, "weight", amount=0.5)
+    peft_model = get_peft_model(model, config(r=2, target_modules=["plain", "normed"]))
+    plain = peft_model.base_model.model.plain
+    before = plain.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match=r"cannot merge into 'normed': its weight is .*keep the adapter unmerged"):
+        peft_model.merge_and_unload()
+    with pytest.raises(ValueError, match=r"cannot merge into 'normed'"):
+        peft_model.merge_adapter()
+    assert not plain.merged_adapters and torch.equal(plain.get_base_layer().weight, before)
