@@ -63,7 +63,6 @@ import math
 import re
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -863,23 +862,28 @@ def _save(args, compressed, tokenizer, adapter, report) -> dict[str, Any]:
     """Write ``--output-dir``: a Hugging Face directory (factorized models: :func:`compress.save_compressed`'s
     directory), the EoRA adapter and ``report.json``; return what was written where (with sizes)."""
     out = Path(args.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # written aside and swapped in once complete: an interrupted or failed save (even SIGTERM / SIGKILL) leaves an
-    # earlier run's directory (--overwrite) in place, and at worst a hidden .<name>.new-* directory beside it
-    staging = out.parent / f".{out.name}.new-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()  # with the umask's permissions (tempfile.mkdtemp's 0700 would stay on the output directory)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden directory inside --output-dir, then moved up once complete: an interrupted or failed save
+    # (even SIGTERM / SIGKILL) leaves an earlier run's files (--overwrite) in place, at worst beside a hidden .new-*
+    # directory. Inside, not beside: --output-dir may be a mount point or a symlink, which must stay what they are.
+    staging = out / f".new-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         saved = _write_output_dir(args, staging, out, compressed, tokenizer, adapter, report)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(out if created else staging, ignore_errors=True)
         raise
-    previous = None
-    if out.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
-        out.rename(previous / out.name)
-    staging.rename(out)
-    if previous is not None:
-        shutil.rmtree(previous)
+    earlier = [entry for entry in out.iterdir() if entry != staging]
+    previous = out / f".previous-{uuid.uuid4().hex[:12]}"
+    if earlier:
+        previous.mkdir()
+        for entry in earlier:
+            entry.rename(previous / entry.name)
+    for entry in staging.iterdir():
+        entry.rename(out / entry.name)
+    staging.rmdir()
+    shutil.rmtree(previous, ignore_errors=True)
     return saved
 
 
