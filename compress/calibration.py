@@ -173,14 +173,39 @@ def layer_inputs(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
     return x.reshape(-1, x.shape[-1])
 
 
-def token_mask(batch: Any) -> torch.Tensor | None:
-    """The ``(B, T)`` boolean mask of real tokens of a dict batch with a 2-D ``attention_mask``; ``None`` when the
-    batch has none or every token is real (then every row counts)."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+def token_mask(batch: Any, key: str | None = "attention_mask") -> torch.Tensor | None:
+    """The ``(B, T)`` boolean mask of real tokens of a dict batch with a 2-D ``batch[key]``; ``None`` when the batch
+    has none or every token is real (then every row counts)."""
+    mask = batch.get(key) if isinstance(batch, Mapping) and key is not None else None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     mask = mask != 0
     return None if bool(mask.all()) else mask
+
+
+#: submodules of a multimodal model that never see the text tokens (their inputs are image / audio positions)
+_OTHER_TOWERS = ("vision_model", "vision_tower", "visual", "vision_encoder", "image_encoder", "audio_tower")
+
+
+def mask_keys(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str | None]:
+    """Which padding mask of a batch applies to each module's inputs: ``"attention_mask"`` (the input tokens'),
+    ``"decoder_attention_mask"`` for an encoder-decoder model's decoder, ``None`` for a tower that never sees the
+    tokens (CLIP's vision model). Without this, a layer whose sequence merely has the tokens' length (a decoder of 6
+    positions for 6 encoder tokens) lost rows to a mask that is not its own."""
+    groups: list[tuple[set[int], str | None]] = []
+    config = getattr(model, "config", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    if getattr(config, "is_encoder_decoder", False) and callable(get_decoder):
+        decoder = get_decoder()
+        if isinstance(decoder, nn.Module):
+            groups.append(({id(m) for m in decoder.modules()}, "decoder_attention_mask"))
+    for owner in (model, getattr(model, "model", None)):
+        for attr in _OTHER_TOWERS:
+            tower = getattr(owner, attr, None) if isinstance(owner, nn.Module) else None
+            if isinstance(tower, nn.Module):
+                groups.append(({id(m) for m in tower.modules()}, None))
+    return {name: next((key for ids, key in groups if id(module) in ids), "attention_mask")
+            for name, module in modules.items()}
 
 
 def run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
@@ -245,11 +270,12 @@ def accumulate_stats(
     """
     sums: dict[str, list] = {}
     seen: set[str] = set()
-    current: dict[str, torch.Tensor | None] = {"mask": None}  # the running batch's real-token mask
+    current: dict[str, dict] = {"masks": {}}  # the running batch's real-token masks, by mask_keys' keys
+    keys = mask_keys(model, modules)
 
     def make_hook(name: str, module: nn.Module):
         def hook(_mod: nn.Module, args: tuple) -> None:
-            x = layer_inputs(module, args[0].detach(), current["mask"])
+            x = layer_inputs(module, args[0].detach(), current["masks"][keys[name]])
             x = x.to(stats_device if stats_device is not None else x.device, torch.float32)
             if name not in sums:
                 n = x.shape[1]
@@ -274,7 +300,7 @@ def accumulate_stats(
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=None if progress is None else not progress, leave=False):
                 seen.clear()
-                current["mask"] = token_mask(batch)
+                current["masks"] = {key: token_mask(batch, key) for key in set(keys.values())}
                 try:
                     run_batch(model, batch, device)
                 except StopForward:
@@ -320,7 +346,8 @@ def _warn_if_rank_deficient(sizes: Mapping[str, tuple[int, int]]) -> None:
         warnings.warn(
             f"{len(short)} target layer(s) saw fewer calibration rows (down to {rows}) than they have inputs (up to "
             f"{widest}): their activation statistics are rank-deficient and activation-aware fits (whitening, GPTQ, "
-            f"EoRA) overfit the calibration data; calibrate on several times {widest} rows (tokens)",
+            f"EoRA) overfit the calibration data; calibrate on several times {widest} rows (tokens; sequences for a "
+            "layer that sees one row per sequence, such as a pooler or a classification head)",
             CalibrationWarning, stacklevel=2,
         )
 
@@ -360,11 +387,12 @@ def _capture_inputs(
 ) -> None:
     """Run ``batch`` through ``model`` and call ``on_input(name, rows)`` with each module's input rows (fp32)."""
     seen: set[str] = set()
-    mask = token_mask(batch)
+    keys = mask_keys(model, modules)
+    masks = {key: token_mask(batch, key) for key in set(keys.values())}
 
     def make_hook(name: str, module: nn.Module):
         def hook(_mod: nn.Module, args: tuple) -> None:
-            on_input(name, layer_inputs(module, args[0].detach(), mask).to(torch.float32))
+            on_input(name, layer_inputs(module, args[0].detach(), masks[keys[name]]).to(torch.float32))
             seen.add(name)
             if stop_after_all and len(seen) == len(modules):
                 raise StopForward

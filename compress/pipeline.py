@@ -287,6 +287,10 @@ def compress_blocks(
         for name, module in targets.items():
             config.compressor.check_layer(name, module, tuple(dense_weight(module).shape), config)
     reason = block_pipeline_obstacle(model, config)
+    if reason is not None and _offloaded_modules(model):
+        raise ValueError(f"block-sequential compression is not possible ({reason}), and the whole-model path needs "
+                         "every weight in memory, but accelerate offloads some of this model's: load it without "
+                         "offload, or remove the obstacle")
     if reason is not None:
         warnings.warn(f"block-sequential compression is not possible: {reason}; compressing the whole model at once "
                       "(float32 statistics of every layer in memory)", UserWarning, stacklevel=2)

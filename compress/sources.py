@@ -353,8 +353,19 @@ def _rtn_layer(job: LayerJob) -> LayerResult:
 
 
 def check_group_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
-    """``Compressor.check_layer`` of the group-wise quantizers: the group size divides the layer's width."""
-    resolve_group_size(config.group_size, shape[1], name)
+    """``Compressor.check_layer`` of the group-wise quantizers: the group size divides the layer's width, and a
+    half-precision ``scale_dtype`` holds the layer's min-max scales (GPTQ's updated weights are checked again as it
+    goes)."""
+    from compress.targets import dense_weight
+
+    g = resolve_group_size(config.group_size, shape[1], name)
+    W = dense_weight(module)
+    if config.scale_dtype in (torch.float16, torch.bfloat16) and not W.is_meta:
+        try:
+            bits = config.sparse_bits if config.method == "sparsegpt" else config.bits
+            quantization_grid(W.reshape(-1, g).float(), bits, config.symmetric, config.scale_dtype)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
 
 
 def _check_2_4_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:

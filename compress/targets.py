@@ -86,9 +86,10 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 def fused_weights(model: nn.Module) -> dict[str, int]:
     """Modules holding weights that compression cannot target, name -> their parameter count.
 
-    These are parameters of three or more dimensions owned by a module that is not a convolution: transformers 5
-    keeps a mixture's experts as such tensors (``MixtralExperts.gate_up_proj``, ``(experts, 2 · inter, hidden)``),
-    not as ``nn.Linear`` layers. Target selection leaves them out; callers say so.
+    These are parameters of three or more dimensions owned by a mixture's experts module (its class name says
+    ``Expert``): transformers 5 keeps the experts as such tensors (``MixtralExperts.gate_up_proj``,
+    ``(experts, 2 · inter, hidden)``), not as ``nn.Linear`` layers. Other 3-D parameters (a ViT's ``cls_token`` and
+    position embeddings) are not weights of a linear map. Target selection leaves them out; callers say so.
     """
     found = {}
     factorized = [n + "." for n, m in model.named_modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d))]
@@ -96,7 +97,7 @@ def fused_weights(model: nn.Module) -> dict[str, int]:
         # convolution kernels are 4-D; a factorized layer's cores are targeted through the layer (their
         # containers, and an adapter's, are parameter lists / dicts)
         if isinstance(module, (nn.modules.conv._ConvNd, nn.ParameterList, nn.ParameterDict)) or any(
-                name.startswith(prefix) for prefix in factorized):
+                name.startswith(prefix) for prefix in factorized) or "expert" not in type(module).__name__.lower():
             continue
         count = sum(p.numel() for p in module.parameters(recurse=False)
                     if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -138,13 +139,13 @@ def fold_weights(weights: torch.Tensor, factors: Sequence[torch.Tensor]) -> list
 
 
 def _smallest_fit_within(tensor: torch.Tensor, eps: float, cap: int, fit) -> list[torch.Tensor]:
-    """The fit at the smallest rank ``<= cap`` whose measured relative error is ``<= eps`` (doubling, then bisection).
+    """The fit at the smallest rank ``<= cap`` whose measured relative error is ``<= eps`` (bisection).
 
-    Ranks 1, 2, 4, ... are fitted until one meets ``eps``, then the gap below it is bisected. Searching from below
-    keeps ALS away from ranks far above the tensor's own (a constant weight is rank 1; ALS at a rank of hundreds
-    meets singular systems there) and costs mostly small fits. ALS errors are not guaranteed to fall with the rank,
-    so the search may miss a smaller rank that fits; whatever it returns has been measured to meet ``eps`` (or is
-    the fit at ``cap`` when even that one does not: ``rank`` caps ``eps``, as in the other formats).
+    ALS errors are not guaranteed to fall with the rank, so bisection may miss a smaller rank that
+    fits; whatever it returns has been measured to meet ``eps`` (or is the fit at ``cap`` when
+    even that one does not: ``rank`` caps ``eps``, as in the other formats). A rank far above the
+    tensor's own (a constant weight is rank 1) can make ALS singular or non-finite: such a fit
+    counts as "lower the rank", since a smaller one then represents the tensor.
     """
     norm = float(torch.linalg.vector_norm(tensor.double()))
     rebuild = lambda fs: torch.einsum(_dense_equation(len(fs)), *fs)
@@ -152,24 +153,31 @@ def _smallest_fit_within(tensor: torch.Tensor, eps: float, cap: int, fit) -> lis
     def error(fs: list[torch.Tensor]) -> float:
         return float(torch.linalg.vector_norm((rebuild(fs) - tensor).double())) / norm if norm > 0 else 0.0
 
+    def attempt(rank: int) -> tuple[list[torch.Tensor] | None, bool]:
+        """(the fit, whether it meets eps); a degenerate fit is (None, True): search lower."""
+        try:
+            candidate = fit(rank, target)
+        except ValueError:  # singular ALS systems (cp_als says so)
+            return None, True
+        err = error(candidate)
+        if not math.isfinite(err):
+            return None, True
+        return candidate, err <= eps
+
     # Each ALS run of the search stops as soon as it meets eps (a little below, as tensorly's
     # running error is computed through norms); the exact error is measured after.
     target = eps * (1 - 1e-6)
-    lo, rank = 1, 1
-    while True:
-        rank = min(rank, cap)
-        best = fit(rank, target)
-        if error(best) <= eps:
-            break
-        if rank == cap:
-            return best
-        lo, rank = rank + 1, 2 * rank
-    hi = rank
+    best = fit(cap, target)
+    if error(best) > eps:
+        return best
+    lo, hi = 1, cap
     while lo < hi:
         mid = (lo + hi) // 2
-        candidate = fit(mid, target)
-        if error(candidate) <= eps:
-            best, hi = candidate, mid
+        candidate, fits = attempt(mid)
+        if fits:
+            hi = mid
+            if candidate is not None:
+                best = candidate
         else:
             lo = mid + 1
     return best

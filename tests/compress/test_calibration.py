@@ -122,6 +122,29 @@ def test_nested_inputs_of_a_transformer_encoder_count_their_real_tokens():
         assert_close(stats[name].gram, alone[name].gram, tol=1e-5, what=f"{name} statistics")
 
 
+def test_each_stream_of_an_encoder_decoder_gets_its_own_mask():
+    # the decoder's 6 positions are not the encoder's 6 tokens: the encoder's padding mask used to drop decoder rows
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+                      decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, 64, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    targets = ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.0.layer.2.DenseReluDense.wi"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        stats = collect_activation_stats(model, [{"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids}],
+                                         target_modules=targets, progress=False)
+        assert [stats[n].count for n in targets] == [9, 12]  # real encoder tokens; every decoder position
+        decoder_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+        stats = collect_activation_stats(model, [{"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids,
+                                                  "decoder_attention_mask": decoder_mask}],
+                                         target_modules=targets, progress=False)
+    assert [stats[n].count for n in targets] == [9, 10]
+
+
 def test_fewer_rows_than_inputs_warn_once_per_cause():
     # 15 rows: layer '0' (12 inputs) is fine, layer '2' (20 inputs) has a singular X^T X
     with pytest.warns(CalibrationWarning, match=r"1 target layer\(s\) saw fewer calibration rows \(down to 15\) than "

@@ -428,6 +428,10 @@ def test_disk_offloaded_blocks(tmp_path):
     batches = calib()
     with pytest.raises(ValueError, match="offload_folder"):
         compress_blocks(offloaded, config, batches, inplace=True)
+    with pytest.raises(ValueError, match=r"block-sequential compression is not possible \(allocation='global'.* "
+                                         r"accelerate offloads some of this model's"):  # not a meta-device error
+        compress_blocks(offloaded, CompressionConfig(method="svd", keep=0.5, allocation="global"), batches,
+                        offload_folder=tmp_path / "unused", inplace=True)
     out = compress_blocks(offloaded, config, batches, eora_rank=4, offload_folder=tmp_path / "compressed",
                           inplace=True, progress=False)
     expected = compress_blocks(resident, config, batches, eora_rank=4, inplace=True, progress=False)

@@ -121,6 +121,13 @@ def _mlp(*widths: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def _mlp_with_huge_last_layer() -> nn.Sequential:
+    model = _mlp(64, 64, 64, 8)
+    with torch.no_grad():
+        model[4].weight.mul_(1e7)  # scales ~ 1e5-1e6: beyond float16
+    return model
+
+
 @pytest.mark.parametrize("build,config,match", [
     (lambda: _mlp(64, 64, 48, 8), CompressionConfig(method="rtn", bits=4, group_size=32),
      r"group_size=32 does not divide in_features=48 of layer '4'"),
@@ -154,8 +161,11 @@ def _mlp(*widths: int) -> nn.Sequential:
      r"rank=8 for layer '4' of shape \(4, 64\) must be an int in \[1, 4\]"),
     (lambda: _mlp(64, 64, 64, 4), CompressionConfig(method="asvd", keep=0.2),
      r"keep=0.2 leaves rank 0 for layer '4' of shape \(4, 64\)"),
+    (_mlp_with_huge_last_layer, CompressionConfig(method="rtn", bits=4, group_size=32, scale_dtype=torch.float16),
+     r"layer '4': 16 quantization scale\(s\) .* do not fit scale_dtype=torch.float16"),
 ], ids=["rtn", "gptq", "sparsegpt", "2:4", "tt-conv", "tt-prime", "mpo-prime", "tucker-rank", "tucker-whiten-rank",
-        "btt-keep", "tucker-conv-rank", "tucker-conv-keep", "svd-rank", "asvd-keep"])
+        "btt-keep", "tucker-conv-rank", "tucker-conv-keep", "svd-rank", "asvd-keep",
+        "rtn-fp16-scales"])
 def test_a_layer_the_method_cannot_take_is_refused_before_any_layer_changes(build, config, match):
     torch.manual_seed(0)
     model = build()
@@ -497,3 +507,24 @@ def test_weights_without_values_are_refused():
         model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
     with pytest.raises(ValueError, match=r"target '0' has its weight on the meta device .*compress_blocks"):
         compress_model(model, CompressionConfig(method="svd", keep=0.5), progress=False)
+
+
+def test_three_dimensional_parameters_outside_experts_are_not_called_fused_experts():
+    # a ViT's cls_token (1, 1, d) and position embeddings (1, T, d) are not a mixture's fused expert weights
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 16))
+            self.proj = nn.Linear(16, 16)
+
+    class TinyExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 32, 16))
+
+    model = nn.Sequential(Embedded(), TinyExperts())
+    with pytest.warns(UserWarning, match=r"leaves 2,048 parameters dense: 1 TinyExperts module"):
+        find_targets(model, "all-linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        find_targets(model[0], "all-linear")
