@@ -175,6 +175,19 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
     other_param_names: tuple[str, ...] = ("delta_dropout",)
 
+    #: geometry the wrapped layer's owner may read off it (Whisper's encoder reads ``conv1.stride``): answered by the
+    #: base layer. A fixed list, not every attribute: ``_hf_hook`` and the like must stay the base layer's own.
+    _BASE_ATTRIBUTES = frozenset({"stride", "padding", "dilation", "groups", "kernel_size", "padding_mode",
+                                  "in_channels", "out_channels", "num_embeddings", "embedding_dim", "padding_idx"})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in DeltaLayer._BASE_ATTRIBUTES or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     def _init_delta_layer(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.delta_dropout = nn.ModuleDict()

@@ -438,32 +438,68 @@ class UnsupportedBlockCall(ValueError):
 
 
 def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> None:
-    """Raise :class:`UnsupportedBlockCall` unless block 1's input is block 0's output (on one calibration batch).
+    """Raise :class:`UnsupportedBlockCall` unless the pipeline can replay the model's block calls (on one batch).
 
-    The pipeline feeds each block the previous block's output. A model that transforms the hidden states between
-    its blocks (``h = 3 h + block(tanh(h))``) would be compressed on inputs it never produces.
+    The pipeline feeds each block the previous block's output, with the other arguments block 0 was called with. A
+    model that transforms the hidden states between its blocks (``h = 3 h + block(tanh(h))``), or calls its blocks
+    with different arguments (Swin's stages: other ``input_dimensions``; a mask that differs between sliding-window
+    and full-attention layers on sequences longer than the window) would be compressed on inputs it never produces.
+    One forward of ``batch`` up to the last block's call.
     """
     if len(blocks) < 2:
         return
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, Any] = {}
 
     def output(_module: nn.Module, _args: tuple, out: Any) -> None:
         hidden = out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, Mapping) else out),
-                                                                 None)  # a tuple or a ModelOutput: hidden states first
+                                                                None)  # a tuple or a ModelOutput: hidden states first
         if isinstance(hidden, torch.Tensor):
             seen["out"] = hidden.detach()
 
-    def next_input(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-        seen["in"] = _by_name(blocks[1], args, kw)[0].detach()
-        raise StopForward
+    def call(index: int):
+        def hook(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+            hidden, named = _by_name(blocks[index], args, kw)
+            if index == 0:
+                seen["kwargs"] = named
+                return
+            if index == 1:
+                seen["in"] = hidden.detach()
+            differs = [k for k in set(named) | set(seen["kwargs"])
+                       if not _same_argument(named.get(k), seen["kwargs"].get(k))]
+            if differs:
+                seen["differs"] = (index, sorted(differs))
+                raise StopForward
+            if index == len(blocks) - 1:
+                raise StopForward
+        return hook
 
-    with _hooked_run(model, [blocks[0].register_forward_hook(output),
-                             blocks[1].register_forward_pre_hook(next_input, with_kwargs=True)]) as run:
+    handles = [blocks[0].register_forward_hook(output)]
+    handles += [block.register_forward_pre_hook(call(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    with _hooked_run(model, handles) as run:
         run(batch)
     out, given = seen.get("out"), seen.get("in")
     if out is None or given is None or out.shape != given.shape or not torch.equal(out, given.to(out.device)):
         raise UnsupportedBlockCall(f"block 1 of {type(model).__name__} does not take block 0's output as its input "
                                    "(the model changes the hidden states between its blocks)")
+    if "differs" in seen:
+        index, names = seen["differs"]
+        raise UnsupportedBlockCall(f"block {index} of {type(model).__name__} is called with other arguments than block "
+                                   f"0 ({', '.join(names)}), and the pipeline replays block 0's")
+
+
+def _same_argument(a: Any, b: Any) -> bool:
+    """Whether two block-call arguments are the same value (tensors: shape and entries; containers: item by item)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b.to(a.device))))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_argument(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_argument(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # objects without a value comparison (a cache): the same one
+        return a is b
 
 
 def _by_name(block: nn.Module, args: tuple, kw: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

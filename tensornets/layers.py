@@ -127,6 +127,16 @@ class FactorizedLinear(nn.Module):
     def num_parameters(self) -> int:
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight, rebuilt from the cores on every access (read-only).
+
+        For code that inspects ``layer.weight`` as it would an ``nn.Linear``'s: T5's feed-forward reads
+        ``wo.weight.dtype`` on every forward, so without it a factorized ``wo`` failed. Each read costs a rebuild
+        (the forward itself never reads it); writing into the returned tensor changes nothing, set the cores.
+        """
+        return self.factorization.to_dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.factorization(x)
         # under torch.autocast y is in the autocast dtype: the bias joins it there, as in nn.Linear (no promotion)
@@ -279,6 +289,16 @@ class FactorizedConv2d(nn.Module):
     @property
     def num_parameters(self) -> int:
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_channels)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense kernel ``(C_out, C_in, kh, kw)`` (:meth:`weight_dense`), rebuilt on every access (read-only).
+
+        For code that inspects ``conv.weight`` as it would an ``nn.Conv2d``'s: ViT's and CLIP's patch embeddings
+        read ``projection.weight.dtype`` on every forward. Each read costs a rebuild; writing into the returned
+        tensor changes nothing.
+        """
+        return self.weight_dense()
 
     def spec(self) -> dict[str, Any]:
         """JSON-serialisable structure (channels, kernel, ranks, format, geometry, bias): what

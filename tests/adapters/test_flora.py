@@ -143,3 +143,25 @@ def test_resolve_ranks():
     assert resolve_ranks([16, 16, 2, 2], (64, 32, 3, 3), "x") == (16, 16, 2, 2)
     with pytest.raises(ValueError, match=r"r\[2\]=4 exceeds mode 2 of size 3 for layer 'conv'"):
         resolve_ranks([2, 2, 4, 2], (8, 8, 3, 3), "conv")
+
+
+def test_the_wrapped_layers_geometry_stays_readable():
+    # Whisper's encoder reads conv1.stride: a FLoRA-wrapped conv raised AttributeError
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 6, 3, stride=2, padding=1)
+            self.embed = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            x = self.embed(ids).transpose(1, 2)
+            assert self.conv.stride == (2,) and self.embed.num_embeddings == 10
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Owner(), adapters.FloraConfig(r=2, target_modules=["conv", "embed"]))
+    layer = model.base_model.model.conv
+    assert (layer.stride, layer.padding, layer.kernel_size, layer.in_channels) == ((2,), (1,), (3,), 4)
+    assert model(torch.randint(0, 10, (2, 8))).shape == (2, 6, 4)
+    with pytest.raises(AttributeError):
+        layer._hf_hook  # only the geometry is forwarded, not the base layer's hooks

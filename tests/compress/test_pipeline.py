@@ -201,6 +201,28 @@ class _Mixed(nn.Module):
         return x
 
 
+class _Scaled(nn.Module):
+    """Blocks that chain, but each is called with its own argument (Swin's stages: their input_dimensions)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return x + self.mlp(scale * x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(self.Block() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, scale=float(i + 1))
+        return x
+
+
 def _no_blocks() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
@@ -209,7 +231,8 @@ def _no_blocks() -> nn.Module:
 @pytest.mark.parametrize("build,why", [
     (_no_blocks, "no decoder blocks"),
     (_Mixed, "block 1 of _Mixed does not take block 0's output as its input"),  # it would get inputs it never sees
-], ids=["no-blocks", "blocks-that-do-not-chain"])
+    (_Scaled, r"block 1 of _Scaled is called with other arguments than block 0 \(scale\)"),  # block 0's, replayed
+], ids=["no-blocks", "blocks-that-do-not-chain", "blocks-called-differently"])
 def test_fallback_warns_and_gives_the_whole_model_result(build, why):
     model = build()
     batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -330,9 +353,9 @@ def test_one_float32_block_at_a_time():
     out = compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(), eora_rank=4,
                           inplace=True, progress=False)
     assert out.model is model
-    # the capture pass (block 0 per batch) and the check that blocks chain (blocks 0 and 1 on one batch) see all
-    # blocks in bf16; every later block run sees exactly one float32 block
-    before = len(calib()) + 2
+    # the capture pass (block 0 per batch) and the check that the block calls can be replayed (every block on one
+    # batch) see all blocks in bf16; every later block run sees exactly one float32 block
+    before = len(calib()) + len(blocks)
     assert seen[:before] == [[torch.bfloat16] * 3] * before
     processing = seen[before:]
     assert processing and all(d.count(torch.float32) == 1 for d in processing)

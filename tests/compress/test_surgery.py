@@ -528,3 +528,23 @@ def test_three_dimensional_parameters_outside_experts_are_not_called_fused_exper
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         find_targets(model[0], "all-linear")
+
+
+def test_models_that_read_a_layers_weight_run_with_factorized_layers():
+    # T5's feed-forward reads wo.weight.dtype on every forward: a factorized wo raised AttributeError
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+                      decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    report = compress_model(model, CompressionConfig(method="svd", rank=16, target_modules=["wo"]), progress=False)
+    wo = report.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, tensornets.FactorizedLinear) and wo.weight.shape == (16, 32)
+    assert_close(wo.weight, wo.factorization.to_dense(), tol=0.0, what="weight property")
+    ids = torch.randint(1, 64, (2, 5))
+    with torch.no_grad():  # full rank: the same model
+        assert_close(report.model(input_ids=ids, decoder_input_ids=ids).logits,
+                     model(input_ids=ids, decoder_input_ids=ids).logits, what="T5 logits")
+    conv = tensornets.FactorizedConv2d.from_conv(nn.Conv2d(3, 8, 3), rank=3)
+    assert conv.weight.shape == (8, 3, 3, 3) and torch.equal(conv.weight, conv.weight_dense())
