@@ -20,6 +20,7 @@ T. G. Kolda, B. W. Bader, "Tensor decompositions and applications", SIAM Review 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -51,6 +52,28 @@ __all__ = [
 ]
 
 SVDMethod = Literal["full", "randomized"]
+
+
+def _cast(obj, dtype: torch.dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(item, dtype) for item in obj)
+    return obj
+
+
+def half_in_float32(function: Callable) -> Callable:
+    """Run ``function`` on a float16 / bfloat16 first argument in float32 and give its results back in that dtype.
+
+    LAPACK has no half-precision SVD (``"linalg_svd_cpu" not implemented for 'BFloat16'``), and one in half
+    precision would be inaccurate anyway; the decompositions compute in float32, as ``from_dense`` does.
+    """
+    @functools.wraps(function)
+    def wrapper(tensor: torch.Tensor, *args, **kwargs):
+        if not (isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16)):
+            return function(tensor, *args, **kwargs)
+        return _cast(function(tensor.float(), *args, **kwargs), tensor.dtype)
+    return wrapper
 
 
 def resolve_eps(eps: float | None, energy: float | None) -> float | None:
@@ -145,6 +168,7 @@ def rank_for_tolerance(s: torch.Tensor, tol: float, total_sq: float | None = Non
     return int(ok[0]) + 1 if ok.numel() else int(s.numel())
 
 
+@half_in_float32
 def truncated_svd(
     matrix: torch.Tensor,
     rank: int | None = None,
@@ -207,6 +231,7 @@ def truncated_svd(
     return U[:, :r], S[:r], Vh[:r]
 
 
+@half_in_float32
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD ``M = U diag(S) Vh``; wide matrices are decomposed through their transpose.
 
@@ -240,6 +265,7 @@ def gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return U.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype)
 
 
+@half_in_float32
 def randomized_svd(
     matrix: torch.Tensor, rank: int, seed: int = 0, oversample: int = 10, n_iter: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,6 +300,7 @@ def _per_step_ranks(max_rank: int | Sequence[int] | None, num_bonds: int) -> lis
     return ranks
 
 
+@half_in_float32
 def tt_svd(
     tensor: torch.Tensor,
     rank: int | Sequence[int] | None = None,
@@ -384,6 +411,7 @@ def _tucker_caps(shape: Sequence[int], rank, modes: Sequence[int]) -> list[int |
     return ranks
 
 
+@half_in_float32
 def hosvd(
     tensor: torch.Tensor,
     rank: int | Sequence[int] | None = None,
@@ -416,6 +444,7 @@ def hosvd(
     return core, factors
 
 
+@half_in_float32
 def hooi(
     tensor: torch.Tensor,
     rank: int | Sequence[int],
@@ -534,6 +563,7 @@ def cp_slices(tensor: torch.Tensor) -> list[torch.Tensor]:
     return factors
 
 
+@half_in_float32
 def cp_als(
     tensor: torch.Tensor,
     rank: int,

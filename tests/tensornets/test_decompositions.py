@@ -181,3 +181,17 @@ def test_randomized_svd_at_full_rank_is_the_exact_svd():
     M = U @ torch.diag(torch.logspace(0, -12, 24, dtype=torch.float64)) @ V.T
     fact = tensornets.decompose(M, "lowrank", rank=24, svd="randomized")
     assert float((fact.to_dense() - M).norm() / M.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_decomposed_in_float32(dtype):
+    # LAPACK has no half-precision SVD: these raised NotImplementedError ("linalg_svd_cpu" not implemented)
+    torch.manual_seed(0)
+    W = torch.randn(24, 32).to(dtype)
+    T = W.reshape(4, 6, 4, 8)
+    for function, args in [(tensornets.truncated_svd, (W, 4)), (tensornets.tt_svd, (T, 3)),
+                           (tensornets.hosvd, (T, 3)), (tensornets.hooi, (T, 3))]:
+        got, expected = function(*args), function(*(a.float() if torch.is_tensor(a) else a for a in args))
+        flat_got = [t for item in got for t in (item if isinstance(item, (list, tuple)) else [item])]
+        flat_expected = [t for item in expected for t in (item if isinstance(item, (list, tuple)) else [item])]
+        assert all(g.dtype == dtype and torch.equal(g, e.to(dtype)) for g, e in zip(flat_got, flat_expected)), function
