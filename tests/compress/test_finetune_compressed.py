@@ -94,7 +94,9 @@ def test_every_adapter_trains_on_the_quantized_base(rtn, method, source):
     assert with_grad and all(any(pre in n for pre in PREFIXES) for n in with_grad), with_grad
     assert all(p.grad is None and not p.requires_grad for p in originals.values())
     model.zero_grad()
-    losses = _train(model, ids, steps=12, lr=1e-2)
+    # 20 steps: LoRETTA-rep (tensor-train factors, dropout) fell only 0.06 in 12 steps from some inits (--seed 26);
+    # over 30 seeds its smallest fall in 20 steps was 0.28
+    losses = _train(model, ids, steps=20, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1, losses
     for name, p in originals.items():
         assert torch.equal(p, frozen[name]), name
