@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.targets import TargetSpec, find_targets, unwrap_compiled
+from compress.targets import TargetSpec, drop_bypassed, find_targets, unwrap_compiled
 
 
 @dataclass
@@ -527,5 +527,7 @@ def collect_activation_stats(
     torch.Size([576, 576])
     """
     model = unwrap_compiled(model)
-    targets = find_targets(model, target_modules, exclude_modules)
+    # 'all-linear': not the layers torch never calls (nn.MultiheadAttention.out_proj): no input reaches them
+    targets = drop_bypassed(model, find_targets(model, target_modules, exclude_modules), target_modules, "dense",
+                            needs_stats=True)
     return accumulate_stats(model, targets, calib_batches, stats_device=stats_device, progress=progress)

@@ -884,6 +884,9 @@ def _save(args, compressed, tokenizer, adapter, report) -> dict[str, Any]:
         entry.rename(out / entry.name)
     staging.rmdir()
     shutil.rmtree(previous, ignore_errors=True)
+    for readme in (out / "README.md", out / "compensated-merged" / "README.md"):  # save_compressed's load line
+        if readme.is_file():
+            readme.write_text(readme.read_text().replace(str(staging), str(out)))
     return saved
 
 

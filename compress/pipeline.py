@@ -280,7 +280,7 @@ def compress_blocks(
     _check_compute_device(compute, device)
 
     targets = drop_bypassed(model, find_targets(model, config.target_modules, config.exclude_modules),
-                            config.target_modules, config.compressor.kind)
+                            config.target_modules, config.compressor.kind, config.needs_stats or eora_rank > 0)
     check_not_shared(model, targets)
     check_weights_writable(model, targets, config.compressor.kind)
     if config.compressor.check_layer is not None:  # every block's layers, before the first block is compressed
@@ -829,13 +829,16 @@ def _whole_model(
     progress: bool | None,
 ) -> PipelineResult:
     """Today's path: statistics of every target on the dense model, compress all layers, compensate all layers."""
-    stats = collect_activation_stats(model, calib, targets, progress=progress)
+    # the targets compress_blocks chose, by exact names (short names would select by suffix, and 'all-linear' again)
+    stats = collect_activation_stats(model, calib, exact_names(targets), progress=progress)
+    config = dataclasses.replace(config, target_modules=exact_names(targets), exclude_modules=None)
     # EoRA needs the original weights: the model is then copied even with inplace=True
     report = compress_model(model, config, stats, inplace=inplace and not eora_rank, progress=progress)
     eora = None
     if eora_rank:
         eora = eora_compensate(model, report.model, stats, rank=eora_rank, method=eora_method, ridge=ridge,
-                               target_modules=targets, sequential=sequential, calib_batches=calib, progress=progress)
+                               target_modules=exact_names(targets), sequential=sequential, calib_batches=calib,
+                               progress=progress)
         if rounds:
             report, eora = refine_rounds(model, report.model, report, eora, stats, stats, rounds, ridge=ridge)
     return PipelineResult(report, eora, None)

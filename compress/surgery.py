@@ -191,7 +191,7 @@ def compress_model(
         )
     model = unwrap_compiled(model)
     targets = drop_bypassed(model, find_targets(model, config.target_modules, config.exclude_modules),
-                            config.target_modules, config.compressor.kind)
+                            config.target_modules, config.compressor.kind, config.needs_stats)
     check_not_shared(model, targets)
     check_weights_writable(model, targets, config.compressor.kind)
     work = model if inplace else _copy(model)

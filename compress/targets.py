@@ -310,25 +310,31 @@ def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind
             )
 
 
-def drop_bypassed(model: nn.Module, targets: dict[str, nn.Module], spec: TargetSpec, kind: str) -> dict[str, nn.Module]:
-    """``targets`` without the layers a factorized replacement could not serve, when ``spec`` is ``"all-linear"``.
+def drop_bypassed(model: nn.Module, targets: dict[str, nn.Module], spec: TargetSpec, kind: str,
+                  needs_stats: bool = False) -> dict[str, nn.Module]:
+    """``targets`` without the layers the method cannot serve there, when ``spec`` is ``"all-linear"``.
 
-    ``"all-linear"`` means every layer that can take the method, so the layers torch reads without calling them
-    (:func:`tensornets.bypassed.weight_read_directly`) are left out with a warning; named targets are left to
+    Torch reads some layers' weights without calling them (:func:`tensornets.bypassed.weight_read_directly`):
+    a factorized replacement (``kind="factorized"``) would not run there, and a layer never called
+    (``nn.MultiheadAttention.out_proj``) receives no input to take statistics from (``needs_stats``). ``"all-linear"``
+    means every layer that can take the method, so these are left out with a warning; named targets are left to
     :func:`check_weights_writable`, which refuses them.
     """
-    if kind != "factorized" or spec != "all-linear":
+    if spec != "all-linear":
         return targets
-    dropped = [name for name in targets if weight_read_directly(model, name) is not None]
+    bypassed = {name: weight_read_directly(model, name) for name in targets}
+    dropped = [name for name, bypass in bypassed.items()
+               if bypass is not None and (kind == "factorized" or (needs_stats and bypass[1]))]
     if dropped and len(dropped) == len(targets):
-        raise ValueError(f"target_modules='all-linear' found no target a factorized layer can replace: torch reads "
-                         f"the weights of all {len(dropped)} linears (such as {dropped[0]!r}) without calling them; "
-                         "use a dense method (rtn, gptq, sparsegpt)")
+        raise ValueError(f"target_modules='all-linear' found no layer this method can take: torch reads the weights "
+                         f"of all {len(dropped)} linears (such as {dropped[0]!r}) without calling them; use a dense "
+                         "method (rtn) or name the targets")
     if dropped:
-        warnings.warn(f"target_modules='all-linear' leaves {len(dropped)} layer(s) such as {dropped[0]!r} dense: torch "
+        why = ("a factorized layer there would not run" if kind == "factorized" else
+               "they receive no input to take activation statistics from")
+        warnings.warn(f"target_modules='all-linear' leaves {len(dropped)} layer(s) such as {dropped[0]!r} out: torch "
                       "reads their weights without calling them (nn.MultiheadAttention's out_proj, a batch_first "
-                      "nn.TransformerEncoderLayer's linears), so a factorized layer there would not run",
-                      UserWarning, stacklevel=3)
+                      f"nn.TransformerEncoderLayer's linears), so {why}", UserWarning, stacklevel=3)
     return {name: module for name, module in targets.items() if name not in dropped}
 
 

@@ -21,6 +21,7 @@ T. G. Kolda, B. W. Bader, "Tensor decompositions and applications", SIAM Review 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import sys
@@ -68,11 +69,18 @@ def half_in_float32(function: Callable) -> Callable:
     LAPACK has no half-precision SVD (``"linalg_svd_cpu" not implemented for 'BFloat16'``), and one in half
     precision would be inaccurate anyway; the decompositions compute in float32, as ``from_dense`` does.
     """
+    first = next(iter(inspect.signature(function).parameters))  # "matrix" or "tensor", also passed by keyword
+
     @functools.wraps(function)
-    def wrapper(tensor: torch.Tensor, *args, **kwargs):
+    def wrapper(*args, **kwargs):
+        tensor = args[0] if args else kwargs.get(first)
         if not (isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16)):
-            return function(tensor, *args, **kwargs)
-        return _cast(function(tensor.float(), *args, **kwargs), tensor.dtype)
+            return function(*args, **kwargs)
+        if args:
+            args = (tensor.float(), *args[1:])
+        else:
+            kwargs[first] = tensor.float()
+        return _cast(function(*args, **kwargs), tensor.dtype)
     return wrapper
 
 

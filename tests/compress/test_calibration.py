@@ -207,3 +207,15 @@ def test_padding_is_left_out_of_the_statistics():
     plain = collect_activation_stats(model, [batch["input_ids"]], "all-linear", progress=False)
     assert all(torch.equal(collect_activation_stats(model, [full], "all-linear", progress=False)[n].gram,
                            plain[n].gram) for n in plain)
+
+
+def test_all_linear_leaves_out_layers_torch_never_calls():
+    # nn.MultiheadAttention reads out_proj.weight and never calls out_proj: "received no input" failed every
+    # all-linear calibration of a model holding one
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=False, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(16, 4)).eval()
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves 1 layer\(s\) such as '0.layers.0.self_attn.out_proj' "
+                                         r"out: .*they receive no input"):
+        stats = collect_activation_stats(model, [torch.randn(40, 2, 16)], progress=False)
+    assert sorted(stats) == ["0.layers.0.linear1", "0.layers.0.linear2", "1"]

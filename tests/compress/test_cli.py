@@ -158,6 +158,7 @@ def test_overwrite_replaces_an_earlier_runs_directory_whole(tiny_model_dir, tmp_
     assert not any(p.name.startswith((".out.previous-", ".out.new-")) for p in tmp_path.iterdir())
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert json.loads((out / "report.json").read_text())["method"] == "whitened_svd"
+    assert f'load_compressed_directory("{out}")' in (out / "README.md").read_text()  # not the staging directory
 
 
 def test_a_failed_save_leaves_the_earlier_directory_in_place(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -195,3 +195,5 @@ def test_half_precision_inputs_are_decomposed_in_float32(dtype):
         flat_got = [t for item in got for t in (item if isinstance(item, (list, tuple)) else [item])]
         flat_expected = [t for item in expected for t in (item if isinstance(item, (list, tuple)) else [item])]
         assert all(g.dtype == dtype and torch.equal(g, e.to(dtype)) for g, e in zip(flat_got, flat_expected)), function
+    U, S, Vh = tensornets.truncated_svd(matrix=W, rank=4)  # by keyword too, as documented
+    assert U.dtype == dtype and U.shape == (24, 4)
