@@ -189,23 +189,24 @@ _OTHER_TOWERS = ("vision_model", "vision_tower", "visual", "vision_encoder", "im
 
 def mask_keys(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str | None]:
     """Which padding mask of a batch applies to each module's inputs: ``"attention_mask"`` (the input tokens'),
-    ``"decoder_attention_mask"`` for an encoder-decoder model's decoder, ``None`` for a tower that never sees the
-    tokens (CLIP's vision model). Without this, a layer whose sequence merely has the tokens' length (a decoder of 6
-    positions for 6 encoder tokens) lost rows to a mask that is not its own."""
+    ``"decoder_attention_mask"`` for what an encoder-decoder model runs after its encoder (decoder, LM head), ``None``
+    for a tower that never sees the tokens (CLIP's vision model). Without this, a layer whose sequence merely has the
+    tokens' length (a decoder of 6 positions for 6 encoder tokens) lost rows to a mask that is not its own."""
     groups: list[tuple[set[int], str | None]] = []
     config = getattr(model, "config", None)
-    get_decoder = getattr(model, "get_decoder", None)
-    if getattr(config, "is_encoder_decoder", False) and callable(get_decoder):
-        decoder = get_decoder()
-        if isinstance(decoder, nn.Module):
-            groups.append(({id(m) for m in decoder.modules()}, "decoder_attention_mask"))
+    get_encoder = getattr(model, "get_encoder", None)
+    default = "attention_mask"
+    if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):
+        encoder = get_encoder()
+        if isinstance(encoder, nn.Module):  # the rest (decoder, LM head) runs on the decoder's positions
+            groups.append(({id(m) for m in encoder.modules()}, "attention_mask"))
+            default = "decoder_attention_mask"
     for owner in (model, getattr(model, "model", None)):
         for attr in _OTHER_TOWERS:
             tower = getattr(owner, attr, None) if isinstance(owner, nn.Module) else None
             if isinstance(tower, nn.Module):
                 groups.append(({id(m) for m in tower.modules()}, None))
-    return {name: next((key for ids, key in groups if id(module) in ids), "attention_mask")
-            for name, module in modules.items()}
+    return {name: next((key for ids, key in groups if id(module) in ids), default) for name, module in modules.items()}
 
 
 def run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:

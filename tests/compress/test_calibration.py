@@ -132,17 +132,17 @@ def test_each_stream_of_an_encoder_decoder_gets_its_own_mask():
     model = T5ForConditionalGeneration(config).eval()
     ids = torch.randint(1, 64, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
-    targets = ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.0.layer.2.DenseReluDense.wi"]
+    targets = ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.0.layer.2.DenseReluDense.wi", "lm_head"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
         stats = collect_activation_stats(model, [{"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids}],
                                          target_modules=targets, progress=False)
-        assert [stats[n].count for n in targets] == [9, 12]  # real encoder tokens; every decoder position
+        assert [stats[n].count for n in targets] == [9, 12, 12]  # real encoder tokens; every decoder position
         decoder_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
         stats = collect_activation_stats(model, [{"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids,
                                                   "decoder_attention_mask": decoder_mask}],
                                          target_modules=targets, progress=False)
-    assert [stats[n].count for n in targets] == [9, 10]
+    assert [stats[n].count for n in targets] == [9, 10, 10]
 
 
 def test_fewer_rows_than_inputs_warn_once_per_cause():
