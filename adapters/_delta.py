@@ -47,7 +47,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from tensornets.bypassed import weight_read_directly
+from tensornets.bypassed import weight_read_directly, weight_recomputed
 
 __all__ = [
     "ADAPTER_DTYPE",
@@ -151,11 +151,12 @@ def unmergeable_weight(base: nn.Module) -> Optional[str]:
     on every access, and a pruned (or old-style weight-normed) one is recomputed by a forward pre-hook: the merged
     values would vanish and ``merge_and_unload`` would return the base model without the update.
     """
-    if torch.nn.utils.parametrize.is_parametrized(base, "weight"):
+    recomputed = weight_recomputed(base)
+    if recomputed == "parametrized":
         return ("its weight is parametrized (weight_norm / spectral_norm / orthogonal) and recomputed on every access, "
                 "so a merged update would be lost; keep the adapter unmerged, or fold the parametrization first "
                 "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
-    if not isinstance(base._parameters.get("weight"), nn.Parameter):
+    if recomputed == "hook":
         return ("its weight is recomputed by a forward pre-hook (torch.nn.utils.prune or the old weight_norm), so a "
                 "merged update would be overwritten; keep the adapter unmerged, or make the hook's weight permanent "
                 "first (torch.nn.utils.prune.remove / remove_weight_norm)")

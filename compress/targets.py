@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tensornets import FactorizedConv2d, FactorizedLinear
-from tensornets.bypassed import weight_read_directly
+from tensornets.bypassed import weight_read_directly, weight_recomputed
 
 TargetSpec = str | Sequence[str] | None
 
@@ -287,7 +287,8 @@ def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"target {name!r} is a lazy module not materialized yet (its weight has no shape); run "
                              "one forward pass of the model first")
-        if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+        recomputed = weight_recomputed(module)
+        if recomputed == "parametrized":
             if kind == "dense":
                 raise ValueError(
                     f"target {name!r} has a parametrized weight (weight_norm / spectral_norm / orthogonal "
@@ -295,7 +296,7 @@ def check_weights_writable(model: nn.Module, targets: dict[str, nn.Module], kind
                     f"would change nothing; fold it first with torch.nn.utils.parametrize.remove_parametrizations("
                     f"model.get_submodule({name!r}), 'weight'), or exclude it"
                 )
-        elif not isinstance(module._parameters.get("weight"), nn.Parameter):
+        elif recomputed == "hook":
             raise ValueError(
                 f"target {name!r}: its weight is not a parameter but recomputed by a forward pre-hook "
                 "(torch.nn.utils.prune or the old torch.nn.utils.weight_norm), so it may be stale and a written one "

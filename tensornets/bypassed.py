@@ -1,15 +1,33 @@
-"""Layers whose parent module reads their weight without calling them.
+"""Layers whose weight does not reach the model the plain way: read by the parent without calling the layer, or
+recomputed from other tensors on every access or forward.
 
-A module that replaces or wraps such a layer (a factorized layer, an adapter) is never run there: the parent passes
-the layer's ``.weight`` straight to a functional kernel. ``compress`` refuses to factorize these layers and
-``adapters`` refuses to adapt them (or warns where only a fast path skips them).
+A module that replaces or wraps a layer read directly (a factorized layer, an adapter) is never run there: the parent
+passes the layer's ``.weight`` straight to a functional kernel. A weight written into a recomputed one is lost.
+``compress`` and ``adapters`` refuse (or warn about) both, naming the fix.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Literal
 
-__all__ = ["weight_read_directly"]
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["weight_read_directly", "weight_recomputed"]
+
+
+def weight_recomputed(module: nn.Module) -> Literal["parametrized", "hook"] | None:
+    """How ``module.weight`` is recomputed rather than stored, or ``None`` for a plain parameter.
+
+    ``"parametrized"``: ``torch.nn.utils.parametrize`` (weight_norm / spectral_norm / orthogonal) computes it on every
+    access. ``"hook"``: a forward pre-hook (``torch.nn.utils.prune``, the old ``torch.nn.utils.weight_norm``) sets it
+    from other tensors, so between forwards it may be stale, and a value written into it is overwritten.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        return "parametrized"
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return "hook"
+    return None
 
 
 def weight_read_directly(model: nn.Module, name: str) -> tuple[str, bool] | None:

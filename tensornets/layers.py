@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .bypassed import weight_recomputed
 from .decompositions import rank_for_keep, resolve_eps, resolve_keep
 from .formats import Factorization, LowRank, Tucker, get_format
 from .formats.base import normalize_rank
@@ -37,7 +38,7 @@ def live_weight(module: nn.Module) -> torch.Tensor:
     (``weight_orig * weight_mask``, ``g v / ||v||``) and leave a copy that goes stale after an optimizer step; this
     runs the hook's computation instead. Parametrized weights are computed on access anyway.
     """
-    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+    if weight_recomputed(module) == "hook":
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, BasePruningMethod) and hook._tensor_name == "weight":
                 return hook.apply_mask(module)

@@ -666,7 +666,7 @@ class Factorization(nn.Module, ABC):
         """Refuse cores that overflow the weight's half-precision dtype: some formats put the whole norm of ``W`` in
         one core (Tucker's core, TT's last core), so a weight whose largest singular value exceeds float16's range
         gives inf cores although every entry of ``W`` fits."""
-        bad = [name for name, _ in tensors.items() if not bool(torch.isfinite(module.get_parameter(name)).all())]
+        bad = [name for name in tensors if not bool(torch.isfinite(module.get_parameter(name)).all())]
         if bad:
             largest = max(float(tensors[name].abs().max()) for name in bad)
             raise ValueError(
