@@ -354,13 +354,15 @@ def _rtn_layer(job: LayerJob) -> LayerResult:
 
 def check_group_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
     """``Compressor.check_layer`` of the group-wise quantizers: the group size divides the layer's width, and a
-    half-precision ``scale_dtype`` holds the layer's min-max scales (GPTQ's updated weights are checked again as it
-    goes)."""
+    float16 ``scale_dtype`` holds the layer's min-max scales (GPTQ's updated weights are checked again as it goes)."""
     from compress.targets import dense_weight
 
     g = resolve_group_size(config.group_size, shape[1], name)
-    W = dense_weight(module)
-    if config.scale_dtype in (torch.float16, torch.bfloat16) and not W.is_meta:
+    # float16 only: bfloat16 has float32's exponent range, so its scales cannot overflow, and checking every layer of
+    # the CLI's default (bfloat16 scales) would cost a float32 pass over the whole model for nothing; an underflow
+    # below 1e-38 is still caught when the layer is quantized
+    W = dense_weight(module) if config.scale_dtype == torch.float16 else None
+    if W is not None and not W.is_meta:
         try:
             bits = config.sparse_bits if config.method == "sparsegpt" else config.bits
             quantization_grid(W.reshape(-1, g).float(), bits, config.symmetric, config.scale_dtype)
