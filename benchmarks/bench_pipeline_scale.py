@@ -22,7 +22,9 @@ Per depth, in a fresh process: RSS after imports, after loading, the peak while 
 loading) and overall (``ru_maxrss``), the compression time (wall, and CPU = user + system from ``getrusage``, which
 other jobs on a shared machine disturb less than wall time), and the bytes the result keeps in memory for every
 layer (the bit-packed codes, scales and zero points that the exporter writes, and the EoRA factors in the storage
-dtype), which do grow with depth.
+dtype), which do grow with depth. Then the result is exported (``save_hf_directory``, compressed-tensors, with
+its EoRA adapter) with its blocks still on disk: the export's peak (``VmHWM`` reset after compressing), time and
+bytes written.
 
 Time linearity: CPU seconds per block at every depth, their ratio deepest / shallowest (1.0 when linear), and a
 least-squares fit ``cpu(L) = a + b L`` whose intercept ``a`` (the cost that does not scale with depth) is reported
@@ -120,6 +122,7 @@ def child(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compress import CompressionConfig, compress_blocks, return_freed_memory
+    from compress.export import save_hf_directory
     from compress.models import default_cache_dir, token_slices
 
     return_freed_memory()  # as `tensornets compress` does: freed float64 temporaries go back to the OS
@@ -144,10 +147,20 @@ def child(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     peak_compress = _status_mb("VmHWM")
     quantized = sum(q.nbytes for q in result.report.quantized.values())
     factors = 0 if result.eora is None else sum(B.nbytes + A.nbytes for B, A in result.eora.factors.values())
+
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    # the blocks stay on disk: transformers loads the offloaded tensors it writes one shard at a time
+    report = save_hf_directory(result.model, work / "export", tokenizer=tok, quantized=result.report.quantized)
+    if result.eora is not None:
+        result.eora.save_pretrained(work / "export" / "eora-adapter", dtype=torch.bfloat16)
+    export_s, peak_export = time.perf_counter() - start, _status_mb("VmHWM")
     return {
         "layers": model.config.num_hidden_layers, "linears": len(result.report.layers),
         "rss_after_import_mb": after_import, "rss_after_load_mb": loaded, "peak_load_mb": peak_loaded,
-        "peak_compress_mb": peak_compress, "peak_mb": max(peak_loaded, peak_compress),
+        "peak_compress_mb": peak_compress, "peak_export_mb": peak_export,
+        "peak_mb": max(peak_loaded, peak_compress, peak_export), "export_s": export_s,
+        "export_weights_mb": report.weight_bytes / 1e6,
         "rss_end_mb": _status_mb("VmRSS"), "load_s": load_s, "compress_s": seconds,
         "s_per_block": seconds / model.config.num_hidden_layers, "cpu_s": cpu,
         "cpu_s_per_block": cpu / model.config.num_hidden_layers,
@@ -201,21 +214,25 @@ def main() -> None:
              f"{base['layers']}", value=deep["peak_compress_mb"] / base["peak_compress_mb"], need=1.3,
              higher_is_better=False, detail=f"{deep['peak_compress_mb']:.0f} MB vs {base['peak_compress_mb']:.0f} MB; "
              f"kept quantized codes {deep['kept_quantized_mb']:.0f} MB vs {base['kept_quantized_mb']:.0f} MB"),
+        goal(f"peak RSS while exporting the offloaded result at {deep['layers']} layers <= 1.3x the peak at "
+             f"{base['layers']}", value=deep["peak_export_mb"] / base["peak_export_mb"], need=1.3,
+             higher_is_better=False, detail=f"{deep['peak_export_mb']:.0f} MB vs {base['peak_export_mb']:.0f} MB; "
+             f"weights written {deep['export_weights_mb']:.0f} MB vs {base['export_weights_mb']:.0f} MB"),
         goal(f"time linear in depth: CPU s per block at {deep['layers']} layers / at {base['layers']} <= 1.25",
              value=cpu_ratio, need=1.25, higher_is_better=False,
              detail="CPU s per block: " + ", ".join(f"{r['layers']}: {r['cpu_s_per_block']:.2f}" for r in rows)
              + f"; fit cpu(L) = {intercept:.1f} s + {slope:.2f} s x L (wall s per block: "
              + ", ".join(f"{r['layers']}: {r['s_per_block']:.1f}" for r in rows) + ")"),
     ]
-    head = ("layers", "linears", "peak RSS MB", "peak compressing MB", "peak loading MB", "RSS after load MB",
-            "RSS after import MB", "kept: quantized MB", "kept: EoRA MB", "load s", "compress s (wall)",
-            "s / block (wall)", "CPU s", "CPU s / block")
+    head = ("layers", "linears", "peak RSS MB", "peak compressing MB", "peak exporting MB", "peak loading MB",
+            "RSS after load MB", "RSS after import MB", "kept: quantized MB", "kept: EoRA MB", "exported weights MB",
+            "load s", "compress s (wall)", "s / block (wall)", "CPU s", "CPU s / block", "export s")
     table = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     table += ["| " + " | ".join([str(r["layers"]), str(r["linears"])] + [f"{r[k]:.0f}" for k in (
-        "peak_mb", "peak_compress_mb", "peak_load_mb", "rss_after_load_mb", "rss_after_import_mb",
-        "kept_quantized_mb", "kept_eora_mb", "load_s", "compress_s")] + [f"{r['s_per_block']:.1f}", f"{r['cpu_s']:.0f}",
-                                                                          f"{r['cpu_s_per_block']:.2f}"]) + " |"
-              for r in rows]
+        "peak_mb", "peak_compress_mb", "peak_export_mb", "peak_load_mb", "rss_after_load_mb", "rss_after_import_mb",
+        "kept_quantized_mb", "kept_eora_mb", "export_weights_mb", "load_s", "compress_s")]
+        + [f"{r['s_per_block']:.1f}", f"{r['cpu_s']:.0f}", f"{r['cpu_s_per_block']:.2f}", f"{r['export_s']:.0f}"])
+        + " |" for r in rows]
     setting = (f"RTN 3-bit g64 asymmetric on every block linear, EoRA r={args.eora_rank}, calibration "
                f"{args.calib_seqs} x {args.seq_len} tokens, blocks offloaded to disk, {args.threads} thread(s)")
     command = (f"python benchmarks/bench_pipeline_scale.py --depths {' '.join(map(str, args.depths))} --calib-seqs "
@@ -226,7 +243,9 @@ def main() -> None:
            "*kept*: what the result holds in memory for every layer until it is exported: the quantized codes "
            "(bit-packed), scales and zero points, and the EoRA factors (in the storage dtype, bfloat16). They are "
            "part of the peak and grow with depth; the model itself stays on disk. *CPU s*: user + system CPU "
-           "seconds of the compression (getrusage), less sensitive than wall time to other jobs on the machine.",
+           "seconds of the compression (getrusage), less sensitive than wall time to other jobs on the machine. "
+           "*exporting*: `save_hf_directory` of the result (compressed-tensors, blocks still offloaded) and its EoRA "
+           "adapter, peak reset after compressing.",
            "", *table]
     md += goal_section(goals, note="One run per depth (no repeats): value and minimum coincide.")
     write_results(RESULTS, "pipeline_scale", md, {"machine": info, "setting": setting, "rows": rows, "goals": goals})

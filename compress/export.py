@@ -285,8 +285,8 @@ _SAME_WEIGHT_TOL = 1e-3
 
 def _check_still_quantized(name: str, weight: torch.Tensor, qw: Quantized) -> None:
     """Refuse to pack codes that no longer describe the layer's weight: the checkpoint would silently drop what was
-    merged into it since quantization (an EoRA residual, a fine-tuned LoRA). An offloaded (meta) weight is left to the
-    offload check, which names it."""
+    merged into it since quantization (an EoRA residual, a fine-tuned LoRA). An offloaded (meta) weight is not read:
+    the export never loads offloaded weights that it does not write."""
     if weight.is_meta:
         return
     dequantized = qw.dequantize(weight.dtype).to(weight.device, torch.float32)
@@ -317,6 +317,9 @@ def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dt
             packed.append(PackedLayer(module_name, tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric,
                                       sum(t.numel() * t.element_size() for t in tensors.values())))
             continue
+        if tensor.is_meta:  # offloaded (checked by _check_offloaded): save_pretrained loads it with its shard
+            state[key] = tensor
+            continue
         if tensor.is_floating_point():
             ptr = tensor.untyped_storage().data_ptr()
             if ptr not in cast or cast[ptr].shape != tensor.shape:
@@ -324,6 +327,45 @@ def _storage_state_dict(model: nn.Module, quantized: Mapping[str, Quantized], dt
             tensor = cast[ptr]
         state[key] = tensor
     return state, packed
+
+
+def _check_offloaded(model: nn.Module, packable: Mapping[str, Quantized], dtype: torch.dtype) -> None:
+    """Refuse tensors on the meta device that ``save_pretrained`` cannot load shard by shard.
+
+    A model that accelerate offloads (loaded with a ``device_map`` holding ``"disk"`` or ``"cpu"``, or compressed by
+    :func:`compress.compress_blocks` with ``offload_folder=``) keeps those tensors on ``meta`` and their values in its
+    hooks' weights maps; transformers' ``save_pretrained`` loads them one shard at a time, so exporting it never holds
+    more than one shard (``max_shard_size``) of them. They are written as stored: their dtype must be ``dtype``. The
+    weights of packed layers are never read (their codes are written).
+    """
+    offloaded = [(k, t) for k, t in model.state_dict().items()
+                 if t.is_meta and not (k.endswith(".weight") and k[:-len(".weight")] in packable)]
+    if not offloaded:
+        return
+    device_map = getattr(model, "hf_device_map", None) or {}
+    unloadable = [k for k, _ in offloaded if _offload_hook(model, k) is None]
+    if unloadable or not {"disk", "cpu"} & set(device_map.values()):
+        name = unloadable[0] if unloadable else offloaded[0][0]
+        raise ValueError(f"model tensor {name!r} ({len(unloadable or offloaded)} in all) is on the meta device "
+                         "and no accelerate offload hook of a model loaded with a device_map holds its value "
+                         "(never loaded), so it has no values to save; load the model's weights first")
+    other = sorted({str(t.dtype).removeprefix("torch.") for _, t in offloaded if t.is_floating_point()
+                    and t.dtype != dtype})
+    if other:
+        raise ValueError(f"dtype={dtype!r}, but the model's offloaded tensors are stored in {', '.join(other)} and are "
+                         "written as stored (loaded one shard at a time); pass dtype=torch."
+                         f"{other[0]}, or load the model in {str(dtype).removeprefix('torch.')}")
+
+
+def _offload_hook(model: nn.Module, key: str) -> Any:
+    """The accelerate hook of the innermost module above state-dict ``key`` (where transformers' save_pretrained
+    looks for an offloaded tensor's value), or ``None``."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:end])), "_hf_hook", None)
+        if hook is not None:
+            return hook if getattr(hook, "weights_map", None) is not None else None
+    return None
 
 
 def _identity(file: Path) -> tuple[int, int, int]:
@@ -428,12 +470,7 @@ def save_hf_directory(
                       f"and refuses shards quantized differently ({len(conflicts)} such groups); to serve this "
                       "directory with vLLM, quantize q/k/v (and gate/up) alike", UserWarning, stacklevel=2)
 
-    offloaded = [n for n, t in model.state_dict().items() if t.is_meta]
-    if offloaded:
-        raise ValueError(f"model tensor {offloaded[0]!r} ({len(offloaded)} in all) is on the meta device (offloaded "
-                         "or never loaded), so it has no values to save; load the model's weights first (an "
-                         "offloaded model: accelerate.hooks.remove_hook_from_module(model, recurse=True) loads them "
-                         "back into memory)")
+    _check_offloaded(model, packable, dtype)
     out = Path(path)
     refuse_other_checkpoint(out, [f for f in (out / MANIFEST_FILE, out / WEIGHTS_FILE) if f.is_file()],
                             "save_hf_directory")
@@ -453,7 +490,11 @@ def save_hf_directory(
             del model.config.quantization_config
         # (a transformers without load-time conversions has no save_original_format either)
         layout = {"save_original_format": False} if packed and _has_weight_converters(model) else {}
-        model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True, **layout)
+        with warnings.catch_warnings():
+            # about its own 50GB default shard size: offloaded tensors are loaded one shard (max_shard_size) at a time
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True,
+                                  **layout)
     finally:
         model.config = original_config
     for stale, identity in earlier.items():

@@ -1,8 +1,9 @@
 """Block-sequential compression: one decoder block in float32 and one block's statistics at a time.
 
-A transformers decoder model is a stack of blocks ``h_{i+1} = f_i(h_i)``. :func:`compress_blocks` captures the inputs
-of block 0 once (hidden states ``h_0`` and the keyword arguments the model passes every block: attention mask,
-position embeddings / ids, cache disabled) and then, for ``i = 0, 1, ...``:
+A transformers decoder model is a stack of blocks ``h_{i+1} = f_i(h_i)``. :func:`compress_blocks` captures once the
+hidden states ``h_0`` of block 0 and the keyword arguments the model passes each block (attention mask, position
+embeddings / ids, cache disabled; a local layer's sliding-window mask is its own, on every batch), recorded in one
+forward per batch in which every block passes its input through, and then, for ``i = 0, 1, ...``:
 
 1. upcasts block ``i`` alone to float32 on ``device`` (the other blocks stay in their storage dtype and place);
 2. collects the statistics ``C̃ = Σ x̃ x̃ᵀ`` of its target linears on the *compressed stream* ``h̃_i``, the inputs that
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import inspect
 import os
@@ -86,6 +88,9 @@ from compress.targets import (
     replace_module,
     unwrap_compiled,
 )
+
+_NO_BATCHES = ("calib_batches is empty, or the model never ran its first block; pass at least one batch of model "
+               "inputs (e.g. 64-256 sequences)")
 
 #: keyword arguments of a block that hold a KV cache: dropped from the captured inputs (every pass starts afresh)
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -271,6 +276,8 @@ def compress_blocks(
     check_rounds(eora_rounds, eora_rank=eora_rank, sequential=eora_sequential,
                  compressor_kind=config.compressor.kind, method=config.method)
     calib_batches = list(calib_batches)
+    if not calib_batches:
+        raise ValueError(_NO_BATCHES)
     if eora_sequential:
         calibration_folds(calib_batches)  # at least 2 batches, before any work
     try:
@@ -312,8 +319,13 @@ def compress_blocks(
 
     home = compute if compute is not None else _home_device(blocks[0])
     try:
-        hidden, kwargs, masks = capture_block_inputs(work, blocks[0], calib_batches, home)
-        check_blocks_chain(work, blocks, calib_batches[0])
+        calls = check_blocks_chain(work, blocks, calib_batches[0], home)
+        hidden, block_kwargs, masks = capture_block_inputs(work, blocks, calib_batches, home, passthrough=calls.form)
+        if calls.form is not None and not all(_same_argument(recorded[0], real)
+                                              for recorded, real in zip(block_kwargs, calls.kwargs)):
+            # the model derives some block's arguments from the hidden states: record them on real runs
+            hidden, block_kwargs, masks = capture_block_inputs(work, blocks, calib_batches, home)
+        del calls
     except UnsupportedBlockCall as err:
         if offloaded:
             raise
@@ -329,8 +341,8 @@ def compress_blocks(
         prefix = f"{path}.{i}."
         execution_device = _onload(blocks[i]) if i in offloaded else None
         try:
-            out = _process_block(blocks[i], per_block[i], comp_h, dense_h, kwargs, masks, config, eora_rank,
-                                 eora_method, eora_sequential, eora_ridge, eora_rounds,
+            out = _process_block(blocks[i], per_block[i], comp_h, dense_h, block_kwargs[i], masks, config,
+                                 eora_rank, eora_method, eora_sequential, eora_ridge, eora_rounds,
                                  compute if compute is not None else execution_device)
         except ValueError as err:  # name the layers by their paths in the model, not in the block
             message = str(err)
@@ -358,50 +370,74 @@ def compress_blocks(
 
 def capture_block_inputs(
     model: nn.Module,
-    block: nn.Module,
+    blocks: nn.ModuleList,
     calib_batches: Iterable[Any],
     device: torch.device | None = None,
-) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[torch.Tensor | None]]:
-    """Inputs of ``block`` for every calibration batch, captured by running ``model`` up to it.
+    *,
+    passthrough: Any = None,
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]], list[torch.Tensor | None]]:
+    """Inputs of every block for every calibration batch: block 0's hidden states, each block's other arguments.
 
-    A forward pre-hook (``with_kwargs=True``) on ``block`` records its hidden states ``(B, T, d)`` and keyword
-    arguments (attention mask, position embeddings / ids; cache arguments set to ``None``, ``use_cache=False``) and
-    raises :class:`compress.calibration.StopForward`, so nothing after the block runs. The model runs with its
-    ``config.use_cache`` off.
+    Forward pre-hooks (``with_kwargs=True``) on the blocks record block 0's hidden states ``(B, T, d)`` and every
+    block's keyword arguments (attention mask, position embeddings / ids; cache arguments set to ``None``,
+    ``use_cache=False``); the last block's hook raises :class:`compress.calibration.StopForward`, so nothing after
+    it runs. The model runs with its ``config.use_cache`` off.
+
+    Blocks may take other arguments than block 0 (Gemma 2/3: a sliding-window mask and other position embeddings on
+    their local layers; Swin's stages: other ``input_dimensions``), and these may change from batch to batch (a
+    sliding-window mask only differs from the full one on sequences longer than the window): each block's are
+    recorded on each batch. With ``passthrough`` (the form of block 0's output, see :func:`check_blocks_chain`),
+    every block returns its input unchanged instead of running, so the recording costs no block's compute (nor, for
+    offloaded blocks, a load from disk); the caller checks that this gives the arguments a real run gives.
 
     Returns
     -------
-    (list of torch.Tensor, list of dict, list of torch.Tensor or None)
-        Per batch: the hidden states and the keyword arguments, floating-point tensors in float32, all on ``device``
-        (default: where the block is stored), and the batch's ``(B, T)`` real-token mask
-        (:func:`compress.calibration.token_mask`; ``None`` without padding), which keeps padded positions out of
-        every block's statistics.
+    (list of torch.Tensor, list of list of dict, list of torch.Tensor or None)
+        Per batch, block 0's hidden states; per block, per batch, its keyword arguments (floating-point tensors in
+        float32, all on ``device``, default where block 0 is stored; a tensor the model passes several blocks is
+        stored once); per batch, the ``(B, T)`` real-token mask (:func:`compress.calibration.token_mask`; ``None``
+        without padding), which keeps padded positions out of every block's statistics.
+
+    Raises
+    ------
+    UnsupportedBlockCall
+        When a block is not called exactly once per forward (the pipeline runs each block once, in list order).
     """
-    device = device if device is not None else model_device(block)
+    device = device if device is not None else model_device(blocks[0])
     hidden: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = []
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
     masks: list[torch.Tensor | None] = []
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this batch's tensors, converted once
+    called: set[int] = set()  # blocks called on this batch
 
-    def hook(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-        h, kw = _by_name(block, args, kw)
-        for key in _CACHE_KWARGS:
-            if key in kw:
-                kw[key] = None
-        if "use_cache" in kw:
-            kw["use_cache"] = False
-        hidden.append(_to(h.detach(), device))
-        kwargs.append(_to(kw, device))
-        raise StopForward
+    def hook(index: int):
+        def record(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+            if index in called:
+                raise UnsupportedBlockCall(f"block {index} of {type(model).__name__} runs more than once per forward")
+            called.add(index)
+            h, kw = _by_name(blocks[index], args, kw)
+            if index == 0:
+                hidden.append(_to(h.detach(), device))
+            kwargs[index].append(_to(_without_cache(kw), device, memo))
+            if index == len(blocks) - 1:
+                raise StopForward
+        return record
 
-    with _hooked_run(model, [block.register_forward_pre_hook(hook, with_kwargs=True)]) as run:
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    with _hooked_run(model, handles) as run, _passing_through(blocks, passthrough):
         for batch in calib_batches:
+            memo.clear()
+            called.clear()
             run(batch)
             if len(masks) < len(hidden):
                 mask = token_mask(batch)
                 masks.append(None if mask is None else mask.to(device))
+    memo.clear()
     if not hidden:
-        raise ValueError("calib_batches is empty, or the model never ran its first block; pass at least one batch "
-                         "of model inputs (e.g. 64-256 sequences)")
+        raise ValueError(_NO_BATCHES)
+    missing = [i for i, calls in enumerate(kwargs) if len(calls) != len(hidden)]
+    if missing:
+        raise UnsupportedBlockCall(f"blocks {missing[:4]} of {type(model).__name__} do not run on every forward")
     return hidden, kwargs, masks
 
 
@@ -433,24 +469,75 @@ def _hooked_run(model: nn.Module, handles: list) -> Iterator[Any]:
             config.use_cache = use_cache
 
 
+@contextmanager
+def _passing_through(blocks: nn.ModuleList, form: Any) -> Iterator[None]:
+    """Within the context every block returns its hidden states unchanged, in the ``form`` of block 0's output
+    (``"tensor"``, or the length of a tuple whose other entries are ``None``); ``form=None``: the blocks run."""
+    if form is None:
+        yield
+        return
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's hooks set an instance forward
+
+    def passthrough(*args: Any, **kw: Any) -> Any:
+        hidden = args[0] if args else kw["hidden_states"]
+        return hidden if form == "tensor" else (hidden,) + (None,) * (form - 1)
+
+    for block in blocks:  # wraps: inspect.signature (see _by_name) still sees the block's own parameters
+        block.forward = functools.wraps(block.forward)(passthrough)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
 class UnsupportedBlockCall(ValueError):
     """The model calls its blocks in a way the block pipeline cannot replay (e.g. ``*args`` forwards)."""
 
 
-def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> None:
-    """Raise :class:`UnsupportedBlockCall` unless the pipeline can replay the model's block calls (on one batch).
+@dataclass
+class BlockCalls:
+    """What :func:`check_blocks_chain` saw on one batch.
 
-    The pipeline feeds each block the previous block's output, with the other arguments block 0 was called with. A
-    model that transforms the hidden states between its blocks (``h = 3 h + block(tanh(h))``), or calls its blocks
-    with different arguments (Swin's stages: other ``input_dimensions``; a mask that differs between sliding-window
-    and full-attention layers on sequences longer than the window) would be compressed on inputs it never produces.
-    One forward of ``batch`` up to the last block's call.
+    Attributes
+    ----------
+    form : str, int or None
+        How block 0 returns its hidden states, for :func:`capture_block_inputs`' ``passthrough``: ``"tensor"``, the
+        length of a tuple whose other entries are ``None``, or ``None`` (another form: the blocks must run).
+    kwargs : list of dict
+        Each block's keyword arguments on the batch, as :func:`capture_block_inputs` records them.
     """
-    if len(blocks) < 2:
-        return
-    seen: dict[str, Any] = {}
+
+    form: Any
+    kwargs: list[dict[str, Any]]
+
+
+def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any,
+                       device: torch.device | None = None) -> BlockCalls:
+    """Check that the pipeline can replay the model's block calls, on one batch of a real forward up to the last
+    block's call.
+
+    The pipeline feeds each block the previous block's output, with the other arguments the model passed that block
+    (recorded by :func:`capture_block_inputs`). A model that transforms the hidden states between its blocks
+    (``h = 3 h + block(tanh(h))``) would be compressed on inputs it never produces.
+
+    Raises
+    ------
+    UnsupportedBlockCall
+        When block 1's input is not block 0's output, or a block is called in a way that cannot be replayed.
+    """
+    device = device if device is not None else model_device(blocks[0])
+    seen: dict[str, Any] = {"kwargs": []}
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def output(_module: nn.Module, _args: tuple, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            seen["form"] = "tensor"
+        elif isinstance(out, tuple) and out and all(x is None for x in out[1:]):
+            seen["form"] = len(out)
         hidden = out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, Mapping) else out),
                                                                 None)  # a tuple or a ModelOutput: hidden states first
         if isinstance(hidden, torch.Tensor):
@@ -459,32 +546,34 @@ def check_blocks_chain(model: nn.Module, blocks: nn.ModuleList, batch: Any) -> N
     def call(index: int):
         def hook(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
             hidden, named = _by_name(blocks[index], args, kw)
-            if index == 0:
-                seen["kwargs"] = named
-                return
+            if len(seen["kwargs"]) != index:
+                raise UnsupportedBlockCall(f"{type(model).__name__} does not call its blocks once each, in order")
+            seen["kwargs"].append(_to(_without_cache(named), device, memo))
             if index == 1:
                 seen["in"] = hidden.detach()
-            differs = [k for k in set(named) | set(seen["kwargs"])
-                       if not _same_argument(named.get(k), seen["kwargs"].get(k))]
-            if differs:
-                seen["differs"] = (index, sorted(differs))
-                raise StopForward
             if index == len(blocks) - 1:
                 raise StopForward
         return hook
 
-    handles = [blocks[0].register_forward_hook(output)]
+    handles = [blocks[0].register_forward_hook(output)] if len(blocks) > 1 else []
     handles += [block.register_forward_pre_hook(call(i), with_kwargs=True) for i, block in enumerate(blocks)]
     with _hooked_run(model, handles) as run:
         run(batch)
-    out, given = seen.get("out"), seen.get("in")
-    if out is None or given is None or out.shape != given.shape or not torch.equal(out, given.to(out.device)):
-        raise UnsupportedBlockCall(f"block 1 of {type(model).__name__} does not take block 0's output as its input "
-                                   "(the model changes the hidden states between its blocks)")
-    if "differs" in seen:
-        index, names = seen["differs"]
-        raise UnsupportedBlockCall(f"block {index} of {type(model).__name__} is called with other arguments than block "
-                                   f"0 ({', '.join(names)}), and the pipeline replays block 0's")
+    if len(blocks) > 1:
+        out, given = seen.get("out"), seen.get("in")
+        if out is None or given is None or out.shape != given.shape or not torch.equal(out, given.to(out.device)):
+            raise UnsupportedBlockCall(f"block 1 of {type(model).__name__} does not take block 0's output as its "
+                                       "input (the model changes the hidden states between its blocks)")
+    return BlockCalls(seen.get("form"), seen["kwargs"])
+
+
+def _without_cache(kw: dict[str, Any]) -> dict[str, Any]:
+    """A block call's keyword arguments with the cache arguments ``None`` and ``use_cache=False`` (every pass of the
+    pipeline starts afresh)."""
+    kw = {k: (None if k in _CACHE_KWARGS else v) for k, v in kw.items()}
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return kw
 
 
 def _same_argument(a: Any, b: Any) -> bool:
@@ -523,16 +612,25 @@ def _by_name(block: nn.Module, args: tuple, kw: dict[str, Any]) -> tuple[torch.T
     return args[0], kw
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """``obj`` (tensor or nested tuple / list / dict) on ``device``, floating-point tensors in float32."""
+def _to(obj: Any, device: torch.device, memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """``obj`` (tensor or nested tuple / list / dict) on ``device``, floating-point tensors in float32.
+
+    ``memo`` (``id`` of a tensor -> the tensor and its copy) converts a tensor met again once: a mask or position
+    embeddings the model passes every block are stored once. It holds the source tensors, so their ids stay theirs.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, torch.float32) if obj.is_floating_point() else obj.to(device)
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)][1]
+        moved = obj.to(device, torch.float32) if obj.is_floating_point() else obj.to(device)
+        if memo is not None:
+            memo[id(obj)] = (obj, moved)
+        return moved
     if isinstance(obj, tuple):
-        return tuple(_to(x, device) for x in obj)
+        return tuple(_to(x, device, memo) for x in obj)
     if isinstance(obj, list):
-        return [_to(x, device) for x in obj]
+        return [_to(x, device, memo) for x in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 

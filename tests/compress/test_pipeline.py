@@ -231,8 +231,7 @@ def _no_blocks() -> nn.Module:
 @pytest.mark.parametrize("build,why", [
     (_no_blocks, "no decoder blocks"),
     (_Mixed, "block 1 of _Mixed does not take block 0's output as its input"),  # it would get inputs it never sees
-    (_Scaled, r"block 1 of _Scaled is called with other arguments than block 0 \(scale\)"),  # block 0's, replayed
-], ids=["no-blocks", "blocks-that-do-not-chain", "blocks-called-differently"])
+], ids=["no-blocks", "blocks-that-do-not-chain"])
 def test_fallback_warns_and_gives_the_whole_model_result(build, why):
     model = build()
     batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -245,6 +244,102 @@ def test_fallback_warns_and_gives_the_whole_model_result(build, why):
         assert torch.equal(out.model.state_dict()[name], tensor), name
     for name, (B, A) in eora.factors.items():
         assert_close(out.eora.factors[name][0] @ out.eora.factors[name][1], B @ A, what=name)
+
+
+class _Adaptive(_Scaled):
+    """Blocks called with an argument the model derives from their hidden states: recording the arguments with
+    blocks that pass their input through would give every block block 0's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, scale=float(1 + x.abs().mean()))
+        return x
+
+
+@pytest.mark.parametrize("build", [_Scaled, _Adaptive], ids=["own-constant", "derived-from-hidden-states"])
+def test_blocks_called_with_their_own_arguments(build, recwarn):
+    """Each block is replayed with the arguments the model passes it, not block 0's: block by block, and the
+    whole-model path's model and residuals."""
+    model = build().eval()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    config = CompressionConfig(method="rtn", bits=3, group_size=8)
+    out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
+    assert out.block_path == "blocks" and not [w for w in recwarn if "block-sequential" in str(w.message)]
+    expected, eora = whole_model(model, config, batches, eora_rank=4)
+    for name, tensor in expected.model.state_dict().items():
+        assert torch.equal(out.model.state_dict()[name], tensor), name
+    for name, (B, A) in eora.factors.items():
+        assert_close(out.eora.factors[name][0] @ out.eora.factors[name][1], B @ A, what=name)
+    assert all("forward" not in block.__dict__ for block in model.blocks)  # the pass-through forwards are gone
+
+
+def test_swin_stages_block_by_block(recwarn):
+    """Swin's stages (its largest list of identical modules) are each called with their own input_dimensions, and
+    stage 0 ends in a patch merging: block by block, to the whole-model path's residuals."""
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    model = SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                 window_size=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
+    config = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules="all-linear")
+    out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
+    assert out.block_path == "encoder.layers" and not [w for w in recwarn if "block-sequential" in str(w.message)]
+    _, expected = whole_model(model, config, batches, eora_rank=4)
+    assert "encoder.layers.0.downsample.reduction" in expected.factors
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
+
+
+def test_arguments_passed_to_every_block_are_stored_once():
+    """Llama passes every block the same rotary embeddings: recorded once per batch, whatever the depth."""
+    model = tiny_llama(layers=3)
+    blocks = model.model.layers
+    hidden, kwargs, _ = pipeline.capture_block_inputs(model, blocks, calib(n=2), passthrough="tensor")
+    assert len(hidden) == 2 and [len(k) for k in kwargs] == [2, 2, 2]
+    for batch in range(2):
+        cos = kwargs[0][batch]["position_embeddings"][0]
+        assert all(kwargs[i][batch]["position_embeddings"][0] is cos for i in (1, 2))
+    assert all("forward" not in block.__dict__ for block in blocks)
+
+
+def _gemma(kind: str) -> nn.Module:
+    """A random Gemma 2 / Gemma 3 (local layers: a 4-token sliding window; Gemma 3's also other rotary embeddings)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, sliding_window=4, max_position_embeddings=64,
+                 layer_types=["sliding_attention", "full_attention"] * 2)
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**shape)).eval()
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape)).eval()
+
+
+def _short_then_long() -> list[torch.Tensor]:
+    """A first batch shorter than the sliding window (its local and global masks agree), then longer ones."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (2, 3), generator=g)] + [torch.randint(0, VOCAB, (2, 12), generator=g)
+                                                             for _ in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_sliding_window_layers_get_their_own_masks_on_every_batch(kind, recwarn):
+    """Gemma's local layers take a sliding-window mask (and, in Gemma 3, other position embeddings), which differs
+    from the global layers' only on sequences longer than the window: each block's arguments are recorded on every
+    batch. Replaying block 0's, as recorded on the first batch, gave residuals 0.80 away from the whole model's."""
+    model = _gemma(kind)
+    config = CompressionConfig(method="rtn", bits=3, group_size=16, exclude_modules=["lm_head"])
+    batches = _short_then_long()
+    out = compress_blocks(model, config, batches, eora_rank=4, progress=False)
+    assert out.block_path == "model.layers" and not [w for w in recwarn if "block-sequential" in str(w.message)]
+    _, expected = whole_model(model, config, batches, eora_rank=4)
+    assert len(expected.factors) == 4 * 7
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
 
 
 def _gpt2() -> nn.Module:
@@ -353,9 +448,10 @@ def test_one_float32_block_at_a_time():
     out = compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(), eora_rank=4,
                           inplace=True, progress=False)
     assert out.model is model
-    # the capture pass (block 0 per batch) and the check that the block calls can be replayed (every block on one
-    # batch) see all blocks in bf16; every later block run sees exactly one float32 block
-    before = len(calib()) + len(blocks)
+    # the check that the block calls can be replayed (every block on one batch) and the capture of every block's
+    # arguments (every block called on every batch, passing its input through) see all blocks in bf16; every later
+    # block run sees exactly one float32 block
+    before = len(blocks) + len(calib()) * len(blocks)
     assert seen[:before] == [[torch.bfloat16] * 3] * before
     processing = seen[before:]
     assert processing and all(d.count(torch.float32) == 1 for d in processing)
@@ -379,7 +475,7 @@ def test_device_moves_one_block_at_a_time(monkeypatch):
         place(block, torch.device("cpu"), dtype)
 
     monkeypatch.setattr(pipeline, "_place", fake_place)
-    monkeypatch.setattr(pipeline, "_to", lambda obj, device: to(obj, torch.device("cpu")))
+    monkeypatch.setattr(pipeline, "_to", lambda obj, device, memo=None: to(obj, torch.device("cpu"), memo))
     monkeypatch.setattr(pipeline, "_check_compute_device", lambda compute, device: None)
     compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(n=2), device="cuda",
                     inplace=True, progress=False)
@@ -463,14 +559,76 @@ def test_disk_offloaded_blocks(tmp_path):
     assert_close(logits(out.model, batches), logits(expected.model, batches), tol=0.0, what="logits")
     for name, (B, A) in expected.eora.factors.items():
         assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
-    still_offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map,
-                                                       offload_folder=tmp_path / "load-offload-2")
-    with pytest.raises(ValueError, match="is on the meta device .* no values to save"):
-        save_hf_directory(still_offloaded, tmp_path / "export")
     # the residual of an offloaded layer lives where accelerate runs the layer, not on meta (NaN logits before)
     compensated = logits(out.eora.apply(out.model), batches)
     assert torch.isfinite(compensated).all()
     assert_close(compensated, logits(expected.eora.apply(expected.model), batches), tol=0.0, what="compensated")
+
+
+def test_export_of_disk_offloaded_blocks(tmp_path):
+    """A quantized result whose blocks accelerate keeps on disk is exported without loading them back (transformers
+    loads the offloaded tensors one shard at a time; packed layers' weights are never read): the same directory as
+    the resident model's export, which transformers loads to the same logits."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, dtype=torch.bfloat16,
+                                                 offload_folder=tmp_path / "load-offload").eval()
+    resident = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    config = CompressionConfig(method="rtn", bits=4, group_size=16,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    batches = calib()
+    out = compress_blocks(offloaded, config, batches, offload_folder=tmp_path / "compressed", inplace=True,
+                          progress=False)
+    expected = compress_blocks(resident, config, batches, inplace=True, progress=False)
+    with pytest.raises(ValueError, match=r"dtype=torch.float32, but the model's offloaded tensors are stored in "
+                                         r"bfloat16"):
+        save_hf_directory(out.model, tmp_path / "wrong-dtype", quantized=out.report.quantized, dtype=torch.float32)
+    # max_shard_size: several shards, each loaded and written on its own
+    report = save_hf_directory(out.model, tmp_path / "export", quantized=out.report.quantized, max_shard_size="100KB")
+    save_hf_directory(expected.model, tmp_path / "export-resident", quantized=expected.report.quantized,
+                      max_shard_size="100KB")
+    assert all(p.device.type == "meta" for p in out.model.model.layers.parameters())  # still offloaded
+    assert len(report.packed) == 3 * 5 and sum(n.endswith(".safetensors") for n in report.files) > 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "export-resident").eval()
+    assert reloaded.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    # the loader dequantizes the codes in bfloat16 its own way: rounding apart, the in-memory result's logits
+    assert_close(logits(reloaded, batches), logits(out.model, batches), tol=2e-2, what="logits")
+    # tensors on meta that no offload hook holds have no values to write
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = LlamaForCausalLM(resident.config)
+    with pytest.raises(ValueError, match="is on the meta device .* no values to save"):
+        save_hf_directory(empty, tmp_path / "empty")
+
+
+def test_disk_offloaded_blocks_called_with_their_own_arguments(tmp_path):
+    """An offloaded Gemma 3 (local and global layers called with other arguments) is compressed block by block, to
+    the resident model's result."""
+    from transformers import Gemma3ForCausalLM
+
+    _gemma("gemma3").save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = Gemma3ForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, dtype=torch.bfloat16,
+                                                  offload_folder=tmp_path / "load-offload").eval()
+    resident = Gemma3ForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    config = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules=["o_proj", "down_proj"])
+    batches = _short_then_long()
+    out = compress_blocks(offloaded, config, batches, eora_rank=4, offload_folder=tmp_path / "compressed",
+                          inplace=True, progress=False)
+    expected = compress_blocks(resident, config, batches, eora_rank=4, inplace=True, progress=False)
+    assert out.block_path == expected.block_path == "model.layers"
+    assert all(p.device.type == "meta" for p in out.model.model.layers.parameters())
+    for name, (B, A) in expected.eora.factors.items():
+        assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
+    assert_close(logits(out.model, batches[1:]), logits(expected.model, batches[1:]), tol=0.0, what="logits")
 
 
 def test_gptq_on_the_compressed_stream_beats_rtn():
