@@ -49,11 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -64,6 +60,9 @@ try:
     import compress  # noqa: F401
 except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import finish, header, machine_info, write_results  # noqa: E402
 
 from compress import CompressionConfig, EoraAdapter, collect_activation_stats, compress_model, eora_compensate
 from compress import lowrank as lr
@@ -216,14 +215,11 @@ def _p(v: float) -> str:
     return f"{v:.3g}" if v >= 1e4 else f"{v:.2f}"
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict) -> list[str]:
     meta, dense = res["meta"], res["dense_ppl"]
     keeps = res["keeps"]
-    out = [
-        "# Compression of SmolLM2-135M: factorizations and EoRA",
-        "",
-        f"Command: `{meta['command']}`",
-        "",
+    out = header("Compression of SmolLM2-135M: factorizations and EoRA", meta["command"], res["machine"],
+                 note="times are inflated and noisy") + [
         "## Setup",
         "",
         f"- Model: SmolLM2-135M-Instruct (embedded, float32); targets: the {meta['targets']} MLP layers "
@@ -231,11 +227,7 @@ def markdown(res: dict) -> str:
         "parameters).",
         f"- Data: calibration {meta['calib']}, evaluation {meta['eval']} (disjoint slices of the stdlib Python docs); "
         "perplexity on the held-out tokens.",
-        f"- Machine: {meta['cpu']}, torch {meta['torch']}, `torch.set_num_threads({meta['threads']})`; load average at "
-        f"start {meta['load_start']}, at end {meta['load_end']} (other jobs shared the cores: times are inflated and "
-        "noisy).",
-        f"- {meta['date']}, wall time of the whole run {meta['wall_s'] / 60:.1f} min (calibration "
-        f"{meta['calib_s']:.0f} s, one perplexity evaluation ≈ {meta['eval_s']:.0f} s).",
+        f"- Calibration pass {meta['calib_s']:.0f} s, one perplexity evaluation ≈ {meta['eval_s']:.0f} s.",
         "",
         f"**Dense perplexity: {_p(dense)}**",
         "",
@@ -284,8 +276,8 @@ def markdown(res: dict) -> str:
         + ", ".join(f"{c} {t:.0f} s" for c, t in eora_t.items()) + ".",
         "",
     ]
-    out += ["## Findings", ""] + [f"- {f}" for f in res["findings"]] + [""]
-    return "\n".join(out)
+    out += ["## Findings", ""] + [f"- {f}" for f in res["findings"]]
+    return out
 
 
 def findings(res: dict) -> list[str]:
@@ -320,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     wall = _now()
-    load_start = tuple(round(x, 2) for x in os.getloadavg())
+    info = machine_info(torch.get_num_threads())
     if args.quick:
         calib_seqs, eval_seqs, keeps, ranks = 8, 4, (0.5,), (16,)
         compressors = {"rtn3": dict(method="rtn", bits=3, group_size=64), "2:4": dict(method="2:4")}
@@ -370,26 +362,20 @@ def main(argv: list[str] | None = None) -> dict:
             + (f" --threads {args.threads}" if args.threads else "")
             + (f" --calib-seqs {args.calib_seqs}" if args.calib_seqs else "")
             + (f" --eval-seqs {args.eval_seqs}" if args.eval_seqs else ""),
-            "cpu": f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)",
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
             "targets": len(targets), "target_params": sum(m.weight.numel() for m in targets.values()),
             "model_params": sum(p.numel() for p in model.parameters()),
             "calib": f"{calib_seqs} x {seq} tokens", "eval": f"{eval_seqs} x {seq} tokens",
-            "calib_s": calib_s, "eval_s": eval_s, "load_start": load_start, "whitening_s": scaling_times["whitened"],
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "calib_s": calib_s, "eval_s": eval_s, "whitening_s": scaling_times["whitened"],
         },
+        "machine": info,
         "dense_ppl": dense, "keeps": list(keeps), "ranks": list(ranks), "methods": list(methods),
         "compressors": list(compressors), "factorization": fac_rows, "compensation": comp_rows,
     }
-    res["meta"]["load_end"] = tuple(round(x, 2) for x in os.getloadavg())
-    res["meta"]["wall_s"] = _now() - wall
+    finish(info, wall)
     res["findings"] = findings(res)
     md = markdown(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "compress_quick" if args.quick else "compress"
-    (args.out / f"{stem}.md").write_text(md)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    print("\n" + md)
+    write_results(args.out, "compress_quick" if args.quick else "compress", md, res)
+    print("\n" + "\n".join(md))
     return res
 
 

@@ -47,10 +47,9 @@ stacks of ``--stack-depth`` layers (default 4) compiled as one graph, and torch.
 
 Run it on an otherwise idle machine. Inductor's C++ kernels split loops of as few as 1024 elements over the
 threads (OpenMP, ``TORCHINDUCTOR_CPP_MIN_CHUNK_SIZE`` = 512 per thread), where eager ATen keeps such small ops on one
-thread; when another process holds one of the two cores, every such loop waits for the descheduled thread. Measured
-on the AMD EPYC of ``results/layers_quick.md``: the compiled 4096² low-rank B=1 forward + backward (its bias
-gradient is one such 4096-element loop) took 7.9 ms per call instead of 0.29 ms with one core kept busy by another
-process, while eager stayed at 0.20 ms, and with ``torch.set_num_threads(1)`` compiled stayed at 0.30 ms.
+thread; when another process holds one of the two cores, every such loop waits for the descheduled thread (the
+compiled 4096² low-rank B=1 forward + backward, whose bias gradient is one such 4096-element loop, then runs many
+times slower than eager). Time compiled code on idle cores, or with ``torch.set_num_threads`` at most the free ones.
 
 Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 ``benchmarks/results/layers.json`` (raw medians and every sample; ``flops`` is the model's count for the plan

@@ -4,13 +4,14 @@
 storage bits, label); ``register`` adds one. Adding a compressor is one module that defines its layer function and
 calls ``register`` (the built-in ones: :mod:`compress.factorizing`, :mod:`compress.sources`, :mod:`compress.gptq`,
 :mod:`compress.sparsegpt`, all imported by the package ``compress``). :class:`compress.CompressionConfig`,
-:func:`compress.compress_model` and ``tensornets compress`` look methods up here; no other code branches on a
-method name.
+:func:`compress.compress_model` and ``tensornets compress`` look methods up here and branch on no method name
+(options a method reads only with another, such as sparsegpt's ``group_size`` with ``sparse_bits``, are declared in
+its entry, ``reads_only_with``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -84,10 +85,13 @@ class Compressor:
             ``ValueError`` naming the layer (a group size that does not divide its width, a pattern, a layer type);
             :func:`compress.compress_model` runs it on every target before it changes any.
         aliases: other names accepted for it (``"prune24"`` for ``"2:4"``).
-        reads: the :data:`QUANT_OPTIONS` fields of :class:`CompressionConfig` the method uses (``bits``,
-            ``sparsity``, ...); ``CompressionConfig`` and the CLI refuse the others set away from their defaults
-            instead of ignoring them. ``None``: unknown (every option accepted), the default for compressors
-            registered without it.
+        reads: the :data:`METHOD_OPTIONS` fields of :class:`CompressionConfig` the method uses (``bits``,
+            ``sparsity``, ``whiten``, ...); ``CompressionConfig`` and the CLI refuse the others set away from their
+            defaults instead of ignoring them. ``None``: unknown (every option accepted), the default for
+            compressors registered without it.
+        reads_only_with: options of ``reads`` that the method reads only when another option is set, ``{option:
+            condition}`` (sparsegpt's ``group_size`` only with ``sparse_bits``); refused like the unread ones while
+            the condition is ``None``.
         help: one line for ``--help``.
     """
 
@@ -104,11 +108,13 @@ class Compressor:
     aliases: tuple[str, ...] = field(default=())
     help: str = ""
     reads: frozenset[str] | None = None
+    reads_only_with: Mapping[str, str] = field(default_factory=dict)
 
 
-#: the quantization / pruning options of :class:`CompressionConfig` that a compressor may read (``Compressor.reads``)
-QUANT_OPTIONS = frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
-                           "block_size", "sparsity", "pattern", "sparse_bits"})
+#: the options of :class:`CompressionConfig` that only some compressors read (``Compressor.reads``): quantization,
+#: pruning and Tucker's whitening
+METHOD_OPTIONS = frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
+                            "block_size", "sparsity", "pattern", "sparse_bits", "whiten"})
 
 _REGISTRY: dict[str, Compressor] = {}
 _ALIASES: dict[str, str] = {}
@@ -124,9 +130,13 @@ def register(compressor: Compressor) -> Compressor:
         raise TypeError(f"register takes a Compressor, got {type(compressor).__name__}")
     if compressor.kind not in ("dense", "factorized"):
         raise ValueError(f"Compressor {compressor.name!r}: kind={compressor.kind!r} must be 'dense' or 'factorized'")
-    if compressor.reads is not None and not compressor.reads <= QUANT_OPTIONS:
+    if compressor.reads is not None and not compressor.reads <= METHOD_OPTIONS:
         raise ValueError(f"Compressor {compressor.name!r}: reads={sorted(compressor.reads)} names fields outside "
-                         f"{sorted(QUANT_OPTIONS)}")
+                         f"{sorted(METHOD_OPTIONS)}")
+    conditional = set(compressor.reads_only_with) | set(compressor.reads_only_with.values())
+    if conditional and (compressor.reads is None or not conditional <= compressor.reads):
+        raise ValueError(f"Compressor {compressor.name!r}: reads_only_with={dict(compressor.reads_only_with)} names "
+                         f"options outside reads={sorted(compressor.reads or ())}")
     for name in (compressor.name, *compressor.aliases):
         owner = _ALIASES.get(name)
         if owner is not None and owner != compressor.name:

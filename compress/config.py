@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from compress.compressors import QUANT_OPTIONS, Compressor, available_compressors, get_compressor
+from compress.compressors import METHOD_OPTIONS, Compressor, available_compressors, get_compressor
 
 
 @dataclass
@@ -142,29 +142,34 @@ class CompressionConfig:
             raise ValueError(f"min_keep={self.min_keep} must be in [0, 1]")
         if self.min_rank < 1:
             raise ValueError(f"min_rank={self.min_rank} must be >= 1")
-        if self.whiten and self.method != "tucker":
-            raise ValueError(
-                f"whiten=True applies to method='tucker' (Tucker-2: one input factor absorbs the whitening); "
-                f"for low rank use method='whitened_svd'; {self.method!r} has no single input factor"
-            )
         if self.svd not in ("full", "randomized"):
             raise ValueError(f"svd={self.svd!r} must be 'full' or 'randomized'")
         unused = self._unused_options()
         if unused:
-            raise ValueError(f"method={self.method!r} does not use {', '.join(unused)}; drop "
-                             f"{'it' if len(unused) == 1 else 'them'} (or pick a method that reads "
-                             f"{'it' if len(unused) == 1 else 'them'})")
+            conditions = self.compressor.reads_only_with
+            readers = {name: [m for m in available_compressors() if name in (get_compressor(m).reads or ())]
+                       for name in unused}
+            why = "; ".join(f"{name}: read only with {conditions[name]}=" if name in conditions
+                            else f"{name}: read by {', '.join(readers[name]) or 'no built-in method'}"
+                            for name in unused)
+            settings = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
+            them = "it" if len(unused) == 1 else "them"
+            raise ValueError(f"method={self.method!r} does not use {settings} ({why}); drop {them}, or pick a method "
+                             f"that reads {them}")
         if self.compressor.validate is not None:
             self.compressor.validate(self)
 
     def _unused_options(self) -> list[str]:
-        """The quantization / pruning options set away from their defaults that the method never reads
-        (``Compressor.reads``); ``scale_dtype`` is an export setting any method may be given."""
-        reads = self.compressor.reads
-        if reads is None:
+        """The method options set away from their defaults that the method does not read (``Compressor.reads``,
+        ``Compressor.reads_only_with`` while its condition is ``None``); ``scale_dtype`` is an export setting any
+        method may be given."""
+        compressor = self.compressor
+        if compressor.reads is None:
             return []
-        return [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                if f.name in QUANT_OPTIONS and f.name not in reads and f.name != "scale_dtype"
+        conditions = compressor.reads_only_with
+        read = {n for n in compressor.reads if n not in conditions or getattr(self, conditions[n]) is not None}
+        return [f.name for f in dataclasses.fields(self)
+                if f.name in METHOD_OPTIONS and f.name not in read and f.name != "scale_dtype"
                 and getattr(self, f.name) != f.default]
 
     @property

@@ -213,5 +213,7 @@ for _name, _kind in LOWRANK_SCALINGS.items():
 for _name in TENSOR_FORMATS:
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_tensor, needs_stats=False, parameters=_parameters,
-        storage_bits=_storage_bits, label=_label, help=_HELP[_name], reads=frozenset(), check_layer=check_tensor_layer,
+        storage_bits=_storage_bits, label=_label, help=_HELP[_name], check_layer=check_tensor_layer,
+        # whitening needs a single input factor to absorb it: Tucker-2 (see _whitened_tucker)
+        reads=frozenset({"whiten"}) if _name == "tucker" else frozenset(),
     ))

@@ -135,7 +135,8 @@ def _check_options(config) -> None:
 register(Compressor(
     name="gptq", kind="dense", compress_layer=_gptq_layer, needs_stats=True, parameters=dense_parameters,
     storage_bits=lambda shape, n, c: quantized_storage_bits(shape, c.bits, c.group_size, c.symmetric),
-    label=quantizer_label, validate=_check_options, check_layer=check_group_fits,
+    label=lambda c: quantizer_label(c, act_order=c.act_order), validate=_check_options,
+    check_layer=check_group_fits,
     help="GPTQ: group-wise quantization with second-order error feedback",
     reads=frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
                      "block_size"}),

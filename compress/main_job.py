@@ -44,9 +44,8 @@ closed; block pipeline, bfloat16 storage; 16.7 on the earlier whole-model float3
 smaller); whitened SVD keeping 80 % of the MLP goes 47.5 -> 34.9 -- on an activation-aware factorization EoRA
 in the same whitened metric only adds the next ``r`` singular directions (the same as a larger rank), and
 factorized layers cannot be exported as a PEFT adapter (they are merged into the low-rank layers instead).
-The default run took about 3 minutes on 2 idle CPU cores on the whole-model path (calibration 16 x 256 tokens);
-block by block it used 324 CPU-seconds (237 user + 88 system, 1 thread, measured on a heavily shared machine).
-GPTQ instead of RTN adds about 0.9 CPU-second per block (26 s on SmolLM2's 30 blocks).
+Time and peak memory of the default run, block by block and on the whole-model path, and what GPTQ adds over
+RTN: ``benchmarks/results/pipeline_memory.md``.
 
 The storage figures printed are computed from the bits; the bytes actually written are listed under "saved".
 Pruned weights are written dense (compressed-tensors 0.20 has no sparse format).
@@ -357,20 +356,22 @@ def _check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
     ignored), then fill in the defaults. Compressors registered without ``reads`` take every flag."""
     from compress.compressors import available_compressors, get_compressor
 
-    reads = get_compressor(args.method).reads
+    compressor = get_compressor(args.method)
+    reads, conditions = compressor.reads, compressor.reads_only_with
+    flag_of = {option: flag for flag, (option, _) in _OPTION_FLAGS.items()}
+    given = {flag for flag in _OPTION_FLAGS if getattr(args, flag) is not None}
     for flag, (option, default) in _OPTION_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None and reads is not None and option not in reads:
+        if flag in given and reads is not None and option not in reads:
             users = [n for n in available_compressors() if option in (get_compressor(n).reads or ())]
             parser.error(f"argument --{flag.replace('_', '-')}: --method {args.method} does not use it (it applies to "
                          f"{', '.join(users)}); drop it")
-        if value is None:
+        condition = flag_of.get(conditions.get(option))
+        if flag in given and condition is not None and condition not in given:
+            parser.error(f"argument --{flag.replace('_', '-')}: --method {args.method} reads it only with "
+                         f"--{condition.replace('_', '-')}; add --{condition.replace('_', '-')} or drop it")
+    for flag, (_, default) in _OPTION_FLAGS.items():
+        if flag not in given:
             setattr(args, flag, default)
-    if args.method == "sparsegpt" and args.sparse_bits is None:
-        for flag in ("group_size", "symmetric", "observer"):
-            if getattr(args, flag) != _OPTION_FLAGS[flag][1]:
-                parser.error(f"argument --{flag.replace('_', '-')}: sparsegpt quantizes only with --sparse-bits; "
-                             "add --sparse-bits B or drop it")
 
 
 def _check_device(parser: argparse.ArgumentParser, text: str) -> None:
@@ -506,8 +507,15 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     except Exception as err:  # noqa: BLE001 - any failure means the directory lacks a usable tokenizer
         raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r}: no usable tokenizer ({err}); save "
                          "the tokenizer next to the model (tokenizer.save_pretrained(dir))") from None
-    # in its storage dtype (config.json's dtype): the block pipeline upcasts one block at a time
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+    from safetensors import SafetensorError
+
+    try:
+        # in its storage dtype (config.json's dtype): the block pipeline upcasts one block at a time
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r}: transformers cannot load the model "
+                         f"({type(err).__name__}: {err}); pass a complete Hugging Face model directory (a truncated "
+                         "or corrupt weights file must be written again)") from None
     return model.eval().to(device), tok, str(path)
 
 
@@ -588,10 +596,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         options = dict(bits=args.bits, group_size=args.group_size or None, sparsity=args.sparsity,
                        symmetric=args.symmetric, act_order=args.act_order, observer=args.observer, percdamp=args.damp,
                        pattern=args.pattern, sparse_bits=args.sparse_bits)
-        reads = get_compressor(args.method).reads  # the CLI's own defaults of the options this method ignores stay out
+        # the CLI's own defaults of the options this method ignores (or reads only with another) stay out
+        compressor = get_compressor(args.method)
+        reads, conditions = compressor.reads, compressor.reads_only_with
         config = CompressionConfig(
             method=args.method, keep=args.keep, target_modules=args.target_spec, exclude_modules=args.exclude_spec,
-            **{k: v for k, v in options.items() if reads is None or k in reads},
+            **{k: v for k, v in options.items() if reads is None
+               or (k in reads and (k not in conditions or options.get(conditions[k]) is not None))},
             scale_dtype=EXPORT_DTYPES[args.export_dtype],  # the exported directory holds exactly the evaluated weights
         )
         targets = find_targets(model, config.target_modules, config.exclude_modules)

@@ -326,10 +326,11 @@ def check_quantizer_options(config: CompressionConfig) -> None:
     check_observer(config.observer)
 
 
-def quantizer_label(config: CompressionConfig) -> str:
-    """``"rtn 3-bit, group 64"`` (``, symmetric`` / ``, act-order`` / ``, mse grid`` when set)."""
+def quantizer_label(config: CompressionConfig, act_order: bool = False) -> str:
+    """``"rtn 3-bit, group 64"`` (``, symmetric`` / ``, act-order`` (GPTQ's, passed by it) / ``, mse grid`` when
+    set)."""
     extra = ((", symmetric" if config.symmetric else "")
-             + (", act-order" if config.method == "gptq" and config.act_order else "")
+             + (", act-order" if act_order else "")
              + (", mse grid" if config.observer == "mse" else ""))
     return f"{config.method} {config.bits}-bit, group {config.group_size or 'per-row'}{extra}"
 
@@ -352,9 +353,11 @@ def _rtn_layer(job: LayerJob) -> LayerResult:
                        quantized=qw)
 
 
-def check_group_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig) -> None:
+def check_group_fits(name: str, module: nn.Module, shape: tuple[int, int], config: CompressionConfig,
+                     bits: int | None = None) -> None:
     """``Compressor.check_layer`` of the group-wise quantizers: the group size divides the layer's width, and a
-    float16 ``scale_dtype`` holds the layer's min-max scales (GPTQ's updated weights are checked again as it goes)."""
+    float16 ``scale_dtype`` holds the layer's min-max scales at ``bits`` (default ``config.bits``; GPTQ's updated
+    weights are checked again as it goes)."""
     from compress.targets import dense_weight
 
     g = resolve_group_size(config.group_size, shape[1], name)
@@ -364,8 +367,8 @@ def check_group_fits(name: str, module: nn.Module, shape: tuple[int, int], confi
     W = dense_weight(module) if config.scale_dtype == torch.float16 else None
     if W is not None and not W.is_meta:
         try:
-            bits = config.sparse_bits if config.method == "sparsegpt" else config.bits
-            quantization_grid(W.reshape(-1, g).float(), bits, config.symmetric, config.scale_dtype)
+            quantization_grid(W.reshape(-1, g).float(), config.bits if bits is None else bits, config.symmetric,
+                              config.scale_dtype)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
 

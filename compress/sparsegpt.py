@@ -214,7 +214,7 @@ def _check_layer(name: str, module: torch.nn.Module, shape: tuple[int, int], con
         raise ValueError(f"layer {name!r}: pattern={config.pattern!r} needs in_features ({shape[1]}) to be a multiple "
                          f"of {n_of_m[1]}; exclude this layer or use pattern='unstructured'")
     if config.sparse_bits is not None:
-        check_group_fits(name, module, shape, config)
+        check_group_fits(name, module, shape, config, bits=config.sparse_bits)
 
 
 def _sparsegpt_parameters(module: torch.nn.Module, config) -> int:
@@ -237,4 +237,5 @@ register(Compressor(
     help="SparseGPT: pruning (unstructured or N:M) with second-order error feedback, optionally quantized",
     reads=frozenset({"sparsity", "pattern", "sparse_bits", "group_size", "symmetric", "observer", "scale_dtype",
                      "percdamp", "block_size"}),
+    reads_only_with={"group_size": "sparse_bits", "symmetric": "sparse_bits", "observer": "sparse_bits"},
 ))

@@ -139,6 +139,7 @@ def _convert_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     therefore moved into a fresh model built from the same config minus
     ``quantization_config``, which saves and reloads like any checkpoint.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The GGUF's directory is the package directory: it must never hold a config.json or
@@ -153,9 +154,12 @@ def _convert_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
     config = type(gguf_model.config).from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # strict: a renamed or missing tensor must fail here, not produce a half-random model.
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    with init_empty_weights(include_buffers=False):  # parameters on meta: no second float32 model (-390 MB peak)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: a renamed or missing tensor must fail here, not produce a half-random model; assign: the GGUF model's
+    # tensors move over, not copied
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.tie_weights()
     model.generation_config = gguf_model.generation_config
     del gguf_model
     return model.eval(), tokenizer

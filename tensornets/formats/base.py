@@ -65,8 +65,7 @@ TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 64}
 #: ``strategy="measure"`` times only the candidates whose formula cost is within this factor of the cheapest one's.
 #: The measured winner's cost was within 1.9x (forward) and 2.1x (training step) of the cheapest on every size, rank,
 #: batch and format of benchmarks/results/layers.md; on a large bucket a plan that far behind takes seconds and
-#: gigabytes per call. Plans the formula underrates are cut short by :data:`PROBE_FACTOR` instead (MPO 4096²,
-#: 4 cores, r=16, 4096 rows: split@3, costed 2.4x the cheapest, 5.5 s per call against 0.7 s for rebuild).
+#: gigabytes per call. Plans the formula underrates are cut short by :data:`PROBE_FACTOR` instead.
 MEASURE_CUTOFF = 4.0
 #: while measuring, a candidate whose second call takes over this factor times the fastest candidate timed so far is
 #: recorded at that call and not sampled further

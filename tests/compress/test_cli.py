@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import json
 import math
+import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -184,6 +186,19 @@ def test_a_failed_save_leaves_the_earlier_directory_in_place(tiny_model_dir, tmp
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="holds no config.json"):
         cli_main(["compress", "--model-path", str(tmp_path), *SMALL])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random-bytes"])
+def test_corrupt_checkpoint_names_the_flag(tiny_model_dir, tmp_path, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated"
+                        else bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    with pytest.raises(SystemExit, match=r"--model-path .*broken'?: transformers cannot load the model \("):
+        cli_main(["compress", "--model-path", str(broken), "--output-dir", str(tmp_path / "out"), *SMALL])
+    assert not (tmp_path / "out").exists()
 
 
 def test_defaults_and_aliases():
@@ -475,7 +490,8 @@ def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
         (["--method", "rtn", "--damp", "0.1"], "argument --damp: --method rtn does not use it"),
         (["--method", "sparsegpt", "--bits", "4"], "argument --bits: --method sparsegpt does not use it"),
         (["--method", "whitened_svd", "--bits", "4"], "argument --bits: --method whitened_svd does not use it"),
-        (["--method", "sparsegpt", "--symmetric"], "sparsegpt quantizes only with --sparse-bits"),
+        (["--method", "sparsegpt", "--symmetric"],
+         "argument --symmetric: --method sparsegpt reads it only with --sparse-bits; add --sparse-bits"),
     ],
 )
 def test_bad_compressor_flags(argv, message, capsys):

@@ -87,10 +87,14 @@ def test_labels_describe_the_setting():
 def test_every_built_in_declares_the_options_it_reads():
     # the CLI refuses a flag whose option the method never reads (--sparsity with rtn) from this declaration
     reads = {n: get_compressor(n).reads for n in registry.available_compressors()}
-    assert all(r is not None and r <= registry.QUANT_OPTIONS for r in reads.values()), reads
+    assert all(r is not None and r <= registry.METHOD_OPTIONS for r in reads.values()), reads
     assert reads["rtn"] == {"bits", "group_size", "symmetric", "observer", "scale_dtype"}
     assert {"bits", "sparsity"}.isdisjoint(reads["whitened_svd"] | reads["2:4"])
     assert "sparse_bits" in reads["sparsegpt"] and "bits" not in reads["sparsegpt"]
     with pytest.raises(ValueError, match="names fields outside"):
         registry.register(dataclasses.replace(get_compressor("rtn"), name="rtn_typo", aliases=(),
                                               reads=frozenset({"bitz"})))
+    assert get_compressor("sparsegpt").reads_only_with["group_size"] == "sparse_bits"
+    with pytest.raises(ValueError, match="names options outside reads"):
+        registry.register(dataclasses.replace(get_compressor("rtn"), name="rtn_conditional", aliases=(),
+                                              reads_only_with={"sparsity": "sparse_bits"}))
