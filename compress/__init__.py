@@ -34,7 +34,7 @@ from compress import factorizing  # noqa: F401  (importing it registers svd, asv
 from compress.surgery import CompressionReport, LayerReport, compress_model
 from compress.targets import find_targets
 from compress.checkpoint import load_compressed, load_compressed_directory, save_compressed
-from compress.pipeline import PipelineResult, compress_blocks, find_decoder_blocks
+from compress.pipeline import PipelineResult, compress_blocks, disk_offload_map, find_decoder_blocks
 from compress.eora_rounds import refine_rounds
 from compress.memory import return_freed_memory
 
@@ -50,6 +50,7 @@ __all__ = [
     "compress_model",
     "compress_blocks",
     "PipelineResult",
+    "disk_offload_map",
     "find_decoder_blocks",
     "CompressionReport",
     "LayerReport",

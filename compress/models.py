@@ -11,6 +11,7 @@ from tensornets.models import (
     load_minilm,
     load_smollm2,
     pydoc_text,
+    smollm2_directory,
     special_tokens_added,
     token_slices,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "load_minilm",
     "load_smollm2",
     "pydoc_text",
+    "smollm2_directory",
     "special_tokens_added",
     "token_slices",
 ]

@@ -144,6 +144,41 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
+def disk_offload_map(model: nn.Module) -> dict[str, str]:
+    """A ``device_map`` that keeps ``model``'s decoder blocks on disk and everything else in CPU memory.
+
+    For ``from_pretrained(path, device_map=disk_offload_map(skeleton), offload_folder=...)``, where ``skeleton`` is
+    the architecture built on empty weights (``with accelerate.init_empty_weights():
+    AutoModelForCausalLM.from_config(config)``): the blocks (:func:`find_decoder_blocks`) map to ``"disk"``, their
+    sibling modules and those of every module above them (embeddings, final norm, LM head) to ``"cpu"``. Then
+    :func:`compress_blocks` with ``offload_folder=`` holds one block in memory at a time.
+
+    Raises
+    ------
+    ValueError
+        When the model has no decoder blocks, or a module above them holds parameters of its own (no key of a
+        device map covers them without its children: write the map by hand).
+    """
+    found = find_decoder_blocks(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of identical modules) to "
+                         "offload to disk")
+    path, _ = found
+    parts = path.split(".")
+    device_map: dict[str, str] = {}
+    for depth, part in enumerate(parts):
+        owner_name = ".".join(parts[:depth])
+        owner = model.get_submodule(owner_name)
+        own = [n for n, _ in (*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False))]
+        if own:
+            raise ValueError(f"{owner_name or type(model).__name__!r} holds tensors of its own ({own[:3]}) above the "
+                             f"decoder blocks {path!r}: write the device_map by hand")
+        prefix = f"{owner_name}." if owner_name else ""
+        device_map.update({prefix + name: "cpu" for name, _ in owner.named_children() if name != part})
+    device_map[path] = "disk"
+    return device_map
+
+
 def block_pipeline_obstacle(model: nn.Module, config: CompressionConfig) -> str | None:
     """Why :func:`compress_blocks` cannot process ``model`` block by block, or ``None`` when it can.
 
@@ -966,6 +1001,7 @@ def float32_compute(model: nn.Module) -> Iterator[nn.Module]:
     in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
     outside = _low_precision(t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks)
     pending: dict[int, list[tuple[torch.Tensor, torch.dtype]]] = {}
+    offloaded = _float32_placeholders(model)
 
     def upcast(block: nn.Module, _args: tuple) -> None:
         # a block's original storage is kept while it runs (one block: small) and put back, not recast: tensors
@@ -985,6 +1021,35 @@ def float32_compute(model: nn.Module) -> Iterator[nn.Module]:
         for casts in pending.values():  # a forward that raised inside a block
             _restore(casts)
         _restore(upcast_outside)
+        for module, key, placeholder in offloaded:
+            _set_tensor(module, key, placeholder)
+
+
+def _float32_placeholders(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Give the low-precision tensors that accelerate keeps offloaded (on ``meta``) float32 placeholders; return
+    ``(module, name, original placeholder)`` to put back.
+
+    accelerate casts an offloaded tensor it loads for a forward to its placeholder's dtype: the offloaded layers then
+    compute in float32 like the resident ones, and their storage on disk is untouched.
+    """
+    swapped = []
+    for module in model.modules():
+        for key, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if (tensor is not None and tensor.is_meta and tensor.is_floating_point()
+                    and tensor.dtype not in (torch.float32, torch.float64)):
+                swapped.append((module, key, tensor))
+                _set_tensor(module, key, torch.empty_like(tensor, dtype=torch.float32))
+    return swapped
+
+
+def _set_tensor(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in ``module``'s parameter or buffer slot ``key`` (a parameter slot gets a Parameter)."""
+    if key in module._parameters:
+        old = module._parameters[key]
+        module._parameters[key] = (tensor if isinstance(tensor, nn.Parameter)
+                                   else nn.Parameter(tensor, requires_grad=old.requires_grad))
+    else:
+        module._buffers[key] = tensor
 
 
 def _low_precision(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:

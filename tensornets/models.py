@@ -54,6 +54,7 @@ __all__ = [
     "load_minilm",
     "load_smollm2",
     "pydoc_text",
+    "smollm2_directory",
     "special_tokens_added",
     "token_slices",
 ]
@@ -247,24 +248,43 @@ def load_smollm2(
             f"dtype={dtype!r} is not a floating torch dtype; pass e.g. torch.float32 or torch.bfloat16"
         )
     gguf_path, manifest = _smollm2_source()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if cache.resolve() == gguf_path.parent:
-        # from_pretrained(gguf_dir, gguf_file=...) would then read the cached config.json
-        # and tokenizer.json instead of the GGUF's metadata.
-        raise ValueError(
-            f"cache_dir={str(cache)!r} is the GGUF's package directory; pass a directory of "
-            f"its own, e.g. {str(default_cache_dir())!r}"
-        )
-
+    cache = _cache_for(cache_dir, gguf_path)
     # transformers' loading is not thread-safe (its empty-weight init patches torch globally): two threads loading at
     # once left parameters on the meta device for later models. The file lock orders processes, this one threads.
     with _LOAD_LOCK:
         return _load_smollm2(cache, gguf_path, manifest, dtype)
 
 
-def _load_smollm2(cache: Path, gguf_path: Path, manifest: dict, dtype: torch.dtype) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def smollm2_directory(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct as a Hugging Face directory (``config.json``, float32 safetensors,
+    tokenizer), converting the packaged GGUF once, as :func:`load_smollm2` does, without loading the model.
 
+    For loaders of your own, e.g. ``from_pretrained(smollm2_directory(), device_map=..., offload_folder=...)``.
+    Same ``cache_dir`` and errors as :func:`load_smollm2`; when the cache cannot be written, ``OSError``.
+    """
+    gguf_path, manifest = _smollm2_source()
+    cache = _cache_for(cache_dir, gguf_path)
+    with _LOAD_LOCK:
+        unwritten = _convert_into(cache, gguf_path, manifest)
+    if unwritten is not None:
+        raise unwritten[2]
+    return cache
+
+
+def _cache_for(cache_dir: str | os.PathLike | None, gguf_path: Path) -> Path:
+    """The SmolLM2 cache directory: ``cache_dir`` or :func:`default_cache_dir`, never the GGUF's own directory
+    (``from_pretrained(gguf_dir, gguf_file=...)`` would then read the cached config.json and tokenizer.json instead of
+    the GGUF's metadata)."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if cache.resolve() == gguf_path.parent:
+        raise ValueError(f"cache_dir={str(cache)!r} is the GGUF's package directory; pass a directory of its own, "
+                         f"e.g. {str(default_cache_dir())!r}")
+    return cache
+
+
+def _convert_into(cache: Path, gguf_path: Path, manifest: dict) -> tuple[nn.Module, object, OSError] | None:
+    """Convert the GGUF into ``cache`` unless it holds this package version's conversion. ``None`` when the cache
+    holds it; the converted model, its tokenizer and the error when the cache could not be written."""
     if _read_manifest(cache) != manifest:
         # Two processes that find no cache at once would both convert (~20 s each), and the later one would move
         # the earlier one's valid cache aside under its readers: the lock makes the second wait, then read the
@@ -275,16 +295,24 @@ def _load_smollm2(cache: Path, gguf_path: Path, manifest: dict, dtype: torch.dty
                 try:
                     _write_cache_atomically(cache, model, tokenizer, manifest)
                 except OSError as err:
-                    warnings.warn(
-                        f"could not write the SmolLM2 cache to {str(cache)!r} ({err}); the next load will "
-                        f"convert the GGUF again. Set {SMOLLM2_CACHE_ENV} to a writable directory.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    return _to_dtype(model, dtype).eval(), tokenizer
-                # the first call returns what every later call loads from the cache (the same model, bit for bit)
-                del model
+                    return model, tokenizer, err
+    return None
 
+
+def _load_smollm2(cache: Path, gguf_path: Path, manifest: dict, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    unwritten = _convert_into(cache, gguf_path, manifest)
+    if unwritten is not None:
+        model, tokenizer, err = unwritten
+        warnings.warn(
+            f"could not write the SmolLM2 cache to {str(cache)!r} ({err}); the next load will "
+            f"convert the GGUF again. Set {SMOLLM2_CACHE_ENV} to a writable directory.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _to_dtype(model, dtype).eval(), tokenizer
+    # the first call returns what every later call loads from the cache (the same model, bit for bit)
     if dtype == torch.float32:
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
     else:

@@ -188,6 +188,39 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         cli_main(["compress", "--model-path", str(tmp_path), *SMALL])
 
 
+def test_offload_folder_gives_the_resident_run(tiny_model_dir, tmp_path):
+    """--offload-folder: the blocks stay on disk from loading to export, and the run's numbers and exported
+    directory are the resident run's (the offloaded blocks are evaluated in float32 like the resident ones)."""
+    from transformers import AutoModelForCausalLM
+
+    argv = ["--model-path", str(tiny_model_dir), "--method", "rtn", "--bits", "4", "--group-size", "16",
+            "--eora-rank", "2", "--export-dtype", "float32", *SMALL]
+    resident = cli_main_summary([*argv, "--output-dir", str(tmp_path / "resident")])
+    offloaded = cli_main_summary([*argv, "--output-dir", str(tmp_path / "offloaded"),
+                                  "--offload-folder", str(tmp_path / "offload")])
+    assert offloaded["path"].startswith("block by block")
+    assert offloaded["perplexity"] == resident["perplexity"]
+    assert (tmp_path / "offload" / "compressed" / "model.layers.1.mlp.down_proj.weight.dat").is_file()
+    ours, theirs = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("offloaded", "resident"))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    adapter = "eora-adapter/adapter_model.safetensors"
+    assert (tmp_path / "offloaded" / adapter).read_bytes() == (tmp_path / "resident" / adapter).read_bytes()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model-path", "m.gguf"], "a .gguf file is de-quantized in memory as a whole"),
+    (["--eora-rank", "4", "--sequential"], "--sequential needs the whole-model path"),
+    (["--method", "whitened_svd", "--output-dir", "{tmp}/out"], "--method whitened_svd writes factorized layers"),
+    (["--output-dir", "{tmp}/off/out"], "overlap; the output directory is replaced as a whole"),
+])
+def test_offload_folder_refuses_what_it_cannot_serve(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([*(a.format(tmp=tmp_path) for a in argv), "--offload-folder", str(tmp_path / "off")])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random-bytes"])
 def test_corrupt_checkpoint_names_the_flag(tiny_model_dir, tmp_path, damage):
     broken = tmp_path / "broken"

@@ -232,6 +232,23 @@ def test_unwritable_cache_warns_and_still_loads(tmp_path, fake_gguf):
     assert isinstance(model, nn.Module) and not model.training
 
 
+def test_smollm2_directory_converts_once_without_loading(tmp_path, fake_gguf):
+    from tensornets.models import smollm2_directory
+
+    cache = tmp_path / "smol"
+    assert smollm2_directory(cache_dir=cache) == cache
+    assert smollm2_directory(cache_dir=cache) == cache and len(fake_gguf) == 1
+    assert (cache / "config.json").is_file() and (cache / "model.safetensors").is_file()
+    load_smollm2(cache_dir=cache)  # the same cache: no second conversion
+    assert len(fake_gguf) == 1
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):  # a directory that cannot be written is no directory to hand out
+        smollm2_directory(cache_dir=blocker / "smol")
+    with pytest.raises(ValueError, match="cache_dir"):
+        smollm2_directory(cache_dir=models._package_dir(models._SMOLLM2_PACKAGE, models._SMOLLM2_DIST))
+
+
 def test_cache_next_to_gguf_is_refused():
     gguf_dir = models._package_dir(models._SMOLLM2_PACKAGE, models._SMOLLM2_DIST)
     with pytest.raises(ValueError, match="cache_dir"):

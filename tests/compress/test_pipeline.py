@@ -631,6 +631,40 @@ def test_disk_offloaded_blocks_called_with_their_own_arguments(tmp_path):
     assert_close(logits(out.model, batches[1:]), logits(expected.model, batches[1:]), tol=0.0, what="logits")
 
 
+def test_disk_offload_map_puts_the_blocks_on_disk_and_the_rest_in_memory():
+    from compress import disk_offload_map
+
+    assert disk_offload_map(tiny_llama()) == {"lm_head": "cpu", "model.embed_tokens": "cpu", "model.norm": "cpu",
+                                              "model.rotary_emb": "cpu", "model.layers": "disk"}
+    with pytest.raises(ValueError, match="has no decoder blocks"):
+        disk_offload_map(_no_blocks())
+    model = _Scaled()
+    model.gain = nn.Parameter(torch.ones(()))  # a tensor above the blocks: no device-map key covers it alone
+    with pytest.raises(ValueError, match=r"holds tensors of its own \(\['gain'\]\) above the decoder blocks"):
+        disk_offload_map(model)
+
+
+def test_float32_compute_of_a_disk_offloaded_model(tmp_path):
+    """Offloaded bfloat16 blocks compute in float32 as resident ones do (accelerate casts what it loads to a float32
+    placeholder; a bfloat16 weight met float32 hidden states before), and stay bfloat16 on disk and on meta."""
+    from transformers import LlamaForCausalLM
+
+    from compress import disk_offload_map
+    from compress.pipeline import float32_compute
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=disk_offload_map(tiny_llama()),
+                                                 dtype=torch.bfloat16, offload_folder=tmp_path / "offload").eval()
+    resident = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    x = calib(n=1)[0]
+    with torch.no_grad(), float32_compute(offloaded):
+        got = offloaded(x).logits
+    with torch.no_grad(), float32_compute(resident):
+        expected = resident(x).logits
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert {(p.device.type, p.dtype) for p in offloaded.model.layers.parameters()} == {("meta", torch.bfloat16)}
+
+
 def test_gptq_on_the_compressed_stream_beats_rtn():
     """GPTQ's statistics come from the compressed stream (each block sees its real inputs): lower output error."""
     model = tiny_llama()
