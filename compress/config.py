@@ -12,6 +12,10 @@ import torch
 from compress.compressors import METHOD_OPTIONS, Compressor, available_compressors, get_compressor
 
 
+#: what to use instead of an option the method does not read, where a built-in method does that job
+_OPTION_HINTS = {"whiten": "; to whiten a low-rank factorization, method='whitened_svd'"}
+
+
 @dataclass
 class CompressionConfig:
     """Compression of the target layers of a model (see :func:`compress.compress_model`).
@@ -151,7 +155,7 @@ class CompressionConfig:
                        for name in unused}
             why = "; ".join(f"{name}: read only with {conditions[name]}=" if name in conditions
                             else f"{name}: read by {', '.join(readers[name]) or 'no built-in method'}"
-                            for name in unused)
+                            + _OPTION_HINTS.get(name, "") for name in unused)
             settings = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
             them = "it" if len(unused) == 1 else "them"
             raise ValueError(f"method={self.method!r} does not use {settings} ({why}); drop {them}, or pick a method "

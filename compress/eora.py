@@ -117,6 +117,17 @@ class CompensatedLayer(nn.Module):
         self.lora_A.weight = nn.Parameter(A.detach().to(device).reshape(self.lora_A.weight.shape), requires_grad=False)
         self.lora_B.weight = nn.Parameter(B.detach().to(device).reshape(self.lora_B.weight.shape), requires_grad=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (without the residual), as PEFT's LoRA layers answer: models read a linear's
+        ``.weight`` for its dtype or device (T5's feed-forward casts to ``wo.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)

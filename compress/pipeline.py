@@ -423,7 +423,9 @@ def capture_block_inputs(
     sliding-window mask only differs from the full one on sequences longer than the window): each block's are
     recorded on each batch. With ``passthrough`` (the form of block 0's output, see :func:`check_blocks_chain`),
     every block returns its input unchanged instead of running, so the recording costs no block's compute (nor, for
-    offloaded blocks, a load from disk); the caller checks that this gives the arguments a real run gives.
+    offloaded blocks, a load from disk); :func:`compress_blocks` checks on the first batch that this gives the
+    arguments a real run gives, and records on real runs otherwise (an argument that the model derives from the
+    hidden states and that happens to agree on the first batch is not caught).
 
     Returns
     -------
@@ -452,7 +454,9 @@ def capture_block_inputs(
             called.add(index)
             h, kw = _by_name(blocks[index], args, kw)
             if index == 0:
-                hidden.append(_to(h.detach(), device))
+                moved = _to(h.detach(), device)
+                # a copy of its own: the model runs on after block 0 (the blocks pass it through) and could change it
+                hidden.append(moved.clone() if moved.data_ptr() == h.data_ptr() else moved)
             kwargs[index].append(_to(_without_cache(kw), device, memo))
             if index == len(blocks) - 1:
                 raise StopForward

@@ -305,6 +305,30 @@ def test_arguments_passed_to_every_block_are_stored_once():
     assert all("forward" not in block.__dict__ for block in blocks)
 
 
+def test_t5_decoder_blocks_with_eora(recwarn):
+    """T5's decoder blocks take the position biases block 0 returns, and its feed-forward reads ``wo.weight.dtype``
+    (which an applied EoRA residual answers with the base layer's, as PEFT's LoRA does): block by block, to the
+    whole-model path's residuals."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_decoder_layers=3, num_heads=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(5, VOCAB, (2, 12), generator=g)
+        batches.append({"input_ids": ids, "decoder_input_ids": ids[:, :8]})
+    config = CompressionConfig(method="rtn", bits=3, group_size=16, target_modules=r"decoder\.block\..*")
+    out = compress_blocks(model, config, batches, eora_rank=2, progress=False)
+    assert out.block_path == "decoder.block" and not [w for w in recwarn if "block-sequential" in str(w.message)]
+    _, expected = whole_model(model, config, batches, eora_rank=2)
+    assert len(expected.factors) == 3 * 10  # self- and cross-attention q, k, v, o; wi, wo
+    for name, (B, A) in expected.factors.items():
+        Bg, Ag = out.eora.factors[name]
+        assert_close_relative(Bg.double() @ Ag.double(), B.double() @ A.double(), 1e-4, what=name)
+
+
 def _gemma(kind: str) -> nn.Module:
     """A random Gemma 2 / Gemma 3 (local layers: a 4-token sliding window; Gemma 3's also other rotary embeddings)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
