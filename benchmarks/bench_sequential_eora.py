@@ -1,4 +1,4 @@
-"""Does sequential EoRA beat independent EoRA? SmolLM2, 3-bit g64 (RTN or GPTQ), EoRA r=64 on every block linear.
+"""Does sequential EoRA beat independent EoRA? SmolLM2, RTN or GPTQ (``--bits``, default 3, g64), EoRA at ``--rank``.
 
 Independent EoRA fits each residual to the layer's own error on the dense model's inputs, ``‖(W − W_c − BA) X‖``.
 Sequential EoRA fits it to the dense outputs from the compressed-and-compensated model's inputs,
@@ -6,9 +6,11 @@ Sequential EoRA fits it to the dense outputs from the compressed-and-compensated
 cross-validation (:mod:`compress.sequential_eora`). Both run through the block pipeline
 (:func:`compress.compress_blocks`) on the CLI's data (16 x 256 calibration tokens, 16 x 256 held-out tokens of the
 Python docs), so only the objective differs. Prints held-out perplexity, the share of the log-perplexity gap
-recovered and which candidate the layers chose; writes ``results/sequential_eora.{md,json}``.
+recovered and which candidate the layers chose; writes ``results/<--stem>.{md,json}`` (default
+``sequential_eora``, the README's r=64 table). Every block linear is compressed and compensated.
 
     python benchmarks/bench_sequential_eora.py --methods rtn gptq
+    python benchmarks/bench_sequential_eora.py --methods rtn gptq --rank 16 --stem sequential_eora_r16
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rtn"], choices=["rtn", "gptq"])
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--stem", default="sequential_eora",
+                        help="results file stem (default sequential_eora: the README's r=64 RTN-3 table)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -44,7 +49,7 @@ def main() -> None:
     dense = perplexity(model, held)
     rows, goals = [], []
     for method in args.methods:
-        config = CompressionConfig(method=method, bits=3, group_size=64, target_modules="all-linear")
+        config = CompressionConfig(method=method, bits=args.bits, group_size=64, target_modules="all-linear")
         compressed = perplexity(compress_blocks(model, config, calib, progress=False).model, held)
         recovered = lambda p: (math.log(compressed) - math.log(p)) / (math.log(compressed) - math.log(dense))
         ppl = {}
@@ -60,24 +65,26 @@ def main() -> None:
                          "seconds": time.time() - t})
             print(f"{method} {rows[-1]['eora']:<11} ppl {ppl[sequential]:8.3f}  recovered "
                   f"{rows[-1]['recovered']:.3f}  {dict(choices)}", flush=True)
-        goals.append(goal(f"{method.upper()}-3 g64: sequential EoRA beats independent EoRA (independent ppl / "
-                          "sequential ppl > 1)", value=ppl[False] / ppl[True], need=1.0 + 1e-9))
+        goals.append(goal(f"{method.upper()}-{args.bits} g64: sequential EoRA beats independent EoRA (independent ppl "
+                          "/ sequential ppl > 1)", value=ppl[False] / ppl[True], need=1.0 + 1e-9))
     finish(info, start)
     table = ["| compressor | EoRA | held-out ppl | gap recovered | layers' choice | s |", "|---|---|---:|---:|---|---:|"]
     for method in args.methods:
         first = next(r for r in rows if r["method"] == method)
-        table.append(f"| {method.upper()}-3 g64 | none | {first['compressed']:.3f} | 0 | | |")
-        table += [f"| {method.upper()}-3 g64 | {r['eora']} | {r['perplexity']:.3f} | {r['recovered']:.3f} | "
-                  f"{', '.join(f'{k}: {v}' for k, v in sorted(r['choices'].items()))} | {r['seconds']:.0f} |"
+        table.append(f"| {method.upper()}-{args.bits} g64 | none | {first['compressed']:.3f} | 0 | | |")
+        table += [f"| {method.upper()}-{args.bits} g64 | {r['eora']} | {r['perplexity']:.3f} | "
+                  f"{r['recovered']:.3f} | {', '.join(f'{k}: {v}' for k, v in sorted(r['choices'].items()))} | "
+                  f"{r['seconds']:.0f} |"
                   for r in rows if r["method"] == method]
     command = (f"python benchmarks/bench_sequential_eora.py --methods {' '.join(args.methods)} --rank {args.rank} "
-               f"--threads {args.threads}")
-    md = (header(f"Sequential vs independent EoRA (SmolLM2, 3-bit g64, r={args.rank})", command, info)
+               f"--threads {args.threads}" + (f" --bits {args.bits}" if args.bits != 3 else "")
+               + (f" --stem {args.stem}" if args.stem != "sequential_eora" else ""))
+    md = (header(f"Sequential vs independent EoRA (SmolLM2, {args.bits}-bit g64, r={args.rank})", command, info)
           + ["", f"Dense perplexity {dense:.3f}. Sequential EoRA chooses per layer, by 2-fold cross-validation over "
              "the calibration batches, between independent EoRA and the ridges "
              f"{', '.join(f'{r:g}' for r in DEFAULT_RIDGES)} (times mean(diag C~)).", ""]
           + table + goal_section(goals))
-    write_results(RESULTS, "sequential_eora", md, {"machine": info, "dense": dense, "rows": rows, "goals": goals})
+    write_results(RESULTS, args.stem, md, {"machine": info, "dense": dense, "rows": rows, "goals": goals})
 
 
 if __name__ == "__main__":

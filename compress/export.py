@@ -57,7 +57,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,8 @@ def pack_quantized_weight(qw: Quantized, scale_dtype: torch.dtype = torch.bfloat
                         f"{type(qw).__name__}")
     if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
         raise TypeError(f"scale_dtype={scale_dtype!r} must be a floating torch dtype, e.g. torch.bfloat16")
+    if isinstance(qw, PackedQuantizedWeight) and qw.offloaded:
+        return _offloaded_placeholders(qw)
     tensors = {
         "weight_packed": (qw.packed.cpu().contiguous() if isinstance(qw, PackedQuantizedWeight)
                           else pack_to_int32(qw.codes.cpu(), qw.bits)),
@@ -176,6 +179,21 @@ def pack_quantized_weight(qw: Quantized, scale_dtype: torch.dtype = torch.bfloat
     if not qw.symmetric:
         tensors["weight_zero_point"] = pack_to_int32(qw.zero_point.cpu(), qw.bits, packed_dim=0)
     tensors["weight_shape"] = torch.tensor(tuple(qw.shape), dtype=torch.int64)
+    return tensors
+
+
+def _offloaded_placeholders(qw: PackedQuantizedWeight) -> dict[str, torch.Tensor]:
+    """The tensors of an offloaded quantized layer as ``meta`` placeholders (their values, as
+    :func:`pack_quantized_weight` gave them at the scales' own dtype, lie beside the offloaded layer; transformers'
+    ``save_pretrained`` loads them one shard at a time), ``weight_shape`` in memory."""
+    out_f, in_f = qw.unpacked_shape
+    groups = qw.scale.shape[1]
+    tensors = {"weight_packed": torch.empty(qw.packed.shape, dtype=torch.int32, device="meta"),
+               "weight_scale": torch.empty(qw.scale.shape, dtype=qw.scale.dtype, device="meta")}
+    if not qw.symmetric:
+        tensors["weight_zero_point"] = torch.empty((-(-out_f * qw.bits // 32), groups), dtype=torch.int32,
+                                                   device="meta")
+    tensors["weight_shape"] = torch.tensor((out_f, in_f), dtype=torch.int64)
     return tensors
 
 
@@ -235,6 +253,11 @@ def regroup(qw: Quantized, group_size: int) -> Quantized:
     unchanged."""
     if group_size < 1 or qw.group_size % group_size:
         raise ValueError(f"group_size={group_size} must divide the weight's group size {qw.group_size}")
+    if isinstance(qw, PackedQuantizedWeight) and qw.offloaded:
+        raise ValueError(f"a layer quantized with groups of {qw.group_size} would be regrouped to {group_size} (layers "
+                         "of one checkpoint share one group size), but its codes are offloaded to disk: load the "
+                         "model back (accelerate.hooks.remove_hook_from_module(model, recurse=True)) or quantize "
+                         "every layer with one group size")
     k = qw.group_size // group_size
     scale, zero_point = qw.scale.repeat_interleave(k, dim=1), qw.zero_point.repeat_interleave(k, dim=1)
     if isinstance(qw, PackedQuantizedWeight):
@@ -340,10 +363,13 @@ def _check_offloaded(model: nn.Module, packable: Mapping[str, Quantized], dtype:
     """
     offloaded = [(k, t) for k, t in model.state_dict().items()
                  if t.is_meta and not (k.endswith(".weight") and k[:-len(".weight")] in packable)]
+    # codes written beside their offloaded layer: read from there, in the dtype they were written in
+    offloaded += [(f"{name}.weight_scale", qw.scale) for name, qw in packable.items()
+                  if isinstance(qw, PackedQuantizedWeight) and qw.offloaded]
     if not offloaded:
         return
     device_map = getattr(model, "hf_device_map", None) or {}
-    unloadable = [k for k, _ in offloaded if _offload_hook(model, k) is None]
+    unloadable = [k for k, _ in offloaded if not _offload_holds(model, k)]
     if unloadable or not {"disk", "cpu"} & set(device_map.values()):
         name = unloadable[0] if unloadable else offloaded[0][0]
         raise ValueError(f"model tensor {name!r} ({len(unloadable or offloaded)} in all) is on the meta device "
@@ -357,15 +383,42 @@ def _check_offloaded(model: nn.Module, packable: Mapping[str, Quantized], dtype:
                          f"{other[0]}, or load the model in {str(dtype).removeprefix('torch.')}")
 
 
-def _offload_hook(model: nn.Module, key: str) -> Any:
-    """The accelerate hook of the innermost module above state-dict ``key`` (where transformers' save_pretrained
-    looks for an offloaded tensor's value), or ``None``."""
+@contextmanager
+def _known_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the context, the ``meta`` placeholders of ``state`` that are no tensor of ``model`` (the codes of
+    offloaded quantized layers) are non-persistent buffers of their module: ``save_pretrained`` looks every offloaded
+    tensor up in the model (to find tied ones) before it loads its value through the module's hook."""
+    added = []
+    for key, tensor in state.items():
+        if not tensor.is_meta:
+            continue
+        module_name, _, local = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if local not in module._parameters and local not in module._buffers:
+            module.register_buffer(local, tensor, persistent=False)
+            added.append((module, local))
+    try:
+        yield
+    finally:
+        for module, local in added:
+            del module._buffers[local]
+
+
+def _offload_holds(model: nn.Module, key: str) -> bool:
+    """Whether the accelerate hook of the innermost module above state-dict ``key`` (where transformers'
+    ``save_pretrained`` looks for an offloaded tensor's value) holds a value for it."""
     parts = key.split(".")
     for end in range(len(parts) - 1, -1, -1):
         hook = getattr(model.get_submodule(".".join(parts[:end])), "_hf_hook", None)
-        if hook is not None:
-            return hook if getattr(hook, "weights_map", None) is not None else None
-    return None
+        if hook is None:
+            continue
+        weights = getattr(hook, "weights_map", None)
+        if weights is None:
+            return False
+        # accelerate's PrefixedDataset over an OffloadedWeightsLoader: look the key up without loading the tensor
+        keys = getattr(getattr(weights, "dataset", weights), "all_keys", None)
+        return keys is None or getattr(weights, "prefix", "") + ".".join(parts[end:]) in keys
+    return False
 
 
 def _identity(file: Path) -> tuple[int, int, int]:
@@ -490,7 +543,7 @@ def save_hf_directory(
             del model.config.quantization_config
         # (a transformers without load-time conversions has no save_original_format either)
         layout = {"save_original_format": False} if packed and _has_weight_converters(model) else {}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _known_to(model, state):
             # about its own 50GB default shard size: offloaded tensors are loaded one shard (max_shard_size) at a time
             warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
             model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True,

@@ -385,8 +385,8 @@ def compress_blocks(
                 message = message.replace(repr(name), repr(prefix + name))
             raise ValueError(message) from err
         comp_h, dense_h = out.comp_h, out.dense_h
-        if i in offloaded:
-            _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device)
+        if i in offloaded:  # the block's codes go to disk with it: what the result keeps does not grow with depth
+            out.quantized = _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device, out.quantized)
         gc.collect()  # the block's tensors can sit in reference cycles (hooks, modules): free them before the next
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
         quantized.update({prefix + n: q for n, q in out.quantized.items()})
@@ -873,25 +873,41 @@ def _onload(block: nn.Module) -> torch.device:
     return execution_device
 
 
-def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_device: torch.device) -> None:
+def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_device: torch.device,
+             quantized: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``block``'s tensors to ``folder`` (accelerate's ``.dat`` offload format) and offload it with hooks.
 
     Layers whose forward reads a child's parameters without calling it (factorized layers) load all their
-    weights at once (accelerate's ``preload_module_classes``).
+    weights at once (accelerate's ``preload_module_classes``). The block's ``quantized`` layers (relative name ->
+    :class:`compress.quantized.PackedQuantizedWeight`) are written beside their layer as the exporter writes them
+    (``<layer>.weight_packed``, ``.weight_scale``, ``.weight_zero_point``), the scales in the block's storage dtype,
+    which an offloaded model is exported in (as :func:`compress.export.save_hf_directory` would cast them); returned
+    with ``meta`` placeholders instead of their tensors (the exporter reads them through the layer's hook, one shard
+    at a time).
     """
     from accelerate.hooks import attach_align_device_hook
     from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
+    from compress.export import pack_quantized_weight
     from tensornets import FactorizedConv2d, FactorizedLinear
 
     os.makedirs(folder, exist_ok=True)
     index: dict[str, dict] = {}
     for key, tensor in block.state_dict().items():
         offload_weight(tensor.detach(), f"{name}.{key}", str(folder), index)
+    storage = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+    placeholders = {}
+    for layer, qw in (quantized or {}).items():
+        for key, tensor in pack_quantized_weight(qw, storage).items():
+            if key != "weight_shape":  # rebuilt from the shape
+                offload_weight(tensor, f"{name}.{layer}.{key}", str(folder), index)
+        placeholders[layer] = dataclasses.replace(qw, packed=qw.packed.to("meta"), zero_point=qw.zero_point.to("meta"),
+                                                  scale=qw.scale.to("meta", storage))
     preload = sorted({type(m).__name__ for m in block.modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d))})
     attach_align_device_hook(block, execution_device=execution_device, offload=True, module_name=name,
                              weights_map=OffloadedWeightsLoader(save_folder=str(folder), index=index),
                              preload_module_classes=preload or None)
+    return placeholders
 
 
 def _round_to(block: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

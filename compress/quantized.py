@@ -126,8 +126,14 @@ class PackedQuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in memory: packed codes, scales and zero points."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero_point))
+        """Bytes held in memory: packed codes, scales and zero points (0 when :attr:`offloaded`)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero_point) if not t.is_meta)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the tensors are placeholders on ``meta``: the values were written to disk beside an offloaded
+        layer (:func:`compress.compress_blocks` with ``offload_folder=``), where the exporter reads them."""
+        return self.packed.is_meta
 
     def unpack(self) -> QuantizedWeight:
         """The :class:`QuantizedWeight` with int8 codes (compressed-tensors ``unpack_from_int32``)."""

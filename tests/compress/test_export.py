@@ -96,6 +96,27 @@ def test_packed_bytes_follow_the_bits(bits, group_size):
     assert tensors["weight_packed"].shape == (96, -(-384 * bits // 32))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_offloaded_codes_pack_to_placeholders_of_the_written_tensors(symmetric):
+    """Codes written to disk beside an offloaded layer (meta tensors in memory): the exporter's placeholders have the
+    shapes and dtypes that packing the real codes gives, hold no bytes, and cannot be regrouped."""
+    import dataclasses
+
+    from compress.export import regroup
+
+    packed = _rtn(torch.randn(40, 96), 3, 32, symmetric).pack()
+    offloaded = dataclasses.replace(packed, packed=packed.packed.to("meta"), scale=packed.scale.to("meta"),
+                                    zero_point=packed.zero_point.to("meta"))
+    assert offloaded.offloaded and offloaded.nbytes == 0 and not packed.offloaded and packed.nbytes > 0
+    real, placeholders = pack_quantized_weight(packed, torch.float32), pack_quantized_weight(offloaded, torch.float32)
+    assert sorted(real) == sorted(placeholders)
+    for key, tensor in real.items():
+        assert (placeholders[key].shape, placeholders[key].dtype) == (tensor.shape, tensor.dtype), key
+    assert torch.equal(placeholders["weight_shape"], real["weight_shape"])
+    with pytest.raises(ValueError, match="its codes are offloaded to disk"):
+        regroup(offloaded, 16)
+
+
 def test_pack_rejects_bad_input():
     qw = _rtn(torch.randn(8, 32), 4, 32, False)
     with pytest.raises(TypeError, match="QuantizedWeight"):

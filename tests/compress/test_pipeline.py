@@ -607,6 +607,10 @@ def test_export_of_disk_offloaded_blocks(tmp_path):
     out = compress_blocks(offloaded, config, batches, offload_folder=tmp_path / "compressed", inplace=True,
                           progress=False)
     expected = compress_blocks(resident, config, batches, inplace=True, progress=False)
+    # the codes went to disk with their blocks: the result keeps no bytes of them
+    assert all(q.offloaded and q.nbytes == 0 for q in out.report.quantized.values())
+    assert not any(q.offloaded for q in expected.report.quantized.values())
+    assert (tmp_path / "compressed" / "model.layers.0.self_attn.q_proj.weight_packed.dat").is_file()
     with pytest.raises(ValueError, match=r"dtype=torch.float32, but the model's offloaded tensors are stored in "
                                          r"bfloat16"):
         save_hf_directory(out.model, tmp_path / "wrong-dtype", quantized=out.report.quantized, dtype=torch.float32)
