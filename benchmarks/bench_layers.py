@@ -26,10 +26,22 @@ formula's choice (the default strategy) and the measured choice (``strategy="mea
 automatic choices are never more than 1.1x the best forced one. A BTT of rank 1 is timed against
 dense at B = 512 as well.
 
-Method: ``torch.set_num_threads(2)``; every contender is warmed up first, then timed in
-*interleaved* rounds (one measurement of each contender per round, round-robin with a rotating
-start so no contender always runs first); each measurement starts with one untimed call, then loops the
-call enough times to last about 2 ms; the reported time is the median over rounds. Outputs of every contender are checked
+Traffic weight fit: the formula ranks plans by ``flops + w * traffic`` (elements moved), ``w`` =
+``traffic_weight(device)`` (``TRAFFIC_WEIGHT`` in tensornets/formats/base.py: 384 on CPU, a guessed 64 on
+CUDA). From the forced-plan rows, :func:`traffic_weight_fit` finds for every integer ``w`` in 1..4096 the
+plan the formula would pick (from each plan's own FLOP and traffic terms, forward + backward on training
+rows) and counts the rows where that plan's median is within 1.1x of the fastest forced plan's. The
+results report the most rows any ``w`` gets right, the interval(s) of ``w`` that do so, a suggested ``w``
+(geometric middle of the widest interval), how many rows the current weight gets right (and whether it
+is among the best), the rows it gets wrong, and rows no ``w`` gets right (a cost the two terms miss).
+Run on CUDA, it says which value ``TRAFFIC_WEIGHT["cuda"]`` should take.
+
+Method: ``torch.set_num_threads(2)``; with ``--device cuda`` every layer (ours, dense, tltorch's, the
+compiled ones, the stacks) and every input lives on the GPU (initialized on the CPU with the same seeds,
+then moved), and the clock is read after ``torch.cuda.synchronize()`` (:func:`clock`). Every contender
+is warmed up first, then timed in *interleaved* rounds (one measurement of each contender per round,
+round-robin with a rotating start so no contender always runs first); each measurement starts with one
+untimed call, then loops the call enough times to last about 2 ms; the reported time is the median over rounds. Outputs of every contender are checked
 against its own dense weight before timing. glibc's malloc is pinned to one state first (:func:`pin_mmap_threshold`):
 left adaptive, it made the same B=1 call 2x slower or not depending on what the process had freed before.
 
@@ -38,6 +50,13 @@ Run
     python benchmarks/bench_layers.py            # full run (< 10 min on 2 cores, plus compiling: see below)
     python benchmarks/bench_layers.py --quick    # 4096 only, rank 16, fewer rounds (~1-2 min, plus compiling)
     python benchmarks/bench_layers.py --smoke --out /tmp/x   # 256 only, rank 4, one round: checks the script runs
+    python benchmarks/bench_layers.py --device cuda --no-compile   # full grid on the GPU, eager: the weight fit
+    python benchmarks/bench_layers.py --device cuda --quick        # 4096, rank 16, eager and compiled on the GPU
+    bash benchmarks/gpu_checks.sh      # a GPU session's ~9 minutes: both of the above, then the CUDA tests
+
+``--device cuda`` needs ``torch.cuda.is_available()`` (refused otherwise). Without tltorch installed (a GPU
+machine's python may lack it) its columns are left empty. A SIGTERM (``timeout``) stops the run at the next
+measurement and still writes what finished, marked "Stopped early".
 
 Inductor compiles one graph per layer, grad mode and batch, 25-40 s each on 2 busy cores (measured
 while writing this script): 16 graphs for ``--quick`` (~10 min), 144 for the full grid (1-1.5 h);
@@ -53,8 +72,10 @@ times slower than eager). Time compiled code on idle cores, or with ``torch.set_
 
 Writes ``benchmarks/results/layers.md`` (tables, machine info, goals) and
 ``benchmarks/results/layers.json`` (raw medians and every sample; ``flops`` is the model's count for the plan
-the row runs, forward + backward on ``forward+backward`` rows); ``--quick`` writes
-``layers_quick.md`` / ``layers_quick.json`` instead so it never overwrites a full run.
+the row runs, forward + backward on ``forward+backward`` rows; ``plan_terms`` the forced plans' terms;
+``traffic_weight_fit`` the fit); ``--quick`` writes ``layers_quick.md`` / ``layers_quick.json`` instead so it
+never overwrites a full run, and ``--device cuda`` ``layers_cuda.*`` / ``layers_cuda_quick.*`` (machine info
+then names the GPU and the device) so CUDA results never overwrite CPU ones.
 """
 
 from __future__ import annotations
@@ -63,6 +84,7 @@ import argparse
 import ctypes
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -80,7 +102,10 @@ except ModuleNotFoundError:  # running from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import tensornets
 
-import tltorch
+try:
+    import tltorch
+except ModuleNotFoundError:  # a GPU machine's python may lack it: the tltorch columns are left out (shown as —)
+    tltorch = None
 from tensornets.formats.base import traffic_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, however the script is run
@@ -92,9 +117,32 @@ TARGET_SAMPLE_S = 2e-3  # one measurement loops the call until it lasts about th
 OUR_FORMATS = ("mpo", "btt", "lowrank", "tucker")
 FORCED = ("rebuild", "einsum", "split", "contract")  # plan names a layer can be forced to (tensornets.plans)
 TL_NAME = {"mpo": "blocktt", "tucker": "tucker"}  # tltorch's factorization for our format
+CPU = torch.device("cpu")
+FIT_WEIGHTS = range(1, 4097)  # the traffic weights the fit scans: every integer, each evaluated exactly
+FIT_WITHIN = 1.1  # a plan within this factor of the fastest forced plan's median counts as a right choice
 
 
 # ---------------------------------------------------------------------------------------- timing
+class Stopped(Exception):
+    """SIGTERM arrived (``timeout`` ran out): the run stops and writes what it has measured so far."""
+
+
+_STOPPED = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    # only a flag: an exception raised here can land inside torch (a weakref callback while compiling) and be lost
+    global _STOPPED
+    _STOPPED = True
+    print(f"\nsignal {signum}: stopping at the next measurement", flush=True)
+
+
+def _check_stop() -> None:
+    """Raise :class:`Stopped` once SIGTERM has arrived; called between measurements."""
+    if _STOPPED:
+        raise Stopped("SIGTERM")
+
+
 def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc malloc's mmap threshold at ``nbytes`` for this process; False where libc is not glibc.
 
@@ -113,32 +161,52 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
 
 
-def _calibrate(fn: Callable[[], object]) -> int:
-    """Warm up ``fn`` and return how many calls make one ~TARGET_SAMPLE_S measurement."""
+def clock(device: torch.device = CPU) -> Callable[[], float]:
+    """``time.perf_counter``, that on CUDA first waits for the work queued on ``device``.
+
+    CUDA runs kernels asynchronously: a call returns once its kernels are queued, so a clock read
+    without ``torch.cuda.synchronize()`` times the launches, not the work.
+    """
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def _calibrate(fn: Callable[[], object], now: Callable[[], float] = time.perf_counter) -> int:
+    """Warm up ``fn`` and return how many calls make one ~TARGET_SAMPLE_S measurement (``now``: :func:`clock`)."""
     fn()
     fn()
-    t0 = time.perf_counter()
+    t0 = now()
     fn()
-    once = time.perf_counter() - t0
+    once = now() - t0
     return max(1, min(1000, math.ceil(TARGET_SAMPLE_S / max(once, 1e-7))))
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
-    """Median seconds per call of each ``fns`` entry, measured round-robin (one sample each per round)."""
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device = CPU) -> dict[str, dict]:
+    """Median seconds per call of each ``fns`` entry, measured round-robin (one sample each per round);
+    ``device``: where the calls run (on CUDA the clock is read after a synchronize)."""
+    now = clock(device)
     names = list(fns)
-    inner = {k: _calibrate(fns[k]) for k in names}
+    _check_stop()
+    inner = {k: _calibrate(fns[k], now) for k in names}
     samples: dict[str, list[float]] = {k: [] for k in names}
     for rep in range(rounds):
+        _check_stop()
         shift = rep % len(names)
         for k in names[shift:] + names[:shift]:
             fn, n = fns[k], inner[k]
             # one untimed call first: a sample must not pay for the caches and allocator state its predecessor
             # left (a 65 ms tltorch rebuild of a 64 MB W runs right before a 0.4 ms MPO call in some rounds)
             fn()
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(n):
                 fn()
-            samples[k].append((time.perf_counter() - t0) / n)
+            samples[k].append((now() - t0) / n)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "samples_s": v, "inner": inner[k]} for k, v in samples.items()}
 
 
@@ -164,14 +232,15 @@ def train_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 
 # ---------------------------------------------------------------------------------------- contenders
-def our_layer(n: int, fmt: str, rank: int, seed: int = 0) -> tensornets.FactorizedLinear:
+def our_layer(n: int, fmt: str, rank: int, seed: int = 0, device: torch.device = CPU) -> tensornets.FactorizedLinear:
+    """Our layer, initialized on the CPU (the same weights whatever ``device``), then moved to ``device``."""
     kw = {"num_cores": 4} if fmt == "mpo" else {}
     g = torch.Generator().manual_seed(seed)
-    return tensornets.FactorizedLinear.create(n, n, fmt, rank=rank, generator=g, **kw)
+    return tensornets.FactorizedLinear.create(n, n, fmt, rank=rank, generator=g, **kw).to(device)
 
 
-def tl_layer(ours: tensornets.FactorizedLinear, implementation: str) -> tltorch.FactorizedLinear:
-    """tltorch's layer with exactly our modes and ranks."""
+def tl_layer(ours: tensornets.FactorizedLinear, implementation: str) -> nn.Module:
+    """tltorch's layer with exactly our modes and ranks, on ``ours``' device."""
     f = ours.factorization
     if f.format_name == "mpo":
         rank = [1, *f.ranks, 1]
@@ -182,7 +251,7 @@ def tl_layer(ours: tensornets.FactorizedLinear, implementation: str) -> tltorch.
     torch.manual_seed(0)
     return tltorch.FactorizedLinear(
         shape_in, shape_out, bias=True, factorization=TL_NAME[f.format_name], rank=rank, implementation=implementation
-    )
+    ).to(next(ours.parameters()).device)
 
 
 def check_outputs(contenders: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
@@ -192,7 +261,7 @@ def check_outputs(contenders: dict[str, nn.Module], x: torch.Tensor) -> dict[str
         for name, m in contenders.items():
             if isinstance(m, nn.Linear):
                 continue
-            if isinstance(m, tltorch.FactorizedLinear):
+            if tltorch is not None and isinstance(m, tltorch.FactorizedLinear):
                 W, b = m.weight.to_matrix().reshape(m.out_features, m.in_features), m.bias
             else:
                 W, b = m.factorization.to_dense(), m.bias
@@ -221,11 +290,13 @@ def check_compiled(eager: nn.Module, comp: nn.Module, x: torch.Tensor, name: str
 
 
 def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], formats: tuple[str, ...], with_tl: bool,
-                with_compile: bool):
-    """Time dense, our formats (eager and compiled) and (optionally) tltorch at one size and rank, per batch size."""
+                with_compile: bool, device: torch.device = CPU):
+    """Time dense, our formats (eager and compiled) and (optionally) tltorch at one size and rank, per batch size,
+    every layer and input on ``device``."""
+    now = clock(device)
     torch.manual_seed(0)
-    dense = nn.Linear(n, n)
-    ours = {fmt: our_layer(n, fmt, rank) for fmt in formats}
+    dense = nn.Linear(n, n).to(device)
+    ours = {fmt: our_layer(n, fmt, rank, device=device) for fmt in formats}
     contenders: dict[str, nn.Module] = {"dense": dense}
     contenders.update({f"ours:{fmt}": m for fmt, m in ours.items()})
     if with_tl:
@@ -233,21 +304,22 @@ def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], f
             if fmt in TL_NAME:
                 for impl in ("factorized", "reconstructed"):
                     contenders[f"tl:{fmt}:{impl}"] = tl_layer(ours[fmt], impl)
-    errs = check_outputs(contenders, torch.randn(4, n))
+    errs = check_outputs(contenders, torch.randn(4, n).to(device))
     if with_compile:
         contenders.update({f"compiled:{fmt}": compiled(m) for fmt, m in ours.items()})
     rows = []
     for B in batches:
-        x = torch.randn(B, n)
+        x = torch.randn(B, n).to(device)
         if with_compile:
             for fmt in formats:  # compiles the no-grad graph for this batch before anything is timed
-                t = time.perf_counter()
+                _check_stop()
+                t = now()
                 errs[f"compiled:{fmt}:B={B}"] = check_compiled(ours[fmt], contenders[f"compiled:{fmt}"], x, fmt)
-                print(f"  compiled {fmt} n={n} r={rank} B={B}: {time.perf_counter() - t:.1f}s", flush=True)
+                print(f"  compiled {fmt} n={n} r={rank} B={B}: {now() - t:.1f}s", flush=True)
         for mode, make in (("forward", forward_fn), ("forward+backward", train_fn)):
-            t = time.perf_counter()
-            res = interleaved({k: make(m, x) for k, m in contenders.items()}, rounds[B])
-            print(f"  n={n} r={rank} B={B} {mode}: {time.perf_counter() - t:.1f}s (loadavg {os.getloadavg()[0]:.1f})", flush=True)
+            t = now()
+            res = interleaved({k: make(m, x) for k, m in contenders.items()}, rounds[B], device)
+            print(f"  n={n} r={rank} B={B} {mode}: {now() - t:.1f}s (loadavg {os.getloadavg()[0]:.1f})", flush=True)
             for fmt, m in ours.items():
                 f = m.factorization
                 row = {
@@ -271,17 +343,17 @@ def bench_group(n: int, rank: int, batches: list[int], rounds: dict[int, int], f
     return rows, errs
 
 
-def compile_floor(rounds: int) -> dict:
+def compile_floor(rounds: int, device: torch.device = CPU) -> dict:
     """torch.compile's fixed cost per call on this machine: ``nn.Linear(16, 16)`` at B=1, eager vs compiled.
 
     The layer's own work is negligible, so ``compiled - eager`` is what dynamo's guards and frame handling plus
     the compiled wrapper add to every call of a compiled module, whatever the module computes.
     """
     torch.manual_seed(0)
-    tiny, x = nn.Linear(16, 16), torch.randn(1, 16)
+    tiny, x = nn.Linear(16, 16).to(device), torch.randn(1, 16).to(device)
     comp = compiled(tiny)
     check_compiled(tiny, comp, x, "nn.Linear(16, 16)")
-    res = interleaved({"eager": forward_fn(tiny, x), "compiled": forward_fn(comp, x)}, rounds)
+    res = interleaved({"eager": forward_fn(tiny, x), "compiled": forward_fn(comp, x)}, rounds, device)
     row = {k: res[k][f"{stat}_s"] * 1e3 for k in ("eager", "compiled") for stat in ("median",)}
     row.update({f"{k}_min": res[k]["min_s"] * 1e3 for k in ("eager", "compiled")})
     row["overhead_ms"] = row["compiled"] - row["eager"]
@@ -289,25 +361,28 @@ def compile_floor(rounds: int) -> dict:
     return row
 
 
-def bench_stack(n: int, rank: int, batches: list[int], rounds: dict[int, int], formats: tuple[str, ...], depth: int) -> list[dict]:
+def bench_stack(n: int, rank: int, batches: list[int], rounds: dict[int, int], formats: tuple[str, ...], depth: int,
+                device: torch.device = CPU) -> list[dict]:
     """``depth`` layers of one format in ``nn.Sequential``, eager vs compiled as one graph: time per layer.
 
     This is how a model is compiled: torch.compile's fixed cost per call (:func:`compile_floor`) is paid once for
     the whole stack instead of once per layer. Dense ``nn.Linear`` stacks are timed the same way for reference.
     """
+    now = clock(device)
     rows = []
     for fmt in ("dense", *formats):
         torch.manual_seed(0)
         layers = [nn.Linear(n, n) if fmt == "dense" else our_layer(n, fmt, rank, seed=i) for i in range(depth)]
-        stack = nn.Sequential(*layers)
+        stack = nn.Sequential(*layers).to(device)
         comp = compiled(stack)
         for B in batches:
-            x = torch.randn(B, n)
-            t = time.perf_counter()
+            x = torch.randn(B, n).to(device)
+            _check_stop()
+            t = now()
             err = check_compiled(stack, comp, x, f"stack of {depth} {fmt}")
-            print(f"  compiled stack {depth}x{fmt} n={n} r={rank} B={B}: {time.perf_counter() - t:.1f}s", flush=True)
+            print(f"  compiled stack {depth}x{fmt} n={n} r={rank} B={B}: {now() - t:.1f}s", flush=True)
             for mode, make in (("forward", forward_fn), ("forward+backward", train_fn)):
-                res = interleaved({"eager": make(stack, x), "compiled": make(comp, x)}, rounds[B])
+                res = interleaved({"eager": make(stack, x), "compiled": make(comp, x)}, rounds[B], device)
                 row = {"n": n, "rank": rank, "B": B, "mode": mode, "format": fmt, "depth": depth, "compiled_rel_err": err,
                        "loadavg_1min": os.getloadavg()[0]}
                 for stat, sfx in (("median", ""), ("min", "_min")):
@@ -326,31 +401,34 @@ def stack_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int, grad: bool = False) -> dict:
+def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int, grad: bool = False,
+                     device: torch.device = CPU) -> dict:
     """One layer at batch ``B``: the formula's choice, the measured choice, and every plan forced; the forward
     (``grad=False``) or a training step (forward + backward, the plans a forward autograd records runs).
 
-    Each variant is its own layer with the same weights (same seed), so all run interleaved.
+    Each variant is its own layer with the same weights (same seed), so all run interleaved. The row's
+    ``plan_terms`` holds the formula's terms of each forced plan (what :func:`traffic_weight_fit` reads).
     """
-    variants = {"formula": our_layer(n, fmt, rank)}
+    now = clock(device)
+    variants = {"formula": our_layer(n, fmt, rank, device=device)}
     f = variants["formula"].factorization
-    measured = our_layer(n, fmt, rank)
-    t = time.perf_counter()
+    measured = our_layer(n, fmt, rank, device=device)
+    t = now()
     # times the candidates once (tensornets.plans.default_timer), records the winner
     measured.factorization.tune([B], grad=grad)
-    tune_s = time.perf_counter() - t
+    tune_s = now() - t
     variants["measured"] = measured
     names = [c.name for c in f._candidates(tensornets.batch_bucket(B))]
     for name in dict.fromkeys(names):
-        variants[name] = our_layer(n, fmt, rank)
+        variants[name] = our_layer(n, fmt, rank, device=device)
         variants[name].factorization.set_strategy(name)
-    x = torch.randn(B, n)
-    t = time.perf_counter()
+    x = torch.randn(B, n).to(device)
+    t = now()
     make = train_fn if grad else forward_fn
-    res = interleaved({k: make(v, x) for k, v in variants.items()}, rounds)
+    res = interleaved({k: make(v, x) for k, v in variants.items()}, rounds, device)
     mode = "forward+backward" if grad else "forward"
-    print(f"  strategies {fmt} n={n} r={rank} B={B} {mode}: {time.perf_counter() - t:.1f}s (tune {tune_s:.1f}s)", flush=True)
-    weight = traffic_weight("cpu")
+    print(f"  strategies {fmt} n={n} r={rank} B={B} {mode}: {now() - t:.1f}s (tune {tune_s:.1f}s)", flush=True)
+    weight = traffic_weight(device.type)
     bucket = tensornets.batch_bucket(B)
     candidates = f._candidates(bucket)
     row = {"n": n, "rank": rank, "B": B, "format": fmt, "mode": mode, "tune_s": tune_s,
@@ -361,11 +439,105 @@ def bench_strategies(n: int, rank: int, fmt: str, B: int, rounds: int, grad: boo
     row.update({f"{k}_ms_min": v["min_s"] * 1e3 for k, v in res.items()})
     forced = [k for k in variants if k in FORCED]
     row["forced"] = forced
+    row["plan_terms"] = {k: plan_terms(variants[k].factorization._plan(bucket, grad=grad), grad) for k in forced}
     for sfx in ("", "_min"):
         best = min(row[f"{k}_ms{sfx}"] for k in forced)
         row[f"formula_over_best{sfx}"] = row[f"formula_ms{sfx}"] / best
         row[f"measured_over_best{sfx}"] = row[f"measured_ms{sfx}"] / best
     return row
+
+
+# ---------------------------------------------------------------------------------------- traffic weight fit
+def plan_terms(plan, grad: bool = False) -> dict:
+    """The formula's terms of ``plan`` (a :class:`tensornets.plans.Plan`): ``flops`` and ``traffic`` (elements
+    moved), of forward + backward with ``grad``, so that its cost at weight ``w`` is ``flops + w * traffic``."""
+    if grad:
+        return {"label": plan.label, "flops": plan.flops + plan.backward_flops,
+                "traffic": plan.traffic + plan.backward_traffic}
+    return {"label": plan.label, "flops": plan.flops, "traffic": plan.traffic}
+
+
+def fit_table(strategies: list[dict]) -> list[dict]:
+    """The plan table as :func:`traffic_weight_fit` reads it: per row, each forced plan's terms and median ms."""
+    return [{"row": f"{s['n']}² {s['format']} r={s['rank']} B={s['B']} {s['mode']}", "mode": s["mode"],
+             "plans": {k: {**s["plan_terms"][k], "ms": s[f"{k}_ms"]} for k in s["forced"]}}
+            for s in strategies]
+
+
+def _runs(weights: list[int], mask: list[bool]) -> list[list[int]]:
+    """``[first, last]`` weight of each run of consecutive grid points where ``mask`` holds."""
+    runs: list[list[int]] = []
+    for i, ok in enumerate(mask):
+        if ok and i > 0 and mask[i - 1]:
+            runs[-1][1] = weights[i]
+        elif ok:
+            runs.append([weights[i], weights[i]])
+    return runs
+
+
+def _pick(plans: dict[str, dict], w: float) -> str:
+    """The plan of least ``flops + w * traffic``; ties go to the first listed (:func:`tensornets.plans.cheapest`)."""
+    return min(plans, key=lambda k: plans[k]["flops"] + w * plans[k]["traffic"])
+
+
+def traffic_weight_fit(table: list[dict], current: float, weights=FIT_WEIGHTS, within: float = FIT_WITHIN) -> dict:
+    """Which traffic weights ``w`` make the cost model choose plans that measured fast.
+
+    For a row (one layer, batch and mode, with plans ``p`` of formula terms ``F_p`` FLOPs and ``T_p``
+    elements moved, and measured median ``t_p``), the formula at weight ``w`` chooses
+    ``argmin_p F_p + w T_p`` (ties: the first listed, as :func:`tensornets.plans.cheapest`); the choice is
+    *right* when ``t_choice <= within * min_p t_p``. Every ``w`` of ``weights`` (a sorted grid of
+    integers) is scored by its number of right rows.
+
+    Parameters
+    ----------
+    table : list of dict
+        One entry per row: ``{"plans": {name: {"flops": F, "traffic": T, "ms": t}}, "row": str, "mode": str}``
+        (``row`` and ``mode`` optional); :func:`fit_table` makes it from the plan table.
+    current : float
+        The weight the cost model uses now (``traffic_weight(device)``), scored the same way.
+
+    Returns
+    -------
+    dict
+        ``rows``; ``best_count`` (most rows right at any grid ``w``) and ``best_intervals`` (the ``[lo, hi]``
+        runs of grid weights reaching it); ``suggested`` (the geometric middle of the widest run, by
+        ``hi / lo``, rounded); ``current``, ``current_count`` and ``current_in_best`` (``current_count ==
+        best_count``); ``never_right`` (rows right at no grid ``w``); ``per_row`` (each row's fastest plan,
+        its right ``intervals``, and the current weight's pick and time ratio).
+
+    Example: plan ``x`` (100 + 10 w) against ``y`` (no traffic). In row ``a`` ``x`` is fastest and chosen up to
+    ``w = 10`` (the tie at 10 goes to ``x``), in row ``b`` ``y`` is fastest and chosen from ``w = 4`` on::
+
+        >>> a = {"x": {"flops": 100, "traffic": 10, "ms": 1.0}, "y": {"flops": 200, "traffic": 0, "ms": 2.0}}
+        >>> b = {"x": {"flops": 100, "traffic": 10, "ms": 2.0}, "y": {"flops": 130, "traffic": 0, "ms": 1.0}}
+        >>> fit = traffic_weight_fit([{"plans": a}, {"plans": b}], current=5, weights=range(1, 17))
+        >>> fit["best_count"], fit["best_intervals"], fit["suggested"], fit["current_count"]
+        (2, [[4, 10]], 6, 2)
+    """
+    weights = list(weights)
+    per_row, right = [], []
+    for entry in table:
+        plans = entry["plans"]
+        best_ms = min(p["ms"] for p in plans.values())
+        ok = {k: p["ms"] <= within * best_ms for k, p in plans.items()}
+        mask = [ok[_pick(plans, w)] for w in weights]
+        right.append(mask)
+        at_current = _pick(plans, current)
+        per_row.append({"row": entry.get("row", ""), "mode": entry.get("mode", ""),
+                        "fastest": min(plans, key=lambda k: plans[k]["ms"]), "intervals": _runs(weights, mask),
+                        "at_current": at_current, "current_ok": ok[at_current],
+                        "current_over_best": plans[at_current]["ms"] / best_ms})
+    counts = [sum(col) for col in zip(*right)] if right else [0] * len(weights)
+    best = max(counts, default=0)
+    intervals = _runs(weights, [c == best for c in counts]) if right else []  # no rows: no fit
+    widest = max(intervals, key=lambda r: r[1] / r[0], default=None)
+    current_count = sum(r["current_ok"] for r in per_row)
+    return {"rows": len(table), "within": within, "weights": [weights[0], weights[-1]] if weights else [],
+            "best_count": best, "best_intervals": intervals,
+            "suggested": round(math.sqrt(widest[0] * widest[1])) if widest else None,
+            "current": current, "current_count": current_count, "current_in_best": current_count == best,
+            "never_right": sum(not any(m) for m in right), "per_row": per_row}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -417,6 +589,44 @@ def strategy_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _intervals(runs: list[list[int]]) -> str:
+    return ", ".join(f"{lo}–{hi}" if hi != lo else f"{lo}" for lo, hi in runs) or "none"
+
+
+def fit_section(fits: dict[str, dict], device: str) -> list[str]:
+    """The "Traffic weight fit" section: :func:`traffic_weight_fit` of all plan-table rows and of each mode."""
+    fit = fits["all"]
+    lo, hi = fit["weights"]
+    lines = ["", f"## Traffic weight fit ({device})", "",
+             "Which weight `w` in the cost model `flops + w x elements moved` would have chosen the plans that "
+             f"measured fast in the plan tables above. For each row and each `w` = {lo}..{hi} (every integer), the "
+             "formula's choice among the forced plans (`argmin flops + w x traffic` of each plan's own terms, "
+             "forward + backward on training rows; ties to the first plan, as `cheapest`) is *right* when its "
+             f"median is within {fit['within']}x of the fastest forced plan's. The best `w` are those with the most "
+             "rows right; `suggested` is the geometric middle of the widest such interval. The current weight is "
+             f"`traffic_weight('{device}')` = {fit['current']} (tensornets/formats/base.py). A forced `split` ran "
+             "the bond the formula picks at the current weight; the fit keeps that bond at every `w`. A row right "
+             "at no `w` has a fastest plan that no weight ranks first (e.g. more FLOPs and more traffic than "
+             "another plan, yet faster): a cost the two terms do not model, such as per-kernel overhead.", "",
+             "| rows | plan-table rows | most rows right | at w in | suggested w | "
+             f"rows right at w={fit['current']} | current w among the best | right at no w |", "|" + "---|" * 8]
+    for name, f in fits.items():
+        suggested = "—" if f["suggested"] is None else f["suggested"]
+        lines.append(f"| {name} | {f['rows']} | {f['best_count']} | {_intervals(f['best_intervals'])} | {suggested} | "
+                     f"{f['current_count']} | {'yes' if f['current_in_best'] else '**no**'} | {f['never_right']} |")
+    if fit["best_intervals"] == [[lo, hi]]:
+        lines += ["", "The best interval is the whole grid: no weight changes a right choice here, so these rows "
+                      "do not pin `w` (the suggested value is only the grid's middle)."]
+    wrong = [r for r in fit["per_row"] if not r["current_ok"]]
+    lines += ["", f"Rows the current weight ({fit['current']}) gets wrong: {len(wrong)}" + (":" if wrong else "."), ""]
+    if wrong:
+        lines += ["| row | fastest plan | current weight picks | its time / fastest | right at w in |",
+                  "|" + "---|" * 5]
+        lines += [f"| {r['row']} | {r['fastest']} | {r['at_current']} | {r['current_over_best']:.2f} | "
+                  f"{_intervals(r['intervals'])} |" for r in wrong]
+    return lines
+
+
 def evaluate_goals(rows: list[dict], strategies: list[dict], stacks: list[dict] = ()) -> list[dict]:
     """Each goal judged on the medians (the headline) and on the per-contender minima (robust to other load)."""
     goals = []
@@ -427,6 +637,8 @@ def evaluate_goals(rows: list[dict], strategies: list[dict], stacks: list[dict] 
     r = find(4096, "mpo", 16, 1)
     if r:
         for other, need, label in (("dense_ms", 5, "dense"), ("tl_factorized_ms", 2, "tltorch factorized")):
+            if r[other] is None:  # tltorch not installed
+                continue
             goals.append(goal(f"MPO 4096² r=16 B=1 forward >= {need}x faster than {label}",
                               r[other] / r["ours_ms"], r[other + "_min"] / r["ours_ms_min"], need,
                               detail=f"ours {_pair(r, 'ours_ms')} ms vs {_pair(r, other)} ms"))
@@ -492,8 +704,15 @@ def main(argv=None) -> None:
     ap.add_argument("--stack-depth", type=int, default=4,
                     help="layers per compiled nn.Sequential in the model-context table (0 skips it)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where every layer and input lives and is timed (cuda: the clock is read after "
+                         "torch.cuda.synchronize(); results go to layers_cuda*.md/json)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device (torch.cuda.is_available() is "
+                 "False); run on a machine with a GPU and a CUDA build of torch, or pass --device cpu")
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     pinned = pin_mmap_threshold()
@@ -503,10 +722,24 @@ def main(argv=None) -> None:
     # the measured column measures in this run: a fresh wisdom file, never the user's
     os.environ["TENSORNETS_CACHE"] = tempfile.mkdtemp(prefix="bench_layers_")
     start = time.perf_counter()
-    info = machine_info(args.threads, tltorch=getattr(tltorch, "__version__", "?"), tensorly=__import__("tensorly").__version__)
+    try:
+        tensorly_version = __import__("tensorly").__version__
+    except ModuleNotFoundError:
+        tensorly_version = "not installed"
+    info = machine_info(args.threads, tltorch=getattr(tltorch, "__version__", "?") if tltorch else "not installed",
+                        tensorly=tensorly_version)
     info["malloc"] = (f"glibc mmap threshold pinned at {MMAP_THRESHOLD >> 20} MiB (pin_mmap_threshold)" if pinned
                       else "allocator left as is (not glibc)")
-    print(f"{info['cpu_model']} | torch {info['torch']} | threads {args.threads} | loadavg {info['loadavg_start']}")
+    info["device"] = args.device
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    print(f"{info['cpu_model']} | torch {info['torch']} | threads {args.threads} | loadavg {info['loadavg_start']}"
+          + (f" | {info['gpu']} (CUDA {info['cuda']})" if device.type == "cuda" else ""))
+    with_tl = tltorch is not None
+    if not with_tl:
+        print("tltorch is not installed: its columns are left out")
 
     if args.smoke:
         sizes, ranks, batches = [256], [4], [1, 32]
@@ -523,39 +756,64 @@ def main(argv=None) -> None:
         # 6 ms call each their medians differed by 16 % on a busy machine (1024² MPO r=8 B=512, both split@2)
         strat_rounds = 15
 
-    rows, errors = [], {}
-    for n in sizes:
-        for rank in ranks:
-            rr, errs = bench_group(n, rank, batches, rounds, OUR_FORMATS, with_tl=True, with_compile=args.compile)
-            rows += rr
-            errors.update({f"{n}/{rank}/{k}": v for k, v in errs.items()})
-        if not args.smoke:  # BTT rank 1 (the goal row) against dense.
-            rr, _ = bench_group(n, 1, [b for b in batches if b == 512], rounds, ("btt",), with_tl=False, with_compile=False)
-            rows += rr
-    strategies = []
-    for n in sizes:
-        for rank in ranks:
-            for fmt in OUR_FORMATS:
-                for B in batches:
-                    for grad in (False, True):
-                        strategies.append(bench_strategies(n, rank, fmt, B, strat_rounds, grad))
-
-    floor, stacks = None, []
-    if args.compile and args.stack_depth > 0:
-        floor = compile_floor(max(rounds.values()))
+    rows, errors, strategies, floor, stacks = [], {}, [], None, []
+    phase = "layers"
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `timeout` ran out: write what was measured, then stop
+    try:
         for n in sizes:
             for rank in ranks:
-                stacks += bench_stack(n, rank, batches, rounds, OUR_FORMATS, args.stack_depth)
+                rr, errs = bench_group(n, rank, batches, rounds, OUR_FORMATS, with_tl=with_tl,
+                                       with_compile=args.compile, device=device)
+                rows += rr
+                errors.update({f"{n}/{rank}/{k}": v for k, v in errs.items()})
+            if not args.smoke:  # BTT rank 1 (the goal row) against dense.
+                rr, _ = bench_group(n, 1, [b for b in batches if b == 512], rounds, ("btt",), with_tl=False,
+                                    with_compile=False, device=device)
+                rows += rr
+        phase = "plans"
+        for n in sizes:
+            for rank in ranks:
+                for fmt in OUR_FORMATS:
+                    for B in batches:
+                        for grad in (False, True):
+                            strategies.append(bench_strategies(n, rank, fmt, B, strat_rounds, grad, device))
 
+        if args.compile and args.stack_depth > 0:
+            phase = "stacks"
+            floor = compile_floor(max(rounds.values()), device)
+            for n in sizes:
+                for rank in ranks:
+                    stacks += bench_stack(n, rank, batches, rounds, OUR_FORMATS, args.stack_depth, device)
+    except Exception as exc:  # SIGTERM also reaches inductor's compile workers: a compile may fail instead
+        if not _STOPPED:
+            raise
+        info["stopped"] = (f"SIGTERM during the {phase} phase ({type(exc).__name__}): only what finished before "
+                           "is reported")
+        print(f"\nSTOPPED: {info['stopped']}", flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    weight = traffic_weight(args.device)
+    table = fit_table(strategies)
+    fits = {"all": traffic_weight_fit(table, weight)}
+    for mode in ("forward", "forward+backward"):
+        fits[mode] = traffic_weight_fit([t for t in table if t["mode"] == mode], weight)
     goals = evaluate_goals(rows, strategies, stacks)
     finish(info, start)
 
-    stem = "layers_smoke" if args.smoke else "layers_quick" if args.quick else "layers"
+    cuda = device.type == "cuda"
+    stem = ("layers_cuda" if cuda else "layers") + ("_smoke" if args.smoke else "_quick" if args.quick else "")
     flag = " --smoke" if args.smoke else " --quick" if args.quick else ""
     md = header("Layer speed: tensornets (eager and compiled) vs dense nn.Linear vs tltorch",
-                f"python benchmarks/bench_layers.py{flag}{'' if args.compile else ' --no-compile'}", info,
+                f"python benchmarks/bench_layers.py{' --device cuda' if cuda else ''}{flag}"
+                f"{'' if args.compile else ' --no-compile'}", info,
                 versions=["tltorch", "tensorly"],
                 note="interleaving spreads that load over all contenders of a row alike")
+    if "stopped" in info:
+        md += [f"**Stopped early**: {info['stopped']}.", ""]
+    if cuda:
+        md += [f"Device: **{info['gpu']}** (CUDA {info['cuda']}, `torch.get_float32_matmul_precision()` = "
+               f"'{info['float32_matmul_precision']}'): every layer and input on the GPU; each sample's clock is read "
+               "after `torch.cuda.synchronize()`.", ""]
     md += ["Times: ms per call over interleaved rounds ("
            f"{', '.join(f'B={b}: {rounds[b]}' for b in batches)} rounds; each sample loops the call for ~2 ms). "
            "Every cell is `median · min` over the rounds (the minimum is the figure least disturbed by other jobs "
@@ -564,7 +822,8 @@ def main(argv=None) -> None:
            "`torch.compile(layer, fullgraph=True, dynamic=False)` with the default (inductor) backend; compile time "
            "is not included (each graph is compiled and checked against eager before timing). Allocator: "
            f"{info['malloc']}.", "",
-           "## tltorch", "", TL_NOTE.format(torch=torch.__version__, tl=info["tltorch"]), "",
+           "## tltorch", "", TL_NOTE.format(torch=torch.__version__, tl=info["tltorch"]) if with_tl else
+           "tltorch is not installed in this python: its columns are empty (—).", "",
            "## Forward", ""] + layer_table(rows, "forward") + ["", "## Forward + backward", ""] + layer_table(rows, "forward+backward")
     if floor is not None:
         md += ["", f"## Compiled in a model: stacks of {args.stack_depth} layers compiled as one graph", "",
@@ -580,7 +839,7 @@ def main(argv=None) -> None:
         md += stack_table(stacks)
     md += ["", "## Plans: formula and measured choice vs each plan forced", "",
            "`formula` = the default strategy (cost model: FLOPs + "
-           f"{traffic_weight('cpu')} x elements moved); `measured` = `strategy='measure'` after `tune([B])` (the "
+           f"{weight} x elements moved); `measured` = `strategy='measure'` after `tune([B])` (the "
            "candidates timed once, cheapest by the formula first, those far behind skipped; the fastest kept); the other columns force one plan by name (`set_strategy`): "
            "`rebuild` = rebuild W then one GEMM, `einsum` = the planned einsum over x and every core, `split` = the "
            "MPO's cheapest split into two GEMMs (by the formula), `contract` = the format's own contraction (low rank, "
@@ -592,10 +851,11 @@ def main(argv=None) -> None:
     md += strategy_table([s for s in strategies if s["mode"] == "forward"])
     md += ["", "### Forward + backward", ""]
     md += strategy_table([s for s in strategies if s["mode"] == "forward+backward"])
+    md += fit_section(fits, args.device)
     md += goal_section(goals, "Value = speed-up (or time ratio) on medians · on minima; the verdict uses the medians.")
 
     write_results(args.out, stem, md, {"machine": info, "rounds": rounds, "strategy_rounds": strat_rounds, "layers": rows, "strategies": strategies,
-                                       "compile_floor": floor, "stacks": stacks,
+                                       "compile_floor": floor, "stacks": stacks, "traffic_weight_fit": fits,
                                        "output_rel_errors": errors, "goals": goals})
 
     print()
