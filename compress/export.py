@@ -255,9 +255,9 @@ def regroup(qw: Quantized, group_size: int) -> Quantized:
         raise ValueError(f"group_size={group_size} must divide the weight's group size {qw.group_size}")
     if isinstance(qw, PackedQuantizedWeight) and qw.offloaded:
         raise ValueError(f"a layer quantized with groups of {qw.group_size} would be regrouped to {group_size} (layers "
-                         "of one checkpoint share one group size), but its codes are offloaded to disk: load the "
-                         "model back (accelerate.hooks.remove_hook_from_module(model, recurse=True)) or quantize "
-                         "every layer with one group size")
+                         "of one checkpoint share one group size), but its codes were written to disk in their own "
+                         "groups (compress_blocks regroups them to the run's common group size when it writes them; "
+                         "this layer comes from elsewhere): export the layers of one compress_blocks run together")
     k = qw.group_size // group_size
     scale, zero_point = qw.scale.repeat_interleave(k, dim=1), qw.zero_point.repeat_interleave(k, dim=1)
     if isinstance(qw, PackedQuantizedWeight):
@@ -308,9 +308,9 @@ _SAME_WEIGHT_TOL = 1e-3
 
 def _check_still_quantized(name: str, weight: torch.Tensor, qw: Quantized) -> None:
     """Refuse to pack codes that no longer describe the layer's weight: the checkpoint would silently drop what was
-    merged into it since quantization (an EoRA residual, a fine-tuned LoRA). An offloaded (meta) weight is not read:
-    the export never loads offloaded weights that it does not write."""
-    if weight.is_meta:
+    merged into it since quantization (an EoRA residual, a fine-tuned LoRA). An offloaded (meta) weight is not read,
+    nor codes written to disk: the export never loads what it does not write."""
+    if weight.is_meta or (isinstance(qw, PackedQuantizedWeight) and qw.offloaded):
         return
     dequantized = qw.dequantize(weight.dtype).to(weight.device, torch.float32)
     err = float((weight.detach().to(torch.float32) - dequantized).norm() / dequantized.norm().clamp_min(1e-30))

@@ -369,6 +369,9 @@ def _check_offload(parser: argparse.ArgumentParser, args: argparse.Namespace, ki
     if args.device != "cpu":
         parser.error(f"argument --offload-folder: the offloaded blocks are loaded and run on the CPU; drop --device "
                      f"{args.device}")
+    if args.calib_tokens == 0:
+        parser.error("argument --offload-folder: the blocks are reached one at a time by the calibration windows "
+                     "running through them; pass --calib-tokens > 0 (e.g. 4096)")
     if kind == "factorized" and args.output_dir is not None:
         parser.error(f"argument --offload-folder: --method {args.method} writes factorized layers with "
                      "compress.save_compressed, which needs every weight in memory; drop --output-dir (evaluate "
@@ -533,7 +536,12 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
         if args.offload_folder is not None:
             from transformers import AutoTokenizer
 
-            directory = smollm2_directory()  # the packaged GGUF converted once, not loaded
+            try:
+                directory = smollm2_directory()  # the packaged GGUF converted once, not loaded
+            except OSError as err:
+                raise SystemExit(f"tensornets compress: error: --offload-folder loads the embedded model from its "
+                                 f"converted cache, which cannot be written ({err}); set TENSORNETS_CACHE to a "
+                                 "writable directory") from None
             tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             return _load_offloaded(directory, args), tok, name
         # stored in bfloat16 (blocks are upcast one at a time): the job never holds the whole model in float32

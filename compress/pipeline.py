@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import gc
 import inspect
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -386,7 +387,8 @@ def compress_blocks(
             raise ValueError(message) from err
         comp_h, dense_h = out.comp_h, out.dense_h
         if i in offloaded:  # the block's codes go to disk with it: what the result keeps does not grow with depth
-            out.quantized = _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device, out.quantized)
+            out.quantized = _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device, out.quantized,
+                                     _export_group_size(work_targets, config))
         gc.collect()  # the block's tensors can sit in reference cycles (hooks, modules): free them before the next
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
         quantized.update({prefix + n: q for n, q in out.quantized.items()})
@@ -873,22 +875,34 @@ def _onload(block: nn.Module) -> torch.device:
     return execution_device
 
 
+def _export_group_size(targets: Mapping[str, nn.Module], config: CompressionConfig) -> int | None:
+    """The one group size the exporter gives every quantized layer of this run (the gcd of the layers' own, see
+    :func:`compress.export.save_hf_directory`): codes written to disk are regrouped to it first, since the exporter
+    cannot regroup codes it reads from disk. ``None`` for methods without groups."""
+    from compress.sources import resolve_group_size
+
+    if "group_size" not in (config.compressor.reads or ()):
+        return None
+    widths = {dense_weight(m).reshape(dense_weight(m).shape[0], -1).shape[1] for m in targets.values()}
+    return math.gcd(*(resolve_group_size(config.group_size, w) for w in widths)) if widths else None
+
+
 def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_device: torch.device,
-             quantized: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             quantized: Mapping[str, Any] | None = None, group_size: int | None = None) -> dict[str, Any]:
     """Write ``block``'s tensors to ``folder`` (accelerate's ``.dat`` offload format) and offload it with hooks.
 
     Layers whose forward reads a child's parameters without calling it (factorized layers) load all their
     weights at once (accelerate's ``preload_module_classes``). The block's ``quantized`` layers (relative name ->
     :class:`compress.quantized.PackedQuantizedWeight`) are written beside their layer as the exporter writes them
     (``<layer>.weight_packed``, ``.weight_scale``, ``.weight_zero_point``), the scales in the block's storage dtype,
-    which an offloaded model is exported in (as :func:`compress.export.save_hf_directory` would cast them); returned
-    with ``meta`` placeholders instead of their tensors (the exporter reads them through the layer's hook, one shard
-    at a time).
+    which an offloaded model is exported in (as :func:`compress.export.save_hf_directory` would cast them), the
+    groups regrouped to ``group_size`` (:func:`_export_group_size`) where they are wider; returned with ``meta``
+    placeholders instead of their tensors (the exporter reads them through the layer's hook, one shard at a time).
     """
     from accelerate.hooks import attach_align_device_hook
     from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
-    from compress.export import pack_quantized_weight
+    from compress.export import pack_quantized_weight, regroup
     from tensornets import FactorizedConv2d, FactorizedLinear
 
     os.makedirs(folder, exist_ok=True)
@@ -898,6 +912,8 @@ def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_d
     storage = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
     placeholders = {}
     for layer, qw in (quantized or {}).items():
+        if group_size and qw.group_size != group_size and qw.group_size % group_size == 0:
+            qw = regroup(qw, group_size)
         for key, tensor in pack_quantized_weight(qw, storage).items():
             if key != "weight_shape":  # rebuilt from the shape
                 offload_weight(tensor, f"{name}.{layer}.{key}", str(folder), index)

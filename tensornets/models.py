@@ -264,6 +264,11 @@ def smollm2_directory(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     gguf_path, manifest = _smollm2_source()
     cache = _cache_for(cache_dir, gguf_path)
+    if _read_manifest(cache) != manifest:  # a conversion ahead: fail before it if the cache cannot be written
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache.parent, os.W_OK):
+            raise PermissionError(f"cache_dir={str(cache)!r}: its parent is not writable; pass a writable directory "
+                                  f"or set {SMOLLM2_CACHE_ENV}")
     with _LOAD_LOCK:
         unwritten = _convert_into(cache, gguf_path, manifest)
     if unwritten is not None:

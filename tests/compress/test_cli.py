@@ -188,12 +188,14 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         cli_main(["compress", "--model-path", str(tmp_path), *SMALL])
 
 
-def test_offload_folder_gives_the_resident_run(tiny_model_dir, tmp_path):
-    """--offload-folder: the blocks stay on disk from loading to export, and the run's numbers and exported
-    directory are the resident run's (the offloaded blocks are evaluated in float32 like the resident ones)."""
+@pytest.mark.parametrize("group_size", ["16", "0"], ids=["g16", "per-row"])
+def test_offload_folder_gives_the_resident_run(tiny_model_dir, tmp_path, group_size):
+    """--offload-folder: the blocks (and their codes) stay on disk from loading to export, and the run's numbers and
+    exported directory are the resident run's. Per row, the layers' groups differ (32 and 64 wide) and the export
+    regroups them to one size: the codes written to disk were regrouped before."""
     from transformers import AutoModelForCausalLM
 
-    argv = ["--model-path", str(tiny_model_dir), "--method", "rtn", "--bits", "4", "--group-size", "16",
+    argv = ["--model-path", str(tiny_model_dir), "--method", "rtn", "--bits", "4", "--group-size", group_size,
             "--eora-rank", "2", "--export-dtype", "float32", *SMALL]
     resident = cli_main_summary([*argv, "--output-dir", str(tmp_path / "resident")])
     offloaded = cli_main_summary([*argv, "--output-dir", str(tmp_path / "offloaded"),
@@ -214,6 +216,7 @@ def test_offload_folder_gives_the_resident_run(tiny_model_dir, tmp_path):
     (["--eora-rank", "4", "--sequential"], "--sequential needs the whole-model path"),
     (["--method", "whitened_svd", "--output-dir", "{tmp}/out"], "--method whitened_svd writes factorized layers"),
     (["--output-dir", "{tmp}/off/out"], "overlap; the output directory is replaced as a whole"),
+    (["--calib-tokens", "0", "--eora-rank", "0"], "pass --calib-tokens > 0"),
 ])
 def test_offload_folder_refuses_what_it_cannot_serve(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -113,7 +113,7 @@ def test_offloaded_codes_pack_to_placeholders_of_the_written_tensors(symmetric):
     for key, tensor in real.items():
         assert (placeholders[key].shape, placeholders[key].dtype) == (tensor.shape, tensor.dtype), key
     assert torch.equal(placeholders["weight_shape"], real["weight_shape"])
-    with pytest.raises(ValueError, match="its codes are offloaded to disk"):
+    with pytest.raises(ValueError, match="its codes were written to disk in their own groups"):
         regroup(offloaded, 16)
 
 

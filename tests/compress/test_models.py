@@ -245,6 +245,7 @@ def test_smollm2_directory_converts_once_without_loading(tmp_path, fake_gguf):
     blocker.write_text("not a directory")
     with pytest.raises(OSError):  # a directory that cannot be written is no directory to hand out
         smollm2_directory(cache_dir=blocker / "smol")
+    assert len(fake_gguf) == 1  # refused before converting
     with pytest.raises(ValueError, match="cache_dir"):
         smollm2_directory(cache_dir=models._package_dir(models._SMOLLM2_PACKAGE, models._SMOLLM2_DIST))
 
