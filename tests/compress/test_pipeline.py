@@ -557,16 +557,22 @@ def test_bad_arguments_name_the_argument():
         compress_blocks(model, config, [])
 
 
+def offloaded_and_resident(model: nn.Module, tmp_path) -> tuple[nn.Module, nn.Module]:
+    """``model`` saved, then loaded twice in bfloat16: with its blocks on disk (``disk_offload_map``) and whole."""
+    from transformers import AutoModelForCausalLM
+
+    from compress import disk_offload_map
+
+    model.save_pretrained(tmp_path / "dense")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=disk_offload_map(model),
+                                                     dtype=torch.bfloat16, offload_folder=tmp_path / "load-offload")
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16)
+    return offloaded.eval(), resident.eval()
+
+
 def test_disk_offloaded_blocks(tmp_path):
     """Blocks offloaded by accelerate are loaded one at a time, compressed, and written back to offload_folder."""
-    from transformers import LlamaForCausalLM
-
-    tiny_llama().save_pretrained(tmp_path / "dense")
-    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, dtype=torch.bfloat16,
-                                                 offload_folder=tmp_path / "load-offload").eval()
-    resident = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    offloaded, resident = offloaded_and_resident(tiny_llama(), tmp_path)
     config = CompressionConfig(method="svd", keep=0.5, target_modules=["q_proj", "down_proj"])
     batches = calib()
     with pytest.raises(ValueError, match="offload_folder"):
@@ -595,12 +601,7 @@ def test_export_of_disk_offloaded_blocks(tmp_path):
     the resident model's export, which transformers loads to the same logits."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    tiny_llama().save_pretrained(tmp_path / "dense")
-    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, dtype=torch.bfloat16,
-                                                 offload_folder=tmp_path / "load-offload").eval()
-    resident = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    offloaded, resident = offloaded_and_resident(tiny_llama(), tmp_path)
     config = CompressionConfig(method="rtn", bits=4, group_size=16,
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
     batches = calib()
@@ -639,14 +640,7 @@ def test_export_of_disk_offloaded_blocks(tmp_path):
 def test_disk_offloaded_blocks_called_with_their_own_arguments(tmp_path):
     """An offloaded Gemma 3 (local and global layers called with other arguments) is compressed block by block, to
     the resident model's result."""
-    from transformers import Gemma3ForCausalLM
-
-    _gemma("gemma3").save_pretrained(tmp_path / "dense")
-    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    offloaded = Gemma3ForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, dtype=torch.bfloat16,
-                                                  offload_folder=tmp_path / "load-offload").eval()
-    resident = Gemma3ForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    offloaded, resident = offloaded_and_resident(_gemma("gemma3"), tmp_path)
     config = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules=["o_proj", "down_proj"])
     batches = _short_then_long()
     out = compress_blocks(offloaded, config, batches, eora_rank=4, offload_folder=tmp_path / "compressed",
@@ -675,15 +669,9 @@ def test_disk_offload_map_puts_the_blocks_on_disk_and_the_rest_in_memory():
 def test_float32_compute_of_a_disk_offloaded_model(tmp_path):
     """Offloaded bfloat16 blocks compute in float32 as resident ones do (accelerate casts what it loads to a float32
     placeholder; a bfloat16 weight met float32 hidden states before), and stay bfloat16 on disk and on meta."""
-    from transformers import LlamaForCausalLM
-
-    from compress import disk_offload_map
     from compress.pipeline import float32_compute
 
-    tiny_llama().save_pretrained(tmp_path / "dense")
-    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense", device_map=disk_offload_map(tiny_llama()),
-                                                 dtype=torch.bfloat16, offload_folder=tmp_path / "offload").eval()
-    resident = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    offloaded, resident = offloaded_and_resident(tiny_llama(), tmp_path)
     x = calib(n=1)[0]
     with torch.no_grad(), float32_compute(offloaded):
         got = offloaded(x).logits
