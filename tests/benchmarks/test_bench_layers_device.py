@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,14 @@ def test_device_cuda_without_a_gpu_is_refused_before_any_work(monkeypatch, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_cpu_clock_is_the_plain_clock_and_cuda_waits_for_the_device():
-    assert bench_layers.clock(torch.device("cpu")) is time.perf_counter
-    assert bench_layers.clock(torch.device("cuda")) is not time.perf_counter  # built without touching CUDA
+def test_the_cuda_clock_waits_for_the_device_and_the_cpu_clock_does_not(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    bench_layers.clock(torch.device("cpu"))()
+    assert waited == []
+    cuda = torch.device("cuda")
+    bench_layers.clock(cuda)()  # built and read without touching CUDA (synchronize is stubbed)
+    assert waited == [cuda]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
