@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import tensorly as tl
 import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import bench_layers  # noqa: E402
+_backend = tl.get_backend()
+import bench_layers  # noqa: E402  (imports tltorch, which sets tensorly's backend to pytorch for the process)
+
+tl.set_backend(_backend)  # tests collected in this process after this file expect tensorly's own default
 
 
 def test_device_cuda_without_a_gpu_is_refused_before_any_work(monkeypatch, tmp_path, capsys):

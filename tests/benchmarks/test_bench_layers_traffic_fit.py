@@ -6,9 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import tensorly as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import bench_layers  # noqa: E402
+_backend = tl.get_backend()
+import bench_layers  # noqa: E402  (imports tltorch, which sets tensorly's backend to pytorch for the process)
+
+tl.set_backend(_backend)  # tests collected in this process after this file expect tensorly's own default
 from bench_layers import bench_strategies, fit_table, traffic_weight_fit  # noqa: E402
 
 
