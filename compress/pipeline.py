@@ -371,6 +371,7 @@ def compress_blocks(
                             eora_sequential, eora_ridge, eora_rounds, inplace, progress)
     comp_h = hidden
     dense_h = list(hidden) if eora_rank else None  # both streams start equal
+    export_group = _export_group_size(work_targets, config) if offloaded else None
     layers, quantized, factors, kinds, eora_rows, conv_kernels = [], {}, {}, {}, [], {}
     for i in tqdm(range(len(blocks)), desc=f"compress blocks ({config.method})",
                   disable=None if progress is None else not progress):
@@ -388,7 +389,7 @@ def compress_blocks(
         comp_h, dense_h = out.comp_h, out.dense_h
         if i in offloaded:  # the block's codes go to disk with it: what the result keeps does not grow with depth
             out.quantized = _offload(blocks[i], f"{path}.{i}", offload_folder, execution_device, out.quantized,
-                                     _export_group_size(work_targets, config))
+                                     export_group)
         gc.collect()  # the block's tensors can sit in reference cycles (hooks, modules): free them before the next
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
         quantized.update({prefix + n: q for n, q in out.quantized.items()})
