@@ -45,6 +45,10 @@ Decisions where the formats leave a choice:
   beside a ``quantization_config``, transformers 5's loader does not run those conversions (the per-expert layout
   fails with "Concatenate on tensors destined for ...experts.gate_up_proj. Ckpt contains: 0"), while the in-memory
   names load as they are. Without packed layers the original layout is kept.
+- A model that accelerate offloads (a :func:`compress.compress_blocks` result with ``offload_folder=``) is written
+  without loading its blocks back: transformers' ``save_pretrained`` loads each offloaded tensor, and the codes
+  ``compress_blocks`` wrote beside each offloaded layer, one shard at a time (``max_shard_size`` bounds what is in
+  memory); offloaded tensors are written as stored, so ``dtype`` must be their dtype.
 - Factorized layers (low rank, tensor formats) are not a transformers layer type: use
   :func:`compress.save_compressed` for them (config, tokenizer, weights and a manifest;
   :func:`compress.load_compressed_directory` reloads that directory alone).
