@@ -107,6 +107,7 @@ try:
 except ModuleNotFoundError:  # a GPU machine's python may lack it: the tltorch columns are left out (shown as —)
     tltorch = None
 from tensornets.formats.base import traffic_weight
+from tensornets.plans import cheapest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, however the script is run
 from _report import finish, goal, goal_line, goal_section, header, machine_info, write_results  # noqa: E402
@@ -476,8 +477,8 @@ def _runs(weights: list[int], mask: list[bool]) -> list[list[int]]:
 
 
 def _pick(plans: dict[str, dict], w: float) -> str:
-    """The plan of least ``flops + w * traffic``; ties go to the first listed (:func:`tensornets.plans.cheapest`)."""
-    return min(plans, key=lambda k: plans[k]["flops"] + w * plans[k]["traffic"])
+    """The plan the cost model chooses at weight ``w`` (:func:`tensornets.plans.cheapest`, ties to the first listed)."""
+    return cheapest(list(plans), w, cost=lambda k: (plans[k]["flops"], plans[k]["traffic"]))
 
 
 def traffic_weight_fit(table: list[dict], current: float, weights=FIT_WEIGHTS, within: float = FIT_WITHIN) -> dict:
