@@ -10,12 +10,16 @@ the files look alike and record the same facts about the machine::
     md = header("Title", "python benchmarks/bench_x.py", info, versions=["tensorly"]) + tables + goal_section([g])
     write_results(RESULTS, "x", md, {"machine": info, "goals": [g], ...})
 
+Timing scripts call :func:`pin_mmap_threshold` first, so that glibc's allocator state does not depend on what
+ran before.
+
 A goal is judged on medians (the verdict) and on per-contender minima (the figure least
 disturbed by other jobs sharing the cores); both are printed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -118,3 +122,31 @@ def write_results(out: Path, stem: str, md: Sequence[str], payload: dict[str, An
     md_path.write_text("\n".join(md) + "\n")
     json_path.write_text(json.dumps(payload, indent=1, default=str))
     return md_path, json_path
+
+
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive mmap threshold (64-bit)
+
+
+def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc malloc's mmap threshold at ``nbytes`` for this process; False where libc is not glibc.
+
+    glibc serves a request of at least the threshold with a fresh ``mmap`` (page faults on first touch, ``munmap``
+    on free) and raises the threshold, from 128 KiB up to 32 MiB, whenever it frees such a block; it also trims the
+    heap top above twice the threshold. So whether a forward's temporaries cost page faults on every call depends
+    on the largest block the process freed before: MPO 4096² r=16 B=1 toggled between two speeds within one run of
+    bench_layers before this pin (438 page faults per call at the fixed 128 KiB default). Pinned, every row is
+    timed in the same allocator state: the one glibc reaches after freeing a large block, and the one jemalloc /
+    tcmalloc users always have.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+
+
+def malloc_line(pinned: bool) -> str:
+    """What the results file says of the allocator, given :func:`pin_mmap_threshold`'s answer."""
+    if pinned:
+        return f"glibc mmap threshold pinned at {MMAP_THRESHOLD >> 20} MiB (pin_mmap_threshold)"
+    return "allocator left as is (not glibc)"

@@ -12,13 +12,16 @@ quoting numbers that go stale:
    eager cost of ``torch.ops.aten.einsum`` (the op ``torch.compile`` traces) against ``torch._VF``.
 2. ``formats/tt.py``: the TT rebuild as two matmul sweeps against the planned einsum over all cores
    (LoRETTA's ``576 x 8`` factors), forward and forward + backward.
-3. ``formats/btt.py``: the BTT regroup made contiguous before the second ``bmm`` against the strided
-   view, at ``4096^2``, ``r = 1``, ``B = 512``.
+3. ``formats/btt.py``: BTT's two layouts (:class:`~tensornets.formats.btt.BTTPlan`) at ``4096^2``, ``r = 1``, on
+   512 and on 4 rows: the batch as rows (regroup made contiguous before the second ``bmm``, and the strided view
+   it rejected) against the batch as columns.
 4. ``decompositions.py``: the thin SVD of a short, very wide matrix (``64 x 262144``) directly,
    through its transpose, and through the Gram matrix (:func:`~tensornets.decompositions.gram_svd`).
 
-Method: ``torch.set_num_threads(2)``; each pair is warmed up, then timed in interleaved rounds
-(median and minimum over rounds; each sample loops the call for about 2 ms).
+Method: ``torch.set_num_threads(2)``, glibc's mmap threshold pinned (``_report.pin_mmap_threshold``: the 8 MB
+temporaries of section 3 would otherwise be fresh mappings, page-faulted on every call, in some allocator states);
+each pair is warmed up, then timed in interleaved rounds (median and minimum over rounds; each sample loops the
+call for about 2 ms).
 
 Run
 ---
@@ -55,7 +58,8 @@ except ModuleNotFoundError:  # running from a checkout without `pip install -e .
 from tensornets.decompositions import gram_svd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, however the script is run
-from _report import finish, goal, goal_line, goal_section, header, machine_info, write_results  # noqa: E402
+from _report import (finish, goal, goal_line, goal_section, header, machine_info, malloc_line,  # noqa: E402
+                     pin_mmap_threshold, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -121,16 +125,24 @@ def tt_rebuild(rounds: int) -> dict:
     return res
 
 
-def btt_regroup(rounds: int) -> dict:
-    """BTT 4096^2, r = 1, B = 512: the second bmm on a contiguous regroup vs on the strided view."""
-    m1 = m0 = n0 = n1 = 64
-    r, B = 1, 512
-    W1, W2 = torch.randn(m1, m0, n0 * r), torch.randn(n0, m1 * r, n1)
-    x = torch.randn(B, m1 * m0)
-    h = torch.bmm(x.reshape(B, m1, m0).transpose(0, 1), W1)
+def btt_layouts(rounds: int, batch: int) -> dict:
+    """BTT 4096^2, r = 1, whole contraction on ``batch`` rows: rows layout (contiguous regroup, as the core runs it,
+    and the strided view it rejected) against the columns layout."""
+    m = 64
+    btt = tensornets.BTT.empty(m * m, m * m, in_modes=(m, m), out_modes=(m, m), ranks=(1,))
+    torch.nn.init.normal_(btt.W1)
+    torch.nn.init.normal_(btt.W2)
+    rows, columns = btt._contract_candidates(batch)
+    x = torch.randn(batch, m * m)
+
+    def strided_view():
+        h = torch.bmm(x.reshape(batch, m, m).transpose(0, 1), btt.W1)
+        return torch.bmm(h.reshape(m, batch, m, 1).permute(2, 1, 0, 3).reshape(m, batch, m), btt.W2)
+
     fns = {
-        "contiguous regroup": lambda: torch.bmm(h.reshape(m1, B, n0, r).permute(2, 1, 0, 3).contiguous().reshape(n0, B, m1 * r), W2),
-        "strided view": lambda: torch.bmm(h.reshape(m1, B, n0, r).permute(2, 1, 0, 3).reshape(n0, B, m1 * r), W2),
+        "rows: contiguous regroup": lambda: btt._contract(x, rows),
+        "rows: strided view": strided_view,
+        "columns": lambda: btt._contract(x, columns),
     }
     with torch.no_grad():
         return timed(fns, rounds)
@@ -168,16 +180,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    pinned = pin_mmap_threshold()
     start = time.perf_counter()
     info = machine_info(args.threads, opt_einsum=opt_einsum.__version__)
+    info["malloc"] = malloc_line(pinned)
     rounds = 5 if args.quick else 15
 
-    results = {"einsum_paths": einsum_paths(rounds), "tt_rebuild": tt_rebuild(rounds), "btt_regroup": btt_regroup(rounds)}
+    results = {"einsum_paths": einsum_paths(rounds), "tt_rebuild": tt_rebuild(rounds),
+               "btt_layouts_512": btt_layouts(rounds, 512), "btt_layouts_4": btt_layouts(rounds, 4)}
     if not args.quick:
         results["wide_svd"] = wide_svd(3)
     finish(info, start)
 
-    e, t, b = results["einsum_paths"], results["tt_rebuild"], results["btt_regroup"]
+    e, t = results["einsum_paths"], results["tt_rebuild"]
+    b, b4 = results["btt_layouts_512"], results["btt_layouts_4"]
     plan_s = e["ContractionPlan (torch._VF.einsum, path given)"]
     goals = [
         goal("cached plan faster than torch.einsum's per-call path search (MPO 4096², B=1)",
@@ -190,8 +206,14 @@ def main(argv=None) -> None:
              t["forward+backward: planned einsum"]["median_s"] / t["forward+backward: two sweeps"]["median_s"],
              t["forward+backward: planned einsum"]["min_s"] / t["forward+backward: two sweeps"]["min_s"], 1.0),
         goal("BTT r=1: contiguous regroup faster than the strided view (4096², B=512)",
-             b["strided view"]["median_s"] / b["contiguous regroup"]["median_s"],
-             b["strided view"]["min_s"] / b["contiguous regroup"]["min_s"], 1.0),
+             b["rows: strided view"]["median_s"] / b["rows: contiguous regroup"]["median_s"],
+             b["rows: strided view"]["min_s"] / b["rows: contiguous regroup"]["min_s"], 1.0),
+        goal("BTT r=1: columns layout faster than rows (4096², B=512; the formula's choice there)",
+             b["rows: contiguous regroup"]["median_s"] / b["columns"]["median_s"],
+             b["rows: contiguous regroup"]["min_s"] / b["columns"]["min_s"], 1.0),
+        goal("BTT r=1: rows layout faster than columns (4096², B=4; the formula's choice there)",
+             b4["columns"]["median_s"] / b4["rows: contiguous regroup"]["median_s"],
+             b4["columns"]["min_s"] / b4["rows: contiguous regroup"]["min_s"], 1.0),
     ]
     if "wide_svd" in results:
         w = results["wide_svd"]
@@ -202,10 +224,12 @@ def main(argv=None) -> None:
     md = header("Kernel-level choices of the core, measured", f"python benchmarks/bench_kernels.py{' --quick' if args.quick else ''}",
                 info, versions=["opt_einsum"])
     md += [f"Interleaved rounds: {rounds} (SVD: 3, one call per sample). Each row is one way to compute the same result; "
-           "fp32 unless noted. The last column is the median time over the first row's.", "", "## Results", ""]
+           "fp32 unless noted. The last column is the median time over the first row's. "
+           f"Allocator: {info['malloc']}.", "", "## Results", ""]
     md += table("1. Einsum over x and every core (tensornets/contraction.py)", e, "ContractionPlan (torch._VF.einsum, path given)")
     md += table("2. TT rebuild of LoRETTA's 576 x 8 factors (tensornets/formats/tt.py)", t, "forward: two sweeps")
-    md += table("3. BTT second bmm, r = 1 (tensornets/formats/btt.py)", b, "contiguous regroup")
+    md += table("3. BTT layouts, r = 1, 512 rows (tensornets/formats/btt.py)", b, "rows: contiguous regroup")
+    md += table("3b. BTT layouts, r = 1, 4 rows (tensornets/formats/btt.py)", b4, "rows: contiguous regroup")
     if "wide_svd" in results:
         md += table("4. Thin SVD of a 64 x 262144 matrix (tensornets/decompositions.py)", results["wide_svd"], "svd of the contiguous transpose")
     md += goal_section(goals, "Value = speed-up of the core's choice over the rejected one, on medians · on minima.")

@@ -81,7 +81,6 @@ then names the GPU and the device) so CUDA results never overwrite CPU ones.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import signal
@@ -110,10 +109,10 @@ from tensornets.formats.base import traffic_weight
 from tensornets.plans import cheapest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, however the script is run
-from _report import finish, goal, goal_line, goal_section, header, machine_info, write_results  # noqa: E402
+from _report import (finish, goal, goal_line, goal_section, header, machine_info, malloc_line,  # noqa: E402
+                     pin_mmap_threshold, write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive mmap threshold (64-bit)
 TARGET_SAMPLE_S = 2e-3  # one measurement loops the call until it lasts about this long
 OUR_FORMATS = ("mpo", "btt", "lowrank", "tucker")
 FORCED = ("rebuild", "einsum", "split", "contract")  # plan names a layer can be forced to (tensornets.plans)
@@ -142,24 +141,6 @@ def _check_stop() -> None:
     """Raise :class:`Stopped` once SIGTERM has arrived; called between measurements."""
     if _STOPPED:
         raise Stopped("SIGTERM")
-
-
-def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc malloc's mmap threshold at ``nbytes`` for this process; False where libc is not glibc.
-
-    glibc serves a request of at least the threshold with a fresh ``mmap`` (page faults on first touch, ``munmap``
-    on free) and raises the threshold, from 128 KiB up to 32 MiB, whenever it frees such a block; it also trims the
-    heap top above twice the threshold. So whether a forward's 256 KiB temporaries cost page faults on every call
-    depends on the largest block the process freed before. That made MPO 4096² r=16 B=1 toggle between 0.37 and
-    0.8 ms within one run (results/layers.md before this pin), and at the fixed 128 KiB default it takes 1.0 ms with
-    438 page faults per call. Pinned, every row is timed in the same allocator state: the one glibc reaches after
-    freeing a large block, and the one jemalloc / tcmalloc users always have.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
 
 
 def clock(device: torch.device = CPU) -> Callable[[], float]:
@@ -729,8 +710,7 @@ def main(argv=None) -> None:
         tensorly_version = "not installed"
     info = machine_info(args.threads, tltorch=getattr(tltorch, "__version__", "?") if tltorch else "not installed",
                         tensorly=tensorly_version)
-    info["malloc"] = (f"glibc mmap threshold pinned at {MMAP_THRESHOLD >> 20} MiB (pin_mmap_threshold)" if pinned
-                      else "allocator left as is (not glibc)")
+    info["malloc"] = malloc_line(pinned)
     info["device"] = args.device
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

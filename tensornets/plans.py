@@ -6,7 +6,8 @@ for, and an :meth:`~Plan.apply` that runs it. Each format lists its candidates
 
 - :class:`RebuildPlan` (every format): rebuild ``W`` from the cores, then one GEMM;
 - :class:`EinsumPlan` (einsum formats: Tucker, TT, MPO, CP): one planned einsum over ``x`` and every core;
-- :class:`ContractPlan` (hand-written contractions: low rank, BTT);
+- :class:`ContractPlan` (hand-written contractions: low rank; BTT's two layouts,
+  :class:`~tensornets.formats.btt.BTTPlan`);
 - :class:`~tensornets.formats.mpo.SplitPlan` (MPO): two GEMMs around a bond, one candidate per bond.
 
 Which candidate runs is decided per (layer, batch bucket, device, dtype, training or not) by the *strategy*:
@@ -29,7 +30,9 @@ against 186 ms), and it keeps the B x 64 x 64 x r hidden product for backward, t
   Where nothing has been measured yet and measuring is impossible (inside ``torch.compile``'s
   tracing), the formula decides.
 - a candidate name (``"rebuild"``, ``"contract"``, ``"einsum"``, ``"split"``): force it (for
-  benchmarks and experiments); a name the format does not have raises ``ValueError``.
+  benchmarks and experiments; where a format has several candidates of that name, such as MPO's
+  splits or BTT's layouts, the formula picks among them); a name the format does not have raises
+  ``ValueError``.
 
 Opt in globally with :func:`set_strategy` (``tensornets.set_strategy("measure")``) or per layer
 with :meth:`Factorization.set_strategy <tensornets.Factorization.set_strategy>`; the per-layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -11,9 +12,35 @@ from torch import nn
 from ..contraction import ContractionPlan
 from ..decompositions import rank_for_tolerance
 from ..extern_ops import bmm
+from ..plans import ContractPlan, Plan
 from .base import Factorization
 
-__all__ = ["BTT"]
+__all__ = ["BTT", "BTTPlan"]
+
+#: elements of one 64-byte cache line of float32: a step that reads runs shorter than this moves whole lines
+_LINE = 16
+
+
+@dataclass(frozen=True)
+class BTTPlan(ContractPlan):
+    """BTT's two batched products with the batch laid out as rows (``columns=False``) or columns (``columns=True``).
+
+    - rows (label ``"contract"``): ``x`` rows times ``W1``, hidden ``(m1, B, n0 r)``, regrouped to
+      ``(n0, B, m1 r)`` for the second product. The regroup gathers runs of ``r`` elements (``a1`` moves slowest
+      in the hidden and fastest in the copy), which at ``r = 1`` on hundreds of rows costs more than both products.
+    - columns (label ``"contract@cols"``): ``W1ᵀ`` times ``x`` columns, hidden ``(m1, n0 r, B)``, which the second
+      product reads as a transposed operand; for ``r > 1`` the regroup copies runs of ``r B`` elements, for ``r = 1``
+      there is none. Its first product is a GEMM with ``B`` output columns, which BLAS runs slowly on a handful of
+      columns.
+
+    Both, at 4096², r = 1, on 512 and on 4 rows: ``benchmarks/results/kernels.md`` (section 3).
+    """
+
+    columns: bool = False
+
+    @property
+    def label(self) -> str:
+        return "contract@cols" if self.columns else "contract"
 
 
 class BTT(Factorization):
@@ -27,9 +54,10 @@ class BTT(Factorization):
     ``r = min(n1, m0)``). Parameters and forward FLOPs per row are both
     ``r m1 n0 (m0 + n1)`` (times 2 for FLOPs): BTT costs exactly its parameters.
 
-    Forward: ``x.view(B, m1, m0)`` -> bmm over ``a1`` with ``W1`` -> regroup ``(n0, B, m1 r)`` ->
-    bmm over ``o0`` with ``W2`` -> ``(B, n0 n1)``. Both products go through :func:`tensornets.extern_ops.bmm`,
-    so that at ``B = 1`` a compiled graph keeps them as BLAS calls.
+    Forward: ``x.view(B, m1, m0)`` -> bmm over ``a1`` with ``W1`` -> regroup by ``o0`` -> bmm over ``o0`` with
+    ``W2`` -> ``(B, n0 n1)``, with the batch as the rows or the columns of both products (:class:`BTTPlan`: two
+    candidates, the columns for large batches). Both products go through :func:`tensornets.extern_ops.bmm`, so
+    that at ``B = 1`` a compiled graph keeps them as BLAS calls.
 
     References: S. Qiu et al., "Compute Better Spent: Replacing Dense Layers with Structured
     Matrices", ICML 2024.
@@ -88,23 +116,47 @@ class BTT(Factorization):
         m1 = tensors["W1"].shape[0]
         return (tensors["W2"].shape[1] // m1,)
 
-    def _contract(self, x: torch.Tensor, plan: ContractionPlan | None) -> torch.Tensor:
+    def _contract(self, x: torch.Tensor, plan: Plan | ContractionPlan | None) -> torch.Tensor:
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
         B = x.shape[0]
-        h = bmm(x.reshape(B, m1, m0).transpose(0, 1), self.W1)  # (m1, B, n0 r)
-        # contiguous(): at r = 1 the permuted reshape is a strided view, on which bmm takes a
-        # slow generic path (4096^2, B = 512: benchmarks/results/kernels.md; the gap is widest
-        # with several threads); for r > 1 reshape copies anyway.
-        h = h.reshape(m1, B, n0, r).permute(2, 1, 0, 3).contiguous().reshape(n0, B, m1 * r)
+        if isinstance(plan, BTTPlan) and plan.columns:
+            h = bmm(self.W1.transpose(1, 2), x.reshape(B, m1, m0).permute(1, 2, 0))  # (m1, n0 r, B)
+            # (a1, o0, rho, b) -> (o0, (a1 rho), b): a copy of runs of r B elements for r > 1, a view for r = 1;
+            # the second product reads it transposed, (o0, b, (a1 rho)).
+            h = h.reshape(m1, n0, r, B).transpose(0, 1).reshape(n0, m1 * r, B).transpose(1, 2)
+        else:
+            h = bmm(x.reshape(B, m1, m0).transpose(0, 1), self.W1)  # (m1, B, n0 r)
+            # contiguous(): at r = 1 the permuted reshape is a strided view, on which bmm takes a
+            # slow generic path (benchmarks/results/kernels.md, section 3; the gap is widest with
+            # several threads); for r > 1 reshape copies anyway.
+            h = h.reshape(m1, B, n0, r).permute(2, 1, 0, 3).contiguous().reshape(n0, B, m1 * r)
         y = bmm(h, self.W2)  # (n0, B, n1)
         return y.transpose(0, 1).reshape(B, n0 * n1)
 
-    def _contract_cost(self, batch: int) -> tuple[int, int]:
+    def _contract_cost(self, batch: int, columns: bool = False) -> tuple[int, int]:
+        """``(flops, traffic)`` of :meth:`_contract` in one layout, traffic counted in elements at cache-line
+        granularity (runs shorter than a line move whole lines).
+
+        Both layouts read ``x`` and the cores, write the hidden and read it back, and write and transpose the
+        output. Rows: the regroup copies the hidden, reading runs of ``r``. Columns: the regroup copies runs of
+        ``r B`` (none at ``r = 1``), and the first product, a GEMM with ``B`` output columns, is charged
+        ``_LINE / B`` reads of ``W1`` below a line's worth of columns (the slowdown of thin GEMMs measured in
+        ``benchmarks/results/kernels.md``, section 3b, as a cost the formula can rank).
+        """
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
         hidden = batch * m1 * n0 * r
-        # x read, hidden written + regrouped (read, write) + read, output written + transposed
-        traffic = batch * m1 * m0 + 4 * hidden + 3 * batch * n0 * n1 + self.num_parameters
+        common = batch * m1 * m0 + 2 * hidden + 3 * batch * n0 * n1 + self.num_parameters
+        if columns:
+            regroup = 0 if r == 1 else 2 * hidden * max(1, _LINE // (r * batch))
+            thin = self.W1.numel() * (max(1, _LINE // batch) - 1)
+            traffic = common + regroup + thin
+        else:
+            traffic = common + hidden * (max(1, _LINE // r) + 1)
         return 2 * batch * self.num_parameters, traffic
+
+    def _contract_candidates(self, batch: int) -> list[Plan]:
+        """Rows, then columns (ties go to the rows, the layout of small batches)."""
+        return [BTTPlan("contract", *self._contract_cost(batch, columns), columns=columns) for columns in (False, True)]
 
     def _dense(self) -> torch.Tensor:
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks

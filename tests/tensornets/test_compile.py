@@ -204,6 +204,14 @@ def test_inductor_compiles_the_mpo_split():
     _assert_compiled_equals_eager(fact, torch.randn(8, IN), backend="inductor")
 
 
+def test_inductor_compiles_the_btt_columns_layout():
+    # BTT's columns layout (the formula's contraction for large batches) reads its hidden as a transposed operand
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3, dtype=torch.float32)
+    fact = tensornets.decompose(W, "btt", rank=3).set_strategy("contract")
+    assert fact._plan(512, grad=True).label == "contract@cols"
+    _assert_compiled_equals_eager(fact, torch.randn(256, 2, IN), backend="inductor")
+
+
 def test_opaque_bmm_passes_torch_opcheck():
     # the custom op behind extern_ops.bmm: schema, fake (meta) kernel and autograd registration agree with eager
     from tensornets.extern_ops import _opaque_bmm

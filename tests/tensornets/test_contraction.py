@@ -117,6 +117,39 @@ def test_mpo_split_at_every_bond_equals_dense_and_gradcheck(modes):
         assert torch.autograd.gradcheck(lambda x, *p: fact._contract(x, plan), (x, *params), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("modes", [((4, 3), (5, 3)), ((6, 8), (10, 6))])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_btt_both_layouts_equal_dense_and_gradcheck(modes, rank, batch):
+    out_modes, in_modes = modes
+    out_f, in_f = math.prod(out_modes), math.prod(in_modes)
+    fact = tensornets.decompose(low_rank_plus_noise(out_f, in_f, 6, 0.5), "btt", rank=rank,
+                                modes=(out_modes, in_modes))
+    x = torch.randn(batch, in_f, dtype=torch.float64, requires_grad=True)
+    expected = x @ fact.to_dense().T
+    rows, columns = fact._contract_candidates(batch)
+    assert (rows.label, columns.label) == ("contract", "contract@cols")
+    for plan in (rows, columns):
+        assert_close(fact._contract(x, plan), expected)
+        params = tuple(fact.parameters())
+        assert torch.autograd.gradcheck(lambda x, *p: fact._contract(x, plan), (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_btt_layout_follows_the_measured_order():
+    # BTT 4096^2, modes 64 x 64, forward on CPU (benchmarks/results/layers.md):
+    # at r = 1 and 512 rows the rows layout spends half its time regrouping the hidden (runs of one element); the
+    # columns layout has no regroup. At one row the columns layout's first product, a GEMM with one output column,
+    # is the slower one.
+    def btt(rank):
+        return tensornets.BTT.empty(4096, 4096, in_modes=(64, 64), out_modes=(64, 64), ranks=(rank,))
+
+    r1, r16 = btt(1), btt(16)
+    assert r1._plan(1).label == "contract" and r1._plan(512).label == "contract@cols"
+    # at r >= 16 the rows regroup copies whole cache lines: the layouts cost the same and the rows (first) win ties
+    rows, columns = r16._contract_candidates(32)
+    assert rows.traffic == columns.traffic and r16._plan(32).label == "contract"
+
+
 def test_plan_flops_match_opt_einsum():
     plan = plan_contraction("ab,bc,cd->ad", [(8, 16), (16, 4), (4, 32)])
     _, info = opt_einsum.contract_path("ab,bc,cd->ad", (8, 16), (16, 4), (4, 32), shapes=True, optimize="optimal")
