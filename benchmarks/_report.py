@@ -128,25 +128,31 @@ MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive mmap threshold
 
 
 def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc malloc's mmap threshold at ``nbytes`` for this process; False where libc is not glibc.
+    """Fix glibc malloc's mmap threshold at ``nbytes`` and its trim threshold at twice that, for this process; False
+    where libc is not glibc.
 
-    glibc serves a request of at least the threshold with a fresh ``mmap`` (page faults on first touch, ``munmap``
-    on free) and raises the threshold, from 128 KiB up to 32 MiB, whenever it frees such a block; it also trims the
-    heap top above twice the threshold. So whether a forward's temporaries cost page faults on every call depends
-    on the largest block the process freed before: MPO 4096² r=16 B=1 toggled between two speeds within one run of
-    bench_layers before this pin (438 page faults per call at the fixed 128 KiB default). Pinned, every row is
-    timed in the same allocator state: the one glibc reaches after freeing a large block, and the one jemalloc /
-    tcmalloc users always have.
+    glibc serves a request of at least the mmap threshold with a fresh ``mmap`` (page faults on first touch,
+    ``munmap`` on free) and raises the threshold, from 128 KiB up to 32 MiB, whenever it frees such a block, with
+    the trim threshold (free memory at the heap top above it goes back to the OS) at twice the mmap threshold. So
+    whether a forward's temporaries cost page faults on every call depends on the largest block the process freed
+    before: MPO 4096² r=16 B=1 toggled between two speeds within one run of bench_layers before this pin (438 page
+    faults per call at the fixed 128 KiB default). Setting the mmap threshold by ``mallopt`` stops the adjustment
+    and leaves the trim threshold at its 128 KiB default, so it is pinned too: otherwise a 16 MB hidden freed at the
+    heap top is returned and faulted in again on every call (BTT 1024², r = 8, 512 rows: 4064 page faults and
+    2.5x the time per call). Pinned, every row is timed in the same allocator state: the one glibc reaches after
+    freeing a large block, and the one jemalloc / tcmalloc users always have.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+    # -3 = M_MMAP_THRESHOLD, -1 = M_TRIM_THRESHOLD
+    return bool(libc.mallopt(-3, nbytes)) and bool(libc.mallopt(-1, 2 * nbytes))
 
 
 def malloc_line(pinned: bool) -> str:
     """What the results file says of the allocator, given :func:`pin_mmap_threshold`'s answer."""
     if pinned:
-        return f"glibc mmap threshold pinned at {MMAP_THRESHOLD >> 20} MiB (pin_mmap_threshold)"
+        return (f"glibc mmap threshold pinned at {MMAP_THRESHOLD >> 20} MiB, trim threshold at "
+                f"{2 * MMAP_THRESHOLD >> 20} MiB (pin_mmap_threshold)")
     return "allocator left as is (not glibc)"
