@@ -1,4 +1,5 @@
-"""Does sequential EoRA beat independent EoRA? SmolLM2, RTN or GPTQ (``--bits``, default 3, g64), EoRA at ``--rank``.
+"""Does sequential EoRA beat independent EoRA? SmolLM2, RTN, GPTQ or SparseGPT 2:4 (``--bits``, default 3, g64),
+EoRA at ``--rank``.
 
 Independent EoRA fits each residual to the layer's own error on the dense model's inputs, ``‖(W − W_c − BA) X‖``.
 Sequential EoRA fits it to the dense outputs from the compressed-and-compensated model's inputs,
@@ -11,6 +12,7 @@ recovered and which candidate the layers chose; writes ``results/<--stem>.{md,js
 
     python benchmarks/bench_sequential_eora.py --methods rtn gptq
     python benchmarks/bench_sequential_eora.py --methods rtn gptq --rank 16 --stem sequential_eora_r16
+    python benchmarks/bench_sequential_eora.py --methods gptq sparsegpt --bits 4 --stem sequential_eora_4bit_gptq
 """
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ from compress.models import load_smollm2, token_slices
 from compress.sequential_eora import DEFAULT_RIDGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: --methods -> (row label, CompressionConfig keywords); every one at --bits, group 64
+METHODS = {
+    "rtn": ("RTN-{bits} g64", lambda bits: dict(method="rtn", bits=bits)),
+    "gptq": ("GPTQ-{bits} g64", lambda bits: dict(method="gptq", bits=bits)),
+    "sparsegpt": ("SparseGPT 2:4 + {bits}-bit g64", lambda bits: dict(method="sparsegpt", pattern="2:4",
+                                                                       sparse_bits=bits)),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["rtn"], choices=["rtn", "gptq"])
+    parser.add_argument("--methods", nargs="+", default=["rtn"], choices=sorted(METHODS))
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bits", type=int, default=3)
@@ -42,6 +51,7 @@ def main() -> None:
                         help="results file stem (default sequential_eora: the README's r=64 RTN-3 table)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    label = lambda method: METHODS[method][0].format(bits=args.bits)  # noqa: E731
     start = time.perf_counter()
     info = machine_info(args.threads)
     model, tok = load_smollm2()
@@ -49,7 +59,7 @@ def main() -> None:
     dense = perplexity(model, held)
     rows, goals = [], []
     for method in args.methods:
-        config = CompressionConfig(method=method, bits=args.bits, group_size=64, target_modules="all-linear")
+        config = CompressionConfig(**METHODS[method][1](args.bits), group_size=64, target_modules="all-linear")
         compressed = perplexity(compress_blocks(model, config, calib, progress=False).model, held)
         recovered = lambda p: (math.log(compressed) - math.log(p)) / (math.log(compressed) - math.log(dense))
         ppl = {}
@@ -65,14 +75,14 @@ def main() -> None:
                          "seconds": time.time() - t})
             print(f"{method} {rows[-1]['eora']:<11} ppl {ppl[sequential]:8.3f}  recovered "
                   f"{rows[-1]['recovered']:.3f}  {dict(choices)}", flush=True)
-        goals.append(goal(f"{method.upper()}-{args.bits} g64: sequential EoRA beats independent EoRA (independent ppl "
+        goals.append(goal(f"{label(method)}: sequential EoRA beats independent EoRA (independent ppl "
                           "/ sequential ppl > 1)", value=ppl[False] / ppl[True], need=1.0 + 1e-9))
     finish(info, start)
     table = ["| compressor | EoRA | held-out ppl | gap recovered | layers' choice | s |", "|---|---|---:|---:|---|---:|"]
     for method in args.methods:
         first = next(r for r in rows if r["method"] == method)
-        table.append(f"| {method.upper()}-{args.bits} g64 | none | {first['compressed']:.3f} | 0 | | |")
-        table += [f"| {method.upper()}-{args.bits} g64 | {r['eora']} | {r['perplexity']:.3f} | "
+        table.append(f"| {label(method)} | none | {first['compressed']:.3f} | 0 | | |")
+        table += [f"| {label(method)} | {r['eora']} | {r['perplexity']:.3f} | "
                   f"{r['recovered']:.3f} | {', '.join(f'{k}: {v}' for k, v in sorted(r['choices'].items()))} | "
                   f"{r['seconds']:.0f} |"
                   for r in rows if r["method"] == method]
