@@ -24,9 +24,8 @@ has plans of its own, chosen on forward + backward: the formula adds each candid
 ``backward_flops`` and ``backward_traffic``, the measurement times the forward and the gradients
 of the input and of the cores that require grad. A plan can be right for inference and wrong for training: on MPO
 4096², 4 cores, r = 16, 512 rows, the split into two GEMMs, the formula's forward plan, runs the
-forward as fast as rebuild + GEMM (53.6 against 52.3 ms) but the training step 1.2x slower (224
-against 186 ms), and it keeps the B x 64 x 64 x r hidden product for backward, twice the rebuilt W
-(benchmarks/results/layers.md).
+forward about as fast as rebuild + GEMM but the training step slower, and it keeps the B x 64 x 64 x r hidden
+product for backward, twice the rebuilt W (benchmarks/results/layers.md, plan tables).
   Where nothing has been measured yet and measuring is impossible (inside ``torch.compile``'s
   tracing), the formula decides.
 - a candidate name (``"rebuild"``, ``"contract"``, ``"einsum"``, ``"split"``): force it (for
