@@ -22,7 +22,7 @@ Per depth, in a fresh process: RSS after imports, after loading, the peak while 
 loading) and overall (``ru_maxrss``), the compression time (wall, and CPU = user + system from ``getrusage``, which
 other jobs on a shared machine disturb less than wall time), and the bytes the result keeps in memory for every
 layer (the bit-packed codes, scales and zero points that the exporter writes, and the EoRA factors in the storage
-dtype), which do grow with depth. Then the result is exported (``save_hf_directory``, compressed-tensors, with
+dtype), which would grow with depth if they stayed in memory (both are written to disk with their blocks). Then the result is exported (``save_hf_directory``, compressed-tensors, with
 its EoRA adapter) with its blocks still on disk: the export's peak (``VmHWM`` reset after compressing), time and
 bytes written.
 
@@ -123,6 +123,7 @@ def child(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
 
     from compress import CompressionConfig, compress_blocks, return_freed_memory
     from compress.export import save_hf_directory
+    from compress.factor_store import OffloadedFactors
     from compress.models import default_cache_dir, token_slices
 
     return_freed_memory()  # as `tensornets compress` does: freed float64 temporaries go back to the OS
@@ -146,7 +147,10 @@ def child(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
     peak_compress = _status_mb("VmHWM")
     quantized = sum(q.nbytes for q in result.report.quantized.values())
-    factors = 0 if result.eora is None else sum(B.nbytes + A.nbytes for B, A in result.eora.factors.values())
+    # factors of offloaded blocks are on disk (OffloadedFactors): count what stays in memory, without reading them
+    stored = None if result.eora is None else result.eora.factors
+    factors = (0 if stored is None else stored.resident_nbytes if isinstance(stored, OffloadedFactors)
+               else sum(B.nbytes + A.nbytes for B, A in stored.values()))
 
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
@@ -241,8 +245,8 @@ def main() -> None:
                 note="times are comparable only within one run, and only roughly on a shared machine")
     md += [setting + ".", "",
            "*kept*: what the result holds in memory for every layer until it is exported: the quantized codes "
-           "(bit-packed), scales and zero points, and the EoRA factors (in the storage dtype, bfloat16). They are "
-           "part of the peak and grow with depth; the model itself stays on disk. *CPU s*: user + system CPU "
+           "(bit-packed), scales and zero points, and the EoRA factors (in the storage dtype, bfloat16), unless they "
+           "were written to disk with their block (0 MB then); the model itself stays on disk. *CPU s*: user + system CPU "
            "seconds of the compression (getrusage), less sensitive than wall time to other jobs on the machine. "
            "*exporting*: `save_hf_directory` of the result (compressed-tensors, blocks still offloaded) and its EoRA "
            "adapter, peak reset after compressing.",

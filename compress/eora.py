@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from compress import lowrank as lr
 from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
 from compress.eora_peft import as_peft_init as _as_peft_init
+from compress.safetensors_stream import write_safetensors
 from compress.sequential_eora import (
     calibration_folds,
     drifted_output_error,
@@ -159,7 +159,9 @@ class EoraAdapter:
     :meth:`save_pretrained` (a PEFT LoRA adapter directory).
     """
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    #: a dict, or for a block-by-block result with offloaded blocks an :class:`compress.factor_store.OffloadedFactors`
+    #: (each pair read from disk when looked up)
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     kinds: dict[str, str]
     rank: int
     method: str
@@ -277,7 +279,7 @@ class EoraAdapter:
         PEFT's LoRA wraps ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` only: residuals of factorized layers cannot be
         exported (use :meth:`merge` for low-rank layers or :meth:`apply`).
         """
-        tensors = self.lora_state_dict(dtype)
+        self._check_lora_kinds()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # both files are written aside, then renamed into place: a failed write leaves an earlier adapter whole
@@ -291,7 +293,10 @@ class EoraAdapter:
             config = json.loads(config_file.read_text())
             config["target_modules"] = sorted(config["target_modules"])
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-            save_file(tensors, str(aside / "adapter_model.safetensors"), metadata={"format": "pt"})
+            # one layer's tensors at a time: factors kept on disk (OffloadedFactors) are never all in memory
+            specs = {key: (t.dtype, tuple(t.shape)) for key, t in self._lora_tensors(dtype)}
+            write_safetensors(aside / "adapter_model.safetensors", specs, self._lora_tensors(dtype),
+                              metadata={"format": "pt"})
             for file in sorted(aside.iterdir(), key=lambda f: f.suffix != ".safetensors"):  # weights first
                 os.replace(file, path / file.name)
         finally:
@@ -303,21 +308,27 @@ class EoraAdapter:
 
         Raises ``ValueError`` for layers PEFT's LoRA cannot wrap (factorized, dilated conv).
         """
+        self._check_lora_kinds()
+        return dict(self._lora_tensors(dtype))
+
+    def _check_lora_kinds(self) -> None:
         bad = {n: k for n, k in self.kinds.items() if k not in ("linear", "conv1d", "conv2d")}
         if bad:
             raise ValueError(f"layers {sorted(bad)[:4]} are {sorted(set(bad.values()))}: PEFT LoRA wraps dense "
                              "nn.Linear / Conv1D / Conv2d (undilated) only; use adapter.merge(model) or adapter.apply(model)")
-        tensors = {}
-        for name, (B, A) in self.factors.items():
+
+    def _lora_tensors(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The PEFT LoRA tensors, one layer's pair at a time (each read from disk for offloaded factors)."""
+        for name in self.factors:
+            B, A = self.factors[name]
             if self.kinds[name] == "conv2d":
                 kh_kw = self.conv_kernels[name]
                 A = A.reshape(A.shape[0], -1, *kh_kw)
                 B = B[:, :, None, None]
             if dtype is not None:
                 A, B = A.to(dtype), B.to(dtype)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-        return tensors
+            yield f"base_model.model.{name}.lora_A.weight", A.contiguous()
+            yield f"base_model.model.{name}.lora_B.weight", B.contiguous()
 
     def as_peft_init(self, model: nn.Module, adapter_name: str = "default") -> PeftModel:
         """A trainable PEFT LoRA on ``model`` starting at this residual: step 0 is the compensated model.

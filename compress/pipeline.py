@@ -30,7 +30,9 @@ Models too big for memory are loaded in their storage dtype with accelerate's bi
 to disk (``from_pretrained(path, dtype=torch.bfloat16, device_map={..., "model.layers": "disk"},
 offload_folder=...)``). Each offloaded block is loaded from its weights map, processed as above, written to
 ``offload_folder`` in accelerate's offload format and offloaded again with accelerate's hooks, so one block at a
-time is resident.
+time is resident. Its quantized codes go to disk with it, and its EoRA factors to ``offload_folder/eora/<block>
+.safetensors`` (:class:`compress.factor_store.OffloadedFactors`, read back a layer at a time by ``apply``,
+``merge`` and ``save_pretrained``): what the result keeps in memory does not grow with the model's depth.
 
 The compression statistics of every layer of a block come from one pass of the *uncompressed* block on ``h̃_i`` (as
 llm-compressor's sequential pipeline does): the drift that compressing ``q_proj`` causes at ``down_proj`` of the
@@ -50,6 +52,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +79,7 @@ from compress.eora import (
     fit_sequential_layer,
 )
 from compress.eora_rounds import check_rounds, refine_rounds
+from compress.factor_store import OffloadedFactors
 from compress.sequential_eora import calibration_folds
 from compress.surgery import CompressionReport, compress_model
 from compress.targets import (
@@ -267,8 +271,9 @@ def compress_blocks(
     offload_folder : str or os.PathLike, optional
         For a model whose blocks accelerate offloads (``from_pretrained(..., device_map=..., offload_folder=...)``,
         parameters on ``meta``): where the compressed blocks are written (accelerate's offload format, one ``.dat``
-        file per tensor). Each offloaded block is loaded from its weights map, processed, written here and offloaded
-        again, so only one block is ever resident. Required when the model has offloaded blocks.
+        file per tensor; its EoRA factors in ``eora/<block>.safetensors``). Each offloaded block is loaded from its
+        weights map, processed, written here and offloaded again, so only one block is ever resident. Required when
+        the model has offloaded blocks; keep the folder as long as the result is used.
     inplace : bool
         Compress ``model`` itself; otherwise a deep copy (peak memory then holds two models in their storage dtype;
         a model with offloaded blocks must be compressed in place).
@@ -372,7 +377,8 @@ def compress_blocks(
     comp_h = hidden
     dense_h = list(hidden) if eora_rank else None  # both streams start equal
     export_group = _export_group_size(work_targets, config) if offloaded else None
-    layers, quantized, factors, kinds, eora_rows, conv_kernels = [], {}, {}, {}, [], {}
+    layers, quantized, kinds, eora_rows, conv_kernels = [], {}, {}, [], {}
+    factors = OffloadedFactors() if offloaded else {}
     for i in tqdm(range(len(blocks)), desc=f"compress blocks ({config.method})",
                   disable=None if progress is None else not progress):
         prefix = f"{path}.{i}."
@@ -394,7 +400,11 @@ def compress_blocks(
         layers += [dataclasses.replace(r, name=prefix + r.name) for r in out.layers]
         quantized.update({prefix + n: q for n, q in out.quantized.items()})
         if out.eora is not None:
-            factors.update({prefix + n: f for n, f in out.eora.factors.items()})
+            block_factors = {prefix + n: f for n, f in out.eora.factors.items()}
+            if i in offloaded:  # with the block on disk: the factors kept do not grow with depth either
+                factors.write(Path(offload_folder) / "eora" / f"{path}.{i}.safetensors", block_factors)
+            else:
+                factors.update(block_factors)
             kinds.update({prefix + n: k for n, k in out.eora.kinds.items()})
             conv_kernels.update({prefix + n: k for n, k in out.eora.conv_kernels.items()})
             eora_rows += [dataclasses.replace(r, name=prefix + r.name) for r in out.eora.layers]

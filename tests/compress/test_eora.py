@@ -53,7 +53,7 @@ def test_a_failed_adapter_resave_leaves_the_earlier_adapter_whole(tmp_path, llam
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(eora_module, "save_file", full_disk)
+    monkeypatch.setattr(eora_module, "write_safetensors", full_disk)
     with pytest.raises(OSError, match="No space left"):
         bigger.save_pretrained(tmp_path / "adapter")
     monkeypatch.undo()

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tolerance import assert_close, assert_close_relative
 
@@ -21,6 +22,7 @@ from compress import (
 )
 from compress.calibration import CrossStats
 from compress.export import save_hf_directory
+from compress.factor_store import OffloadedFactors
 from compress.sequential_eora import INDEPENDENT
 from compress.targets import dense_weight
 from compress.pipeline import compress_blocks, find_decoder_blocks
@@ -586,6 +588,10 @@ def test_disk_offloaded_blocks(tmp_path):
     expected = compress_blocks(resident, config, batches, eora_rank=4, inplace=True, progress=False)
     assert all(p.device.type == "meta" for p in out.model.model.layers.parameters())
     assert (tmp_path / "compressed" / "model.layers.2.mlp.down_proj.factorization.U.dat").is_file()
+    # the factors went to disk with their blocks: the result keeps none of them in memory
+    assert isinstance(out.eora.factors, OffloadedFactors) and out.eora.factors.resident_nbytes == 0
+    assert (tmp_path / "compressed" / "eora" / "model.layers.2.safetensors").is_file()
+    assert list(out.eora.factors) == list(expected.eora.factors)
     assert_close(logits(out.model, batches), logits(expected.model, batches), tol=0.0, what="logits")
     for name, (B, A) in expected.eora.factors.items():
         assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
@@ -651,6 +657,13 @@ def test_disk_offloaded_blocks_called_with_their_own_arguments(tmp_path):
     for name, (B, A) in expected.eora.factors.items():
         assert torch.equal(out.eora.factors[name][0], B) and torch.equal(out.eora.factors[name][1], A), name
     assert_close(logits(out.model, batches[1:]), logits(expected.model, batches[1:]), tol=0.0, what="logits")
+    # the adapter of the factors on disk is written a layer at a time: the resident result's adapter, bit for bit
+    out.eora.save_pretrained(tmp_path / "adapter-offloaded")
+    expected.eora.save_pretrained(tmp_path / "adapter-resident")
+    written, reference = (load_file(tmp_path / d / "adapter_model.safetensors")
+                          for d in ("adapter-offloaded", "adapter-resident"))
+    assert written.keys() == reference.keys() and len(written) == 2 * len(expected.eora.factors)
+    assert all(torch.equal(written[k], t) and written[k].dtype == t.dtype for k, t in reference.items())
 
 
 def test_disk_offload_map_puts_the_blocks_on_disk_and_the_rest_in_memory():

@@ -1,0 +1,26 @@
+"""EoRA factors kept on disk: what is read back is what was written, and only what ``update`` added is resident."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.factor_store import OffloadedFactors
+
+
+def test_offloaded_factors_read_back_what_was_written(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    on_disk = {f"layers.0.{n}": (torch.randn(6, 2, generator=g).bfloat16(), torch.randn(2, 5, generator=g).bfloat16())
+               for n in ("q", "k")}
+    resident = {"layers.1.q": (torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g))}
+    store = OffloadedFactors()
+    store.write(tmp_path / "eora" / "layers.0.safetensors", on_disk)
+    store.update(resident)
+    assert list(store) == ["layers.0.q", "layers.0.k", "layers.1.q"] and len(store) == 3
+    assert store.resident_nbytes == sum(B.nbytes + A.nbytes for B, A in resident.values())
+    for name, (B, A) in {**on_disk, **resident}.items():
+        got_B, got_A = store[name]
+        assert got_B.dtype == B.dtype and torch.equal(got_B, B) and torch.equal(got_A, A), name
+    with pytest.raises(KeyError):
+        store["layers.2.q"]
+    assert repr(store) == "OffloadedFactors(3 layers, 2 on disk)"
