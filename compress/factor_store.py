@@ -10,6 +10,7 @@ the offloaded block, and every lookup reads the pair it asks for.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -17,19 +18,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+_TOKEN_KEY = "offloaded_factors_token"
+
 
 class OffloadedFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
     """Layer name -> ``(B (out, r), A (r, in))``, each pair read from disk when it is looked up.
 
-    A read-only mapping, like the ``dict`` an in-memory :class:`compress.EoraAdapter` holds: ``factors[name]``,
-    iteration in the order the layers were added, ``len``. Layers added with :meth:`update` stay in memory (blocks
+    A mapping like the ``dict`` an in-memory :class:`compress.EoraAdapter` holds (``factors[name]``, iteration in
+    the order the layers were added, ``len``), filled by :func:`compress.compress_blocks`. Layers added with :meth:`update` stay in memory (blocks
     that were not offloaded); :meth:`write` puts a group of layers (one block's) into one safetensors file.
     Each lookup of an offloaded layer reads the file (a fresh CPU tensor, as stored): callers that need a pair
-    several times should hold it.
+    several times should hold it. A lookup raises ``FileNotFoundError`` once the file is deleted, and
+    ``ValueError`` once another store (another run into the same offload folder) wrote over it.
     """
 
     def __init__(self) -> None:
         self._where: dict[str, Path | tuple[torch.Tensor, torch.Tensor]] = {}
+        # written into every file: a later run writing to the same folder is caught on lookup, not read silently
+        self._token = uuid.uuid4().hex
 
     def write(self, file: str | os.PathLike, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write ``factors`` (name -> ``(B, A)``) to the safetensors file ``file`` and look them up there."""
@@ -39,7 +45,7 @@ class OffloadedFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
         for name, (B, A) in factors.items():
             tensors[f"{name}.B"] = B.detach().to("cpu").contiguous()
             tensors[f"{name}.A"] = A.detach().to("cpu").contiguous()
-        save_file(tensors, str(file))
+        save_file(tensors, str(file), metadata={"format": "pt", _TOKEN_KEY: self._token})
         for name in factors:
             self._where[name] = file
 
@@ -56,7 +62,16 @@ class OffloadedFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
         where = self._where[name]
         if isinstance(where, tuple):
             return where
-        with safe_open(str(where), framework="pt") as f:
+        try:
+            f = safe_open(str(where), framework="pt")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"the EoRA factors of {name!r} were written to {str(where)!r}, which is gone; "
+                                    "keep the offload folder as long as the compress_blocks result is used") from None
+        with f:
+            if (f.metadata() or {}).get(_TOKEN_KEY) != self._token:
+                raise ValueError(f"{str(where)!r} no longer holds this result's EoRA factors of {name!r}: another "
+                                 "compress_blocks run wrote to the same offload folder; give each run an offload "
+                                 "folder of its own")
             return f.get_tensor(f"{name}.B"), f.get_tensor(f"{name}.A")
 
     def __iter__(self) -> Iterator[str]:

@@ -150,7 +150,8 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    help="for a model bigger than memory: load it with its decoder blocks on disk in DIR (accelerate's "
                    "offload, compress.disk_offload_map), in --export-dtype; each block is loaded, compressed and "
                    "written back to DIR one at a time, and --output-dir is written without loading them back, so "
-                   "memory holds one block, the embeddings, the LM head and the compressed codes whatever the depth. "
+                   "memory holds one block, the embeddings and the LM head whatever the depth (the compressed codes and "
+                   "EoRA factors go to DIR with their block; evaluating the EoRA residual reads its factors back). "
                    "A Hugging Face --model-path or the embedded model, on the CPU; factorizing methods only without "
                    "--output-dir; not with --compare / --sequential (default: the whole model in memory)")
 

@@ -31,8 +31,9 @@ to disk (``from_pretrained(path, dtype=torch.bfloat16, device_map={..., "model.l
 offload_folder=...)``). Each offloaded block is loaded from its weights map, processed as above, written to
 ``offload_folder`` in accelerate's offload format and offloaded again with accelerate's hooks, so one block at a
 time is resident. Its quantized codes go to disk with it, and its EoRA factors to ``offload_folder/eora/<block>
-.safetensors`` (:class:`compress.factor_store.OffloadedFactors`, read back a layer at a time by ``apply``,
-``merge`` and ``save_pretrained``): what the result keeps in memory does not grow with the model's depth.
+.safetensors`` (:class:`compress.factor_store.OffloadedFactors`, read back a layer at a time on lookup;
+``save_pretrained`` holds one layer's at a time, ``apply`` all of them, as the layers it wraps): what the result
+keeps in memory does not grow with the model's depth.
 
 The compression statistics of every layer of a block come from one pass of the *uncompressed* block on ``h̃_i`` (as
 llm-compressor's sequential pipeline does): the drift that compressing ``q_proj`` causes at ``down_proj`` of the
@@ -835,7 +836,8 @@ def _packed(report: CompressionReport) -> tuple[list, dict]:
 
 def _stored(adapter: EoraAdapter, dtype: torch.dtype) -> EoraAdapter:
     """``adapter`` with its factors rounded to the model's storage ``dtype``: what the exported PEFT adapter holds,
-    what the next block's inputs are computed with, and half the bytes of float32 factors kept until export."""
+    what the next block's inputs are computed with, and half the bytes of float32 factors, kept until export (in
+    memory, or on disk with an offloaded block)."""
     return dataclasses.replace(adapter, factors={n: (B.to(dtype), A.to(dtype)) for n, (B, A) in
                                                  adapter.factors.items()})
 

@@ -3,8 +3,7 @@
 ``safetensors.torch.save_file`` builds the bytes of every tensor before it writes the first one: the peak is the
 whole file. :func:`write_safetensors` writes the header from the tensors' dtypes and shapes, given up front, then
 the tensors as an iterator yields them. An EoRA adapter of a model compressed block by block (its factors on disk,
-:class:`compress.factor_store.OffloadedFactors`) is written this way, so exporting it does not grow with the
-model's depth (``benchmarks/results/pipeline_scale.md``). This is our own writer because safetensors has no
+:class:`compress.factor_store.OffloadedFactors`) is written this way: one layer's factors in memory at a time. This is our own writer because safetensors has no
 streaming one; the file it writes is the format's own (any safetensors reader loads it).
 
 Layout (the safetensors specification): an 8-byte little-endian header length ``N``, a JSON header of ``N`` bytes
@@ -59,7 +58,11 @@ def write_safetensors(
                             "str() or json.dumps()")
         header["__metadata__"] = dict(metadata)
     offset = 0
+    specs = {name: (dtype, tuple(shape)) for name, (dtype, shape) in specs.items()}
     for name, (dtype, shape) in specs.items():
+        if name == "__metadata__":
+            raise ValueError("a tensor cannot be named '__metadata__': the header keeps that key for the metadata; "
+                             "rename the tensor")
         if dtype not in DTYPE_NAMES:
             raise TypeError(f"tensor {name!r} has dtype {dtype}, which write_safetensors does not store; pass one of "
                             f"{', '.join(str(d) for d in DTYPE_NAMES)}")

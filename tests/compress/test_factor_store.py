@@ -24,3 +24,18 @@ def test_offloaded_factors_read_back_what_was_written(tmp_path):
     with pytest.raises(KeyError):
         store["layers.2.q"]
     assert repr(store) == "OffloadedFactors(3 layers, 2 on disk)"
+
+
+def test_a_rewritten_or_deleted_file_is_refused_not_read(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    pair = (torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g))
+    first, second = OffloadedFactors(), OffloadedFactors()
+    first.write(tmp_path / "eora" / "block.safetensors", {"q": pair})
+    # a second run into the same offload folder, at another rank
+    second.write(tmp_path / "eora" / "block.safetensors", {"q": (torch.zeros(6, 3), torch.zeros(3, 5))})
+    assert second["q"][0].shape == (6, 3)
+    with pytest.raises(ValueError, match="another compress_blocks run wrote to the same offload folder"):
+        first["q"]
+    (tmp_path / "eora" / "block.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="keep the offload folder as long as"):
+        second["q"]

@@ -41,7 +41,7 @@ def test_written_file_loads_bit_for_bit_with_its_metadata(tmp_path):
 
 def test_non_contiguous_tensors_are_written_as_their_values(tmp_path):
     t = torch.arange(12.0).reshape(3, 4).T  # (4, 3), not contiguous
-    write_safetensors(tmp_path / "t.safetensors", {"t": (t.dtype, (4, 3))}, [("t", t)])
+    write_safetensors(tmp_path / "t.safetensors", {"t": (t.dtype, [4, 3])}, [("t", t)])  # a shape as a list too
     assert torch.equal(load_file(tmp_path / "t.safetensors")["t"], t)
 
 
@@ -58,5 +58,7 @@ def test_tensors_that_differ_from_the_specs_are_refused(tmp_path):
         write_safetensors(file, {"x": (torch.float32, (2, 3)), "z": (torch.float32, (1,))}, [("x", t)])
     with pytest.raises(TypeError, match="complex64.* does not store"):
         write_safetensors(file, {"c": (torch.complex64, (1,))}, [])
+    with pytest.raises(ValueError, match="cannot be named '__metadata__'"):
+        write_safetensors(file, {"__metadata__": (torch.float32, (2, 3))}, [("__metadata__", t)])
     with pytest.raises(TypeError, match="metadata=.*strings to strings"):
         write_safetensors(file, {}, [], metadata={"rank": 4})
