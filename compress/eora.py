@@ -293,7 +293,8 @@ class EoraAdapter:
             config = json.loads(config_file.read_text())
             config["target_modules"] = sorted(config["target_modules"])
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-            # one layer's tensors at a time: factors kept on disk (OffloadedFactors) are never all in memory
+            # one layer's tensors at a time: factors kept on disk (OffloadedFactors) are never all in memory. The
+            # header pass reads them once more: disk reads, no memory
             specs = {key: (t.dtype, tuple(t.shape)) for key, t in self._lora_tensors(dtype)}
             write_safetensors(aside / "adapter_model.safetensors", specs, self._lora_tensors(dtype),
                               metadata={"format": "pt"})
