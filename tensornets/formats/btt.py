@@ -165,8 +165,16 @@ class BTT(Factorization):
         return torch.einsum("xaor,oxrp->opxa", w1, w2).reshape(n0 * n1, m1 * m0)
 
     def _rebuild_cost(self) -> tuple[int, int]:
+        """``(flops, traffic)`` of :meth:`_dense`: one ``bmm`` over the ``(o0, a1)`` blocks.
+
+        Traffic: the cores are read; ``W1`` is first copied into the ``bmm``'s batch-major layout (read and write),
+        and the ``(o0, a1, o1, a0)`` product is written, read back and written again as ``(o0, o1, a1, a0)``.
+        Leaving out those two copies made the formula rebuild a 1024² r=32 BTT for 32 rows at 1.9x the contraction's
+        time (``benchmarks/results/layers.md``).
+        """
         (m1, m0), (n0, n1), (r,) = self.in_modes, self.out_modes, self.ranks
-        return 2 * n0 * n1 * m1 * m0 * r, self.num_parameters + 2 * n0 * n1 * m1 * m0
+        dense = n0 * n1 * m1 * m0
+        return 2 * dense * r, self.num_parameters + 2 * self.W1.numel() + 3 * dense
 
     def init_chain(self):
         return [self.W1, self.W2], self.ranks[0]

@@ -150,6 +150,19 @@ def test_btt_layout_follows_the_measured_order():
     assert rows.traffic == columns.traffic and r16._plan(32).label == "contract"
 
 
+def test_btt_rebuild_pays_for_its_copies():
+    # BTT 1024^2, r = 32, 32 rows: rebuild + GEMM and the contraction cost the same FLOPs, but the rebuild also copies
+    # W1 into the bmm's layout and permutes its (o0, a1, o1, a0) product; measured 1.47 ms vs 0.77 ms for the
+    # contraction (benchmarks/results/layers.md). The formula must not rebuild here.
+    fact = tensornets.BTT.empty(1024, 1024, in_modes=(32, 32), out_modes=(32, 32), ranks=(32,))
+    rebuild, rows, _ = fact._candidates(32)
+    assert rebuild.flops == rows.flops
+    assert rebuild.traffic >= fact.num_parameters + 2 * fact.W1.numel() + 4 * 1024 * 1024
+    assert fact._plan(32).label.startswith("contract")
+    # at 512 rows the contraction's hidden is 16x larger while the rebuild's copies stay the same: rebuild wins
+    assert fact._plan(512).label == "rebuild"
+
+
 def test_plan_flops_match_opt_einsum():
     plan = plan_contraction("ab,bc,cd->ad", [(8, 16), (16, 4), (4, 32)])
     _, info = opt_einsum.contract_path("ab,bc,cd->ad", (8, 16), (16, 4), (4, 32), shapes=True, optimize="optimal")
