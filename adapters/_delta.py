@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
@@ -261,19 +261,49 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             if self._has_adapter(name):
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """What adapter ``adapter_name`` adds to ``result = base(x)``: ``Δ(dropout(x))``, in ``result``'s dtype."""
+        x_in = self.delta_dropout[adapter_name](x) if x.is_floating_point() else x
+        return self.delta_forward(x_in, adapter_name).to(result.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[Sequence[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
+        """``base(x) + Σ_{a active} Δ_a(x)``; with ``adapter_names`` (one name per row of ``x``, injected by
+        :meth:`DeltaTuner._enable_peft_forward_hooks`), row ``i`` gets adapter ``adapter_names[i]`` only
+        (``"__base__"``: none), PEFT's mixed-adapter batches."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        out = result
         for name in self.active_adapters:
             if self._has_adapter(name):
-                x_in = self.delta_dropout[name](x) if x.is_floating_point() else x
-                result = result + self.delta_forward(x_in, name).to(result.dtype)
-        return result
+                out = out + self.adapter_output(x, result, name)
+        return out
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str],
+                             **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` of ``x`` through the base and adapter ``adapter_names[i]`` (each adapter runs once, on its rows)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} names for an input of {x.shape[0]} rows (shape "
+                f"{tuple(x.shape)}): pass one adapter name (or '__base__') per row of the batch"
+            )
+        if self.merged:
+            raise ValueError("adapter_names= cannot be used while adapters are merged: call unmerge_adapter() first")
+        result = self.base_layer(x, *args, **kwargs)
+        out = result
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or not self._has_adapter(name):
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            out = out.index_add(0, rows, self.adapter_output(x.index_select(0, rows), result.index_select(0, rows), name))
+        return out
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # PEFT's version also casts to the base dtype (and relies on a later upcast); ours keep
@@ -504,6 +534,50 @@ class DeltaTuner(BaseTuner):
         if was_active:
             # PEFT's layers make the adapter that takes over trainable (as LoRA's are); its shared state must follow
             self._set_shared_requires_grad(self.active_adapters, True, others=False)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Mixed-adapter batches, as PEFT's LoRA: ``model(x, adapter_names=[...])`` (and ``generate``) runs row ``i``
+        with adapter ``adapter_names[i]`` (``"__base__"``: the base model alone), whatever adapters are active.
+
+        Inference only (the model in eval mode) and unmerged. With ``num_beams > 1`` each name is repeated for its
+        row's beams, except in an encoder-decoder model's encoder, which sees the rows unrepeated.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+        if self.training:
+            raise ValueError("adapter_names= (mixed-adapter batches) is for inference: call model.eval() first")
+        known = {name for module in self.model.modules() if isinstance(module, DeltaLayer)
+                 for name in module._get_available_adapters()}
+        unknown = sorted(set(adapter_names) - known - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter named {unknown} on this model (it has {sorted(known)}); "
+                             "'__base__' selects the base model")
+        names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        beams = num_beams if isinstance(num_beams, int) and num_beams > 1 else 1
+        handles = []
+
+        def inject(layers: Iterator[nn.Module], row_names: list[str]) -> None:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                return args, {**kwargs, "adapter_names": row_names}
+            for module in layers:
+                if isinstance(module, DeltaLayer):
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+        inject(self.model.modules(), [n for n in names for _ in range(beams)])
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        if beams > 1 and encoder is not None and encoder is not self.model:
+            inject(encoder.modules(), names)  # registered later, so it runs last and wins for the encoder
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _check_merge_allowed(self) -> None:
         """PEFT's checks, then every adapted layer's weight (before any layer is merged: ``merge_and_unload`` would

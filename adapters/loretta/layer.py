@@ -473,15 +473,9 @@ class LoRETTAAdpLayer(DeltaLayer):
         z = torch.relu(h.to(m_d.dtype) @ m_d + self.loretta_adp_bias_D[adapter_name])
         return self._scale(adapter_name) * (z @ m_u.T + self.loretta_adp_bias_U[adapter_name])
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
-        out = result
-        for name in self.active_adapters:
-            if self._has_adapter(name):
-                out = out + self.adapter_branch(self.delta_dropout[name](result), name).to(result.dtype)
-        return out
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The bottleneck branch on the base output: ``adapter_branch(dropout(result))`` (``x`` is not read)."""
+        return self.adapter_branch(self.delta_dropout[adapter_name](result), adapter_name).to(result.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Always raises: see :data:`NOT_MERGEABLE`."""

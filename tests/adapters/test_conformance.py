@@ -376,3 +376,92 @@ def test_load_onto_a_base_of_other_widths_fails(case, tmp_path):
     wider = conf.TinyMLP(d=24).eval()
     with pytest.raises((ValueError, RuntimeError), match="other layer shapes|size mismatch"):
         PeftModel.from_pretrained(wider, str(tmp_path / "a"))
+
+
+def _mixed_output(case, model, inputs, names):
+    return case.spec.output(model(**inputs, adapter_names=names))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mixed_adapter_batch_routes_each_row(case):
+    # PEFT's mixed-adapter batches: row i runs adapter names[i] ("__base__": none), whichever adapter is active
+    model, inputs = conf.build(case)
+    conf.perturb_(model, seed=1)
+    model.add_adapter("other", case.config())
+    model.set_adapter("other")
+    conf.perturb_(model, seed=2)
+    model.set_adapter("default")
+    model.eval()
+    with torch.no_grad():
+        per_adapter = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            per_adapter[name] = conf.output(case, model, inputs)
+        with model.disable_adapter():
+            per_adapter["__base__"] = conf.output(case, model, inputs)
+        assert not torch.allclose(per_adapter["default"], per_adapter["other"])
+        for names in (["other", "__base__"], ["default", "other"], ["__base__", "default"]):
+            mixed = _mixed_output(case, model, inputs, names)
+            for row, name in enumerate(names):
+                assert_close(mixed[row], per_adapter[name][row], tol=1e-5)
+        with pytest.raises(ValueError, match=r"no adapter named \['typo'\]"):
+            _mixed_output(case, model, inputs, ["default", "typo"])
+        with pytest.raises(ValueError, match="one adapter name .* per row"):
+            _mixed_output(case, model, inputs, ["default"])
+        with pytest.raises(TypeError, match="list of adapter names"):
+            _mixed_output(case, model, inputs, "default")
+        model.train()
+        with pytest.raises(ValueError, match=r"for inference: call model.eval\(\)"):
+            _mixed_output(case, model, inputs, ["default", "other"])
+        model.eval()
+        # the hooks are gone after the call: a plain forward is the active adapter's again
+        model.set_adapter("other")
+        assert torch.equal(conf.output(case, model, inputs), per_adapter["other"])
+        if case.mergeable:
+            model.merge_adapter()
+            with pytest.raises(ValueError, match=r"merged: call unmerge_adapter\(\)"):
+                _mixed_output(case, model, inputs, ["default", "other"])
+
+
+def _tiny_causal_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def _tiny_seq2seq():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                               decoder_start_token_id=0, pad_token_id=0))
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("make_base,targets", [(_tiny_causal_lm, ["q_proj", "v_proj"]), (_tiny_seq2seq, ["q", "v"])],
+                         ids=["llama", "t5"])
+def test_mixed_adapter_batch_in_generate(make_base, targets, num_beams):
+    # generate() forwards adapter_names to every step; beam search repeats each row's name for its beams, except in
+    # an encoder-decoder model's encoder, which runs once on the unrepeated rows
+    torch.manual_seed(0)
+    config = lambda: adapters.LoTRConfig(r=4, target_modules=targets)  # noqa: E731
+    model = get_peft_model(make_base().eval(), config())
+    conf.perturb_(model, seed=1, std=0.5)
+    model.add_adapter("other", config())
+    model.set_adapter("other")
+    conf.perturb_(model, seed=2, std=0.5)
+    model.eval()
+    prompt = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    with torch.no_grad():
+        alone = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            alone[name] = model.generate(input_ids=prompt, **kwargs)
+        with model.disable_adapter():
+            alone["__base__"] = model.generate(input_ids=prompt, **kwargs)
+        names = ["other", "__base__", "default"]
+        mixed = model.generate(input_ids=prompt, adapter_names=names, **kwargs)
+    assert not torch.equal(alone["default"], alone["other"])
+    for row, name in enumerate(names):
+        assert torch.equal(mixed[row], alone[name][row])
