@@ -438,8 +438,11 @@ class Factorization(nn.Module, ABC):
         # gradients, as nn.Linear does
         # (int(): torch.jit.trace records sizes as tensors; its graph is fixed to this batch's plan anyway)
         batch = max(int(x2.shape[0]), 1) if torch.jit.is_tracing() else max(x2.shape[0], 1)
-        # a forward autograd records (training) runs the plan of least forward + backward cost
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        # a forward autograd records (training) runs the plan of least forward + backward cost. torch.jit.trace
+        # (a tool for deploying inference) records the inference plan, with or without grad: its check traces
+        # again under no_grad and must find the same graph
+        grad = (torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
         if torch.compiler.is_dynamo_compiling():
             # Choosing a plan searches einsum paths (opt_einsum), which dynamo cannot trace: it runs
             # eagerly at trace time, and the graph holds only the chosen plan's ops. The batch is

@@ -47,9 +47,12 @@ def test_export_records_aten_ops_equal_to_eager(fmt, kw, batch, strict):
 def test_jit_trace_equals_eager(fmt, kw):
     layer = _layer(fmt, kw)
     x = torch.randn(8, IN, generator=torch.Generator().manual_seed(2))
+    # as users call it: grad on, trainable cores, and trace's own check (a second trace under no_grad) left on;
+    # both record the inference plan, whatever the training plan is
+    traced = torch.jit.trace(layer, (x,))
     with torch.no_grad():
-        traced = torch.jit.trace(layer, (x,), check_trace=False)
         assert_close(traced(x), layer(x), what="traced output")
+        assert_close(torch.jit.trace(layer, (x,))(x), layer(x), what="output traced under no_grad")
 
 
 def test_a_forced_plan_exports_one_graph_for_a_dynamic_batch():
