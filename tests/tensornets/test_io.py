@@ -78,6 +78,21 @@ def test_load_rejects_foreign_files(tmp_path):
         tensornets.save(nn.Linear(2, 2), tmp_path / "y.safetensors")
 
 
+@pytest.mark.parametrize("device,match", [
+    ("meta", "device='meta' holds no values"),
+    ("tpu", "device='tpu' is not a torch device"),
+    ("cuda:4096", "device='cuda:4096'"),
+    (3.5, "device=3.5 is not a torch device"),
+])
+def test_load_names_a_bad_device_not_the_file(tmp_path, device, match):
+    path = tmp_path / "l.safetensors"
+    tensornets.save(tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "lowrank", rank=2), path)
+    with pytest.raises(ValueError, match=match) as info:
+        tensornets.load(path, device=device)
+    assert "corrupt" not in str(info.value)
+    assert isinstance(tensornets.load(path, device=torch.device("cpu")), tensornets.LowRank)
+
+
 def _rewrite(path, edit_tensors=None, edit_manifest=None) -> None:
     from safetensors.torch import load_file, save_file
 
