@@ -99,9 +99,18 @@ def resolve_eps(eps: float | None, energy: float | None) -> float | None:
 
 def check_keep(keep: float, name: str = "keep") -> float:
     """``keep`` (the fraction of parameters kept) if it is in ``(0, 1]``; ValueError otherwise."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"{name}={keep} must be in (0, 1]: it is the fraction of parameters kept (0.8 keeps 80 %)")
-    return float(keep)
+    # real scalars of any kind (numpy's float32, a 0-d tensor) are accepted; bools, strings and arrays are not
+    not_real = TypeError(f"{name}={keep!r} must be a real number in (0, 1], the fraction of parameters kept")
+    if (isinstance(keep, (bool, str, bytes)) or getattr(keep, "ndim", 0) != 0
+            or (isinstance(keep, torch.Tensor) and (keep.is_complex() or keep.dtype == torch.bool))):
+        raise not_real
+    try:
+        value = float(keep)
+    except (TypeError, ValueError):
+        raise not_real from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value} must be in (0, 1]: it is the fraction of parameters kept (0.8 keeps 80 %)")
+    return value
 
 
 def _caller_stacklevel() -> int:

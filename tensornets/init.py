@@ -37,7 +37,7 @@ def init_factorization_(
     scheme: Literal["variance", "mup"] = "variance",
     generator: torch.Generator | None = None,
 ) -> Factorization:
-    """Fill the cores of ``factorization`` in place with Gaussian noise.
+    """Fill the cores of ``factorization`` in place with Gaussian noise, each core rescaled to its expected norm.
 
     Parameters
     ----------
@@ -61,6 +61,8 @@ def init_factorization_(
         return factorization
     if scheme != "variance":
         raise ValueError(f"scheme={scheme!r} must be 'variance' or 'mup'")
+    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf):
+        raise ValueError(f"std={std!r} must be a positive finite number (the target std of the dense weight)")
     sigma = factorization.in_features ** -0.5 if std is None else std
     factors, num_terms = factorization.init_chain()
     s = factor_std(sigma, len(factors), num_terms)
@@ -70,7 +72,15 @@ def init_factorization_(
 
 
 def _normal_(param: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
-    values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+    """Gaussian noise rescaled to its expected norm ``std · sqrt(numel)``: a uniformly random direction.
+
+    The rescaling fixes the realized variance of small factors: a Tucker core at rank 1 is a single scalar, whose
+    plain Gaussian draw scaled the whole matrix by anything from 0.002x to 2x the target std.
+    """
+    values = torch.randn(param.shape, generator=generator, dtype=torch.float32).double()
+    norm = values.norm()
+    if norm > 0:
+        values *= std * math.sqrt(values.numel()) / norm
     param.copy_(values.to(device=param.device, dtype=param.dtype))
 
 

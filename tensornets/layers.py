@@ -14,7 +14,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .bypassed import weight_recomputed
 from .decompositions import rank_for_keep, resolve_eps, resolve_keep
 from .formats import Factorization, LowRank, Tucker, get_format
-from .formats.base import normalize_rank
+from .formats.base import _autocast_dtype_of, normalize_rank
 from .init import init_factorization_
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "decompose"]
@@ -45,6 +45,17 @@ def live_weight(module: nn.Module) -> torch.Tensor:
             if isinstance(hook, WeightNorm) and hook.name == "weight":
                 return hook.compute_weight(module)
     return module.weight
+
+
+def _refuse_weight_assignment(layer: nn.Module, name: str) -> None:
+    """``layer.weight = ...`` raises a clear error (nn.Module's own would be a KeyError "already exists" for a
+    Parameter): the weight of a factorized layer is a view of its cores."""
+    if name == "weight":
+        kind = type(layer).__name__
+        raise AttributeError(
+            f"{kind}.weight is rebuilt from the cores on every read and cannot be assigned: set the cores of "
+            f"layer.factorization, or build a new layer ({kind}.from_{'conv' if 'Conv' in kind else 'linear'}(...))"
+        )
 
 
 class FactorizedLinear(nn.Module):
@@ -107,6 +118,8 @@ class FactorizedLinear(nn.Module):
         starts at zero.
         """
         fmt = get_format(format)
+        if init not in ("variance", "mup"):
+            raise ValueError(f"init={init!r} must be 'variance' or 'mup'")
         in_modes, out_modes = fmt.resolve_modes(in_features, out_features, num_cores, modes, pad)
         ranks = fmt.resolve_ranks(rank, in_modes, out_modes)
         fact = fmt.empty(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks, dtype=dtype, device=device)
@@ -127,6 +140,10 @@ class FactorizedLinear(nn.Module):
     @property
     def num_parameters(self) -> int:
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_features)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _refuse_weight_assignment(self, name)
+        super().__setattr__(name, value)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -290,6 +307,10 @@ class FactorizedConv2d(nn.Module):
     @property
     def num_parameters(self) -> int:
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_channels)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _refuse_weight_assignment(self, name)
+        super().__setattr__(name, value)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -496,8 +517,19 @@ class FactorizedConv2d(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (N, C_in, H, W) or (C_in, H, W) with "
+                             f"C_in=in_channels={self.in_channels}")
+        ref = next(self.factorization.parameters())
+        if x.dtype != ref.dtype and not _autocast_dtype_of(x):
+            raise TypeError(f"x has dtype {x.dtype} but the conv's cores are {ref.dtype}; cast x or .to() the module")
+        if x.device != ref.device:
+            raise ValueError(f"x is on {x.device} but the conv's cores are on {ref.device}; move one of them")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, H, W) -> (N, C_out, H', W')`` through the factor convolutions."""
+        self._check_input(x)
         fact = self.factorization
         if isinstance(fact, Tucker):
             u_in, spatial = fact.in_factors

@@ -9,6 +9,7 @@ for (:func:`padded_size`).
 from __future__ import annotations
 
 import math
+import operator
 from functools import lru_cache
 from typing import Sequence
 
@@ -132,7 +133,7 @@ def validate_modes(modes: Sequence[int], size: int, name: str) -> tuple[int, ...
     A product larger than ``size`` means zero padding; smaller is an error.
     """
     try:
-        modes = tuple(int(m) for m in modes)
+        modes = tuple(operator.index(m) for m in modes)  # never int(4.9) -> 4: a mode is not rounded
     except TypeError as exc:
         raise TypeError(f"{name} must be a sequence of ints, got {modes!r}") from exc
     if not modes or any(m < 1 for m in modes):

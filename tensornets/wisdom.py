@@ -144,6 +144,12 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` with ``data`` atomically (a temporary file in its directory, then ``os.replace``)."""
     fd, tmp = tempfile.mkstemp(prefix=".wisdom-", suffix=".json", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it the mode any new file gets (0666 less the umask), so that a cache
+        # directory shared by several users stays readable to them
+        if hasattr(os, "fchmod"):  # POSIX only
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)
         os.replace(tmp, path)

@@ -24,8 +24,8 @@ from torch import nn
 from .. import wisdom
 from ..contraction import ContractionPlan, batch_bucket, plan_contraction
 from ..decompositions import parameter_limit, rank_for_keep, resolve_eps, resolve_keep
-from ..plans import (ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy, default_timer,
-                     get_strategy, time_once)
+from ..plans import (STRATEGIES, ContractPlan, EinsumPlan, Plan, RebuildPlan, Timer, cheapest, check_strategy,
+                     default_timer, get_strategy, time_once)
 from ..shapes import check_weight, factorize, padded_size, validate_modes
 
 __all__ = ["Factorization", "EinsumFactorization", "RankSpec", "normalize_rank", "budget_limit", "traffic_weight", "TRAFFIC_WEIGHT"]
@@ -266,7 +266,13 @@ class Factorization(nn.Module, ABC):
     def set_strategy(self, strategy: str | None) -> "Factorization":
         """Choose how this layer picks its plan: ``"formula"``, ``"measure"``, a candidate name, or
         ``None`` to follow :func:`tensornets.set_strategy`. Returns ``self``. See :mod:`tensornets.plans`."""
-        self.plan_strategy = check_strategy(strategy)
+        strategy = check_strategy(strategy)
+        if strategy is not None and strategy not in STRATEGIES:
+            names = sorted({c.name for c in self._candidates(1)})
+            if strategy not in names:
+                raise ValueError(f"strategy={strategy!r} is not a plan of {self.format_name}; its plans are {names}, "
+                                 "or 'formula' / 'measure'")
+        self.plan_strategy = strategy
         return self
 
     def tune(self, batches: Sequence[int], timer: Timer | None = None, grad: bool = False) -> dict[int, str]:
@@ -503,6 +509,11 @@ class Factorization(nn.Module, ABC):
             in_modes = validate_modes(modes[1], in_features, "modes[1] (in_modes)")
         else:
             k = cls.default_num_cores if num_cores is None else num_cores
+            if isinstance(k, bool) or not hasattr(type(k), "__index__"):
+                raise TypeError(f"num_cores={num_cores!r} must be an int (the modes each side is split into)")
+            k = operator.index(k)
+            if k < 1:
+                raise ValueError(f"num_cores={num_cores!r} must be >= 1 (the modes each side is split into)")
             sizes = []
             for n, name in ((in_features, "in_features"), (out_features, "out_features")):
                 m = padded_size(n, k) if pad else n
@@ -640,8 +651,8 @@ class Factorization(nn.Module, ABC):
             raise ValueError(f"svd={svd!r} must be 'full' or 'randomized'")
         if svd == "randomized" and not cls.supports_randomized_svd:
             raise ValueError(
-                f"svd='randomized' does not apply to {cls.format_name}: its SVDs are small, exact ones; "
-                f"use svd='full' (randomized helps lowrank, tt and mpo)"
+                f"svd='randomized' does not apply to {cls.format_name}: only lowrank, tt and mpo run large SVDs that a "
+                f"randomized one speeds up; use svd='full'"
             )
         out_features, in_features = weight.shape
         keep = resolve_keep(keep, budget, f"{cls.format_name}.from_dense")

@@ -171,6 +171,25 @@ def test_bad_arguments_raise_clear_errors(call, match):
         call(low_rank_plus_noise(OUT, IN, 6, 0.3))
 
 
+def test_keep_accepts_any_real_scalar_and_refuses_the_rest():
+    import numpy as np
+
+    W = low_rank_plus_noise(OUT, IN, 6, 0.3)
+    expected = tensornets.decompose(W, "lowrank", keep=0.5).ranks
+    for keep in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert tensornets.decompose(W, "lowrank", keep=keep).ranks == expected
+    for keep in (True, "0.5", np.array([0.5])):
+        with pytest.raises(TypeError, match="must be a real number in \\(0, 1\\]"):
+            tensornets.decompose(W, "lowrank", keep=keep)
+
+
+def test_set_strategy_refuses_a_plan_the_format_lacks_at_once():
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "tt", rank=2)
+    with pytest.raises(ValueError, match=r"strategy='split' is not a plan of tt; its plans are \['einsum', 'rebuild'\]"):
+        fact.set_strategy("split")
+    assert fact.set_strategy("rebuild").strategy(4) == "rebuild"
+
+
 def test_resolve_structure_is_from_dense_without_the_weight(format_case):
     """The modes and ranks a size request gives, found without decomposing (checks a whole model first)."""
     fmt, kw = format_case

@@ -49,3 +49,25 @@ def test_btt_mup_init_and_learning_rates():
 def test_mup_is_refused_for_other_formats():
     with pytest.raises(ValueError, match="scheme='mup' is defined for the btt format"):
         FactorizedLinear.create(64, 64, "mpo", rank=4, num_cores=2, init="mup")
+
+
+@pytest.mark.parametrize("fmt", ["tucker", "cp", "lowrank"])
+def test_rank_one_init_has_the_target_std_at_every_seed(fmt):
+    # a rank-1 Tucker core is one scalar: drawn as plain Gaussian noise it scaled the whole matrix by 0.002x to 2x
+    # the target std from seed to seed; each factor is now rescaled to its expected norm
+    realized = [float(FactorizedLinear.create(1024, 512, fmt, rank=1, generator=torch.Generator().manual_seed(seed))
+                      .factorization.to_dense().detach().std()) for seed in range(10)]
+    assert max(abs(r * 1024**0.5 - 1) for r in realized) < 0.05, realized
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(init="xavier"), ValueError, r"init='xavier' must be 'variance' or 'mup'"),
+    (dict(std=-1.0), ValueError, r"std=-1.0 must be a positive finite number"),
+    (dict(std=float("nan")), ValueError, r"std=nan must be a positive finite number"),
+    (dict(num_cores=0), ValueError, r"num_cores=0 must be >= 1"),
+    (dict(num_cores=2.0), TypeError, r"num_cores=2.0 must be an int"),
+    (dict(modes=((4.9, 4), (4, 6.5))), TypeError, r"modes\[0\] \(out_modes\) must be a sequence of ints"),
+], ids=["init", "std-negative", "std-nan", "num-cores-0", "num-cores-float", "float-modes"])
+def test_create_names_the_bad_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FactorizedLinear.create(24, 16, "tt", rank=2, **kwargs)

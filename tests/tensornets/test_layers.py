@@ -271,3 +271,21 @@ def test_a_stem_conv_keeps_its_spatial_mode_at_its_full_rank():
                                          r"needs 1211 parameters of its 1176; use format='lowrank'"):
         FactorizedConv2d.from_conv(conv, keep=0.5)
     assert FactorizedConv2d.from_conv(conv, "lowrank", keep=0.5).ranks == (3,)  # 3 * (8 + 147) <= 588
+
+
+def test_weight_cannot_be_assigned_and_says_why():
+    linear = FactorizedLinear.create(24, 16, "tt", rank=2)
+    conv = FactorizedConv2d.from_conv(nn.Conv2d(4, 6, 3), "tucker", rank=2)
+    for layer, value in ((linear, nn.Parameter(torch.zeros(16, 24))), (linear, torch.zeros(16, 24)),
+                         (conv, nn.Parameter(torch.zeros(6, 4, 3, 3)))):
+        with pytest.raises(AttributeError, match=r"\.weight is rebuilt from the cores .* cannot be assigned"):
+            layer.weight = value
+
+
+def test_conv_names_a_wrong_input():
+    conv = FactorizedConv2d.from_conv(nn.Conv2d(4, 6, 3), "tucker", rank=2)
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but the conv's cores are torch.float32"):
+        conv(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"C_in=in_channels=4"):
+        conv(torch.randn(2, 5, 8, 8))
+    assert conv(torch.randn(4, 8, 8)).shape == (6, 6, 6)  # unbatched, as nn.Conv2d

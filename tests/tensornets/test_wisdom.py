@@ -42,3 +42,15 @@ def test_one_cache_directory_for_wisdom_and_models(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert wisdom.wisdom_path() == tmp_path / "xdg" / "tensornets" / "wisdom.json"
     assert default_cache_dir() == tmp_path / "xdg" / "tensornets" / "smollm2-135m"
+
+
+def test_wisdom_file_gets_the_umask_mode_not_mkstemps_0600(cache):
+    # a cache directory shared by several users: the file must be as readable as any file they create
+    import os
+
+    old = os.umask(0o022)
+    try:
+        wisdom.record("a", "rebuild", {"rebuild": 1.0})
+    finally:
+        os.umask(old)
+    assert (cache / "wisdom.json").stat().st_mode & 0o777 == 0o644
