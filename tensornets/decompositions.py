@@ -473,7 +473,9 @@ def hooi(
 
     Each sweep replaces ``U_k`` by the leading singular vectors of the unfolding of
     ``T x_{j != k} U_j^T``; stops when the core norm (the captured energy) improves by less than
-    ``tol`` relative. On real weights it barely beats HOSVD at several times the cost.
+    ``tol`` relative. On real weights it barely beats HOSVD at several times the cost. The factors keep the
+    ranks HOSVD starts with, also a rank above the product of the others (whose extra directions then carry no
+    energy).
     """
     modes = list(range(tensor.dim())) if modes is None else list(modes)
     core, factors = hosvd(tensor, rank=rank, modes=modes)
@@ -485,7 +487,13 @@ def hooi(
             for j, (mj, Uj) in enumerate(zip(modes, factors)):
                 if j != i:
                     proj = mode_product(proj, Uj.mT, mj)
-            factors[i] = _leading_vectors(_unfold(proj, m), ranks[i], None)
+            U = _leading_vectors(_unfold(proj, m), ranks[i], None)
+            if U.shape[1] < ranks[i]:
+                # the projected unfolding has fewer columns than the rank asked for (a rank above the product of
+                # the others): complete the basis from the previous factor. The added directions hold none of
+                # this projection's energy, so the fit is the same and the ranks stay the ones asked for.
+                U = torch.linalg.qr(torch.cat([U, factors[i]], dim=1)).Q[:, : ranks[i]]
+            factors[i] = U
         core = tensor
         for m, U in zip(modes, factors):
             core = mode_product(core, U.mT, m)

@@ -88,6 +88,19 @@ def test_tucker_hooi_error_equals_tensorly_tucker(ranks):
     assert float((fact.to_dense().detach() - W).norm()) == pytest.approx(float((ref - T).norm()), rel=1e-4)
 
 
+def test_hooi_keeps_ranks_above_the_product_of_the_others():
+    # rank (4, 1, 1, 1): mode 0's projected unfolding has one column, so its SVD gives one vector; the factor is
+    # completed to the 4 columns asked for (what resolve_structure reports and a layer of those ranks loads)
+    W = torch.randn(16, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    request = dict(rank=[4, 1, 1, 1], modes=((4, 4), (4, 6)))
+    hooi_fact = tensornets.decompose(W, "tucker", algorithm="hooi", **request)
+    hosvd_fact = tensornets.decompose(W, "tucker", **request)
+    assert hooi_fact.ranks == hosvd_fact.ranks == (4, 1, 1, 1)
+    U = hooi_fact.out_factors[0]
+    assert torch.allclose(U.mT @ U, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    assert (hooi_fact.to_dense() - W).norm() <= (hosvd_fact.to_dense() - W).norm() + 1e-12
+
+
 def test_hooi_never_worse_than_hosvd():
     T = low_rank_plus_noise(48, 60, 12, 0.5).reshape(6, 8, 6, 10)
     rank = [3, 4, 3, 5]
