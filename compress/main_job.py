@@ -60,9 +60,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -467,6 +469,7 @@ def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             if resolved == source or resolved in source.parents:
                 parser.error(f"argument --output-dir: {out} holds the model being compressed ({args.model_path}); "
                              "writing there would replace it, pass a directory of its own")
+        _check_writable(parser, "--output-dir", out)
         args.output_dir = str(out)
     if args.json is not None:
         path = Path(args.json).expanduser()
@@ -475,12 +478,25 @@ def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             parser.error(f"argument --json: {blocked} is a file, not a directory; pass another path")
+        if path.exists() and not os.access(path, os.W_OK):
+            parser.error(f"argument --json: {path} exists and is not writable; pass another path")
+        _check_writable(parser, "--json", path.parent)
         args.json = str(path)
 
 
-def _threads(parser: argparse.ArgumentParser, text: str) -> int:
-    import os
+def _check_writable(parser: argparse.ArgumentParser, flag: str, directory: Path) -> None:
+    """Create and remove a scratch directory where ``directory`` is (or its nearest existing parent, where it will be
+    created): permissions, read-only mounts and pseudo file systems (/proc) all show up now, not after the run."""
+    base = directory
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tensornets-write-check-", dir=base))
+    except OSError as e:
+        parser.error(f"argument {flag}: cannot create files in {base} ({e.strerror or e}); pass a writable path")
 
+
+def _threads(parser: argparse.ArgumentParser, text: str) -> int:
     import torch
 
     if text == "torch":

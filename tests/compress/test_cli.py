@@ -14,6 +14,8 @@ import random
 import re
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -129,6 +131,17 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     args = parse_args(["--output-dir=~/out", "--json=~/s.json"])
     assert (args.output_dir, args.json) == (str(tmp_path / "out"), str(tmp_path / "s.json"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+@pytest.mark.parametrize("flag, path", [("--output-dir", "/proc/tensornets-out"), ("--json", "/proc/x/s.json")])
+def test_an_unwritable_output_path_is_refused_at_parsing(flag, path, capsys):
+    # both used to pass the checks and fail with a raw traceback after the whole compression (root ignores file
+    # modes, so /proc stands in for a read-only place on every machine)
+    with pytest.raises(SystemExit) as exc:
+        parse_args([flag, path])
+    assert exc.value.code == 2
+    assert f"argument {flag}: cannot create files in /proc" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device, message", [
