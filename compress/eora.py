@@ -88,6 +88,16 @@ class EoraLayerReport:
     choice: str | None = None
 
 
+def _storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating ``dtype`` to store factors in (a name such as ``"bfloat16"`` is accepted); ``None`` keeps theirs."""
+    if isinstance(dtype, str) and dtype in ("bfloat16", "float16", "float32", "float64"):
+        dtype = getattr(torch, dtype)
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
+        return dtype
+    raise TypeError(f"dtype={dtype!r} cannot store the factors: pass torch.bfloat16, torch.float16, torch.float32 "
+                    "(or their names), or None to keep the computed dtype")
+
+
 class CompensatedLayer(nn.Module):
     """``base_layer(x) + lora_B(lora_A(x))``: a layer plus its in-memory EoRA residual.
 
@@ -170,7 +180,10 @@ class EoraAdapter:
     #: identifies this adapter on the layers :meth:`merge` folded it into
     _token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False, compare=False)
 
-    def _check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+    def _check_model(self, model: nn.Module, peft_layers: bool = True) -> dict[str, nn.Module]:
+        """The compensated layers of ``model``, checked; ``peft_layers=False`` also refuses layers a PEFT adapter
+        wraps (:meth:`apply` and :meth:`merge`: ``PeftModel.from_pretrained(model, adapter)`` injects the saved
+        residual into ``model`` itself, and adding it again would count it twice)."""
         if isinstance(model, PeftModel):
             raise TypeError("pass the compressed model itself, not a PeftModel (its layers sit under "
                             "base_model.model): peft_model.get_base_model(), or merge_and_unload() first; to train "
@@ -187,6 +200,10 @@ class EoraAdapter:
             if self._token in getattr(module, _MERGED_MARK, ()):
                 raise ValueError(f"layer {name!r} already holds this adapter's residual (merge() was called on this "
                                  "model); merging again would add it twice: pass the model as it was before merge()")
+            if isinstance(module, BaseTunerLayer) and not peft_layers:
+                raise ValueError(f"layer {name!r} is wrapped by a PEFT adapter ({type(module).__name__}): "
+                                 "PeftModel.from_pretrained(model, ...) injects the saved residual into model itself, "
+                                 "so this would add it twice; use that PeftModel, or pass a model without the adapter")
             # a layer an earlier PEFT adapter wrapped is checked on its base layer (as_peft_init on a PeftModel)
             W = dense_weight(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
             if tuple(W.shape) != (B.shape[0], A.shape[1]):
@@ -198,7 +215,7 @@ class EoraAdapter:
     def apply(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
         """``model`` with every compensated layer wrapped in a :class:`CompensatedLayer` (a copy unless ``inplace``)."""
         work = model if inplace else copy.deepcopy(model)
-        for name, module in self._check_model(work).items():
+        for name, module in self._check_model(work, peft_layers=False).items():
             B, A = self.factors[name]
             replace_module(work, name, CompensatedLayer(module, B, A))
         return work
@@ -213,7 +230,7 @@ class EoraAdapter:
         adapter: merging it into them again (which would add ``BA`` twice) raises ``ValueError``.
         """
         work = model if inplace else copy.deepcopy(model)
-        for name, module in self._check_model(work).items():
+        for name, module in self._check_model(work, peft_layers=False).items():
             B, A = self.factors[name]
             kind = layer_kind(module)
             if kind in ("factorized_linear", "factorized_conv2d") and module.factorization.format_name == "lowrank":
@@ -280,6 +297,7 @@ class EoraAdapter:
         exported (use :meth:`merge` for low-rank layers or :meth:`apply`).
         """
         self._check_lora_kinds()
+        dtype = _storage_dtype(dtype)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # both files are written aside, then renamed into place: a failed write leaves an earlier adapter whole
@@ -310,7 +328,7 @@ class EoraAdapter:
         Raises ``ValueError`` for layers PEFT's LoRA cannot wrap (factorized, dilated conv).
         """
         self._check_lora_kinds()
-        return dict(self._lora_tensors(dtype))
+        return dict(self._lora_tensors(_storage_dtype(dtype)))
 
     def _check_lora_kinds(self) -> None:
         bad = {n: k for n, k in self.kinds.items() if k not in ("linear", "conv1d", "conv2d")}
@@ -388,7 +406,7 @@ def eora_factors(
     """
     if method not in EORA_METHODS:
         raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
-    lr.check_rank(rank, delta.shape[0], delta.shape[1], name)
+    lr.check_rank(rank, delta.shape[0], delta.shape[1], name, lr.EORA_RANK_FIX)
     return lr.lowrank_factors(delta, rank, EORA_METHODS[method], stats, alpha=alpha, ridge=ridge, eps=eps, device=device)
 
 
@@ -558,7 +576,7 @@ def eora_compensate(
             raise ValueError("the compressed model's layers equal the original's; nothing to compensate")
 
     for name, module in targets.items():  # fail before any work is done
-        lr.check_rank(rank, *dense_weight(module).shape, name)
+        lr.check_rank(rank, *dense_weight(module).shape, name, lr.EORA_RANK_FIX)
     if sequential:
         if method != "eora":
             raise ValueError(f"sequential=True fits the drifted inputs in EoRA's eigenspace; method={method!r} has no "

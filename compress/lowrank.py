@@ -195,13 +195,18 @@ def factors_from_svd(
     return B, A
 
 
-def check_rank(rank: int, out_features: int, in_features: int, name: str) -> None:
-    """Raise unless ``1 <= rank <= min(out, in)``."""
+#: what :func:`check_rank` tells an EoRA caller to do (the factorizing methods' ``keep=`` / ``energy=`` are not EoRA's)
+EORA_RANK_FIX = "pass a smaller rank (the residual's rank), or leave this layer out of target_modules"
+
+
+def check_rank(rank: int, out_features: int, in_features: int, name: str,
+               fix: str = "pass a smaller rank, or keep=/energy=") -> None:
+    """Raise unless ``1 <= rank <= min(out, in)``; the message ends with ``fix``, what the caller can change."""
     full = min(out_features, in_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
         raise ValueError(
             f"rank={rank!r} for layer {name!r} of shape ({out_features}, {in_features}) must be an int in "
-            f"[1, {full}] (min(out, in)); pass a smaller rank, or keep=/energy="
+            f"[1, {full}] (min(out, in)); {fix}"
         )
 
 

@@ -153,7 +153,7 @@ def sequential_eora_factors(
     name : str
         The layer's name, for error messages.
     """
-    lr.check_rank(rank, W.shape[0], W.shape[1], name)
+    lr.check_rank(rank, W.shape[0], W.shape[1], name, lr.EORA_RANK_FIX)
     _check_ridge(ridge)
     W64, Wc64, dev = _as64(W, Wc, device)
     return _fit(W64, Wc64, cross, _Eigen(cross, dev), rank, ridge, eps)
@@ -222,7 +222,7 @@ def select_sequential_factors(
         raise ValueError("ridges is empty; pass at least one ridge, e.g. compress.sequential_eora.DEFAULT_RIDGES")
     for ridge in ridges:
         _check_ridge(ridge)
-    lr.check_rank(rank, W.shape[0], W.shape[1], name)
+    lr.check_rank(rank, W.shape[0], W.shape[1], name, lr.EORA_RANK_FIX)
     W64, Wc64, dev = _as64(W, Wc, device)
     labels = [INDEPENDENT] + [f"ridge={r:g}" for r in ridges]
     sq = dict.fromkeys(labels, 0.0)

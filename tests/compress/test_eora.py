@@ -253,7 +253,8 @@ def test_factorized_convs_take_the_residual_as_a_conv_branch(method):
 
 def test_bad_eora_calls(llama_rtn):
     model, quant, stats, _ = llama_rtn
-    with pytest.raises(ValueError, match=r"rank=40 for layer 'model.layers.0.self_attn.k_proj' of shape \(32, 64\)"):
+    with pytest.raises(ValueError, match=r"rank=40 for layer 'model.layers.0.self_attn.k_proj' of shape \(32, 64\)"
+                                         r".*pass a smaller rank \(the residual's rank\)"):
         eora_compensate(model, quant, stats, rank=40, progress=False)
     with pytest.raises(ValueError, match="method='gptq' must be one of"):
         eora_compensate(model, quant, stats, rank=4, method="gptq")
@@ -273,3 +274,31 @@ def test_default_targets_are_the_changed_layers(llama_rtn):
     assert sorted(eora.factors) == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
     with pytest.raises(ValueError, match="nothing to compensate"):
         eora_compensate(model, copy.deepcopy(model), stats, rank=4)
+
+
+def test_storage_dtype_must_hold_the_factors(tmp_path, llama_rtn):
+    # int8 wrote an all-zero adapter; a dtype name failed inside torch as "Invalid device string"
+    model, quant, stats, batches = llama_rtn
+    eora = eora_compensate(model, quant, stats, rank=2, progress=False)
+    for dtype in (torch.int8, torch.bool, torch.float8_e4m3fn, 3):
+        with pytest.raises(TypeError, match="cannot store the factors"):
+            eora.save_pretrained(tmp_path / "bad", dtype=dtype)
+        with pytest.raises(TypeError, match="cannot store the factors"):
+            eora.lora_state_dict(dtype=dtype)
+    named = eora.lora_state_dict(dtype="bfloat16")
+    assert {t.dtype for t in named.values()} == {torch.bfloat16}
+    assert all(torch.equal(named[k], t) for k, t in eora.lora_state_dict(dtype=torch.bfloat16).items())
+
+
+def test_apply_and_merge_refuse_a_model_peft_already_compensated(tmp_path, llama_rtn):
+    # PeftModel.from_pretrained(model, adapter) injects the residual into model itself: applying it again added it
+    # twice (the outputs moved by the residual a second time)
+    model, quant, stats, _ = llama_rtn
+    eora = eora_compensate(model, quant, stats, rank=2, progress=False)
+    eora.save_pretrained(tmp_path / "adapter")
+    base = copy.deepcopy(quant)
+    PeftModel.from_pretrained(base, tmp_path / "adapter")
+    for method in (eora.apply, eora.merge):
+        with pytest.raises(ValueError, match="is wrapped by a PEFT adapter .* would add it twice"):
+            method(base)
+    eora.as_peft_init(copy.deepcopy(quant))  # the PEFT path itself still takes plain models
