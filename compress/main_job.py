@@ -178,7 +178,7 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
     g.add_argument("--symmetric", action="store_true", default=None,
                    help="rtn, gptq, sparsegpt with --sparse-bits: symmetric grid without zero point (default: "
                    "asymmetric)")
-    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: quantize columns by decreasing activation energy, with static groups (stored as ordinary "
                    "groups, as llm-compressor's default actorder='static') (default: on)")
     g.add_argument("--observer", choices=("minmax", "mse"), default=None,
@@ -398,6 +398,7 @@ _OPTION_FLAGS = {
     "bits": ("bits", DEFAULTS["bits"]), "group_size": ("group_size", DEFAULTS["group_size"]),
     "symmetric": ("symmetric", False), "observer": ("observer", "minmax"), "damp": ("percdamp", 0.01),
     "sparsity": ("sparsity", 0.5), "pattern": ("pattern", "unstructured"), "sparse_bits": ("sparse_bits", None),
+    "act_order": ("act_order", True),
 }
 
 

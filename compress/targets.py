@@ -185,7 +185,8 @@ def find_targets(
     ------
     ValueError
         If a list entry or the regex selects no supported layer (the message lists what it matched instead and a
-        few available names), or nothing remains after exclusion.
+        few available names), or nothing remains after exclusion. An ``exclude_modules`` entry that matches no module warns (a typo would
+        leave the layer it meant to protect compressed).
     """
     if target_modules is None:
         target_modules = "all-linear"
@@ -221,6 +222,16 @@ def find_targets(
                               UserWarning, stacklevel=2)
             found.update(good)
     if exclude_modules:
+        # an entry that names no module may be a typo, and the layer it meant to protect is then compressed: say so
+        # (a warning, not an error: one exclusion list may serve several models, e.g. ["lm_head", "pooler.dense"])
+        names = [n for n, _ in model.named_modules() if n]
+        entries = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+        for entry in entries:
+            spec = entry if isinstance(exclude_modules, str) else [entry]
+            if not any(_matches(n, spec) for n in names):
+                warnings.warn(f"exclude_modules entry {entry!r} matches no module of this model and protects nothing; "
+                              f"check its spelling (layers are named like {sorted(found)[:3]})", UserWarning,
+                              stacklevel=2)
         found = {n: m for n, m in found.items() if not _matches(n, exclude_modules)}
     if not found:
         raise ValueError(

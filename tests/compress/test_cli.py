@@ -82,6 +82,8 @@ def test_top_level_help_lists_compress(capsys):
     ("argv", "message"),
     [
         (["--method", "whitened_svd", "--keep", "0"], "outside (0, 1]"),
+        (["--method", "rtn", "--no-act-order"], "argument --act-order: --method rtn does not use it (it applies to gptq)"),
+        (["--method", "sparsegpt", "--act-order"], "argument --act-order: --method sparsegpt does not use it"),
         (["--method", "svd", "--keep", "1.5"], "outside (0, 1]"),
         (["--keep", "abc"], "not a number"),
         (["--method", "quantum"], "unknown method 'quantum'"),
@@ -513,7 +515,7 @@ def test_eora_rounds_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
     summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "2:4",
-                                "--sparse-bits", "4", "--group-size", "16", "--no-act-order", "--eora-rank", "2", *SMALL])
+                                "--sparse-bits", "4", "--group-size", "16", "--eora-rank", "2", *SMALL])
     assert "sparsegpt 2:4 + 4-bit, group 16" in capsys.readouterr().out
     assert summary["params"]["keep_targets"] <= 0.5
     err = summary["rel_output_error"]

@@ -75,6 +75,11 @@ def test_bad_targets_name_the_problem():
         find_targets(model, ["up_proj", "nope"])
     with pytest.raises(ValueError, match="no target layers left"):
         find_targets(model, ["up_proj"], exclude_modules=["up_proj"])
+    # a misspelt exclusion protected nothing, silently
+    with pytest.warns(UserWarning, match=r"exclude_modules entry 'up_prj' matches no module .* protects nothing"):
+        assert len(find_targets(model, ["up_proj"], exclude_modules=["up_prj"])) == 2
+    with pytest.warns(UserWarning, match=r"exclude_modules entry '.\*attn_typo.\*' matches no module"):
+        find_targets(model, ["up_proj"], exclude_modules=r".*attn_typo.*")
     depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
     with pytest.raises(ValueError, match="unsupported modules"):
         find_targets(depthwise, ["0"])
