@@ -34,8 +34,9 @@ Decisions where the formats leave a choice:
   the key. ``dequantize_on_load=False`` leaves it out.
 - Layers quantized with several ``(bits, group_size, symmetric)`` schemes: transformers 5's load-time
   dequantization applies the first config group's scheme to every layer. Layers differing only in group size are
-  therefore regrouped to the gcd of the group sizes (scales and zero points repeated: exact, a few more bytes);
-  other mixes get one config group each, are written without the key (loaded packed) and must be symmetric.
+  therefore regrouped to the gcd of the group sizes (scales and zero points repeated: exact, a few more bytes),
+  unless every layer is quantized per row: those share compressed-tensors' ``"channel"`` strategy at any width.
+  Other mixes get one config group each, are written without the key (loaded packed) and must be symmetric.
 - Sparse weights (2:4, magnitude pruning) are stored dense: compressed-tensors 0.20 has no sparse compressor any
   more (``sparse-24-bitmask`` / ``sparse-bitmask`` survive only as legacy config names; ``ModelCompressor`` writes
   ``sparsity_config: {}``).
@@ -219,8 +220,15 @@ def vllm_fused_conflicts(quantized: Mapping[str, Quantized], linear_names: list[
     return conflicts
 
 
-def _scheme_key(qw: Quantized) -> tuple[int, int, bool]:
-    return qw.bits, qw.group_size, qw.symmetric
+def _per_row(qw: Quantized) -> bool:
+    """One group per output row (``group_size == in``): compressed-tensors' ``"channel"`` strategy."""
+    return qw.group_size == qw.shape[1]
+
+
+def _scheme_key(qw: Quantized, channel: bool = False) -> tuple[int, int | None, bool]:
+    """``(bits, group_size, symmetric)``; ``group_size`` is ``None`` for a per-row layer when ``channel`` (layers
+    of any width then share one ``"channel"`` scheme)."""
+    return qw.bits, None if channel and _per_row(qw) else qw.group_size, qw.symmetric
 
 
 def quantization_config(quantized: Mapping[str, Quantized], linear_names: list[str]):
@@ -228,7 +236,9 @@ def quantization_config(quantized: Mapping[str, Quantized], linear_names: list[s
 
     One config group per distinct ``(bits, group_size, symmetric)``. When a single scheme covers the layers, the
     group targets the class ``"Linear"`` and ``ignore`` lists every other linear (the LM head, layers left dense),
-    as llm-compressor writes it; with several schemes each group lists its layers by exact name.
+    as llm-compressor writes it; with several schemes each group lists its layers by exact name. When every layer
+    is quantized per row (one group of its whole width), the scheme is ``strategy="channel"``: one scheme for
+    layers of every width, each with ``(out, 1)`` scales.
 
     Parameters:
         quantized: layer name -> its quantized weight (``nn.Linear`` layers only).
@@ -238,13 +248,17 @@ def quantization_config(quantized: Mapping[str, Quantized], linear_names: list[s
 
     if not quantized:
         raise ValueError("quantized is empty: there is no quantized layer to describe")
-    groups: dict[tuple[int, int, bool], list[str]] = {}
+    channel = all(_per_row(qw) for qw in quantized.values())
+    groups: dict[tuple[int, int | None, bool], list[str]] = {}
     for name, qw in quantized.items():
-        groups.setdefault(_scheme_key(qw), []).append(name)
+        groups.setdefault(_scheme_key(qw, channel), []).append(name)
     single = len(groups) == 1
     config_groups = {}
     for i, ((bits, group_size, symmetric), names) in enumerate(groups.items()):
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+        args = (QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="channel")
+                if group_size is None else
+                QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
+                                 group_size=group_size))
         config_groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if single else sorted(names), weights=args)
     ignore = sorted(n for n in linear_names if n not in quantized) if single else []
     return QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
@@ -275,8 +289,12 @@ def _common_group_size(quantized: dict[str, Quantized]) -> dict[str, Quantized]:
 
     A quantizer shortens groups on narrow layers (groups of 64 become 32 on a 32-wide layer); transformers 5
     dequantizes every layer with one scheme, so one group size for all keeps the checkpoint loadable, exactly.
+    Layers that are all per row are left as they are: they share the ``"channel"`` scheme whatever their widths
+    (regrouping per-row layers 576 and 1536 wide to their gcd, 192, made the scales 3-8x larger).
     """
     if len({(q.bits, q.symmetric) for q in quantized.values()}) != 1:
+        return quantized
+    if all(_per_row(q) for q in quantized.values()):
         return quantized
     g = math.gcd(*(q.group_size for q in quantized.values()))
     return {n: q if q.group_size == g else regroup(q, g) for n, q in quantized.items()}
@@ -510,7 +528,8 @@ def save_hf_directory(
                       "size on disk (ExportReport.not_packed lists them)", UserWarning, stacklevel=2)
     packable = {n: q for n, q in quantized.items() if n not in not_packed}
     packable = _common_group_size(packable)
-    schemes = {_scheme_key(q) for q in packable.values()}
+    channel = bool(packable) and all(_per_row(q) for q in packable.values())
+    schemes = {_scheme_key(q, channel) for q in packable.values()}
     if len(schemes) > 1:
         # transformers 5 dequantizes every layer with the first group's scheme, and its packed path cannot take
         # asymmetric zero points (see the module docstring): only symmetric mixes load, packed.

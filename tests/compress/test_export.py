@@ -534,12 +534,13 @@ def test_smollm2_3bit_directory_size_and_logits(tmp_path, smollm2_copy):
 
 
 def test_group_sizes_are_unified_exactly(tmp_path):
-    """Groups of 64 shortened to 32 on narrow layers: every layer is written with groups of 32, same weights."""
+    """Groups of 64 shortened to 32 on narrow layers: every layer is written with groups of 32, same weights (the
+    128-wide down_proj keeps two groups per row: not every layer is per row, so this is not the channel case)."""
     from transformers import AutoModelForCausalLM
 
     from compress.export import regroup
 
-    model = tiny_llama(hidden=32, intermediate=64)
+    model = tiny_llama(hidden=32, intermediate=128)
     quantized = {}
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name != "lm_head":
@@ -581,3 +582,31 @@ def test_scale_dtype_of_the_export_makes_the_directory_the_evaluated_model(metho
             assert torch.equal(reloaded.get_submodule(name).weight, report.model.get_submodule(name).weight), name
     with pytest.raises(TypeError, match="scale_dtype=torch.int8 must be a floating torch dtype"):
         CompressionConfig(method="rtn", scale_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_row_layers_of_several_widths_export_as_channel_scales(tmp_path, symmetric):
+    """Per-row quantization (group_size=None) of layers 32 and 64 wide was regrouped to their gcd and written as
+    groups of 32: twice the scales, and a config that said "group". It is compressed-tensors' "channel" strategy,
+    one (out, 1) scale per row whatever the width, and transformers rebuilds the same weights from it."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(hidden=32, intermediate=64)
+    quantized = {}
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name != "lm_head":
+            quantized[name] = _rtn(module.weight, 4, module.in_features, symmetric)
+            with torch.no_grad():
+                module.weight.copy_(quantized[name].dequantize())
+    assert {q.group_size for q in quantized.values()} == {32, 64}
+    report = save_hf_directory(model, tmp_path, quantized=quantized, dtype=torch.float32)
+    assert {p.name: p.group_size for p in report.packed} == {n: q.group_size for n, q in quantized.items()}
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["group_size"] is None
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        for name, qw in quantized.items():
+            assert tuple(f.get_slice(f"{name}.weight_scale").get_shape()) == (qw.shape[0], 1), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    for name in quantized:
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name
