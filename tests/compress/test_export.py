@@ -404,14 +404,14 @@ def test_partly_quantized_fused_shards_warn_for_vllm(tmp_path):
     quantized = _quantize_model(model, bits=4, group_size=32, symmetric=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        save_hf_directory(model, tmp_path / "all", quantized=quantized)
+        save_hf_directory(model, tmp_path / "all", quantized=quantized, dtype=torch.float32)
     del quantized["model.layers.1.self_attn.k_proj"]
     quantized["model.layers.0.mlp.up_proj"] = _rtn(model.model.layers[0].mlp.up_proj.weight, 3, 32, True)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.copy_(quantized["model.layers.0.mlp.up_proj"].dequantize())
     with pytest.warns(UserWarning, match=r"vLLM fuses model\.layers\.1\.self_attn\.\{q_proj,k_proj,v_proj\}, "
                       r"model\.layers\.0\.mlp\.\{gate_proj,up_proj\} into one layer .*\(2 such groups\)"):
-        report = save_hf_directory(model, tmp_path / "partial", quantized=quantized)
+        report = save_hf_directory(model, tmp_path / "partial", quantized=quantized, dtype=torch.float32)
     assert "model.layers.1.self_attn.q_proj" in {layer.name for layer in report.packed}
 
 
@@ -582,6 +582,12 @@ def test_scale_dtype_of_the_export_makes_the_directory_the_evaluated_model(metho
             assert torch.equal(reloaded.get_submodule(name).weight, report.model.get_submodule(name).weight), name
     with pytest.raises(TypeError, match="scale_dtype=torch.int8 must be a floating torch dtype"):
         CompressionConfig(method="rtn", scale_dtype=torch.int8)
+    # with float32 scales (the API's default) a bf16 export rounds them: the file is not the evaluated model, said
+    float_scales = compress_model(model.float(), CompressionConfig(method=method, bits=3, group_size=32), stats,
+                                  progress=False)
+    with tempfile.TemporaryDirectory() as out, pytest.warns(UserWarning, match=r"float32 scales that torch.bfloat16 "
+                                                            r"cannot hold.*CompressionConfig\(scale_dtype="):
+        save_hf_directory(float_scales.model, out, quantized=float_scales.quantized, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
