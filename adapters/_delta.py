@@ -136,6 +136,11 @@ class DeltaConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"{name}={value!r} must be a finite real number (int or float)")
+            if name != "dropout" and value == 0:
+                # the update, and every gradient of its factors, would be zero for good: training could not start
+                # (a learned LoRETTA-adp scale too: its gradient is the branch's output, zero at init)
+                raise ValueError(f"{name}={value!r} makes the update and all its gradients zero, so the adapter "
+                                 f"never trains; pass a nonzero {name}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
         if self.layers_pattern and self.layers_to_transform is None:
@@ -787,6 +792,21 @@ def _check_shared_keys(
             f"the checkpoint's shared tensors are for layer groups {groups(stray)}, this model's are "
             f"{groups(expected)} (a group is a module type and shape): the adapter was saved on a base with other "
             "layer shapes; load it onto that base model"
+        )
+    # a group of the same name can still differ in size: a MoS pool holds v · L · c shards for L layers
+    shapes = {}
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    for model_key, tensor in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes).items():
+        checkpoint_key = tuner_cls._remove_adapter_name_from_key(model_key, adapter_name)
+        shapes[checkpoint_key] = shapes[_PEFT_PREFIX + checkpoint_key] = tuple(tensor.shape)
+    resized = [(k, tuple(v.shape), shapes[k]) for k, v in state_dict.items()
+               if shared & set(k.split(".")) and k in shapes and tuple(v.shape) != shapes[k]]
+    if resized:
+        key, saved, here = resized[0]
+        raise ValueError(
+            f"the checkpoint's shared tensor {key} has shape {saved}, this model's has {here} ({len(resized)} such "
+            "tensors): the adapter was saved on a base with another number of adapted layers (shared pools and "
+            "factors grow with it); load it onto that base model"
         )
 
 

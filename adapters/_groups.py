@@ -8,6 +8,7 @@ weight shape.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Sequence, Union
 
 from adapters._delta import Target
@@ -89,4 +90,11 @@ def group_targets(targets: Sequence[Target], share: Share) -> dict[str, list[Tar
                 f"shape {have}; members of a group must have one shape: split the group"
             )
         members.append(target)
+    if isinstance(share, dict):
+        # a named group no target joins is most likely a misspelt suffix: its layers fell into no group (an error
+        # above) or another one; say so rather than keep an unused name
+        empty = sorted(set(share) - set(groups))
+        if empty:
+            warnings.warn(f"share groups {empty} match no target layer (suffixes {[share[g] for g in empty]}): they "
+                          "are not used; check their spelling", UserWarning, stacklevel=5)
     return groups

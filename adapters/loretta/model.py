@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Optional, Sequence
 
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from adapters._delta import DeltaTuner
+from adapters._delta import DeltaTuner, LayerPlan, Target
 from adapters.loretta.config import LoRETTABaseConfig
 from adapters.loretta.layer import NOT_MERGEABLE, LoRETTAAdpLayer, LoRETTARepLayer
 from adapters.loretta.placement import ADP_TARGET_MODULES, adp_default_targets
@@ -44,6 +45,19 @@ class _LoRETTATuner(DeltaTuner):
         norms = norm_layer_names(model)
         saved = list(peft_config.modules_to_save or [])
         peft_config.modules_to_save = saved + [name for name in norms if name not in saved]
+
+    def _plan_shared_state(self, config: LoRETTABaseConfig, adapter_name: str, targets: Sequence[Target]
+                           ) -> dict[str, Optional[LayerPlan]]:
+        """No shared state; warns for ``modes`` entries no target has a size for (a typo falls back to the default
+        split without it)."""
+        sizes = {str(n) for t in targets for n in (t.layer.in_features, t.layer.out_features)}
+        sizes.add(str(getattr(config, "bottleneck", "")))
+        unused = sorted(set(config.modes or {}) - sizes, key=lambda k: (len(k), k))
+        if unused:
+            warnings.warn(f"{self.method_name}: modes has entries for sizes {unused} that no target layer has "
+                          f"(their sizes are {sorted(sizes - {''}, key=int)}): they are not used", UserWarning,
+                          stacklevel=5)
+        return super()._plan_shared_state(config, adapter_name, targets)
 
     def parameter_counts(self, adapter_name: str = "default") -> dict[str, int]:
         """Trainable parameters of one adapter, by kind.

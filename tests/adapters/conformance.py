@@ -299,6 +299,12 @@ BAD_CASES: list[BadCase] = [
     BadCase("lotr-bool-rank", "mlp", lambda: LOTR(r=True), ValueError, r"r=True must be a positive int"),
     BadCase("flora-bool-rank", "mlp", lambda: FLORA(r=[4, True]), ValueError, r"must be a positive int"),
     BadCase("mos-conv-target", "conv", lambda: MOS(r=2, v=1, p=0, c=1, target_modules=["c1"]), TypeError, r"nn.Linear"),
+    # a zero scale makes the update and every gradient of its factors zero: the adapter could never train
+    BadCase("lotr-zero-alpha", "mlp", lambda: LOTR(alpha=0), ValueError, r"alpha=0 makes the update .* never trains"),
+    BadCase("flora-zero-scale", "mlp", lambda: FLORA(scale=0.0), ValueError, r"scale=0.0 makes the update"),
+    BadCase("loretta-zero-alpha", "mlp", lambda: REP(alpha=0.0), ValueError, r"alpha=0.0 makes the update"),
+    BadCase("adp-zero-fixed-scale", "mlp", lambda: ADP(scale=0.0, target_modules=["v"]), ValueError,
+            r"scale=0.0 makes the update"),
 ]
 
 # ---------------------------------------------------------------------------------------------

@@ -460,3 +460,18 @@ def test_rep_defaults_train_10x_fewer_parameters_than_lora_on_minilm_and_smollm2
     for shapes in ([q, kv] * 30, [q, kv, kv, q, mlp_in, mlp_in, mlp_out] * 30):
         rep, lora = rep_and_lora_counts(shapes, config)
         assert lora >= 10 * rep, (rep, lora)
+
+
+def test_modes_for_a_size_no_target_has_warn():
+    import adapter_conformance as conf
+
+    config = adapters.LoRETTARepConfig(r=4, tt_rank=2, target_modules=["up", "down"], modes={"768": [8, 8, 12]})
+    with pytest.warns(UserWarning, match=r"modes has entries for sizes \['768'\] that no target layer has"):
+        get_peft_model(conf.MODELS["mlp"].build(), config)
+
+
+def test_a_learned_scale_may_not_start_at_zero():
+    # y = h + s · branch(h) with the branch zero at init: ∂/∂s is the branch's output (zero) and the branch's
+    # gradients carry s (zero), so a learned s = 0 never moves either
+    with pytest.raises(ValueError, match=r"scale=0.0 makes the update and all its gradients zero"):
+        adapters.LoRETTAAdpConfig(bottleneck=8, target_modules=["v"], scale=0.0, learn_scale=True)

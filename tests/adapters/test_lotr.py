@@ -135,3 +135,11 @@ def test_delta_weight_is_scaled_a_g_b():
     assert_close(layer.get_delta_weight("default"), 0.5 * a @ g @ b)
     x = torch.randn(3, 16)
     assert_close(layer.delta_forward(x, "default"), x @ layer.get_delta_weight("default").T)
+
+
+def test_a_share_group_no_target_joins_warns():
+    import adapter_conformance as conf
+
+    share = {"q": ["q"], "v": ["v"], "typo": ["o_prj"]}
+    with pytest.warns(UserWarning, match=r"share groups \['typo'\] match no target layer \(suffixes \[\['o_prj'\]\]\)"):
+        get_peft_model(conf.MODELS["mlp"].build(), adapters.LoTRConfig(r=2, target_modules=["q", "v"], share=share))

@@ -146,3 +146,17 @@ def test_meta_built_model_materialised_with_to_empty_routes_like_the_cpu_built_o
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
+
+
+def test_loading_onto_a_model_of_another_depth_names_the_pool_size(tmp_path):
+    # a pool holds v · L · c shards for L layers: on a deeper base, torch's raw "size mismatch" came from deep
+    # inside load_state_dict; the message now says which base the adapter needs
+    from peft import PeftModel
+
+    config = adapters.MoSConfig(r=4, v=3, p=1, c=2, target_modules=["q"])
+    torch.manual_seed(0)
+    get_peft_model(Stack(n_layers=2), config).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"shared tensor .*mos_A.* has shape \(12, 8\), this model's has \(18, 8\) "
+                                         r"\(2 such tensors\).*another number of adapted layers"):
+        PeftModel.from_pretrained(Stack(n_layers=3), tmp_path / "a")
+    PeftModel.from_pretrained(Stack(n_layers=2), tmp_path / "a")
