@@ -18,6 +18,7 @@ whose update is ``ΔW = B A`` also gives its layer ``lora_factors`` and
 """
 
 from adapters import _registry, flora, loretta, lotr, mos
+from adapters._delta import UnsupportedLayerError
 from adapters.flora import FloraConfig, FloraModel
 from adapters.lora_export import export_lora, to_lora
 from adapters.loretta import LoRETTAAdpConfig, LoRETTAAdpModel, LoRETTARepConfig, LoRETTARepModel
@@ -36,6 +37,7 @@ __all__ = [
     "LoTRModel",
     "MoSConfig",
     "MoSModel",
+    "UnsupportedLayerError",
     "export_lora",
     "init_from_lowrank",
     "to_lora",

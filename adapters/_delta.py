@@ -51,11 +51,15 @@ from tensornets.bypassed import weight_read_directly, weight_recomputed
 
 __all__ = [
     "ADAPTER_DTYPE",
+    "LINEAR_LAYERS",
+    "linear_dims",
+    "weight_matrix",
     "DeltaConfig",
     "DeltaLayer",
     "DeltaTuner",
     "LayerPlan",
     "Target",
+    "UnsupportedLayerError",
     "expected_checkpoint_keys",
     "legacy_checkpoint_keys",
 ]
@@ -65,6 +69,27 @@ ADAPTER_DTYPE = torch.float32
 
 #: What a ``PeftModel`` puts before the base model's keys (and a checkpoint keeps).
 _PEFT_PREFIX = "base_model.model."
+
+#: Layers that compute ``x W^T (+ b)``: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's projections, which store
+#: ``W`` transposed, ``(in, out)``). Every method adapts both; its factors are always those of the ``(out, in)`` ``W``.
+LINEAR_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+class UnsupportedLayerError(TypeError, ValueError):
+    """A target layer of a type the method does not adapt. Both a ``TypeError`` (what it is) and a ``ValueError``
+    (what PEFT's LoRA raises for an unsupported target), so code written for either catches it."""
+
+
+def weight_matrix(base: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of a linear layer: ``nn.Linear``'s own, ``Conv1D``'s ``(in, out)`` one transposed (a
+    view); any other layer's weight as it is."""
+    return base.weight.T if isinstance(base, Conv1D) else base.weight
+
+
+def linear_dims(base: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    out_features, in_features = weight_matrix(base).shape
+    return in_features, out_features
 
 
 class Target(NamedTuple):
@@ -245,7 +270,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
         for name in adapter_names:
             if not self._has_adapter(name):
                 continue
-            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            delta = self._delta_as_stored(base, name)
             if safe_merge:
                 merged = base.weight.data + delta
                 if not torch.isfinite(merged).all():
@@ -258,13 +283,18 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
                 base.weight.data += delta
             self.merged_adapters.append(name)
 
+    def _delta_as_stored(self, base: nn.Module, adapter_name: str) -> torch.Tensor:
+        """``ΔW`` in the layout and dtype of ``base.weight`` (transposed for a ``Conv1D``, which stores ``(in, out)``)."""
+        delta = self.get_delta_weight(adapter_name)
+        return (delta.T if isinstance(base, Conv1D) else delta).to(base.weight.dtype)
+
     def unmerge(self) -> None:
         """Subtract every merged adapter's ``ΔW`` again (last merged first)."""
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if self._has_adapter(name):
-                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+                base.weight.data -= self._delta_as_stored(base, name)
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """What adapter ``adapter_name`` adds to ``result = base(x)``: ``Δ(dropout(x))``, in ``result``'s dtype."""
@@ -326,7 +356,7 @@ class DeltaTuner(BaseTuner):
     Class attributes for subclasses: ``prefix``, ``tuner_layer_cls`` (constructed as
     ``tuner_layer_cls(target, adapter_name, config, current_key=..., plan=...)``), ``method_name``
     (for messages), ``supported_layers`` (the base layer types the method adapts, subclasses
-    included; default ``nn.Linear``) and ``shared_state_names`` (names of tuner attributes that
+    included; default :data:`LINEAR_LAYERS`, ``nn.Linear`` and transformers' ``Conv1D``) and ``shared_state_names`` (names of tuner attributes that
     are ``nn.ModuleDict`` keyed by adapter name, each entry a container of parameters shared by
     several layers; they are saved once, follow ``set_adapter`` / ``delete_adapter`` and the
     dtype policy like the layers' own parameters). A method with shared state implements
@@ -344,7 +374,7 @@ class DeltaTuner(BaseTuner):
     """
 
     method_name: str = ""
-    supported_layers: tuple[type[nn.Module], ...] = (nn.Linear,)
+    supported_layers: tuple[type[nn.Module], ...] = LINEAR_LAYERS
     shared_state_names: tuple[str, ...] = ()
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -357,7 +387,7 @@ class DeltaTuner(BaseTuner):
 
         Raises
         ------
-        TypeError
+        UnsupportedLayerError
             If the base layer is not one of ``supported_layers`` (nor a subclass of one).
         """
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -366,7 +396,7 @@ class DeltaTuner(BaseTuner):
                 f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__qualname__
                 for cls in self.supported_layers
             )
-            raise TypeError(
+            raise UnsupportedLayerError(
                 f"{self.method_name} adapts {names} layers only; target {key!r} is {type(base).__name__}. "
                 "Leave it out of target_modules"
             )
@@ -805,8 +835,8 @@ def _check_shared_keys(
         key, saved, here = resized[0]
         raise ValueError(
             f"the checkpoint's shared tensor {key} has shape {saved}, this model's has {here} ({len(resized)} such "
-            "tensors): the adapter was saved on a base with another number of adapted layers (shared pools and "
-            "factors grow with it); load it onto that base model"
+            "tensors): the adapter was saved on a base with other layer shapes or another number of adapted layers "
+            "(MoS pools grow with it); load it onto that base model"
         )
 
 

@@ -11,7 +11,7 @@ import re
 import warnings
 from typing import Sequence, Union
 
-from adapters._delta import Target
+from adapters._delta import Target, weight_matrix
 
 __all__ = ["Share", "group_key", "group_targets"]
 
@@ -80,10 +80,10 @@ def group_targets(targets: Sequence[Target], share: Share) -> dict[str, list[Tar
     """
     groups: dict[str, list[Target]] = {}
     for target in targets:
-        shape = tuple(target.layer.weight.shape)
+        shape = tuple(weight_matrix(target.layer).shape)
         group = group_key(target.key, shape, share)
         members = groups.setdefault(group, [])
-        have = tuple(members[0].layer.weight.shape) if members else shape
+        have = tuple(weight_matrix(members[0].layer).shape) if members else shape
         if have != shape:
             raise ValueError(
                 f"share={share!r} puts {target.key!r} of shape (d_out, d_in)={shape} into group {group!r} of "

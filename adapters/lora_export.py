@@ -41,6 +41,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from adapters import _registry, loretta
 
@@ -124,6 +125,7 @@ def _conv_entries(key: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor) -
 #: PEFT LoRA layout per base layer type (looked up along the type's MRO).
 _LORA_LAYOUT: dict[type[nn.Module], LoraEntries] = {
     nn.Linear: _linear_entries,
+    Conv1D: _linear_entries,  # PEFT's LoRA on GPT-2's Conv1D: the same (R, in) / (out, R) factors, fan_in_fan_out
     nn.Embedding: _embedding_entries,
     nn.Conv1d: _conv_entries,
     nn.Conv2d: _conv_entries,
@@ -215,6 +217,7 @@ def to_lora(
     source = peft_model.peft_config[adapter_name]
     state_dict: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    kinds: dict[str, str] = {}  # Conv1D or another layer type, for PEFT's fan_in_fan_out
     for key, module in peft_model.named_modules():
         if not isinstance(module, BaseTunerLayer) or not module._has_adapter(adapter_name):
             continue
@@ -229,12 +232,21 @@ def to_lora(
         entries, rank = layout(key, base, a, b)
         state_dict.update({name: tensor.to("cpu", dtype).contiguous().clone() for name, tensor in entries.items()})
         ranks[key.removeprefix(_PEFT_PREFIX)] = rank
+        kinds[key.removeprefix(_PEFT_PREFIX)] = "Conv1D" if isinstance(base, Conv1D) else type(base).__name__
     if not ranks:
         raise ValueError(f"adapter {adapter_name!r} ({peft_type}) adapts no layer of this model; nothing to export")
     for key, module in peft_model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for name, param in module.modules_to_save[adapter_name].named_parameters():
                 state_dict[f"{key}.{name}"] = param.detach().to("cpu", dtype).contiguous().clone()
+    # PEFT's fan_in_fan_out is one flag for the whole LoRA (True: weights stored (in, out), as Conv1D's): it cannot
+    # describe Conv1D and other layers together, and PEFT resets it, with a warning, for the layers it does not fit
+    conv1d = sorted(k for k, kind in kinds.items() if kind == "Conv1D")
+    if conv1d and len(conv1d) != len(kinds):
+        others = sorted(k for k in kinds if k not in conv1d)
+        raise ValueError(f"adapter {adapter_name!r} adapts Conv1D layers ({conv1d[:2]}) and others ({others[:2]}): "
+                         "a PEFT LoRA has one fan_in_fan_out for all its layers; export them as two adapters (one "
+                         "adapter of ours per layer kind)")
     rank = collections.Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: r for name, r in ranks.items() if r != rank}
     config = LoraConfig(
@@ -244,6 +256,7 @@ def to_lora(
         rank_pattern=dict(pattern),
         alpha_pattern=dict(pattern),
         lora_dropout=getattr(source, "dropout", 0.0),
+        fan_in_fan_out=bool(conv1d),
         modules_to_save=list(source.modules_to_save) if source.modules_to_save else None,
         task_type=source.task_type,
         base_model_name_or_path=source.base_model_name_or_path,

@@ -38,6 +38,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import tensornets
+from adapters._delta import LINEAR_LAYERS, weight_matrix
 from adapters import _registry, flora, loretta, lotr, mos
 from adapters.flora.layer import FloraLayer
 from adapters.lotr.layer import LoTRLayer
@@ -118,12 +119,14 @@ def init_from_lowrank(
     pairs = {}
     for name, (B, A) in factors.items():
         base = layers[name].get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"layer {name!r} is a {type(base).__name__}: the projection covers nn.Linear layers "
-                             "(a conv residual's rank lives in another unfolding than FLoRA's Tucker modes)")
-        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != tuple(base.weight.shape):
+        if not isinstance(base, LINEAR_LAYERS):
+            raise ValueError(f"layer {name!r} is a {type(base).__name__}: the projection covers nn.Linear (and "
+                             "Conv1D) layers (a conv residual's rank lives in another unfolding than FLoRA's Tucker "
+                             "modes)")
+        shape = tuple(weight_matrix(base).shape)
+        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != shape:
             raise ValueError(f"layer {name!r}: B {tuple(B.shape)} and A {tuple(A.shape)} must be (d_out, k) and "
-                             f"(k, d_in) with (d_out, d_in) = {tuple(base.weight.shape)}")
+                             f"(k, d_in) with (d_out, d_in) = {shape}")
         pairs[name] = (B.detach().double(), A.detach().double())
     if peft_type == flora.PEFT_TYPE:
         for name, (B, A) in pairs.items():

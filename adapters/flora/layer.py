@@ -13,8 +13,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
+from adapters._delta import ADAPTER_DTYPE, LINEAR_LAYERS, DeltaLayer, LayerPlan, weight_matrix
 from adapters._step_match import lora_input_std, lora_rate_multiplier, output_factor_std
 from adapters.flora.config import FloraConfig
 from tensornets import mode_product, tucker_to_tensor
@@ -159,6 +160,7 @@ DeltaForward = Callable[["FloraLayer", torch.Tensor, torch.Tensor, list], torch.
 #: Base layer types FLoRA adapts, each with its factorized forward (the registry the layer dispatches on).
 SUPPORTED_LAYERS: dict[type[nn.Module], DeltaForward] = {
     nn.Linear: _linear_delta,
+    Conv1D: _linear_delta,  # GPT-2's projections: the factors are those of the (out, in) matrix, as for nn.Linear
     nn.Embedding: _embedding_delta,
     nn.Conv1d: _conv_delta,
     nn.Conv2d: _conv_delta,
@@ -216,7 +218,7 @@ class FloraLayer(DeltaLayer):
         its size per Adam step, as LoRA's ``A``.
         """
         base = self.get_base_layer()
-        weight = base.weight
+        weight = weight_matrix(base)  # (out, in) for a Conv1D too; convs and embeddings as stored
         modes = tuple(weight.shape)
         ranks = resolve_ranks(config.r, modes, current_key)
         device = weight.device
@@ -287,7 +289,7 @@ class FloraLayer(DeltaLayer):
         (PEFT's embedding LoRA keys differ) and a conv (a 4-d ``ΔW``). :func:`adapters.to_lora`
         exports all three exactly.
         """
-        return isinstance(self.get_base_layer(), nn.Linear)
+        return isinstance(self.get_base_layer(), LINEAR_LAYERS)
 
     def __repr__(self) -> str:
         return "flora." + super().__repr__()

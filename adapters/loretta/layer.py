@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import tensornets
-from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
+from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan, linear_dims
 from adapters._step_match import REFERENCE_LORA_ALPHA, lora_input_std, output_factor_std
 from adapters.loretta.config import LoRETTAAdpConfig, LoRETTABaseConfig, LoRETTARepConfig
 
@@ -336,7 +336,7 @@ class LoRETTARepLayer(DeltaLayer):
         # shapes and config.init_weights, so never saved.
         self.loretta_rep_multiplier: dict[str, float] = {}
         base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_dims(base)  # nn.Linear or GPT-2's Conv1D
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key=current_key)
 
@@ -425,7 +425,7 @@ class LoRETTAAdpLayer(DeltaLayer):
         # Only learned scales live here; fixed ones are plain floats (never trained, never saved as tensors).
         self.loretta_adp_scale = nn.ParameterDict()
         self.loretta_adp_fixed_scale: dict[str, float] = {}
-        self.out_features = self.get_base_layer().out_features
+        self.out_features = linear_dims(self.get_base_layer())[1]
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key=current_key)
 

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from adapters._delta import DeltaTuner, LayerPlan, Target
+from adapters._delta import DeltaTuner, LayerPlan, Target, linear_dims
 from adapters.loretta.config import LoRETTABaseConfig
 from adapters.loretta.layer import NOT_MERGEABLE, LoRETTAAdpLayer, LoRETTARepLayer
 from adapters.loretta.placement import ADP_TARGET_MODULES, adp_default_targets
@@ -50,7 +50,7 @@ class _LoRETTATuner(DeltaTuner):
                            ) -> dict[str, Optional[LayerPlan]]:
         """No shared state; warns for ``modes`` entries no target has a size for (a typo falls back to the default
         split without it)."""
-        sizes = {str(n) for t in targets for n in (t.layer.in_features, t.layer.out_features)}
+        sizes = {str(n) for t in targets for n in linear_dims(t.layer)}
         sizes.add(str(getattr(config, "bottleneck", "")))
         unused = sorted(set(config.modes or {}) - sizes, key=lambda k: (len(k), k))
         if unused:

@@ -36,12 +36,13 @@ _LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"
 
 #: Default LoRETTA-adp placement per ``model_type``: the attention output projection and the FFN
 #: output projection (BERT family: ``attention.output.dense`` and ``output.dense``, both matched
-#: by the suffix ``output.dense``; Llama family: ``o_proj`` and ``down_proj``). Other model types:
+#: by the suffix ``output.dense``; Llama family: ``o_proj`` and ``down_proj``; GPT-2: both ``c_proj``). Other model types:
 #: :func:`find_adp_placement`.
 ADP_TARGET_MODULES: dict[str, list[str]] = {
     **{model_type: ["output.dense"] for model_type in _BERT_FAMILY},
     **{model_type: ["o_proj", "down_proj"] for model_type in _LLAMA_FAMILY},
     "distilbert": ["attention.out_lin", "ffn.lin2"],
+    "gpt2": ["attn.c_proj", "mlp.c_proj"],  # transformers' Conv1D layers
 }
 
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan
+from adapters._delta import ADAPTER_DTYPE, DeltaLayer, LayerPlan, linear_dims
 from adapters.lotr.config import LoTRConfig
 from adapters.lotr.factors import shared_a_multiplier
 
@@ -42,7 +42,7 @@ class LoTRLayer(DeltaLayer):
         self.lotr_scale: dict[str, float] = {}
         self.lotr_multiplier: dict[str, float] = {}
         base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_dims(base)  # nn.Linear or GPT-2's Conv1D
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key=current_key, plan=plan)
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from adapters._delta import DeltaTuner, LayerPlan, Target
+from adapters._delta import DeltaTuner, LayerPlan, Target, weight_matrix
 from adapters._groups import group_targets
 from adapters.lotr.config import LoTRConfig
 from adapters.lotr.factors import random_factors, shared_a_multiplier, step_matched_scales, tucker2_factors
@@ -58,7 +58,7 @@ class LoTRModel(DeltaTuner):
         """
         r = config.r
         for target in targets:
-            d_out, d_in = target.layer.weight.shape
+            d_out, d_in = weight_matrix(target.layer).shape
             if r > min(d_out, d_in):
                 raise ValueError(
                     f"r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} for layer {target.key!r}; "
@@ -67,10 +67,10 @@ class LoTRModel(DeltaTuner):
         groups = group_targets(targets, config.share)
         shared_a, shared_b = nn.ParameterDict(), nn.ParameterDict()
         for group, members in groups.items():
-            weight = members[0].layer.weight
+            weight = weight_matrix(members[0].layer)
             d_out, d_in = weight.shape
             if config.init_factors == "svd":
-                a, b = tucker2_factors([member.layer.weight for member in members], r)
+                a, b = tucker2_factors([weight_matrix(member.layer) for member in members], r)
                 scale_a, scale_b = step_matched_scales(d_out, d_in, r)
                 a, b = scale_a * a, scale_b * b
             else:

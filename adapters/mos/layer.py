@@ -11,7 +11,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from adapters._delta import DeltaLayer, LayerPlan
+from adapters._delta import DeltaLayer, LayerPlan, linear_dims
 from adapters.mos.config import MoSConfig
 
 __all__ = ["MoSLayer"]
@@ -43,7 +43,7 @@ class MoSLayer(DeltaLayer):
         self.mos_scale: dict[str, float] = {}
         self.mos_rank: dict[str, int] = {}
         base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_dims(base)  # nn.Linear or GPT-2's Conv1D
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key=current_key, plan=plan)
 

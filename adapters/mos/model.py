@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from adapters._delta import ADAPTER_DTYPE, DeltaTuner, LayerPlan, Target
+from adapters._delta import ADAPTER_DTYPE, DeltaTuner, LayerPlan, Target, weight_matrix
 from adapters._groups import group_targets
 from adapters.mos.config import MoSConfig
 from adapters.mos.layer import MoSLayer
@@ -55,12 +55,12 @@ class MoSModel(DeltaTuner):
         """
         groups = group_targets(targets, "suffix")
         for group, members in groups.items():
-            check_feasible(config, group, len(members), tuple(members[0].layer.weight.shape),
+            check_feasible(config, group, len(members), tuple(weight_matrix(members[0].layer).shape),
                            [member.key for member in members])
         plan, pools_a, pools_b = {}, nn.ParameterDict(), nn.ParameterDict()
         containers = (self.mos_A, self.mos_B)
         for group, members in groups.items():
-            weight = members[0].layer.weight
+            weight = weight_matrix(members[0].layer)
             (d_out, d_in), num_layers = weight.shape, len(members)
             generator = torch.Generator().manual_seed(group_seed(config.seed, group))
             tables_a, tables_b = index_tables(num_layers, config, generator)

@@ -262,7 +262,7 @@ BAD_CASES: list[BadCase] = [
         ValueError,
         r"no group for the target",
     ),
-    BadCase("lotr-conv-target", "conv", lambda: LOTR(r=2, target_modules=["c1"]), TypeError, r"nn.Linear layers only"),
+    BadCase("lotr-conv-target", "conv", lambda: LOTR(r=2, target_modules=["c1"]), TypeError, r"nn.Linear, Conv1D layers only"),
     BadCase("lotr-unknown-target", "mlp", lambda: LOTR(r=2, target_modules=["nope"]), ValueError, r"not found"),
     BadCase("lotr-bad-init", "mlp", lambda: LOTR(init_factors="xavier"), ValueError, r"init_factors='xavier'"),
     BadCase("lotr-bad-share", "mlp", lambda: LOTR(share="layer"), ValueError, r"share='layer'"),
@@ -283,7 +283,7 @@ BAD_CASES: list[BadCase] = [
     ),
     BadCase("loretta-modes-product", "mlp", lambda: REP(modes={"16": [4, 3]}), ValueError, r"multiplying to 16"),
     BadCase("loretta-bad-init", "mlp", lambda: REP(init_weights="kaiming"), ValueError, r"init_weights='kaiming'"),
-    BadCase("loretta-conv-target", "conv", lambda: ADP(target_modules=["c1"]), TypeError, r"nn.Linear layers only"),
+    BadCase("loretta-conv-target", "conv", lambda: ADP(target_modules=["c1"]), TypeError, r"nn.Linear, Conv1D layers only"),
     BadCase("loretta-adp-no-placement", "mlp", lambda: ADP(), ValueError, r"no default placement"),
     BadCase(
         "mos-infeasible",

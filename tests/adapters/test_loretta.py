@@ -428,13 +428,15 @@ def test_unrecognised_structure_raises_a_clear_error(model):
         get_peft_model(model, adapters.LoRETTAAdpConfig(bottleneck=4))
 
 
-def test_gpt2_conv1d_blocks_are_not_recognised():
-    # GPT-2's projections are transformers' Conv1D, not nn.Linear: LoRETTA cannot adapt them.
+def test_gpt2_default_placement_is_both_conv1d_c_proj():
+    # GPT-2's projections are transformers' Conv1D: the table places LoRETTA-adp on attn.c_proj and mlp.c_proj
     from transformers import GPT2Config, GPT2Model
 
     base = GPT2Model(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16))
-    with pytest.raises(ValueError, match="no default placement for model_type='gpt2'"):
-        get_peft_model(base, adapters.LoRETTAAdpConfig(bottleneck=4))
+    model = get_peft_model(base, adapters.LoRETTAAdpConfig(bottleneck=4))
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                     if type(m).__name__ == "LoRETTAAdpLayer")
+    assert adapted == [f"h.{i}.{part}.c_proj" for i in (0, 1) for part in ("attn", "mlp")]
 
 
 def rep_and_lora_counts(shapes: list[tuple[int, int]], config: adapters.LoRETTARepConfig) -> tuple[int, int]:

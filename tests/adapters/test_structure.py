@@ -190,12 +190,12 @@ class Mixed(nn.Module):
 @pytest.mark.parametrize(
     "config, names",
     [
-        (lambda: adapters.LoTRConfig(r=2, target_modules=["proj", "norm"]), "LoTR adapts nn.Linear layers only"),
+        (lambda: adapters.LoTRConfig(r=2, target_modules=["proj", "norm"]), "LoTR adapts nn.Linear, Conv1D layers only"),
         (lambda: adapters.MoSConfig(r=2, v=2, p=0, c=1, target_modules=["proj", "norm"]), "MoS adapts nn.Linear"),
         (lambda: adapters.LoRETTARepConfig(target_modules=["proj", "norm"]), "LoRETTA-rep adapts nn.Linear"),
         (
             lambda: adapters.FloraConfig(r=2, target_modules=["proj", "norm"]),
-            "FLoRA adapts nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d layers only",
+            "FLoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d layers only",
         ),
     ],
 )
