@@ -284,7 +284,7 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             self.merged_adapters.append(name)
 
     def _delta_as_stored(self, base: nn.Module, adapter_name: str) -> torch.Tensor:
-        """``ΔW`` in the layout and dtype of ``base.weight`` (transposed for a ``Conv1D``, which stores ``(in, out)``)."""
+        """``ΔW`` in the layout and dtype of ``base.weight`` (transposed for a ``Conv1D``: it stores ``(in, out)``)."""
         delta = self.get_delta_weight(adapter_name)
         return (delta.T if isinstance(base, Conv1D) else delta).to(base.weight.dtype)
 
@@ -323,7 +323,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str],
                              **kwargs: Any) -> torch.Tensor:
-        """Row ``i`` of ``x`` through the base and adapter ``adapter_names[i]`` (each adapter runs once, on its rows)."""
+        """Row ``i`` of ``x`` through the base and adapter ``adapter_names[i]`` (each adapter runs once, on its
+        rows)."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} names for an input of {x.shape[0]} rows (shape "
@@ -337,7 +338,8 @@ class DeltaLayer(nn.Module, BaseTunerLayer):
             if name == "__base__" or not self._has_adapter(name):
                 continue
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-            out = out.index_add(0, rows, self.adapter_output(x.index_select(0, rows), result.index_select(0, rows), name))
+            update = self.adapter_output(x.index_select(0, rows), result.index_select(0, rows), name)
+            out = out.index_add(0, rows, update)
         return out
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
@@ -356,11 +358,11 @@ class DeltaTuner(BaseTuner):
     Class attributes for subclasses: ``prefix``, ``tuner_layer_cls`` (constructed as
     ``tuner_layer_cls(target, adapter_name, config, current_key=..., plan=...)``), ``method_name``
     (for messages), ``supported_layers`` (the base layer types the method adapts, subclasses
-    included; default :data:`LINEAR_LAYERS`, ``nn.Linear`` and transformers' ``Conv1D``) and ``shared_state_names`` (names of tuner attributes that
-    are ``nn.ModuleDict`` keyed by adapter name, each entry a container of parameters shared by
-    several layers; they are saved once, follow ``set_adapter`` / ``delete_adapter`` and the
-    dtype policy like the layers' own parameters). A method with shared state implements
-    :meth:`_plan_shared_state`.
+    included; default :data:`LINEAR_LAYERS`, ``nn.Linear`` and transformers' ``Conv1D``) and
+    ``shared_state_names`` (names of tuner attributes that are ``nn.ModuleDict`` keyed by adapter name,
+    each entry a container of parameters shared by several layers; they are saved once, follow
+    ``set_adapter`` / ``delete_adapter`` and the dtype policy like the layers' own parameters). A method with
+    shared state implements :meth:`_plan_shared_state`.
 
     Injecting an adapter (:meth:`inject_adapter`): list the targets the config selects, as PEFT
     will (:meth:`_targets`), checking each one's type; plan the shared state for all of them;

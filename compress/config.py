@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -148,6 +149,13 @@ class CompressionConfig:
             raise ValueError(f"min_rank={self.min_rank} must be >= 1")
         if self.svd not in ("full", "randomized"):
             raise ValueError(f"svd={self.svd!r} must be 'full' or 'randomized'")
+        for name in ("alpha", "ridge", "percdamp", "eps"):
+            value = getattr(self, name)
+            if name == "eps" and value is None:
+                continue
+            # NaN passed every comparison and surfaced later as a misleading statistics error
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         unused = self._unused_options()
         if unused:
             conditions = self.compressor.reads_only_with

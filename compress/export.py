@@ -531,10 +531,11 @@ def save_hf_directory(
                and not torch.equal(q.scale.detach().to(dtype).to(q.scale.dtype), q.scale.detach())]
     if rounded:
         # the codes were chosen for the unrounded scales: the file then holds other weights than those evaluated
-        warnings.warn(f"{len(rounded)} quantized layer(s) ({sorted(rounded)[:3]}) have {packable[rounded[0]].scale.dtype} "
-                      f"scales that {dtype} cannot hold: the file stores them rounded, so its weights differ from the "
-                      f"evaluated ones; quantize with CompressionConfig(scale_dtype={dtype}) (as tensornets compress "
-                      "does), or export with dtype= the scales' dtype", UserWarning, stacklevel=2)
+        warnings.warn(f"{len(rounded)} quantized layer(s) ({sorted(rounded)[:3]}) have "
+                      f"{packable[rounded[0]].scale.dtype} scales that {dtype} cannot hold: the file stores them "
+                      "rounded, so its weights differ from the evaluated ones; quantize with "
+                      f"CompressionConfig(scale_dtype={dtype}) (as tensornets compress does), or export with dtype= "
+                      "the scales' dtype", UserWarning, stacklevel=2)
     packable = _common_group_size(packable)
     channel = bool(packable) and all(_per_row(q) for q in packable.values())
     schemes = {_scheme_key(q, channel) for q in packable.values()}

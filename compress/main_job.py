@@ -155,7 +155,8 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "memory holds one block, the embeddings and the LM head whatever the depth (the compressed codes and "
                    "EoRA factors go to DIR with their block; evaluating the EoRA residual reads its factors back). "
                    "A Hugging Face --model-path or the embedded model, on the CPU; factorizing methods only without "
-                   "--output-dir; not with --compare / --sequential (default: the whole model in memory)")
+                   "--output-dir; not with --compare / --sequential; DIR is kept after the run, delete it when done "
+                   "(default: the whole model in memory)")
 
     g = p.add_argument_group("compression")
     g.add_argument("--method", default=DEFAULTS["method"], metavar="NAME",
@@ -173,8 +174,9 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    default=None,
                    metavar="N",
                    help="rtn, gptq, sparsegpt with --sparse-bits: consecutive input weights sharing one scale / zero "
-                   "point, a divisor of every targeted layer's input width; 0 = one group per output row "
-                   f"(default: {DEFAULTS['group_size']}, which divides SmolLM2's 576 and 1536)")
+                   "point, a divisor of every targeted layer's input width (a layer narrower than N gets one group "
+                   f"per row); 0 = one group per output row (default: {DEFAULTS['group_size']}, which divides "
+                   "SmolLM2's 576 and 1536)")
     g.add_argument("--symmetric", action="store_true", default=None,
                    help="rtn, gptq, sparsegpt with --sparse-bits: symmetric grid without zero point (default: "
                    "asymmetric)")
@@ -234,7 +236,8 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
     g = p.add_argument_group("data (default: disjoint slices of the Python reference docs)")
     g.add_argument("--calib-data", metavar="PATH", default=None,
                    help="calibration text instead of the first half of the Python docs: a .txt / .md, .jsonl / .json "
-                   "or .parquet file ('text' column), or a directory of them; read from its start (default: pydoc)")
+                   "or .parquet file (its 'text' column, else its only string column), or a directory of them; "
+                   "read from its start (default: pydoc)")
     g.add_argument("--eval-data", metavar="PATH", default=None,
                    help="evaluation text instead of the second half of the Python docs, same formats; keep it "
                    "disjoint from the calibration text (default: pydoc)")
@@ -1054,6 +1057,10 @@ def _write_output_dir(args, out: Path, final: Path, compressed, tokenizer, adapt
     return saved
 
 
+#: methods that zero weights: the storage line counts them as a sparse format would, which the export does not use
+_PRUNING_METHODS = frozenset({"sparsegpt", "magnitude", "2:4"})
+
+
 def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) -> None:
     ppl, p, st = s["perplexity"], s["params"], s["storage_16bit"]
     what = report.config.compressor.label(report.config)
@@ -1104,6 +1111,9 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         f"  storage of the targeted layers at 16-bit: {st['dense_mb']:.1f} MB -> {st['compressed_mb']:.1f} MB "
         f"({bits:.2f} bits/weight)" + (f" + adapter {st['adapter_mb']:.1f} MB" if adapters else ""),
     ]
+    if report.config.method in _PRUNING_METHODS:
+        lines.append("    (kept values and their positions, as a sparse format stores them; --output-dir writes pruned "
+                     "weights dense: compressed-tensors has no sparse compressor)")
     err = s["rel_output_error"]
     if err["compressed_mean"] is not None:
         lines += ["", "relative output error on calibration inputs (mean over layers)",

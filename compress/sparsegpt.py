@@ -198,6 +198,11 @@ def _check_options(config) -> None:
             raise ValueError(f"sparsity={config.sparsity} contradicts pattern={config.pattern!r} (which prunes "
                              f"{implied:g}); drop sparsity, or pass pattern='unstructured'")
         config.sparsity = implied  # what the report and the saved config then say was done
+        if config.block_size % n_of_m[1]:
+            # the lazy-update blocks must hold whole groups of m columns: checked here, not on the first layer
+            fit = config.block_size - config.block_size % n_of_m[1]
+            raise ValueError(f"pattern={config.pattern!r} needs block_size ({config.block_size}) to be a multiple of "
+                             f"{n_of_m[1]}; pass block_size={fit}")
     if config.sparse_bits is not None:
         if (isinstance(config.sparse_bits, bool) or not isinstance(config.sparse_bits, int)
                 or config.sparse_bits not in range(2, 9)):

@@ -185,11 +185,16 @@ def find_targets(
     ------
     ValueError
         If a list entry or the regex selects no supported layer (the message lists what it matched instead and a
-        few available names), or nothing remains after exclusion. An ``exclude_modules`` entry that matches no module warns (a typo would
-        leave the layer it meant to protect compressed).
+        few available names), or nothing remains after exclusion. An ``exclude_modules`` entry that matches no
+        module warns (a typo would leave the layer it meant to protect compressed).
     """
     if target_modules is None:
         target_modules = "all-linear"
+    for argument, spec in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if spec is not None and not isinstance(spec, str) and not (
+                isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(e, str) for e in spec)):
+            raise TypeError(f"{argument}={spec!r} must be a list of module names (['q_proj', 'v_proj']), a regex "
+                            "string or 'all-linear'")
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         head = _output_layer_name(model)
         found = {
@@ -210,6 +215,9 @@ def find_targets(
                     f"it matched only unsupported modules {[f'{n} ({_describe(m)})' for n, m in hits.items()][:4]}"
                     if hits else "it matched no module"
                 )
+                if isinstance(target_modules, str) and not hits and re.fullmatch(r"[\w.]+", entry):
+                    what += (f" (a string is a regex over the full module name; to select modules by name pass a "
+                             f"list: [{entry!r}])")
                 raise ValueError(
                     f"target_modules entry {entry!r}: {what}; supported layers are "
                     f"{', '.join(t.__name__ for t in types)} (Conv2d with groups=1 and zero padding), e.g. "

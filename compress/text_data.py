@@ -9,6 +9,7 @@ string column. Every error names the command-line flag the path came from.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 __all__ = ["DATA_SUFFIXES", "load_texts"]
@@ -25,9 +26,16 @@ def _files(path: Path, flag: str) -> list[Path]:
                              f"{', '.join(DATA_SUFFIXES)} file or a directory of them")
         return [path]
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        found = [p for p in files if p.suffix.lower() in DATA_SUFFIXES]
         if not found:
             raise ValueError(f"{flag} {str(path)!r}: the directory holds no {', '.join(DATA_SUFFIXES)} file")
+        # hidden files of other types (.DS_Store, .gitignore) are not worth a word
+        skipped = [p for p in files if p.suffix.lower() not in DATA_SUFFIXES and not p.name.startswith(".")]
+        if skipped:
+            warnings.warn(f"{flag} {str(path)!r}: {len(skipped)} file(s) of other types are not read (e.g. "
+                          f"{[str(p.relative_to(path)) for p in skipped[:3]]}); readable: {', '.join(DATA_SUFFIXES)}",
+                          UserWarning, stacklevel=3)
         return found
     raise ValueError(f"{flag} {str(path)!r}: no such file or directory")
 
@@ -79,7 +87,12 @@ def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]
             if dataset.num_rows == 0:
                 continue
             column = _column(dataset, file, flag)
-            texts.extend(t for t in dataset[column] if isinstance(t, str) and t.strip())
+            values = dataset[column]
+            if not any(isinstance(t, str) for t in values) and any(t is not None for t in values):
+                kind = type(next(t for t in values if t is not None)).__name__
+                raise ValueError(f"{flag} {str(file)!r}: column {column!r} holds no strings ({kind} values); store "
+                                 "the documents as text")
+            texts.extend(t for t in values if isinstance(t, str) and t.strip())
     finally:
         if bars:
             enable_progress_bar()

@@ -36,8 +36,8 @@ _LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"
 
 #: Default LoRETTA-adp placement per ``model_type``: the attention output projection and the FFN
 #: output projection (BERT family: ``attention.output.dense`` and ``output.dense``, both matched
-#: by the suffix ``output.dense``; Llama family: ``o_proj`` and ``down_proj``; GPT-2: both ``c_proj``). Other model types:
-#: :func:`find_adp_placement`.
+#: by the suffix ``output.dense``; Llama family: ``o_proj`` and ``down_proj``; GPT-2: both ``c_proj``). Other model
+#: types: :func:`find_adp_placement`.
 ADP_TARGET_MODULES: dict[str, list[str]] = {
     **{model_type: ["output.dense"] for model_type in _BERT_FAMILY},
     **{model_type: ["o_proj", "down_proj"] for model_type in _LLAMA_FAMILY},

@@ -190,7 +190,8 @@ class Mixed(nn.Module):
 @pytest.mark.parametrize(
     "config, names",
     [
-        (lambda: adapters.LoTRConfig(r=2, target_modules=["proj", "norm"]), "LoTR adapts nn.Linear, Conv1D layers only"),
+        (lambda: adapters.LoTRConfig(r=2, target_modules=["proj", "norm"]),
+         "LoTR adapts nn.Linear, Conv1D layers only"),
         (lambda: adapters.MoSConfig(r=2, v=2, p=0, c=1, target_modules=["proj", "norm"]), "MoS adapts nn.Linear"),
         (lambda: adapters.LoRETTARepConfig(target_modules=["proj", "norm"]), "LoRETTA-rep adapts nn.Linear"),
         (

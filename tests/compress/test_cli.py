@@ -82,7 +82,8 @@ def test_top_level_help_lists_compress(capsys):
     ("argv", "message"),
     [
         (["--method", "whitened_svd", "--keep", "0"], "outside (0, 1]"),
-        (["--method", "rtn", "--no-act-order"], "argument --act-order: --method rtn does not use it (it applies to gptq)"),
+        (["--method", "rtn", "--no-act-order"],
+         "argument --act-order: --method rtn does not use it (it applies to gptq)"),
         (["--method", "sparsegpt", "--act-order"], "argument --act-order: --method sparsegpt does not use it"),
         (["--method", "svd", "--keep", "1.5"], "outside (0, 1]"),
         (["--keep", "abc"], "not a number"),

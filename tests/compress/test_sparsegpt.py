@@ -4,6 +4,7 @@ import pytest
 import torch
 from obs_reference import correlated_layer as _layer, output_error as _output_error, reference_sweep
 
+from compress import CompressionConfig
 from compress.sources import prune_2_4, prune_magnitude
 from compress.sparsegpt import parse_pattern, sparsegpt_prune
 from tolerance import assert_close
@@ -94,3 +95,11 @@ def test_bad_arguments_name_the_fix(kwargs, message):
     W, C = _layer()
     with pytest.raises(ValueError, match=message):
         sparsegpt_prune(W, C, **kwargs)
+
+
+def test_a_pattern_the_block_size_cannot_hold_is_refused_by_the_config():
+    # every layer failed with "exclude this layer" (the CLI has no --block-size); the config says what to pass
+    with pytest.raises(ValueError, match=r"pattern='2:3' needs block_size \(128\) to be a multiple of 3; pass "
+                                         r"block_size=126"):
+        CompressionConfig(method="sparsegpt", pattern="2:3")
+    assert CompressionConfig(method="sparsegpt", pattern="2:3", block_size=126).sparsity == pytest.approx(1 / 3)

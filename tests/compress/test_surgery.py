@@ -75,6 +75,11 @@ def test_bad_targets_name_the_problem():
         find_targets(model, ["up_proj", "nope"])
     with pytest.raises(ValueError, match="no target layers left"):
         find_targets(model, ["up_proj"], exclude_modules=["up_proj"])
+    with pytest.raises(TypeError, match=r"target_modules=5 must be a list of module names"):
+        find_targets(model, 5)
+    with pytest.raises(ValueError, match=r"a string is a regex over the full module name; .* pass a list: "
+                                         r"\['down_proj'\]"):
+        find_targets(model, "down_proj")
     # a misspelt exclusion protected nothing, silently
     with pytest.warns(UserWarning, match=r"exclude_modules entry 'up_prj' matches no module .* protects nothing"):
         assert len(find_targets(model, ["up_proj"], exclude_modules=["up_prj"])) == 2
@@ -346,6 +351,10 @@ def test_inplace_modifies_the_given_model(mlp_setup):
     (dict(method="sparsegpt", sparse_bits=4.0), r"sparse_bits=4.0 must be an int in \[2, 8\]"),
     (dict(method="sparsegpt", pattern="2:4", sparsity=0.7), "sparsity=0.7 contradicts pattern='2:4'"),
     (dict(method="magnitude", sparsity=1.0), r"sparsity=1.0 must be in \[0, 1\)"),
+    # NaN passed every comparison and surfaced as "recollect the statistics" / "inputs all zero"
+    (dict(method="asvd", keep=0.5, alpha=float("nan")), "alpha=nan must be a finite number >= 0"),
+    (dict(keep=0.5, ridge=float("nan")), "ridge=nan must be a finite number >= 0"),
+    (dict(keep=0.5, eps=float("nan")), "eps=nan must be a finite number >= 0"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):

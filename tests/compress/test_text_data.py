@@ -193,3 +193,14 @@ def test_model_path_takes_a_gguf_file(tmp_path, smollm2):
     assert name.endswith(".gguf") and tok("def f(x):")["input_ids"] == ref_tok("def f(x):")["input_ids"]
     for (k, v), (k2, v2) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
+
+
+def test_directory_files_of_other_types_warn_and_numbers_are_not_text(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("some text")
+    (tmp_path / "docs" / "table.csv").write_text("a,b\n")
+    with pytest.warns(UserWarning, match=r"--calib-data .*1 file\(s\) of other types are not read .*table.csv"):
+        assert load_texts(tmp_path / "docs") == ["some text"]
+    (tmp_path / "numbers.jsonl").write_text("".join(json.dumps({"text": i}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match=r"column 'text' holds no strings \(int values\)"):
+        load_texts(tmp_path / "numbers.jsonl")

@@ -185,7 +185,8 @@ def test_keep_accepts_any_real_scalar_and_refuses_the_rest():
 
 def test_set_strategy_refuses_a_plan_the_format_lacks_at_once():
     fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "tt", rank=2)
-    with pytest.raises(ValueError, match=r"strategy='split' is not a plan of tt; its plans are \['einsum', 'rebuild'\]"):
+    with pytest.raises(ValueError, match=r"strategy='split' is not a plan of tt; its plans are "
+                                         r"\['einsum', 'rebuild'\]"):
         fact.set_strategy("split")
     assert fact.set_strategy("rebuild").strategy(4) == "rebuild"
 
