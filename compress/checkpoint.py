@@ -51,6 +51,7 @@ from torch import nn
 from compress.targets import replace_module, unwrap_compiled
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
 from tensornets.io import build_from_spec, module_spec
+from tensornets.devices import usable_device
 
 __all__ = ["MANIFEST_FILE", "WEIGHTS_FILE", "load_compressed", "load_compressed_directory", "save_compressed"]
 
@@ -295,13 +296,8 @@ def _header(file: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
 
 
 def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {e}") from None
-    if device.type == "meta":
-        raise ValueError("device='meta' holds no data: load to 'cpu' or a GPU (build a model on meta with "
-                         "accelerate.init_empty_weights and load_compressed to fill it)")
+    device = usable_device(device, "device", fix="load to 'cpu' or a GPU (build a model on meta with "
+                           "accelerate.init_empty_weights and load_compressed to fill it)")
     # safetensors names devices its own way: "cpu" (not "cpu:0"), "cuda:<index>"
     name = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
     try:

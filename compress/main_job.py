@@ -430,28 +430,14 @@ def _check_method_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def _check_device(parser: argparse.ArgumentParser, text: str) -> None:
     """``--device`` names a device this torch can compute on (before the model is loaded)."""
-    import torch
+    from tensornets.devices import usable_device
 
     if text == "auto":
         return
     try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError) as err:
-        parser.error(f"argument --device: {text!r} is not a torch device ({err}); pass cpu, cuda, cuda:1 or auto")
-    if device.type == "meta":
-        parser.error("argument --device: meta holds no values to compute with; pass cpu, cuda or auto")
-    if device.type != "cpu":
-        module = getattr(torch, device.type, None)
-        if device.type == "mps":
-            available = torch.backends.mps.is_available()
-        else:
-            available = getattr(module, "is_available", lambda: False)()
-        if not available:
-            parser.error(f"argument --device: {text}: this torch ({torch.__version__}) has no usable {device.type} "
-                         "device; pass cpu, or auto (cuda when available)")
-        count = getattr(module, "device_count", lambda: 1)()
-        if device.index is not None and device.index >= count:
-            parser.error(f"argument --device: {text}: there are {count} {device.type} device(s), numbered from 0")
+        usable_device(text, None, fix="pass cpu, or auto (cuda when available)")
+    except ValueError as err:
+        parser.error(f"argument --device: {err}")
 
 
 def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

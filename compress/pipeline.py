@@ -94,6 +94,7 @@ from compress.targets import (
     replace_module,
     unwrap_compiled,
 )
+from tensornets.devices import usable_device
 
 _NO_BATCHES = ("calib_batches is empty, or the model never ran its first block; pass at least one batch of model "
                "inputs (e.g. 64-256 sequences)")
@@ -212,13 +213,6 @@ def block_pipeline_obstacle(model: nn.Module, config: CompressionConfig) -> str 
     return None
 
 
-def _check_compute_device(compute: torch.device | None, device: object) -> None:
-    """Refuse a CUDA ``device`` that this torch cannot use, before any work."""
-    if compute is not None and compute.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: this torch has no usable CUDA device; pass device=None (the model's "
-                         "own) or 'cpu'")
-
-
 def compress_blocks(
     model: nn.Module,
     config: CompressionConfig,
@@ -322,11 +316,8 @@ def compress_blocks(
         raise ValueError(_NO_BATCHES)
     if eora_sequential:
         calibration_folds(calib_batches)  # at least 2 batches, before any work
-    try:
-        compute = None if device is None else torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1'): {err}") from None
-    _check_compute_device(compute, device)
+    compute = (None if device is None
+               else usable_device(device, fix="pass device=None (the model's own), 'cpu' or 'cuda'"))
 
     targets = drop_bypassed(model, find_targets(model, config.target_modules, config.exclude_modules),
                             config.target_modules, config.compressor.kind, config.needs_stats or eora_rank > 0)

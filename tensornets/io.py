@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .devices import usable_device
 from .formats import Factorization, get_format
 from .layers import FactorizedConv2d, FactorizedLinear
 
@@ -65,26 +66,6 @@ def save(module: nn.Module, path: str | Path) -> None:
     save_file(tensors, str(path), metadata={_MANIFEST_KEY: json.dumps(manifest)})
 
 
-def _loadable_device(device: torch.device | str) -> torch.device:
-    """``device`` as a ``torch.device`` that exists on this machine; ``ValueError`` naming it otherwise (checked
-    before the file is opened, so a bad device is not reported as a corrupt file)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ({e}): pass 'cpu', 'cuda', 'cuda:1', ...") from None
-    if dev.type == "meta":
-        raise ValueError("device='meta' holds no values to load into: load on 'cpu' (or an accelerator)")
-    if dev.type != "cpu":
-        backend = getattr(torch, dev.type, None)
-        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-            raise ValueError(f"device={device!r}: this torch ({torch.__version__}) has no usable {dev.type} device; "
-                             "load on 'cpu'")
-        count = backend.device_count() if hasattr(backend, "device_count") else None
-        if dev.index is not None and count is not None and dev.index >= count:
-            raise ValueError(f"device={device!r}: this machine has {count} {dev.type} device(s), indices 0-{count - 1}")
-    return dev
-
-
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Read a module written by :func:`save`; parameters keep their saved dtype.
 
@@ -101,7 +82,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r} " + ("is a directory; pass the .safetensors file tensornets.save "
                                                          "wrote" if path.is_dir() else "does not exist"))
-    device = _loadable_device(device)
+    device = usable_device(device, "device", fix="load on 'cpu' (or an accelerator: 'cuda', 'cuda:1')")
     redo = "; write it again with tensornets.save"
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:

@@ -167,7 +167,7 @@ def test_load_onto_an_empty_base_and_device_names(tmp_path, saved_lowrank):
     compiled = torch.compile(tiny_llama(seed=1))  # loads into the module the wrapper holds, returns the wrapper
     assert load_compressed(compiled, out) is compiled
     _assert_bitwise_equal(compiled._orig_mod, model)
-    with pytest.raises(ValueError, match="device='meta' holds no data"):
+    with pytest.raises(ValueError, match="device='meta': meta holds no values; load to 'cpu'"):
         load_compressed_directory(out, device="meta")
 
 
