@@ -882,13 +882,17 @@ def _onload(block: nn.Module) -> torch.device:
 def _export_group_size(targets: Mapping[str, nn.Module], config: CompressionConfig) -> int | None:
     """The one group size the exporter gives every quantized layer of this run (the gcd of the layers' own, see
     :func:`compress.export.save_hf_directory`): codes written to disk are regrouped to it first, since the exporter
-    cannot regroup codes it reads from disk. ``None`` for methods without groups."""
+    cannot regroup codes it reads from disk. ``None`` for methods without groups, and when every layer is
+    quantized per row (the exporter's ``"channel"`` scheme: no regrouping)."""
     from compress.sources import resolve_group_size
 
     if "group_size" not in (config.compressor.reads or ()):
         return None
     widths = {dense_weight(m).reshape(dense_weight(m).shape[0], -1).shape[1] for m in targets.values()}
-    return math.gcd(*(resolve_group_size(config.group_size, w) for w in widths)) if widths else None
+    groups = {w: resolve_group_size(config.group_size, w) for w in widths}
+    if all(g == w for w, g in groups.items()):
+        return None
+    return math.gcd(*groups.values()) if groups else None
 
 
 def _offload(block: nn.Module, name: str, folder: str | os.PathLike, execution_device: torch.device,

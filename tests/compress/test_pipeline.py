@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -601,14 +602,16 @@ def test_disk_offloaded_blocks(tmp_path):
     assert_close(compensated, logits(expected.eora.apply(expected.model), batches), tol=0.0, what="compensated")
 
 
-def test_export_of_disk_offloaded_blocks(tmp_path):
+@pytest.mark.parametrize("group_size", [16, None], ids=["g16", "per-row"])
+def test_export_of_disk_offloaded_blocks(tmp_path, group_size):
     """A quantized result whose blocks accelerate keeps on disk is exported without loading them back (transformers
     loads the offloaded tensors one shard at a time; packed layers' weights are never read): the same directory as
-    the resident model's export, which transformers loads to the same logits."""
+    the resident model's export, which transformers loads to the same logits. Per row, layers of two widths are
+    written with the "channel" scheme, not regrouped on their way to disk."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     offloaded, resident = offloaded_and_resident(tiny_llama(), tmp_path)
-    config = CompressionConfig(method="rtn", bits=4, group_size=16,
+    config = CompressionConfig(method="rtn", bits=4, group_size=group_size,
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
     batches = calib()
     out = compress_blocks(offloaded, config, batches, offload_folder=tmp_path / "compressed", inplace=True,
@@ -627,6 +630,10 @@ def test_export_of_disk_offloaded_blocks(tmp_path):
                       max_shard_size="100KB")
     assert all(p.device.type == "meta" for p in out.model.model.layers.parameters())  # still offloaded
     assert len(report.packed) == 3 * 5 and sum(n.endswith(".safetensors") for n in report.files) > 1
+    for directory in ("export", "export-resident"):
+        (scheme,) = json.loads((tmp_path / directory / "config.json").read_text())["quantization_config"][
+            "config_groups"].values()
+        assert scheme["weights"]["strategy"] == ("group" if group_size else "channel"), directory
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "export-resident").eval()
     assert reloaded.state_dict().keys() == reference.state_dict().keys()
