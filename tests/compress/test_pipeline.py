@@ -503,7 +503,7 @@ def test_device_moves_one_block_at_a_time(monkeypatch):
 
     monkeypatch.setattr(pipeline, "_place", fake_place)
     monkeypatch.setattr(pipeline, "_to", lambda obj, device, memo=None: to(obj, torch.device("cpu"), memo))
-    monkeypatch.setattr(pipeline, "_check_compute_device", lambda compute, device: None)
+    monkeypatch.setattr(pipeline, "usable_device", lambda device, *args, **kwargs: torch.device(device))
     compress_blocks(model, CompressionConfig(method="rtn", bits=3, group_size=16), calib(n=2), device="cuda",
                     inplace=True, progress=False)
     per_block = [(torch.float32, "cuda"), (torch.bfloat16, "cuda"), (torch.float32, "cuda"), (torch.bfloat16, "cpu")]
