@@ -750,14 +750,20 @@ def expected_checkpoint_keys(tuner_cls: type[DeltaTuner], model: nn.Module, adap
     Both spellings: with the ``base_model.model.`` prefix of a ``PeftModel`` and, for layers
     injected straight into a model (no such prefix in its keys), without it.
     """
+    return set(_checkpoint_shapes(tuner_cls, model, adapter_name))
+
+
+def _checkpoint_shapes(tuner_cls: type[DeltaTuner], model: nn.Module, adapter_name: str) -> dict[str, tuple]:
+    """``{checkpoint key: shape}`` of the adapter ``adapter_name`` of ``model``, both spellings of each key (see
+    :func:`expected_checkpoint_keys`)."""
     prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    expected = set()
-    for model_key in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes):
+    shapes = {}
+    for model_key, tensor in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes).items():
         checkpoint_key = tuner_cls._remove_adapter_name_from_key(model_key, adapter_name)
-        expected.add(checkpoint_key)
+        shapes[checkpoint_key] = tuple(tensor.shape)
         if not checkpoint_key.startswith(_PEFT_PREFIX):
-            expected.add(_PEFT_PREFIX + checkpoint_key)
-    return expected
+            shapes[_PEFT_PREFIX + checkpoint_key] = tuple(tensor.shape)
+    return shapes
 
 
 def legacy_checkpoint_keys(
@@ -809,7 +815,8 @@ def _check_shared_keys(
     shared = set(tuner_cls.shared_state_names)
     if not shared:
         return
-    expected = expected_checkpoint_keys(tuner_cls, model, adapter_name)
+    shapes = _checkpoint_shapes(tuner_cls, model, adapter_name)
+    expected = set(shapes)
 
     def groups(keys) -> list[str]:
         found = set()
@@ -826,11 +833,6 @@ def _check_shared_keys(
             "layer shapes; load it onto that base model"
         )
     # a group of the same name can still differ in size: a MoS pool holds v · L · c shards for L layers
-    shapes = {}
-    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    for model_key, tensor in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes).items():
-        checkpoint_key = tuner_cls._remove_adapter_name_from_key(model_key, adapter_name)
-        shapes[checkpoint_key] = shapes[_PEFT_PREFIX + checkpoint_key] = tuple(tensor.shape)
     resized = [(k, tuple(v.shape), shapes[k]) for k, v in state_dict.items()
                if shared & set(k.split(".")) and k in shapes and tuple(v.shape) != shapes[k]]
     if resized:

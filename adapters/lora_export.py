@@ -217,7 +217,7 @@ def to_lora(
     source = peft_model.peft_config[adapter_name]
     state_dict: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    kinds: dict[str, str] = {}  # Conv1D or another layer type, for PEFT's fan_in_fan_out
+    conv1d: list[str] = []  # PEFT's fan_in_fan_out holds for these layers only
     for key, module in peft_model.named_modules():
         if not isinstance(module, BaseTunerLayer) or not module._has_adapter(adapter_name):
             continue
@@ -232,7 +232,8 @@ def to_lora(
         entries, rank = layout(key, base, a, b)
         state_dict.update({name: tensor.to("cpu", dtype).contiguous().clone() for name, tensor in entries.items()})
         ranks[key.removeprefix(_PEFT_PREFIX)] = rank
-        kinds[key.removeprefix(_PEFT_PREFIX)] = "Conv1D" if isinstance(base, Conv1D) else type(base).__name__
+        if isinstance(base, Conv1D):
+            conv1d.append(key.removeprefix(_PEFT_PREFIX))
     if not ranks:
         raise ValueError(f"adapter {adapter_name!r} ({peft_type}) adapts no layer of this model; nothing to export")
     for key, module in peft_model.named_modules():
@@ -241,9 +242,8 @@ def to_lora(
                 state_dict[f"{key}.{name}"] = param.detach().to("cpu", dtype).contiguous().clone()
     # PEFT's fan_in_fan_out is one flag for the whole LoRA (True: weights stored (in, out), as Conv1D's): it cannot
     # describe Conv1D and other layers together, and PEFT resets it, with a warning, for the layers it does not fit
-    conv1d = sorted(k for k, kind in kinds.items() if kind == "Conv1D")
-    if conv1d and len(conv1d) != len(kinds):
-        others = sorted(k for k in kinds if k not in conv1d)
+    if conv1d and len(conv1d) != len(ranks):
+        others = sorted(set(ranks) - set(conv1d))
         raise ValueError(f"adapter {adapter_name!r} adapts Conv1D layers ({conv1d[:2]}) and others ({others[:2]}): "
                          "a PEFT LoRA has one fan_in_fan_out for all its layers; export them as two adapters (one "
                          "adapter of ours per layer kind)")

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from compress import lowrank as lr
 from compress.calibration import ActivationStats, CrossStats, LayerStats, accumulate_cross_stats, accumulate_stats
 from compress.eora_peft import as_peft_init as _as_peft_init
+from compress.export import EXPORT_DTYPES
 from compress.safetensors_stream import write_safetensors
 from compress.sequential_eora import (
     calibration_folds,
@@ -90,8 +91,8 @@ class EoraLayerReport:
 
 def _storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A floating ``dtype`` to store factors in (a name such as ``"bfloat16"`` is accepted); ``None`` keeps theirs."""
-    if isinstance(dtype, str) and dtype in ("bfloat16", "float16", "float32", "float64"):
-        dtype = getattr(torch, dtype)
+    if isinstance(dtype, str):
+        dtype = {**EXPORT_DTYPES, "float64": torch.float64}.get(dtype, dtype)
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
         return dtype
     raise TypeError(f"dtype={dtype!r} cannot store the factors: pass torch.bfloat16, torch.float16, torch.float32 "

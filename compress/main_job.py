@@ -1043,10 +1043,6 @@ def _write_output_dir(args, out: Path, final: Path, compressed, tokenizer, adapt
     return saved
 
 
-#: methods that zero weights: the storage line counts them as a sparse format would, which the export does not use
-_PRUNING_METHODS = frozenset({"sparsegpt", "magnitude", "2:4"})
-
-
 def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) -> None:
     ppl, p, st = s["perplexity"], s["params"], s["storage_16bit"]
     what = report.config.compressor.label(report.config)
@@ -1097,7 +1093,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         f"  storage of the targeted layers at 16-bit: {st['dense_mb']:.1f} MB -> {st['compressed_mb']:.1f} MB "
         f"({bits:.2f} bits/weight)" + (f" + adapter {st['adapter_mb']:.1f} MB" if adapters else ""),
     ]
-    if report.config.method in _PRUNING_METHODS:
+    if report.config.compressor.kind == "dense" and kept < 1.0:  # dense layout, fewer weights: pruned
         lines.append("    (kept values and their positions, as a sparse format stores them; --output-dir writes pruned "
                      "weights dense: compressed-tensors has no sparse compressor)")
     err = s["rel_output_error"]

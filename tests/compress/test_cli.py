@@ -461,6 +461,7 @@ def test_gptq_with_eora_exports_an_adapter_and_beats_rtn(tiny_model_dir, tmp_pat
                              "16", "--eora-rank", "4", "--output-dir", str(out), *SMALL])
     text = capsys.readouterr().out
     assert "gptq 3-bit, group 16, act-order" in text and "+ EoRA r=4" in text
+    assert "writes pruned weights dense" not in text  # nothing pruned: the storage line is what the export writes
     assert gptq["targets"]["layers"] == 14 and gptq["params"]["keep_targets"] == 1.0
     err = gptq["rel_output_error"]
     assert err["compensated_eora_mean"] < err["before_eora_mean"]
@@ -517,7 +518,9 @@ def test_eora_rounds_end_to_end(tiny_model_dir, tmp_path, capsys):
 def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
     summary = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "2:4",
                                 "--sparse-bits", "4", "--group-size", "16", "--eora-rank", "2", *SMALL])
-    assert "sparsegpt 2:4 + 4-bit, group 16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sparsegpt 2:4 + 4-bit, group 16" in out
+    assert "--output-dir writes pruned weights dense" in out  # the storage line counts a sparse format
     assert summary["params"]["keep_targets"] <= 0.5
     err = summary["rel_output_error"]
     assert err["compensated_eora_mean"] < err["before_eora_mean"]
