@@ -89,9 +89,9 @@ class Compressor:
             ``sparsity``, ``whiten``, ...); ``CompressionConfig`` and the CLI refuse the others set away from their
             defaults instead of ignoring them. ``None``: unknown (every option accepted), the default for
             compressors registered without it.
-        reads_only_with: options of ``reads`` that the method reads only when another option is set, ``{option:
-            condition}`` (sparsegpt's ``group_size`` only with ``sparse_bits``); refused like the unread ones while
-            the condition is ``None``.
+        reads_only_with: options of ``reads`` that the method reads only when another option is set away from its
+            default, ``{option: condition}`` (sparsegpt's ``group_size`` only with ``sparse_bits``, TT's ``seed``
+            only with ``svd='randomized'``); refused like the unread ones while the condition is at its default.
         help: one line for ``--help``.
     """
 
@@ -112,9 +112,10 @@ class Compressor:
 
 
 #: the options of :class:`CompressionConfig` that only some compressors read (``Compressor.reads``): quantization,
-#: pruning and Tucker's whitening
+#: pruning, the input scalings of the low-rank methods, and the structure and SVDs of the tensor formats
 METHOD_OPTIONS = frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
-                            "block_size", "sparsity", "pattern", "sparse_bits", "whiten"})
+                            "block_size", "sparsity", "pattern", "sparse_bits", "whiten", "alpha", "ridge", "eps",
+                            "num_cores", "modes", "svd", "seed"})
 
 _REGISTRY: dict[str, Compressor] = {}
 _ALIASES: dict[str, str] = {}

@@ -33,7 +33,7 @@ class CompressionConfig:
 
     method: str = field(
         default="whitened_svd",
-        metadata={"help": "svd | asvd | whitened_svd (SVD-LLM) | tucker | tt | mpo | btt | rtn | gptq | 2:4 | magnitude | "
+        metadata={"help": "svd | asvd | whitened_svd (SVD-LLM) | tucker | tt | mpo | btt | cp | rtn | gptq | 2:4 | magnitude | "
                   "sparsegpt, or any registered compressor (compress.compressors)"},
     )
     keep: float | None = field(
@@ -158,31 +158,42 @@ class CompressionConfig:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         unused = self._unused_options()
         if unused:
-            conditions = self.compressor.reads_only_with
-            readers = {name: [m for m in available_compressors() if name in (get_compressor(m).reads or ())]
-                       for name in unused}
-            why = "; ".join(f"{name}: read only with {conditions[name]}=" if name in conditions
-                            else f"{name}: read by {', '.join(readers[name]) or 'no built-in method'}"
-                            + _OPTION_HINTS.get(name, "") for name in unused)
             settings = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
             them = "it" if len(unused) == 1 else "them"
-            raise ValueError(f"method={self.method!r} does not use {settings} ({why}); drop {them}, or pick a method "
-                             f"that reads {them}")
+            raise ValueError(f"method={self.method!r} does not use {settings} "
+                             f"({'; '.join(map(self._why_unused, unused))}); drop {them}, or pick a method or setting that "
+                             f"reads {them}")
         if self.compressor.validate is not None:
             self.compressor.validate(self)
 
     def _unused_options(self) -> list[str]:
-        """The method options set away from their defaults that the method does not read (``Compressor.reads``,
-        ``Compressor.reads_only_with`` while its condition is ``None``); ``scale_dtype`` is an export setting any
+        """The options set away from their defaults that this config does not read: method options outside
+        ``Compressor.reads`` (or in ``Compressor.reads_only_with`` while its condition is at its default), and the
+        floors of ``allocation='global'`` with ``allocation='layer'``. ``scale_dtype`` is an export setting any
         method may be given."""
+        unused = [] if self.allocation == "global" else [n for n in ("min_rank", "min_keep") if self._is_set(n)]
         compressor = self.compressor
         if compressor.reads is None:
-            return []
+            return unused
         conditions = compressor.reads_only_with
-        read = {n for n in compressor.reads if n not in conditions or getattr(self, conditions[n]) is not None}
-        return [f.name for f in dataclasses.fields(self)
-                if f.name in METHOD_OPTIONS and f.name not in read and f.name != "scale_dtype"
-                and getattr(self, f.name) != f.default]
+        read = {n for n in compressor.reads if n not in conditions or self._is_set(conditions[n])}
+        return unused + [f.name for f in dataclasses.fields(self)
+                         if f.name in METHOD_OPTIONS and f.name not in read and f.name != "scale_dtype"
+                         and self._is_set(f.name)]
+
+    def _why_unused(self, name: str) -> str:
+        """Which settings read option ``name`` (for the error naming an unused option)."""
+        if name in ("min_rank", "min_keep"):
+            return f"{name}: read only with allocation='global'"
+        conditions = self.compressor.reads_only_with
+        if name in conditions:
+            return f"{name}: read only with {conditions[name]} set (it is {getattr(self, conditions[name])!r})"
+        readers = [m for m in available_compressors() if name in (get_compressor(m).reads or ())]
+        return f"{name}: read by {', '.join(readers) or 'no built-in method'}{_OPTION_HINTS.get(name, '')}"
+
+    def _is_set(self, name: str) -> bool:
+        """Whether field ``name`` differs from its default."""
+        return getattr(self, name) != self.__dataclass_fields__[name].default
 
     @property
     def compressor(self) -> Compressor:

@@ -204,16 +204,36 @@ _HELP = {
     "tucker": "Tucker decomposition", "tt": "tensor train", "mpo": "matrix product operator (TT-matrix)",
     "btt": "block tensor train", "cp": "CP / PARAFAC (ALS)",
 }
+#: the options each scaling of the low-rank methods reads (lowrank.input_scaling); their SVD is always the full one
+_LOWRANK_READS = {"svd": frozenset(), "asvd": frozenset({"alpha", "eps"}), "whitened": frozenset({"ridge", "eps"})}
 for _name, _kind in LOWRANK_SCALINGS.items():
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_lowrank, needs_stats=_kind != "svd",
         parameters=_parameters, storage_bits=_storage_bits, label=_label, spectrum=lowrank_spectrum, help=_HELP[_name],
-        reads=frozenset(), check_layer=check_lowrank_layer,
+        reads=_LOWRANK_READS[_kind], check_layer=check_lowrank_layer,
     ))
+
+
+def _tensor_reads(name: str) -> tuple[frozenset[str], dict[str, str]]:
+    """``(reads, reads_only_with)`` of a tensor format: its modes; the randomized SVD of the formats that run large
+    SVDs (its seed only with it); CP's ALS seed; Tucker's whitening (see _whitened_tucker: a single input factor
+    absorbs it) with the whitening's ridge and cutoff."""
+    reads, conditions = {"num_cores", "modes"}, {}
+    if get_format(name).supports_randomized_svd:
+        reads |= {"svd", "seed"}
+        conditions["seed"] = "svd"
+    if name == "cp":
+        reads.add("seed")
+    if name == "tucker":
+        reads |= {"whiten", "ridge", "eps"}
+        conditions.update(ridge="whiten", eps="whiten")
+    return frozenset(reads), conditions
+
+
 for _name in TENSOR_FORMATS:
+    _reads, _conditions = _tensor_reads(_name)
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_tensor, needs_stats=False, parameters=_parameters,
         storage_bits=_storage_bits, label=_label, help=_HELP[_name], check_layer=check_tensor_layer,
-        # whitening needs a single input factor to absorb it: Tucker-2 (see _whitened_tucker)
-        reads=frozenset({"whiten"}) if _name == "tucker" else frozenset(),
+        reads=_reads, reads_only_with=_conditions,
     ))

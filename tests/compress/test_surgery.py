@@ -339,7 +339,19 @@ def test_inplace_modifies_the_given_model(mlp_setup):
     (dict(method="mpo", keep=0.5, allocation="global"), "allocation='global'"),
     (dict(method="mpo", keep=0.5, whiten=True), r"method='mpo' does not use whiten=True \(whiten: read by tucker;"),
     (dict(method="svd", keep=0.5, whiten=True), r"to whiten a low-rank factorization, method='whitened_svd'"),
-    (dict(method="sparsegpt", group_size=64), r"does not use group_size=64 \(group_size: read only with sparse_bits=\)"),
+    (dict(method="sparsegpt", group_size=64),
+     r"does not use group_size=64 \(group_size: read only with sparse_bits set \(it is None\)\)"),
+    # options of other methods were accepted and silently ignored
+    (dict(method="rtn", alpha=0.3), r"method='rtn' does not use alpha=0.3 \(alpha: read by asvd\)"),
+    (dict(method="gptq", num_cores=3), r"num_cores: read by tucker, tt, mpo, btt, cp"),
+    (dict(keep=0.5, alpha=1.0), r"method='whitened_svd' does not use alpha=1.0"),
+    (dict(method="asvd", keep=0.5, ridge=0.1), r"ridge: read by whitened_svd, tucker"),
+    (dict(keep=0.5, svd="randomized"), r"svd: read by tt, mpo"),
+    (dict(method="btt", keep=0.5, seed=3), r"seed: read by tt, mpo, cp"),
+    (dict(method="tt", keep=0.5, seed=3), r"seed: read only with svd set \(it is 'full'\)"),
+    (dict(method="tucker", keep=0.5, eps=1e-3), r"eps: read only with whiten set \(it is False\)"),
+    (dict(keep=0.5, min_rank=4), r"min_rank: read only with allocation='global'"),
+    (dict(keep=0.5, min_keep=0.1), r"min_keep: read only with allocation='global'"),
     (dict(rank=0), "rank=0 must be a positive int"),
     (dict(method="gptq", bits=9), r"bits=9 must be an int in \[2, 8\]"),
     (dict(method="rtn", bits=1), r"bits=1 must be an int in \[2, 8\]"),
@@ -359,6 +371,16 @@ def test_inplace_modifies_the_given_model(mlp_setup):
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         CompressionConfig(**{"method": "whitened_svd", **kw})
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="asvd", alpha=1.0, eps=1e-3), dict(method="whitened_svd", ridge=0.1, eps=1e-3),
+    dict(method="tt", svd="randomized", seed=3, num_cores=3), dict(method="mpo", modes=((4, 8), (4, 8))),
+    dict(method="cp", seed=3), dict(method="tucker", whiten=True, ridge=0.1, eps=1e-3),
+    dict(method="whitened_svd", allocation="global", min_rank=4, min_keep=0.1),
+])
+def test_options_the_method_reads_are_accepted(kw):
+    assert CompressionConfig(keep=0.5, **kw).method == kw["method"]
 
 
 def test_n_of_m_pattern_sets_the_sparsity_it_prunes():
