@@ -211,6 +211,10 @@ def select_sequential_factors(
         Whitening ridge of the independent candidate (``C + ridge · mean(diag C) I``, as in ``eora_compensate``).
     eps : float, optional
         Relative eigenvalue cutoff of the pseudo-inverses.
+    device : torch.device or str, optional
+        Where the float64 fits run (default: ``W``'s device).
+    name : str
+        The layer's name, for error messages.
 
     Cost: one ``eigh`` of ``C̃`` per fold plus one for all folds, and one SVD of ``(out, in)`` per candidate and
     fold; the statistics are the ones a single fit needs, split by fold.

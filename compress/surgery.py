@@ -55,6 +55,7 @@ class LayerReport:
 
     @property
     def keep(self) -> float:
+        """Fraction of the layer's weight parameters kept, ``params_after / params_before``."""
         return self.params_after / self.params_before
 
 
@@ -71,10 +72,13 @@ class CompressionReport:
 
     @property
     def params_before(self) -> int:
+        """Weight parameters of the target layers before compression (biases excluded)."""
         return sum(r.params_before for r in self.layers)
 
     @property
     def params_after(self) -> int:
+        """Weight parameters of the target layers after compression: the factors of a factorization, the nonzeros
+        of a pruned weight, every weight of a quantized one (its storage: ``config.compressor.storage_bits``)."""
         return sum(r.params_after for r in self.layers)
 
     @property

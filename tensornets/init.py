@@ -41,6 +41,8 @@ def init_factorization_(
 
     Parameters
     ----------
+    factorization : Factorization
+        Any format's factorization; its cores are overwritten (returned for chaining).
     std : float, optional
         Target std of ``to_dense()`` for ``scheme="variance"``; default ``in_features ** -0.5``
         (variance preserving for unit-variance inputs).

@@ -139,6 +139,7 @@ class FactorizedLinear(nn.Module):
 
     @property
     def num_parameters(self) -> int:
+        """Parameters of the factorization plus the bias."""
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_features)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -306,6 +307,7 @@ class FactorizedConv2d(nn.Module):
 
     @property
     def num_parameters(self) -> int:
+        """Parameters of the factorization plus the bias."""
         return self.factorization.num_parameters + (0 if self.bias is None else self.out_channels)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -94,6 +94,11 @@ class Factorization(nn.Module, ABC):
 
     Subclasses define the cores, their parameter count, the contraction and the decomposition.
 
+    Every format's constructor takes the attributes below, ``(in_features, out_features, *, in_modes, out_modes,
+    ranks)``, exactly (checked: the modes multiply to at least the features and fit the format, one positive rank per
+    bond or mode) and allocates zero cores. Build one with :meth:`from_dense` (a decomposition), :meth:`empty` + an init
+    (:func:`tensornets.init_factorization_`), or :meth:`resolve_structure` to get the modes and ranks of a budget.
+
     Attributes
     ----------
     in_features, out_features : int
@@ -124,6 +129,12 @@ class Factorization(nn.Module, ABC):
         self.out_features = int(out_features)
         self.in_modes = validate_modes(in_modes, self.in_features, "in_modes")
         self.out_modes = validate_modes(out_modes, self.out_features, "out_modes")
+        self._check_modes(self.in_modes, self.out_modes)
+        slots = len(self.full_ranks(self.in_modes, self.out_modes))
+        if len(ranks) != slots or any(isinstance(r, bool) or int(r) != r or r < 1 for r in ranks):
+            raise ValueError(f"ranks={tuple(ranks)} must be {slots} positive int(s) for {self.format_name} with "
+                             f"out_modes={self.out_modes}, in_modes={self.in_modes} (full ranks "
+                             f"{self.full_ranks(self.in_modes, self.out_modes)}); resolve_structure gives valid ones")
         self._ranks = tuple(int(r) for r in ranks)
         #: this layer's strategy (None: the process-wide one, :func:`tensornets.set_strategy`)
         self.plan_strategy: str | None = None
@@ -194,6 +205,7 @@ class Factorization(nn.Module, ABC):
     # ------------------------------------------------------------------ derived quantities
     @property
     def ranks(self) -> tuple[int, ...]:
+        """The bond / mode ranks, in the format's order (see each format's docstring)."""
         return self._ranks
 
     @property
@@ -203,14 +215,17 @@ class Factorization(nn.Module, ABC):
 
     @property
     def padded_in(self) -> int:
+        """``prod(in_modes)``: ``in_features`` plus the zero padding of ``pad=True`` (inputs are padded to it)."""
         return math.prod(self.in_modes)
 
     @property
     def padded_out(self) -> int:
+        """``prod(out_modes)``: ``out_features`` plus the zero padding of ``pad=True`` (outputs are cut back)."""
         return math.prod(self.out_modes)
 
     @property
     def num_parameters(self) -> int:
+        """Parameters of the cores (what is stored and trained)."""
         return self.parameter_count(self.in_modes, self.out_modes, self.ranks)
 
     # ------------------------------------------------------------------ plans
@@ -634,10 +649,14 @@ class Factorization(nn.Module, ABC):
             Fraction of the dense parameter count kept: the largest uniform rank that fits
             (:meth:`rank_for_keep`).
         num_cores : int, optional
-            Modes per side (balanced, :func:`tensornets.factorize`); ``modes`` gives them explicitly
-            as ``(out_modes, in_modes)``.
+            Modes per side (balanced, :func:`tensornets.factorize`).
+        modes : (sequence of int, sequence of int), optional
+            ``(out_modes, in_modes)`` explicitly, instead of ``num_cores``; their products are the
+            (padded) sizes.
         svd : {"full", "randomized"}
-            SVD used inside the decomposition; randomized is seeded by ``seed``.
+            SVD used inside the decomposition (randomized: lowrank, TT and MPO only).
+        seed : int
+            Seed of the randomized SVD and of CP's ALS initialisation (decompositions are deterministic).
         pad : bool
             Zero-pad sizes that cannot be split (primes) to the next size that can.
         budget : float, optional

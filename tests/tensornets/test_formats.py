@@ -171,6 +171,16 @@ def test_bad_arguments_raise_clear_errors(call, match):
         call(low_rank_plus_noise(OUT, IN, 6, 0.3))
 
 
+@pytest.mark.parametrize("fmt, modes, ranks, slots", [
+    ("lowrank", ((8,), (8,)), (2, 3), 1), ("tt", ((2, 4), (2, 4)), (2, 2), 3), ("mpo", ((2, 4), (2, 4)), (0,), 1),
+    ("tucker", ((8,), (8,)), (2,), 2), ("btt", ((2, 4), (2, 4)), (1.5,), 1), ("cp", ((8,), (8,)), (2, 2), 1),
+])
+def test_constructors_check_their_ranks(fmt, modes, ranks, slots):
+    # a wrong count surfaced as "too many values to unpack" from inside the format
+    with pytest.raises(ValueError, match=rf"ranks=.* must be {slots} positive int\(s\) for {fmt} .*resolve_structure"):
+        tensornets.get_format(fmt)(8, 8, out_modes=modes[0], in_modes=modes[1], ranks=ranks)
+
+
 def test_keep_accepts_any_real_scalar_and_refuses_the_rest():
     import numpy as np
 
