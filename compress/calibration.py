@@ -444,8 +444,10 @@ def accumulate_cross_stats(
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=None if progress is None else not progress, leave=False):
                 held: dict[str, list[torch.Tensor]] = {}
-                _capture_inputs(reference, ref_modules, batch, lambda n, x: held.setdefault(n, []).append(x),
-                                stop_after_all)
+                # a copy: the rows may be a view of the activation, which an in-place op later in the forward
+                # (``h += f(h)``) rewrites before it is paired
+                _capture_inputs(reference, ref_modules, batch,
+                                lambda n, x: held.setdefault(n, []).append(x.clone()), stop_after_all)
 
                 def pair(name: str, xt: torch.Tensor) -> None:
                     if not held.get(name):

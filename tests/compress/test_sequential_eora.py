@@ -196,6 +196,29 @@ def test_model_statistics_pair_dense_and_compensated_inputs_per_fold():
         eora_compensate(model, quant, rank=4, method="svd", sequential=True, calib_batches=calib)
 
 
+class _InPlaceResidual(nn.Module):
+    """``fc2(h + fc(h))`` with the sum done in place, after ``fc`` has seen ``h``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, h):
+        h = h * 1.0
+        h += self.fc(h)
+        return self.fc2(h)
+
+
+def test_cross_statistics_hold_copies_of_the_reference_rows():
+    # the reference rows were views of the activation: the in-place residual rewrote them before they were paired
+    torch.manual_seed(0)
+    model, x = _InPlaceResidual().eval(), torch.randn(32, 16)
+    cross = accumulate_cross_stats(model, model, ["fc"], [x], stop_after_all=False)["fc"]
+    gram = (x.T @ x).double()
+    for moment in (cross.cross, cross.reference.gram, cross.current.gram):
+        assert_close(moment.double(), gram, tol=1e-6)
+
+
 def test_sequential_is_not_worse_than_independent_on_held_out_outputs():
     """Final outputs of the sequentially compensated MLP are at least as close to the dense ones on held-out inputs."""
     model, calib, held_out = anisotropic_mlp()
