@@ -16,6 +16,7 @@ The accumulation is a plain fp32 sum, so statistics gathered on several devices 
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -173,9 +174,22 @@ def layer_inputs(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
     return x.reshape(-1, x.shape[-1])
 
 
+def named_inputs(model: nn.Module, batch: Any) -> Any:
+    """A tuple / list batch (run as ``model(*batch)``) as ``{parameter name: value}`` of ``model.forward``, so that
+    its ``attention_mask`` is found where the forward takes it (``(input_ids, attention_mask)`` for transformers
+    models); other batches, and tuples that do not bind, are returned as they are."""
+    if not isinstance(batch, (tuple, list)):
+        return batch
+    try:
+        return dict(inspect.signature(model.forward).bind_partial(*batch).arguments)
+    except (TypeError, ValueError):
+        return batch
+
+
 def token_mask(batch: Any, key: str | None = "attention_mask") -> torch.Tensor | None:
-    """The ``(B, T)`` boolean mask of real tokens of a dict batch with a 2-D ``batch[key]``; ``None`` when the batch
-    has none or every token is real (then every row counts)."""
+    """The ``(B, T)`` boolean mask of real tokens of a dict batch with a 2-D ``batch[key]`` (a tuple batch goes
+    through :func:`named_inputs` first); ``None`` when the batch has none or every token is real (then every row
+    counts)."""
     mask = batch.get(key) if isinstance(batch, Mapping) and key is not None else None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
@@ -248,8 +262,8 @@ def accumulate_stats(
     modules : Mapping[str, nn.Module]
         Name -> module whose inputs are recorded (the names key the result).
     batches : Iterable
-        Calibration batches, see :func:`run_batch`; a dict batch's 2-D ``attention_mask`` leaves padding out
-        (:func:`token_mask`).
+        Calibration batches, see :func:`run_batch`; a 2-D ``attention_mask`` (a dict's, or a tuple's at the
+        forward's ``attention_mask`` position) leaves padding out (:func:`token_mask`).
     stats_device : torch.device or str, optional
         Where the sums live; default: the device the activations are on.
     stop_after_all : bool
@@ -301,7 +315,8 @@ def accumulate_stats(
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=None if progress is None else not progress, leave=False):
                 seen.clear()
-                current["masks"] = {key: token_mask(batch, key) for key in set(keys.values())}
+                named = named_inputs(model, batch)
+                current["masks"] = {key: token_mask(named, key) for key in set(keys.values())}
                 try:
                     run_batch(model, batch, device)
                 except StopForward:
@@ -389,7 +404,8 @@ def _capture_inputs(
     """Run ``batch`` through ``model`` and call ``on_input(name, rows)`` with each module's input rows (fp32)."""
     seen: set[str] = set()
     keys = mask_keys(model, modules)
-    masks = {key: token_mask(batch, key) for key in set(keys.values())}
+    named = named_inputs(model, batch)
+    masks = {key: token_mask(named, key) for key in set(keys.values())}
 
     def make_hook(name: str, module: nn.Module):
         def hook(_mod: nn.Module, args: tuple) -> None:
@@ -506,9 +522,10 @@ def collect_activation_stats(
         The (dense) model; it is run in ``eval`` mode under ``torch.no_grad`` and is not modified.
     calib_batches : Iterable
         Batches of model inputs: tensors (``model(x)``, e.g. ``input_ids`` of shape ``(B, T)``), tuples
-        (``model(*b)``) or dicts (``model(**b)``). Tensors are moved to the model's device. A dict's 2-D
-        ``attention_mask`` (a tokenizer's ``padding=True`` output) marks the real tokens: padded positions are left
-        out of every layer's statistics (see :func:`layer_inputs`).
+        (``model(*b)``) or dicts (``model(**b)``). Tensors are moved to the model's device. A 2-D
+        ``attention_mask`` (a tokenizer's ``padding=True`` output; in a tuple, at the position where ``model.forward``
+        takes it, as in ``(input_ids, attention_mask)``) marks the real tokens: padded positions are left out of every
+        layer's statistics (see :func:`layer_inputs`).
     target_modules, exclude_modules : str or list of str, optional
         PEFT-style selection (see :func:`compress.targets.find_targets`).
     stats_device : torch.device or str, optional

@@ -68,6 +68,7 @@ from compress.calibration import (
     accumulate_stats,
     collect_activation_stats,
     model_device,
+    named_inputs,
     run_batch,
     token_mask,
 )
@@ -474,7 +475,7 @@ def capture_block_inputs(
             called.clear()
             run(batch)
             if len(masks) < len(hidden):
-                mask = token_mask(batch)
+                mask = token_mask(named_inputs(model, batch))
                 masks.append(None if mask is None else mask.to(device))
     memo.clear()
     if not hidden:

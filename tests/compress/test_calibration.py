@@ -207,6 +207,10 @@ def test_padding_is_left_out_of_the_statistics():
     plain = collect_activation_stats(model, [batch["input_ids"]], "all-linear", progress=False)
     assert all(torch.equal(collect_activation_stats(model, [full], "all-linear", progress=False)[n].gram,
                            plain[n].gram) for n in plain)
+    # a tuple batch, run as model(input_ids, attention_mask), is masked the same (its padding used to count)
+    as_tuple = collect_activation_stats(model, [(batch["input_ids"], batch["attention_mask"])], "all-linear",
+                                        progress=False)
+    assert all(torch.equal(as_tuple[n].gram, got[n].gram) and as_tuple[n].count == got[n].count for n in got)
 
 
 def test_all_linear_leaves_out_layers_torch_never_calls():
