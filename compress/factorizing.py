@@ -124,6 +124,10 @@ def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScalin
     if config.keep is not None:  # of the layer's parameters: W S may have fewer columns than W
         rank = tucker.rank_for_keep(config.keep, in_f, out_f, in_modes, out_modes)
     Ws = scaling.scale(W.to(torch.float64))
+    if rank is not None:
+        # rank-deficient statistics (fewer calibration rows than inputs) leave W S fewer columns than the layer has
+        # inputs; ranks beyond its full ranks add nothing (whitened_svd zero-pads them), so they are capped there
+        rank = min(rank, max(tucker.full_ranks((Ws.shape[1],), out_modes)))
     fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)))
     fact = tucker.empty(in_f, out_f, in_modes=(in_f,), out_modes=out_modes, ranks=fs.ranks,
                         dtype=module.weight.dtype, device=module.weight.device)

@@ -22,6 +22,7 @@ from compress import (
     save_compressed,
 )
 from compress import compressors as registry
+from compress.calibration import CalibrationWarning
 from compress.targets import dense_weight
 from tolerance import assert_close
 
@@ -223,6 +224,20 @@ METHOD_CASES = [
     ("sparsegpt", dict(sparsity=0.3)),
     ("sparsegpt", dict(pattern="2:4", sparse_bits=4, group_size=16)),
 ]
+
+
+@pytest.mark.parametrize("size", [dict(keep=0.5), dict(rank=100)])
+def test_whitened_tucker_on_rank_deficient_statistics_is_exact_on_them(size):
+    # 40 calibration rows for 256 inputs: W S has 40 columns, and the rank keep=0.5 gives the layer (77) or rank=100
+    # raised a rank error about an input mode of 40 the caller never chose
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512)).double()
+    x = torch.randn(40, 256, dtype=torch.float64)
+    with pytest.warns(CalibrationWarning):
+        stats = collect_activation_stats(net, [x], progress=False)
+    report = compress_model(net, CompressionConfig(method="tucker", whiten=True, **size), stats, progress=False)
+    assert report.layers[0].ranks == "40,40"
+    assert report.layers[0].rel_output_error < 1e-10  # every calibration row is reproduced
 
 
 @pytest.mark.parametrize("method,kw", METHOD_CASES, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in METHOD_CASES])
