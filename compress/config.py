@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -130,6 +131,10 @@ class CompressionConfig:
             )
         if self.keep is not None and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"keep={self.keep} must be in (0, 1]: it is the fraction of parameters kept (0.8 keeps 80 %)")
+        if self.keep == 1.0:
+            warnings.warn("keep=1.0 factorizes each layer at its dense parameter count, which is still lossy (low rank: "
+                          "rank m n / (m + n) < min(m, n)); to leave layers dense, leave them out of target_modules",
+                          stacklevel=3)
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy={self.energy} must be in (0, 1]")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):

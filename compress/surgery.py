@@ -7,6 +7,7 @@ Finding and replacing the layers is :mod:`compress.targets`; saving and reloadin
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -251,4 +252,18 @@ def compress_model(
             rel_weight_error=lr.relative_weight_error(W, W_hat.to(W.device)),
             rel_output_error=None if layer_stats is None else lr.relative_output_error(W, W_hat.to(W.device), layer_stats),
         ))
+    _warn_grown(layers, config)
     return CompressionReport(work, layers, config, quantized)
+
+
+def _warn_grown(layers: list[LayerReport], config: CompressionConfig) -> None:
+    """Warn about layers that came out larger than dense (``rank=`` / ``energy=`` past the break-even rank): a
+    factorization that costs more than the weight it replaces is almost never what was meant."""
+    grown = [r for r in layers if r.params_after > r.params_before]
+    if not grown:
+        return
+    size = f"rank={config.rank}" if config.rank is not None else f"energy={config.energy}"
+    named = ", ".join(f"{r.name!r} keeps {r.keep:.2f}" for r in grown[:3]) + (", ..." if len(grown) > 3 else "")
+    warnings.warn(f"{len(grown)} layer(s) hold more parameters factorized than dense ({named}): {size} asks for ranks "
+                  "past the break-even rank (r (m + n) = m n for low rank); pass keep= (the fraction of parameters "
+                  "kept, at most 1), a lower rank / energy, or exclude those layers", stacklevel=3)

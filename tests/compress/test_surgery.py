@@ -226,6 +226,25 @@ METHOD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("method,size", [("svd", dict(energy=0.95)), ("tucker", dict(energy=0.95)),
+                                         ("svd", dict(rank=40))])
+def test_a_layer_larger_than_dense_warns(method, size):
+    # energy= on a flat spectrum picks ranks past the break-even rank (32 for 64x64): the layer grew silently
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) hold more parameters factorized than dense \('0' keeps 1\.\d\d\)"):
+        report = compress_model(net, CompressionConfig(method=method, **size), progress=False)
+    assert report.layers[0].params_after > report.layers[0].params_before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress_model(net, CompressionConfig(method=method, keep=0.9), progress=False)
+
+
+def test_keep_one_warns_that_it_still_factorizes():
+    with pytest.warns(UserWarning, match="keep=1.0 factorizes each layer at its dense parameter count"):
+        CompressionConfig(method="svd", keep=1.0)
+
+
 @pytest.mark.parametrize("size", [dict(keep=0.5), dict(rank=100)])
 def test_whitened_tucker_on_rank_deficient_statistics_is_exact_on_them(size):
     # 40 calibration rows for 256 inputs: W S has 40 columns, and the rank keep=0.5 gives the layer (77) or rank=100
