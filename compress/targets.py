@@ -220,8 +220,8 @@ def find_targets(
                              f"list: [{entry!r}])")
                 raise ValueError(
                     f"target_modules entry {entry!r}: {what}; supported layers are "
-                    f"{', '.join(t.__name__ for t in types)} (Conv2d with groups=1 and zero padding), e.g. "
-                    f"{available[:6]}"
+                    f"{', '.join(t.__name__ for t in types)} (Conv2d with groups=1 and zero padding), "
+                    + (f"e.g. {available[:6]}" if available else "and this model has none")
                 )
             skipped = [n for n, m in hits.items() if n not in good and _is_layer(m)]
             if skipped:
@@ -242,9 +242,13 @@ def find_targets(
                               stacklevel=2)
         found = {n: m for n, m in found.items() if not _matches(n, exclude_modules)}
     if not found:
+        convs = [n for n, m in model.named_modules() if _supported(m, types) and isinstance(m, nn.Conv2d)]
+        if isinstance(target_modules, str) and target_modules.lower() == "all-linear" and convs and not exclude_modules:
+            raise ValueError(f"target_modules='all-linear' selects linear layers (nn.Linear, Conv1D) and this model "
+                             f"has none; name its Conv2d layers in a list or a regex, e.g. target_modules={convs[:4]}")
         raise ValueError(
             f"no target layers left (target_modules={target_modules!r}, exclude_modules={exclude_modules!r}); "
-            "loosen exclude_modules or name other layers"
+            + ("loosen exclude_modules or name other layers" if exclude_modules else "name other layers")
         )
     return found
 
@@ -272,8 +276,9 @@ def check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
         if tied:
             raise ValueError(
                 f"targets {name!r} and {tied[0]!r} share one weight (tied): compressed apart they would be untied "
-                f"and the shared weight counted twice; target one of them (exclude_modules=[{tied[0]!r}]), or "
-                "untie them first"
+                f"and the shared weight counted twice, and compressing one would change the other; exclude both "
+                f"(exclude_modules=[{name!r}, {tied[0]!r}]), or untie them first (e.g. {tied[0]}.weight = "
+                f"nn.Parameter({tied[0]}.weight.detach().clone()))"
             )
         if others:
             raise ValueError(

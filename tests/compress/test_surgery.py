@@ -87,8 +87,13 @@ def test_bad_targets_name_the_problem():
     with pytest.warns(UserWarning, match=r"exclude_modules entry '.\*attn_typo.\*' matches no module"):
         find_targets(model, ["up_proj"], exclude_modules=r".*attn_typo.*")
     depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
-    with pytest.raises(ValueError, match="unsupported modules"):
+    with pytest.raises(ValueError, match=r"unsupported modules .* and this model has none"):
         find_targets(depthwise, ["0"])
+    # a CNN: 'all-linear' said "loosen exclude_modules" though nothing was excluded
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"'all-linear' selects linear layers .* has none; name its Conv2d layers "
+                                         r".* target_modules=\['0', '2'\]"):
+        find_targets(cnn, "all-linear")
 
 
 def test_targets_that_share_a_weight_or_a_module_are_refused():
@@ -97,8 +102,14 @@ def test_targets_that_share_a_weight_or_a_module_are_refused():
     torch.manual_seed(0)
     tied = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match=r"targets '0' and '1' share one weight \(tied\).*exclude_modules=\['1'\]"):
+    # the advice used to be to exclude one of them, which the next check refuses
+    with pytest.raises(ValueError, match=r"targets '0' and '1' share one weight \(tied\).*exclude both "
+                                         r"\(exclude_modules=\['0', '1'\]\)"):
         check_not_shared(tied, find_targets(tied, ["0", "1"]))
+    with_third = nn.Sequential(*tied, nn.Linear(16, 16))
+    report = compress_model(with_third, CompressionConfig(method="svd", keep=0.5, exclude_modules=["0", "1"]),
+                            progress=False)
+    assert [r.name for r in report.layers] == ["2"]
     config = CompressionConfig(method="svd", keep=0.5, target_modules=["0", "1"])
     with pytest.raises(ValueError, match="share one weight"):
         compress_model(tied, config)
