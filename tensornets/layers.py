@@ -295,10 +295,10 @@ class FactorizedConv2d(nn.Module):
             return fmt.resolve_ranks(cls.core_rank(format, rank, kernel_size, in_channels, out_channels), in_modes, out_modes)
         except ValueError as exc:
             kernel = (out_channels, in_channels, *kernel_size)
-            raise ValueError(
-                f"rank={rank!r} does not fit a {kernel} kernel as {format}: pass ranks within "
-                f"{fmt.full_ranks(in_modes, out_modes)} ({exc})"
-            ) from None
+            own = f"rank={rank!r} does not fit: "  # core_rank's message already says what fits: not said twice
+            detail = (str(exc).removeprefix(own) if str(exc).startswith(own)
+                      else f"pass ranks within {fmt.full_ranks(in_modes, out_modes)} ({exc})")
+            raise ValueError(f"rank={rank!r} does not fit a {kernel} kernel as {format}: {detail}") from None
 
     @property
     def ranks(self) -> tuple[int, ...]:
