@@ -115,7 +115,7 @@ class Compressor:
 #: pruning, the input scalings of the low-rank methods, and the structure and SVDs of the tensor formats
 METHOD_OPTIONS = frozenset({"bits", "group_size", "symmetric", "observer", "scale_dtype", "act_order", "percdamp",
                             "block_size", "sparsity", "pattern", "sparse_bits", "whiten", "alpha", "ridge", "eps",
-                            "num_cores", "modes", "svd", "seed"})
+                            "num_cores", "modes", "svd", "seed", "decompose_options"})
 
 _REGISTRY: dict[str, Compressor] = {}
 _ALIASES: dict[str, str] = {}

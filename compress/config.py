@@ -75,6 +75,11 @@ class CompressionConfig:
         default=None, metadata={"help": "tensor formats: explicit (out_modes, in_modes)"}
     )
     svd: str = field(default="full", metadata={"help": "tensor formats: 'full' or 'randomized' SVDs inside"})
+    decompose_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "tensor formats: the format's own options of tensornets.decompose (tucker: algorithm='hooi'; "
+                  "cp: init, n_iter_max, tol, e.g. {'n_iter_max': 20} to bound ALS on large layers)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of randomized SVDs"})
     bits: int = field(default=4, metadata={"help": "rtn, gptq: bits per weight, 2..8"})
     group_size: int | None = field(

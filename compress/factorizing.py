@@ -11,6 +11,8 @@ Sized by exactly one of ``keep`` (fraction of parameters kept), ``rank`` or ``en
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -128,7 +130,8 @@ def _whitened_tucker(module: nn.Module, W: torch.Tensor, scaling: lr.InputScalin
         # rank-deficient statistics (fewer calibration rows than inputs) leave W S fewer columns than the layer has
         # inputs; ranks beyond its full ranks add nothing (whitened_svd zero-pads them), so they are capped there
         rank = min(rank, max(tucker.full_ranks((Ws.shape[1],), out_modes)))
-    fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)))
+    fs = decompose(Ws, "tucker", rank=rank, energy=config.energy, modes=(out_modes, (Ws.shape[1],)),
+                   **(config.decompose_options or {}))
     fact = tucker.empty(in_f, out_f, in_modes=(in_f,), out_modes=out_modes, ranks=fs.ranks,
                         dtype=module.weight.dtype, device=module.weight.device)
     with torch.no_grad():
@@ -180,10 +183,10 @@ def compress_tensor(job: LayerJob) -> LayerResult:
     if config.whiten:
         new = _whitened_tucker(module, W, _scaling(job, "whitened"), config)
     elif isinstance(module, nn.Conv2d):
-        new = FactorizedConv2d.from_conv(module, "tucker", **size)
+        new = FactorizedConv2d.from_conv(module, "tucker", **size, **(config.decompose_options or {}))
     else:
         fact = decompose(W, config.method, num_cores=config.num_cores, modes=config.modes, svd=config.svd,
-                         seed=config.seed, **size)
+                         seed=config.seed, **size, **(config.decompose_options or {}))
         new = FactorizedLinear(fact.to(module.weight.dtype), _bias(module))
     ranks = getattr(new, "factorization", new).ranks
     return LayerResult(description=",".join(map(str, ranks)), module=new)
@@ -231,7 +234,30 @@ def _tensor_reads(name: str) -> tuple[frozenset[str], dict[str, str]]:
     if name == "tucker":
         reads |= {"whiten", "ridge", "eps"}
         conditions.update(ridge="whiten", eps="whiten")
+    if decompose_option_names(name):
+        reads.add("decompose_options")
     return frozenset(reads), conditions
+
+
+def decompose_option_names(name: str) -> frozenset[str]:
+    """The format-specific keyword options of ``get_format(name).from_dense`` (its ``_decompose``'s own keywords)."""
+    shared = {"cls", "weight", "in_modes", "out_modes", "ranks", "eps", "svd", "seed", "options"}
+    return frozenset(inspect.signature(get_format(name)._decompose).parameters) - shared
+
+
+def check_decompose_options(config: CompressionConfig) -> None:
+    """``Compressor.validate`` of the tensor formats: ``decompose_options`` names options the format takes."""
+    options = config.decompose_options
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"decompose_options={options!r} must be a dict of option names to values")
+    unknown = sorted(set(options) - decompose_option_names(config.method))
+    if unknown:
+        raise ValueError(f"decompose_options: {config.method} takes {sorted(decompose_option_names(config.method))}, "
+                         f"not {unknown}")
+    if config.whiten and set(options) - {"algorithm"}:
+        raise ValueError("decompose_options: whiten=True decomposes with Tucker-2, which takes algorithm= only")
 
 
 for _name in TENSOR_FORMATS:
@@ -239,5 +265,5 @@ for _name in TENSOR_FORMATS:
     register(Compressor(
         name=_name, kind="factorized", compress_layer=compress_tensor, needs_stats=False, parameters=_parameters,
         storage_bits=_storage_bits, label=_label, help=_HELP[_name], check_layer=check_tensor_layer,
-        reads=_reads, reads_only_with=_conditions,
+        reads=_reads, reads_only_with=_conditions, validate=check_decompose_options,
     ))

@@ -251,6 +251,26 @@ def test_a_layer_larger_than_dense_warns(method, size):
         compress_model(net, CompressionConfig(method=method, keep=0.9), progress=False)
 
 
+@pytest.mark.parametrize("method,options", [("cp", {"n_iter_max": 2, "init": "random"}), ("tucker", {"algorithm": "hooi"})])
+def test_decompose_options_reach_the_decomposition(method, options):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 48))
+    report = compress_model(net, CompressionConfig(method=method, keep=0.3, decompose_options=options), progress=False)
+    expected = tensornets.decompose(net[0].weight.detach(), method, keep=0.3, **options).to_dense()
+    assert torch.equal(report.model[0].factorization.to_dense(), expected)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(method="cp", decompose_options={"algorithm": "hooi"}), ValueError, r"cp takes \['init', 'n_iter_max', 'tol'\]"),
+    (dict(method="tt", decompose_options={"n_iter_max": 3}), ValueError, "decompose_options: read by tucker, cp"),
+    (dict(method="cp", decompose_options=[("tol", 1e-3)]), TypeError, "must be a dict"),
+    (dict(method="tucker", whiten=True, decompose_options={"init": "svd"}), ValueError, "tucker takes"),
+])
+def test_bad_decompose_options(kw, error, match):
+    with pytest.raises(error, match=match):
+        CompressionConfig(keep=0.3, **kw)
+
+
 def test_keep_one_warns_that_it_still_factorizes():
     with pytest.warns(UserWarning, match="keep=1.0 factorizes each layer at its dense parameter count"):
         CompressionConfig(method="svd", keep=1.0)
