@@ -223,8 +223,8 @@ class EoraAdapter:
 
     def merge(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
         """Fold the residual into the layers: dense ``W_c + BA``, or a low-rank ``[U B] [V; A]`` (rank ``r_c + r``;
-        low-rank linears and convs; a conv whose ``r_c + r`` exceeds ``min(out, in)`` gets the exact rank-``min(out,
-        in)`` SVD of that product instead).
+        low-rank linears and convs; where ``r_c + r`` exceeds ``min(out, in)``, the exact rank-``min(out, in)`` SVD
+        of that product instead).
 
         Merged dense weights leave the quantization grid / sparsity pattern of the compressor. Tensor-format layers
         other than low rank cannot absorb ``BA`` exactly: use :meth:`apply` for them. The merged layers remember this
@@ -239,9 +239,9 @@ class EoraAdapter:
                 U = torch.cat([fact.U.detach(), B.to(fact.U)], 1)
                 V = torch.cat([fact.V.detach(), A.to(fact.V)], 0)
                 full = min(fact.out_features, fact.in_features)
-                if kind == "factorized_conv2d" and U.shape[1] > full:
-                    # a conv's low-rank core holds at most min(out, in) ranks: UV has no more, so an SVD at that
-                    # rank is exact (to float rounding)
+                if U.shape[1] > full:
+                    # UV has rank at most min(out, in): an SVD at that rank is exact (to float rounding), and the
+                    # concatenation would store more parameters than the dense weight
                     u, sv, vh = torch.linalg.svd(U.double() @ V.double(), full_matrices=False)
                     U, V = (u[:, :full] * sv[:full]).to(U), vh[:full].to(V)
                 new = get_format("lowrank").empty(fact.in_features, fact.out_features, in_modes=fact.in_modes,
