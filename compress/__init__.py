@@ -11,7 +11,9 @@
 
 Factorizing methods (``CompressionConfig(method="whitened_svd", keep=0.8)``, tensor formats) replace the layers;
 their residual applies in memory (``eora.apply``) or folds into low-rank layers (``eora.merge``), and the model
-saves with :func:`save_compressed`. ``keep`` is always the fraction of parameters kept.
+saves with :func:`save_compressed` (quantized layers bit-packed with ``quantized=report.quantized``, for any
+``nn.Module``; :func:`compress.export.save_hf_directory` writes what transformers and vLLM load themselves). ``keep`` is
+always the fraction of parameters kept.
 """
 
 from compress.budget import allocate_ranks

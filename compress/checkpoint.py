@@ -6,11 +6,15 @@
 file                                content
 ==================================  ===========================================================================
 ``compressed_model.safetensors``    every tensor of the model's ``state_dict``; a tensor shared by several names
-                                    (tied embeddings) is stored once
+                                    (tied embeddings) is stored once; the weight of a quantized layer (``quantized=``)
+                                    as ``<layer>.weight_packed`` / ``weight_scale`` / ``weight_zero_point``, its
+                                    codes bit-packed as in compressed-tensors' ``pack-quantized`` format
 ``compressed_manifest.json``        ``format``, ``version``, ``architecture`` (the model's class), ``dtype``,
                                     ``layers``: module path -> structure of each factorized layer (kind, format,
                                     ``in/out_features``, modes, ranks, bias; :func:`tensornets.io.module_spec`),
-                                    ``shared``: dropped name -> the stored name it is an alias of
+                                    ``shared``: dropped name -> the stored name it is an alias of,
+                                    ``quantized`` (version 3): layer path -> bits, group size, kind, weight shape
+                                    and dtypes of each packed weight
 ``config.json`` (+ generation)      transformers models only: the architecture's config
 tokenizer files                     when a tokenizer is given
 ``README.md``                       how to load the directory
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -48,7 +53,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.targets import replace_module, unwrap_compiled
+from compress.quantized import PackedQuantizedWeight, QuantizedWeight
+from compress.targets import dense_weight, layer_kind, replace_module, unwrap_compiled
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
 from tensornets.io import build_from_spec, module_spec
 from tensornets.devices import usable_device
@@ -62,6 +68,9 @@ MANIFEST_FILE = "compressed_manifest.json"
 
 _FORMAT = "tensornets.compress"
 _VERSION = 2
+_PACKED_VERSION = 3  # written when quantized layers are stored packed: a reader of version 2 would miss their weights
+#: the tensors that replace a packed layer's ``weight`` (compressed-tensors' names)
+_PACKED_KEYS = ("weight_packed", "weight_scale", "weight_zero_point")
 _V1_FILE = "model.safetensors"  # 0.1.0: the manifest sat in this file's safetensors header
 _V1_HEADER_KEY = "tensornets.compress"
 
@@ -113,6 +122,55 @@ def _stored_tensors(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[s
     return tensors, shared
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _pack_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], shared: Mapping[str, str],
+                    quantized: Mapping[str, QuantizedWeight | PackedQuantizedWeight],
+                    dtype: torch.dtype | None) -> dict[str, dict[str, Any]]:
+    """Replace each quantized layer's ``weight`` in ``tensors`` by its packed codes, scales and zero points (in
+    place); returns the manifest's ``quantized`` table. Each layer's weight must be exactly ``q.dequantize()``, so
+    that the reloaded weight is the saved one bit for bit."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name, q in quantized.items():
+        if not isinstance(q, (QuantizedWeight, PackedQuantizedWeight)):
+            raise TypeError(f"quantized[{name!r}] is a {type(q).__name__}; pass CompressionReport.quantized (name -> "
+                            "QuantizedWeight)")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantized names layer {name!r}, which the model does not have; pass the report of this "
+                             "model") from None
+        try:
+            kind = layer_kind(module)
+        except TypeError:
+            kind = None
+        key = f"{name}.weight"
+        if kind not in ("linear", "conv1d", "conv2d") or key not in tensors:
+            raise ValueError(f"quantized layer {name!r} has no dense weight of its own to pack (a {type(module).__name__}"
+                             f"{', its weight tied to another' if key in shared else ''}); leave it out of quantized")
+        if key in shared.values():
+            raise ValueError(f"quantized layer {name!r} shares its weight with {sorted(a for a, k in shared.items() if k == key)}; "
+                             "leave it out of quantized (the tied tensor is stored dense)")
+        if isinstance(q, PackedQuantizedWeight) and q.offloaded:
+            raise ValueError(f"quantized[{name!r}] was written beside an offloaded block (its tensors are on meta); "
+                             "export that model with save_hf_directory, which reads them from disk")
+        W = dense_weight(module)
+        if tuple(q.shape) != tuple(W.shape) or not torch.equal(q.dequantize(W.dtype).to(W.device), W):
+            raise ValueError(f"layer {name!r}'s weight is not the one quantized[{name!r}] dequantizes to (changed "
+                             "after compression, e.g. an adapter merged into it); pass the report of this very model, "
+                             "or leave the layer out of quantized to store it dense")
+        packed = q if isinstance(q, PackedQuantizedWeight) else q.pack()
+        del tensors[key]
+        for suffix, tensor in zip(_PACKED_KEYS, (packed.packed, packed.scale, packed.zero_point)):
+            tensors[f"{name}.{suffix}"] = tensor.detach().to("cpu").contiguous()  # scales as chosen: no re-rounding
+        entries[name] = {"bits": packed.bits, "group_size": packed.group_size, "symmetric": packed.symmetric,
+                         "kind": kind, "shape": list(module.weight.shape), "dtype": _dtype_name(W.dtype),
+                         "storage_dtype": _dtype_name(dtype or W.dtype)}
+    return entries
+
+
 def _transformers_class(model: nn.Module) -> str | None:
     """The model's class name when transformers exports it (so that the loader can look it up), else ``None``."""
     import transformers
@@ -141,6 +199,7 @@ def save_compressed(
     *,
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
+    quantized: Mapping[str, QuantizedWeight | PackedQuantizedWeight] | None = None,
 ) -> Path:
     """Write a compressed model as a directory that :func:`load_compressed_directory` reloads alone.
 
@@ -157,6 +216,12 @@ def save_compressed(
     dtype : torch.dtype, optional
         Storage dtype of every floating tensor (``torch.bfloat16`` halves the file); default: as in memory, so the
         round trip is bitwise exact.
+    quantized : mapping, optional
+        ``CompressionReport.quantized`` of a quantizing method (rtn, gptq, quantized sparsegpt): these layers' weights
+        are stored as bit-packed integer codes with their group scales and zero points (a 4-bit layer takes about an
+        eighth of its float32 bytes) and dequantized on load, bitwise to the weight saved. For any ``nn.Module``;
+        transformers models also export to a checkpoint transformers and vLLM load themselves
+        (:func:`compress.save_hf_directory`).
 
     Returns
     -------
@@ -171,18 +236,20 @@ def save_compressed(
     refuse_side_branches(model, "save_compressed")
     out = Path(path)
     refuse_other_checkpoint(out, transformers_weights(out), "save_compressed")
-    out.mkdir(parents=True, exist_ok=True)
     tensors, shared = _stored_tensors(model, dtype)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    packed = _pack_quantized(model, tensors, shared, quantized or {}, dtype)
+    out.mkdir(parents=True, exist_ok=True)
     architecture = _transformers_class(model)
     manifest = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": _PACKED_VERSION if packed else _VERSION,
         "architecture": architecture,
         "module_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "dtype": str(floating.pop()).removeprefix("torch.") if len(floating) == 1 else None,
         "layers": _factorized_layers(model),
         "shared": shared,
+        **({"quantized": packed} if packed else {}),
     }
     # both files are written aside, then renamed into place: a failed write leaves an earlier checkpoint whole
     weights_tmp, manifest_tmp = out / f".{WEIGHTS_FILE}.tmp", out / f".{MANIFEST_FILE}.tmp"
@@ -253,9 +320,9 @@ def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
                              "compress.save_compressed") from None
         if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
             raise ValueError(f"{manifest_file} is not a compressed-model manifest (format {_FORMAT!r} expected)")
-        if manifest.get("version") != _VERSION:
+        if manifest.get("version") not in (_VERSION, _PACKED_VERSION):
             raise ValueError(f"{manifest_file} has version {manifest.get('version')!r}; this version reads "
-                             f"{_VERSION}")
+                             f"{_VERSION} and {_PACKED_VERSION}")
         if not isinstance(manifest.get("layers"), dict) or not isinstance(manifest.get("shared"), dict):
             raise ValueError(f"{manifest_file} lacks its 'layers' / 'shared' tables; rewrite the directory with "
                              "compress.save_compressed")
@@ -279,8 +346,8 @@ def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
         raise ValueError(f"{weights}: its compression manifest lacks its 'layers' table; write it again with "
                          "compress.save_compressed")
     if manifest.get("version") != 1:
-        raise ValueError(f"{weights} has manifest version {manifest.get('version')}; this version reads 1 and "
-                         f"{_VERSION}")
+        raise ValueError(f"{weights} has manifest version {manifest.get('version')}; this version reads 1, "
+                         f"{_VERSION} and {_PACKED_VERSION}")
     return _Checkpoint(weights, weights, manifest)
 
 
@@ -305,6 +372,55 @@ def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Ten
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); it is corrupt or truncated: write it "
                          "again with compress.save_compressed") from None
+
+
+def _packed_table(ckpt: _Checkpoint) -> dict[str, dict[str, Any]]:
+    """The manifest's ``quantized`` table, each entry checked (a ValueError naming the file otherwise)."""
+    table = ckpt.manifest.get("quantized", {})
+    fields = {"bits", "group_size", "symmetric", "kind", "shape", "dtype", "storage_dtype"}
+
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and fields <= set(entry) and entry["kind"] in ("linear", "conv1d", "conv2d")
+                and all(isinstance(getattr(torch, str(entry[d]), None), torch.dtype) for d in ("dtype", "storage_dtype")))
+
+    bad = [n for n, e in table.items() if not valid(e)] if isinstance(table, dict) else ["(not a table)"]
+    if bad:
+        raise ValueError(f"{ckpt.manifest_file}: quantized layers {bad[:5]} lack their bits / group size / kind / "
+                         "shape / dtypes; rewrite the directory with compress.save_compressed")
+    return table
+
+
+def _unpacked_shapes(ckpt: _Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The file's tensor shapes with each packed layer's three tensors replaced by its ``weight``'s shape."""
+    shapes = dict(shapes)
+    for name, entry in _packed_table(ckpt).items():
+        missing = [k for k in _PACKED_KEYS if f"{name}.{k}" not in shapes]
+        if missing:
+            raise ValueError(f"{ckpt.weights} lacks {[f'{name}.{k}' for k in missing]} of the packed layer {name!r} "
+                             f"its manifest lists; the manifest and the weights must come from the same "
+                             "compress.save_compressed call")
+        for k in _PACKED_KEYS:
+            del shapes[f"{name}.{k}"]
+        shapes[f"{name}.weight"] = tuple(entry["shape"])
+    return shapes
+
+
+def _unpacked(ckpt: _Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each packed layer's codes, scales and zero points dequantized into its ``weight`` (in its
+    recorded dtype, then its storage dtype: the tensor the model held, or its cast to ``save_compressed``'s dtype)."""
+    for name, entry in _packed_table(ckpt).items():
+        packed, scale, zero_point = (tensors.pop(f"{name}.{k}") for k in _PACKED_KEYS)
+        shape = tuple(entry["shape"])
+        out_in = (shape[1], shape[0]) if entry["kind"] == "conv1d" else (shape[0], math.prod(shape[1:]))
+        try:
+            q = PackedQuantizedWeight(packed, scale, zero_point, entry["bits"], entry["group_size"],
+                                      entry["symmetric"], out_in)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{ckpt.weights}: the packed tensors of layer {name!r} do not fit its manifest entry "
+                             f"({e}); rewrite the directory with compress.save_compressed") from None
+        W = q.dequantize(getattr(torch, entry["dtype"])).to(getattr(torch, entry["storage_dtype"]))
+        tensors[f"{name}.weight"] = (W.T if entry["kind"] == "conv1d" else W).reshape(shape).contiguous()
+    return tensors
 
 
 #: what a layer's callers see of it: a rebuilt layer must have the values of the one it replaces
@@ -428,14 +544,14 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
     """
     wrapper, base_model = base_model, unwrap_compiled(base_model)  # a torch.compile wrapper: load into its module
     ckpt = _read_checkpoint(path)
-    _, shapes = _header(ckpt.weights)
+    shapes = _unpacked_shapes(ckpt, _header(ckpt.weights)[1])
     # everything is checked before base_model is touched: a bad checkpoint leaves it as it was
     built = _build_layers(base_model, ckpt, like_replaced=True)
     state = _state_after(base_model, built)
     if "shared" not in ckpt.manifest:  # 0.1.0 did not record the names it left out as shared: find them
         ckpt = _Checkpoint(ckpt.weights, ckpt.manifest_file, {**ckpt.manifest, "shared": _aliases(state, shapes)})
     _check_fit(state, ckpt, shapes)
-    tensors = _read_tensors(ckpt.weights, "cpu")
+    tensors = _unpacked(ckpt, _read_tensors(ckpt.weights, "cpu"))
     _check_dtypes(state, ckpt, tensors)
     for name, module in built.items():
         replace_module(base_model, name, module)
@@ -515,14 +631,14 @@ def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.de
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json; write the directory with "
                                 "compress.save_compressed(model, path) from a transformers model")
-    _, shapes = _header(ckpt.weights)
+    shapes = _unpacked_shapes(ckpt, _header(ckpt.weights)[1])
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     with _empty_weights():
         model = cls(config)
         for name, module in _build_layers(model, ckpt, like_replaced=False).items():
             replace_module(model, name, module)
     _check_fit(model.state_dict(), ckpt, shapes)
-    tensors = _read_tensors(ckpt.weights, device)
+    tensors = _unpacked(ckpt, _read_tensors(ckpt.weights, device))
     _check_dtypes(model.state_dict(), ckpt, tensors)
     model.load_state_dict(tensors, strict=False, assign=True)
     _tie(model, ckpt.manifest["shared"])

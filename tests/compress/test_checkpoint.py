@@ -310,3 +310,83 @@ def test_a_failed_resave_leaves_the_earlier_checkpoint_whole(tmp_path, saved_low
     monkeypatch.undo()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     _assert_bitwise_equal(load_compressed_directory(out), model)
+
+
+# ---------------------------------------------------------------------------------------------- packed quantized layers
+def _mixed_net() -> nn.Module:
+    """nn.Linear, transformers' Conv1D ((in, out) storage) and a Conv2d, all quantizable at group size 16."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), Conv1D(64, 128), nn.Unflatten(1, (16, 2, 2)),
+                         nn.Conv2d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def quantized_net():
+    model = _mixed_net()
+    config = CompressionConfig(method="rtn", bits=4, group_size=16, target_modules=["0", "2", "4"])
+    return compress_model(model, config, progress=False)
+
+
+def test_quantized_layers_are_stored_packed_and_reload_bitwise(tmp_path, quantized_net):
+    report = quantized_net
+    dense = save_compressed(report.model, tmp_path / "dense")
+    packed = save_compressed(report.model, tmp_path / "packed", quantized=report.quantized)
+    manifest = json.loads((packed / MANIFEST_FILE).read_text())
+    assert manifest["version"] == 3 and json.loads((dense / MANIFEST_FILE).read_text())["version"] == 2
+    assert manifest["quantized"]["2"] == {"bits": 4, "group_size": 16, "symmetric": False, "kind": "conv1d",
+                                          "shape": [128, 64], "dtype": "float32", "storage_dtype": "float32"}
+    # 4-bit codes + a float32 scale and an int8 zero point per 16 weights: 0.125 + 0.25 + 0.0625 of float32's bytes
+    ratio = (packed / WEIGHTS_FILE).stat().st_size / (dense / WEIGHTS_FILE).stat().st_size
+    assert ratio < 0.5, ratio
+    loaded = load_compressed(_mixed_net(), packed)
+    _assert_bitwise_equal(loaded, report.model)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), report.model(x))
+
+
+def test_packed_layers_follow_the_storage_dtype(tmp_path, quantized_net):
+    report = quantized_net
+    packed = save_compressed(report.model, tmp_path / "packed", quantized=report.quantized, dtype=torch.bfloat16)
+    dense = save_compressed(report.model, tmp_path / "dense", dtype=torch.bfloat16)
+    _assert_bitwise_equal(load_compressed(_mixed_net().bfloat16(), packed),
+                          load_compressed(_mixed_net().bfloat16(), dense))
+
+
+def test_a_transformers_model_with_packed_layers_reloads_from_its_directory_alone(tmp_path):
+    model = tiny_llama()
+    batches = [torch.randint(0, 62, (2, 16)) for _ in range(2)]
+    stats = collect_activation_stats(model, batches, progress=False)
+    report = compress_model(model, CompressionConfig(method="gptq", bits=3, group_size=16), stats, progress=False)
+    out = save_compressed(report.model, tmp_path / "out", quantized=report.quantized)
+    loaded = load_compressed_directory(out)
+    _assert_bitwise_equal(loaded, report.model)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_packing_refuses_weights_that_are_not_the_quantized_ones(tmp_path, quantized_net):
+    report = quantized_net
+    changed = _mixed_net()
+    changed.load_state_dict(report.model.state_dict())
+    with torch.no_grad():
+        changed[4].weight[0, 0, 0, 0] += 1e-3  # e.g. an adapter merged after compression
+    with pytest.raises(ValueError, match=r"layer '4'.s weight is not the one quantized\['4'\] dequantizes to"):
+        save_compressed(changed, tmp_path / "a", quantized=report.quantized)
+    with pytest.raises(ValueError, match="quantized names layer 'head', which the model does not have"):
+        save_compressed(report.model, tmp_path / "b", quantized={"head": report.quantized["0"]})
+    with pytest.raises(TypeError, match=r"quantized\['0'\] is a Parameter; pass CompressionReport.quantized"):
+        save_compressed(report.model, tmp_path / "c", quantized={"0": report.model[0].weight})
+    assert not any((tmp_path / d).exists() for d in "abc")  # refused before anything is written
+
+
+def test_a_packed_entry_that_does_not_fit_names_the_file(tmp_path, quantized_net):
+    report = quantized_net
+    out = save_compressed(report.model, tmp_path / "out", quantized=report.quantized)
+    _edit_manifest(out, lambda m: m["quantized"]["0"].update(bits=3))
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: the packed tensors of layer '0' do not fit"):
+        load_compressed(_mixed_net(), out)
+    _edit_manifest(out, lambda m: m["quantized"]["0"].pop("kind"))
+    with pytest.raises(ValueError, match=rf"{MANIFEST_FILE}: quantized layers \['0'\] lack"):
+        load_compressed(_mixed_net(), out)
