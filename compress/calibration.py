@@ -180,10 +180,11 @@ def named_inputs(model: nn.Module, batch: Any) -> Any:
     models); other batches, and tuples that do not bind, are returned as they are."""
     if not isinstance(batch, (tuple, list)):
         return batch
-    try:
-        return dict(inspect.signature(model.forward).bind_partial(*batch).arguments)
+    try:  # the class's forward: accelerate's hooks replace the instance's with a (*args, **kwargs) wrapper
+        arguments = inspect.signature(type(model).forward).bind_partial(model, *batch).arguments
     except (TypeError, ValueError):
         return batch
+    return {k: v for k, v in arguments.items() if k != next(iter(arguments))}
 
 
 def token_mask(batch: Any, key: str | None = "attention_mask") -> torch.Tensor | None:
