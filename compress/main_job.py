@@ -526,13 +526,6 @@ def _fmt_params(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{int(n):,}"
 
 
-def _storage_bits(report) -> float:
-    """Bits to store the targeted layers' weights after compression (the compressor's count: 16-bit values unless
-    quantized, scales, zero points and sparsity metadata included)."""
-    config = report.config
-    return sum(config.compressor.storage_bits(r.shape, r.params_after, config) for r in report.layers)
-
-
 def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     import torch
 
@@ -736,7 +729,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     adapter_params = 0 if main_adapter is None else sum(B.numel() + A.numel() for B, A in main_adapter.factors.values())
     storage = {
         "dense_mb": target_before * 16 / 8e6,
-        "compressed_mb": _storage_bits(report) / 8e6,
+        "compressed_mb": report.storage_bits / 8e6,
         "adapter_mb": adapter_params * 16 / 8e6,
     }
     out_err = [r.rel_output_error for r in report.layers if r.rel_output_error is not None]

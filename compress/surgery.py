@@ -87,6 +87,13 @@ class CompressionReport:
         """Fraction of the target weights' parameters kept."""
         return self.params_after / self.params_before
 
+    @property
+    def storage_bits(self) -> float:
+        """Bits to store the target layers' weights after compression, by the compressor's count: 16-bit values
+        unless quantized, with scales, zero points and sparsity metadata (what ``keep`` does not show for
+        quantizers, which keep every parameter)."""
+        return sum(self.config.compressor.storage_bits(r.shape, r.params_after, self.config) for r in self.layers)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable summary: totals, config and the per-layer rows."""
         return {
@@ -113,7 +120,14 @@ class CompressionReport:
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
     def __str__(self) -> str:
-        return f"{self.config.method}: kept {self.keep:.3f} of {self.params_before} target parameters\n{self.table()}"
+        storage = (f"; stored in {_fmt_bytes(self.storage_bits / 8)}, {self.storage_bits / self.params_before:.2f} "
+                   f"bits per weight (16-bit: {_fmt_bytes(2 * self.params_before)})")
+        return (f"{self.config.method}: kept {self.keep:.3f} of {self.params_before} target parameters{storage}\n"
+                f"{self.table()}")
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 # ---------------------------------------------------------------------------------------------- per-layer compression

@@ -271,6 +271,17 @@ def test_bad_decompose_options(kw, error, match):
         CompressionConfig(keep=0.3, **kw)
 
 
+@pytest.mark.parametrize("kw,bits", [(dict(method="rtn", bits=4, group_size=32), 4 + 32 / 32),
+                                     (dict(method="rtn", bits=3, group_size=None, symmetric=True), 3 + 16 / 64),
+                                     (dict(method="svd", keep=0.5), 0.5 * 16)])
+def test_the_report_says_what_storing_the_weights_costs(kw, bits):
+    # a quantizer keeps every parameter: "kept 1.000" alone said nothing about its size
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    report = compress_model(net, CompressionConfig(**kw), progress=False)
+    assert report.storage_bits == bits * 2 * 64 * 64
+    assert f"{bits:.2f} bits per weight (16-bit: 16.4 kB)" in str(report).splitlines()[0]
+
+
 def test_keep_one_warns_that_it_still_factorizes():
     with pytest.warns(UserWarning, match="keep=1.0 factorizes each layer at its dense parameter count"):
         CompressionConfig(method="svd", keep=1.0)
