@@ -47,7 +47,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from tensornets.bypassed import weight_read_directly, weight_recomputed
+from tensornets.bypassed import fused_weights, weight_read_directly, weight_recomputed
 
 __all__ = [
     "ADAPTER_DTYPE",
@@ -741,6 +741,13 @@ def _include_all_linear_layers(config: Any, model: nn.Module) -> Any:
         warnings.warn(f"target_modules='all-linear' leaves out {len(never_called)} layer(s) that torch never calls, "
                       f"such as {never_called[0]!r} (nn.MultiheadAttention reads out_proj.weight directly)",
                       UserWarning, stacklevel=5)
+    fused = fused_weights(model)
+    if fused:  # PEFT's LoRA reaches them through target_parameters; without a word the mixture's MLPs go unadapted
+        kinds = "/".join(sorted({type(model.get_submodule(n)).__name__ for n in fused}))
+        warnings.warn(f"target_modules='all-linear' leaves {sum(fused.values()):,} parameters unadapted: {len(fused)} "
+                      f"{kinds} module(s) ({list(fused)[:2]}) hold a mixture's experts as fused 3-D tensors, not "
+                      f"linear layers; {type(config).__name__} adapts linear layers only (PEFT's LoRA adapts such "
+                      "tensors through target_parameters)", UserWarning, stacklevel=5)
     return config
 
 

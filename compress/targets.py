@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tensornets import FactorizedConv2d, FactorizedLinear
-from tensornets.bypassed import weight_read_directly, weight_recomputed
+from tensornets.bypassed import fused_weights, weight_read_directly, weight_recomputed
 
 TargetSpec = str | Sequence[str] | None
 
@@ -81,29 +81,6 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     """
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else model
-
-
-def fused_weights(model: nn.Module) -> dict[str, int]:
-    """Modules holding weights that compression cannot target, name -> their parameter count.
-
-    These are parameters of three or more dimensions owned by a mixture's experts module (its class name says
-    ``Expert``): transformers 5 keeps the experts as such tensors (``MixtralExperts.gate_up_proj``,
-    ``(experts, 2 · inter, hidden)``), not as ``nn.Linear`` layers. Other 3-D parameters (a ViT's ``cls_token`` and
-    position embeddings) are not weights of a linear map. Target selection leaves them out; callers say so.
-    """
-    found = {}
-    factorized = [n + "." for n, m in model.named_modules() if isinstance(m, (FactorizedLinear, FactorizedConv2d))]
-    for name, module in model.named_modules():
-        # convolution kernels are 4-D; a factorized layer's cores are targeted through the layer (their
-        # containers, and an adapter's, are parameter lists / dicts)
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.ParameterList, nn.ParameterDict)) or any(
-                name.startswith(prefix) for prefix in factorized) or "expert" not in type(module).__name__.lower():
-            continue
-        count = sum(p.numel() for p in module.parameters(recurse=False)
-                    if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 3)
-        if count:
-            found[name] = count
-    return found
 
 
 def _warn_fused(model: nn.Module, target_modules: str) -> None:

@@ -57,13 +57,14 @@ class LoTRModel(DeltaTuner):
             into one group (or a target into no group).
         """
         r = config.r
-        for target in targets:
-            d_out, d_in = weight_matrix(target.layer).shape
-            if r > min(d_out, d_in):
-                raise ValueError(
-                    f"r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} for layer {target.key!r}; "
-                    f"pass r<={min(d_out, d_in)} or leave this layer out of target_modules"
-                )
+        small = {t.key: min(weight_matrix(t.layer).shape) for t in targets if r > min(weight_matrix(t.layer).shape)}
+        if small:
+            listed = ", ".join(f"{k!r}" for k in list(small)[:3]) + (", ..." if len(small) > 3 else "")
+            raise ValueError(
+                f"r={r} exceeds min(d_out, d_in)={min(small.values())} of {len(small)} layer(s) ({listed}); pass "
+                f"r<={min(small.values())} or leave them out (exclude_modules={sorted({k.rsplit('.', 1)[-1] for k in small})}"
+                ", e.g. next to target_modules='all-linear')"
+            )
         groups = group_targets(targets, config.share)
         shared_a, shared_b = nn.ParameterDict(), nn.ParameterDict()
         for group, members in groups.items():

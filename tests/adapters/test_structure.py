@@ -238,6 +238,50 @@ def test_layers_torch_reads_without_calling_are_refused_skipped_or_warned(config
         get_peft_model(_encoder(batch_first=False), config(dict(target_modules=["linear1", "linear2"])))
 
 
+class _GatedBlocks(nn.Module):
+    """Two blocks of a 16x16 projection and a 1-row gate (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(proj=nn.Linear(16, 16), gate=nn.Linear(16, 1))) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block["proj"](x) * torch.sigmoid(block["gate"](x))
+        return x
+
+
+@pytest.mark.parametrize("config,match", [
+    (lambda **kw: adapters.LoTRConfig(r=2, **kw), r"r=2 exceeds min\(d_out, d_in\)=1 of 2 layer\(s\) \('blocks.0.gate', "
+                                                   r"'blocks.1.gate'\); .*\(exclude_modules=\['gate'\]"),
+    (lambda **kw: adapters.MoSConfig(r=2, v=2, p=0, c=2, **kw), r"c=2 must divide .*\(exclude_modules=\['gate'\]"),
+])
+def test_layers_too_small_for_the_method_name_the_exclusion_that_works(config, match):
+    # the advice named one layer at a time (LoTR) or none (MoS); following it now adapts the rest
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(_GatedBlocks(), config(target_modules="all-linear"))
+    model = get_peft_model(_GatedBlocks(), config(target_modules="all-linear", exclude_modules=["gate"]))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert wrapped == {"blocks.0.proj", "blocks.1.proj"}
+
+
+def test_all_linear_says_it_leaves_a_mixtures_fused_experts_out():
+    # PEFT's LoRA adapts Mixtral's experts (3-D tensors) through target_parameters; ours silently adapted attention only
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    moe = MixtralForCausalLM(MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2))
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves 12,288 parameters unadapted: 2 MixtralExperts "
+                                         r"module\(s\) .* LoTRConfig adapts linear layers only"):
+        get_peft_model(moe, adapters.LoTRConfig(r=2, target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(LlamaForCausalLM(LlamaConfig(**small)), adapters.LoTRConfig(r=2, target_modules="all-linear"))
+
+
 @pytest.mark.parametrize("config", [
     lambda: adapters.LoTRConfig(r=2, target_modules=["0", "2"]), lambda: adapters.LoRETTARepConfig(target_modules=["0"]),
     lambda: adapters.FloraConfig(r=2, target_modules=["0"]), lambda: adapters.MoSConfig(r=2, v=2, p=0, c=1,
