@@ -312,8 +312,9 @@ def _check_quantized(model: nn.Module, quantized: Mapping[str, Quantized]) -> di
         except AttributeError:
             raise ValueError(f"quantized names layer {name!r}, which the model does not have; pass the model the "
                              "weights were quantized from") from None
-        if type(module) is not nn.Linear:
-            not_packed[name] = (f"{type(module).__name__} is not nn.Linear (compressed-tensors packs linears only); "
+        if not isinstance(module, nn.Linear):  # subclasses (Falcon's FalconLinear) too: compressed-tensors matches
+            # its "Linear" target along the class hierarchy
+            not_packed[name] = (f"{type(module).__name__} is not an nn.Linear (compressed-tensors packs linears only); "
                                 "stored dense")
             continue
         if tuple(module.weight.shape) != tuple(qw.shape):
@@ -548,7 +549,7 @@ def save_hf_directory(
                              "every layer with one scheme, or use symmetric schemes only")
         dequantize_on_load = False
 
-    linear_names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     conflicts = vllm_fused_conflicts(packable, linear_names)
     if conflicts:  # transformers loads it: a warning, not an error
         warnings.warn(f"vLLM fuses {', '.join(conflicts[:3])}{' ...' if len(conflicts) > 3 else ''} into one layer "

@@ -213,15 +213,16 @@ _RELOAD = textwrap.dedent("""
     ids = torch.load(ids_file, weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tensors = {"logits": model(ids).logits.float().detach()}
-    tensors.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("proj.weight")})
-    tensors["tied"] = torch.tensor(model.lm_head.weight is model.model.embed_tokens.weight)
+    tensors.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(".weight")})
+    embeddings = model.get_input_embeddings()
+    tensors["tied"] = torch.tensor(model.get_output_embeddings().weight is embeddings.weight)
     if len(sys.argv) > 4:
         from peft import PeftModel
         peft = PeftModel.from_pretrained(model, sys.argv[4])
         tensors["peft_logits"] = peft(ids).logits.float().detach()
     ours = sorted(m for m in sys.modules if m.split(".")[0] in ("tensornets", "compress", "adapters"))
     assert not ours, ours
-    tensors["dtype_is_storage"] = torch.tensor(model.dtype == model.model.embed_tokens.weight.dtype)
+    tensors["dtype_is_storage"] = torch.tensor(model.dtype == embeddings.weight.dtype)
     print(model.dtype)
     save_file(tensors, result)
 """)
@@ -426,6 +427,31 @@ def test_dense_model_and_untied_head(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
     assert reloaded.dtype == torch.float16
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight.to(torch.float16))
+
+
+def test_subclasses_of_nn_linear_are_packed(tmp_path):
+    """Falcon's projections are FalconLinear (an nn.Linear subclass): they were stored dense, none packed, though
+    compressed-tensors matches its "Linear" target along the class hierarchy."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           new_decoder_architecture=False)).eval()
+    quantized = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            assert type(module) is not nn.Linear  # FalconLinear
+            quantized[name] = _rtn(module.weight, 4, 16, False)
+            with torch.no_grad():
+                module.weight.copy_(quantized[name].dequantize())
+    report = save_hf_directory(model, tmp_path / "out", quantized=quantized, dtype=torch.float32)
+    assert sorted(p.name for p in report.packed) == sorted(quantized) and len(quantized) == 8 and not report.not_packed
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    got = _reload_elsewhere(tmp_path, tmp_path / "out", ids)
+    with torch.no_grad():
+        assert_close(got["logits"], model(ids).logits, tol=1e-5, what="reloaded logits")
+    for name, qw in quantized.items():
+        assert torch.equal(got[f"{name}.weight"], qw.dequantize()), name
 
 
 def test_quantized_conv1d_layers_are_stored_dense_with_a_warning(tmp_path):
