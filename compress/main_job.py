@@ -261,8 +261,9 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    help="replace a non-empty --output-dir: its whole content is removed once the new directory is "
                    "written (default: refuse, so that a rerun never mixes its files with an earlier run's)")
     g.add_argument("--export-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="storage dtype of --output-dir's unquantized tensors (embeddings, norms, LM head, pruned "
-                   "layers), quantization scales and EoRA adapter (default: bfloat16)")
+                   help="dtype the model is loaded, compressed and evaluated in, and --output-dir's storage dtype of "
+                   "its unquantized tensors (embeddings, norms, LM head, pruned layers), quantization scales and EoRA "
+                   "adapter, so that the directory is the evaluated model (default: bfloat16)")
     g.add_argument("--json", metavar="FILE", default=None, help="write the summary (all numbers printed) as JSON")
     g.add_argument("--verbose", action="store_true", help="print the per-layer tables (errors, ranks)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -527,7 +528,7 @@ def _fmt_params(n: float) -> str:
 
 
 def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
-    import torch
+    from compress.export import EXPORT_DTYPES
 
     if args.model_path is None:
         from compress.models import load_smollm2, smollm2_directory
@@ -544,8 +545,9 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
                                  "writable directory") from None
             tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             return _load_offloaded(directory, args), tok, name
-        # stored in bfloat16 (blocks are upcast one at a time): the job never holds the whole model in float32
-        model, tok = load_smollm2(dtype=torch.bfloat16)
+        # stored in --export-dtype (blocks are upcast one at a time; bfloat16 by default: the job never holds the
+        # whole model in float32), so that what is evaluated is what --output-dir writes
+        model, tok = load_smollm2(dtype=EXPORT_DTYPES[args.export_dtype])
         return model.to(device), tok, name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -554,7 +556,7 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
         from compress.models import load_gguf
 
         try:
-            model, tok = load_gguf(path)
+            model, tok = load_gguf(path, dtype=EXPORT_DTYPES[args.export_dtype])
         except ValueError as err:
             raise SystemExit(f"tensornets compress: error: --model-path {err}") from None
         return model.to(device), tok, str(path)
@@ -571,8 +573,11 @@ def _load(args: argparse.Namespace, device) -> tuple[Any, Any, str]:
     try:
         if args.offload_folder is not None:
             return _load_offloaded(path, args), tok, str(path)
-        # in its storage dtype (config.json's dtype): the block pipeline upcasts one block at a time
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=True)
+        # in --export-dtype, whatever config.json's dtype: the evaluated weights are those --output-dir writes (a
+        # bfloat16 model exported in float32 wrote float32 scales whose weights the run never evaluated, and a float32
+        # model exported in bfloat16 was evaluated before its rounding); the block pipeline upcasts one block at a time
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=EXPORT_DTYPES[args.export_dtype],
+                                                     local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise SystemExit(f"tensornets compress: error: --model-path {str(path)!r}: transformers cannot load the model "
                          f"({type(err).__name__}: {err}); pass a complete Hugging Face model directory (a truncated "
@@ -613,11 +618,16 @@ def _ppl(model, batches, desc: str, progress: bool | None) -> float:
                                       disable=None if progress is None else not progress))
 
 
+#: smallest log-perplexity gap whose recovered share is printed: below it the share divides by noise (-3693 %)
+_MIN_LOG_GAP = 1e-3
+
+
 def _recovered(dense: float, compressed: float, compensated: float) -> float | None:
-    """Fraction of the log-perplexity gap closed by the compensation."""
-    if not all(map(math.isfinite, (dense, compressed, compensated))) or compressed <= dense:
+    """Fraction of the log-perplexity gap closed by the compensation (``None`` without a gap to close)."""
+    if not all(map(math.isfinite, (dense, compressed, compensated))):
         return None
-    return (math.log(compressed) - math.log(compensated)) / (math.log(compressed) - math.log(dense))
+    gap = math.log(compressed) - math.log(dense)
+    return None if gap < _MIN_LOG_GAP else (math.log(compressed) - math.log(compensated)) / gap
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -1065,7 +1075,9 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         label = {"eora": "EoRA", "svd": "plain SVD (LoRC)", "asvd": "ASVD", "eora_sequential": "EoRA sequential"}[m]
         value = ppl[f"compensated_{m}"]
         rec = s["recovered"].get(f"compensated_{m}")
-        rec_txt = f", recovers {100 * rec:.0f} % of the log-ppl gap" if rec is not None else ""
+        rec_txt = (f", recovers {100 * rec:.0f} % of the log-ppl gap" if rec is not None
+                   else ", compression left no gap to recover" if not args.eora_rounds
+                   and math.log(ppl["compressed"]) - math.log(ppl["dense"]) < _MIN_LOG_GAP else "")
         name = f"{label} r={args.eora_rank}"
         lines.append(f"  + {name:<24} {value:10.3f}   ({value / ppl['dense']:.2f}x dense{rec_txt})")
     kept = p["keep_targets"]
