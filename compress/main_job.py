@@ -697,7 +697,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                or (k in reads and (k not in conditions or options.get(conditions[k]) is not None))},
             scale_dtype=EXPORT_DTYPES[args.export_dtype],  # the exported directory holds exactly the evaluated weights
         )
-        targets = find_targets(model, config.target_modules, config.exclude_modules)
+        with warnings.catch_warnings():  # what it warns about, the compression's own selection says again
+            warnings.simplefilter("ignore", UserWarning)
+            targets = find_targets(model, config.target_modules, config.exclude_modules)
     except ValueError as err:
         raise SystemExit(_cli_error(err)) from None
     _check_eora_rank(args.eora_rank, targets)

@@ -202,7 +202,9 @@ def block_pipeline_obstacle(model: nn.Module, config: CompressionConfig) -> str 
     if found is None:
         return f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of identical modules)"
     path, _ = found
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    with warnings.catch_warnings():  # what it warns about, compress_blocks' (or compress_model's) selection says again
+        warnings.simplefilter("ignore", UserWarning)
+        targets = find_targets(model, config.target_modules, config.exclude_modules)
     outside = [n for n in targets if not n.startswith(path + ".")]
     if outside:
         return f"target layers {outside[:4]} lie outside the decoder blocks {path!r}"
