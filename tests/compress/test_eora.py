@@ -160,30 +160,22 @@ def test_residual_of_low_rank_compression_merges_exactly():
         eora_compensate(model, mpo, stats, rank=2, progress=False).merge(mpo)
 
 
-@pytest.mark.parametrize("eora_rank", [2, 16])
-def test_a_low_rank_linear_merges_its_residual_even_past_its_full_rank(tmp_path, eora_rank):
-    """(16, 32) at rank 6: 6 + 16 > 16 merges as the exact rank-16 SVD (rank 22 stored more than the dense weight)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)).double().eval()
-    calib = [torch.randn(64, 32, dtype=torch.float64) for _ in range(3)]
-    stats = collect_activation_stats(model, calib, target_modules=["0"], progress=False)
-    small = compress_model(model, CompressionConfig(method="whitened_svd", rank=6, target_modules=["0"]), stats,
-                           progress=False).model
-    eora = eora_compensate(model, small, stats, rank=eora_rank, progress=False)
-    merged = eora.merge(small)
-    assert merged[0].factorization.ranks == (min(6 + eora_rank, 16),)
-    with torch.no_grad():
-        assert_close(merged(calib[0]), eora.apply(small)(calib[0]), tol=1e-6)
-    tensornets.save(merged[0], tmp_path / "merged.safetensors")
-    assert tensornets.load(tmp_path / "merged.safetensors").spec() == merged[0].spec()
+#: a (16, 32) first layer and calibration inputs for it: a linear, and a 1x1 conv (its kernel is (16, 32, 1, 1))
+_FIRST_LAYERS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), (64, 32)),
+    "conv": (lambda: nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 3)), (4, 32, 6, 6)),
+}
 
 
+@pytest.mark.parametrize("kind", _FIRST_LAYERS)
 @pytest.mark.parametrize("eora_rank", [2, 16])
-def test_a_low_rank_conv_merges_its_residual_even_past_its_full_rank(tmp_path, eora_rank):
-    """16 x 32 kernel at rank 6: rank 6 + 2 merges as [U B][V; A]; 6 + 16 > 16 as the exact rank-16 SVD of it."""
+def test_a_low_rank_layer_merges_its_residual_even_past_its_full_rank(tmp_path, kind, eora_rank):
+    """(16, 32) at rank 6: rank 6 + 2 merges as [U B][V; A]; 6 + 16 > 16 as the exact rank-16 SVD of it (a linear
+    was concatenated to rank 22, more parameters than its dense weight)."""
+    build, shape = _FIRST_LAYERS[kind]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 3)).double().eval()
-    calib = [torch.randn(4, 32, 6, 6, dtype=torch.float64) for _ in range(3)]
+    model = build().double().eval()
+    calib = [torch.randn(*shape, dtype=torch.float64) for _ in range(3)]
     stats = collect_activation_stats(model, calib, target_modules=["0"], progress=False)
     small = compress_model(model, CompressionConfig(method="whitened_svd", rank=6, target_modules=["0"]), stats,
                            progress=False).model
