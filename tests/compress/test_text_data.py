@@ -129,7 +129,7 @@ def test_cli_user_data_with_bos(bos_model_dir, tmp_path, capsys):
     (tmp_path / "eval.txt").write_text(_words(400, 99))
     summary = main(["--model-path", str(bos_model_dir), "--calib-data", str(tmp_path / "calib.jsonl"), "--eval-data",
                     str(tmp_path / "eval.txt"), "--calib-tokens", "256", "--eval-tokens", "128", "--seq-len", "32",
-                    "--eora-rank", "2", "--no-progress", "--threads", "1"])
+                    "--eora-rank", "2", "--export-dtype", "float32", "--no-progress", "--threads", "1"])
     assert f"calibration {tmp_path / 'calib.jsonl'}" in capsys.readouterr().out
     ids = bos_tokenizer()(_words(400, 99), add_special_tokens=False)["input_ids"]
     windows = [torch.tensor([[1, *ids[31 * i: 31 * (i + 1)]]]) for i in range(4)]
@@ -188,7 +188,9 @@ def test_model_path_takes_a_gguf_file(tmp_path, smollm2):
 
     gguf, _ = _smollm2_source()
     (tmp_path / gguf.name).symlink_to(gguf)
-    model, tok, name = _load(argparse.Namespace(model_path=str(tmp_path / gguf.name)), torch.device("cpu"))
+    # the CLI loads in --export-dtype (float32 here, the reference's)
+    model, tok, name = _load(argparse.Namespace(model_path=str(tmp_path / gguf.name), export_dtype="float32"),
+                             torch.device("cpu"))
     reference, ref_tok = smollm2
     assert name.endswith(".gguf") and tok("def f(x):")["input_ids"] == ref_tok("def f(x):")["input_ids"]
     for (k, v), (k2, v2) in zip(model.state_dict().items(), reference.state_dict().items()):
