@@ -181,10 +181,11 @@ def named_inputs(model: nn.Module, batch: Any) -> Any:
     if not isinstance(batch, (tuple, list)):
         return batch
     try:  # the class's forward: accelerate's hooks replace the instance's with a (*args, **kwargs) wrapper
-        arguments = inspect.signature(type(model).forward).bind_partial(model, *batch).arguments
+        arguments = dict(inspect.signature(type(model).forward).bind_partial(model, *batch).arguments)
     except (TypeError, ValueError):
         return batch
-    return {k: v for k, v in arguments.items() if k != next(iter(arguments))}
+    del arguments[next(iter(arguments))]  # self
+    return arguments
 
 
 def token_mask(batch: Any, key: str | None = "attention_mask") -> torch.Tensor | None:

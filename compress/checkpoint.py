@@ -148,11 +148,13 @@ def _pack_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], shared: 
             kind = None
         key = f"{name}.weight"
         if kind not in ("linear", "conv1d", "conv2d") or key not in tensors:
-            raise ValueError(f"quantized layer {name!r} has no dense weight of its own to pack (a {type(module).__name__}"
-                             f"{', its weight tied to another' if key in shared else ''}); leave it out of quantized")
+            tied = ", its weight tied to another" if key in shared else ""
+            raise ValueError(f"quantized layer {name!r} has no dense weight of its own to pack (a "
+                             f"{type(module).__name__}{tied}); leave it out of quantized")
         if key in shared.values():
-            raise ValueError(f"quantized layer {name!r} shares its weight with {sorted(a for a, k in shared.items() if k == key)}; "
-                             "leave it out of quantized (the tied tensor is stored dense)")
+            aliases = sorted(a for a, k in shared.items() if k == key)
+            raise ValueError(f"quantized layer {name!r} shares its weight with {aliases}; leave it out of quantized "
+                             "(the tied tensor is stored dense)")
         if isinstance(q, PackedQuantizedWeight) and q.offloaded:
             raise ValueError(f"quantized[{name!r}] was written beside an offloaded block (its tensors are on meta); "
                              "export that model with save_hf_directory, which reads them from disk")
@@ -246,7 +248,7 @@ def save_compressed(
         "version": _PACKED_VERSION if packed else _VERSION,
         "architecture": architecture,
         "module_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "dtype": str(floating.pop()).removeprefix("torch.") if len(floating) == 1 else None,
+        "dtype": _dtype_name(floating.pop()) if len(floating) == 1 else None,
         "layers": _factorized_layers(model),
         "shared": shared,
         **({"quantized": packed} if packed else {}),
@@ -380,8 +382,9 @@ def _packed_table(ckpt: _Checkpoint) -> dict[str, dict[str, Any]]:
     fields = {"bits", "group_size", "symmetric", "kind", "shape", "dtype", "storage_dtype"}
 
     def valid(entry: Any) -> bool:
+        dtypes = ("dtype", "storage_dtype")
         return (isinstance(entry, dict) and fields <= set(entry) and entry["kind"] in ("linear", "conv1d", "conv2d")
-                and all(isinstance(getattr(torch, str(entry[d]), None), torch.dtype) for d in ("dtype", "storage_dtype")))
+                and all(isinstance(getattr(torch, str(entry[d]), None), torch.dtype) for d in dtypes))
 
     bad = [n for n, e in table.items() if not valid(e)] if isinstance(table, dict) else ["(not a table)"]
     if bad:

@@ -20,7 +20,7 @@ from compress import lowrank as lr
 from compress.compressors import Compressor, LayerJob, LayerResult, register
 from compress.config import CompressionConfig
 from compress.targets import weight_parameters
-from tensornets import FactorizedConv2d, FactorizedLinear, decompose, factorize, get_format
+from tensornets import Factorization, FactorizedConv2d, FactorizedLinear, decompose, factorize, get_format
 
 #: low-rank methods -> the input weighting of :func:`compress.lowrank.input_scaling`
 LOWRANK_SCALINGS = {"svd": "svd", "asvd": "asvd", "whitened_svd": "whitened"}
@@ -222,15 +222,17 @@ for _name, _kind in LOWRANK_SCALINGS.items():
 
 
 def _tensor_reads(name: str) -> tuple[frozenset[str], dict[str, str]]:
-    """``(reads, reads_only_with)`` of a tensor format: its modes; the randomized SVD of the formats that run large
-    SVDs (its seed only with it); CP's ALS seed; Tucker's whitening (see _whitened_tucker: a single input factor
-    absorbs it) with the whitening's ridge and cutoff."""
+    """``(reads, reads_only_with)`` of a tensor format, from its class: its modes; the randomized SVD of the formats
+    that run large SVDs (its seed only with it, unless the decomposition is seeded itself, as CP's ALS); Tucker's
+    whitening (see _whitened_tucker: a single input factor absorbs it) with the whitening's ridge and cutoff."""
+    fmt = get_format(name)
     reads, conditions = {"num_cores", "modes"}, {}
-    if get_format(name).supports_randomized_svd:
+    if fmt.supports_randomized_svd:
         reads |= {"svd", "seed"}
         conditions["seed"] = "svd"
-    if name == "cp":
+    if fmt.seeded_decomposition:
         reads.add("seed")
+        conditions.pop("seed", None)
     if name == "tucker":
         reads |= {"whiten", "ridge", "eps"}
         conditions.update(ridge="whiten", eps="whiten")
@@ -240,9 +242,10 @@ def _tensor_reads(name: str) -> tuple[frozenset[str], dict[str, str]]:
 
 
 def decompose_option_names(name: str) -> frozenset[str]:
-    """The format-specific keyword options of ``get_format(name).from_dense`` (its ``_decompose``'s own keywords)."""
-    shared = {"cls", "weight", "in_modes", "out_modes", "ranks", "eps", "svd", "seed", "options"}
-    return frozenset(inspect.signature(get_format(name)._decompose).parameters) - shared
+    """The format-specific keyword options of ``get_format(name).from_dense``: the keywords its ``_decompose`` takes
+    beyond the base class's."""
+    shared = inspect.signature(Factorization._decompose).parameters
+    return frozenset(inspect.signature(get_format(name)._decompose).parameters) - set(shared)
 
 
 def check_decompose_options(config: CompressionConfig) -> None:

@@ -276,7 +276,7 @@ def _warn_grown(layers: list[LayerReport], config: CompressionConfig) -> None:
     grown = [r for r in layers if r.params_after > r.params_before]
     if not grown:
         return
-    size = f"rank={config.rank}" if config.rank is not None else f"energy={config.energy}"
+    size = ", ".join(f"{k}={getattr(config, k)}" for k in ("rank", "energy", "keep") if getattr(config, k) is not None)
     named = ", ".join(f"{r.name!r} keeps {r.keep:.2f}" for r in grown[:3]) + (", ..." if len(grown) > 3 else "")
     warnings.warn(f"{len(grown)} layer(s) hold more parameters factorized than dense ({named}): {size} asks for ranks "
                   "past the break-even rank (r (m + n) = m n for low rank); pass keep= (the fraction of parameters "

@@ -268,8 +268,10 @@ class FactorizedConv2d(nn.Module):
         full_out, full_in, full_spatial = Tucker.full_ranks((in_channels, k), (out_channels,))
         if format == "tucker" and isinstance(rank, int):
             if not 1 <= rank <= max(full_out, full_in):
-                raise ValueError(f"rank={rank} does not fit: pass 1 <= rank <= {max(full_out, full_in)} (the channel "
-                                 f"modes' full ranks are {full_out} out, {full_in} in)")
+                kernel = (out_channels, in_channels, *kernel_size)
+                raise ValueError(f"rank={rank} does not fit a {kernel} kernel as tucker: pass 1 <= rank <= "
+                                 f"{max(full_out, full_in)} (the channel modes' full ranks are {full_out} out, "
+                                 f"{full_in} in)")
             return min(rank, full_out), min(rank, full_in), full_spatial
         if isinstance(rank, int):
             return rank
@@ -291,14 +293,15 @@ class FactorizedConv2d(nn.Module):
     ) -> tuple[int, ...]:
         """The core format's explicit ranks for a conv ``rank`` (see :meth:`core_rank`), checked against the kernel."""
         fmt, in_modes, out_modes = cls.core_structure(format, in_channels, out_channels, kernel_size)
+        core = cls.core_rank(format, rank, kernel_size, in_channels, out_channels)  # its errors say what fits
         try:
-            return fmt.resolve_ranks(cls.core_rank(format, rank, kernel_size, in_channels, out_channels), in_modes, out_modes)
+            return fmt.resolve_ranks(core, in_modes, out_modes)
         except ValueError as exc:
             kernel = (out_channels, in_channels, *kernel_size)
-            own = f"rank={rank!r} does not fit: "  # core_rank's message already says what fits: not said twice
-            detail = (str(exc).removeprefix(own) if str(exc).startswith(own)
-                      else f"pass ranks within {fmt.full_ranks(in_modes, out_modes)} ({exc})")
-            raise ValueError(f"rank={rank!r} does not fit a {kernel} kernel as {format}: {detail}") from None
+            raise ValueError(
+                f"rank={rank!r} does not fit a {kernel} kernel as {format}: pass ranks within "
+                f"{fmt.full_ranks(in_modes, out_modes)} ({exc})"
+            ) from None
 
     @property
     def ranks(self) -> tuple[int, ...]:

@@ -57,13 +57,15 @@ class LoTRModel(DeltaTuner):
             into one group (or a target into no group).
         """
         r = config.r
-        small = {t.key: min(weight_matrix(t.layer).shape) for t in targets if r > min(weight_matrix(t.layer).shape)}
+        sizes = {t.key: min(weight_matrix(t.layer).shape) for t in targets}
+        small = {key: size for key, size in sizes.items() if r > size}
         if small:
             listed = ", ".join(f"{k!r}" for k in list(small)[:3]) + (", ..." if len(small) > 3 else "")
+            suffixes = sorted({k.rsplit(".", 1)[-1] for k in small})
             raise ValueError(
                 f"r={r} exceeds min(d_out, d_in)={min(small.values())} of {len(small)} layer(s) ({listed}); pass "
-                f"r<={min(small.values())} or leave them out (exclude_modules={sorted({k.rsplit('.', 1)[-1] for k in small})}"
-                ", e.g. next to target_modules='all-linear')"
+                f"r<={min(small.values())} or leave them out (exclude_modules={suffixes}, e.g. next to "
+                "target_modules='all-linear')"
             )
         groups = group_targets(targets, config.share)
         shared_a, shared_b = nn.ParameterDict(), nn.ParameterDict()

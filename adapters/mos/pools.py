@@ -37,8 +37,9 @@ def check_feasible(config: MoSConfig, group: str, num_layers: int, shape: tuple[
     listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     which = f"module type {group!r}" + (f" ({listed})" if names else "")
     if d_in % c or d_out % c:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names}) or "[...]"
         raise ValueError(f"c={c} must divide d_in={d_in} and d_out={d_out} of {which}; pass a c dividing both, or "
-                         f"leave these layers out (exclude_modules={sorted({n.rsplit('.', 1)[-1] for n in names}) or '[...]'})")
+                         f"leave these layers out (exclude_modules={suffixes})")
     if (v - p) * num_layers < r - p:
         need_v = p + -(-(r - p) // num_layers)
         raise ValueError(

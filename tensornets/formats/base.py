@@ -112,6 +112,8 @@ class Factorization(nn.Module, ABC):
     format_name: ClassVar[str] = ""
     #: whether ``from_dense(svd="randomized")`` changes anything (its SVDs are large enough)
     supports_randomized_svd: ClassVar[bool] = False
+    #: whether ``from_dense`` draws from ``seed`` whatever ``svd`` is (CP's ALS initialisation)
+    seeded_decomposition: ClassVar[bool] = False
     #: number of modes per side when ``num_cores`` and ``modes`` are both omitted
     default_num_cores: ClassVar[int] = 1
 
@@ -130,11 +132,11 @@ class Factorization(nn.Module, ABC):
         self.in_modes = validate_modes(in_modes, self.in_features, "in_modes")
         self.out_modes = validate_modes(out_modes, self.out_features, "out_modes")
         self._check_modes(self.in_modes, self.out_modes)
-        slots = len(self.full_ranks(self.in_modes, self.out_modes))
-        if len(ranks) != slots or any(isinstance(r, bool) or int(r) != r or r < 1 for r in ranks):
-            raise ValueError(f"ranks={tuple(ranks)} must be {slots} positive int(s) for {self.format_name} with "
-                             f"out_modes={self.out_modes}, in_modes={self.in_modes} (full ranks "
-                             f"{self.full_ranks(self.in_modes, self.out_modes)}); resolve_structure gives valid ones")
+        full = self.full_ranks(self.in_modes, self.out_modes)
+        if len(ranks) != len(full) or any(isinstance(r, bool) or int(r) != r or r < 1 for r in ranks):
+            raise ValueError(f"ranks={tuple(ranks)} must be {len(full)} positive int(s) for {self.format_name} with "
+                             f"out_modes={self.out_modes}, in_modes={self.in_modes} (full ranks {full}); "
+                             "resolve_structure gives valid ones")
         self._ranks = tuple(int(r) for r in ranks)
         #: this layer's strategy (None: the process-wide one, :func:`tensornets.set_strategy`)
         self.plan_strategy: str | None = None

@@ -42,6 +42,7 @@ class CP(EinsumFactorization):
     """
 
     format_name = "cp"
+    seeded_decomposition = True
     default_num_cores = 2
 
     def __init__(self, in_features: int, out_features: int, *, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> None:
