@@ -52,8 +52,59 @@ def _column(dataset, file: Path, flag: str) -> str:
                      "column named 'text'")
 
 
+def _documents(files: list[Path], builder: str, flag: str) -> list[str]:
+    """The non-empty documents of ``files`` (all read by ``builder``), read in one ``load_dataset`` call.
+
+    The error names ``files[0]``: :func:`load_texts` passes several files only where it retries them one by one,
+    and it is for that retry that ``datasets``' own error log is silenced while several files are read.
+    """
+    from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
+
+    file = files[0]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    verbosity = datasets_logging.get_verbosity()
+    if len(files) > 1:
+        datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as err:  # noqa: BLE001 - any parse failure: report it against the flag
+        raise ValueError(f"{flag} {str(file)!r}: could not be read as {builder} ({type(err).__name__}: "
+                         f"{err})") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+    if dataset.num_rows == 0:
+        return []
+    column = _column(dataset, file, flag)
+    values = dataset[column]
+    if not any(isinstance(t, str) for t in values) and any(t is not None for t in values):
+        kind = type(next(t for t in values if t is not None)).__name__
+        raise ValueError(f"{flag} {str(file)!r}: column {column!r} holds no strings ({kind} values); store "
+                         "the documents as text")
+    return [t for t in values if isinstance(t, str) and t.strip()]
+
+
+def _runs(files: list[Path]) -> list[tuple[str, list[Path]]]:
+    """Consecutive files of one ``datasets`` builder, in order, empty files left out (they hold no text, and
+    ``datasets``' json reader fails on them)."""
+    runs: list[tuple[str, list[Path]]] = []
+    for file in files:
+        if file.stat().st_size == 0:
+            continue
+        builder = DATA_SUFFIXES[file.suffix.lower()]
+        if runs and runs[-1][0] == builder:
+            runs[-1][1].append(file)
+        else:
+            runs.append((builder, [file]))
+    return runs
+
+
 def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]:
     """The documents of ``path``, in file order, then row order: one string per text file or per row.
+
+    Consecutive files of one type are read in one ``load_dataset`` call: a directory of 200 small text files takes
+    0.5 s that way, 32 s with one call per file. Where such a call fails (files whose columns differ, a file that
+    does not parse), the files are read one by one, so each keeps its own text column and an error names its file.
 
     Parameters:
         path: a ``.txt`` / ``.text`` / ``.md``, ``.jsonl`` / ``.json`` or ``.parquet`` file, or a directory of them.
@@ -66,7 +117,6 @@ def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]
         ValueError: unsupported file type, missing path, a JSON / Parquet file without a text column, or no text
             at all.
     """
-    from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     files = _files(Path(path).expanduser(), flag)
@@ -74,25 +124,14 @@ def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]
     bars = is_progress_bar_enabled()
     disable_progress_bar()
     try:
-        for file in files:
-            builder = DATA_SUFFIXES[file.suffix.lower()]
-            if file.stat().st_size == 0:
-                continue  # an empty file holds no text (datasets' json reader fails on it); "no text" below if none has
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
+        for builder, run in _runs(files):
             try:
-                dataset = load_dataset(builder, data_files=[str(file)], split="train", **kwargs)
-            except Exception as err:  # noqa: BLE001 - any parse failure: report it against the flag
-                raise ValueError(f"{flag} {str(file)!r}: could not be read as {builder} ({type(err).__name__}: "
-                                 f"{err})") from None
-            if dataset.num_rows == 0:
-                continue
-            column = _column(dataset, file, flag)
-            values = dataset[column]
-            if not any(isinstance(t, str) for t in values) and any(t is not None for t in values):
-                kind = type(next(t for t in values if t is not None)).__name__
-                raise ValueError(f"{flag} {str(file)!r}: column {column!r} holds no strings ({kind} values); store "
-                                 "the documents as text")
-            texts.extend(t for t in values if isinstance(t, str) and t.strip())
+                texts.extend(_documents(run, builder, flag))
+            except ValueError:
+                if len(run) == 1:
+                    raise
+                for file in run:
+                    texts.extend(_documents([file], builder, flag))
     finally:
         if bars:
             enable_progress_bar()

@@ -41,6 +41,35 @@ def test_text_jsonl_parquet_and_directories(tmp_path):
     assert load_texts(tmp_path) == ["line one\nline two\n", "first row", "third row", "parquet text"]
 
 
+def test_files_of_one_type_are_read_together_and_mixed_columns_one_by_one(tmp_path, monkeypatch, capfd):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    calls = []
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(k["data_files"]) or load(*a, **k))
+    documents = [_words(20, seed) + "\n\nsecond paragraph\n" for seed in range(12)]
+    for i, text in enumerate(documents):
+        (tmp_path / f"doc{i:02d}.txt").write_text(text)
+    (tmp_path / "e1.jsonl").write_text(json.dumps({"text": "json one"}) + "\n" + json.dumps({"text": "json two"}) + "\n")
+    (tmp_path / "e2.jsonl").write_text(json.dumps({"text": "json three"}) + "\n")
+    assert load_texts(tmp_path) == documents + ["json one", "json two", "json three"]  # every file, in path order
+    assert [len(files) for files in calls] == [12, 2]  # one load per run of one type
+
+    # files whose columns differ: read one by one, each with its own text column, and datasets' error log silenced
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    pq.write_table(pa.table({"text": ["a"]}), mixed / "a.parquet")
+    pq.write_table(pa.table({"body": ["b"], "n": [1]}), mixed / "b.parquet")
+    pq.write_table(pa.table({"text": ["c"], "title": ["t"]}), mixed / "c.parquet")
+    capfd.readouterr()
+    calls.clear()
+    assert load_texts(mixed) == ["a", "b", "c"]
+    assert [len(files) for files in calls] == [3, 1, 1, 1]
+    assert "Failed to read" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--calib-data", "--eval-data"])
 def test_data_without_text_names_the_flag(tmp_path, flag):
     (tmp_path / "empty.txt").write_text("  \n")
