@@ -8,7 +8,10 @@ minimises the output error ``‖(W − Ŵ) X‖_F`` on the calibration inputs (`
 Group grids, the two conventions of the reference implementation:
 
 - ``act_order=False``: groups of ``group_size`` consecutive columns; a group's grid is computed when the sweep
-  reaches its first column, from the weights as updated by the columns before it (the reference's default).
+  reaches its first column, from the group's columns as updated by every column before it: exact column-by-column
+  GPTQ, independent of ``block_size``. The reference (IST-DASLab ``fasterquant``, and AutoGPTQ after it) reads the
+  group's columns before the updates of the current lazy block reach them, so where ``group_size < block_size``
+  its grids and codes differ from these (neither objective is consistently lower).
 - ``act_order=True`` (``desc_act``): columns are swept in order of decreasing ``H_ii`` (the most active inputs
   first), with **static groups**: every group's grid is computed up front from the original weights, groups being
   consecutive *original* columns. The result is an ordinary group-wise :class:`~compress.quantized.QuantizedWeight`
@@ -44,7 +47,7 @@ def gptq_quantize(
     group_size: int | None = 128,
     *,
     symmetric: bool = False,
-    act_order: bool = False,
+    act_order: bool = True,
     percdamp: float = 0.01,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float32,
@@ -71,7 +74,8 @@ def gptq_quantize(
     symmetric : bool
         Symmetric grid (zero point 0).
     act_order : bool
-        Sweep columns by decreasing ``H_ii`` with static groups (see the module docstring).
+        Sweep columns by decreasing ``H_ii`` with static groups (see the module docstring), as
+        ``CompressionConfig(act_order=True)`` and llm-compressor do by default. ``False``: the original column order.
     percdamp : float
         Damping ``λ = percdamp · mean(diag H)`` added to the diagonal (reference: 0.01).
     block_size : int

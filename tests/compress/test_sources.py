@@ -1,5 +1,7 @@
 """RTN fake quantization and magnitude pruning."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -132,3 +134,16 @@ def test_scales_the_scale_dtype_cannot_hold_are_refused(magnitude):
         rtn_quantize_weight(W, bits=4, group_size=32, scale_dtype=torch.float16)
     q = rtn_quantize_weight(W, bits=4, group_size=32, scale_dtype=torch.bfloat16)
     assert torch.isfinite(q.dequantize()).all() and relative_error(q.dequantize(), W) < 0.2
+
+
+def test_subnormal_scales_warn():
+    # float16 scales of 5e-7 weights are subnormal: kept, but the groups quantize measurably worse than in float32
+    torch.manual_seed(0)
+    W = torch.randn(64, 128) * 5e-7
+    with pytest.warns(UserWarning, match=r"quantization scale\(s\) .* are subnormal in scale_dtype=torch.float16"):
+        half = rtn_quantize_weight(W, bits=4, group_size=32, scale_dtype=torch.float16)
+    full = rtn_quantize_weight(W, bits=4, group_size=32, scale_dtype=torch.float32)
+    assert relative_error(half.dequantize(), W) > 1.2 * relative_error(full.dequantize(), W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rtn_quantize_weight(W * 1e4, bits=4, group_size=32, scale_dtype=torch.float16)  # normal scales: no warning
