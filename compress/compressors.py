@@ -75,7 +75,8 @@ class Compressor:
         parameters: parameter count of a compressed layer's weight, ``(layer, config) -> int`` (the layer after
             compression: the original one with its new weight, or the replacement).
         storage_bits: bits to store a compressed layer's weight, ``(shape, parameters, config) -> float``
-            (values at 16 bits unless quantized; scales, zero points and sparsity metadata included).
+            (values at 16 bits unless quantized; 16-bit scales, packed zero points and sparsity metadata
+            included).
         label: human description of the setting, ``config -> str`` (``"gptq 3-bit, group 64, act-order"``).
         spectrum: for global rank allocation (``allocation="global"``), the squared weighted singular values of a
             layer, ``LayerJob -> (k,) tensor``; ``None`` when the method has no rank to allocate.

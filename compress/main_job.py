@@ -40,7 +40,7 @@ the special tokens the tokenizer adds by default (a BOS token for Llama-style to
 Why 3-bit RTN (g64) of every block linear + EoRA r=64 as the default (measured on SmolLM2, 4096 held-out tokens,
 dense ppl 13.5): RTN leaves dense ``nn.Linear`` layers, so the residual exports as a standard PEFT LoRA adapter,
 and 3-bit RTN loses enough (ppl 38.5) for compensation to matter; EoRA brings it to 16.5 (81 % of the log-ppl gap
-closed; block pipeline, bfloat16 storage; 16.7 on the earlier whole-model float32 path) while the targeted weights shrink from 212 MB (16-bit) to 46 MB + a 39 MB adapter. Alternatives measured:
+closed; block pipeline, bfloat16 storage; 16.7 on the earlier whole-model float32 path) while the targeted weights shrink from 212 MB (16-bit) to 44 MB + a 39 MB adapter. Alternatives measured:
 2:4 pruning of the MLP goes 476 -> 21 with EoRA r=64 (a bigger rescue, but a worse end point and only ~30 %
 smaller); whitened SVD keeping 80 % of the MLP goes 47.5 -> 34.9 -- on an activation-aware factorization EoRA
 in the same whitened metric only adds the next ``r`` singular directions (the same as a larger rank), and

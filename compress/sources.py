@@ -320,11 +320,12 @@ def prune_magnitude(W: torch.Tensor, sparsity: float = 0.5) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- registry entries
 def quantized_storage_bits(shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool) -> float:
-    """Bits of a packed group-quantized ``(out, in)`` weight: ``bits`` per code plus a 16-bit scale (and a 16-bit
-    zero point when asymmetric) per group."""
+    """Bits of a packed group-quantized ``(out, in)`` weight as :func:`compress.export.save_hf_directory` writes it
+    in a 16-bit dtype: ``bits`` per code, and per group a 16-bit scale and, when asymmetric, a zero point packed at
+    ``bits`` bits (compressed-tensors' ``pack-quantized`` layout)."""
     out_f, in_f = shape
     groups = out_f * math.ceil(in_f / min(group_size or in_f, in_f))
-    return out_f * in_f * bits + groups * (16 if symmetric else 32)
+    return out_f * in_f * bits + groups * (16 if symmetric else 16 + bits)
 
 
 def check_quantizer_options(config: CompressionConfig) -> None:

@@ -90,8 +90,9 @@ class CompressionReport:
     @property
     def storage_bits(self) -> float:
         """Bits to store the target layers' weights after compression, by the compressor's count: 16-bit values
-        unless quantized, with scales, zero points and sparsity metadata (what ``keep`` does not show for
-        quantizers, which keep every parameter)."""
+        unless quantized, with 16-bit scales and packed zero points (what ``keep`` does not show for quantizers,
+        which keep every parameter). Pruned weights are counted in a sparse layout (kept values and their
+        positions), which is not what the checkpoint writers store: they write them dense."""
         return sum(self.config.compressor.storage_bits(r.shape, r.params_after, self.config) for r in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,8 +121,11 @@ class CompressionReport:
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
     def __str__(self) -> str:
-        storage = (f"; stored in {_fmt_bytes(self.storage_bits / 8)}, {self.storage_bits / self.params_before:.2f} "
-                   f"bits per weight (16-bit: {_fmt_bytes(2 * self.params_before)})")
+        pruned = self.config.compressor.kind == "dense" and self.keep < 1.0
+        layout = ("in a sparse layout (kept values and their positions; the checkpoint writers store pruned weights "
+                  "dense)") if pruned else "with 16-bit values and scales"
+        storage = (f"; {_fmt_bytes(self.storage_bits / 8)} stored {layout}, {self.storage_bits / self.params_before:.2f} "
+                   f"bits per weight (dense 16-bit: {_fmt_bytes(2 * self.params_before)})")
         return (f"{self.config.method}: kept {self.keep:.3f} of {self.params_before} target parameters{storage}\n"
                 f"{self.table()}")
 

@@ -471,8 +471,8 @@ def test_gptq_with_eora_exports_an_adapter_and_beats_rtn(tiny_model_dir, tmp_pat
     rtn = cli_main_summary(["--model-path", str(tiny_model_dir), "--method", "rtn", "--bits", "3", "--group-size", "16",
                             "--eora-rank", "4", *SMALL])
     assert err["compressed_mean"] < rtn["rel_output_error"]["compressed_mean"]
-    # 3-bit codes + a 16-bit scale and zero point per 16 weights: 5 bits per weight
-    assert gptq["storage_16bit"]["compressed_mb"] == pytest.approx(gptq["params"]["targets_before"] * 5 / 8e6)
+    # 3-bit codes + a 16-bit scale and a 3-bit zero point per 16 weights
+    assert gptq["storage_16bit"]["compressed_mb"] == pytest.approx(gptq["params"]["targets_before"] * (3 + 19 / 16) / 8e6)
 
     from transformers import AutoTokenizer
 

@@ -54,13 +54,13 @@ def test_a_new_compressor_is_one_register_call(monkeypatch):
 @pytest.mark.parametrize(
     ("config", "bits_per_weight"),
     [
-        (dict(method="rtn", bits=3, group_size=64), 3 + 32 / 64),
+        (dict(method="rtn", bits=3, group_size=64), 3 + (16 + 3) / 64),  # zero points packed at 3 bits
         (dict(method="gptq", bits=4, group_size=32, symmetric=True), 4 + 16 / 32),
         (dict(method="2:4"), (16 + 2) / 2),
         (dict(method="magnitude", sparsity=0.75), 16 * 0.25 + 1),
         (dict(method="sparsegpt", pattern="2:4"), (16 + 2) / 2),
-        (dict(method="sparsegpt", pattern="2:4", sparse_bits=4, group_size=64), (4 + 2) / 2 + 32 / 64),
-        (dict(method="sparsegpt", sparsity=0.5, sparse_bits=3, group_size=128), 3 * 0.5 + 1 + 32 / 128),
+        (dict(method="sparsegpt", pattern="2:4", sparse_bits=4, group_size=64), (4 + 2) / 2 + (16 + 4) / 64),
+        (dict(method="sparsegpt", sparsity=0.5, sparse_bits=3, group_size=128), 3 * 0.5 + 1 + (16 + 3) / 128),
         (dict(method="whitened_svd", keep=0.5), 16 * 0.5),
     ],
 )

@@ -168,6 +168,25 @@ def test_directory_layout_tied_embeddings_and_config(tmp_path):
     assert not hasattr(model.config, "quantization_config")
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric", [(3, 32, False), (4, 16, True), (2, None, False)])
+def test_the_reports_storage_is_what_the_export_writes(tmp_path, bits, group_size, symmetric):
+    from compress import CompressionConfig, compress_model
+
+    model = tiny_llama()
+    config = CompressionConfig(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric,
+                               scale_dtype=torch.bfloat16, target_modules="all-linear")
+    report = compress_model(model, config, inplace=True, progress=False)
+    save_hf_directory(model, tmp_path, quantized=report.quantized)
+    written = 0
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for name in report.quantized:
+            for part in ("weight_packed", "weight_scale", "weight_zero_point"):
+                if f"{name}.{part}" in f.keys():
+                    t = f.get_tensor(f"{name}.{part}")
+                    written += 8 * t.numel() * t.element_size()
+    assert len(report.quantized) == 14 and written == report.storage_bits
+
+
 def test_a_resave_into_the_same_directory_leaves_no_stale_weights(tmp_path):
     # one file, then shards, then one file again: each save must be what transformers loads
     from transformers import AutoModelForCausalLM

@@ -271,15 +271,19 @@ def test_bad_decompose_options(kw, error, match):
         CompressionConfig(keep=0.3, **kw)
 
 
-@pytest.mark.parametrize("kw,bits", [(dict(method="rtn", bits=4, group_size=32), 4 + 32 / 32),
+@pytest.mark.parametrize("kw,bits", [(dict(method="rtn", bits=4, group_size=32), 4 + (16 + 4) / 32),
                                      (dict(method="rtn", bits=3, group_size=None, symmetric=True), 3 + 16 / 64),
-                                     (dict(method="svd", keep=0.5), 0.5 * 16)])
+                                     (dict(method="svd", keep=0.5), 0.5 * 16),
+                                     (dict(method="magnitude", sparsity=0.5), 0.5 * 16 + 1)])
 def test_the_report_says_what_storing_the_weights_costs(kw, bits):
     # a quantizer keeps every parameter: "kept 1.000" alone said nothing about its size
     net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     report = compress_model(net, CompressionConfig(**kw), progress=False)
     assert report.storage_bits == bits * 2 * 64 * 64
-    assert f"{bits:.2f} bits per weight (16-bit: 16.4 kB)" in str(report).splitlines()[0]
+    first = str(report).splitlines()[0]
+    assert f"{bits:.2f} bits per weight (dense 16-bit: 16.4 kB)" in first
+    # pruned weights are counted sparse, which no checkpoint writer stores: the line says so
+    assert ("sparse layout" in first and "store pruned weights dense" in first) == (kw["method"] == "magnitude")
 
 
 def test_keep_one_warns_that_it_still_factorizes():
