@@ -8,17 +8,19 @@ give it as a product ``ΔW = B A``, so the export is exact and needs no SVD:
 method        ``lora_B``                     ``lora_A``                       rank
 ============  =============================  ===============================  ==============
 LoTR          ``s · A_group G_m``            ``B_group``                      ``r``
-LoRETTA-rep   ``s · M_B`` (contracted TT)    ``M_Aᵀ`` (contracted TT)         ``r``
+LoRETTA-rep   ``s · L_B K_B K_Aᵀ``           ``L_Aᵀ`` (TTs split at d | r)    ``min(r, R)``
 MoS           ``s · B_l`` (assembled)        ``A_l`` (assembled)              ``r``
 FLoRA linear  ``U_out``                      ``sG U_inᵀ``                     ``min(r_out, r_in)``
 FLoRA conv    ``U_out`` (a 1x1 conv)         ``sG ×_2 U_in ×_3 U_k1 ...``     ``r_out`` (×groups)
 ============  =============================  ===============================  ==============
 
 (each layer's ``lora_factors`` gives its pair; FLoRA swaps the roles when the in-side rank is
-the smaller one). The scale ``s`` is folded into ``lora_B`` and every LoRA layer gets
-``lora_alpha = rank``, so PEFT's ``scaling = lora_alpha / r`` is 1 everywhere, also for a loader
-that reads one global ``lora_alpha / r`` and ignores ``alpha_pattern`` (vLLM). Layers whose
-rank differs from the most common one go in ``rank_pattern`` / ``alpha_pattern``.
+the smaller one; LoRETTA-rep splits each train at the bond ``R`` between its ``d`` and ``r`` modes,
+``M = L K``, which caps the rank of ``ΔW``: see ``LoRETTARepLayer.lora_factors``). The scale ``s``
+is folded into ``lora_B`` and every LoRA layer gets ``lora_alpha = rank``, so PEFT's
+``scaling = lora_alpha / r`` is 1 everywhere, also for a loader that reads one global
+``lora_alpha / r`` and ignores ``alpha_pattern`` (vLLM). Layers whose rank differs from the most
+common one go in ``rank_pattern`` / ``alpha_pattern``.
 
 PEFT's own bridge, ``peft.tuners.lora.conversion.convert_to_lora(model, rank=r)``, also works
 on our linear layers (each declares ``supports_lora_conversion``); it takes an SVD of every

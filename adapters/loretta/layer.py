@@ -199,10 +199,31 @@ def _scaled_train_dense(tt: tensornets.TensorTrain, multiplier: float) -> torch.
     """
     if multiplier == 1.0:
         return tt.to_dense()
-    cores = list(tt.cores)  # μ_B != 1 only for a train with cores before its last (step_matched_init_)
-    per_core = multiplier ** (1.0 / (len(cores) - 1))
-    scaled = [per_core * core for core in cores[:-1]] + [cores[-1]]
-    return tt.dense_of(scaled)[: tt.out_features, : tt.in_features]
+    return tt.dense_of(_scaled_cores(tt, multiplier))[: tt.out_features, : tt.in_features]
+
+
+def _scaled_cores(tt: tensornets.TensorTrain, multiplier: float) -> list[torch.Tensor]:
+    """``tt``'s cores with ``multiplier^{1/(K-1)}`` on each core before the last (:func:`_scaled_train_dense`)."""
+    cores = list(tt.cores)
+    if multiplier == 1.0:
+        return cores
+    per_core = multiplier ** (1.0 / (len(cores) - 1))  # μ_B != 1 only for a train with cores before its last
+    return [per_core * core for core in cores[:-1]] + [cores[-1]]
+
+
+def _train_halves(tt: tensornets.TensorTrain, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, R)`` with ``multiplier · M = L R`` for the ``(d, k)`` matrix ``M`` of ``tt``: the cores of the ``d``
+    modes contracted into ``L: (d, R_c)``, those of the ``k`` modes into ``R: (R_c, k)``, ``R_c`` the bond between
+    them. Same matmul sweeps as ``TensorTrain.dense_of`` split at that bond."""
+    cores = _scaled_cores(tt, multiplier)
+    cut = len(tt.out_modes)
+    left = cores[0].reshape(-1, cores[0].shape[-1])
+    for core in cores[1:cut]:
+        left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+    right = cores[-1].reshape(cores[-1].shape[0], -1)
+    for core in reversed(cores[cut:-1]):
+        right = (core.reshape(-1, core.shape[-1]) @ right).reshape(core.shape[0], -1)
+    return left[: tt.out_features], right[:, : tt.in_features]
 
 
 @torch.no_grad()
@@ -377,13 +398,28 @@ class LoRETTARepLayer(DeltaLayer):
         return (x.to(m_a.dtype) @ m_a) @ (self.loretta_rep_scale[adapter_name] * m_b.T)
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact LoRA factors of ``ΔW``: the contracted trains ``(M_Aᵀ, s · M_B)``, in float64.
+        """Exact LoRA factors ``(A, B)`` of ``ΔW = B A`` at its structural rank ``ρ = min(r, R_A, R_B)``, in float64.
 
-        Shapes ``(r, d_in)`` and ``(d_out, r)``; their product is ``ΔW``, rank ``r``. The trains
-        are contracted in the adapter's dtype, as the forward contracts them.
+        Each train splits at the bond ``R`` between its ``d`` and its ``r`` modes, ``M = L K``
+        (``L: (d, R)``, ``K: (R, r)``), so ``ΔW = s L_B (K_B K_Aᵀ) L_Aᵀ`` has rank at most
+        ``min(r, R_A, R_B)`` (4 at the defaults ``r = 8``, ``tt_rank = 4``, where the contracted
+        trains ``(M_Aᵀ, s M_B)`` would be a rank-8 LoRA of twice the size). The pair is
+        ``(L_Aᵀ, s L_B K_B K_Aᵀ)`` when ``R_A`` is the smallest, ``(K_B K_Aᵀ L_Aᵀ, s L_B)`` when
+        ``R_B`` is, else ``(M_Aᵀ, s M_B)``. Shapes ``(ρ, d_in)`` and ``(d_out, ρ)``. The halves
+        are contracted in the adapter's dtype, as the forward contracts the trains, then
+        multiplied in float64.
         """
-        m_a, m_b = (t.detach().double() for t in self.factors(adapter_name))
-        return m_a.T.contiguous(), self.loretta_rep_scale[adapter_name] * m_b
+        scale = self.loretta_rep_scale[adapter_name]
+        left_a, right_a = (t.detach().double() for t in _train_halves(self.loretta_rep_A[adapter_name]))
+        left_b, right_b = (t.detach().double() for t in _train_halves(
+            self.loretta_rep_B[adapter_name], self.loretta_rep_multiplier[adapter_name]))
+        bond_a, bond_b, r = left_a.shape[1], left_b.shape[1], right_a.shape[1]
+        if r <= min(bond_a, bond_b):
+            return (left_a @ right_a).T.contiguous(), scale * (left_b @ right_b)
+        inner = right_b @ right_a.T  # (R_B, R_A)
+        if bond_a <= bond_b:
+            return left_a.T.contiguous(), scale * (left_b @ inner)
+        return inner @ left_a.T, scale * left_b
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """PEFT's ``convert_to_lora`` contract: ``ΔW`` is an additive ``(d_out, d_in)`` update of a linear layer."""

@@ -83,7 +83,7 @@ CASES = [
     ExportCase(
         "loretta-rep-train-norms",
         lambda: REP(r=4, tt_rank=3, target_modules=["query", "value"], train_norms=True),
-        ranks={"query": 4, "value": 4},
+        ranks={"query": 3, "value": 3},  # the bond between M_A's d and r modes caps ΔW's rank
     ),
     ExportCase(
         "mos", lambda: MOS(r=3, v=2, p=1, c=2, target_modules=["query", "value"]), ranks={"query": 3, "value": 3}
@@ -334,7 +334,7 @@ def test_to_lora_dtype(bert_dir: Path) -> None:
 
 _LINEAR_CASES = {
     "lotr": (lambda: LOTR(r=4, target_modules=["query", "value"]), 4),
-    "loretta-rep": (lambda: REP(r=4, tt_rank=3, target_modules=["query", "value"]), 4),
+    "loretta-rep": (lambda: REP(r=4, tt_rank=3, target_modules=["query", "value"]), 3),  # ΔW has rank tt_rank
     "mos": (lambda: MOS(r=3, v=2, p=1, c=2, target_modules=["query", "value"]), 3),
     "flora": (lambda: FLORA(r=[6, 3], target_modules=["query", "value"]), 3),
 }

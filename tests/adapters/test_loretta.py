@@ -146,6 +146,23 @@ def test_zero_init_gives_zero_delta_and_nonzero_gradients():
     assert layer.loretta_rep_B["default"].cores[-1].grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("r,tt_rank,out,rank", [(8, 4, 48, 4), (2, 4, 48, 2), (8, 4, 3, 3), (8, 4, 1, 1)])
+def test_lora_factors_have_the_structural_rank_and_give_delta_w(r, tt_rank, out, rank):
+    # rank = min(r, M_A's bond between its d and r modes, M_B's): tt_rank, r, or the 3- / 1-row output's bond
+    torch.manual_seed(0)
+    config = adapters.LoRETTARepConfig(r=r, tt_rank=tt_rank, dropout=0.0, target_modules=["0"])
+    layer = get_peft_model(nn.Sequential(nn.Linear(48, out)), config).base_model.model[0]
+    with torch.no_grad():
+        for param in layer.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    a, b = layer.lora_factors("default")
+    assert a.dtype == b.dtype == torch.float64 and a.shape == (rank, 48) and b.shape == (out, rank)
+    delta = layer.get_delta_weight("default").detach().double()  # contracted in float32
+    assert torch.linalg.matrix_rank(delta, rtol=1e-5) == rank
+    assert_close(b @ a, delta, tol=1e-6)
+
+
 def rep_layer(init_weights: str, d: int = 96, seed: int = 0) -> LoRETTARepLayer:
     torch.manual_seed(seed)
     config = adapters.LoRETTARepConfig(dropout=0.0, init_weights=init_weights, target_modules=["q"])
