@@ -102,8 +102,8 @@ def _runs(files: list[Path]) -> list[tuple[str, list[Path]]]:
 def load_texts(path: str | os.PathLike, flag: str = "--calib-data") -> list[str]:
     """The documents of ``path``, in file order, then row order: one string per text file or per row.
 
-    Consecutive files of one type are read in one ``load_dataset`` call: a directory of 200 small text files takes
-    0.5 s that way, 32 s with one call per file. Where such a call fails (files whose columns differ, a file that
+    Consecutive files of one type are read in one ``load_dataset`` call, since each call has a fixed cost of a
+    fraction of a second that a directory of many small files would pay per file. Where such a call fails (files whose columns differ, a file that
     does not parse), the files are read one by one, so each keeps its own text column and an error names its file.
 
     Parameters:
