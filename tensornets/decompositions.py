@@ -64,23 +64,29 @@ def _cast(obj, dtype: torch.dtype):
 
 
 def half_in_float32(function: Callable) -> Callable:
-    """Run ``function`` on a float16 / bfloat16 first argument in float32 and give its results back in that dtype.
+    """Run ``function`` on a float16 / bfloat16 first argument in float32 and give its results back in that dtype,
+    with ``torch.autocast`` off.
 
     LAPACK has no half-precision SVD (``"linalg_svd_cpu" not implemented for 'BFloat16'``), and one in half
-    precision would be inaccurate anyway; the decompositions compute in float32, as ``from_dense`` does.
+    precision would be inaccurate anyway; the decompositions compute in float32, as ``from_dense`` does. An
+    enclosing autocast region would run their products in its low precision and mix dtypes (``mode_product``:
+    "both inputs should have same dtype"), so it is switched off for the call.
     """
     first = next(iter(inspect.signature(function).parameters))  # "matrix" or "tensor", also passed by keyword
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         tensor = args[0] if args else kwargs.get(first)
-        if not (isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16)):
+        if not isinstance(tensor, torch.Tensor):
             return function(*args, **kwargs)
-        if args:
-            args = (tensor.float(), *args[1:])
-        else:
-            kwargs[first] = tensor.float()
-        return _cast(function(*args, **kwargs), tensor.dtype)
+        with torch.autocast(tensor.device.type, enabled=False):
+            if tensor.dtype not in (torch.float16, torch.bfloat16):
+                return function(*args, **kwargs)
+            if args:
+                args = (tensor.float(), *args[1:])
+            else:
+                kwargs[first] = tensor.float()
+            return _cast(function(*args, **kwargs), tensor.dtype)
     return wrapper
 
 

@@ -14,7 +14,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .bypassed import weight_recomputed
 from .decompositions import rank_for_keep, resolve_eps, resolve_keep
 from .formats import Factorization, LowRank, Tucker, get_format
-from .formats.base import _autocast_dtype_of, normalize_rank
+from .formats.base import _autocast_takes, normalize_rank
 from .init import init_factorization_
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "decompose"]
@@ -527,7 +527,7 @@ class FactorizedConv2d(nn.Module):
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (N, C_in, H, W) or (C_in, H, W) with "
                              f"C_in=in_channels={self.in_channels}")
         ref = next(self.factorization.parameters())
-        if x.dtype != ref.dtype and not _autocast_dtype_of(x):
+        if x.dtype != ref.dtype and not _autocast_takes(x):
             raise TypeError(f"x has dtype {x.dtype} but the conv's cores are {ref.dtype}; cast x or .to() the module")
         if x.device != ref.device:
             raise ValueError(f"x is on {x.device} but the conv's cores are on {ref.device}; move one of them")

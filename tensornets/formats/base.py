@@ -77,11 +77,12 @@ def traffic_weight(device_type: str) -> int:
     return TRAFFIC_WEIGHT.get(device_type, TRAFFIC_WEIGHT["cuda"])
 
 
-def _autocast_dtype_of(x: torch.Tensor) -> bool:
-    """Whether ``x`` is in the dtype ``torch.autocast`` computes in on its device (autocast on)."""
+def _autocast_takes(x: torch.Tensor) -> bool:
+    """Whether ``torch.autocast`` is on for ``x``'s device and casts ``x`` (a floating dtype other than float64,
+    as autocast's own eligibility rule): the products then run in the autocast dtype whatever the cores' dtype."""
     device = x.device.type
     return (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            and x.dtype == torch.get_autocast_dtype(device))
+            and x.is_floating_point() and x.dtype != torch.float64)
 
 
 def budget_limit(keep: float, in_features: int, out_features: int) -> int:
@@ -496,9 +497,9 @@ class Factorization(nn.Module, ABC):
                 f"x has shape {tuple(x.shape)}; its last dimension must be in_features={self.in_features}"
             )
         ref = next(self.parameters())
-        # under torch.autocast the products run in the autocast dtype whatever the cores' dtype, as for nn.Linear:
-        # activations already in that dtype (from an earlier autocast layer) are accepted
-        if x.dtype != ref.dtype and not _autocast_dtype_of(x):
+        # under torch.autocast the products run in the autocast dtype whatever the cores' and x's dtypes, as for
+        # nn.Linear: a float32 activation (from a norm autocast keeps in float32) reaches a bfloat16 layer
+        if x.dtype != ref.dtype and not _autocast_takes(x):
             raise TypeError(f"x has dtype {x.dtype} but the {self.format_name} cores are {ref.dtype}; cast x or .to() the module")
         if x.device != ref.device:
             raise ValueError(f"x is on {x.device} but the {self.format_name} cores are on {ref.device}; move one of them")

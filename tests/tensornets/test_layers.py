@@ -51,6 +51,23 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(format_case):
         layer(x.bfloat16())
 
 
+def test_autocast_takes_float32_activations_into_a_bfloat16_layer(format_case):
+    """A bfloat16 model under autocast gets float32 activations from the ops autocast keeps in float32 (norms,
+    softmax): ``nn.Linear`` takes them, and so does a factorized layer, with the same output dtype."""
+    fmt, kw = format_case
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT).bfloat16()
+    layer = FactorizedLinear.from_linear(linear, fmt, rank=full_rank(fmt, kw), **kw)
+    x = torch.randn(5, IN)
+    for xin in (x, x.half()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, expected = layer(xin), linear(xin)
+        assert y.dtype == expected.dtype == torch.bfloat16
+        assert_close(y.float(), expected.float(), tol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="cast x or .to"):
+        layer(x.double())  # autocast leaves float64 alone, and so does nn.Linear (a dtype error)
+
+
 def test_from_linear_keeps_no_bias_and_rejects_non_linear():
     layer = FactorizedLinear.from_linear(nn.Linear(IN, OUT, bias=False), "lowrank", rank=4)
     assert layer.bias is None
@@ -289,3 +306,20 @@ def test_conv_names_a_wrong_input():
     with pytest.raises(ValueError, match=r"C_in=in_channels=4"):
         conv(torch.randn(2, 5, 8, 8))
     assert conv(torch.randn(4, 8, 8)).shape == (6, 6, 6)  # unbatched, as nn.Conv2d
+    bf16 = nn.Conv2d(4, 6, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 activations into a bfloat16 conv, as nn.Conv2d
+        y = FactorizedConv2d.from_conv(bf16, "tucker", rank=2)(torch.randn(2, 4, 8, 8))
+        assert y.dtype == bf16(torch.randn(2, 4, 8, 8)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["lowrank", "tucker", "tt", "mpo", "btt", "cp"])
+def test_decomposing_inside_an_autocast_region_is_unaffected_by_it(fmt):
+    # a model converted inside its autocast training region: the decompositions run in float32 all the same
+    torch.manual_seed(0)
+    W = torch.randn(48, 64)
+    outside = tensornets.decompose(W, fmt, rank=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = tensornets.decompose(W, fmt, rank=2)
+        conv = FactorizedConv2d.from_conv(nn.Conv2d(4, 6, 3).bfloat16(), "tucker", rank=2)
+    assert all(torch.equal(a, b) for a, b in zip(outside.parameters(), inside.parameters()))
+    assert conv.factorization.core.dtype == torch.bfloat16
