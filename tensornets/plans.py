@@ -222,7 +222,9 @@ def set_strategy(strategy: str) -> None:
     """Set the process-wide strategy: ``"formula"`` (default), ``"measure"`` or a candidate name.
 
     Layers that set their own (:meth:`Factorization.set_strategy <tensornets.Factorization.set_strategy>`)
-    keep it. Takes effect at each layer's next forward (plans are cached per strategy).
+    keep it. A candidate name forces that plan in the layers whose format has it; the layers of other formats
+    choose by the formula, with a warning naming the format. Takes effect at each layer's next forward (plans are
+    cached per strategy).
     """
     global _strategy
     if check_strategy(strategy) is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
@@ -83,6 +84,13 @@ def _autocast_takes(x: torch.Tensor) -> bool:
     device = x.device.type
     return (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
             and x.is_floating_point() and x.dtype != torch.float64)
+
+
+def _warn_strategy_not_a_plan(strategy: str, format_name: str, names: list[str]) -> None:
+    # the same text for every layer of a format: Python's warning registry shows it once
+    warnings.warn(f"tensornets.set_strategy({strategy!r}): {format_name} has no such plan (its plans are "
+                  f"{list(names)}), so its layers choose by the formula; force a plan per layer with "
+                  "layer.factorization.set_strategy(...)", UserWarning, stacklevel=4)
 
 
 def budget_limit(keep: float, in_features: int, out_features: int) -> int:
@@ -351,6 +359,9 @@ class Factorization(nn.Module, ABC):
         forced = [c for c in self._candidates(bucket) if c.name == strategy]
         if not forced:
             names = sorted({c.name for c in self._candidates(bucket)})
+            if self.plan_strategy is None:  # the process-wide choice: it forces the formats that have that plan
+                _warn_strategy_not_a_plan(strategy, self.format_name, names)
+                return cheapest(self._candidates(bucket), weight, grad=grad)
             raise ValueError(f"strategy={strategy!r} is not a plan of {self.format_name}; its plans are {names}")
         return cheapest(forced, weight, grad=grad)
 

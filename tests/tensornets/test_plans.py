@@ -80,6 +80,23 @@ def test_strategy_settings_global_and_per_layer():
         tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "lowrank", rank=3).set_strategy("split").strategy(1)
 
 
+def test_a_global_plan_forces_the_formats_that_have_it_and_the_others_warn():
+    # a model mixing formats: "split" is an MPO plan only; the low-rank and TT layers choose by the formula
+    torch.manual_seed(0)
+    mpo = tensornets.FactorizedLinear.create(64, 64, "mpo", rank=4, num_cores=2)
+    others = [tensornets.FactorizedLinear.create(64, 64, fmt, rank=4) for fmt in ("lowrank", "tt")]
+    formula = [layer.factorization.strategy(8) for layer in others]
+    tensornets.set_strategy("split")
+    x = torch.randn(8, 64)
+    with pytest.warns(UserWarning, match=r"set_strategy\('split'\): lowrank has no such plan .*choose by the formula"):
+        for layer in (mpo, *others):
+            assert torch.isfinite(layer(x)).all()
+    assert mpo.factorization.strategy(8) == "split"
+    assert [layer.factorization.strategy(8) for layer in others] == formula
+    with pytest.raises(ValueError, match="not a plan of lowrank"):  # a layer's own choice is still checked
+        others[0].factorization.set_strategy("split")
+
+
 def test_wisdom_round_trips(wisdom_file):
     assert wisdom.lookup("k") is None and not wisdom_file.exists()
     wisdom.record("k", "split@2", {"rebuild": 2.0, "split@2": 1.0})
