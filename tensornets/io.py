@@ -8,6 +8,7 @@ with ``strict=True``: nothing is unpickled, and the round trip is bitwise exact.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,22 @@ def build_from_spec(manifest: dict[str, Any]) -> nn.Module:
 
 
 def save(module: nn.Module, path: str | Path) -> None:
-    """Write ``module`` (a factorized module) to ``path`` (``.safetensors``)."""
+    """Write ``module`` (a factorized module) to ``path`` (``.safetensors``).
+
+    Raises
+    ------
+    TypeError
+        ``path`` is not a str or path.
+    ValueError
+        ``path`` is a directory or its parent directory does not exist; tensors on the meta device.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}: pass the .safetensors file to write, as a str or pathlib.Path")
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"path={str(target)!r} is a directory; pass a file path such as {str(target / 'layer.safetensors')!r}")
+    if not target.parent.is_dir():
+        raise ValueError(f"path={str(target)!r}: its directory {str(target.parent)!r} does not exist; create it first")
     module = getattr(module, "_orig_mod", module)  # a torch.compile wrapper saves the module it holds
     manifest = {"version": _VERSION, **module_spec(module)}
     state = module.state_dict()
@@ -105,6 +121,10 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
         module = build_from_spec(manifest)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: its manifest describes no module this tensornets can build ({e!r}){redo}") from None
+    not_float = sorted(name for name, t in tensors.items() if not t.is_floating_point())
+    if not_float:
+        raise ValueError(f"{path}: tensors {not_float[:3]} are not floating point ({tensors[not_float[0]].dtype}); "
+                         f"a factorized module stores float cores{redo}")
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) == 1:
         module.to(dtype=dtypes.pop())
@@ -116,4 +136,8 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     except RuntimeError as e:
         why = " ".join(str(e).split())  # load_state_dict's message, on one line
         raise ValueError(f"{path}: its tensors do not fit the module its manifest describes ({why}){redo}") from None
+    # one dtype for the cores (a forward contracts them together); a bias may differ, as save writes it
+    core_dtypes = sorted({str(t.dtype) for name, t in tensors.items() if name.rsplit(".", 1)[-1] != "bias"})
+    if len(core_dtypes) > 1:
+        raise ValueError(f"{path}: its cores mix dtypes {core_dtypes}, which no forward can contract{redo}")
     return module

@@ -114,7 +114,11 @@ def _rewrite(path, edit_tensors=None, edit_manifest=None) -> None:
     (lambda p: _rewrite(p, edit_tensors=lambda t: t.update(stray=torch.zeros(1))), "do not fit .*stray"),
     (lambda p: _rewrite(p, edit_tensors=lambda t: t.update(
         {k: torch.zeros(1) for k in list(t)[:1]})), "do not fit .*size mismatch"),
-], ids=["truncated", "not-json", "not-object", "no-kind", "extra-tensor", "wrong-shape"])
+    (lambda p: _rewrite(p, edit_tensors=lambda t: t.update(
+        {k: t[k].float() for k in list(t)[:1]})), r"cores mix dtypes \['torch.float32', 'torch.float64'\]"),
+    (lambda p: _rewrite(p, edit_tensors=lambda t: t.update(
+        {k: v.to(torch.int32) for k, v in t.items()})), "are not floating point"),
+], ids=["truncated", "not-json", "not-object", "no-kind", "extra-tensor", "wrong-shape", "mixed-dtypes", "int"])
 def test_damaged_files_name_the_file(tmp_path, damage, match):
     path = tmp_path / "f.safetensors"
     tensornets.save(tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "tt", rank=3, num_cores=2), path)
@@ -133,3 +137,13 @@ def test_compiled_layers_save_as_their_module_and_meta_layers_are_refused(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), layer.state_dict().values()))
     with pytest.raises(ValueError, match="meta device"):
         tensornets.save(layer.to("meta"), tmp_path / "meta.safetensors")
+
+
+def test_save_names_a_path_it_cannot_write(tmp_path):
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "tt", rank=3, num_cores=2)
+    with pytest.raises(TypeError, match="path=None: pass the .safetensors file"):
+        tensornets.save(fact, None)
+    with pytest.raises(ValueError, match="is a directory; pass a file path"):
+        tensornets.save(fact, tmp_path)
+    with pytest.raises(ValueError, match="does not exist; create it first"):
+        tensornets.save(fact, tmp_path / "missing" / "f.safetensors")
