@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -119,6 +120,7 @@ class CompressionConfig:
     device: str | None = field(default=None, metadata={"help": "where each layer is processed (default: its own device)"})
 
     def __post_init__(self) -> None:
+        self._check_scalar_types()
         if not isinstance(self.scale_dtype, torch.dtype) or not self.scale_dtype.is_floating_point:
             raise TypeError(f"scale_dtype={self.scale_dtype!r} must be a floating torch dtype (torch.bfloat16, "
                             "torch.float16 or torch.float32)")
@@ -164,8 +166,11 @@ class CompressionConfig:
             if name == "eps" and value is None:
                 continue
             # NaN passed every comparison and surfaced later as a misleading statistics error
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if not 0 <= value < math.inf:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if self.eps is not None and self.eps >= 1:  # a cutoff at λ_max drops every direction: "C = 0" later
+            raise ValueError(f"eps={self.eps} must be < 1: it is the eigenvalue cutoff relative to the largest "
+                             "(default float32's resolution, 1.2e-7)")
         unused = self._unused_options()
         if unused:
             settings = ", ".join(f"{n}={getattr(self, n)!r}" for n in unused)
@@ -175,6 +180,21 @@ class CompressionConfig:
                              f"reads {them}")
         if self.compressor.validate is not None:
             self.compressor.validate(self)
+
+    def _check_scalar_types(self) -> None:
+        """Every ``bool`` / ``int`` / ``float`` field (``| None`` where declared) holds that type: a string
+        ``'no'`` is truthy, ``True`` compares as 1 and ``2.5`` as a rank slices nothing, all far from here."""
+        kinds = {"bool": (bool,), "int": (numbers.Integral,), "float": (numbers.Real,)}
+        for f in dataclasses.fields(self):
+            declared = [part.strip() for part in str(f.type).split("|")]
+            kind = next((k for k in declared if k in kinds), None)
+            value = getattr(self, f.name)
+            if kind is None or (value is None and "None" in declared):
+                continue
+            if isinstance(value, kinds[kind]) and (kind == "bool") == isinstance(value, bool):
+                continue
+            expected = {"bool": "True or False", "int": "an int", "float": "a number"}[kind]
+            raise TypeError(f"{f.name}={value!r} must be {expected}" + (" or None" if "None" in declared else ""))
 
     def _unused_options(self) -> list[str]:
         """The options set away from their defaults that this config does not read: method options outside

@@ -243,6 +243,9 @@ def rtn_quantize_weight(
     if W.dim() != 2:
         raise ValueError(f"W must be a (out, in) matrix, got shape {tuple(W.shape)}")
     check_finite_weight(W)
+    if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
+        raise TypeError(f"scale_dtype={scale_dtype!r} must be a floating torch dtype (torch.bfloat16, torch.float16 or "
+                        "torch.float32)")
     out_f, in_f = W.shape
     g = resolve_group_size(group_size, in_f)
     groups = W.float().reshape(-1, g)
@@ -289,6 +292,7 @@ def prune_2_4(W: torch.Tensor) -> torch.Tensor:
             f"2:4 pruning needs a (out, in) weight with in divisible by 4, got shape {tuple(W.shape)}; "
             "exclude this layer or use method='magnitude'"
         )
+    check_finite_weight(W)  # a NaN sorts anywhere: it would be kept or dropped at random
     groups = W.reshape(W.shape[0], -1, 4)
     keep = groups.abs().topk(2, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
@@ -307,6 +311,7 @@ def prune_magnitude(W: torch.Tensor, sparsity: float = 0.5) -> torch.Tensor:
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1): the fraction of weights set to zero")
+    check_finite_weight(W)
     k = round(sparsity * W.numel())
     if k == 0:
         return W.clone()

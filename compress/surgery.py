@@ -207,6 +207,11 @@ def compress_model(
     by :class:`tensornets.FactorizedConv2d`; dense methods (``rtn``, ``gptq``, ``2:4``, ``magnitude``,
     ``sparsegpt``) overwrite the dense weights.
     """
+    if not isinstance(inplace, bool):  # a string 'no' is truthy: the caller's model would be compressed
+        raise TypeError(f"inplace={inplace!r} must be True or False")
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config={config!r} must be a CompressionConfig: compress_model(model, "
+                        "CompressionConfig(method='rtn', bits=4))")
     if config.needs_stats and stats is None:
         raise ValueError(
             f"method={config.method!r}{' with whiten=True' if config.whiten else ''} needs activation statistics: "

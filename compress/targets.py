@@ -172,6 +172,12 @@ def find_targets(
                 isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(e, str) for e in spec)):
             raise TypeError(f"{argument}={spec!r} must be a list of module names (['q_proj', 'v_proj']), a regex "
                             "string or 'all-linear'")
+        if isinstance(spec, str) and spec != "all-linear":
+            try:
+                re.compile(spec)
+            except re.error as err:
+                raise ValueError(f"{argument}={spec!r} is not a valid regular expression ({err}); fix it, or pass a "
+                                 "list of module names (['q_proj', 'v_proj'])") from None
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         head = _output_layer_name(model)
         found = {

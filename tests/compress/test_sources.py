@@ -147,3 +147,13 @@ def test_subnormal_scales_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rtn_quantize_weight(W * 1e4, bits=4, group_size=32, scale_dtype=torch.float16)  # normal scales: no warning
+
+
+def test_pruning_refuses_nan_and_quantizers_a_dtype_name():
+    W = torch.randn(4, 8)
+    W[1, 2] = float("nan")  # a NaN sorts anywhere: it was kept or dropped at random, silently
+    for prune in (prune_2_4, lambda w: prune_magnitude(w, 0.5)):
+        with pytest.raises(ValueError, match="contains NaN or inf"):
+            prune(W)
+    with pytest.raises(TypeError, match="scale_dtype='float16' must be a floating torch dtype"):
+        rtn_quantize_weight(torch.randn(4, 8), 4, 8, scale_dtype="float16")

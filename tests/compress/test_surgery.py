@@ -78,6 +78,9 @@ def test_bad_targets_name_the_problem():
         find_targets(model, ["up_proj"], exclude_modules=["up_proj"])
     with pytest.raises(TypeError, match=r"target_modules=5 must be a list of module names"):
         find_targets(model, 5)
+    for argument, spec in (("target_modules", ".*(q|k"), ("exclude_modules", "[up")):
+        with pytest.raises(ValueError, match=rf"{argument}='.*' is not a valid regular expression \(.*\); fix it"):
+            find_targets(model, **{argument: spec})
     with pytest.raises(ValueError, match=r"a string is a regex over the full module name; .* pass a list: "
                                          r"\['down_proj'\]"):
         find_targets(model, "down_proj")
@@ -440,17 +443,44 @@ def test_inplace_modifies_the_given_model(mlp_setup):
     (dict(method="gptq", percdamp=float("inf")), "percdamp=inf must be a finite number >= 0"),
     (dict(method="sparsegpt", pattern="4:2"), "pattern='4:2' must be 'unstructured' or 'N:M'"),
     (dict(method="sparsegpt", sparse_bits=1), r"sparse_bits=1 must be an int in \[2, 8\]"),
-    (dict(method="sparsegpt", sparse_bits=4.0), r"sparse_bits=4.0 must be an int in \[2, 8\]"),
     (dict(method="sparsegpt", pattern="2:4", sparsity=0.7), "sparsity=0.7 contradicts pattern='2:4'"),
     (dict(method="magnitude", sparsity=1.0), r"sparsity=1.0 must be in \[0, 1\)"),
     # NaN passed every comparison and surfaced as "recollect the statistics" / "inputs all zero"
     (dict(method="asvd", keep=0.5, alpha=float("nan")), "alpha=nan must be a finite number >= 0"),
     (dict(keep=0.5, ridge=float("nan")), "ridge=nan must be a finite number >= 0"),
     (dict(keep=0.5, eps=float("nan")), "eps=nan must be a finite number >= 0"),
+    (dict(keep=0.5, eps=1.0), "eps=1.0 must be < 1: it is the eigenvalue cutoff relative to the largest"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         CompressionConfig(**{"method": "whitened_svd", **kw})
+
+
+@pytest.mark.parametrize("kw,match", [
+    # a string is truthy, True compares as 1, 2.5 as a rank slices nothing: each surfaced far from here, or never
+    (dict(method="rtn", symmetric="no"), "symmetric='no' must be True or False"),
+    (dict(method="gptq", act_order="no"), "act_order='no' must be True or False"),
+    (dict(method="tucker", keep=0.5, whiten=1), "whiten=1 must be True or False"),
+    (dict(keep=True), "keep=True must be a number or None"),
+    (dict(energy=True), "energy=True must be a number or None"),
+    (dict(keep="0.5"), "keep='0.5' must be a number or None"),
+    (dict(keep=0.5, allocation="global", min_rank=2.5), "min_rank=2.5 must be an int"),
+    (dict(method="sparsegpt", sparse_bits=4.0), "sparse_bits=4.0 must be an int or None"),
+    (dict(method="rtn", group_size=True), "group_size=True must be an int or None"),
+])
+def test_config_options_of_the_wrong_type(kw, match):
+    with pytest.raises(TypeError, match=match):
+        CompressionConfig(**{"method": "whitened_svd", **kw})
+
+
+def test_compress_model_arguments_of_the_wrong_type():
+    net = nn.Sequential(nn.Linear(8, 8))
+    before = net[0].weight.detach().clone()
+    with pytest.raises(TypeError, match="inplace='no' must be True or False"):
+        compress_model(net, CompressionConfig(method="rtn", group_size=None), inplace="no", progress=False)
+    with pytest.raises(TypeError, match="config=.* must be a CompressionConfig"):
+        compress_model(net, {"method": "rtn"}, progress=False)
+    assert torch.equal(net[0].weight, before)
 
 
 @pytest.mark.parametrize("kw", [
