@@ -32,15 +32,21 @@ __all__ = [
 def resolve_ranks(r: int | list[int], modes: Sequence[int], layer_name: str) -> tuple[int, ...]:
     """Explicit per-mode Tucker ranks for a weight with mode sizes ``modes``.
 
-    An int ``r`` gives ``min(r, d_k)`` for every mode (a Tucker rank cannot exceed its mode);
+    An int ``r`` gives ``min(r, d_k)`` for every mode (a Tucker rank cannot exceed its mode: a conv's
+    3 x 3 kernel modes keep rank 3 under ``r = 8``), and must fit at least one mode;
     a list must have one entry per mode, each at most that mode's size.
 
     Raises
     ------
     ValueError
-        If a list has the wrong length or an entry above its mode size.
+        If an int exceeds every mode, a list has the wrong length or an entry above its mode size.
     """
     if isinstance(r, int):
+        if r > max(modes):
+            raise ValueError(
+                f"r={r} exceeds every mode of layer {layer_name!r} (weight modes {tuple(modes)}): the update would be "
+                f"the full weight; pass r<={max(modes)}, or leave the layer out of target_modules"
+            )
         return tuple(min(r, d) for d in modes)
     if len(r) != len(modes):
         raise ValueError(

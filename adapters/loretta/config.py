@@ -23,6 +23,11 @@ PEFT_TYPE_ADP = PeftMethodType("LORETTA_ADP")
 _REP_INITS = ("lora_rate", "zero", "paper")
 
 
+def _check_bool(value: object, name: str) -> None:
+    if not isinstance(value, bool):  # a string "no" is truthy
+        raise TypeError(f"{name}={value!r} must be True or False")
+
+
 def _check_positive_int(value: object, name: str, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive int, e.g. {example}")
@@ -77,6 +82,7 @@ class LoRETTABaseConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_bool(self.train_norms, "train_norms")
         _check_positive_int(self.tt_rank, "tt_rank", "tt_rank=5")
         if self.num_modes is not None:
             _check_positive_int(self.num_modes, "num_modes", "num_modes=3 (or None for the fewest parameters)")
@@ -195,4 +201,5 @@ class LoRETTAAdpConfig(LoRETTABaseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE_ADP
+        _check_bool(self.learn_scale, "learn_scale")
         _check_positive_int(self.bottleneck, "bottleneck", "bottleneck=64")

@@ -143,6 +143,10 @@ def test_resolve_ranks():
     assert resolve_ranks([16, 16, 2, 2], (64, 32, 3, 3), "x") == (16, 16, 2, 2)
     with pytest.raises(ValueError, match=r"r\[2\]=4 exceeds mode 2 of size 3 for layer 'conv'"):
         resolve_ranks([2, 2, 4, 2], (8, 8, 3, 3), "conv")
+    # an int that fits no mode was capped to the full weight, with the scale still alpha / r
+    assert resolve_ranks(64, (64, 32), "x") == (64, 32)
+    with pytest.raises(ValueError, match=r"r=1000 exceeds every mode of layer 'fc' \(weight modes \(128, 64\)\)"):
+        resolve_ranks(1000, (128, 64), "fc")
 
 
 def test_the_wrapped_layers_geometry_stays_readable():

@@ -494,3 +494,11 @@ def test_a_learned_scale_may_not_start_at_zero():
     # gradients carry s (zero), so a learned s = 0 never moves either
     with pytest.raises(ValueError, match=r"scale=0.0 makes the update and all its gradients zero"):
         adapters.LoRETTAAdpConfig(bottleneck=8, target_modules=["v"], scale=0.0, learn_scale=True)
+
+
+def test_bool_options_refuse_other_types():
+    # a string "no" is truthy: train_norms="no" trained the norms
+    with pytest.raises(TypeError, match="train_norms='no' must be True or False"):
+        adapters.LoRETTARepConfig(train_norms="no")
+    with pytest.raises(TypeError, match="learn_scale=1 must be True or False"):
+        adapters.LoRETTAAdpConfig(learn_scale=1)
