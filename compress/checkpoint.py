@@ -26,6 +26,14 @@ manifest's structure at the manifest's paths, and assigns the tensors read with 
 into a dense model). Peak memory is the size of the compressed weights. :func:`load_compressed` instead re-applies
 the surgery to a model the caller built (any ``nn.Module``, e.g. one that is not a transformers model).
 
+Both loaders check the whole checkpoint before they change or return a model, and refuse with a ``ValueError``
+naming the file and the entry: the manifest's structure and types (``quantized`` entries: int ``bits``,
+``group_size`` and ``shape``, floating ``dtype`` / ``storage_dtype``); that the file holds exactly the model's
+tensors, in their shapes and the recorded dtype; that every ``shared`` alias names a tensor the file does not store
+and a stored target of the alias's shape; that every packed layer's scales are finite and positive and its zero
+points lie in its bit width's code range (:func:`compress.quantized.check_values`). :func:`save_compressed` refuses
+a ``dtype`` that would turn finite values into inf.
+
 Why the weights are not in ``model.safetensors``: transformers cannot build factorized layers from a config. Under
 that name ``AutoModelForCausalLM.from_pretrained(DIR)`` would load the dense architecture, drop the factorized
 tensors as unexpected and leave those layers at random init with only a warning. With another name it refuses
@@ -53,7 +61,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compress.quantized import PackedQuantizedWeight, QuantizedWeight
+from compress.quantized import PackedQuantizedWeight, QuantizedWeight, check_values
 from compress.targets import dense_weight, layer_kind, replace_module, unwrap_compiled
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
 from tensornets.io import build_from_spec, module_spec
@@ -101,11 +109,13 @@ def _stored_tensors(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[s
     """The tensors to write (CPU, contiguous, floating ones cast to ``dtype``) and the aliases left out.
 
     Names whose tensors share one storage with the same shape (tied embeddings) are stored once under the first
-    name in ``state_dict`` order; the others are returned as ``alias -> stored name``.
+    name in ``state_dict`` order; the others are returned as ``alias -> stored name``. A cast that turns finite
+    entries into inf (beyond float16's range) is refused, naming the tensors.
     """
     tensors: dict[str, torch.Tensor] = {}
     shared: dict[str, str] = {}
     first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    overflow: dict[str, float] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         if tensor.is_meta:
             raise ValueError(f"model tensor {name!r} is on the meta device (offloaded or never loaded), so it has no "
@@ -117,8 +127,15 @@ def _stored_tensors(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[s
         first[key] = name
         tensor = tensor.detach()
         if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+            cast = tensor.to(dtype)
+            if not bool(torch.isfinite(cast).all()) and bool((torch.isfinite(tensor) & ~torch.isfinite(cast)).any()):
+                overflow[name] = float(tensor[torch.isfinite(tensor)].abs().max())
+            tensor = cast
         tensors[name] = tensor.to("cpu").contiguous()
+    if overflow:
+        found = ", ".join(f"{k!r} (entries up to {v:.3g})" for k, v in list(overflow.items())[:5])
+        raise ValueError(f"save_compressed: dtype={dtype} turns finite entries of {found} into inf, beyond its range "
+                         f"({torch.finfo(dtype).max:.3g}); pass dtype=torch.bfloat16 or torch.float32")
     return tensors, shared
 
 
@@ -381,15 +398,34 @@ def _packed_table(ckpt: _Checkpoint) -> dict[str, dict[str, Any]]:
     table = ckpt.manifest.get("quantized", {})
     fields = {"bits", "group_size", "symmetric", "kind", "shape", "dtype", "storage_dtype"}
 
-    def valid(entry: Any) -> bool:
-        dtypes = ("dtype", "storage_dtype")
-        return (isinstance(entry, dict) and fields <= set(entry) and entry["kind"] in ("linear", "conv1d", "conv2d")
-                and all(isinstance(getattr(torch, str(entry[d]), None), torch.dtype) for d in dtypes))
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
 
-    bad = [n for n, e in table.items() if not valid(e)] if isinstance(table, dict) else ["(not a table)"]
+    def problem(entry: Any) -> str | None:
+        if not isinstance(entry, dict) or not fields <= set(entry):
+            return f"needs {sorted(fields)}"
+        if entry["kind"] not in ("linear", "conv1d", "conv2d"):
+            return f"kind={entry['kind']!r} is not linear / conv1d / conv2d"
+        wrong = [f"{k}={entry[k]!r}" for k in ("bits", "group_size") if not is_int(entry[k])]
+        if not (isinstance(entry["shape"], list) and all(is_int(n) for n in entry["shape"])):
+            wrong.append(f"shape={entry['shape']!r}")
+        if wrong:
+            return f"bits, group_size and shape must be ints, got {', '.join(wrong)}"
+        if not isinstance(entry["symmetric"], bool):
+            return f"symmetric={entry['symmetric']!r} must be true or false"
+        for d in ("dtype", "storage_dtype"):
+            dtype = getattr(torch, str(entry[d]), None)
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                return f"{d}={entry[d]!r} is not a floating torch dtype"
+        return None
+
+    bad = {n: why for n, e in table.items() if (why := problem(e))} if isinstance(table, dict) else {
+        "(not a table)": "quantized must map layer paths to entries"}
     if bad:
-        raise ValueError(f"{ckpt.manifest_file}: quantized layers {bad[:5]} lack their bits / group size / kind / "
-                         "shape / dtypes; rewrite the directory with compress.save_compressed")
+        why = "; ".join(f"{n!r}: {w}" for n, w in list(bad.items())[:5])
+        raise ValueError(f"{ckpt.manifest_file}: quantized layers {list(bad)[:5]} lack a valid bits / group size / "
+                         f"symmetric / kind / shape / dtype ({why}); rewrite the directory with "
+                         "compress.save_compressed")
     return table
 
 
@@ -421,6 +457,11 @@ def _unpacked(ckpt: _Checkpoint, tensors: dict[str, torch.Tensor]) -> dict[str, 
         except (TypeError, ValueError) as e:
             raise ValueError(f"{ckpt.weights}: the packed tensors of layer {name!r} do not fit its manifest entry "
                              f"({e}); rewrite the directory with compress.save_compressed") from None
+        try:
+            check_values(q)
+        except ValueError as e:
+            raise ValueError(f"{ckpt.weights}: packed layer {name!r} is not a valid quantization ({e}): the file was "
+                             "altered or corrupted; rewrite the directory with compress.save_compressed") from None
         W = q.dequantize(getattr(torch, entry["dtype"])).to(getattr(torch, entry["storage_dtype"]))
         tensors[f"{name}.weight"] = (W.T if entry["kind"] == "conv1d" else W).reshape(shape).contiguous()
     return tensors
@@ -468,7 +509,8 @@ def _state_after(model: nn.Module, built: Mapping[str, nn.Module]) -> dict[str, 
 
 def _check_fit(state: Mapping[str, torch.Tensor], ckpt: _Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """The file holds exactly the model's tensors (aliases excepted), each of the model's shape; every alias names
-    a tensor of the model and a stored one."""
+    a tensor of the model that the file does not store, and a stored one of the same shape in the model (so that
+    tying the two changes no tensor's shape and replaces no stored tensor)."""
     expected = {k: tuple(v.shape) for k, v in state.items()}
     shared = ckpt.manifest.get("shared", {})
     missing = sorted(k for k in expected if k not in shapes and k not in shared)
@@ -486,6 +528,17 @@ def _check_fit(state: Mapping[str, torch.Tensor], ckpt: _Checkpoint, shapes: Map
     if bad:
         raise ValueError(f"{ckpt.manifest_file}: shared tensors {bad[:5]} name a tensor the model or "
                          f"{ckpt.weights.name} does not have; rewrite the directory with compress.save_compressed")
+    stored_too = sorted(f"{alias} -> {stored}" for alias, stored in shared.items() if alias in shapes)
+    if stored_too:
+        raise ValueError(f"{ckpt.manifest_file}: shared tensors {stored_too[:5]} are aliases of tensors that "
+                         f"{ckpt.weights.name} stores under their own names too (tying would replace them); remove "
+                         "them from 'shared' or rewrite the directory with compress.save_compressed")
+    reshaped = sorted(f"{alias} {expected[alias]} -> {stored} {expected[stored]}" for alias, stored in shared.items()
+                      if expected[alias] != expected[stored])
+    if reshaped:
+        raise ValueError(f"{ckpt.manifest_file}: shared tensors {reshaped[:5]} tie tensors of different shapes in the "
+                         "model; an alias must name a tensor of its target's shape: rewrite the directory with "
+                         "compress.save_compressed")
 
 
 def _check_dtypes(state: Mapping[str, torch.Tensor], ckpt: _Checkpoint, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -14,7 +14,8 @@ nothing is re-rounded. Symmetric quantization has ``z = 0``.
 :class:`QuantizedWeight` holds the codes as int8 (what quantizers produce and compare); :class:`PackedQuantizedWeight`
 holds the same codes bit-packed, ``b`` bits each, in compressed-tensors' ``pack-quantized`` words (3-bit codes take
 3/8 of the int8 bytes). The block pipeline keeps every layer's codes packed until export, which writes the words
-as they are.
+as they are. The constructors check shapes and dtypes; :func:`check_values` checks the values of scales and zero
+points read from a file.
 """
 
 from __future__ import annotations
@@ -154,11 +155,35 @@ def _check_bits(bits: int) -> None:
 
 
 def _check_groups(group_size: int, scale: torch.Tensor, zero_point: torch.Tensor, out_f: int, in_f: int) -> None:
-    """Raise unless ``group_size`` divides ``in_f`` and ``scale``, ``zero_point`` (int8) are ``(out, in // group_size)``."""
-    if group_size < 1 or in_f % group_size:
-        raise ValueError(f"group_size={group_size} must divide in_features={in_f}")
+    """Raise unless ``group_size`` is an int dividing ``in_f`` and ``scale`` (floating), ``zero_point`` (int8) are
+    ``(out, in // group_size)``."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or in_f % group_size:
+        raise ValueError(f"group_size={group_size!r} must be an int dividing in_features={in_f}")
     groups = (out_f, in_f // group_size)
     if tuple(scale.shape) != groups or tuple(zero_point.shape) != groups:
         raise ValueError(f"scale {tuple(scale.shape)} and zero_point {tuple(zero_point.shape)} must be {groups}")
+    if not scale.is_floating_point():
+        raise TypeError(f"scale must be floating point, got {scale.dtype}")
     if zero_point.dtype != torch.int8:
         raise TypeError(f"zero_point must be int8, got {zero_point.dtype}")
+
+
+def check_values(q: QuantizedWeight | PackedQuantizedWeight) -> None:
+    """Raise ``ValueError`` unless ``q``'s scales and zero points keep the invariants of :class:`QuantizedWeight`:
+    every scale finite and ``> 0``, every zero point in ``[-2^{b-1}, 2^{b-1} - 1]``, all zero when symmetric.
+
+    The constructors check shapes and dtypes only (no device sync on the quantizers' hot path); a reader of stored
+    tensors calls this. Reductions over the per-group tensors: ``1 / group_size`` of the weight's entries.
+    """
+    qmin, qmax = -(2 ** (q.bits - 1)), 2 ** (q.bits - 1) - 1
+    positive = (q.scale > 0) & torch.isfinite(q.scale)
+    if not bool(positive.all()):
+        bad = q.scale[~positive]
+        raise ValueError(f"weight_scale has {bad.numel()} entries that are not finite positive numbers (e.g. "
+                         f"{float(bad[0]):g})")
+    zero_point = q.zero_point.to(torch.int32)
+    if bool(((zero_point < qmin) | (zero_point > qmax)).any()):
+        raise ValueError(f"weight_zero_point spans [{int(zero_point.min())}, {int(zero_point.max())}], outside the "
+                         f"{q.bits}-bit code range [{qmin}, {qmax}]")
+    if q.symmetric and bool(zero_point.any()):
+        raise ValueError("weight_zero_point is not all zero although the weight is symmetric")

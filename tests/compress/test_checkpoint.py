@@ -2,6 +2,7 @@
 mismatching manifests, models that are not transformers models, 0.1.0 files, and load memory without the dense
 model."""
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -96,6 +97,18 @@ def test_storage_dtype(tmp_path, saved_lowrank):
         save_compressed(model, tmp_path, dtype=torch.int8)
     with pytest.raises(ValueError, match="'0.weight' is on the meta device"):
         save_compressed(nn.Sequential(nn.Linear(4, 4, device="meta")), tmp_path)
+
+
+def test_a_storage_dtype_that_overflows_is_refused_before_writing(tmp_path, saved_lowrank):
+    model = copy.deepcopy(saved_lowrank[0])
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e6)  # beyond float16's 65504: would be stored as inf
+    with pytest.raises(ValueError, match=r"dtype=torch.float16 turns finite entries of 'model.norm.weight' "
+                                         r"\(entries up to 1e\+06\) into inf.*pass dtype=torch.bfloat16"):
+        save_compressed(model, tmp_path / "half", dtype=torch.float16)
+    assert not (tmp_path / "half").exists()
+    loaded = load_compressed_directory(save_compressed(model, tmp_path / "bf16", dtype=torch.bfloat16))
+    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight.bfloat16())
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -262,12 +275,25 @@ def _alias_of_nothing(out: Path) -> None:
     _edit_manifest(out, lambda m: m["shared"].update({"lm_head.weight": "model.no_such.weight"}))
 
 
+def _alias_of_another_shape(out: Path) -> None:  # would load a (64,) lm_head: logits of the wrong shape
+    _edit_manifest(out, lambda m: m["shared"].update({"lm_head.weight": "model.norm.weight"}))
+
+
+def _alias_of_a_stored_tensor(out: Path) -> None:  # tying would silently replace the stored tensor
+    _edit_manifest(out, lambda m: m["shared"].update(
+        {"model.layers.0.input_layernorm.weight": "model.layers.0.post_attention_layernorm.weight"}))
+
+
 @pytest.mark.parametrize("damage,match", [
     (_stray_tensor, r"does not fit .*unexpected keys \['stray'\]"),
     (_half_core, r"holds tensors of another dtype than float32 \(the manifest's dtype\): \[.*torch.float16"),
     (_alias_of_nothing, r"shared tensors \['lm_head.weight -> model.no_such.weight'\]"),
+    (_alias_of_another_shape, rf"{MANIFEST_FILE}: shared tensors \['lm_head.weight \(62, 64\) -> model.norm.weight "
+                              r"\(64,\)'\] tie tensors of different shapes"),
+    (_alias_of_a_stored_tensor, rf"{MANIFEST_FILE}: shared tensors \['model.layers.0.input_layernorm.weight -> "
+                                rf"model.layers.0.post_attention_layernorm.weight'\] .*{WEIGHTS_FILE} stores"),
     (lambda out: _edit_manifest(out, _unknown_layer), "lists layer 'model.layers.7.mlp.up_proj'"),
-], ids=["stray-tensor", "dtype", "shared", "unknown-layer"])
+], ids=["stray-tensor", "dtype", "shared", "shared-shape", "shared-stored", "unknown-layer"])
 def test_a_checkpoint_that_does_not_fit_leaves_the_base_model_as_it_was(tmp_path, saved_lowrank, damage, match):
     out = _copy(saved_lowrank[1], tmp_path / "d")
     damage(out)
@@ -389,4 +415,57 @@ def test_a_packed_entry_that_does_not_fit_names_the_file(tmp_path, quantized_net
         load_compressed(_mixed_net(), out)
     _edit_manifest(out, lambda m: m["quantized"]["0"].pop("kind"))
     with pytest.raises(ValueError, match=rf"{MANIFEST_FILE}: quantized layers \['0'\] lack"):
+        load_compressed(_mixed_net(), out)
+
+
+def _edit_tensors(out: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / WEIGHTS_FILE))
+    edit(tensors)
+    save_file(tensors, str(out / WEIGHTS_FILE))
+
+
+@pytest.mark.parametrize("field,value", [("dtype", "int8"), ("storage_dtype", "int32"), ("group_size", 16.0),
+                                         ("bits", 4.0), ("bits", True), ("shape", [128, 64.0]),
+                                         ("symmetric", "false")])
+def test_a_packed_entry_of_the_wrong_type_is_refused(tmp_path, quantized_net, field, value):
+    """An integer dtype would truncate the dequantized weights; a float group size reached a reshape."""
+    report = quantized_net
+    out = save_compressed(report.model, tmp_path / "out", quantized=report.quantized)
+    _edit_manifest(out, lambda m: m["quantized"]["2"].update({field: value}))
+    with pytest.raises(ValueError, match=rf"{MANIFEST_FILE}: quantized layers \['2'\] lack a valid .*"
+                                         rf"{re.escape(f'{field}={value!r}')}"):
+        load_compressed(_mixed_net(), out)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("weight_scale", -1.0, "weight_scale has 8 entries that are not finite positive numbers"),
+    ("weight_scale", 0.0, "weight_scale has 8 entries"),
+    ("weight_scale", float("nan"), r"weight_scale has 8 entries .*\(e.g. nan\)"),
+    ("weight_scale", float("inf"), r"weight_scale has 8 entries .*\(e.g. inf\)"),
+    ("weight_zero_point", 8, r"weight_zero_point spans \[-?\d, 8\], outside the 4-bit code range \[-8, 7\]"),
+    ("weight_zero_point", -9, r"weight_zero_point spans \[-9, \d\]"),
+], ids=["scale-negative", "scale-zero", "scale-nan", "scale-inf", "zero-point-8", "zero-point--9"])
+def test_packed_values_out_of_their_range_are_refused(tmp_path, quantized_net, key, value, match):
+    """The invariants of QuantizedWeight (scales > 0, zero points in the code range) hold for what is loaded."""
+    report = quantized_net
+    out = save_compressed(report.model, tmp_path / "out", quantized=report.quantized)
+    _edit_tensors(out, lambda t: t[f"2.{key}"][3].fill_(value))  # one row of layer '2': 128 / 16 = 8 groups
+    base = _mixed_net()
+    before = _state_copy(base)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: packed layer '2' is not a valid quantization \({match}"):
+        load_compressed(base, out)
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_symmetric_layer_with_zero_points_is_refused(tmp_path):
+    model = _mixed_net()
+    report = compress_model(model, CompressionConfig(method="rtn", bits=4, group_size=16, symmetric=True,
+                                                     target_modules=["0"]), progress=False)
+    out = save_compressed(report.model, tmp_path / "out", quantized=report.quantized)
+    load_compressed(_mixed_net(), out)
+    _edit_tensors(out, lambda t: t["0.weight_zero_point"][0, 0].fill_(1))
+    with pytest.raises(ValueError, match="packed layer '0' .*weight_zero_point is not all zero .*symmetric"):
         load_compressed(_mixed_net(), out)
