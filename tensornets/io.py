@@ -49,7 +49,7 @@ def build_from_spec(manifest: dict[str, Any]) -> nn.Module:
         return FactorizedConv2d(
             spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), rank=spec["rank"], format=spec["format"],
             stride=tuple(spec["stride"]), padding=spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"]),
-            dilation=tuple(spec["dilation"]), bias=spec["bias"],
+            dilation=tuple(spec["dilation"]), bias=spec["bias"], padding_mode=spec.get("padding_mode", "zeros"),
         )
     raise ValueError(f"unknown module kind {kind!r} in the manifest")
 

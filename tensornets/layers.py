@@ -173,8 +173,11 @@ class FactorizedLinear(nn.Module):
 ConvFormat = Literal["tucker", "lowrank"]
 
 
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
 class FactorizedConv2d(nn.Module):
-    """A factorized ``nn.Conv2d`` (drop-in; ``groups=1`` and zero padding only) over a core format.
+    """A factorized ``nn.Conv2d`` (drop-in; ``groups=1``) over a core format.
 
     The kernel ``K: (C_out, C_in, kh, kw)`` is the matrix ``W = K.reshape(C_out, C_in kh kw)``
     stored as a core :class:`~tensornets.Factorization` (``self.factorization``; its rank rules,
@@ -190,7 +193,9 @@ class FactorizedConv2d(nn.Module):
       ``V.reshape(r, C_in, kh, kw)``, then a 1x1 conv with ``U``.
 
     Grouped and depthwise convolutions are refused: their kernels have no ``C_in`` mode to
-    compress (``C_in / groups`` is usually 1 or tiny).
+    compress (``C_in / groups`` is usually 1 or tiny). ``padding_mode`` other than ``"zeros"``
+    (``"reflect"``, ``"replicate"``, ``"circular"``) pads explicitly before the spatial conv, as
+    ``nn.Conv2d`` does; for Tucker after the ``C_in -> R_in`` 1x1 conv, which commutes with it.
     """
 
     def __init__(
@@ -205,6 +210,7 @@ class FactorizedConv2d(nn.Module):
         padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -214,6 +220,7 @@ class FactorizedConv2d(nn.Module):
         self.stride = nn.modules.utils._pair(stride)
         self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
         self.dilation = nn.modules.utils._pair(dilation)
+        self.padding_mode = padding_mode
         self._check_geometry()
         self.format = format
         fmt, in_modes, out_modes = self.core_structure(format, in_channels, out_channels, self.kernel_size)
@@ -239,6 +246,28 @@ class FactorizedConv2d(nn.Module):
                 raise ValueError(f"padding='same' needs stride=1 (got stride={self.stride}), as in nn.Conv2d")
         elif any(int(v) < 0 for v in self.padding):
             raise ValueError(f"padding={self.padding} must be >= 0")
+        if self.padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode={self.padding_mode!r} must be one of {_PADDING_MODES}, as in nn.Conv2d")
+
+    def _explicit_padding(self) -> tuple[int, int, int, int]:
+        """``F.pad``'s ``(left, right, top, bottom)`` for a non-zero ``padding_mode`` (``nn.Conv2d``'s rule; ``'same'``
+        puts the odd extra row / column at the end)."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads: list[int] = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)  # type: ignore[return-value]
+        return (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+
+    def _spatial_conv(self, h: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """The ``kh x kw`` conv of the layer's geometry on ``h`` (padded explicitly for a non-zero padding mode)."""
+        if self.padding_mode == "zeros":
+            return F.conv2d(h, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        h = F.pad(h, self._explicit_padding(), mode=self.padding_mode)
+        return F.conv2d(h, kernel, stride=self.stride, dilation=self.dilation)
 
     # ------------------------------------------------------------------ structure
     @staticmethod
@@ -340,6 +369,7 @@ class FactorizedConv2d(nn.Module):
             "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
             "dilation": list(self.dilation),
             "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
         }
 
     # ------------------------------------------------------------------ construction
@@ -376,6 +406,7 @@ class FactorizedConv2d(nn.Module):
         fact = fmt.from_dense(weight.detach().reshape(c_out, -1), rank=ranks, eps=eps, energy=energy,
                               modes=(out_modes, in_modes), **options)
         layer = cls.from_factorization(fact, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                       padding_mode=conv.padding_mode,
                                        bias=None if conv.bias is None else conv.bias.detach())
         return layer
 
@@ -423,6 +454,7 @@ class FactorizedConv2d(nn.Module):
         padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int] = 1,
         bias: torch.Tensor | None = None,
+        padding_mode: str = "zeros",
     ) -> "FactorizedConv2d":
         """Wrap a core ``Tucker`` (modes ``(C_out,), (C_in, kh kw)``) or ``LowRank`` (``C_out x C_in kh kw``)."""
         kernel_size = nn.modules.utils._pair(kernel_size)
@@ -441,7 +473,8 @@ class FactorizedConv2d(nn.Module):
             )
         ref = next(factorization.parameters())
         layer = cls(c_in, c_out, kernel_size, rank=factorization.ranks, format=format, stride=stride, padding=padding,
-                    dilation=dilation, bias=bias is not None).to(device=ref.device, dtype=ref.dtype)
+                    dilation=dilation, bias=bias is not None, padding_mode=padding_mode).to(device=ref.device,
+                                                                                          dtype=ref.dtype)
         layer.factorization = factorization
         if bias is not None:
             with torch.no_grad():
@@ -463,7 +496,7 @@ class FactorizedConv2d(nn.Module):
     ) -> "FactorizedConv2d":
         """Random init for training from scratch (:func:`~tensornets.init.init_factorization_`): dense-kernel
         std ``std`` (default ``(C_in kh kw)^-1/2``); the bias starts at zero. ``conv_kwargs``: ``stride``,
-        ``padding``, ``dilation``, ``bias``, ``dtype``, ``device``."""
+        ``padding``, ``dilation``, ``bias``, ``padding_mode``, ``dtype``, ``device``."""
         layer = cls(in_channels, out_channels, kernel_size, rank=rank, format=format, **conv_kwargs)
         init_factorization_(layer.factorization, std=std, generator=generator)
         return layer
@@ -477,8 +510,6 @@ class FactorizedConv2d(nn.Module):
                 f"conv has groups={conv.groups}: grouped/depthwise kernels have no full C_in mode to factorize; "
                 f"leave this layer dense (exclude it) or use an adapter such as FLoRA"
             )
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"conv has padding_mode={conv.padding_mode!r}; FactorizedConv2d supports 'zeros' only")
         if not torch.isfinite(live_weight(conv)).all():
             raise ValueError("conv.weight has NaN/inf entries; clean the weight before decomposing it")
         if conv.bias is not None and not torch.isfinite(conv.bias).all():
@@ -514,7 +545,8 @@ class FactorizedConv2d(nn.Module):
         ref = next(self.factorization.parameters())
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=self.bias is not None, device=ref.device, dtype=ref.dtype,
+            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode, device=ref.device,
+            dtype=ref.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(self.weight_dense())
@@ -540,11 +572,11 @@ class FactorizedConv2d(nn.Module):
             u_in, spatial = fact.in_factors
             h = F.conv2d(x, u_in.mT[:, :, None, None])
             kernel = torch.einsum("abs,ks->abk", fact.core, spatial).reshape(*fact.ranks[:2], *self.kernel_size)
-            h = F.conv2d(h, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            h = self._spatial_conv(h, kernel)
             u_out = fact.out_factors[0]
         else:
             kernel = fact.V.reshape(fact.ranks[0], self.in_channels, *self.kernel_size)
-            h = F.conv2d(x, kernel, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            h = self._spatial_conv(x, kernel)
             u_out = fact.U
         return F.conv2d(h, u_out[:, :, None, None], self.bias)
 
@@ -623,5 +655,5 @@ class FactorizedConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, format={self.format}, "
             f"ranks={self.ranks}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}" + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else "")
         )

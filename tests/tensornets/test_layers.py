@@ -172,10 +172,9 @@ def test_conv_random_init_std():
     [
         (nn.Conv2d(8, 8, 3, groups=8), "groups=8"),
         (nn.Conv2d(8, 16, 3, groups=2), "groups=2"),
-        (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
     ],
 )
-def test_conv_refuses_grouped_and_non_zero_padding(conv, match):
+def test_conv_refuses_grouped(conv, match):
     with pytest.raises(ValueError, match=match):
         FactorizedConv2d.from_conv(conv, rank=2)
 
@@ -323,3 +322,23 @@ def test_decomposing_inside_an_autocast_region_is_unaffected_by_it(fmt):
         conv = FactorizedConv2d.from_conv(nn.Conv2d(4, 6, 3).bfloat16(), "tucker", rank=2)
     assert all(torch.equal(a, b) for a, b in zip(outside.parameters(), inside.parameters()))
     assert conv.factorization.core.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("fmt", ["tucker", "lowrank"])
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(padding=(2, 1), stride=2), dict(padding="same", dilation=2),
+                                      dict(kernel_size=(2, 4), padding="same")])
+def test_conv_padding_modes_equal_nn_conv2d_at_full_rank(mode, fmt, geometry, tmp_path):
+    # nn.Conv2d pads explicitly for these modes; the factor convs do so before the spatial conv
+    torch.manual_seed(0)
+    geometry = dict(geometry)
+    conv = nn.Conv2d(5, 7, geometry.pop("kernel_size", 3), padding_mode=mode, **geometry).double()
+    layer = FactorizedConv2d.from_conv(conv, fmt, rank=7)
+    for x in (torch.randn(2, 5, 9, 11, dtype=torch.float64), torch.randn(5, 9, 11, dtype=torch.float64)):
+        assert_close(layer(x), conv(x), tol=1e-10)
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+    assert layer.to_conv().padding_mode == mode and "padding_mode" in repr(layer)
+    tensornets.save(layer, tmp_path / "conv.safetensors")
+    assert torch.equal(tensornets.load(tmp_path / "conv.safetensors")(x), layer(x))
+    with pytest.raises(ValueError, match="padding_mode='mirror' must be one of"):
+        FactorizedConv2d(5, 7, 3, rank=2, padding_mode="mirror")
