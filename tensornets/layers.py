@@ -101,7 +101,8 @@ class FactorizedLinear(nn.Module):
         out_features: int,
         format: str,
         *,
-        rank: int | Sequence[int],
+        rank: int | Sequence[int] | None = None,
+        keep: float | None = None,
         num_cores: int | None = None,
         modes: tuple[Sequence[int], Sequence[int]] | None = None,
         pad: bool = False,
@@ -114,14 +115,17 @@ class FactorizedLinear(nn.Module):
     ) -> "FactorizedLinear":
         """A randomly initialized layer for training from scratch (see :mod:`tensornets.init`).
 
-        ``std`` is the target std of the dense weight (default ``in_features ** -0.5``); the bias
-        starts at zero.
+        Its size is ``rank=`` or ``keep=`` (the fraction of the dense ``in * out`` parameters: the largest ranks
+        within it, as :meth:`~tensornets.Factorization.from_dense` finds them). ``std`` is the target std of the
+        dense weight (default ``in_features ** -0.5``); the bias starts at zero.
         """
         fmt = get_format(format)
         if init not in ("variance", "mup"):
             raise ValueError(f"init={init!r} must be 'variance' or 'mup'")
-        in_modes, out_modes = fmt.resolve_modes(in_features, out_features, num_cores, modes, pad)
-        ranks = fmt.resolve_ranks(rank, in_modes, out_modes)
+        if (rank is None) == (keep is None):
+            raise ValueError(f"pass rank= or keep= (got rank={rank}, keep={keep}): the layer's size")
+        in_modes, out_modes, ranks = fmt.resolve_structure(in_features, out_features, rank=rank, keep=keep,
+                                                            num_cores=num_cores, modes=modes, pad=pad)
         fact = fmt.empty(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks, dtype=dtype, device=device)
         init_factorization_(fact, std=std, scheme=init, generator=generator)
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None

@@ -342,3 +342,15 @@ def test_conv_padding_modes_equal_nn_conv2d_at_full_rank(mode, fmt, geometry, tm
     assert torch.equal(tensornets.load(tmp_path / "conv.safetensors")(x), layer(x))
     with pytest.raises(ValueError, match="padding_mode='mirror' must be one of"):
         FactorizedConv2d(5, 7, 3, rank=2, padding_mode="mirror")
+
+
+def test_create_at_a_parameter_fraction_matches_from_dense(format_case):
+    # training from scratch at a budget: the ranks from_dense picks for the same keep, within the budget
+    fmt, kw = format_case
+    torch.manual_seed(0)
+    fresh = FactorizedLinear.create(IN, OUT, fmt, keep=0.3, **kw)
+    dense = FactorizedLinear.from_linear(nn.Linear(IN, OUT), fmt, keep=0.3, **kw)
+    assert fresh.factorization.ranks == dense.factorization.ranks
+    assert fresh.factorization.num_parameters <= 0.3 * IN * OUT
+    with pytest.raises(ValueError, match="pass rank= or keep="):
+        FactorizedLinear.create(IN, OUT, fmt, **kw)
