@@ -30,6 +30,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from .shapes import check_int, check_number, check_tensor
+
 __all__ = [
     "truncated_svd",
     "randomized_svd",
@@ -222,36 +224,61 @@ def truncated_svd(
     Returns
     -------
     U : (m, r), S : (r,), Vh : (r, n)
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``matrix`` is not a finite floating 2-D tensor, ``rank`` is not an int in ``[1, min(m, n)]``, ``method``
+        is unknown, or ``seed`` / ``oversample`` / ``n_iter`` are not ints (the latter two ``>= 0``).
     """
-    if matrix.dim() != 2:
-        raise ValueError(f"matrix must be 2-D, got shape {tuple(matrix.shape)}")
-    m, n = matrix.shape
+    m, n = _check_matrix(matrix)
     full = min(m, n)
     eps = resolve_eps(eps, energy)
+    _check_method(method)
+    _check_sketch(seed, oversample, n_iter)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {rank!r}")
-        if not 1 <= rank <= full:
-            raise ValueError(f"rank={rank} must be in [1, min(m, n)={full}] for a ({m}, {n}) matrix")
+        rank = _check_svd_rank(rank, m, n)
     if rank is None and eps is None:
         raise ValueError("pass rank=, eps= or energy= to truncate the SVD")
     if method == "randomized" and rank is None:
         raise ValueError("method='randomized' needs rank= (a cap); eps= then truncates further")
-    if method == "randomized" and rank == full:
-        method = "full"  # nothing to sketch at full rank, and the exact SVD is exact there (as tt_svd does)
-    if method == "randomized":
+    if method == "randomized" and rank < full:  # at full rank there is nothing to sketch, and the exact SVD is exact
         U, S, Vh = randomized_svd(matrix, rank, seed=seed, oversample=oversample, n_iter=n_iter)
         total_sq = float(matrix.double().pow(2).sum()) if eps is not None else None
-    elif method == "full":
+    else:
         U, S, Vh = thin_svd(matrix)
         total_sq = None
-    else:
-        raise ValueError(f"method={method!r} must be 'full' or 'randomized'")
     r = full if rank is None else rank
     if eps is not None:
         norm = math.sqrt(float(matrix.double().pow(2).sum()))
         r = min(r, rank_for_tolerance(S, eps * norm, total_sq))
     return U[:, :r], S[:r], Vh[:r]
+
+
+def _check_matrix(matrix: torch.Tensor) -> tuple[int, int]:
+    check_tensor(matrix, "matrix", ndim=2)
+    return tuple(matrix.shape)
+
+
+def _check_svd_rank(rank: int, m: int, n: int) -> int:
+    """``rank`` if it is an int in ``[1, min(m, n)]``: the one rank check of the SVDs."""
+    full = min(m, n)
+    rank = check_int(rank, "rank", minimum=None)
+    if not 1 <= rank <= full:
+        raise ValueError(f"rank={rank} must be in [1, min(m, n)={full}] for a ({m}, {n}) matrix; "
+                         f"pass 1 <= rank <= {full}")
+    return rank
+
+
+def _check_method(method: str) -> None:
+    if method not in ("full", "randomized"):
+        raise ValueError(f"method={method!r} must be 'full' or 'randomized'")
+
+
+def _check_sketch(seed: int, oversample: int, n_iter: int) -> None:
+    check_int(seed, "seed", minimum=None)
+    check_int(oversample, "oversample", minimum=0)
+    check_int(n_iter, "n_iter", minimum=0)
 
 
 @half_in_float32
@@ -298,8 +325,13 @@ def randomized_svd(
     When the sketch would not be much smaller than the short side (``4 (rank + oversample) >=
     min(m, n)``), :func:`gram_svd` is faster and as accurate for the kept part (singular values
     down to ~1e-8 of the largest; :func:`truncated_svd` at full rank takes the exact SVD instead).
+
+    Refuses (TypeError / ValueError) what :func:`truncated_svd` refuses: a ``matrix`` that is not a finite floating
+    2-D tensor, a ``rank`` outside ``[1, min(m, n)]``, a negative ``oversample`` or ``n_iter``.
     """
-    m, n = matrix.shape
+    m, n = _check_matrix(matrix)
+    rank = _check_svd_rank(rank, m, n)
+    _check_sketch(seed, oversample, n_iter)
     k = rank + oversample
     if 4 * k >= min(m, n):
         return gram_svd(matrix, rank)
@@ -314,13 +346,17 @@ def randomized_svd(
     return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
 
 
-def _per_step_ranks(max_rank: int | Sequence[int] | None, num_bonds: int) -> list[int | None]:
-    if max_rank is None or isinstance(max_rank, int):
-        return [max_rank] * num_bonds
-    ranks = list(max_rank)
-    if len(ranks) != num_bonds:
-        raise ValueError(f"rank={ranks} needs {num_bonds} entries (one per internal bond), got {len(ranks)}")
-    return ranks
+def _rank_list(rank: int | Sequence[int] | None, count: int, what: str) -> list[int | None]:
+    """``rank`` (None, one int, or ``count`` entries, None for no cap) as ``count`` caps, each an int >= 1.
+
+    The rank check of TT-SVD and HOSVD / HOOI: a bool, a float (``2.7`` is refused, never truncated) or a rank < 1
+    raises.
+    """
+    if rank is None or isinstance(rank, str) or not isinstance(rank, Sequence):
+        return [None if rank is None else check_int(rank, "rank")] * count
+    if len(rank) != count:
+        raise ValueError(f"rank={list(rank)} needs {count} entries ({what}), got {len(rank)}")
+    return [None if r is None else check_int(r, f"rank[{k}]") for k, r in enumerate(rank)]
 
 
 @half_in_float32
@@ -339,11 +375,17 @@ def tt_svd(
     ``delta = eps ||T||_F / sqrt(d - 1)``, so ``||T - TT||_F <= eps ||T||_F``. ``rank`` caps each
     bond (an int for all, or a list of ``d - 1``); a cap above a bond's full rank
     ``min(prod(n_<=k), prod(n_>k))`` is lossless there.
+
+    Refuses (TypeError / ValueError) a ``tensor`` that is not a finite floating tensor with at least one axis, a
+    rank that is not an int >= 1 (``2.7`` is not truncated), and a ``method`` other than "full" / "randomized".
     """
+    check_tensor(tensor, "tensor")
+    _check_method(method)
+    check_int(seed, "seed", minimum=None)
     shape = tuple(tensor.shape)
     d = len(shape)
     eps = resolve_eps(eps, energy)
-    caps = _per_step_ranks(rank, d - 1)
+    caps = _rank_list(rank, d - 1, "one per internal bond")
     delta = None
     if eps is not None and d > 1:
         delta = eps * math.sqrt(float(tensor.double().pow(2).sum())) / math.sqrt(d - 1)
@@ -353,7 +395,7 @@ def tt_svd(
     for k in range(d - 1):
         mat = rest.reshape(r_prev * shape[k], -1)
         full = min(mat.shape)
-        cap = full if caps[k] is None else min(int(caps[k]), full)
+        cap = full if caps[k] is None else min(caps[k], full)
         U, S, Vh = truncated_svd(
             mat,
             rank=cap,
@@ -425,13 +467,14 @@ def _leading_vectors(unfolding: torch.Tensor, rank: int | None, tol: float | Non
     return U[:, :r]
 
 
-def _tucker_caps(shape: Sequence[int], rank, modes: Sequence[int]) -> list[int | None]:
-    if rank is None or isinstance(rank, int):
-        return [rank] * len(modes)
-    ranks = list(rank)
-    if len(ranks) != len(modes):
-        raise ValueError(f"rank={ranks} needs one entry per decomposed mode ({len(modes)})")
-    return ranks
+def _check_modes(modes: Sequence[int] | None, ndim: int) -> list[int]:
+    """The decomposed ``modes`` (default all) as distinct ints in ``[0, ndim)``."""
+    if modes is None:
+        return list(range(ndim))
+    modes = [check_int(m, "modes entry", minimum=0) for m in modes]
+    if not modes or len(set(modes)) != len(modes) or max(modes) >= ndim:
+        raise ValueError(f"modes={modes} must be distinct axes in [0, {ndim}) of the {ndim}-D tensor")
+    return modes
 
 
 @half_in_float32
@@ -453,9 +496,16 @@ def hosvd(
     -------
     core : Tensor, shape ``(R_1, ..., R_N)`` (undecomposed modes keep their size)
     factors : list of Tensor ``(n_k, R_k)``, one per entry of ``modes``
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``tensor`` is not a finite floating tensor with at least one axis, a rank is not an int >= 1 (a rank
+        above a mode's size keeps that mode whole), or ``modes`` are not distinct axes of ``tensor``.
     """
-    modes = list(range(tensor.dim())) if modes is None else list(modes)
-    caps = _tucker_caps(tensor.shape, rank, modes)
+    check_tensor(tensor, "tensor")
+    modes = _check_modes(modes, tensor.dim())
+    caps = _rank_list(rank, len(modes), "one per decomposed mode")
     eps = resolve_eps(eps, energy)
     tol = None
     if eps is not None:
@@ -481,10 +531,12 @@ def hooi(
     ``T x_{j != k} U_j^T``; stops when the core norm (the captured energy) improves by less than
     ``tol`` relative. On real weights it barely beats HOSVD at several times the cost. The factors keep the
     ranks HOSVD starts with, also a rank above the product of the others (whose extra directions then carry no
-    energy).
+    energy). Refuses what :func:`hosvd` refuses, a negative ``n_iter`` and a negative or NaN ``tol``.
     """
-    modes = list(range(tensor.dim())) if modes is None else list(modes)
+    check_int(n_iter, "n_iter", minimum=0)
+    check_number(tol, "tol", minimum=0.0)
     core, factors = hosvd(tensor, rank=rank, modes=modes)
+    modes = _check_modes(modes, tensor.dim())
     ranks = [U.shape[1] for U in factors]
     prev = float(core.double().pow(2).sum())
     for _ in range(n_iter):
@@ -540,16 +592,27 @@ def stack_tucker2(
 
     Raises
     ------
+    TypeError
+        If ``matrices`` is a tensor rather than a sequence of them, a matrix is not a floating tensor, or a rank is
+        not an int (a bool is not a rank).
     ValueError
-        If ``matrices`` is empty or of mixed shapes, or a rank is outside ``[1, mode size]``.
+        If ``matrices`` is empty, of mixed shapes or has NaN/inf entries, or a rank is outside ``[1, mode size]``.
     """
+    if isinstance(matrices, torch.Tensor):
+        raise TypeError(f"matrices must be a sequence of (n_out, n_in) tensors, got a tensor of shape "
+                        f"{tuple(matrices.shape)}; pass list(matrices) for a stack (M, n_out, n_in)")
     if not matrices:
         raise ValueError("matrices is empty; pass at least one (n_out, n_in) matrix")
+    for m, w in enumerate(matrices):
+        check_tensor(w, f"matrices[{m}]", ndim=2)
     shape = tuple(matrices[0].shape)
-    if len(shape) != 2 or any(tuple(w.shape) != shape for w in matrices):
+    if any(tuple(w.shape) != shape for w in matrices):
         raise ValueError(f"matrices have shapes {sorted({tuple(w.shape) for w in matrices})}; pass 2-d matrices "
                          "of one shape")
-    ranks = (rank, rank) if isinstance(rank, int) else tuple(rank)
+    pair = isinstance(rank, Sequence) and not isinstance(rank, str)
+    if pair and len(rank) != 2:
+        raise ValueError(f"rank={rank!r} must be one int or a pair (R_1, R_2)")
+    ranks = tuple(check_int(r, "rank", minimum=None) for r in (rank if pair else (rank, rank)))
     for name, r, n in zip(("R_1", "R_2"), ranks, shape, strict=True):
         if not 1 <= r <= n:
             raise ValueError(f"rank={rank!r}: {name}={r} must lie in [1, {n}] for matrices of shape {shape}")
@@ -625,14 +688,29 @@ def cp_als(
         ``w_r``, the norms of the normalized factor columns.
     factors : list of Tensor ``(n_k, rank)``
         Unit-norm columns.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a floating tensor, or ``rank`` / ``seed`` / ``n_iter_max`` is not an int (a rank is
+        never a bool and never rounded: tensorly would read ``2.5`` as a fraction of parameters).
+    ValueError
+        If ``tensor`` is 0-d, empty or has NaN/inf entries, ``rank`` or ``n_iter_max`` is below 1, ``seed`` or
+        ``tol`` is negative (or NaN), ``init`` is unknown; and when ALS degenerates (a singular least-squares
+        system or non-finite factors): the rank is above the tensor's CP rank, or (``init="svd"``) the SVD start
+        spans a zero part of the tensor, as a mode zero-padded with ``pad=True`` does; the message names the fixes
+        (a smaller rank, ``eps=`` / ``energy=``, ``init="random"``).
     """
     import tensorly as tl
     from tensorly.decomposition import parafac
 
+    check_tensor(tensor, "tensor")
+    rank = check_int(rank, "rank")
     if init not in ("svd", "random"):
         raise ValueError(f"init={init!r} must be 'svd' or 'random'")
-    if n_iter_max < 1 or tol < 0:
-        raise ValueError(f"need n_iter_max >= 1 and tol >= 0, got n_iter_max={n_iter_max}, tol={tol}")
+    check_int(seed, "seed", minimum=0)
+    check_int(n_iter_max, "n_iter_max")
+    check_number(tol, "tol", minimum=0.0)
     with tl.backend_context("pytorch", local_threadsafe=True), warnings.catch_warnings():
         # init="svd" with rank > a mode's size fills the extra columns from the seed, and says so.
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
@@ -647,11 +725,27 @@ def cp_als(
             _, factors = parafac(unit, rank, init=init, n_iter_max=n_iter_max, tol=tol, random_state=seed,
                                  callback=reached)
         except torch.linalg.LinAlgError as err:
-            raise ValueError(
-                f"CP-ALS at rank={rank} met a singular least-squares system ({err}); the tensor of shape "
-                f"{tuple(tensor.shape)} likely has a lower CP rank (e.g. a constant or low-rank weight): pass a "
-                "smaller rank, or eps= / energy= to pick the smallest rank that fits"
-            ) from None
+            raise _degenerate_als(f"met a singular least-squares system ({err})", tensor, rank, init) from None
     norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
     weights = torch.stack(norms).prod(0) * (scale if bool(scale > 0) else 1.0)
-    return weights, [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(factors, norms)]
+    factors = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(factors, norms)]
+    if not all(bool(torch.isfinite(t).all()) for t in (weights, *factors)):
+        # ALS at a rank above the tensor's CP rank can diverge without a singular system (a constant 48 x 60 at rank 4)
+        raise _degenerate_als("gave non-finite factors", tensor, rank, init)
+    return weights, factors
+
+
+def _degenerate_als(what: str, tensor: torch.Tensor, rank: int, init: str) -> ValueError:
+    """The error of a CP-ALS run that broke down; ``formats.cp``'s eps= search reads it as "try a lower rank"."""
+    cause = f"CP-ALS at rank={rank} {what}; the tensor of shape {tuple(tensor.shape)} likely has a lower CP rank " \
+            "(e.g. a constant or low-rank weight)"
+    fix = "pass a smaller rank, or eps= / energy= to pick the smallest rank that fits"
+    if init != "svd":
+        return ValueError(f"{cause}: {fix}")
+    # the SVD start of a mode whose unfolding has rank < R includes directions the tensor is zero along (a mode
+    # zero-padded by pad=True): ALS then zeroes those columns; a random start has no such columns
+    return ValueError(
+        f"{cause}, or the SVD start is degenerate (an unfolding with fewer nonzero singular values than the rank, "
+        f"as a zero-padded mode of pad=True has): {fix}, or start from random factors with init='random' "
+        "(decompose(W, 'cp', rank=..., init='random') or cp_als(T, rank, init='random'))"
+    )

@@ -9,6 +9,7 @@ for (:func:`padded_size`).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from functools import lru_cache
 from typing import Sequence
@@ -21,12 +22,15 @@ __all__ = [
     "prime_factors",
     "validate_modes",
     "check_weight",
+    "check_tensor",
+    "check_int",
+    "check_number",
 ]
 
 
 def prime_factors(n: int) -> list[int]:
     """Prime factors of ``n`` with multiplicity, ascending (``12 -> [2, 2, 3]``)."""
-    _check_positive_int(n, "n")
+    check_int(n, "n")
     factors, p = [], 2
     while p * p <= n:
         while n % p == 0:
@@ -92,8 +96,8 @@ def factorize(n: int, num_modes: int) -> tuple[int, ...]:
     >>> factorize(11008, 4)
     (4, 8, 8, 43)
     """
-    _check_positive_int(n, "n")
-    _check_positive_int(num_modes, "num_modes")
+    check_int(n, "n")
+    check_int(num_modes, "num_modes")
     if num_modes == 1:
         return (n,)
     primes = prime_factors(n)
@@ -111,15 +115,24 @@ def factorize(n: int, num_modes: int) -> tuple[int, ...]:
 def padded_size(n: int, num_modes: int, max_ratio: float = 2.0) -> int:
     """Smallest ``m >= n`` whose balanced split into ``num_modes`` modes is well balanced.
 
-    Well balanced: the largest mode is at most ``max_ratio * ceil(n ** (1 / num_modes))``. Used
-    when ``n`` itself is prime or very unbalanced (``padded_size(769, 2) == 770``); the formats
+    Well balanced: the largest mode is at most ``max_ratio * max(2, ceil(n ** (1 / num_modes)))`` (a mode is at
+    least 2). Used when ``n`` itself is prime or very unbalanced (``padded_size(769, 2) == 770``); the formats
     then zero-pad the weight to ``m`` and slice it back (``pad=True``).
+
+    Raises
+    ------
+    TypeError
+        If ``n`` or ``num_modes`` is not an int, or ``max_ratio`` is not a real number.
+    ValueError
+        If ``n`` or ``num_modes`` is below 1, or ``max_ratio`` is below 1 or NaN (no size would ever qualify).
     """
-    _check_positive_int(n, "n")
-    _check_positive_int(num_modes, "num_modes")
+    check_int(n, "n")
+    check_int(num_modes, "num_modes")
+    check_number(max_ratio, "max_ratio", minimum=1.0)
     if num_modes == 1:
         return n
-    bound = max_ratio * math.ceil(n ** (1.0 / num_modes))
+    # m = c ** num_modes (c = that rounded-up root) splits into modes c <= bound: the search ends by then
+    bound = max_ratio * max(2, math.ceil(n ** (1.0 / num_modes)))
     m = n
     while True:
         if len(prime_factors(m)) >= num_modes and max(factorize(m, num_modes)) <= bound:
@@ -155,20 +168,52 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
             f"{name} must be 2-D (out, in), got shape {tuple(weight.shape)}; reshape conv kernels to "
             f"(out, in * kh * kw) or use FactorizedConv2d"
         )
-    if not weight.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor (float32/float64/bf16/fp16), got {weight.dtype}")
-    if weight.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
-    if weight.is_meta:
+    check_tensor(weight, name)
+
+
+def check_tensor(tensor: torch.Tensor, name: str, ndim: int | None = None) -> None:
+    """Raise unless ``tensor`` is a finite, non-empty, floating ``torch.Tensor`` with ``ndim`` axes (any >= 1 if None).
+
+    The input check of the decompositions: a numpy array, an integer tensor (whose SVD LAPACK refuses, and whose
+    Gram-matrix factors would be cast back to zeros), a 0-d tensor, a meta tensor or a NaN/inf entry would
+    otherwise fail deep inside (LinAlgError, IndexError) or return garbage. ``name`` is the caller's argument.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}; convert it with "
+                        f"torch.as_tensor({name})")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    if tensor.dim() == 0:
+        raise ValueError(f"{name} is 0-d (a scalar); pass a tensor with one axis per mode")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32/float64/bf16/fp16), got {tensor.dtype}; convert "
+                        f"it with {name}.float()")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
+    if tensor.is_meta:
         raise ValueError(f"{name} is on the meta device (no values to decompose); load or materialize the weights "
                          "first (e.g. model.to_empty(...) then load_state_dict, or from_pretrained without init_empty_weights)")
-    if not torch.isfinite(weight).all():
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"{name} has {bad} NaN/inf entries; clean the weight before decomposing it")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} has {bad} NaN/inf entries; clean it before decomposing it")
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+def check_int(value: int, name: str, minimum: int | None = 1) -> int:
+    """``value`` as an int if it is an integer (a Python or numpy int) ``>= minimum`` (no bound if None).
+
+    A bool, a float (``2.5`` is never rounded or truncated) or a string raises TypeError; a smaller value ValueError.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be an int >= {minimum}")
+    return int(value)
+
+
+def check_number(value: float, name: str, minimum: float) -> float:
+    """``value`` as a float if it is a real number (not a bool or string) ``>= minimum``; NaN is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a real number, got {type(value).__name__}")
+    if not value >= minimum:
+        raise ValueError(f"{name}={value} must be a number >= {minimum:g}")
+    return float(value)

@@ -168,8 +168,8 @@ def _smallest_fit_within(tensor: torch.Tensor, eps: float, cap: int, fit) -> lis
     # Each ALS run of the search stops as soon as it meets eps (a little below, as tensorly's
     # running error is computed through norms); the exact error is measured after.
     target = eps * (1 - 1e-6)
-    best = fit(cap, target)
-    if error(best) > eps:
+    best, fits = attempt(cap)
+    if not fits:
         return best
     lo, hi = 1, cap
     while lo < hi:
@@ -181,7 +181,9 @@ def _smallest_fit_within(tensor: torch.Tensor, eps: float, cap: int, fit) -> lis
                 best = candidate
         else:
             lo = mid + 1
-    return best
+    # every fit that met eps was degenerate (ALS broke down at each of them): refit the rank found, so that its
+    # error (cp_als names the fixes) reaches the user
+    return fit(lo, target) if best is None else best
 
 
 def _dense_equation(order: int) -> str:

@@ -99,7 +99,9 @@ def test_forward_cost_is_linear_in_rank_and_modes():
         (dict(rank=3, algorithm="hooi"), TypeError, r"unexpected options \['algorithm'\]"),
         (dict(rank=3, svd="randomized"), ValueError, r"svd='randomized' does not apply to cp"),
         (dict(rank=10**4), ValueError, r"rank=10000 does not fit the cp format"),
-        (dict(rank=3, n_iter_max=0), ValueError, r"n_iter_max >= 1"),
+        (dict(rank=3, n_iter_max=0), ValueError, r"n_iter_max=0 must be an int >= 1"),
+        (dict(rank=3, n_iter_max=2.5), TypeError, r"n_iter_max=2.5 must be an int"),
+        (dict(rank=3, tol=float("nan")), ValueError, r"tol=nan must be a number >= 0"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs, error, match):
@@ -145,3 +147,37 @@ def test_a_rank_the_tensor_cannot_support_is_a_clear_error():
                                          r"or eps= / energy="):
         tensornets.decompose(torch.full((64, 96), 3.0), "cp", rank=4)  # exactly rank 1: ALS's systems are singular
     assert tensornets.decompose(torch.full((64, 96), 3.0), "cp", eps=1e-4).ranks == (1,)
+
+
+@pytest.mark.parametrize("init, names_random_init", [("svd", True), ("random", False)])
+def test_non_finite_als_factors_are_an_error(monkeypatch, init, names_random_init):
+    # tensorly's parafac can return NaN factors without raising; cp_als returned them as its fit
+    def diverged(tensor, rank, **_):
+        return None, [torch.full((n, rank), float("nan"), dtype=tensor.dtype) for n in tensor.shape]
+
+    monkeypatch.setattr("tensorly.decomposition.parafac", diverged)
+    with pytest.raises(ValueError, match=r"CP-ALS at rank=2 gave non-finite factors; .*pass a smaller rank") as info:
+        cp_als(exact_cp_matrix(2).reshape(6, 8, 6, 10), 2, init=init)
+    assert ("init='random'" in str(info.value)) == names_random_init
+
+
+def test_a_rank_above_a_constant_weights_cp_rank_is_an_error_and_eps_lowers_it():
+    # ALS at rank 4 on a constant (CP rank 1) gave NaN cores silently, or a singular system
+    W = torch.ones(OUT, IN)
+    with pytest.raises(ValueError, match=r"CP-ALS at rank=4 (gave non-finite factors|met a singular least-squares)"):
+        tensornets.decompose(W, "cp", rank=4)
+    # eps= reads the error as "lower the rank", also when the cap itself breaks down
+    for kw in ({"eps": 1e-3}, {"eps": 1e-3, "rank": 8}):
+        fact = tensornets.decompose(W, "cp", **kw)
+        assert fact.ranks == (1,) and relative_error(fact.to_dense().detach(), W) <= 1e-3
+
+
+def test_a_zero_padded_mode_error_names_the_random_init_that_fits_it():
+    # pad=True zero-pads in=2 to modes (2, 2): the SVD start puts a column on the zero half and ALS turns singular,
+    # although the padded tensor's CP rank is not low (rank 8 fits, and a random start fits rank 2)
+    W = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"CP-ALS at rank=2 .*pass a smaller rank.*init='random'"):
+        tensornets.decompose(W, "cp", rank=2, pad=True)
+    fact = tensornets.decompose(W, "cp", rank=2, pad=True, init="random")
+    assert fact.ranks == (2,) and torch.isfinite(fact.to_dense()).all()
+    assert relative_error(fact.to_dense().detach(), W) < 1

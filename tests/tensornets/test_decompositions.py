@@ -210,3 +210,84 @@ def test_half_precision_inputs_are_decomposed_in_float32(dtype):
         assert all(g.dtype == dtype and torch.equal(g, e.to(dtype)) for g, e in zip(flat_got, flat_expected)), function
     U, S, Vh = tensornets.truncated_svd(matrix=W, rank=4)  # by keyword too, as documented
     assert U.dtype == dtype and U.shape == (24, 4)
+
+
+_GEN = torch.Generator().manual_seed(0)
+_M = torch.randn(200, 300, generator=_GEN)
+_T = torch.randn(4, 5, 6, generator=_GEN)
+_W = torch.randn(6, 8, generator=_GEN)
+
+
+@pytest.mark.parametrize(
+    "function, args, kwargs, error, match",
+    [
+        # randomized_svd had no rank check: -1 gave 8 triplets, 0 none, 1000 the 200 there are
+        (tensornets.randomized_svd, (_M, -1), {}, ValueError, r"rank=-1 must be in \[1, min\(m, n\)=200\]"),
+        (tensornets.randomized_svd, (_M, 0), {}, ValueError, r"rank=0 must be in \[1, min\(m, n\)=200\]"),
+        (tensornets.randomized_svd, (_M, 1000), {}, ValueError, r"rank=1000 must be in \[1, min\(m, n\)=200\]"),
+        (tensornets.randomized_svd, (_M, 2.0), {}, TypeError, r"rank=2.0 must be an int"),
+        (tensornets.randomized_svd, (_M, 5), dict(oversample=-5), ValueError, r"oversample=-5 must be an int >= 0"),
+        (tensornets.randomized_svd, (_M, 5), dict(n_iter=-1), ValueError, r"n_iter=-1 must be an int >= 0"),
+        (tensornets.truncated_svd, (_M, 2), dict(method="randomized", oversample=-5), ValueError, r"oversample=-5"),
+        # hosvd / hooi sliced [:, :-2] for rank=-2 and returned empty factors for 0
+        (tensornets.hosvd, (_T,), dict(rank=-2), ValueError, r"rank=-2 must be an int >= 1"),
+        (tensornets.hosvd, (_T,), dict(rank=0), ValueError, r"rank=0 must be an int >= 1"),
+        (tensornets.hosvd, (_T,), dict(rank=[2, 0, 3]), ValueError, r"rank\[1\]=0 must be an int >= 1"),
+        (tensornets.hosvd, (_T,), dict(rank=True), TypeError, r"rank=True must be an int"),
+        (tensornets.hosvd, (_T,), dict(rank=2, modes=[0, 5]), ValueError, r"modes=\[0, 5\] must be distinct axes"),
+        (tensornets.hooi, (_T,), dict(rank=0), ValueError, r"rank=0 must be an int >= 1"),
+        (tensornets.hooi, (_T,), dict(rank=2, n_iter=-1), ValueError, r"n_iter=-1 must be an int >= 0"),
+        (tensornets.hooi, (_T,), dict(rank=2, tol=float("nan")), ValueError, r"tol=nan must be a number >= 0"),
+        # tt_svd ignored an unknown method and truncated rank=[2.7, 3] to [2, 3]
+        (tensornets.tt_svd, (_T,), dict(rank=2, method="typo"), ValueError, r"method='typo' must be 'full' or"),
+        (tensornets.tt_svd, (_T,), dict(rank=[2.7, 3]), TypeError, r"rank\[0\]=2.7 must be an int"),
+        # cp_als: tensorly reads rank=2.5 as a fraction of parameters (20 terms here)
+        (tensornets.cp_als, (_T, 2.5), {}, TypeError, r"rank=2.5 must be an int"),
+        (tensornets.cp_als, (_T, True), {}, TypeError, r"rank=True must be an int"),
+        (tensornets.cp_als, (_T, 0), {}, ValueError, r"rank=0 must be an int >= 1"),
+        # stack_tucker2 took rank=True as 1
+        (tensornets.stack_tucker2, ([_W, _W], True), {}, TypeError, r"rank=True must be an int"),
+        (tensornets.stack_tucker2, ([_W, _W], (2, 2.5)), {}, TypeError, r"rank=2.5 must be an int"),
+        (tensornets.stack_tucker2, (torch.stack([_W, _W]), 2), {}, TypeError, r"pass list\(matrices\)"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)
+def test_low_level_functions_refuse_bad_arguments(function, args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        function(*args, **kwargs)
+
+
+def _with(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    bad = tensor.clone()
+    bad.view(-1)[3] = value
+    return bad
+
+
+# (function called on x, argument name, a valid x): the input check runs before any LAPACK call
+_INPUT_CASES = [
+    (lambda x: tensornets.truncated_svd(x, rank=2), "matrix", _W),
+    (lambda x: tensornets.randomized_svd(x, 2), "matrix", _W),
+    (lambda x: tensornets.tt_svd(x, rank=2), "tensor", _T),
+    (lambda x: tensornets.hosvd(x, rank=2), "tensor", _T),
+    (lambda x: tensornets.hooi(x, rank=2), "tensor", _T),
+    (lambda x: tensornets.cp_als(x, 2), "tensor", _T),
+    (lambda x: tensornets.stack_tucker2([x], 2), r"matrices\[0\]", _W),
+]
+_BAD_INPUTS = [
+    ("numpy", lambda x: x.numpy(), TypeError, "must be a torch.Tensor"),
+    ("int", lambda x: x.long(), TypeError, r"must be a floating tensor .*\.float\(\)"),
+    ("nan", lambda x: _with(x, float("nan")), ValueError, "has 1 NaN/inf entries"),
+    ("inf", lambda x: _with(x, float("inf")), ValueError, "has 1 NaN/inf entries"),
+    ("0-d", lambda x: torch.tensor(1.0), ValueError, r"(must be 2-D|is 0-d)"),  # a matrix needs 2 axes, a tensor 1
+]
+
+
+@pytest.mark.parametrize("call, name, good", _INPUT_CASES, ids=["truncated_svd", "randomized_svd", "tt_svd", "hosvd",
+                                                               "hooi", "cp_als", "stack_tucker2"])
+@pytest.mark.parametrize("kind, make, error, match", _BAD_INPUTS, ids=[case[0] for case in _BAD_INPUTS])
+def test_low_level_functions_refuse_bad_input_tensors_naming_the_argument(call, name, good, kind, make, error, match):
+    # these failed deep inside (LinAlgError, IndexError, AttributeError) or returned garbage (int stack_tucker2 gave
+    # all-zero int factors, cp_als fitted an int tensor)
+    call(good)
+    with pytest.raises(error, match=rf"^{name} {match}"):
+        call(make(good))

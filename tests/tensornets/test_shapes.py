@@ -1,4 +1,5 @@
 import math
+import signal
 
 import pytest
 
@@ -48,3 +49,37 @@ def test_prime_cannot_split_and_padding_fixes_it():
 def test_factorize_rejects_bad_sizes(bad):
     with pytest.raises((TypeError, ValueError), match="n"):
         factorize(bad, 2)
+
+
+@pytest.fixture
+def fails_instead_of_hanging():
+    """A padded_size search that never ends (the bug these tests pin) fails after 10 s instead of hanging the run."""
+    def timeout(*_):
+        raise TimeoutError("padded_size did not return within 10 s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.usefixtures("fails_instead_of_hanging")
+@pytest.mark.parametrize(
+    "max_ratio, error",
+    [(0, ValueError), (-1.0, ValueError), (0.5, ValueError), (float("nan"), ValueError), ("2", TypeError),
+     (True, TypeError)],
+)
+def test_padded_size_refuses_a_max_ratio_no_size_can_meet(max_ratio, error):
+    # max_ratio < 1 or NaN: the search for a well-balanced size looped forever
+    with pytest.raises(error, match=r"max_ratio="):
+        padded_size(12, 2, max_ratio=max_ratio)
+
+
+@pytest.mark.usefixtures("fails_instead_of_hanging")
+@pytest.mark.parametrize("n", [1, 2, 769, 1000])
+def test_padded_size_ends_at_max_ratio_one(n):
+    # a mode is at least 2, so for n = 1 the bound is 2, not ceil(1 ** (1/k)) = 1 (which no split meets)
+    m = padded_size(n, 2, max_ratio=1)
+    assert m >= n and max(factorize(m, 2)) <= max(2, math.ceil(n**0.5))
+
