@@ -14,6 +14,7 @@ from ..decompositions import tt_svd
 from ..plans import Plan
 from .base import EinsumFactorization
 from .symbols import letters
+from .tt import balance_core_norms
 
 __all__ = ["MPO", "SplitPlan"]
 
@@ -91,7 +92,7 @@ class MPO(EinsumFactorization):
         interleave = [p for k in range(d) for p in (k, d + k)]
         tensor = weight.reshape(*out_modes, *in_modes).permute(*interleave)
         tensor = tensor.reshape(*[o * i for o, i in zip(out_modes, in_modes)])
-        cores = tt_svd(tensor, rank=list(ranks), eps=eps, method=svd, seed=seed)
+        cores = balance_core_norms(tt_svd(tensor, rank=list(ranks), eps=eps, method=svd, seed=seed))
         return {f"cores.{k}": c.reshape(c.shape[0], o, i, c.shape[-1]) for k, (c, o, i) in enumerate(zip(cores, out_modes, in_modes))}
 
     @classmethod

@@ -14,7 +14,24 @@ from ..plans import cheapest
 from .base import EinsumFactorization, traffic_weight
 from .symbols import letters
 
-__all__ = ["TensorTrain"]
+__all__ = ["TensorTrain", "balance_core_norms"]
+
+
+def balance_core_norms(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The same train with every core at one Frobenius norm, ``(Π_k ||G_k||)^{1/d}``: each core scaled, the
+    scales multiplying to 1, so the represented tensor is unchanged up to rounding.
+
+    TT-SVD leaves the cores left-orthonormal and the whole norm of ``W`` in the last one. A forward that
+    contracts that core first (TT's input modes) then carries ``||W||`` through every intermediate, where a
+    float16 layer overflows although ``x W^T`` itself fits (a 512² weight of entries ~200: inf); spread evenly,
+    each intermediate is at most ``||W||^{k/d}`` of its part, as LowRank's ``S^{1/2}`` split does for two cores.
+    A zero train is returned as it is.
+    """
+    norms = [float(c.detach().double().norm()) for c in cores]
+    if min(norms) == 0.0:
+        return list(cores)
+    target = math.exp(sum(math.log(n) for n in norms) / len(norms))
+    return [c * (target / n) for c, n in zip(cores, norms)]
 
 
 class TensorTrain(EinsumFactorization):
@@ -56,7 +73,7 @@ class TensorTrain(EinsumFactorization):
         if options:
             raise TypeError(f"tt.from_dense got unexpected options {sorted(options)}")
         cores = tt_svd(weight.reshape(*out_modes, *in_modes), rank=list(ranks), eps=eps, method=svd, seed=seed)
-        return {f"cores.{k}": c for k, c in enumerate(cores)}
+        return {f"cores.{k}": c for k, c in enumerate(balance_core_norms(cores))}
 
     @classmethod
     def _ranks_of(cls, tensors, requested) -> tuple[int, ...]:

@@ -265,6 +265,23 @@ def test_low_precision_weight_keeps_its_dtype():
     assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(fact.parameters(), reference.parameters()))
 
 
+@pytest.mark.parametrize("fmt,kw", [("tt", dict(rank=4)), ("mpo", dict(rank=4, num_cores=2))])
+def test_trains_spread_the_norm_so_float16_forwards_stay_finite(fmt, kw):
+    # TT-SVD leaves the norm of W (~1e5 here) in one core; contracted first, it overflowed float16 (inf) although
+    # every entry of W and of x W^T fits. Balanced, every core has one norm and the product is unchanged.
+    torch.manual_seed(0)
+    W = torch.full((512, 512), 200.0) + torch.randn(512, 512)
+    fact = tensornets.decompose(W.half(), fmt, **kw)
+    norms = [float(c.detach().double().norm()) for c in fact.parameters()]
+    assert max(norms) / min(norms) < 1.01
+    for batch in (1, 64, 1024):
+        x = torch.randn(batch, 512).half()
+        with torch.no_grad():
+            y = fact(x)
+        assert torch.isfinite(y).all()
+        assert_close(y.float(), x.float() @ fact.to_dense().float().T, tol=1e-2)
+
+
 def test_float16_cores_beyond_its_range_are_refused():
     # every entry (1500) fits float16, but Tucker's core holds sigma_max = 1500 * sqrt(48 * 60) ~ 8.05e4 > 65504
     W = torch.full((OUT, IN), 1500.0, dtype=torch.float16)
