@@ -251,9 +251,15 @@ def save_compressed(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r} must be a floating torch dtype (e.g. torch.bfloat16) or None")
+    if quantized is not None and not isinstance(quantized, Mapping):
+        raise TypeError(f"quantized must map layer names to QuantizedWeight (CompressionReport.quantized), got "
+                        f"{type(quantized).__name__}")
     model = unwrap_compiled(model)
     refuse_side_branches(model, "save_compressed")
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"path={str(out)!r} is a file; save_compressed writes a directory: pass a new or empty "
+                         "directory's path")
     refuse_other_checkpoint(out, transformers_weights(out), "save_compressed")
     tensors, shared = _stored_tensors(model, dtype)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
@@ -554,6 +560,17 @@ def _check_dtypes(state: Mapping[str, torch.Tensor], ckpt: _Checkpoint, tensors:
                          "the weights must come from the same compress.save_compressed call")
 
 
+def _check_finite_factors(ckpt: _Checkpoint, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any]) -> None:
+    """Every tensor of a factorized layer is finite: a NaN core is never a valid factor (other tensors, e.g. an
+    attention mask buffer of -inf, may legitimately hold inf, and packed layers are checked by ``check_values``)."""
+    prefixes = tuple(f"{name}." for name in layers)
+    bad = sorted(k for k, t in tensors.items() if k.startswith(prefixes) and t.is_floating_point()
+                 and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"{ckpt.weights}: factorized layer tensors {bad[:5]} hold NaN or inf: the file was altered "
+                         "or corrupted; rewrite the directory with compress.save_compressed")
+
+
 def _aliases(state: Mapping[str, torch.Tensor], stored: Mapping[str, Any]) -> dict[str, str]:
     """``alias -> stored name`` for the state-dict names absent from ``stored`` whose tensor is shared with one
     present in it."""
@@ -609,6 +626,7 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
     _check_fit(state, ckpt, shapes)
     tensors = _unpacked(ckpt, _read_tensors(ckpt.weights, "cpu"))
     _check_dtypes(state, ckpt, tensors)
+    _check_finite_factors(ckpt, tensors, built)
     for name, module in built.items():
         replace_module(base_model, name, module)
     # a base built on meta (accelerate.init_empty_weights) takes the loaded tensors as they are; a real one keeps
@@ -680,7 +698,7 @@ def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.de
             f"{ckpt.manifest.get('module_class', 'a 0.1.0 checkpoint')}): build that model and use "
             f"compress.load_compressed(model, {str(directory)!r})"
         )
-    cls = getattr(transformers, architecture, None)
+    cls = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ValueError(f"{ckpt.manifest_file} names architecture {architecture!r}, which this transformers "
                          f"{transformers.__version__} does not have; install the version the model was saved with")
@@ -688,14 +706,24 @@ def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.de
         raise FileNotFoundError(f"{directory} has no config.json; write the directory with "
                                 "compress.save_compressed(model, path) from a transformers model")
     shapes = _unpacked_shapes(ckpt, _header(ckpt.weights)[1])
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory / 'config.json'} is not a transformers config it can read ({e}); write the "
+                         "directory again with compress.save_compressed") from None
+    if not isinstance(config, cls.config_class):
+        raise ValueError(f"{ckpt.manifest_file} names architecture {architecture!r}, whose config is a "
+                         f"{cls.config_class.__name__}, but config.json holds a {type(config).__name__}; the two "
+                         "files come from different models: write the directory again with compress.save_compressed")
     with _empty_weights():
         model = cls(config)
-        for name, module in _build_layers(model, ckpt, like_replaced=False).items():
+        built = _build_layers(model, ckpt, like_replaced=False)
+        for name, module in built.items():
             replace_module(model, name, module)
     _check_fit(model.state_dict(), ckpt, shapes)
     tensors = _unpacked(ckpt, _read_tensors(ckpt.weights, device))
     _check_dtypes(model.state_dict(), ckpt, tensors)
+    _check_finite_factors(ckpt, tensors, built)
     model.load_state_dict(tensors, strict=False, assign=True)
     _tie(model, ckpt.manifest["shared"])
     model.to(device)  # the buffers built at construction

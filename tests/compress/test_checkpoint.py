@@ -284,8 +284,14 @@ def _alias_of_a_stored_tensor(out: Path) -> None:  # tying would silently replac
         {"model.layers.0.input_layernorm.weight": "model.layers.0.post_attention_layernorm.weight"}))
 
 
+def _nan_core(out: Path) -> None:  # a NaN factor loaded silently, and every forward gave NaN
+    _edit_tensors(out, lambda t: t["model.layers.0.mlp.up_proj.factorization.U"].view(-1)[0:1].fill_(float("nan")))
+
+
 @pytest.mark.parametrize("damage,match", [
     (_stray_tensor, r"does not fit .*unexpected keys \['stray'\]"),
+    (_nan_core, rf"{WEIGHTS_FILE}: factorized layer tensors \['model.layers.0.mlp.up_proj.factorization.U'\] hold "
+                r"NaN or inf"),
     (_half_core, r"holds tensors of another dtype than float32 \(the manifest's dtype\): \[.*torch.float16"),
     (_alias_of_nothing, r"shared tensors \['lm_head.weight -> model.no_such.weight'\]"),
     (_alias_of_another_shape, rf"{MANIFEST_FILE}: shared tensors \['lm_head.weight \(62, 64\) -> model.norm.weight "
@@ -293,7 +299,7 @@ def _alias_of_a_stored_tensor(out: Path) -> None:  # tying would silently replac
     (_alias_of_a_stored_tensor, rf"{MANIFEST_FILE}: shared tensors \['model.layers.0.input_layernorm.weight -> "
                                 rf"model.layers.0.post_attention_layernorm.weight'\] .*{WEIGHTS_FILE} stores"),
     (lambda out: _edit_manifest(out, _unknown_layer), "lists layer 'model.layers.7.mlp.up_proj'"),
-], ids=["stray-tensor", "dtype", "shared", "shared-shape", "shared-stored", "unknown-layer"])
+], ids=["stray-tensor", "nan-core", "dtype", "shared", "shared-shape", "shared-stored", "unknown-layer"])
 def test_a_checkpoint_that_does_not_fit_leaves_the_base_model_as_it_was(tmp_path, saved_lowrank, damage, match):
     out = _copy(saved_lowrank[1], tmp_path / "d")
     damage(out)
@@ -469,3 +475,26 @@ def test_a_symmetric_layer_with_zero_points_is_refused(tmp_path):
     _edit_tensors(out, lambda t: t["0.weight_zero_point"][0, 0].fill_(1))
     with pytest.raises(ValueError, match="packed layer '0' .*weight_zero_point is not all zero .*symmetric"):
         load_compressed(_mixed_net(), out)
+
+
+def test_a_directory_whose_files_disagree_or_are_unreadable_is_refused(tmp_path, saved_lowrank):
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    _edit_manifest(out, lambda m: m.update(architecture=["LlamaForCausalLM"]))
+    with pytest.raises(ValueError, match=r"names architecture \['LlamaForCausalLM'\], which this transformers"):
+        load_compressed_directory(out)
+    _edit_manifest(out, lambda m: m.update(architecture="BertModel"))
+    with pytest.raises(ValueError, match="whose config is a BertConfig, but config.json holds a LlamaConfig"):
+        load_compressed_directory(out)
+    _edit_manifest(out, lambda m: m.update(architecture="LlamaForCausalLM"))
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not a transformers config it can read"):
+        load_compressed_directory(out)
+
+
+def test_save_compressed_names_a_bad_path_or_quantized_argument(tmp_path, saved_lowrank):
+    model = saved_lowrank[0]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; save_compressed writes a directory"):
+        save_compressed(model, tmp_path / "file")
+    with pytest.raises(TypeError, match="quantized must map layer names to QuantizedWeight"):
+        save_compressed(model, tmp_path / "out", quantized=[1])
