@@ -22,6 +22,7 @@ kept.
 from __future__ import annotations
 
 import heapq
+import numbers
 import warnings
 from collections.abc import Mapping
 
@@ -63,6 +64,7 @@ def allocate_ranks(
     """
     floors = floors or {}
     caps = caps or {}
+    _check_allocation(sq_spectra, shapes, budget, floors, caps)
     ranks = {n: max(1, floors.get(n, 1)) for n in sq_spectra}
     cost = {n: sum(shapes[n]) for n in sq_spectra}
     spent = sum(ranks[n] * cost[n] for n in ranks)
@@ -91,6 +93,37 @@ def allocate_ranks(
         ranks[names[i]] += 1
         spent += costs[i]
     return _fill_evenly(ranks, limit, cost, budget, spent)
+
+
+def _check_allocation(sq_spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], budget: int,
+                      floors: Mapping[str, int], caps: Mapping[str, int]) -> None:
+    """Refuse what the greedy loop would silently misread: a non-int or negative budget, floors / caps of layers
+    not in ``sq_spectra`` or not ints >= 1, a floor above its cap, a missing shape, a spectrum with NaN, inf or
+    negative values."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
+        raise ValueError(f"budget={budget!r} must be an int >= 0 (a number of parameters)")
+    missing = sorted(n for n in sq_spectra if n not in shapes)
+    if missing:
+        raise ValueError(f"shapes has no (out, in) for layers {missing[:5]}; pass one per layer of sq_spectra")
+    for what, table in (("floors", floors), ("caps", caps)):
+        unknown = sorted(n for n in table if n not in sq_spectra)
+        if unknown:
+            raise ValueError(f"{what} names layers {unknown[:5]} that sq_spectra does not have")
+        bad = sorted(f"{n}={r!r}" for n, r in table.items()
+                     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1)
+        if bad:
+            raise ValueError(f"{what} must be ints >= 1, got {bad[:5]}")
+    full = {n: max(len(sq), min(shapes[n])) for n, sq in sq_spectra.items()}
+    above = sorted(f"{n}: {r} > {full[n]}" for table in (floors, caps) for n, r in table.items() if r > full[n])
+    if above:
+        raise ValueError(f"floors / caps above a layer's full rank ({above[:5]}); lower them")
+    crossed = sorted(f"{n}: floor {floors[n]} > cap {caps[n]}" for n in floors if n in caps and floors[n] > caps[n])
+    if crossed:
+        raise ValueError(f"floors exceed caps ({crossed[:5]}); lower the floors or raise the caps")
+    bad_spectra = sorted(n for n, sq in sq_spectra.items() if not bool(torch.isfinite(sq).all()) or bool((sq < 0).any()))
+    if bad_spectra:
+        raise ValueError(f"the squared spectra of {bad_spectra[:5]} hold NaN, inf or negative values; recollect the "
+                         "statistics")
 
 
 def _fill_evenly(ranks: dict[str, int], limit: Mapping[str, int], cost: Mapping[str, int], budget: int,

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.targets import TargetSpec, drop_bypassed, find_targets, unwrap_compiled
+from tensornets.devices import usable_device
 
 
 @dataclass
@@ -285,6 +286,8 @@ def accumulate_stats(
     ValueError
         If ``batches`` is empty, a module never received input, or an activation was NaN or infinite.
     """
+    if stats_device is not None:
+        stats_device = usable_device(stats_device, "stats_device", fix="pass None (each input's own device) or 'cpu'")
     sums: dict[str, list] = {}
     seen: set[str] = set()
     current: dict[str, dict] = {"masks": {}}  # the running batch's real-token masks, by mask_keys' keys

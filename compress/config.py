@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tensornets.devices import usable_device
+
 from compress.compressors import METHOD_OPTIONS, Compressor, available_compressors, get_compressor
 
 
@@ -125,6 +127,8 @@ class CompressionConfig:
             raise TypeError(f"scale_dtype={self.scale_dtype!r} must be a floating torch dtype (torch.bfloat16, "
                             "torch.float16 or torch.float32)")
         self.method = self.compressor.name
+        if self.device is not None:
+            usable_device(self.device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
         sizes = {k: v for k, v in (("keep", self.keep), ("rank", self.rank), ("energy", self.energy)) if v is not None}
         if self.compressor.kind == "dense":
             if sizes:

@@ -67,6 +67,7 @@ from compress.targets import (
     unwrap_compiled,
 )
 from tensornets import FactorizedConv2d, FactorizedLinear, get_format
+from tensornets.devices import usable_device
 
 #: attribute of a layer that :meth:`EoraAdapter.merge` folded residuals into: the set of those adapters' tokens
 #: (merging one adapter twice would add its residual twice; another adapter, e.g. a second EoRA round, may merge)
@@ -405,6 +406,7 @@ def eora_factors(
     name : str
         The layer's name, for error messages.
     """
+    device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     if method not in EORA_METHODS:
         raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
     lr.check_rank(rank, delta.shape[0], delta.shape[1], name, lr.EORA_RANK_FIX)
@@ -439,6 +441,7 @@ def eora_compensate_pairs(
     EoraAdapter
         With every layer of kind ``"linear"``.
     """
+    device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     _check_method_and_rank(method, rank)
     pairs = dict(pairs) if isinstance(pairs, Mapping) else {str(i): p for i, p in enumerate(pairs)}
     if stats is None:
@@ -550,6 +553,7 @@ def eora_compensate(
     >>> eora = eora_compensate(model, quant, stats, rank=32)
     >>> eora.save_pretrained("eora-adapter")  # PeftModel.from_pretrained(quant, "eora-adapter")
     """
+    device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     if not isinstance(original, nn.Module):
         warnings.warn("eora_compensate(pairs, ...) is deprecated and will be removed in the next release; call "
                       "eora_compensate_pairs(pairs, stats, ...)", DeprecationWarning, stacklevel=2)

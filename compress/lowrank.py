@@ -24,12 +24,15 @@ eigendecomposition runs in float64 whatever the weight dtype.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
 
 from compress.calibration import LayerStats
 from tensornets.decompositions import rank_for_keep as core_rank_for_keep
+from tensornets.devices import usable_device
 
 #: method names accepted by :func:`input_scaling`
 SCALINGS = ("svd", "asvd", "whitened")
@@ -135,8 +138,9 @@ def whitening(stats: LayerStats, *, ridge: float = 0.0, eps: float | None = None
 
 def asvd_scaling(stats: LayerStats, *, alpha: float = 0.5, eps: float | None = None) -> InputScaling:
     """``S = diag(mean|x|)^α``; channels with scale ``<= max · eps`` get ``S⁺ = 0``."""
-    if alpha < 0:
-        raise ValueError(f"alpha={alpha} must be >= 0 (ASVD scales channels by mean|x|**alpha; 0.5 is usual)")
+    if not 0 <= alpha < math.inf:  # NaN too; inf scaled every channel to 0 or inf: all-zero factors
+        raise ValueError(f"alpha={alpha} must be a finite number >= 0 (ASVD scales channels by mean|x|**alpha; 0.5 is "
+                         "usual)")
     s = stats.mean_abs.to(torch.float64).pow(alpha)
     if not torch.isfinite(s).all():
         raise ValueError("the mean absolute activations contain NaN or inf; recollect the statistics in float32")
@@ -157,6 +161,7 @@ def input_scaling(
     device: torch.device | str | None = None,
 ) -> InputScaling:
     """The weighting ``S`` of ``method`` in :data:`SCALINGS` (``"svd"`` needs no statistics, only ``n``)."""
+    device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     if method == "svd":
         if n is None:
             raise ValueError("input_scaling('svd') needs n, the input size")
@@ -243,6 +248,7 @@ def lowrank_factors(
     (B, A) : tuple of torch.Tensor
         float64, on ``device``; ``B A`` is the approximation of ``M``.
     """
+    device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     check_rank(rank, M.shape[0], M.shape[1], "M")
     device = M.device if device is None else torch.device(device)
     scaling = input_scaling(method, stats, alpha=alpha, ridge=ridge, eps=eps, n=M.shape[1], device=device)

@@ -122,6 +122,7 @@ class FactorizedLinear(nn.Module):
         fmt = get_format(format)
         if init not in ("variance", "mup"):
             raise ValueError(f"init={init!r} must be 'variance' or 'mup'")
+        _check_factory_kwargs(dtype, device)
         if (rank is None) == (keep is None):
             raise ValueError(f"pass rank= or keep= (got rank={rank}, keep={keep}): the layer's size")
         in_modes, out_modes, ranks = fmt.resolve_structure(in_features, out_features, rank=rank, keep=keep,
@@ -180,6 +181,18 @@ ConvFormat = Literal["tucker", "lowrank"]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def _check_factory_kwargs(dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+    """``dtype`` a real floating torch dtype and ``device`` a device name (``meta`` allowed: shape-only layers), or
+    None: a string dtype or a complex one failed inside torch, or built complex cores nothing else accepts."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r} must be a floating torch dtype (torch.float32, torch.bfloat16, ...) or None")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device={device!r} is not a torch device ({err}); pass 'cpu', 'cuda' or 'meta'") from None
+
+
 class FactorizedConv2d(nn.Module):
     """A factorized ``nn.Conv2d`` (drop-in; ``groups=1``) over a core format.
 
@@ -219,6 +232,7 @@ class FactorizedConv2d(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        _check_factory_kwargs(dtype, device)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = nn.modules.utils._pair(kernel_size)
         self.stride = nn.modules.utils._pair(stride)

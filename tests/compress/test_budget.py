@@ -52,6 +52,23 @@ def test_floors_and_caps():
         allocate_ranks(sq, shapes, 100, floors={"a": 3, "b": 3})
 
 
+@pytest.mark.parametrize("kw,match", [
+    # each gave ranks past the layer's size, or was ignored, or read NaN as "no limit"
+    (dict(floors={"a": 100}), r"floors / caps above a layer's full rank \(\['a: 100 > 32'\]\)"),
+    (dict(caps={"a": 1000}), r"floors / caps above a layer's full rank \(\['a: 1000 > 32'\]\)"),
+    (dict(floors={"a": 5}, caps={"a": 3}), r"floors exceed caps \(\['a: floor 5 > cap 3'\]\)"),
+    (dict(floors={"nope": 2}), r"floors names layers \['nope'\]"),
+    (dict(floors={"a": -1}), r"floors must be ints >= 1, got \['a=-1'\]"),
+    (dict(caps={"a": 2.5}), r"caps must be ints >= 1, got \['a=2.5'\]"),
+    (dict(budget=float("nan")), "budget=nan must be an int >= 0"),
+    (dict(spectra={"a": torch.tensor([1.0, float("nan")])}), r"squared spectra of \['a'\] hold NaN"),
+])
+def test_bad_allocation_arguments_name_the_problem(kw, match):
+    sq = kw.pop("spectra", {"a": torch.logspace(0, -4, 32)})
+    with pytest.raises(ValueError, match=match):
+        allocate_ranks(sq, {"a": (32, 64)}, kw.pop("budget", 1000), **kw)
+
+
 def test_budget_without_measured_gains_is_spread_evenly_and_spent():
     """Few calibration rows: the spectra have 3 non-zero values each. keep stays the fraction of parameters kept:
     the measured gains go first, the rest of the budget is spread by rank fraction, with a warning."""

@@ -696,3 +696,17 @@ def test_models_that_read_a_layers_weight_run_with_factorized_layers():
                      model(input_ids=ids, decoder_input_ids=ids).logits, what="T5 logits")
     conv = tensornets.FactorizedConv2d.from_conv(nn.Conv2d(3, 8, 3), rank=3)
     assert conv.weight.shape == (8, 3, 3, 3) and torch.equal(conv.weight, conv.weight_dense())
+
+
+@pytest.mark.parametrize("device", ["gpu", "meta", 3.5])
+def test_a_processing_device_that_cannot_hold_values_is_named(device):
+    # each reached torch internals (an AssertionError for cuda without CUDA) or silently returned meta tensors
+    from compress import eora_factors, lowrank_factors
+
+    with pytest.raises(ValueError, match=rf"device={device!r}"):
+        CompressionConfig(method="rtn", device=device)
+    M = torch.randn(8, 6)
+    with pytest.raises(ValueError, match=rf"device={device!r}"):
+        lowrank_factors(M, 2, method="svd", device=device)
+    with pytest.raises(ValueError, match=rf"device={device!r}"):
+        eora_factors(M, None, 2, method="svd", device=device)

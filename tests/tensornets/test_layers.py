@@ -354,3 +354,14 @@ def test_create_at_a_parameter_fraction_matches_from_dense(format_case):
     assert fresh.factorization.num_parameters <= 0.3 * IN * OUT
     with pytest.raises(ValueError, match="pass rank= or keep="):
         FactorizedLinear.create(IN, OUT, fmt, **kw)
+
+
+def test_factories_name_a_bad_dtype_or_device():
+    for dtype in ("float32", torch.complex64, torch.int64):
+        with pytest.raises(TypeError, match="must be a floating torch dtype"):
+            FactorizedLinear.create(IN, OUT, "lowrank", rank=2, dtype=dtype)
+        with pytest.raises(TypeError, match="must be a floating torch dtype"):
+            FactorizedConv2d(4, 6, 3, rank=2, dtype=dtype)
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="gpu")
+    assert FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="meta").factorization.U.is_meta  # shapes only
