@@ -151,6 +151,12 @@ class DeltaConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            spec = getattr(self, name)
+            if spec is not None and not isinstance(spec, str) and not (
+                    isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(e, str) for e in spec)):
+                raise TypeError(f"{name}={spec!r} must be a list of module names (['q_proj', 'v_proj']), a regex "
+                                "string, 'all-linear' or None")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -702,6 +708,7 @@ class DeltaTuner(BaseTuner):
         if legacy:
             state_dict = {legacy.get(key, key): value for key, value in state_dict.items()}
         _check_shared_keys(cls, model, adapter_name, state_dict)
+        _check_layer_tensors(cls, model, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
@@ -849,6 +856,48 @@ def _check_shared_keys(
             "tensors): the adapter was saved on a base with other layer shapes or another number of adapted layers "
             "(MoS pools grow with it); load it onto that base model"
         )
+
+
+def _check_layer_tensors(
+    tuner_cls: type[DeltaTuner], model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Refuse adapter tensors this model's adapter has no place for, of another shape, or of values no adapter
+    holds (integers where it stores floats, NaN / inf).
+
+    PEFT drops unexpected keys without a word: an ``adapter_config.json`` whose ``target_modules`` was narrowed
+    loaded the other layers' tensors nowhere, a different model. A wrong shape surfaced as ``load_state_dict``'s
+    raw ``RuntimeError``, an integer tensor was cast, a NaN loaded. Keys outside the adapter's containers (e.g.
+    ``modules_to_save`` copies) are PEFT's to check.
+    """
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    here = {}
+    for model_key, tensor in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes).items():
+        key = tuner_cls._remove_adapter_name_from_key(model_key, adapter_name)
+        here[key] = tensor
+        if not key.startswith(_PEFT_PREFIX):
+            here[_PEFT_PREFIX + key] = tensor
+    containers = tuner_cls.adapter_container_names()
+    ours = {k: v for k, v in state_dict.items() if containers & set(k.split("."))}
+    stray = sorted(k for k in ours if k not in here)
+    if stray:
+        raise ValueError(
+            f"the checkpoint holds {len(stray)} adapter tensor(s) this model's adapter has no layer for (e.g. "
+            f"{stray[:2]}): it was saved with other target_modules / layers_to_transform, or on a base with other layer "
+            "shapes; load it with the adapter_config.json it was saved with, onto that base"
+        )
+    resized = [f"{k}: {tuple(v.shape)} here {tuple(here[k].shape)}" for k, v in ours.items()
+               if tuple(v.shape) != tuple(here[k].shape)]
+    if resized:
+        raise ValueError(
+            f"the checkpoint's adapter tensors have other shapes than this model's ({len(resized)}, e.g. {resized[:2]}): "
+            "it was saved with another adapter_config.json (r, modes, ...) or on a base with other layer shapes; load "
+            "it with its own config onto that base"
+        )
+    bad = sorted(k for k, v in ours.items() if here[k].is_floating_point()
+                 and (not v.is_floating_point() or not bool(torch.isfinite(v).all())))
+    if bad:
+        raise ValueError(f"the checkpoint's adapter tensors {bad[:3]} hold integers or NaN / inf where the adapter "
+                         "stores finite floats: the file was altered or corrupted; save the adapter again")
 
 
 def _parameters_of(entry: nn.Parameter | nn.Module) -> list[nn.Parameter]:

@@ -304,10 +304,13 @@ def export_lora(
     Path
         ``path``.
     """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path={str(path)!r} is a file; export_lora writes a directory (adapter_config.json and "
+                         f"{SAFETENSORS_WEIGHTS_NAME}): pass a directory path")
     config, state_dict = to_lora(peft_model, adapter_name, dtype=dtype)
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, str(path / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     config.save_pretrained(str(path))

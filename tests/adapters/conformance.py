@@ -265,6 +265,8 @@ BAD_CASES: list[BadCase] = [
     BadCase("lotr-conv-target", "conv", lambda: LOTR(r=2, target_modules=["c1"]), TypeError,
             r"nn.Linear, Conv1D layers only"),
     BadCase("lotr-unknown-target", "mlp", lambda: LOTR(r=2, target_modules=["nope"]), ValueError, r"not found"),
+    BadCase("flora-target-not-names", "mlp", lambda: FLORA(r=2, target_modules=3), TypeError,
+            r"target_modules=3 must be a list of module names"),
     BadCase("lotr-bad-init", "mlp", lambda: LOTR(init_factors="xavier"), ValueError, r"init_factors='xavier'"),
     BadCase("lotr-bad-share", "mlp", lambda: LOTR(share="layer"), ValueError, r"share='layer'"),
     BadCase(

@@ -378,6 +378,30 @@ def test_load_onto_a_base_of_other_widths_fails(case, tmp_path):
         PeftModel.from_pretrained(wider, str(tmp_path / "a"))
 
 
+@pytest.mark.parametrize("case", [param for param in CASES if param.values[0].model == "mlp"])
+def test_a_checkpoint_edited_or_loaded_with_other_targets_is_refused(case, tmp_path):
+    # PEFT drops adapter tensors it has no layer for without a word (a narrowed target_modules loaded another
+    # model), and cast integer tensors or loaded NaN
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    conf.save_perturbed(case, tmp_path / "a", seed=11)
+    config_file, weights = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
+    config, tensors = json.loads(config_file.read_text()), load_file(str(weights))
+    narrowed = {**config, "target_modules": sorted(config["target_modules"])[:1]}
+    config_file.write_text(json.dumps(narrowed))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="has no layer for|other layer shapes|another number of adapted layers"):
+        PeftModel.from_pretrained(conf.TinyMLP().eval(), str(tmp_path / "a"))
+    config_file.write_text(json.dumps(config))
+    key = max(tensors, key=lambda k: tensors[k].numel())
+    for edit in (lambda t: t.to(torch.int32), lambda t: t.clone().fill_(float("nan"))):
+        save_file({**tensors, key: edit(tensors[key])}, str(weights))
+        with pytest.raises(ValueError, match=r"hold integers or NaN / inf where the adapter stores finite floats"):
+            PeftModel.from_pretrained(conf.TinyMLP().eval(), str(tmp_path / "a"))
+
+
 def _mixed_output(case, model, inputs, names):
     return case.spec.output(model(**inputs, adapter_names=names))
 

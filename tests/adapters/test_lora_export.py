@@ -412,3 +412,10 @@ def test_bad_arguments(bert_dir: Path) -> None:
     lora = get_peft_model(AutoModel.from_pretrained(bert_dir), LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(ValueError, match="not one of ours"):
         adapters.to_lora(lora)
+
+
+def test_export_into_a_file_path_is_refused(bert_dir: Path, tmp_path: Path) -> None:
+    model = get_peft_model(AutoModel.from_pretrained(bert_dir), LOTR(r=2, target_modules=["query"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; export_lora writes a directory"):
+        adapters.export_lora(model, tmp_path / "file")
