@@ -492,8 +492,8 @@ def _threads(parser: argparse.ArgumentParser, text: str) -> int:
 
     if text == "torch":
         return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if text == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, min(torch.get_num_threads(), cores - 1))
     try:
         value = int(text)
@@ -501,6 +501,11 @@ def _threads(parser: argparse.ArgumentParser, text: str) -> int:
         value = 0
     if value < 1:
         parser.error(f"argument --threads: {text!r} must be a positive integer, 'auto' or 'torch'")
+    # far more threads than cores only slows the run, and a huge count fails later in thread creation (a
+    # MemoryError, or "can't start new thread" while loading the model, which then looked like a bad model)
+    if value > 4 * cores:
+        parser.error(f"argument --threads: {value} is more than 4x the {cores} CPU core(s) this process may use; "
+                     f"pass at most {cores} (or auto)")
     return value
 
 

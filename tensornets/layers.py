@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Literal, Sequence
 
 import torch
@@ -75,6 +76,8 @@ class FactorizedLinear(nn.Module):
         self.in_features = factorization.in_features
         self.out_features = factorization.out_features
         if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a tensor of shape ({self.out_features},) or None, got {type(bias).__name__}")
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
             if not bias.is_meta and not torch.isfinite(bias).all():
@@ -181,6 +184,16 @@ ConvFormat = Literal["tucker", "lowrank"]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def _check_ints(**values: Any) -> None:
+    """Each value an int or a pair of ints (``nn.Conv2d``'s geometry): ``True`` was read as 1 and ``2.5`` reached
+    the rank rules as a kernel of 6.25 positions."""
+    for name, value in values.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if isinstance(value, (tuple, list)) and len(value) != 2 or not all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+            raise TypeError(f"{name}={value!r} must be an int or a pair of ints")
+
+
 def _check_factory_kwargs(dtype: torch.dtype | None, device: torch.device | str | None) -> None:
     """``dtype`` a real floating torch dtype and ``device`` a device name (``meta`` allowed: shape-only layers), or
     None: a string dtype or a complex one failed inside torch, or built complex cores nothing else accepts."""
@@ -233,6 +246,8 @@ class FactorizedConv2d(nn.Module):
     ) -> None:
         super().__init__()
         _check_factory_kwargs(dtype, device)
+        _check_ints(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                    dilation=dilation, **({} if isinstance(padding, str) else {"padding": padding}))
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = nn.modules.utils._pair(kernel_size)
         self.stride = nn.modules.utils._pair(stride)
@@ -573,6 +588,8 @@ class FactorizedConv2d(nn.Module):
         return conv
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}; convert it with torch.as_tensor(x)")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (N, C_in, H, W) or (C_in, H, W) with "
                              f"C_in=in_channels={self.in_channels}")

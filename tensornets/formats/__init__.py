@@ -36,6 +36,8 @@ def register_format(cls: type[Factorization], *aliases: str) -> type[Factorizati
     if not (isinstance(cls, type) and issubclass(cls, Factorization)) or not cls.format_name:
         raise TypeError(f"{cls!r} must be a Factorization subclass with a format_name")
     for name in (cls.format_name, *aliases):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"format names and aliases must be non-empty strings, got {name!r}")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"format name {name!r} is already registered to {_REGISTRY[name].__name__}")
         _REGISTRY[name] = cls

@@ -503,6 +503,8 @@ class Factorization(nn.Module, ABC):
         return y.reshape(*lead, self.out_features)
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}; convert it with torch.as_tensor(x)")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"x has shape {tuple(x.shape)}; its last dimension must be in_features={self.in_features}"

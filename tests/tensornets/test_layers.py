@@ -365,3 +365,23 @@ def test_factories_name_a_bad_dtype_or_device():
     with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
         FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="gpu")
     assert FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="meta").factorization.U.is_meta  # shapes only
+
+
+def test_constructors_and_forwards_name_arguments_of_the_wrong_type():
+    # True was read as one channel, 2.5 reached the rank rules, a list bias and a numpy input failed in attributes
+    import numpy as np
+
+    for kw in (dict(in_channels=True), dict(kernel_size=2.5), dict(stride=(1, 1.5)), dict(padding=(1, 1, 1)),
+               dict(in_channels="4")):
+        args = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, **kw}
+        with pytest.raises(TypeError, match=rf"{next(iter(kw))}=.* must be an int or a pair of ints"):
+            FactorizedConv2d(args.pop("in_channels"), args.pop("out_channels"), args.pop("kernel_size"), rank=2, **args)
+    fact = tensornets.decompose(torch.randn(OUT, IN), "lowrank", rank=2)
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        FactorizedLinear(fact, bias=[0.0] * OUT)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        FactorizedLinear(fact)(np.zeros((2, IN), dtype=np.float32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        FactorizedConv2d(4, 6, 3, rank=2)(np.zeros((1, 4, 5, 5), dtype=np.float32))
+    with pytest.raises(TypeError, match="format names and aliases must be non-empty strings, got 3"):
+        tensornets.register_format(type(fact), 3)
