@@ -288,6 +288,10 @@ def accumulate_stats(
     """
     if stats_device is not None:
         stats_device = usable_device(stats_device, "stats_device", fix="pass None (each input's own device) or 'cpu'")
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+        # a (B, T) tensor iterates over its rows, each run as a batch of one 1-D sequence: a shape error far inside
+        raise TypeError(f"batches must be an iterable of model inputs (a list, a DataLoader), got "
+                        f"{type(batches).__name__}; for one tensor of token ids pass [ids] or list(ids.split(8))")
     sums: dict[str, list] = {}
     seen: set[str] = set()
     current: dict[str, dict] = {"masks": {}}  # the running batch's real-token masks, by mask_keys' keys

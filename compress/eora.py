@@ -27,6 +27,8 @@ this package.
 
 from __future__ import annotations
 
+import math
+
 import copy
 import json
 import os
@@ -68,6 +70,7 @@ from compress.targets import (
 )
 from tensornets import FactorizedConv2d, FactorizedLinear, get_format
 from tensornets.devices import usable_device
+from tensornets.shapes import check_tensor
 
 #: attribute of a layer that :meth:`EoraAdapter.merge` folded residuals into: the set of those adapters' tokens
 #: (merging one adapter twice would add its residual twice; another adapter, e.g. a second EoRA round, may merge)
@@ -407,8 +410,8 @@ def eora_factors(
         The layer's name, for error messages.
     """
     device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
-    if method not in EORA_METHODS:
-        raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
+    check_tensor(delta, "delta", ndim=2)
+    _check_options(method, alpha, ridge, eps)
     lr.check_rank(rank, delta.shape[0], delta.shape[1], name, lr.EORA_RANK_FIX)
     return lr.lowrank_factors(delta, rank, EORA_METHODS[method], stats, alpha=alpha, ridge=ridge, eps=eps, device=device)
 
@@ -443,7 +446,10 @@ def eora_compensate_pairs(
     """
     device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     _check_method_and_rank(method, rank)
+    _check_options(method, alpha, ridge, eps)
     pairs = dict(pairs) if isinstance(pairs, Mapping) else {str(i): p for i, p in enumerate(pairs)}
+    if not pairs:
+        raise ValueError("pairs is empty: pass {name: (W, W_c)} for the layers to compensate")
     if stats is None:
         layer_stats = {n: None for n in pairs}
     elif isinstance(stats, Mapping):
@@ -478,6 +484,24 @@ def _check_method_and_rank(method: str, rank: int) -> None:
         raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} must be a positive int")
+
+
+def _check_options(method: str, alpha: float, ridge: float, eps: float | None) -> None:
+    """``method`` known, ``alpha`` / ``ridge`` finite and ``>= 0``, ``eps`` in ``[0, 1)``, and each set away from its
+    default only where ``method`` reads it (ASVD reads ``alpha``, EoRA's whitening ``ridge``): a NaN or an option
+    another method reads was ignored without a word."""
+    if method not in EORA_METHODS:
+        raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
+    for name, value in (("alpha", alpha), ("ridge", ridge)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1):
+        raise ValueError(f"eps={eps!r} must be in [0, 1): an eigenvalue cutoff relative to the largest")
+    scaling = EORA_METHODS[method]
+    if alpha != 0.5 and scaling != "asvd":
+        raise ValueError(f"method={method!r} does not read alpha={alpha} (method='asvd' does); drop it")
+    if ridge != 0.0 and scaling != "whitened":
+        raise ValueError(f"method={method!r} does not read ridge={ridge} (method='eora' does); drop it")
 
 
 def _bar(it, total: int, desc: str, progress: bool | None):
@@ -562,6 +586,7 @@ def eora_compensate(
         return eora_compensate_pairs(original, stats, rank=rank, method=method, alpha=alpha, ridge=ridge, eps=eps,
                                      device=device, progress=progress)
     _check_method_and_rank(method, rank)
+    _check_options(method, alpha, ridge, eps)
     if compressed is None:
         raise ValueError("pass the compressed model: eora_compensate(original, compressed, stats, rank=...)")
     original, compressed = unwrap_compiled(original), unwrap_compiled(compressed)

@@ -33,6 +33,7 @@ import torch
 from compress.calibration import LayerStats
 from tensornets.decompositions import rank_for_keep as core_rank_for_keep
 from tensornets.devices import usable_device
+from tensornets.shapes import check_int, check_tensor
 
 #: method names accepted by :func:`input_scaling`
 SCALINGS = ("svd", "asvd", "whitened")
@@ -44,6 +45,8 @@ def rank_for_keep(out_features: int, in_features: int, keep: float) -> int:
     A rank-``r`` factorization saves parameters only if ``r < out · in / (out + in)``; ``keep=1`` gives that
     break-even rank. The core's one rule (:func:`tensornets.decompositions.rank_for_keep`) with the low-rank count.
     """
+    for name, value in (("out_features", out_features), ("in_features", in_features)):
+        check_int(value, name)
     return core_rank_for_keep(keep, out_features * in_features, lambda r: r * (out_features + in_features),
                               max_rank=min(out_features, in_features))
 
@@ -171,6 +174,10 @@ def input_scaling(
         raise ValueError(f"method={method!r} is not one of {SCALINGS}")
     if stats is None:
         raise ValueError(f"method={method!r} needs activation statistics; run collect_activation_stats first")
+    if not isinstance(stats, LayerStats):
+        raise TypeError(f"stats must be a LayerStats (collect_activation_stats(...)[name]), got {type(stats).__name__}")
+    if n is not None and stats.in_features != n:
+        raise ValueError(f"stats are of {stats.in_features} inputs but the weight has {n}; pass this layer's LayerStats")
     stats = stats.to(device) if device is not None else stats
     if method == "asvd":
         return asvd_scaling(stats, alpha=alpha, eps=eps)
@@ -250,6 +257,7 @@ def lowrank_factors(
     """
     device = None if device is None else usable_device(device, fix="pass None (each layer's own device), 'cpu' or 'cuda'")
     check_rank(rank, M.shape[0], M.shape[1], "M")
+    check_tensor(M, "M", ndim=2)
     device = M.device if device is None else torch.device(device)
     scaling = input_scaling(method, stats, alpha=alpha, ridge=ridge, eps=eps, n=M.shape[1], device=device)
     U, s, Vh = scaled_svd(M.to(device), scaling)
@@ -258,6 +266,9 @@ def lowrank_factors(
 
 def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, stats: LayerStats) -> float:
     """``‖(W − Ŵ) X‖_F / ‖W X‖_F = sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ))`` on the calibration inputs (bias excluded)."""
+    if W.shape != W_hat.shape or W.dim() != 2 or stats.in_features != W.shape[1]:
+        raise ValueError(f"W {tuple(W.shape)} and W_hat {tuple(W_hat.shape)} must be equal (out, in) matrices of the "
+                         f"{stats.in_features} inputs stats describe")
     C = stats.gram.to(W.device, torch.float64)
     W = W.to(torch.float64)
     D = W - W_hat.to(W.device, torch.float64)

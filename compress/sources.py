@@ -242,6 +242,8 @@ def rtn_quantize_weight(
     check_bits(bits)
     if W.dim() != 2:
         raise ValueError(f"W must be a (out, in) matrix, got shape {tuple(W.shape)}")
+    if not W.is_floating_point() or W.numel() == 0:  # complex parts were dropped with only torch's warning
+        raise TypeError(f"W must be a non-empty real floating matrix, got {W.dtype} of shape {tuple(W.shape)}")
     check_finite_weight(W)
     if not isinstance(scale_dtype, torch.dtype) or not scale_dtype.is_floating_point:
         raise TypeError(f"scale_dtype={scale_dtype!r} must be a floating torch dtype (torch.bfloat16, torch.float16 or "

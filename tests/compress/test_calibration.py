@@ -223,3 +223,10 @@ def test_all_linear_leaves_out_layers_torch_never_calls():
                                          r"out: .*they receive no input"):
         stats = collect_activation_stats(model, [torch.randn(40, 2, 16)], progress=False)
     assert sorted(stats) == ["0.layers.0.linear1", "0.layers.0.linear2", "1"]
+
+
+@pytest.mark.parametrize("batches", [None, torch.zeros(2, 8, dtype=torch.long)])
+def test_batches_that_are_not_an_iterable_of_inputs_are_named(batches):
+    # a (B, T) tensor iterated over its rows: a shape error deep inside the model
+    with pytest.raises(TypeError, match="batches must be an iterable of model inputs"):
+        collect_activation_stats(nn.Sequential(nn.Linear(8, 8)), batches, target_modules=["0"])

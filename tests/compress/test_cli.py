@@ -93,7 +93,7 @@ def test_top_level_help_lists_compress(capsys):
         (["--eval-tokens", "100", "--seq-len", "32"], "not a multiple of --seq-len"),
         (["--eora-rank", "-1"], "must be >= 0"),
         (["--threads", "0"], "must be a positive integer"),
-        (["--threads", "100000"], "more than 4x the .* CPU core"),  # failed later, blaming --model-path
+        (["--threads", "100000"], "is more than 4x the"),  # failed later, blaming --model-path
         (["--calib-tokens", "0"], "needs activation statistics"),
         (["--sequential", "--eora-rank", "0"], "needs --eora-rank > 0"),
         (["--sequential", "--eora-method", "svd"], "sequential compensation is EoRA's"),

@@ -312,3 +312,29 @@ def test_apply_and_merge_refuse_a_model_peft_already_compensated(tmp_path, llama
         with pytest.raises(ValueError, match="is wrapped by a PEFT adapter .* would add it twice"):
             method(base)
     eora.as_peft_init(copy.deepcopy(quant))  # the PEFT path itself still takes plain models
+
+
+def test_bad_arguments_of_the_eora_functions_name_them():
+    # a NaN or another method's option was ignored; a 1-D or NaN delta, empty pairs and foreign stats failed deep
+    from compress import LayerStats, eora_compensate_pairs, eora_factors, lowrank_factors, relative_output_error
+    from compress.memory import return_freed_memory
+
+    torch.manual_seed(0)
+    delta, x = torch.randn(8, 6), torch.randn(40, 6)
+    stats = LayerStats(x.T @ x, x.abs().sum(0), 40)
+    cases = [
+        (lambda: eora_factors(delta, stats, 2, ridge=float("nan")), ValueError, "ridge=nan must be a finite number"),
+        (lambda: eora_factors(delta, stats, 2, alpha=0.9), ValueError, "does not read alpha=0.9 .*'asvd'"),
+        (lambda: eora_factors(delta, stats, 2, method="asvd", ridge=0.1), ValueError, "does not read ridge=0.1"),
+        (lambda: eora_factors(delta, stats, 2, eps=1.0), ValueError, r"eps=1.0 must be in \[0, 1\)"),
+        (lambda: eora_factors(delta[0], stats, 2), ValueError, "delta must be 2-D"),
+        (lambda: eora_factors(delta * float("nan"), stats, 2), ValueError, "delta has 48 NaN/inf entries"),
+        (lambda: eora_compensate_pairs({}), ValueError, "pairs is empty"),
+        (lambda: lowrank_factors(delta, 2, stats=x), TypeError, "stats must be a LayerStats"),
+        (lambda: lowrank_factors(torch.randn(8, 5), 2, stats=stats), ValueError, "stats are of 6 inputs but the weight has 5"),
+        (lambda: relative_output_error(delta, delta[:, :5], stats), ValueError, "must be equal .* matrices"),
+        (lambda: return_freed_memory("x"), ValueError, "threshold='x' must be a number of bytes"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

@@ -157,3 +157,9 @@ def test_pruning_refuses_nan_and_quantizers_a_dtype_name():
             prune(W)
     with pytest.raises(TypeError, match="scale_dtype='float16' must be a floating torch dtype"):
         rtn_quantize_weight(torch.randn(4, 8), 4, 8, scale_dtype="float16")
+
+
+@pytest.mark.parametrize("W", [torch.randn(4, 8, dtype=torch.complex64), torch.zeros(0, 8)])
+def test_rtn_refuses_complex_and_empty_weights(W):
+    with pytest.raises(TypeError, match="W must be a non-empty real floating matrix"):
+        rtn_quantize_weight(W, 4, 8)
