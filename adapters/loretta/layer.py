@@ -214,15 +214,8 @@ def _scaled_cores(tt: tensornets.TensorTrain, multiplier: float) -> list[torch.T
 def _train_halves(tt: tensornets.TensorTrain, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, R)`` with ``multiplier · M = L R`` for the ``(d, k)`` matrix ``M`` of ``tt``: the cores of the ``d``
     modes contracted into ``L: (d, R_c)``, those of the ``k`` modes into ``R: (R_c, k)``, ``R_c`` the bond between
-    them. Same matmul sweeps as ``TensorTrain.dense_of`` split at that bond."""
-    cores = _scaled_cores(tt, multiplier)
-    cut = len(tt.out_modes)
-    left = cores[0].reshape(-1, cores[0].shape[-1])
-    for core in cores[1:cut]:
-        left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
-    right = cores[-1].reshape(cores[-1].shape[0], -1)
-    for core in reversed(cores[cut:-1]):
-        right = (core.reshape(-1, core.shape[-1]) @ right).reshape(core.shape[0], -1)
+    them (``TensorTrain.halves_of`` at that bond)."""
+    left, right = tt.halves_of(_scaled_cores(tt, multiplier), len(tt.out_modes))
     return left[: tt.out_features], right[:, : tt.in_features]
 
 

@@ -107,13 +107,20 @@ class TensorTrain(EinsumFactorization):
         (same shapes; e.g. rescaled cores), contracted at bond ``split`` (default: the cheapest, as :meth:`to_dense`
         does)."""
         split = self._rebuild_split() if split is None else split
+        left, right = self.halves_of(cores, split)
+        return (left @ right).reshape(self.padded_out, self.padded_in)
+
+    @staticmethod
+    def halves_of(cores: Sequence[torch.Tensor], split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` with ``L R`` the train's matrix of modes ``(n_1..n_s) x (n_{s+1}..n_d)``: cores ``1..s`` swept
+        left to right into ``L: (n_1..n_s, R_s)``, the others right to left into ``R: (R_s, n_{s+1}..n_d)``."""
         left = cores[0].reshape(-1, cores[0].shape[-1])
         for core in cores[1:split]:
             left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
         right = cores[-1].reshape(cores[-1].shape[0], -1)
         for core in reversed(cores[split:-1]):
             right = (core.reshape(-1, core.shape[-1]) @ right).reshape(core.shape[0], -1)
-        return (left @ right).reshape(self.padded_out, self.padded_in)
+        return left, right
 
     def _sweep_cost(self, split: int) -> tuple[int, int]:
         """``(flops, traffic)`` of the rebuild that meets at bond ``split`` (1 <= split < number of cores)."""
