@@ -17,6 +17,8 @@ dynamo can trace); plan *search* never runs inside a traced region (see
 
 from __future__ import annotations
 
+import operator
+
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -126,7 +128,11 @@ def plan_contraction(equation: str, shapes: Sequence[Sequence[int]]) -> Contract
     The first call for a given ``(equation, shapes)`` runs opt_einsum's path search; every later
     call is a dictionary hit (see :func:`plan_cache_info`).
     """
-    return _plan(equation, tuple(tuple(int(d) for d in s) for s in shapes))
+    try:  # operator.index: ints and the 0-d int tensors torch.jit.trace records sizes as; 3.7 is not truncated
+        dims = tuple(tuple(operator.index(d) for d in s) for s in shapes)
+    except TypeError:
+        raise ValueError(f"shapes={shapes!r} must hold ints") from None
+    return _plan(equation, dims)
 
 
 def batch_bucket(batch: int) -> int:

@@ -25,7 +25,7 @@ __all__ = ["init_factorization_", "factor_std", "mup_param_groups"]
 
 def factor_std(sigma: float, num_factors: int, num_terms: int) -> float:
     """Per-factor std so a sum of ``num_terms`` products of ``num_factors`` factors has std ``sigma``."""
-    if sigma <= 0 or num_factors < 1 or num_terms < 1:
+    if not 0 < sigma < math.inf or num_factors < 1 or num_terms < 1:  # NaN too
         raise ValueError(f"need sigma > 0, num_factors >= 1, num_terms >= 1; got {sigma}, {num_factors}, {num_terms}")
     return (sigma / math.sqrt(num_terms)) ** (1.0 / num_factors)
 
@@ -51,6 +51,9 @@ def init_factorization_(
     generator : torch.Generator, optional
         For reproducible draws (CPU generator; values are moved to the cores' device).
     """
+    if not isinstance(factorization, Factorization):
+        raise TypeError(f"factorization must be a tensornets Factorization (layer.factorization for a "
+                        f"FactorizedLinear), got {type(factorization).__name__}")
     if scheme == "mup":
         if not isinstance(factorization, BTT):
             raise ValueError(f"scheme='mup' is defined for the btt format, got {factorization.format_name!r}; use scheme='variance'")
@@ -92,6 +95,8 @@ def mup_param_groups(model: nn.Module, lr: float, base_fan_in: int = 64) -> list
     A BTT core with fan-in ``f`` gets ``lr * base_fan_in / f``; every other parameter gets
     ``lr``. ``base_fan_in`` is the width at which the learning rate ``lr`` was tuned.
     """
+    if isinstance(base_fan_in, bool) or not isinstance(base_fan_in, int) or base_fan_in < 1:
+        raise ValueError(f"base_fan_in={base_fan_in!r} must be an int >= 1 (the fan-in whose cores keep lr)")
     scaled: dict[int, float] = {}
     for module in model.modules():
         if isinstance(module, BTT):

@@ -14,6 +14,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .bypassed import weight_recomputed
 from .decompositions import rank_for_keep, resolve_eps, resolve_keep
+from .devices import usable_device
 from .formats import Factorization, LowRank, Tucker, get_format
 from .formats.base import _autocast_takes, normalize_rank
 from .init import init_factorization_
@@ -201,9 +202,11 @@ def _check_factory_kwargs(dtype: torch.dtype | None, device: torch.device | str 
         raise TypeError(f"dtype={dtype!r} must be a floating torch dtype (torch.float32, torch.bfloat16, ...) or None")
     if device is not None:
         try:
-            torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device={device!r} is not a torch device ({err}); pass 'cpu', 'cuda' or 'meta'") from None
+            shapes_only = torch.device(device).type == "meta"
+        except (RuntimeError, TypeError):
+            shapes_only = False  # usable_device names the problem
+        if not shapes_only:
+            usable_device(device, fix="pass 'cpu', an accelerator this machine has, or 'meta' (shapes only)")
 
 
 class FactorizedConv2d(nn.Module):

@@ -93,6 +93,12 @@ def _warn_strategy_not_a_plan(strategy: str, format_name: str, names: list[str])
                   "layer.factorization.set_strategy(...)", UserWarning, stacklevel=4)
 
 
+def _check_batch(batch: int) -> None:
+    """A batch size an int >= 1 (the planning methods' argument; the forward reads it from ``x``)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} must be an int >= 1 (rows of x)")
+
+
 def budget_limit(keep: float, in_features: int, out_features: int) -> int:
     """The parameter budget of ``keep`` (a fraction of ``in * out``), rounded down (:func:`~tensornets.decompositions.parameter_limit`)."""
     return parameter_limit(keep, in_features * out_features)
@@ -271,6 +277,7 @@ class Factorization(nn.Module, ABC):
         ``grad=True``: forward + backward FLOPs (gradients of the input and every core) of the plan a
         forward that autograd records uses, i.e. the model's cost of one training step of the layer.
         """
+        _check_batch(batch)
         label = self._plan(batch_bucket(batch), grad=grad).label
         plan = next(c for c in self._candidates(batch) if c.label == label)
         return plan.flops + plan.backward_flops if grad else plan.flops
@@ -287,6 +294,7 @@ class Factorization(nn.Module, ABC):
         ``grad=True``: the plan of a forward that autograd records (training), chosen on the cost of
         forward + backward; without it, of a forward under ``torch.no_grad`` or of frozen cores and input.
         """
+        _check_batch(batch)
         return self._plan(batch_bucket(batch), grad=grad).name
 
     def set_strategy(self, strategy: str | None) -> "Factorization":
@@ -531,6 +539,8 @@ class Factorization(nn.Module, ABC):
 
         ``num_cores`` is the number of modes each side is split into (an MPO's core count).
         """
+        if not isinstance(pad, bool):  # a string "no" is truthy
+            raise TypeError(f"pad={pad!r} must be True or False")
         if modes is not None:
             if num_cores is not None:
                 raise ValueError("pass num_cores= or modes=, not both")

@@ -385,3 +385,24 @@ def test_constructors_and_forwards_name_arguments_of_the_wrong_type():
         FactorizedConv2d(4, 6, 3, rank=2)(np.zeros((1, 4, 5, 5), dtype=np.float32))
     with pytest.raises(TypeError, match="format names and aliases must be non-empty strings, got 3"):
         tensornets.register_format(type(fact), 3)
+
+
+def test_planning_and_init_helpers_name_arguments_of_the_wrong_type():
+    from tensornets import factor_std, init_factorization_, mup_param_groups, plan_contraction
+
+    fact = tensornets.decompose(torch.randn(OUT, IN), "lowrank", rank=2)
+    cases = [
+        (lambda: tensornets.decompose(torch.randn(OUT, IN), "tt", rank=2, pad="no"), TypeError, "pad='no' must be True"),
+        (lambda: fact.flops(2.5), ValueError, "batch=2.5 must be an int >= 1"),
+        (lambda: fact.strategy(0), ValueError, "batch=0 must be an int >= 1"),
+        (lambda: init_factorization_(nn.Linear(4, 4)), TypeError, "must be a tensornets Factorization"),
+        (lambda: mup_param_groups(nn.Linear(4, 4), 1e-3, base_fan_in=0), ValueError, "base_fan_in=0 must be an int"),
+        (lambda: factor_std(float("nan"), 2, 1), ValueError, "need sigma > 0"),
+        (lambda: plan_contraction("ab,bc->ac", [(2, 3.7), (3, 5)]), ValueError, "must hold ints"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((lambda: FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="cuda"), ValueError,
+                      "has no usable cuda device"))
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
