@@ -196,6 +196,8 @@ class CompressionConfig:
             if kind is None or (value is None and "None" in declared):
                 continue
             if isinstance(value, kinds[kind]) and (kind == "bool") == isinstance(value, bool):
+                if kind != "bool" and type(value) not in (int, float):  # numpy scalars: plain ones for JSON and checks
+                    setattr(self, f.name, int(value) if kind == "int" else float(value))
                 continue
             expected = {"bool": "True or False", "int": "an int", "float": "a number"}[kind]
             raise TypeError(f"{f.name}={value!r} must be {expected}" + (" or None" if "None" in declared else ""))

@@ -27,10 +27,10 @@ this package.
 
 from __future__ import annotations
 
-import math
-
 import copy
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -493,9 +493,9 @@ def _check_options(method: str, alpha: float, ridge: float, eps: float | None) -
     if method not in EORA_METHODS:
         raise ValueError(f"method={method!r} must be one of {tuple(EORA_METHODS)}")
     for name, value in (("alpha", alpha), ("ridge", ridge)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
             raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1):
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < 1):
         raise ValueError(f"eps={eps!r} must be in [0, 1): an eigenvalue cutoff relative to the largest")
     scaling = EORA_METHODS[method]
     if alpha != 0.5 and scaling != "asvd":

@@ -25,7 +25,6 @@ eigendecomposition runs in float64 whatever the weight dtype.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

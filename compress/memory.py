@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = ["return_freed_memory"]
 
 
@@ -14,7 +16,7 @@ def return_freed_memory(threshold: int = 128 * 1024) -> None:
     ``benchmarks/results/pipeline_memory.md``). Process-wide, so the library never calls it: ``tensornets compress``
     does, and a script running :func:`compress.compress_blocks` on a large (offloaded) model should call it first.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Integral) or threshold < 0:
         raise ValueError(f"threshold={threshold!r} must be a number of bytes, an int >= 0 (default 128 KiB)")
     import ctypes
     import ctypes.util

@@ -312,6 +312,11 @@ def compress_blocks(
                          f"{eora_method!r} has no sequential form: pass eora_method='eora' or eora_sequential=False")
     if eora_sequential and not eora_rank:
         raise ValueError("eora_sequential=True needs eora_rank > 0")
+    if isinstance(eora_ridge, bool) or not isinstance(eora_ridge, (int, float)) or not 0 <= eora_ridge < math.inf:
+        raise ValueError(f"eora_ridge={eora_ridge!r} must be a finite number >= 0")
+    if eora_ridge and eora_method != "eora":  # checked here: the blocks before the error would be compressed in place
+        raise ValueError(f"eora_method={eora_method!r} does not read eora_ridge={eora_ridge} (EoRA's whitening does); "
+                         "drop it or pass eora_method='eora'")
     check_rounds(eora_rounds, eora_rank=eora_rank, sequential=eora_sequential,
                  compressor_kind=config.compressor.kind, method=config.method)
     calib_batches = list(calib_batches)

@@ -328,11 +328,14 @@ def prune_magnitude(W: torch.Tensor, sparsity: float = 0.5) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- registry entries
 def quantized_storage_bits(shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool) -> float:
     """Bits of a packed group-quantized ``(out, in)`` weight as :func:`compress.export.save_hf_directory` writes it
-    in a 16-bit dtype: ``bits`` per code, and per group a 16-bit scale and, when asymmetric, a zero point packed at
-    ``bits`` bits (compressed-tensors' ``pack-quantized`` layout)."""
+    in a 16-bit dtype (compressed-tensors' ``pack-quantized`` layout): each row's ``bits``-bit codes in whole int32
+    words, a 16-bit scale per group and, when asymmetric, the zero points packed at ``bits`` bits along ``out``,
+    in whole words per group column."""
     out_f, in_f = shape
-    groups = out_f * math.ceil(in_f / min(group_size or in_f, in_f))
-    return out_f * in_f * bits + groups * (16 if symmetric else 16 + bits)
+    groups = math.ceil(in_f / min(group_size or in_f, in_f))
+    codes = out_f * 32 * math.ceil(in_f * bits / 32)
+    zero_points = 0 if symmetric else groups * 32 * math.ceil(out_f * bits / 32)
+    return codes + out_f * groups * 16 + zero_points
 
 
 def check_quantizer_options(config: CompressionConfig) -> None:

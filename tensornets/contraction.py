@@ -17,9 +17,8 @@ dynamo can trace); plan *search* never runs inside a traced region (see
 
 from __future__ import annotations
 
-import operator
-
 import math
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence

@@ -20,6 +20,7 @@ T. G. Kolda, B. W. Bader, "Tensor decompositions and applications", SIAM Review 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -81,7 +82,10 @@ def half_in_float32(function: Callable) -> Callable:
         tensor = args[0] if args else kwargs.get(first)
         if not isinstance(tensor, torch.Tensor):
             return function(*args, **kwargs)
-        with torch.autocast(tensor.device.type, enabled=False):
+        device = tensor.device.type
+        off = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+               else contextlib.nullcontext())  # meta has no autocast: its check_tensor error is the one to see
+        with off:
             if tensor.dtype not in (torch.float16, torch.bfloat16):
                 return function(*args, **kwargs)
             if args:
@@ -352,6 +356,8 @@ def _rank_list(rank: int | Sequence[int] | None, count: int, what: str) -> list[
     The rank check of TT-SVD and HOSVD / HOOI: a bool, a float (``2.7`` is refused, never truncated) or a rank < 1
     raises.
     """
+    if hasattr(rank, "tolist") and getattr(rank, "ndim", 0) == 1:  # a numpy array or 1-D tensor of ranks
+        rank = rank.tolist()
     if rank is None or isinstance(rank, str) or not isinstance(rank, Sequence):
         return [None if rank is None else check_int(rank, "rank")] * count
     if len(rank) != count:
@@ -609,6 +615,8 @@ def stack_tucker2(
     if any(tuple(w.shape) != shape for w in matrices):
         raise ValueError(f"matrices have shapes {sorted({tuple(w.shape) for w in matrices})}; pass 2-d matrices "
                          "of one shape")
+    if hasattr(rank, "tolist") and getattr(rank, "ndim", 0) == 1:  # a numpy array or 1-D tensor of ranks
+        rank = rank.tolist()
     pair = isinstance(rank, Sequence) and not isinstance(rank, str)
     if pair and len(rank) != 2:
         raise ValueError(f"rank={rank!r} must be one int or a pair (R_1, R_2)")

@@ -66,7 +66,7 @@ def save(module: nn.Module, path: str | Path) -> None:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path={path!r}: pass the .safetensors file to write, as a str or pathlib.Path")
-    target = Path(path)
+    target = Path(path).expanduser()
     if target.is_dir():
         raise ValueError(f"path={str(target)!r} is a directory; pass a file path such as {str(target / 'layer.safetensors')!r}")
     if not target.parent.is_dir():
@@ -79,7 +79,7 @@ def save(module: nn.Module, path: str | Path) -> None:
         raise ValueError(f"module has tensors on the meta device ({on_meta[:3]}), which hold no values; load or "
                          "initialize them before saving")
     tensors = {name: t.detach().contiguous() for name, t in state.items()}
-    save_file(tensors, str(path), metadata={_MANIFEST_KEY: json.dumps(manifest)})
+    save_file(tensors, str(target), metadata={_MANIFEST_KEY: json.dumps(manifest)})
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -94,7 +94,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
         tensors that do not fit the structure the manifest describes. Naming ``device``: not a device, ``meta``, or
         not present on this machine.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r} " + ("is a directory; pass the .safetensors file tensornets.save "
                                                          "wrote" if path.is_dir() else "does not exist"))

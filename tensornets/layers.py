@@ -251,11 +251,12 @@ class FactorizedConv2d(nn.Module):
         _check_factory_kwargs(dtype, device)
         _check_ints(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
                     dilation=dilation, **({} if isinstance(padding, str) else {"padding": padding}))
+        pair = lambda v: tuple(int(x) for x in nn.modules.utils._pair(v))  # noqa: E731 - numpy ints: plain (JSON spec)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = nn.modules.utils._pair(kernel_size)
-        self.stride = nn.modules.utils._pair(stride)
-        self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
-        self.dilation = nn.modules.utils._pair(dilation)
+        self.kernel_size = pair(kernel_size)
+        self.stride = pair(stride)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.dilation = pair(dilation)
         self.padding_mode = padding_mode
         self._check_geometry()
         self.format = format

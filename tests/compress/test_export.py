@@ -168,11 +168,14 @@ def test_directory_layout_tied_embeddings_and_config(tmp_path):
     assert not hasattr(model.config, "quantization_config")
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(3, 32, False), (4, 16, True), (2, None, False)])
-def test_the_reports_storage_is_what_the_export_writes(tmp_path, bits, group_size, symmetric):
+@pytest.mark.parametrize("bits,group_size,symmetric,sizes", [(3, 32, False, {}), (4, 16, True, {}),
+                                                              (2, None, False, {}),
+                                                              (3, None, False, dict(hidden=48, intermediate=100))])
+def test_the_reports_storage_is_what_the_export_writes(tmp_path, bits, group_size, symmetric, sizes):
+    # the last: rows of 100 3-bit codes and columns of 100 3-bit zero points end in partly filled int32 words
     from compress import CompressionConfig, compress_model
 
-    model = tiny_llama()
+    model = tiny_llama(**sizes)
     config = CompressionConfig(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric,
                                scale_dtype=torch.bfloat16, target_modules="all-linear")
     report = compress_model(model, config, inplace=True, progress=False)

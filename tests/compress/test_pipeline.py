@@ -558,6 +558,12 @@ def test_bad_arguments_name_the_argument():
         compress_blocks(model, {"method": "rtn"}, calib(n=1))
     with pytest.raises(ValueError, match="calib_batches is empty"):
         compress_blocks(model, config, [])
+    # refused before the first block is compressed in place (eora_compensate found it after block 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for ridge, match in ((0.1, "eora_method='svd' does not read eora_ridge=0.1"), (float("nan"), "eora_ridge=nan")):
+        with pytest.raises(ValueError, match=match):
+            compress_blocks(model, config, calib(n=1), eora_rank=2, eora_method="svd", eora_ridge=ridge, inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def offloaded_and_resident(model: nn.Module, tmp_path) -> tuple[nn.Module, nn.Module]:

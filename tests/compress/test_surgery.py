@@ -710,3 +710,12 @@ def test_a_processing_device_that_cannot_hold_values_is_named(device):
         lowrank_factors(M, 2, method="svd", device=device)
     with pytest.raises(ValueError, match=rf"device={device!r}"):
         eora_factors(M, None, 2, method="svd", device=device)
+
+
+def test_numpy_scalars_in_a_config_become_plain_numbers():
+    import numpy as np
+
+    config = CompressionConfig(method="rtn", bits=np.int64(4), group_size=np.int64(16))
+    assert type(config.bits) is int and type(config.group_size) is int
+    assert type(CompressionConfig(method="svd", rank=np.int32(4)).rank) is int
+    assert type(CompressionConfig(method="svd", keep=np.float32(0.5)).keep) is float

@@ -291,3 +291,16 @@ def test_low_level_functions_refuse_bad_input_tensors_naming_the_argument(call, 
     call(good)
     with pytest.raises(error, match=rf"^{name} {match}"):
         call(make(good))
+
+
+def test_rank_lists_as_arrays_and_meta_input_errors():
+    import numpy as np
+
+    torch.manual_seed(0)
+    T = torch.randn(4, 5, 6)
+    for ranks in (np.array([2, 3]), torch.tensor([2, 3])):  # taken as the list they hold
+        assert [c.shape[-1] for c in tensornets.tt_svd(T, rank=ranks)[:-1]] == [2, 3]
+    core, _ = tensornets.hosvd(T, rank=np.array([2, 2, 2]))
+    assert core.shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="is on the meta device"):  # not torch's "unsupported scalarType"
+        tensornets.tt_svd(torch.empty(4, 5, 6, device="meta"), rank=2)

@@ -147,3 +147,19 @@ def test_save_names_a_path_it_cannot_write(tmp_path):
         tensornets.save(fact, tmp_path)
     with pytest.raises(ValueError, match="does not exist; create it first"):
         tensornets.save(fact, tmp_path / "missing" / "f.safetensors")
+
+
+def test_save_and_load_expand_a_home_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fact = tensornets.decompose(low_rank_plus_noise(OUT, IN, 6, 0.3), "tt", rank=3, num_cores=2)
+    tensornets.save(fact, "~/f.safetensors")
+    assert (tmp_path / "f.safetensors").is_file()
+    assert torch.equal(tensornets.load("~/f.safetensors").to_dense(), fact.to_dense())
+
+
+def test_a_conv_of_numpy_int_geometry_saves(tmp_path):
+    import numpy as np
+
+    conv = tensornets.FactorizedConv2d(np.int64(4), np.int64(6), np.int64(3), rank=2, stride=np.int64(1))
+    tensornets.save(conv, tmp_path / "c.safetensors")  # a numpy int in the spec failed json.dumps
+    assert tensornets.load(tmp_path / "c.safetensors").kernel_size == (3, 3)
