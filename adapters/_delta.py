@@ -885,8 +885,9 @@ def _check_layer_tensors(
             f"{stray[:2]}): it was saved with other target_modules / layers_to_transform, or on a base with other layer "
             "shapes; load it with the adapter_config.json it was saved with, onto that base"
         )
+    squeezed = lambda shape: tuple(n for n in shape if n != 1)  # noqa: E731 - 0.1.0 saved 1-element scales 0-d
     resized = [f"{k}: {tuple(v.shape)} here {tuple(here[k].shape)}" for k, v in ours.items()
-               if tuple(v.shape) != tuple(here[k].shape)]
+               if squeezed(v.shape) != squeezed(here[k].shape)]
     if resized:
         raise ValueError(
             f"the checkpoint's adapter tensors have other shapes than this model's ({len(resized)}, e.g. {resized[:2]}): "
