@@ -1105,7 +1105,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
         f"  storage of the targeted layers at 16-bit: {st['dense_mb']:.1f} MB -> {st['compressed_mb']:.1f} MB "
         f"({bits:.2f} bits/weight)" + (f" + adapter {st['adapter_mb']:.1f} MB" if adapters else ""),
     ]
-    if report.config.compressor.kind == "dense" and kept < 1.0:  # dense layout, fewer weights: pruned
+    if report.pruned:
         lines.append("    (kept values and their positions, as a sparse format stores them; --output-dir writes pruned "
                      "weights dense: compressed-tensors has no sparse compressor)")
     err = s["rel_output_error"]

@@ -88,6 +88,12 @@ class CompressionReport:
         return self.params_after / self.params_before
 
     @property
+    def pruned(self) -> bool:
+        """Whether the method kept dense weights with fewer of them nonzero (magnitude, 2:4, sparsegpt): what the
+        checkpoint writers store dense although :attr:`storage_bits` counts it sparse."""
+        return self.config.compressor.kind == "dense" and self.keep < 1.0
+
+    @property
     def storage_bits(self) -> float:
         """Bits to store the target layers' weights after compression, by the compressor's count: 16-bit values
         unless quantized, with 16-bit scales and packed zero points (what ``keep`` does not show for quantizers,
@@ -121,9 +127,8 @@ class CompressionReport:
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
     def __str__(self) -> str:
-        pruned = self.config.compressor.kind == "dense" and self.keep < 1.0
         layout = ("in a sparse layout (kept values and their positions; the checkpoint writers store pruned weights "
-                  "dense)") if pruned else "with 16-bit values and scales"
+                  "dense)") if self.pruned else "with 16-bit values and scales"
         storage = (f"; {_fmt_bytes(self.storage_bits / 8)} stored {layout}, {self.storage_bits / self.params_before:.2f} "
                    f"bits per weight (dense 16-bit: {_fmt_bytes(2 * self.params_before)})")
         return (f"{self.config.method}: kept {self.keep:.3f} of {self.params_before} target parameters{storage}\n"
