@@ -483,10 +483,20 @@ class DeltaTuner(BaseTuner):
     ) -> None:
         """Plan the shared state of ``adapter_name`` for all its targets, then inject its layers (PEFT's loop).
 
-        If planning or injection fails, the adapter's shared state is removed again.
+        If planning or injection fails, the adapter's shared state is removed again. Adding an adapter leaves the
+        trainability of the adapters already there as it was, shared state included: PEFT restores the
+        ``requires_grad`` of the parameters inside ``model`` only, while its closing ``set_adapter(...,
+        inference_mode=new_config.inference_mode)`` would freeze the active adapter's shared state (e.g. on
+        ``load_adapter(path, "other")``, which loads ``"other"`` for inference).
         """
         config = self.peft_config[adapter_name]
         targets = self._targets(model, config, state_dict)
+        existing = [
+            (param, param.requires_grad)
+            for attr in self.shared_state_names
+            for name, entry in getattr(self, attr).items() if name != adapter_name
+            for param in _parameters_of(entry)
+        ]
         try:
             with init_empty_weights() if low_cpu_mem_usage else nullcontext():
                 self._layer_plans = self._plan_shared_state(config, adapter_name, targets)
@@ -505,6 +515,8 @@ class DeltaTuner(BaseTuner):
             raise
         finally:
             self._layer_plans = {}
+        for param, requires_grad in existing:
+            param.requires_grad_(requires_grad)
 
     def _planned(self, current_key: str) -> Optional[LayerPlan]:
         if current_key not in self._layer_plans:

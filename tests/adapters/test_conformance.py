@@ -209,6 +209,24 @@ def test_two_adapters_on_one_model(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_adding_an_inference_adapter_keeps_the_active_one_trainable(case, tmp_path):
+    # PEFT's inject_adapter ends with set_adapter(active, inference_mode=<new config's>): the shared tensors of the
+    # active adapter (LoTR factors, MoS pools), held by the tuner, must keep their requires_grad as LoRA's layers do
+    model, inputs = conf.build(case)
+    conf.train_step(case, model, inputs)
+    trainable = set(conf.trainable(model))
+    model.save_pretrained(str(tmp_path))
+
+    frozen_config = case.config()
+    frozen_config.inference_mode = True
+    model.add_adapter("added", frozen_config)
+    model.load_adapter(str(tmp_path), adapter_name="loaded")  # is_trainable=False: loaded for inference
+    assert model.active_adapters == ["default"]
+    assert set(conf.trainable(model)) == trainable
+    assert not any(p.requires_grad for name in ("added", "loaded") for p in model.base_model.shared_parameters(name))
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_fp32_adapter_on_bf16_base(case):
     model, inputs = conf.build(case, dtype=torch.bfloat16)
     adapter = conf.trainable(model)
