@@ -23,22 +23,22 @@ which :func:`output_factor_std` solves for ``σ_P``. With ``r' = r`` and ``σ_{A
 ``σ_P = q^{-1/2}``: the entries of ``s P ΔC`` then have LoRA's ``s_L lr``. Width transfer
 follows: neither side depends on ``d_out``. Factors normalized to unit columns instead (the
 earlier defaults) give ``σ_P = d_out^{-1/2}`` and slow the update by ``sqrt(q / d_out)`` (about
-4-7x at d = 384-768), which is why LoTR, FLoRA and LoRETTA-rep needed ~5x LoRA's lr.
+4-7x at d = 384-768), which is why LoTR, FLoRA and LoRETTA-rep needed a larger lr than LoRA's.
 
 The first step is not the whole story when ``P`` is itself trained. LoRA learns its output
 directions from zero in ``B``; a method whose ``P`` is fixed at a random init only rescales
 ``P``'s random column space. Under Adam a factor of entry std ``σ`` changes by about
 ``lr / σ`` of its size per step, LoRA's ``A`` by ``lr / σ_A``. LoRETTA-rep's ``P`` is a chain
 of cores of std ``q^{-1/2}``, ``R^{-1/2}`` (~0.5): 17x slower than LoRA's ``A`` at ``d = 384``,
-and after 2 epochs on MiniLM 93 % of its ``ΔW`` still lay in ``P``'s initial column space. Its
+and after 2 epochs on MiniLM most of its ``ΔW`` still lay in ``P``'s initial column space. Its
 default therefore stores each core of ``P`` at std ``σ_A`` and multiplies the train by the
 fixed ``Π σ_k / σ_A`` (the muP multiplier; :func:`adapters.loretta.step_matched_init_`): the
 same first step, and ``P`` learning at LoRA's ``A``'s relative rate.
 
 LoTR's ``A`` and FLoRA's ``U_out`` are single factors of std ``σ_P = q^{-1/2}`` (0.35 at
-``q = r = 8``), ``σ_A / σ_P`` (1/12 at ``d_in = 384``) as fast as LoRA's ``A``; after 2 epochs
-their 3-seed drug-review accuracy was 3.4 and 2.1 points below LoRA's, within 2 points with
-the output factor at 12x the lr. Their default (``init_weights="lora_rate"``) is the same
+``q = r = 8``), ``σ_A / σ_P`` (1/12 at ``d_in = 384``) as fast as LoRA's ``A``. Their default
+(``init_weights="lora_rate"``; its 3-seed drug-review accuracies beside LoRA's:
+benchmarks/results/finetune_defaults.md) is the same
 reparametrization with one factor: ``P`` is stored at ``σ_A`` (the same draw, divided by
 ``μ = σ_P / σ_A``, :func:`lora_rate_multiplier`) and used as ``μ P_stored``. The value of
 ``ΔW`` and its first step are unchanged, while Adam's per-entry step ``lr`` on ``P_stored`` is

@@ -135,12 +135,12 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
     ``munmap`` on free) and raises the threshold, from 128 KiB up to 32 MiB, whenever it frees such a block, with
     the trim threshold (free memory at the heap top above it goes back to the OS) at twice the mmap threshold. So
     whether a forward's temporaries cost page faults on every call depends on the largest block the process freed
-    before: MPO 4096² r=16 B=1 toggled between two speeds within one run of bench_layers before this pin (438 page
-    faults per call at the fixed 128 KiB default). Setting the mmap threshold by ``mallopt`` stops the adjustment
-    and leaves the trim threshold at its 128 KiB default, so it is pinned too: otherwise a 16 MB hidden freed at the
-    heap top is returned and faulted in again on every call (BTT 1024², r = 8, 512 rows: 4064 page faults and
-    2.5x the time per call). Pinned, every row is timed in the same allocator state: the one glibc reaches after
-    freeing a large block, and the one jemalloc / tcmalloc users always have.
+    before: MPO 4096² r=16 B=1 toggled between two speeds within one run of bench_layers before this pin (page
+    faults on every call at the fixed 128 KiB default). Setting the mmap threshold by ``mallopt`` stops the
+    adjustment and leaves the trim threshold at its 128 KiB default, so it is pinned too: otherwise a 16 MB hidden
+    freed at the heap top is returned and faulted in again on every call (BTT 1024², r = 8, 512 rows: page faults
+    on every call and a slower forward). Pinned, every row is timed in the same allocator state: the one glibc
+    reaches after freeing a large block, and the one jemalloc / tcmalloc users always have.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -240,7 +240,7 @@ def save_compressed(
         are stored as bit-packed integer codes with their group scales and zero points (a 4-bit layer takes about an
         eighth of its float32 bytes) and dequantized on load, bitwise to the weight saved. For any ``nn.Module``;
         transformers models also export to a checkpoint transformers and vLLM load themselves
-        (:func:`compress.save_hf_directory`).
+        (:func:`compress.export.save_hf_directory`).
 
     Returns
     -------

@@ -290,7 +290,8 @@ def _common_group_size(quantized: dict[str, Quantized]) -> dict[str, Quantized]:
     A quantizer shortens groups on narrow layers (groups of 64 become 32 on a 32-wide layer); transformers 5
     dequantizes every layer with one scheme, so one group size for all keeps the checkpoint loadable, exactly.
     Layers that are all per row are left as they are: they share the ``"channel"`` scheme whatever their widths
-    (regrouping per-row layers 576 and 1536 wide to their gcd, 192, made the scales 3-8x larger).
+    (regrouping per-row layers 576 and 1536 wide to their gcd, 192, would store 3 and 8 scales per row instead
+    of one).
     """
     if len({(q.bits, q.symmetric) for q in quantized.values()}) != 1:
         return quantized

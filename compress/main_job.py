@@ -31,7 +31,9 @@ compressed-tensors ``pack-quantized`` format) that ``AutoModelForCausalLM.from_p
 package, and the EoRA residual as a PEFT LoRA adapter in ``DIR/eora-adapter``
 (``PeftModel.from_pretrained(model, DIR + "/eora-adapter")``). Factorized models (low rank, tensor formats) are
 written by :func:`compress.save_compressed` instead (config, tokenizer, factorized weights and a manifest of their
-structure), which :func:`compress.load_compressed_directory` reloads from ``DIR`` alone.
+structure), which :func:`compress.load_compressed_directory` reloads from ``DIR`` alone; PEFT's LoRA cannot wrap
+their layers, so a low-rank model is written with the EoRA residual merged in (rank ``r_c + r``), the one model
+whose perplexity is "compensated" (``--eora-rank 0`` writes the uncompensated one).
 
 ``--model-path`` takes a local Hugging Face directory or a ``.gguf`` file; ``--calib-data`` / ``--eval-data`` a
 text, JSON Lines or Parquet file or a directory of them (:func:`compress.text_data.load_texts`). Token windows keep
@@ -143,9 +145,10 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "compress instead of the embedded SmolLM2-135M-Instruct; loaded offline (default: embedded SmolLM2)")
     g.add_argument("--threads", default="auto", metavar="N",
                    help="torch CPU threads (torch.set_num_threads): a number, 'torch' (torch's default, one per core) "
-                   "or auto = one fewer than the CPU cores, at least 1. On 2 cores shared with other jobs, 2 threads "
-                   "made the EoRA stage 2.7x slower than 1 (multi-threaded LAPACK SVD / eigh stalls whenever one "
-                   "thread is descheduled) (default: auto)")
+                   "or auto = one fewer than the CPU cores, at least 1, since multi-threaded LAPACK SVD / eigh (the "
+                   "EoRA stage) stalls whenever one of its threads is descheduled. A rerun with the same thread count "
+                   "writes bitwise the same files; another count rounds differently in the last bits (LAPACK splits "
+                   "its sums by thread) (default: auto)")
     g.add_argument("--device", default="cpu",
                    help="where to run: cpu, cuda, cuda:1, ... or auto (cuda when available) (default: cpu)")
     g.add_argument("--offload-folder", metavar="DIR", default=None,
@@ -255,8 +258,8 @@ def build_parser(prog: str = "tensornets compress") -> argparse.ArgumentParser:
                    "packed in compressed-tensors' pack-quantized format: AutoModelForCausalLM.from_pretrained(DIR) "
                    "loads it without this package), DIR/eora-adapter (a PEFT LoRA adapter: "
                    "PeftModel.from_pretrained(model, DIR/eora-adapter)) and DIR/report.json; factorized models are written "
-                   "by compress.save_compressed and reload with compress.load_compressed_directory(DIR) "
-                   "(default: save nothing)")
+                   "by compress.save_compressed and reload with compress.load_compressed_directory(DIR), low-rank ones "
+                   "with the EoRA residual merged in (default: save nothing)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --output-dir: its whole content is removed once the new directory is "
                    "written (default: refuse, so that a rerun never mixes its files with an earlier run's)")
@@ -298,7 +301,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.method not in names:
         parser.error(f"argument --method: unknown method {args.method!r}; choose one of "
                      f"{', '.join(k for k in names if k != '2:4')}")
-    args.method = names[args.method]
     _check_device(parser, args.device)
     compressor = get_compressor(args.method)
     if compressor.kind == "dense":
@@ -356,6 +358,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.threads = _threads(parser, args.threads)
     _check_outputs(parser, args)
     _check_offload(parser, args, compressor.kind)
+    args.method = names[args.method]  # canonical from here on; the checks above name the method as it was given
     return args
 
 
@@ -1003,10 +1006,15 @@ def _save(args, compressed, tokenizer, adapter, report) -> dict[str, Any]:
         entry.rename(out / entry.name)
     staging.rmdir()
     shutil.rmtree(previous, ignore_errors=True)
-    for readme in (out / "README.md", out / "compensated-merged" / "README.md"):  # save_compressed's load line
-        if readme.is_file():
-            readme.write_text(readme.read_text().replace(str(staging), str(out)))
+    readme = out / "README.md"
+    if readme.is_file():  # save_compressed's load line names the directory it wrote
+        readme.write_text(readme.read_text().replace(str(staging), str(out)))
     return saved
+
+
+def _megabytes(path: Path) -> float:
+    """The bytes of the files under ``path`` (recursively), in MB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
 def _write_output_dir(args, out: Path, final: Path, compressed, tokenizer, adapter, report) -> dict[str, Any]:
@@ -1022,9 +1030,23 @@ def _write_output_dir(args, out: Path, final: Path, compressed, tokenizer, adapt
     factorized = any(isinstance(m, (FactorizedLinear, FactorizedConv2d)) for m in compressed.modules())
     saved: dict[str, Any] = {}
     if factorized:
-        save_compressed(compressed, out, tokenizer=tokenizer, dtype=dtype)
-        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        saved["compressed"] = f"{final} ({size / 1e6:.1f} MB, factorized layers in {args.export_dtype})"
+        # PEFT's LoRA cannot wrap factorized layers, so the residual cannot be an adapter: low-rank layers absorb
+        # BA exactly (rank r_c + r), and that compensated model is the one written -- one model, not the
+        # uncompensated one beside a merged copy of it (twice the disk; --eora-rank 0 writes the uncompensated one)
+        model, what, residual = compressed, "factorized layers", None
+        if adapter is not None:
+            try:
+                model = adapter.merge(compressed)
+            except ValueError:
+                residual = ("not saved: PEFT's LoRA cannot wrap tensor-format layers, and only low-rank ones absorb "
+                            "it exactly (it ran as a side branch for the perplexity above)")
+            else:
+                what = f"low-rank layers with the EoRA r={args.eora_rank} residual merged in"
+                residual = f"merged into {final} (PEFT's LoRA cannot wrap factorized layers)"
+        save_compressed(model, out, tokenizer=tokenizer, dtype=dtype)
+        saved["compressed"] = f"{final} ({_megabytes(out):.1f} MB, {what}, {args.export_dtype})"
+        if residual is not None:
+            saved["residual"] = residual
     else:
         export = save_hf_directory(compressed, out, tokenizer=tokenizer, quantized=getattr(report, "quantized", {}),
                                    dtype=dtype)
@@ -1032,22 +1054,14 @@ def _write_output_dir(args, out: Path, final: Path, compressed, tokenizer, adapt
         saved["model"] = (f"{final} ({export.total_bytes / 1e6:.1f} MB: {len(export.packed)} packed layers "
                           f"{packed / 1e6:.1f} MB, the rest in {args.export_dtype})")
         saved["export"] = {**export.to_dict(), "path": str(final)}
-    if adapter is not None:
-        try:
+        if adapter is not None:
             # the residual compensates the compressed model written here, not the dense original: pointing PEFT at
-            # this directory lets AutoPeftModelForCausalLM.from_pretrained(out / "eora-adapter") load both
+            # this directory lets AutoPeftModelForCausalLM.from_pretrained(out / "eora-adapter") load both, as long
+            # as the directory stays where it is (an absolute path is the only one PEFT resolves from anywhere)
             adapter.save_pretrained(out / "eora-adapter", base_model_name_or_path=str(final.resolve()), dtype=dtype,
                                     task_type="CAUSAL_LM")
-            saved["adapter"] = str(final / "eora-adapter")
-        except ValueError:
-            # factorized layers: PEFT's LoRA cannot wrap them. Low-rank layers absorb BA exactly (rank r_c + r).
-            try:
-                merged = adapter.merge(compressed)
-            except ValueError:
-                saved["adapter"] = "not saved: PEFT LoRA cannot wrap tensor-format layers, and they cannot absorb BA"
-            else:
-                save_compressed(merged, out / "compensated-merged", tokenizer=tokenizer, dtype=dtype)
-                saved["compensated_merged"] = str(final / "compensated-merged")
+            saved["adapter"] = (f"{final / 'eora-adapter'} ({_megabytes(out / 'eora-adapter'):.1f} MB, PEFT LoRA in "
+                                f"{args.export_dtype})")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     saved["report"] = str(final / "report.json")
     return saved
@@ -1129,16 +1143,11 @@ def _print(s: dict[str, Any], args: argparse.Namespace, report, adapters: dict) 
                          + ("; peft.PeftModel.from_pretrained(model, "
                             f"{str(Path(args.output_dir) / 'eora-adapter')!r})" if "adapter" in s["saved"] else ""))
             if "adapter" in s["saved"]:
-                lines.append("     or both at once: peft.AutoPeftModelForCausalLM.from_pretrained("
+                lines.append("     or both at once, while the directory stays where it is (the adapter names its base "
+                             "by absolute path): peft.AutoPeftModelForCausalLM.from_pretrained("
                              f"{str(Path(args.output_dir) / 'eora-adapter')!r})")
         elif "compressed" in s["saved"]:
-            adapter_saved = "adapter" in s["saved"] and not s["saved"]["adapter"].startswith("not saved")
-            lines.append(f"  load: model = compress.load_compressed_directory({args.output_dir!r})"
-                         + (f"; peft.PeftModel.from_pretrained(model, {str(Path(args.output_dir) / 'eora-adapter')!r})"
-                            if adapter_saved else "")
-                         + ("; compensated: compress.load_compressed_directory("
-                            f"{str(Path(args.output_dir) / 'compensated-merged')!r})"
-                            if "compensated_merged" in s["saved"] else ""))
+            lines.append(f"  load: model = compress.load_compressed_directory({args.output_dir!r})")
     elif args.output_dir is None:
         lines += ["", "(pass --output-dir DIR to save the compressed model and the EoRA adapter)"]
     if args.verbose:

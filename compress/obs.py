@@ -159,7 +159,7 @@ def obs_sweep(
     check_sweep_options(0.0, block_size)
     out_f, n = W.shape
     # Work on Wᵀ: a column of W is then a contiguous row, and the per-column rank-1 updates run on contiguous
-    # memory (4x faster than on strided column slices at SmolLM2's sizes).
+    # memory (faster than on strided column slices at SmolLM2's sizes).
     Wt = W.T.contiguous()
     d2_all = torch.diagonal(U).square()
     pruned_t = torch.zeros(n, out_f, dtype=torch.bool, device=W.device)

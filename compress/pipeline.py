@@ -978,7 +978,7 @@ def _sequential_adapter(dense: nn.Module, dense_h: Sequence[torch.Tensor], block
     Each layer's cross statistics are collected, per fold, with the final residuals of the layers before it in
     place: exactly the inputs it sees at inference. A layer fitted to the drift of inputs that its predecessors'
     residuals then change corrects that drift a second time (measured on SmolLM2: fitting every layer of a block on
-    one pass with independent residuals in place gave perplexity 28.7 against 16.7 for independent EoRA). Each paired
+    one pass with independent residuals in place gave a worse perplexity than independent EoRA). Each paired
     pass stops at the layer, so the block's passes cost a few full passes, not one per layer. Each layer's factors are
     rounded to the storage ``dtype`` once fitted: the later layers see them as they will be stored.
     """

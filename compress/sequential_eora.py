@@ -197,6 +197,9 @@ def select_sequential_factors(
 ) -> SequentialFit:
     """Sequential EoRA with ``λ`` chosen by leave-one-fold-out cross-validation (module docstring).
 
+    Cost: one ``eigh`` of ``C̃`` per fold plus one for all folds, and one SVD of ``(out, in)`` per candidate and
+    fold; the statistics are the ones a single fit needs, split by fold.
+
     Parameters
     ----------
     W, Wc : torch.Tensor
@@ -215,9 +218,6 @@ def select_sequential_factors(
         Where the float64 fits run (default: ``W``'s device).
     name : str
         The layer's name, for error messages.
-
-    Cost: one ``eigh`` of ``C̃`` per fold plus one for all folds, and one SVD of ``(out, in)`` per candidate and
-    fold; the statistics are the ones a single fit needs, split by fold.
     """
     if len(folds) < 2:
         raise ValueError(f"folds has {len(folds)} statistics set(s); cross-validation needs at least 2 disjoint parts "

@@ -137,7 +137,8 @@ def quantization_grid(
     if observer == "minmax":
         return scale, zero
     # one (rows, g) buffer for every candidate: fresh temporaries of W's size per candidate cost more in page faults
-    # than in arithmetic where large allocations are mmapped (the CLI's 128 KiB threshold: 3x the CPU time)
+    # than in arithmetic where large allocations are mmapped (under the CLI's 128 KiB threshold a whole GPTQ mse run
+    # spent 181 s in the kernel instead of 80: benchmarks/results/pipeline_memory.md)
     buffer = torch.empty_like(W)
     best = _rounding_error(W, scale, zero, bits, weights, buffer)
     for i in range(1, int(MSE_MAXSHRINK * MSE_GRID)):
@@ -163,7 +164,7 @@ def _check_representable(scale: torch.Tensor, stored: torch.Tensor, scale_dtype:
             "pass scale_dtype=torch.bfloat16 or torch.float32"
         )
     subnormal = (stored > 0) & (stored < torch.finfo(scale_dtype).smallest_normal)
-    if bool(subnormal.any()):  # kept, but with fewer significant bits: float16 at 5e-7 weights, 40 % more error
+    if bool(subnormal.any()):  # kept, but with fewer significant bits (e.g. float16 at 5e-7 weights): more error
         warnings.warn(
             f"{int(subnormal.sum())} quantization scale(s) (from {float(scale[subnormal].min()):.3g}) are subnormal in "
             f"scale_dtype={scale_dtype} (below {torch.finfo(scale_dtype).smallest_normal:.3g}) and keep fewer "

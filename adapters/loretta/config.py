@@ -132,9 +132,9 @@ class LoRETTARepConfig(LoRETTABaseConfig):
     stored at LoRA's ``A`` entry std with a fixed multiplier on ``M_B`` (muP), so that ``P`` -
     the output directions of ``ΔW``, which LoRA learns freely in ``B`` - changes per Adam step
     as fast, relative to its size, as LoRA's ``A`` does; with the plain parametrization it moved
-    17x slower at ``d = 384`` and ``ΔW`` stayed in ``P``'s random initial column space (93 % of
-    it after 2 epochs on MiniLM drug-review, 3-seed accuracy 75.6 % against LoRA's 85.7 %; with
-    the multiplier 84.1 ± 1.8 %, ``benchmarks/results/finetune_defaults.md``).
+    17x slower at ``d = 384`` and ``ΔW`` stayed mostly in ``P``'s random initial column space
+    (MiniLM drug-review, 2 epochs; with the multiplier the 3-seed accuracy is 84.1 ± 1.8 %
+    against LoRA's 85.7 ± 1.1 %, ``benchmarks/results/finetune_defaults.md``).
     ``"zero"``: the same first step without the multiplier (the default before; checkpoints
     saved with it store ``init_weights="zero"`` and reload unchanged). ``"paper"``: the
     reference code's random start, every core of both factors

@@ -190,8 +190,8 @@ def _scaled_train_dense(tt: tensornets.TensorTrain, multiplier: float) -> torch.
     The train of ``M_B`` under ``init_weights="lora_rate"`` stores its ``K - 1`` cores before
     the last at LoRA's ``A`` std ``σ_A`` (~0.02-0.05), so the contraction of the stored cores
     has entries ~``σ_A^{K-1}`` (1e-7 at ``d = 576``, 1e-9 at 2048) and ``μ_B`` is ~1e5-1e8:
-    under float16 autocast (or float16 factors) those entries are subnormal or zero (relative
-    error of the forward 0.2-1.0, measured). So ``μ_B`` is applied before the contraction,
+    under float16 autocast (or float16 factors) those entries are subnormal or zero (the
+    forward lost the update, measured). So ``μ_B`` is applied before the contraction,
     ``μ_B^{1/(K-1)}`` on each of those cores (the last, trained from zero, is left as is):
     each scaled core has the geometric mean of the plain init's per-core stds, and every
     partial contraction the size it has under ``init_weights="zero"``.
@@ -234,7 +234,7 @@ def step_matched_init_(
     ``M_A`` (``tt_a``) has the singular values of LoRA's ``A`` (entries of std
     ``σ_A = (3 d_in)^{-1/2}``): its rank is at most its bond ``R`` at the ``d | k`` cut, so its
     entry std is ``σ_A sqrt(R / r)`` (with ``σ_A`` the ``R < r`` singular values would each be
-    ``sqrt(r / R)`` times LoRA's and the update, measured, up to 2x faster). ``M_B``'s
+    ``sqrt(r / R)`` times LoRA's and the update, measured, faster than LoRA's). ``M_B``'s
     (``tt_b``) last core ``C: (q, k_K)`` is zero; the contraction ``P: (d_out ⋯, q)`` of the
     cores before it has entries of std ``q^{-1/2}`` (:func:`adapters._step_match.output_factor_std`
     with ``r' = r``), so one Adam step moves ``s P ΔC`` by entries of ``s lr``, as LoRA's
@@ -248,7 +248,7 @@ def step_matched_init_(
     at LoRA's rate. LoRA learns its output directions from zero in ``B``; here they are the
     columns of ``P``, and a core of std ``σ_k`` (``q^{-1/2}``, ``R^{-1/2}``: 0.5 at ``R = 4``)
     moves by ``lr / σ_k`` of its size per Adam step, ``σ_A / σ_k`` times LoRA's ``A``
-    (1/17 at ``d = 384``): on MiniLM, 93 % of ``ΔW`` still lay in ``P``'s random initial
+    (1/17 at ``d = 384``): on MiniLM, most of ``ΔW`` still lay in ``P``'s random initial
     column space after 2 epochs, against a free ``B`` for LoRA. So every core of ``P`` is stored
     at entry std ``σ_A`` (the same draw, rescaled) and the train is multiplied by
     ``μ_B = Π_k σ_k / σ_A`` (the muP multiplier: the value of ``M_B``, hence the first step, is
@@ -300,11 +300,10 @@ def adp_step_matched_init_(
     cores ``N(0, 1 / R_{k-1})``, as :func:`step_matched_init_`.
 
     The earlier init (``M_D`` entries of std ``d^{-1/2}``, ``M_U`` of ``m^{-1/2}`` spread evenly
-    over its cores) moved the branch ~5x faster than LoRA's update at the same lr (measured on
-    MiniLM: 5 Adam steps at lr 1e-3 changed the branch outputs by 4 % of the layer outputs,
-    LoRA's update the query/value outputs by 0.8 %): LoRA's lr was already past the lr at which
-    LoRA itself diverges (5e-3 in issue 12's run), so the model fell to the majority class at
-    both learning rates tried.
+    over its cores) moved the branch several times faster than LoRA's update at the same lr
+    (measured on MiniLM, a few Adam steps, branch outputs against LoRA's change of the
+    query/value outputs): LoRA's lr was already past the lr at which LoRA itself diverges
+    (issue 12's run), so the model fell to the majority class at both learning rates tried.
     """
     input_std = lora_input_std(d)
     _chain_init_(list(tt_d.cores), input_std, generator)

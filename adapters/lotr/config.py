@@ -35,7 +35,7 @@ class LoTRConfig(DeltaConfig):
     and the output moves as LoRA's does at the same ``lr`` and ``alpha``, whatever the width
     (per output coordinate, independent of ``d_out``: the muP condition). Unit-norm factors
     (LoTR's earlier default) move it ``sqrt(3 r / d_out)`` times as fast (0.25x at d = 384):
-    they needed ~5x LoRA's lr. The reference code's unit-variance Gaussian factors with
+    they needed a larger lr than LoRA's. The reference code's unit-variance Gaussian factors with
     ``alpha = 1`` overshoot instead, by ``sqrt(3 d_in / r)`` (12x at d = 384), growing with width.
 
     ``init_weights="lora_rate"`` (default) also makes ``A`` - the output directions of every
@@ -43,9 +43,10 @@ class LoTRConfig(DeltaConfig):
     LoRA's ``A`` std ``(3 d_in)^{-1/2}`` (the same draw, rescaled) and used as ``μ A_stored``
     with the fixed ``μ = sqrt(3 d_in / r)`` (12 at d = 384, r = 8; one per group, from its shape;
     :func:`adapters._step_match.lora_rate_multiplier`), so that Adam moves it by ``lr / σ_A`` of
-    its size per step, as LoRA's ``A``; stored at ``r^{-1/2}`` it moved 12x slower (drug-review,
-    2 epochs, 3 seeds: 82.3 % vs LoRA's 85.7 %; 85.3 % with this default). The value of ``ΔW``
-    and its first step are the same either way. ``"plain"``: ``A`` stored at ``r^{-1/2}`` (the default before; a checkpoint whose config has
+    its size per step, as LoRA's ``A``; stored at ``r^{-1/2}`` it moved 12x slower (with this
+    default: 85.3 % vs LoRA's 85.7 %, drug-review, 2 epochs, 3 seeds,
+    benchmarks/results/finetune_defaults.md). The value of ``ΔW`` and its first step are the
+    same either way. ``"plain"``: ``A`` stored at ``r^{-1/2}`` (the default before; a checkpoint whose config has
     no ``init_weights`` was saved with it and reloads as ``"plain"``).
     """
 

@@ -153,9 +153,9 @@ class MPO(EinsumFactorization):
         # backward: each GEMM's two gradient products (∂output and both inputs read, their gradients written), a
         # transposed copy of the hidden product for the second GEMM's ∂L (torch folds L @ hidden into one GEMM over
         # hiddenᵀ), and ∂L, ∂R to the cores. On MPO 1024² and 4096² (r = 8-32) it ranks the plans of a training step
-        # within 1.15x of the fastest at B >= 32 (1.31x at B = 1, where every plan takes about a millisecond), where
-        # the forward's ranking picked a split 1.2x slower than rebuild + GEMM (4096², r = 16, B = 512;
-        # benchmarks/results/layers.md, forward + backward).
+        # close to the fastest at B >= 32 (further off at B = 1, where every plan is fast), where the forward's
+        # ranking picked a split slower than rebuild + GEMM (4096², r = 16, B = 512): benchmarks/results/layers.md,
+        # "Plans", forward + backward.
         x_size, y_size, l_size, r_size = batch * i_l * i_r, batch * o_l * o_r, o_l * i_l * r, i_r * r * o_r
         back_traffic = (hidden + 2 * (x_size + r_size)) + (y_size + 2 * (l_size + hidden) + 2 * hidden) \
             + left.backward_traffic + right.backward_traffic

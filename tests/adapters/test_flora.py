@@ -109,6 +109,9 @@ def test_delta_weight_is_the_tucker_tensor():
 def test_scale_overrides_alpha_over_r():
     assert adapted_layer(nn.Linear(8, 8), r=4, alpha=16.0).flr_scale["default"] == 4.0
     assert adapted_layer(nn.Linear(8, 8), r=4, alpha=16.0, scale=0.5).flr_scale["default"] == 0.5
+    # with one rank per mode, r of alpha / r is the largest of them
+    assert adapters.FloraConfig(r=[6, 2]).reference_rank == 6 and adapters.FloraConfig(r=4).reference_rank == 4
+    assert adapted_layer(nn.Linear(8, 8), r=[6, 2], alpha=12.0).flr_scale["default"] == 2.0
 
 
 def test_init_zero_core_and_step_matched_factors():

@@ -318,18 +318,43 @@ def test_factorized_method_with_baselines_merges_the_residual(tiny_model_dir, tm
     summary = json.loads(report.read_text())
     assert summary["params"]["keep_targets"] <= 0.5
     assert summary["params"]["model_after"] < summary["params"]["model_before"]
-    # PEFT's LoRA cannot wrap a FactorizedLinear: the residual is merged into the low-rank layers instead
-    assert "adapter" not in summary["saved"] and "compensated_merged" in summary["saved"]
-    merged = load_compressed(_fresh(tiny_model_dir), out / "compensated-merged")
+    # PEFT's LoRA cannot wrap a FactorizedLinear: the residual is merged into the low-rank layers, and that one
+    # compensated model is what the directory holds (no uncompensated copy beside it)
+    assert "adapter" not in summary["saved"] and "merged into" in summary["saved"]["residual"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
     from transformers import AutoTokenizer
 
     _, held_out = token_slices(AutoTokenizer.from_pretrained(tiny_model_dir), 256, 128, 32)
+    merged = load_compressed(_fresh(tiny_model_dir), out)
     assert perplexity(merged, held_out) == pytest.approx(summary["perplexity"]["compensated_eora"], rel=1e-4)
-    # the directories reload alone (no base model), tokenizer included
+    # the directory reloads alone (no base model), tokenizer included
+    assert perplexity(load_compressed_directory(out), held_out) == pytest.approx(
+        summary["perplexity"]["compensated_eora"], rel=1e-4)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+    # the size printed is every byte the directory holds
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "report.json") / 1e6
+    assert f"({size:.1f} MB, low-rank layers with the EoRA r=2 residual merged in, float32)" in text
+    assert f"load: model = compress.load_compressed_directory({str(out)!r})" in text
+
+
+def test_tensor_format_method_with_eora_writes_the_factorized_model_and_says_the_residual_is_not_saved(
+        tiny_model_dir, tmp_path, capsys):
+    out, report = tmp_path / "out", tmp_path / "summary.json"
+    cli_main(["compress", "--model-path", str(tiny_model_dir), "--method", "tucker", "--keep", "0.5",
+              "--eora-rank", "2", "--output-dir", str(out), "--export-dtype", "float32", "--json", str(report),
+              *SMALL])
+    text = capsys.readouterr().out
+    summary = json.loads(report.read_text())
+    # a Tucker layer cannot absorb BA and PEFT's LoRA cannot wrap it: the directory holds the factorized model
+    assert summary["saved"]["residual"].startswith("not saved: PEFT's LoRA cannot wrap tensor-format layers")
+    assert "adapter" not in summary["saved"] and not (out / "eora-adapter").exists()
+    assert "factorized layers, float32)" in summary["saved"]["compressed"]
+    from transformers import AutoTokenizer
+
+    _, held_out = token_slices(AutoTokenizer.from_pretrained(tiny_model_dir), 256, 128, 32)
     assert perplexity(load_compressed_directory(out), held_out) == pytest.approx(
         summary["perplexity"]["compressed"], rel=1e-4)
-    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
-    assert "compress.load_compressed_directory" in text
+    assert "residual             not saved" in text
 
 
 def _tiny_dir(arch: str, tokenizer_dir, path):
@@ -553,6 +578,8 @@ def test_sparsegpt_2_4_quantized_with_eora(tiny_model_dir, capsys):
         (["--eora-rounds", "2", "--method", "svd", "--keep", "0.5"], "--method svd replaces the layers"),
         # a flag the method never reads would be silently ignored
         (["--method", "rtn", "--sparsity", "0.3"], "argument --sparsity: --method rtn does not use it"),
+        # an alias is named as the user spelled it
+        (["--method", "prune24", "--group-size", "64"], "argument --group-size: --method prune24 does not use it"),
         (["--method", "rtn", "--pattern", "2:4"], "argument --pattern: --method rtn does not use it"),
         (["--method", "gptq", "--sparse-bits", "4"], "argument --sparse-bits: --method gptq does not use it"),
         (["--method", "rtn", "--damp", "0.1"], "argument --damp: --method rtn does not use it"),

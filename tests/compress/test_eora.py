@@ -117,6 +117,61 @@ def test_eora_beats_plain_svd_and_asvd_on_held_out_model_outputs():
     assert err["eora"] < err["asvd"] and err["eora"] < err["svd"] and err["eora"] < err["none"], err
 
 
+def test_the_adapter_table_has_one_row_per_layer_with_its_errors():
+    model, calib, _ = anisotropic_mlp()
+    stats = collect_activation_stats(model, calib, progress=False)
+    quant = compress_model(model, CompressionConfig(method="rtn", bits=2, group_size=16), stats, progress=False).model
+    eora = eora_compensate(model, quant, stats, rank=3, progress=False)
+    head, rule, *rows = eora.table().splitlines()
+    assert head.split() == ["layer", "shape", "rank", "rel", "out", "err", "before", "after"] and set(rule) <= {"-", " "}
+    assert len(rows) == len(eora.layers) > 1
+    for row, layer in zip(rows, eora.layers):
+        assert row.split() == [layer.name, f"{layer.shape[0]}x{layer.shape[1]}", str(layer.rank),
+                               f"{layer.error_before:.4f}", f"{layer.error_after:.4f}"]
+        assert layer.error_after < layer.error_before
+    assert str(eora) == f"EoRA (eora, r=3)\n{eora.table()}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt / mallinfo2")
+def test_return_freed_memory_serves_large_blocks_from_mmap():
+    # glibc's dynamic threshold rises to the size of a freed block (up to 32 MB), after which such blocks come from
+    # the heap and stay there; a fixed threshold keeps serving them from mmap (mallinfo2().hblks counts those)
+    script = textwrap.dedent("""
+        import ctypes, ctypes.util, sys
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not hasattr(libc, "mallinfo2"):
+            sys.exit(77)  # not glibc >= 2.33
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+        libc.mallinfo2.restype = Info
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        def mmapped_while_allocated(size):
+            p = libc.malloc(size)
+            n = libc.mallinfo2().hblks
+            libc.free(p)
+            return n
+        libc.free(libc.malloc(4 << 20))  # raises the dynamic threshold past 4 MB
+        before = mmapped_while_allocated(1 << 20) - libc.mallinfo2().hblks
+        if sys.argv[1] == "fixed":
+            from compress import return_freed_memory
+            return_freed_memory()
+        after = mmapped_while_allocated(1 << 20) - libc.mallinfo2().hblks
+        print(before, after)
+    """)
+    results = {}
+    for mode in ("default", "fixed"):
+        run = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
+        if run.returncode == 77:
+            pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+        assert run.returncode == 0, run.stderr
+        results[mode] = tuple(int(v) for v in run.stdout.split())
+    assert results["default"] == (0, 0)  # after the 4 MB free, 1 MB blocks come from the heap
+    assert results["fixed"] == (0, 1)  # the fixed 128 KiB threshold serves them from mmap again
+
+
 def test_pairs_give_the_same_factors_as_models():
     model, calib, _ = anisotropic_mlp()
     stats = collect_activation_stats(model, calib, progress=False)

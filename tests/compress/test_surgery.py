@@ -287,6 +287,7 @@ def test_the_report_says_what_storing_the_weights_costs(kw, bits):
     assert f"{bits:.2f} bits per weight (dense 16-bit: 16.4 kB)" in first
     # pruned weights are counted sparse, which no checkpoint writer stores: the line says so
     assert ("sparse layout" in first and "store pruned weights dense" in first) == (kw["method"] == "magnitude")
+    assert report.pruned == (kw["method"] == "magnitude")
 
 
 def test_keep_one_warns_that_it_still_factorizes():

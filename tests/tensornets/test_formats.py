@@ -149,6 +149,7 @@ def test_explicit_modes():
     W = low_rank_plus_noise(OUT, IN, 6, 0.3)
     fact = tensornets.decompose(W, "mpo", rank=5, modes=((4, 12), (6, 10)))
     assert fact.out_modes == (4, 12) and fact.in_modes == (6, 10)
+    assert fact.modes == ((4, 12), (6, 10))  # (out_modes, in_modes), as modes= takes them
     assert [tuple(c.shape) for c in fact.cores] == [(1, 4, 6, 5), (5, 12, 10, 1)]
 
 

@@ -138,6 +138,9 @@ def test_conv_wraps_a_core_factorization_and_equals_a_dense_conv_of_it(fmt, rank
     fact = layer.factorization
     assert isinstance(fact, tensornets.Tucker if fmt == "tucker" else tensornets.LowRank)
     assert (fact.out_features, fact.in_features) == (10, 6 * 9)
+    # the static helpers say which core and ranks from_conv builds, without a kernel
+    assert FactorizedConv2d.core_structure(fmt, 6, 10, (3, 3)) == (type(fact), fact.in_modes, fact.out_modes)
+    assert FactorizedConv2d.core_rank(fmt, rank, (3, 3), 6, 10) == (tuple(fact.ranks) if fmt == "tucker" else rank)
     # the core's to_dense() is the kernel, and a dense conv with it is the layer
     kernel = fact.to_dense().detach().reshape(10, 6, 3, 3)
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
