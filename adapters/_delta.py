@@ -911,6 +911,12 @@ def _check_layer_tensors(
     if bad:
         raise ValueError(f"the checkpoint's adapter tensors {bad[:3]} hold integers or NaN / inf where the adapter "
                          "stores finite floats: the file was altered or corrupted; save the adapter again")
+    # integer buffers (MoS's index tables) would be cast from floats without a word
+    bad = sorted(k for k, v in ours.items() if not here[k].is_floating_point()
+                 and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool))
+    if bad:
+        raise ValueError(f"the checkpoint's adapter tensors {bad[:3]} hold floats or bools where the adapter stores "
+                         "integer indices: the file was altered or corrupted; save the adapter again")
 
 
 def _parameters_of(entry: nn.Parameter | nn.Module) -> list[nn.Parameter]:

@@ -25,8 +25,9 @@ class MoSConfig(DeltaConfig):
     index table (subset selection from the shared range, independent tables for ``A`` and
     ``B`` — pair dissociation —, ``c`` shards per rank vector — vector sharding —, and ``p``
     private rank vectors per layer — privatization), and gets ``ΔW_l = (alpha / r) B_l A_l``.
-    The tables are drawn from ``seed`` and rebuilt from it on load, so a checkpoint holds the
-    pools only. Init: ``P_A`` uniform in ``±d_in^{-1/2}`` (LoRA's Kaiming-uniform ``A``),
+    The tables are drawn from ``seed`` and saved beside the pools (``L · 2 r c`` int64 per module
+    type, a few kB), so a load restores them whatever the seed in ``adapter_config.json`` or the
+    torch version. Init: ``P_A`` uniform in ``±d_in^{-1/2}`` (LoRA's Kaiming-uniform ``A``),
     ``P_B = 0``.
 
     ``alpha``: ``A_l`` has LoRA's ``A`` entries and one Adam step moves every entry of ``P_B``
@@ -49,7 +50,7 @@ class MoSConfig(DeltaConfig):
     c: int = field(default=4, metadata={"help": "Shards per rank vector; must divide d_in and d_out."})
     alpha: float = field(default=16.0, metadata={"help": "Scale numerator: ΔW_l = (alpha / r) · B_l A_l."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout probability on x before A_l (training only)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the index tables (saved here; tables are rebuilt from it)."})
+    seed: int = field(default=0, metadata={"help": "Seed the index tables are drawn from (the tables are saved too)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

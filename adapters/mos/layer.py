@@ -23,7 +23,8 @@ class MoSLayer(DeltaLayer):
     The pools live once on the tuner (``mos_A[adapter][group]: (n, d_in / c)``,
     ``mos_B[adapter][group]: (n, d_out / c)``); this layer keeps a reference to those
     containers and its index tables ``mos_index_A[adapter]``, ``mos_index_B[adapter]``
-    (``(r c,)`` int64, non-persistent buffers: rebuilt from the seed, never saved). Forward
+    (``(r c,)`` int64 buffers, drawn from the seed and saved in the checkpoint, so a load never depends on the
+    seed or on torch's random number generator staying the same across versions). Forward
     cost: a gather of ``r (d_in + d_out)`` values plus ``O(N r (d_in + d_out))``; the gather's
     backward scatter-adds into the pools.
     """
@@ -36,9 +37,10 @@ class MoSLayer(DeltaLayer):
     ) -> None:
         super().__init__()
         self._init_delta_layer(base_layer)
-        self.mos_index_A = BufferDict(persistent=False)
-        self.mos_index_B = BufferDict(persistent=False)
+        self.mos_index_A = BufferDict(persistent=True)
+        self.mos_index_B = BufferDict(persistent=True)
         self._mos_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU copies of the index tables
+        self.register_load_state_dict_post_hook(self._keep_loaded_tables)
         self.mos_group: dict[str, str] = {}
         self.mos_scale: dict[str, float] = {}
         self.mos_rank: dict[str, int] = {}
@@ -56,7 +58,9 @@ class MoSLayer(DeltaLayer):
         self._mos_shared = plan.containers
         device = self.get_base_layer().weight.device
         self.mos_group[adapter_name] = plan.group
-        self._mos_tables[adapter_name] = (plan.tensors["index_A"].cpu(), plan.tensors["index_B"].cpu())
+        # copies, not views of the buffers (on CPU .cpu() returns the same tensor): what a load writes into the
+        # buffers reaches these only through _keep_loaded_tables, on any device
+        self._mos_tables[adapter_name] = (plan.tensors["index_A"].cpu().clone(), plan.tensors["index_B"].cpu().clone())
         self.mos_index_A[adapter_name] = plan.tensors["index_A"].to(device)
         self.mos_index_B[adapter_name] = plan.tensors["index_B"].to(device)
         self.mos_scale[adapter_name] = config.alpha / config.r
@@ -67,9 +71,9 @@ class MoSLayer(DeltaLayer):
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.to_empty``), then the index tables written again.
 
-        The tables are fixed by the seed, never learned nor saved, so no ``load_state_dict`` restores them: a model
-        built on the meta device and materialised with ``to_empty`` (FSDP's meta init) would otherwise route
-        through uninitialised memory.
+        A model built on the meta device and materialised with ``to_empty`` (FSDP's meta init) and then given only
+        its base weights would otherwise route through uninitialised memory: the tables are not learned, so
+        nothing else sets them.
         """
         super()._apply(fn, recurse)
         with torch.no_grad():
@@ -78,6 +82,18 @@ class MoSLayer(DeltaLayer):
                     if name in buffers and not buffers[name].is_meta:
                         buffers[name].copy_(table)
         return self
+
+    @staticmethod
+    def _keep_loaded_tables(module: "MoSLayer", incompatible_keys) -> None:
+        """After a ``load_state_dict``: the CPU copies :meth:`_apply` writes back become the loaded tables.
+
+        A post hook, as the tables live in child ``BufferDict`` modules that load after this module's own
+        ``_load_from_state_dict``.
+        """
+        for name in module._mos_tables:
+            tables = (module.mos_index_A[name], module.mos_index_B[name])
+            if not any(table.is_meta for table in tables):
+                module._mos_tables[name] = tuple(table.detach().cpu().clone() for table in tables)
 
     def _has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.mos_group

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
+from peft.config import PeftConfig
 from torch import nn
 
 from adapters._delta import ADAPTER_DTYPE, DeltaTuner, LayerPlan, Target, weight_matrix
@@ -24,8 +26,9 @@ class MoSModel(DeltaTuner):
     like LoTR's ``share="suffix"`` groups (``q_proj_4096x4096``). Before any layer is created the
     tuner lists every target per group (in module order, which fixes each layer's index ``l``),
     checks feasibility and divisibility, draws the index tables from ``config.seed`` and creates
-    the pools; so a bad config raises with the model untouched, and the same seed on the same
-    model rebuilds the same tables when a checkpoint is loaded.
+    the pools; so a bad config raises with the model untouched. The tables are saved with the
+    pools (checkpoint keys ``base_model.model.<layer>.mos_index_A``) and loading restores them,
+    so the loaded model is the saved one whatever the seed in ``adapter_config.json``.
 
     Examples
     --------
@@ -82,3 +85,49 @@ class MoSModel(DeltaTuner):
             for name, module in self.model.named_modules()
             if isinstance(module, MoSLayer) and module._has_adapter(adapter_name)
         }
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The shared checks and key mapping, then the index tables: each in its layer's pool range, all or none.
+
+        A checkpoint saved before the tables were stored holds none: its layers keep the tables drawn from the
+        config's seed, with a warning, as that is what such a checkpoint was loaded with then.
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint holds the tables of some layers only, or a table points outside its pools.
+        """
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = {name: module for name, module in model.named_modules()
+                  if isinstance(module, MoSLayer) and module._has_adapter(adapter_name)}
+        keys = {f"{name}.mos_index_{ab}.{adapter_name}": (module, ab)
+                for name, module in layers.items() for ab in "AB"}
+        saved = [key for key in keys if key in state_dict]
+        if not saved:
+            if keys:  # stacklevel 5: the caller of PeftModel.from_pretrained
+                warnings.warn(f"the MoS checkpoint holds no index tables (saved before they were stored): its "
+                              f"{len(layers)} layer(s) keep the tables drawn from seed={config.seed} of "
+                              "adapter_config.json, the saved model only if that seed and torch's random draws are the "
+                              "ones it was trained with; save the adapter again to store them", UserWarning,
+                              stacklevel=5)
+                state_dict = {**state_dict, **{key: module._mos_tables[adapter_name]["AB".index(ab)].clone()
+                                               for key, (module, ab) in keys.items()}}
+            return state_dict
+        in_file = lambda key: cls._remove_adapter_name_from_key(key, adapter_name)  # noqa: E731 - the key as saved
+        missing = [in_file(key) for key in keys if key not in state_dict]
+        if missing:
+            raise ValueError(f"the checkpoint holds the MoS index tables of some layers but not of {len(missing)} "
+                             f"others (e.g. {missing[:2]}): the file was altered or corrupted; save the adapter again")
+        for key in saved:
+            module, ab = keys[key]
+            rows = module._mos_shared["AB".index(ab)][adapter_name][module.mos_group[adapter_name]].shape[0]
+            table = state_dict[key]
+            if table.numel() and (int(table.min()) < 0 or int(table.max()) >= rows):
+                raise ValueError(f"the checkpoint's MoS index table {in_file(key)} points at rows [{int(table.min())}, "
+                                 f"{int(table.max())}] of a pool of {rows} rows: the file was altered or corrupted, or "
+                                 "saved with another adapter_config.json (v, c) or number of layers; save the adapter "
+                                 "again")
+        return state_dict

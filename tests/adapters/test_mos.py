@@ -1,12 +1,14 @@
-"""MoS-specific checks: LoRA-rank-v parameter count, checkpoint = pools, seeded index tables and
-their layout, assembly and the scatter-add gradient against explicit formulas."""
+"""MoS-specific checks: LoRA-rank-v parameter count, checkpoint = pools + index tables, seeded tables and
+their layout, loads that restore or refuse them, assembly and the scatter-add gradient against explicit formulas."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import adapters
@@ -51,17 +53,95 @@ def test_trainable_parameters_equal_lora_at_rank_v():
     assert {k: tuple(p.shape) for k, p in pools.items()} == {"q_16x16": (3 * 4 * 4, 4), "up_32x16": (3 * 4 * 4, 4)}
 
 
-def test_checkpoint_holds_the_pools_only(tmp_path):
+def test_checkpoint_holds_the_pools_and_the_index_tables(tmp_path):
     model = build()
     model.save_pretrained(str(tmp_path))
     checkpoint = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert sorted(checkpoint) == sorted(f"base_model.mos_{ab}.{g}" for ab in "AB" for g in ("q_16x16", "up_32x16"))
-    numel = sum(t.numel() for t in checkpoint.values())
+    pools = sorted(f"base_model.mos_{ab}.{g}" for ab in "AB" for g in ("q_16x16", "up_32x16"))
+    tables = {f"base_model.model.{name}.mos_index_{ab}": (module, ab)
+              for name, module in layers_of(model.base_model.model).items() for ab in "AB"}
+    assert sorted(checkpoint) == sorted([*pools, *tables])
+    for key, (module, ab) in tables.items():
+        assert torch.equal(checkpoint[key], getattr(module, f"mos_index_{ab}")["default"])
+    numel = sum(checkpoint[k].numel() for k in pools)
     assert numel == n_trainable(model)
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    table_bytes = 8 * 2 * len(layers_of(model)) * CONFIG["r"] * CONFIG["c"]  # int64, A and B per layer
+    assert numel * 4 + table_bytes <= size < numel * 4 + table_bytes + 4096  # plus the JSON header
     expanded = 4 * CONFIG["r"] * ((16 + 16) + (16 + 32))  # per-layer rank-r matrices, what the reference saved
-    assert numel * 4 <= size < numel * 4 + 1024  # float32 pools plus the JSON header, no index tables
     assert numel * CONFIG["r"] == expanded * CONFIG["v"]  # r / v times smaller than the expanded matrices
+
+
+def trained_and_saved(directory) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A MoS model with non-zero pools, saved to ``directory``; the model, an input and its output."""
+    model = build()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    model.eval()  # MoS has dropout
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(str(directory))
+    with torch.no_grad():
+        return model, x, model(x)
+
+
+def load(directory, **kwargs) -> nn.Module:
+    torch.manual_seed(0)  # the base weights of build()
+    return PeftModel.from_pretrained(Stack(), str(directory), **kwargs).eval()
+
+
+def edit_config(directory, **changes) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_load_restores_the_saved_tables_whatever_the_seed_in_the_config(tmp_path, low_cpu_mem_usage):
+    # the tables used to be drawn again from adapter_config.json's seed: an edited seed (or a torch whose randperm
+    # draws otherwise) loaded another model without a word
+    model, x, expected = trained_and_saved(tmp_path)
+    edit_config(tmp_path, seed=7)
+    loaded = load(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    saved, reseeded = model.base_model.index_tables(), build(seed=7).base_model.index_tables()
+    assert any(not torch.equal(saved[k][i], reseeded[k][i]) for k in saved for i in (0, 1))  # the edit matters
+    here = loaded.base_model.index_tables()
+    assert here.keys() == saved.keys()
+    assert all(torch.equal(here[k][i], saved[k][i]) for k in saved for i in (0, 1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    # .to() writes the tables back from CPU copies (for FSDP's to_empty): the loaded ones, not the seed's
+    loaded.to(torch.float64).to(torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_checkpoint_without_tables_loads_with_the_seeds_tables_and_a_warning(tmp_path):
+    _, x, expected = trained_and_saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: t for k, t in load_file(str(path)).items() if ".mos_index_" not in k}, str(path))
+    with pytest.warns(UserWarning, match=r"holds no index tables .* 8 layer\(s\) keep the tables drawn from seed=0"):
+        loaded = load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: {k: (v + 1000 if k.endswith("layers.2.up.mos_index_B") else v) for k, v in t.items()},
+     r"mos_index_B points at rows \[\d+, \d+\] of a pool of 48 rows"),
+    (lambda t: {k: (-v if k.endswith("layers.0.q.mos_index_A") else v) for k, v in t.items()},
+     r"mos_index_A points at rows \[-\d+, 0\] of a pool of 48 rows"),
+    (lambda t: {k: v for k, v in t.items() if not k.endswith("layers.1.q.mos_index_A")},
+     r"index tables of some layers but not of 1 others"),
+    (lambda t: {k: (v.float() if ".mos_index_" in k else v) for k, v in t.items()},
+     r"hold floats or bools where the adapter stores integer indices"),
+])
+def test_altered_tables_are_refused(tmp_path, edit, match):
+    trained_and_saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(edit(load_file(str(path))), str(path))
+    with pytest.raises(ValueError, match=match):
+        load(tmp_path)
 
 
 def test_same_seed_same_tables_different_seed_different_tables():
@@ -121,8 +201,8 @@ def test_feasibility_is_checked_before_the_model_changes():
 
 
 def test_meta_built_model_materialised_with_to_empty_routes_like_the_cpu_built_one():
-    # FSDP-style meta init: the index tables are not saved, so no load restores them; to_empty must not leave them
-    # pointing at uninitialised memory
+    # FSDP-style meta init: when only the base weights are loaded afterwards, nothing sets the index tables; to_empty
+    # must not leave them pointing at uninitialised memory
     config = lambda: adapters.MoSConfig(r=4, v=4, p=2, c=2, target_modules=["0", "2"])
     build = lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
     torch.manual_seed(0)
