@@ -58,13 +58,13 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from compress.quantized import PackedQuantizedWeight, QuantizedWeight, check_values
 from compress.targets import dense_weight, layer_kind, replace_module, unwrap_compiled
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
-from tensornets.io import build_from_spec, module_spec
+from tensornets.io import aligned, build_from_spec, module_spec
 from tensornets.devices import usable_device
 
 __all__ = ["MANIFEST_FILE", "WEIGHTS_FILE", "load_compressed", "load_compressed_directory", "save_compressed"]
@@ -393,7 +393,8 @@ def _read_tensors(file: Path, device: str | torch.device) -> dict[str, torch.Ten
     # safetensors names devices its own way: "cpu" (not "cpu:0"), "cuda:<index>"
     name = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
     try:
-        return load_file(str(file), device=name)
+        with safe_open(str(file), framework="pt", device=name) as f:
+            return {key: aligned(f.get_tensor(key)) for key in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); it is corrupt or truncated: write it "
                          "again with compress.save_compressed") from None

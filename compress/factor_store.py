@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tensornets.io import aligned
+
 _TOKEN_KEY = "offloaded_factors_token"
 
 
@@ -72,7 +74,7 @@ class OffloadedFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
                 raise ValueError(f"{str(where)!r} no longer holds this result's EoRA factors of {name!r}: another "
                                  "compress_blocks run wrote to the same offload folder; give each run an offload "
                                  "folder of its own")
-            return f.get_tensor(f"{name}.B"), f.get_tensor(f"{name}.A")
+            return aligned(f.get_tensor(f"{name}.B")), aligned(f.get_tensor(f"{name}.A"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

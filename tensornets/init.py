@@ -82,7 +82,10 @@ def _normal_(param: torch.Tensor, std: float, generator: torch.Generator | None)
     The rescaling fixes the realized variance of small factors: a Tucker core at rank 1 is a single scalar, whose
     plain Gaussian draw scaled the whole matrix by anything from 0.002x to 2x the target std.
     """
-    values = torch.randn(param.shape, generator=generator, dtype=torch.float32).double()
+    if param.is_meta:
+        return  # shape only (a model built under torch.device("meta")): nothing to draw
+    # drawn on the CPU, where the generator lives: under torch.device(...) randn would follow the default device
+    values = torch.randn(param.shape, generator=generator, dtype=torch.float32, device="cpu").double()
     norm = values.norm()
     if norm > 0:
         values *= std * math.sqrt(values.numel()) / norm

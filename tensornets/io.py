@@ -82,6 +82,16 @@ def save(module: nn.Module, path: str | Path) -> None:
     save_file(tensors, str(target), metadata={_MANIFEST_KEY: json.dumps(manifest)})
 
 
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or on CPU a copy in memory of its own, aligned as torch's allocator aligns it.
+
+    A tensor safetensors reads can start anywhere in the file's buffer, and BLAS / einsum take other kernels on
+    memory that is not 64-byte aligned: a Tucker or TT layer read that way gave outputs that differ in the last bit
+    from the layer saved. Read tensors one at a time through this, so a load holds one extra tensor at most.
+    """
+    return tensor.clone() if tensor.device.type == "cpu" else tensor
+
+
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Read a module written by :func:`save`; parameters keep their saved dtype.
 
@@ -106,7 +116,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
             if _MANIFEST_KEY not in metadata:
                 raise ValueError(f"{path} has no tensornets manifest; was it written by tensornets.save?")
             raw = metadata[_MANIFEST_KEY]
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: aligned(f.get_tensor(k)) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated{redo}") from None
     try:

@@ -87,6 +87,20 @@ class FactorizedLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone().to(device=ref.device, dtype=ref.dtype))
         else:
             self.register_parameter("bias", None)
+        self._init = {"scheme": "variance", "std": None}  # what reset_parameters draws with; create sets it
+
+    def reset_parameters(self) -> None:
+        """Draw the cores again as :meth:`create` does and zero the bias (``nn.Linear.reset_parameters``'s role).
+
+        Deferred initialization calls it: a model built on the meta device, materialised with ``to_empty`` and
+        then initialised by ``reset_parameters`` on each module that has one (FSDP's meta-device init). The
+        cores get :func:`~tensornets.init.init_factorization_` with the ``init`` / ``std`` given to
+        :meth:`create` (the variance-preserving default for a layer built otherwise). A layer from
+        :meth:`from_linear` loses its decomposition, as ``nn.Linear`` loses its weight.
+        """
+        init_factorization_(self.factorization, **self._init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str, **kwargs: Any) -> "FactorizedLinear":
@@ -134,7 +148,9 @@ class FactorizedLinear(nn.Module):
         fact = fmt.empty(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks, dtype=dtype, device=device)
         init_factorization_(fact, std=std, scheme=init, generator=generator)
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
-        return cls(fact, b)
+        layer = cls(fact, b)
+        layer._init = {"scheme": init, "std": std}
+        return layer
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight ``to_dense()`` and the same bias."""
@@ -268,6 +284,19 @@ class FactorizedConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         if dtype is not None or device is not None:
             self.to(dtype=dtype, device=device)
+        self._init = {"std": None}  # what reset_parameters draws with; create sets it
+
+    def reset_parameters(self) -> None:
+        """Draw the cores again as :meth:`create` does and zero the bias (``nn.Conv2d.reset_parameters``'s role).
+
+        Deferred initialization calls it (FSDP's meta-device init: ``to_empty``, then ``reset_parameters`` on each
+        module that has one). The cores get :func:`~tensornets.init.init_factorization_` with the ``std`` given
+        to :meth:`create` (default ``(C_in kh kw)^-1/2``). A layer from :meth:`from_conv` loses its
+        decomposition, as ``nn.Conv2d`` loses its kernel.
+        """
+        init_factorization_(self.factorization, **self._init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def _check_geometry(self) -> None:
         """Refuse sizes ``nn.Conv2d`` would refuse, naming the argument, before any core is built."""
@@ -536,6 +565,7 @@ class FactorizedConv2d(nn.Module):
         ``padding``, ``dilation``, ``bias``, ``padding_mode``, ``dtype``, ``device``."""
         layer = cls(in_channels, out_channels, kernel_size, rank=rank, format=format, **conv_kwargs)
         init_factorization_(layer.factorization, std=std, generator=generator)
+        layer._init = {"std": std}
         return layer
 
     @staticmethod

@@ -470,6 +470,12 @@ class Factorization(nn.Module, ABC):
         """The represented matrix ``W: (out_features, in_features)``."""
         return self._dense()[: self.out_features, : self.in_features]
 
+    def __prepare_scriptable__(self) -> "Factorization":
+        """Refuse ``torch.jit.script`` with the fix (TorchScript's own error pointed at a list comprehension)."""
+        raise TypeError(f"torch.jit.script cannot compile a tensornets {type(self).__name__}: it picks its contraction "
+                        "plan in Python at run time; use torch.compile, torch.export or torch.jit.trace, which record "
+                        "the plan's ops")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = x W^T``: ``(..., in_features) -> (..., out_features)``."""
         self._check_input(x)

@@ -1,11 +1,14 @@
-"""Initialization for training from scratch: the dense weight gets the target std."""
+"""Initialization for training from scratch: the dense weight gets the target std; meta-device builds and
+``reset_parameters`` (deferred init) draw as ``create`` does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from tensornets import FactorizedLinear, init_factorization_, mup_param_groups
+from tensornets import FactorizedConv2d, FactorizedLinear, init_factorization_, mup_param_groups
+from tolerance import assert_close
 
 CASES = [
     ("lowrank", 32, {}),
@@ -71,3 +74,54 @@ def test_rank_one_init_has_the_target_std_at_every_seed(fmt):
 def test_create_names_the_bad_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         FactorizedLinear.create(24, 16, "tt", rank=2, **kwargs)
+
+
+FORMATS = ["lowrank", "tucker", "tt", "mpo", "btt", "cp"]
+
+
+def _linear(fmt: str, **kw) -> FactorizedLinear:
+    return FactorizedLinear.create(64, 48, fmt, rank=4, **kw)
+
+
+def _conv(fmt: str, **kw) -> FactorizedConv2d:
+    return FactorizedConv2d.create(8, 12, 3, rank=4, format=fmt, padding=1, **kw)
+
+
+@pytest.mark.parametrize("build, fmt", [*((_linear, f) for f in FORMATS), (_conv, "tucker"), (_conv, "lowrank")])
+def test_create_under_a_meta_default_device_builds_shapes_only(build, fmt):
+    # as nn.Linear under torch.device("meta") (how a large model is built shape-only); the init used to call
+    # .item() on meta noise
+    with torch.device("meta"):
+        layer = build(fmt)
+    reference = build(fmt)
+    assert all(p.is_meta for p in layer.parameters())
+    shapes = lambda module: [(name, p.shape) for name, p in module.named_parameters()]  # noqa: E731
+    assert shapes(layer) == shapes(reference)
+
+
+@pytest.mark.parametrize("build, fmt, kw", [
+    *((_linear, f, {}) for f in FORMATS),
+    (_linear, "tt", {"std": 0.3}),
+    (_linear, "btt", {"init": "mup"}),
+    (_conv, "tucker", {}),
+    (_conv, "lowrank", {"std": 0.05}),
+])
+def test_reset_parameters_after_to_empty_draws_as_create(build, fmt, kw):
+    # FSDP-style deferred init: build on meta, allocate with to_empty, then reset_parameters on every module that
+    # has one; the cores used to keep whatever memory held
+    with torch.device("meta"):
+        model = nn.Sequential(build(fmt, **kw), nn.ReLU())
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    layer, reference = model[0], build(fmt, **kw)
+    assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    # init_factorization_ draws each core at its expected norm exactly: equal norms say same scheme and std
+    for (name, core), ref in zip(layer.factorization.named_parameters(), reference.factorization.parameters()):
+        assert torch.isfinite(core).all(), name
+        assert_close(core.norm(), ref.norm(), tol=1e-5, what=name)
+    assert not torch.equal(layer.factorization.to_dense(), reference.factorization.to_dense())  # a fresh draw

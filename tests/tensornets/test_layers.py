@@ -409,3 +409,11 @@ def test_planning_and_init_helpers_name_arguments_of_the_wrong_type():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_jit_script_is_refused_with_the_tools_that_work():
+    layer = FactorizedLinear.create(16, 12, "tt", rank=2)
+    for module in (layer, nn.Sequential(nn.Linear(16, 16), layer), layer.factorization):
+        with pytest.raises(TypeError, match="torch.jit.script cannot compile a tensornets TensorTrain.*use "
+                                            "torch.compile, torch.export or torch.jit.trace"):
+            torch.jit.script(module)
