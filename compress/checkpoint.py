@@ -10,6 +10,7 @@ file                                content
                                     as ``<layer>.weight_packed`` / ``weight_scale`` / ``weight_zero_point``, its
                                     codes bit-packed as in compressed-tensors' ``pack-quantized`` format
 ``compressed_manifest.json``        ``format``, ``version``, ``architecture`` (the model's class), ``dtype``,
+                                    ``save_id`` (also in the weights' header), ``config_sha256`` (of config.json),
                                     ``layers``: module path -> structure of each factorized layer (kind, format,
                                     ``in/out_features``, modes, ranks, bias; :func:`tensornets.io.module_spec`),
                                     ``shared``: dropped name -> the stored name it is an alias of,
@@ -34,6 +35,11 @@ and a stored target of the alias's shape; that every packed layer's scales are f
 points lie in its bit width's code range (:func:`compress.quantized.check_values`). :func:`save_compressed` refuses
 a ``dtype`` that would turn finite values into inf.
 
+Saves to one directory run one at a time (a lock on the directory), and each file is written aside and renamed
+into place: a failed save leaves the earlier checkpoint whole. A save stopped between its renames leaves files of
+two saves, which the loaders say: weights and manifest of different ``save_id`` are refused, and a ``config.json``
+whose digest is not the manifest's ``config_sha256`` gets a warning (it may also be the user's own edit).
+
 Why the weights are not in ``model.safetensors``: transformers cannot build factorized layers from a config. Under
 that name ``AutoModelForCausalLM.from_pretrained(DIR)`` would load the dense architecture, drop the factorized
 tensors as unexpected and leave those layers at random init with only a warning. With another name it refuses
@@ -46,9 +52,12 @@ Directories written by 0.1.0 (``model.safetensors`` with the manifest in its hea
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
+import shutil
+import uuid
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -64,6 +73,7 @@ from torch import nn
 from compress.quantized import PackedQuantizedWeight, QuantizedWeight, check_values
 from compress.targets import dense_weight, layer_kind, replace_module, unwrap_compiled
 from tensornets import FactorizedConv2d, FactorizedLinear, Factorization
+from tensornets.cache_dir import exclusive_lock
 from tensornets.io import aligned, build_from_spec, module_spec
 from tensornets.devices import usable_device
 
@@ -276,31 +286,49 @@ def save_compressed(
         "shared": shared,
         **({"quantized": packed} if packed else {}),
     }
-    # both files are written aside, then renamed into place: a failed write leaves an earlier checkpoint whole
-    weights_tmp, manifest_tmp = out / f".{WEIGHTS_FILE}.tmp", out / f".{MANIFEST_FILE}.tmp"
-    try:
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(weights_tmp, out / WEIGHTS_FILE)
-        os.replace(manifest_tmp, out / MANIFEST_FILE)
-    finally:
-        weights_tmp.unlink(missing_ok=True)
-        manifest_tmp.unlink(missing_ok=True)
-    if architecture is not None:
-        config = copy.deepcopy(model.config)
-        config.architectures = [architecture]
-        if manifest["dtype"] is not None:
-            config.dtype = manifest["dtype"]
-        if hasattr(config, "quantization_config"):  # e.g. a GGUF-loaded model's: it does not describe these weights
-            del config.quantization_config
-        config.save_pretrained(out)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and model.can_generate():
-            generation.save_pretrained(out)
-        (out / "README.md").write_text(_README.format(path=out, manifest=MANIFEST_FILE, weights=WEIGHTS_FILE))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    # One writer at a time (every rank of a distributed job saving to one path): the temporary files below have
+    # fixed names, and the files of two saves must not interleave.
+    with exclusive_lock(out):
+        staged = out / ".config.tmp"  # config.json / generation_config.json, renamed into place last
+        shutil.rmtree(staged, ignore_errors=True)
+        weights_tmp, manifest_tmp = out / f".{WEIGHTS_FILE}.tmp", out / f".{MANIFEST_FILE}.tmp"
+        try:
+            if architecture is not None:
+                config = copy.deepcopy(model.config)
+                config.architectures = [architecture]
+                if manifest["dtype"] is not None:
+                    config.dtype = manifest["dtype"]
+                if hasattr(config, "quantization_config"):  # e.g. a GGUF-loaded model's: not these weights'
+                    del config.quantization_config
+                config.save_pretrained(staged)
+                generation = getattr(model, "generation_config", None)
+                if generation is not None and model.can_generate():
+                    generation.save_pretrained(staged)
+                # a save stopped between the manifest and config.json leaves a config.json the manifest does not
+                # name, which the loader says
+                manifest["config_sha256"] = _sha256(staged / "config.json")
+            # one save id in the weights and the manifest: files of two different saves are refused on load
+            manifest["save_id"] = uuid.uuid4().hex
+            # written aside, then renamed into place: a failed write leaves an earlier checkpoint whole
+            save_file(tensors, str(weights_tmp), metadata={"format": "pt", "save_id": manifest["save_id"]})
+            manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(weights_tmp, out / WEIGHTS_FILE)
+            os.replace(manifest_tmp, out / MANIFEST_FILE)
+            if architecture is not None:
+                for file in sorted(staged.iterdir()):
+                    os.replace(file, out / file.name)
+                (out / "README.md").write_text(_README.format(path=out, manifest=MANIFEST_FILE, weights=WEIGHTS_FILE))
+        finally:
+            weights_tmp.unlink(missing_ok=True)
+            manifest_tmp.unlink(missing_ok=True)
+            shutil.rmtree(staged, ignore_errors=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
     return out
+
+
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def transformers_weights(directory: Path) -> list[Path]:
@@ -340,7 +368,7 @@ def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
         manifest_file = path / MANIFEST_FILE
         try:
             manifest = json.loads(manifest_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested very deep
             raise ValueError(f"{manifest_file} is not valid JSON ({e}); rewrite the directory with "
                              "compress.save_compressed") from None
         if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
@@ -354,6 +382,11 @@ def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{path} has {MANIFEST_FILE} but no {WEIGHTS_FILE}")
+        saved_with = _header(weights)[0].get("save_id")
+        if "save_id" in manifest and saved_with != manifest["save_id"]:  # checkpoints written before: no id
+            raise ValueError(f"{weights} and {manifest_file} come from different saves (save ids {saved_with!r} and "
+                             f"{manifest['save_id']!r}): a save was stopped half way, or the files were copied from "
+                             "two checkpoints; save the model again")
         return _Checkpoint(weights, manifest_file, manifest)
     weights = path / _V1_FILE if path.is_dir() else path
     if not weights.is_file():
@@ -364,7 +397,7 @@ def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
         raise ValueError(f"{weights} has no compression manifest; was it written by compress.save_compressed?")
     try:
         manifest = json.loads(meta[_V1_HEADER_KEY])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{weights}: its compression manifest is not valid JSON ({e}); write it again with "
                          "compress.save_compressed") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
@@ -712,6 +745,12 @@ def load_compressed_directory(path: str | os.PathLike, *, device: str | torch.de
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory / 'config.json'} is not a transformers config it can read ({e}); write the "
                          "directory again with compress.save_compressed") from None
+    recorded = ckpt.manifest.get("config_sha256")
+    if recorded is not None and recorded != _sha256(directory / "config.json"):
+        warnings.warn(f"{directory / 'config.json'} is not the config.json saved with these weights (its digest "
+                      f"differs from {ckpt.manifest_file.name}'s): if you did not edit it, a save was stopped half way "
+                      "and the model built from it may not be the one saved; save the model again", UserWarning,
+                      stacklevel=2)
     if not isinstance(config, cls.config_class):
         raise ValueError(f"{ckpt.manifest_file} names architecture {architecture!r}, whose config is a "
                          f"{cls.config_class.__name__}, but config.json holds a {type(config).__name__}; the two "

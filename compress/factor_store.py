@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tensornets.io import aligned
@@ -31,7 +31,8 @@ class OffloadedFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
     that were not offloaded); :meth:`write` puts a group of layers (one block's) into one safetensors file.
     Each lookup of an offloaded layer reads the file (a fresh CPU tensor, as stored): callers that need a pair
     several times should hold it. A lookup raises ``FileNotFoundError`` once the file is deleted, and
-    ``ValueError`` once another store (another run into the same offload folder) wrote over it.
+    ``ValueError`` once another store (another run into the same offload folder) wrote over it or it was
+    truncated or otherwise made unreadable.
     """
 
     def __init__(self) -> None:
@@ -69,12 +70,21 @@ class OffloadedFactors(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
         except FileNotFoundError:
             raise FileNotFoundError(f"the EoRA factors of {name!r} were written to {str(where)!r}, which is gone; "
                                     "keep the offload folder as long as the compress_blocks result is used") from None
+        except (SafetensorError, OSError) as e:  # truncated, emptied, replaced by a directory
+            raise ValueError(f"{str(where)!r}, which holds the EoRA factors of {name!r}, is no longer a readable "
+                             f"safetensors file ({e}): the offload folder was altered while the compress_blocks "
+                             "result was in use; run compress_blocks again") from None
         with f:
             if (f.metadata() or {}).get(_TOKEN_KEY) != self._token:
                 raise ValueError(f"{str(where)!r} no longer holds this result's EoRA factors of {name!r}: another "
                                  "compress_blocks run wrote to the same offload folder; give each run an offload "
                                  "folder of its own")
-            return aligned(f.get_tensor(f"{name}.B")), aligned(f.get_tensor(f"{name}.A"))
+            try:
+                return aligned(f.get_tensor(f"{name}.B")), aligned(f.get_tensor(f"{name}.A"))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{str(where)!r} lacks or cannot read the EoRA factors of {name!r} ({e}): the "
+                                 "offload folder was altered while the compress_blocks result was in use; run "
+                                 "compress_blocks again") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): writers go on without the lock
+    fcntl = None
 
 __all__ = ["CACHE_ENV", "cache_root", "exclusive_lock"]
 
@@ -33,13 +37,17 @@ def exclusive_lock(directory: Path) -> Iterator[bool]:
 
     Serializes the processes that write a cache in ``directory`` (two pytest workers, two jobs on one machine);
     the kernel drops the lock if the holder dies. Yields ``True`` while the lock is held, or ``False`` where the
-    directory cannot be created or opened (a read-only location, where no cache can be written either), and the
-    caller goes on without a lock.
+    directory cannot be created or opened (a read-only location, where no cache can be written either) or the
+    platform has no ``flock``, and the caller goes on without a lock.
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
+        yield False
+        return
+    if fcntl is None:
+        os.close(fd)
         yield False
         return
     try:

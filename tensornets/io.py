@@ -121,26 +121,25 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
         raise ValueError(f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated{redo}") from None
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise ValueError(f"{path}: its tensornets manifest is not valid JSON ({e}){redo}") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: its tensornets manifest is not a JSON object{redo}")
     if manifest.get("version") != _VERSION:
         raise ValueError(f"{path} has manifest version {manifest.get('version')}; this tensornets reads version {_VERSION}")
     try:
-        module = build_from_spec(manifest)
+        # on the meta device: the tensors are assigned below, and a manifest claiming huge ranks (a hostile or
+        # damaged file) is refused by the shape check before anything of its size is allocated
+        with torch.device("meta"):
+            module = build_from_spec(manifest)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: its manifest describes no module this tensornets can build ({e!r}){redo}") from None
     not_float = sorted(name for name, t in tensors.items() if not t.is_floating_point())
     if not_float:
         raise ValueError(f"{path}: tensors {not_float[:3]} are not floating point ({tensors[not_float[0]].dtype}); "
                          f"a factorized module stores float cores{redo}")
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1:
-        module.to(dtype=dtypes.pop())
-    module.to(device)
-    # assign: each parameter and buffer takes the saved tensor itself, dtype included (a float64 bias
-    # next to float32 cores comes back float64, not cast to the module's dtype)
+    # assign: each parameter and buffer takes the saved tensor itself (read on ``device``), dtype included (a
+    # float64 bias next to float32 cores comes back float64, not cast to the module's dtype)
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:

@@ -89,21 +89,21 @@ def _read(path: Path, warn: bool = True) -> dict[str, Any]:
     if path in _loaded:
         return _loaded[path]
     data: dict[str, Any] = {"version": VERSION, "machines": {}}
-    if path.exists():
-        try:
+    try:  # exists() inside: it raises PermissionError for a file in a directory this user cannot search
+        if path.exists():
             parsed = json.loads(path.read_text())
             if not (isinstance(parsed, dict) and parsed.get("version") == VERSION and isinstance(parsed.get("machines"), dict)
                     and all(isinstance(entries, dict) for entries in parsed["machines"].values())):
                 raise ValueError(f"expected {{'version': {VERSION}, 'machines': {{machine: {{entry: {{...}}}}}}}}")
             data = parsed
-        except (OSError, ValueError) as exc:
-            if warn:
-                warnings.warn(
-                    f"tensornets wisdom file {path} is unreadable ({exc}); ignoring it (it is rewritten at the next "
-                    f"measurement). Delete it or set TENSORNETS_CACHE to another directory to silence this.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+        if warn:
+            warnings.warn(
+                f"tensornets wisdom file {path} is unreadable ({exc}); ignoring it (it is rewritten at the next "
+                f"measurement). Delete it or set TENSORNETS_CACHE to another directory to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     _loaded[path] = data
     return data
 
@@ -124,12 +124,15 @@ def record(key: str, plan: str, seconds: dict[str, float]) -> None:
     entry = {"plan": plan, "seconds": seconds}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(path.parent):
+        with exclusive_lock(path.parent) as locked:
             # Read again (other processes may have written since); warn only if this process has not read it yet.
             read_before = _loaded.pop(path, None) is not None
             data = _read(path, warn=not read_before)
             data["machines"].setdefault(machine_key(), {})[key] = entry
             _write(path, data)
+            if locked:  # no writer is mid-write: a temporary file left is a killed writer's
+                for stale in path.parent.glob(".wisdom-*.json"):
+                    stale.unlink(missing_ok=True)
     except OSError as exc:
         # A measurement must not fail a forward: keep it for this process, say once that it is not saved.
         _read(path, warn=False)["machines"].setdefault(machine_key(), {})[key] = entry

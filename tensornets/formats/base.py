@@ -144,6 +144,8 @@ class Factorization(nn.Module, ABC):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
+        if self.in_features < 1 or self.out_features < 1:  # modes of any product would "cover" a size <= 0
+            raise ValueError(f"in_features={self.in_features} and out_features={self.out_features} must be >= 1")
         self.in_modes = validate_modes(in_modes, self.in_features, "in_modes")
         self.out_modes = validate_modes(out_modes, self.out_features, "out_modes")
         self._check_modes(self.in_modes, self.out_modes)

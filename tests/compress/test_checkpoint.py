@@ -5,6 +5,8 @@ model."""
 import copy
 import json
 import re
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -255,20 +257,14 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _stray_tensor(out: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(out / WEIGHTS_FILE))
-    tensors["stray"] = torch.zeros(2)
-    save_file(tensors, str(out / WEIGHTS_FILE))
+    _edit_tensors(out, lambda t: t.update(stray=torch.zeros(2)))
 
 
 def _half_core(out: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(out / WEIGHTS_FILE))
-    key = next(k for k in tensors if ".factorization." in k)
-    tensors[key] = tensors[key].half()
-    save_file(tensors, str(out / WEIGHTS_FILE))
+    def edit(tensors):
+        key = next(k for k in tensors if ".factorization." in k)
+        tensors[key] = tensors[key].half()
+    _edit_tensors(out, edit)
 
 
 def _alias_of_nothing(out: Path) -> None:
@@ -342,6 +338,71 @@ def test_a_failed_resave_leaves_the_earlier_checkpoint_whole(tmp_path, saved_low
     monkeypatch.undo()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     _assert_bitwise_equal(load_compressed_directory(out), model)
+
+
+def test_weights_and_manifest_of_two_saves_are_refused(tmp_path, saved_lowrank):
+    # a save stopped between its two renames, or files copied from two checkpoints of the same structure: the
+    # manifest of one save describing the weights of another loaded silently
+    first = _copy(saved_lowrank[1], tmp_path / "first")
+    second = save_compressed(saved_lowrank[0], tmp_path / "second")
+    (first / MANIFEST_FILE).write_bytes((second / MANIFEST_FILE).read_bytes())
+    for load in (load_compressed_directory, lambda p: load_compressed(tiny_llama(), p)):
+        with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE} and .*{MANIFEST_FILE} come from different saves"):
+            load(first)
+
+
+def test_a_save_stopped_before_config_json_is_said_on_load(tmp_path, saved_lowrank, monkeypatch):
+    import compress.checkpoint as checkpoint
+
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    model = copy.deepcopy(saved_lowrank[0])
+    model.config.rms_norm_eps = 1e-3  # another config.json than the one in out
+    replace = checkpoint.os.replace
+
+    def stop_at_config(src, dst):
+        if Path(dst).name == "config.json":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", stop_at_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_compressed(model, out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in saved_lowrank[1].iterdir())  # no temp left
+    with pytest.warns(UserWarning, match=r"config.json is not the config.json saved with these weights"):
+        load_compressed_directory(out)
+    save_compressed(model, out)  # saved whole: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert load_compressed_directory(out).config.rms_norm_eps == 1e-3
+
+
+def test_saves_to_one_directory_at_once_run_one_after_the_other(tmp_path):
+    # every rank of a distributed job saving to one path: the fixed temporary names collided (FileNotFoundError),
+    # and the files of two saves could interleave
+    models = [_compressed("whitened_svd", keep=keep) for keep in (0.3, 0.5, 0.7)]
+    out, errors = tmp_path / "d", []
+
+    def save(model):
+        try:
+            for _ in range(3):
+                save_compressed(model, out)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(m,)) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    loaded = load_compressed_directory(out)
+    assert any(_state_equal(loaded, model) for model in models)
+
+
+def _state_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # ---------------------------------------------------------------------------------------------- packed quantized layers
@@ -425,11 +486,15 @@ def test_a_packed_entry_that_does_not_fit_names_the_file(tmp_path, quantized_net
 
 
 def _edit_tensors(out: Path, edit) -> None:
+    """Change the tensors of ``out``'s weights file in place, its header's metadata (the save id) kept."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
+        metadata = f.metadata()
     tensors = load_file(str(out / WEIGHTS_FILE))
     edit(tensors)
-    save_file(tensors, str(out / WEIGHTS_FILE))
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata=metadata)
 
 
 @pytest.mark.parametrize("field,value", [("dtype", "int8"), ("storage_dtype", "int32"), ("group_size", 16.0),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -39,3 +41,30 @@ def test_a_rewritten_or_deleted_file_is_refused_not_read(tmp_path):
     (tmp_path / "eora" / "block.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="keep the offload folder as long as"):
         second["q"]
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncated", "is no longer a readable safetensors file"),
+    ("emptied", "is no longer a readable safetensors file"),
+    ("directory", "is no longer a readable safetensors file"),
+    ("tensor-missing", "lacks or cannot read the EoRA factors of 'q'"),
+])
+def test_a_damaged_file_is_refused_naming_it_and_the_layer(tmp_path, damage, match):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    store, file = OffloadedFactors(), tmp_path / "eora" / "block.safetensors"
+    store.write(file, {"q": (torch.ones(6, 2), torch.ones(2, 5))})
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[:-8])
+    elif damage == "emptied":
+        file.write_bytes(b"")
+    elif damage == "directory":
+        file.unlink()
+        file.mkdir()
+    else:  # same run's token, one tensor gone
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata()
+        save_file({"q.A": torch.ones(2, 5)}, str(file), metadata=metadata)
+    with pytest.raises(ValueError, match=f"{re.escape(str(file))}.*{match}|{match}.*{re.escape(str(file))}"):
+        store["q"]

@@ -86,6 +86,40 @@ def test_manifest_is_json_and_no_pickle(tmp_path):
     assert manifest["kind"] == "factorization" and manifest["spec"]["format"] == "btt"
 
 
+def _with_manifest(path, edit) -> None:
+    """Rewrite the tensornets manifest in ``path``'s header with ``edit(manifest)`` (a str: the raw text)."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()["tensornets"]
+    manifest = edit(json.loads(raw))
+    save_file(load_file(str(path)), str(path),
+              metadata={"tensornets": manifest if isinstance(manifest, str) else json.dumps(manifest)})
+
+
+def _claim_huge_ranks(manifest):
+    manifest["spec"]["factorization"]["ranks"] = [10**9]  # U would be (48, 10**9): 192 GB of float32
+    return manifest
+
+
+def _claim_no_features(manifest):
+    manifest["spec"]["factorization"]["in_features"] = 0
+    return manifest
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_claim_huge_ranks, "its tensors do not fit the module its manifest describes .*size mismatch"),
+    (_claim_no_features, r"describes no module .*in_features=0 and out_features=48 must be >= 1"),
+    (lambda manifest: "[" * 100_000, "its tensornets manifest is not valid JSON"),
+])
+def test_a_damaged_or_hostile_manifest_is_refused_before_anything_of_its_size_is_allocated(tmp_path, edit, match):
+    path = tmp_path / "l.safetensors"
+    tensornets.save(FactorizedLinear.create(64, 48, "lowrank", rank=4), path)
+    _with_manifest(path, edit)
+    with pytest.raises(ValueError, match=match):
+        tensornets.load(path)
+
+
 def test_load_rejects_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
