@@ -513,8 +513,12 @@ _INTERFACE = ("in_features", "out_features", "in_channels", "out_channels", "ker
 
 
 def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -> dict[str, nn.Module]:
-    """An un-initialized module of each manifest entry's structure, by path (on the module it replaces' device and
-    dtype when ``like_replaced``, else wherever the ambient context creates it). ``model`` is not changed."""
+    """A module of each manifest entry's structure on the meta device, by path. ``model`` is not changed.
+
+    Nothing is allocated, so a manifest claiming huge ranks is refused by the shape check before it costs memory;
+    :func:`_materialize` (or an assigning load) gives the modules storage once the checkpoint is checked.
+    ``like_replaced``: in the dtype of the module each replaces.
+    """
     built = {}
     for name, spec in ckpt.manifest["layers"].items():
         try:
@@ -523,7 +527,8 @@ def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -
             raise ValueError(f"{ckpt.manifest_file} lists layer {name!r}, which the model does not have; it does "
                              "not belong to this architecture") from None
         try:
-            new = build_from_spec(spec)
+            with torch.device("meta"):
+                new = build_from_spec(spec)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{ckpt.manifest_file}: layer {name!r} has an invalid structure {spec!r} ({e})") from None
         differ = [f"{a} {getattr(old, a)} (model) vs {getattr(new, a)} (file)" for a in _INTERFACE
@@ -534,9 +539,18 @@ def _build_layers(model: nn.Module, ckpt: _Checkpoint, *, like_replaced: bool) -
         if like_replaced:
             ref = next(old.parameters(), None)
             if ref is not None:
-                new = new.to(ref.device, ref.dtype)
+                new = new.to(ref.dtype)
         built[name] = new
     return built
+
+
+def _materialize(model: nn.Module, built: Mapping[str, nn.Module]) -> None:
+    """Allocate each meta-built module of :func:`_build_layers` on the device of the module it replaces in
+    ``model`` (left on meta where that one is: a base built with ``accelerate.init_empty_weights``)."""
+    for name, module in built.items():
+        ref = next(model.get_submodule(name).parameters(), None)
+        if ref is not None and not ref.is_meta:
+            module.to_empty(device=ref.device)
 
 
 def _state_after(model: nn.Module, built: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -608,9 +622,10 @@ def _check_finite_factors(ckpt: _Checkpoint, tensors: Mapping[str, torch.Tensor]
 def _aliases(state: Mapping[str, torch.Tensor], stored: Mapping[str, Any]) -> dict[str, str]:
     """``alias -> stored name`` for the state-dict names absent from ``stored`` whose tensor is shared with one
     present in it."""
+    # meta tensors (layers not yet allocated) hold no storage to share: every one has data_ptr 0
     by_tensor = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): k
-                 for k, t in state.items() if k in stored}
-    return {k: by_tensor[key] for k, t in state.items() if k not in stored
+                 for k, t in state.items() if k in stored and not t.is_meta}
+    return {k: by_tensor[key] for k, t in state.items() if k not in stored and not t.is_meta
             and (key := (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))) in by_tensor}
 
 
@@ -661,6 +676,7 @@ def load_compressed(base_model: nn.Module, path: str | os.PathLike) -> nn.Module
     tensors = _unpacked(ckpt, _read_tensors(ckpt.weights, "cpu"))
     _check_dtypes(state, ckpt, tensors)
     _check_finite_factors(ckpt, tensors, built)
+    _materialize(base_model, built)
     for name, module in built.items():
         replace_module(base_model, name, module)
     # a base built on meta (accelerate.init_empty_weights) takes the loaded tensors as they are; a real one keeps

@@ -157,6 +157,16 @@ def test_manifest_that_does_not_match_names_the_file(tmp_path, saved_lowrank, ed
         load_compressed_directory(out)
 
 
+def test_a_manifest_claiming_huge_ranks_is_refused_before_anything_of_its_size_is_allocated(tmp_path, saved_lowrank):
+    # the layers were built for real before the shape check: 10**9 ranks asked the allocator for hundreds of GB
+    out = _copy(saved_lowrank[1], tmp_path / "d")
+    _edit_manifest(out, lambda m: m["layers"]["model.layers.0.mlp.up_proj"]["spec"]["factorization"].update(
+        ranks=[10**9]))
+    for load in (load_compressed_directory, lambda p: load_compressed(tiny_llama(), p)):
+        with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} does not fit the model built from .*shape mismatches"):
+            load(out)
+
+
 def test_unreadable_manifest_and_missing_files(tmp_path, saved_lowrank):
     out = _copy(saved_lowrank[1], tmp_path / "d")
     (out / MANIFEST_FILE).write_text("{not json")
