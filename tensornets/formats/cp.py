@@ -99,7 +99,8 @@ class CP(EinsumFactorization):
         return (tensors["out_factors.0"].shape[1],)
 
     def _cores(self) -> list[torch.Tensor]:
-        return [*self.out_factors, *self.in_factors]
+        # list() first: torch 2.11's dynamo cannot unpack a ParameterList with `*` (graph break inside LIST_EXTEND)
+        return [*list(self.out_factors), *list(self.in_factors)]
 
     def _equations(self) -> tuple[str, str]:
         m, n = len(self.out_modes), len(self.in_modes)

@@ -74,7 +74,8 @@ class Tucker(EinsumFactorization):
         return tuple(tensors["core"].shape)
 
     def _cores(self) -> list[torch.Tensor]:
-        return [self.core, *self.out_factors, *self.in_factors]
+        # list() first: torch 2.11's dynamo cannot unpack a ParameterList with `*` (graph break inside LIST_EXTEND)
+        return [self.core, *list(self.out_factors), *list(self.in_factors)]
 
     def _equations(self) -> tuple[str, str]:
         m, n = len(self.out_modes), len(self.in_modes)

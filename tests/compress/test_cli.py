@@ -151,6 +151,7 @@ def test_an_unwritable_output_path_is_refused_at_parsing(flag, path, capsys):
 
 @pytest.mark.parametrize("device, message", [
     ("gpu", "'gpu' is not a torch device"), ("", "'' is not a torch device"), ("meta", "meta holds no values"),
+    ("cpu:256", "'cpu:256': device index 256 is out of range"),
     pytest.param("cuda:1", "no usable cuda device", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                             reason="a GPU is present")),
 ])

@@ -242,5 +242,9 @@ def test_inductor_keeps_btt_batch_one_products_as_blas_calls():
     with torch.no_grad():
         y, codes = run_and_get_code(compiled, x)
         assert_close(y, fact(x), what="output")
-    calls = "".join(codes).count("torch.ops.tensornets.bmm.default(")
-    assert calls == 2, f"expected both BTT products as opaque bmm calls in the compiled graph, found {calls}"
+    code = "".join(codes)
+    calls = code.count("torch.ops.tensornets.bmm.default(")
+    # torch 2.11 (a GPU machine's) found 0 here; the lines that multiply say how its inductor wrote the products
+    products = [line.strip() for line in code.splitlines() if "bmm" in line or "extern_kernels" in line]
+    assert calls == 2, f"expected both BTT products as opaque bmm calls in the compiled graph, found {calls}: " \
+                       f"{products}"

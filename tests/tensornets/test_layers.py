@@ -402,6 +402,8 @@ def test_planning_and_init_helpers_name_arguments_of_the_wrong_type():
         (lambda: mup_param_groups(nn.Linear(4, 4), 1e-3, base_fan_in=0), ValueError, "base_fan_in=0 must be an int"),
         (lambda: factor_std(float("nan"), 2, 1), ValueError, "need sigma > 0"),
         (lambda: plan_contraction("ab,bc->ac", [(2, 3.7), (3, 5)]), ValueError, "must hold ints"),
+        (lambda: FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="cpu:256"), ValueError,
+         "device='cpu:256': device index 256 is out of range"),
     ]
     if not torch.cuda.is_available():
         cases.append((lambda: FactorizedLinear.create(IN, OUT, "lowrank", rank=2, device="cuda"), ValueError,
