@@ -27,14 +27,14 @@ automatic choices are never more than 1.1x the best forced one. A BTT of rank 1 
 dense at B = 512 as well.
 
 Traffic weight fit: the formula ranks plans by ``flops + w * traffic`` (elements moved), ``w`` =
-``traffic_weight(device)`` (``TRAFFIC_WEIGHT`` in tensornets/formats/base.py: 384 on CPU, a guessed 64 on
-CUDA). From the forced-plan rows, :func:`traffic_weight_fit` finds for every integer ``w`` in 1..4096 the
-plan the formula would pick (from each plan's own FLOP and traffic terms, forward + backward on training
-rows) and counts the rows where that plan's median is within 1.1x of the fastest forced plan's. The
+``traffic_weight(device)`` (``TRAFFIC_WEIGHT`` in tensornets/formats/base.py: 384 on CPU, 37 on CUDA, the latter
+fitted this way on an H200). From the forced-plan rows, :func:`traffic_weight_fit` finds for every integer ``w``
+in 1..4096 the plan the formula would pick (from each plan's own FLOP and traffic terms, forward + backward on
+training rows) and counts the rows where that plan's median is within 1.1x of the fastest forced plan's. The
 results report the most rows any ``w`` gets right, the interval(s) of ``w`` that do so, a suggested ``w``
-(geometric middle of the widest interval), how many rows the current weight gets right (and whether it
-is among the best), the rows it gets wrong, and rows no ``w`` gets right (a cost the two terms miss).
-Run on CUDA, it says which value ``TRAFFIC_WEIGHT["cuda"]`` should take.
+(geometric middle of the widest interval), how many rows the current weight gets right (and whether it is among
+the best), the rows it gets wrong, and rows no ``w`` gets right (a cost the two terms miss). Run on CUDA, it
+says which value ``TRAFFIC_WEIGHT["cuda"]`` should take.
 
 Method: ``torch.set_num_threads(2)``; with ``--device cuda`` every layer (ours, dense, tltorch's, the
 compiled ones, the stacks) and every input lives on the GPU (initialized on the CPU with the same seeds,

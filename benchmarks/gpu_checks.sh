@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The checks a GPU session runs, in about 9 minutes of device time, from the repository root:
+# The checks a GPU session runs, in at most 9 minutes of device time, from the repository root:
 #
 #   1. bench_layers.py --device cuda --no-compile   full grid, eager: layer tables, plan tables and the
 #                                                   traffic weight fit (which TRAFFIC_WEIGHT["cuda"] to use)
 #   2. bench_layers.py --device cuda --quick        4096², rank 16: eager vs torch.compile, compiled stacks
 #   3. the tests that need CUDA                     (grep -rn "cuda.is_available" tests/)
+#   4. tests/tensornets on that machine's torch     (another torch than CI's: 2.11 on 2026-12-04, within the
+#                                                   declared range; it found the Tucker / CP compile break)
 #
 # Every step runs under `timeout`, sized from what is left of the budget (GPU_CHECKS_BUDGET_S, default 540 s), so
 # one slow step cannot eat the others' time; bench_layers.py writes what it measured when `timeout` stops it.
 # Results go to benchmarks/results/layers_cuda.{md,json} and layers_cuda_quick.{md,json}, and with the log
 # (gpu_checks.log) into $OUT when it is set (the device tool brings $OUT back: 5 files here, at most 8 allowed).
 #
-# The GPU machine's python3 has torch and transformers, pytest, peft and opt_einsum, but not tensorly or tltorch
-# (tensorly-torch) and cannot download: carry them as wheels in .whl/ (ignored by git, so name it in `carry`).
-# Before the session, here:
+# The GPU machine's python3 (3.12) has torch and transformers, pytest, peft and opt_einsum, but not tensorly or
+# tltorch (tensorly-torch) and cannot download: carry them as wheels in .whl/ (ignored by git, so name it in
+# `carry`). Before the session, here:
 #   python -m pip download --no-deps --only-binary=:all: -d .whl tensorly==0.10.0 tensorly-torch==0.5.0 \
 #       compressed-tensors==0.20.1 gguf==0.19.0 peft==0.21.2   # the CUDA tests import compress (and its pins)
-# then: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=600). Without them the
-# benchmark leaves the tltorch columns empty and the rest runs.
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 \
+#       pydantic_core==2.50.5 loguru==0.7.3 annotated-types==0.8.0 typing-inspection==0.4.5  # compressed-tensors'
+# then: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=600) (about 6-7 minutes of device
+# time with the start, by the steps' times on 2026-12-04). Without them the benchmark leaves the tltorch columns
+# empty and the rest runs.
 #
 #   bash benchmarks/gpu_checks.sh --cpu-dry-run    # here: the same steps on the CPU at --smoke size, results in
 #                                                  # a temporary folder (checks the script, not the GPU)
@@ -34,12 +40,14 @@ if [[ ${1:-} == --cpu-dry-run ]]; then
     EAGER=(--device cpu --smoke --no-compile --out "$RESULTS/eager")
     COMPILED=(--device cpu --smoke --out "$RESULTS/compiled")
     OUT_COPY=""  # a dry run never writes into $OUT
+    WORKERS=2
 else
     DEVICE=cuda
     RESULTS=benchmarks/results
     EAGER=(--device cuda --no-compile --out "$RESULTS")
     COMPILED=(--device cuda --quick --out "$RESULTS")
     OUT_COPY=${OUT:-}
+    WORKERS=14  # the H200 machine's 16 cores, one thread each
 fi
 START=$(mktemp /tmp/gpu_checks_start.XXXXXX)  # results older than this are from an earlier run
 if [[ -n $OUT_COPY ]]; then
@@ -102,18 +110,24 @@ if [[ $DEVICE == cuda ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cu
 fi
 
 # Step 2: the full grid, eager (about 1-2 min on an H200): the plan tables and the traffic weight fit.
-step "bench eager (${EAGER[*]})" 170 350 "$PY" benchmarks/bench_layers.py "${EAGER[@]}"
+step "bench eager (${EAGER[*]})" 140 360 "$PY" benchmarks/bench_layers.py "${EAGER[@]}"
 keep layers_cuda
 
 # Step 3: eager vs compiled at 4096², then compiled stacks; compiling takes most of it, and what finishes before
 # the timeout is written.
-step "bench compiled (${COMPILED[*]})" 300 100 "$PY" benchmarks/bench_layers.py "${COMPILED[@]}"
+step "bench compiled (${COMPILED[*]})" 190 170 "$PY" benchmarks/bench_layers.py "${COMPILED[@]}"
 keep layers_cuda_quick
 
 # Step 4: the tests that need CUDA (the rest of the suite runs on CPU machines): the compression pipeline on the GPU
 # against the CPU, the CLI's device checks, and bench_layers.py's --device cuda smoke run.
-step "pytest cuda" 100 0 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
+step "pytest cuda" 50 120 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
     tests/compress/test_pipeline.py tests/compress/test_cli.py tests/benchmarks/test_bench_layers_device.py
+
+# Step 5: the core's tests on that machine's torch, one thread per process (108 s with 14 on 2026-12-04; at the
+# default thread count 8 processes ran out of time). test_demo.py needs the MiniLM weights package, not carried.
+step "pytest tensornets (torch $("$PY" -c 'import torch; print(torch.__version__)'))" 150 0 \
+    env OMP_NUM_THREADS=1 "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n $WORKERS -rfE --tb=short \
+    --ignore tests/tensornets/test_demo.py tests/tensornets
 
 # Summary last: the device tool's reply shows the end of the output.
 echo

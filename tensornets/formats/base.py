@@ -58,10 +58,14 @@ def normalize_rank(rank: int | Sequence[int], argument: str = "rank") -> int | t
 #: B = 512, which is slower than rebuild + GEMM on CPU: its intermediates (B x 64 x 64 x r
 #: elements) outweigh W and every pairwise step permutes them. The CPU value is the GEMM FLOP
 #: rate over the time per element moved measured on this project's CPUs (timings:
-#: benchmarks/results/layers.md); the CUDA value is the ratio of fp32 FLOP rate to memory
-#: bandwidth of current data-centre GPUs, not yet measured here. Where the formula is wrong for a
-#: machine, ``strategy="measure"`` (:mod:`tensornets.plans`) times the candidates instead.
-TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 64}
+#: benchmarks/results/layers.md). The CUDA value is the middle of the weights that pick the
+#: fastest forced plan on the most rows of an H200's plan tables (w in 33..41 gets 117 of 144
+#: rows right, the earlier guess of 64 from peak specs 115: "Traffic weight fit" in
+#: benchmarks/results/layers_cuda.md). At these sizes a GPU runs each plan in tens of
+#: microseconds, where the number of kernels, which the two terms do not count, often decides.
+#: Where the formula is wrong for a machine, ``strategy="measure"`` (:mod:`tensornets.plans`)
+#: times the candidates instead.
+TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 37}
 
 #: ``strategy="measure"`` times only the candidates whose formula cost is within this factor of the cheapest one's.
 #: The measured winner's cost was within 1.9x (forward) and 2.1x (training step) of the cheapest on every size, rank,
