@@ -61,8 +61,8 @@ def normalize_rank(rank: int | Sequence[int], argument: str = "rank") -> int | t
 #: benchmarks/results/layers.md). The CUDA value is the middle of the weights that pick the
 #: fastest forced plan on the most rows of an H200's plan tables (w in 33..41 gets 117 of 144
 #: rows right, the earlier guess of 64 from peak specs 115: "Traffic weight fit" in
-#: benchmarks/results/layers_cuda.md). At these sizes a GPU runs each plan in tens of
-#: microseconds, where the number of kernels, which the two terms do not count, often decides.
+#: benchmarks/results/layers_cuda.md). There every plan took 0.1-0.5 ms, launch bound: the
+#: number of kernels, which the two terms do not count, often decided.
 #: Where the formula is wrong for a machine, ``strategy="measure"`` (:mod:`tensornets.plans`)
 #: times the candidates instead.
 TRAFFIC_WEIGHT = {"cpu": 384, "cuda": 37}

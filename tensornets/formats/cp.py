@@ -99,7 +99,7 @@ class CP(EinsumFactorization):
         return (tensors["out_factors.0"].shape[1],)
 
     def _cores(self) -> list[torch.Tensor]:
-        # list() first: torch 2.11's dynamo cannot unpack a ParameterList with `*` (graph break inside LIST_EXTEND)
+        # list() first: torch 2.11's dynamo fails on `*` over a ParameterList in a list (InternalTorchDynamoError)
         return [*list(self.out_factors), *list(self.in_factors)]
 
     def _equations(self) -> tuple[str, str]:

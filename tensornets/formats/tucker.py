@@ -74,7 +74,7 @@ class Tucker(EinsumFactorization):
         return tuple(tensors["core"].shape)
 
     def _cores(self) -> list[torch.Tensor]:
-        # list() first: torch 2.11's dynamo cannot unpack a ParameterList with `*` (graph break inside LIST_EXTEND)
+        # list() first: torch 2.11's dynamo fails on `*` over a ParameterList in a list (InternalTorchDynamoError)
         return [self.core, *list(self.out_factors), *list(self.in_factors)]
 
     def _equations(self) -> tuple[str, str]:
